@@ -1,0 +1,123 @@
+//! Identifiers that travel in requests, each checked once on the way in.
+
+use std::fmt;
+
+use crate::Refusal;
+
+/// A user's id, as the sites know it (`8-evans`): `[A-Za-z0-9._-]{1,64}`, never made of
+/// dots alone, so it can never name a path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(String);
+
+/// A site's id (`roflfaucet`): `[a-z0-9_-]{1,32}`. It is the `iss` of the site's tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteId(String);
+
+/// A client-made id for one write, so a retried write is applied once: 1–128 visible
+/// ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OpId(String);
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<Self, Refusal> {
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && !s.bytes().all(|b| b == b'.');
+        if ok {
+            Ok(UserId(s.to_owned()))
+        } else {
+            Err(Refusal::invalid(
+                "invalid_user_id",
+                "user_id must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-', and not only dots",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl SiteId {
+    pub fn parse(s: &str) -> Result<Self, Refusal> {
+        if is_name(s, 32) {
+            Ok(SiteId(s.to_owned()))
+        } else {
+            Err(Refusal::invalid(
+                "invalid_site_id",
+                "site_id must be 1-32 characters of a-z, 0-9, '_' or '-'",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl OpId {
+    pub fn parse(s: &str) -> Result<Self, Refusal> {
+        if (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(OpId(s.to_owned()))
+        } else {
+            Err(Refusal::invalid("invalid_op_id", "op_id must be 1-128 visible ASCII characters"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `[a-z0-9_-]{1,max}`: the alphabet of site ids and role names.
+pub(crate) fn is_name(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    )*};
+}
+display_as_str!(UserId, SiteId, OpId);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_user_ids_are_accepted() {
+        for id in ["8-evans", "a", "user.name_1", &"x".repeat(64)] {
+            assert!(UserId::parse(id).is_ok(), "{id}");
+        }
+    }
+
+    #[test]
+    fn path_like_and_oversized_user_ids_are_refused() {
+        for id in ["", ".", "..", "../etc/passwd", "a/b", "a\\b", "a b", "é", &"x".repeat(65), "a\0"] {
+            assert_eq!(UserId::parse(id).unwrap_err().code, "invalid_user_id", "{id:?}");
+        }
+    }
+
+    #[test]
+    fn site_ids_are_lowercase_names() {
+        assert!(SiteId::parse("roflfaucet").is_ok());
+        assert!(SiteId::parse("click-for_charity2").is_ok());
+        for id in ["", "ROFL", "a.b", &"x".repeat(33)] {
+            assert!(SiteId::parse(id).is_err(), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn op_ids_are_visible_ascii() {
+        assert!(OpId::parse("4f0c2a9e-1b7d-4c52-9a0e-3c2d1b0a9f8e").is_ok());
+        for id in ["", "a b", "\n", &"x".repeat(129), "ü"] {
+            assert!(OpId::parse(id).is_err(), "{id:?}");
+        }
+    }
+}
