@@ -20,4 +20,6 @@ pub use error::{Refusal, RefusalKind};
 pub use ids::{OpId, SiteId, UserId};
 pub use merge::merge_patch;
 pub use request::{DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
-pub use validate::{Limits, MAX_AMOUNT, amount_field, validate_delta, validate_push, validate_record};
+pub use validate::{
+    Limits, MAX_AMOUNT, amount_field, validate_delta, validate_push, validate_reason, validate_record,
+};

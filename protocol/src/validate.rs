@@ -33,6 +33,11 @@ impl Default for Limits {
     }
 }
 
+/// Checks the optional `reason` of a delta, kept in the audit ledger.
+pub fn validate_reason(reason: &str) -> Result<String, Refusal> {
+    normalize("reason", reason, 100, Lines::Single)
+}
+
 /// The one field of a balance-like record: `coins` for balance, `points` for points.
 pub fn amount_field(data_type: DataType) -> Option<&'static str> {
     match data_type {

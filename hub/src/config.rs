@@ -1,0 +1,283 @@
+//! The hub's configuration: a TOML file, overridden by `HUB_*` environment variables, then
+//! by command-line flags. Checks every value at load time so a bad config stops the start,
+//! never a request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+/// Everything the hub needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The hub's name in tokens: their `aud` must equal it.
+    pub hub_id: String,
+    pub listen: SocketAddr,
+    /// Where the database (and, in development, the generated site keys) live.
+    pub data_dir: PathBuf,
+    /// Switching auth off is only allowed on a loopback address, for development.
+    pub auth: bool,
+    pub limits: Limits,
+    pub sites: Vec<Site>,
+}
+
+/// Limits that protect the hub and its users; every one has a safe default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests one user may make per minute, summed over all sites.
+    pub requests_per_minute: u32,
+    /// Requests without a valid token one IP address may make per minute.
+    pub unauthenticated_requests_per_minute: u32,
+    /// Largest |amount| a single delta may carry.
+    pub max_delta: i64,
+    /// Open connections at most; beyond it the hub stops accepting until one closes.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// Time to read the body and answer a request.
+    pub request_timeout_secs: u64,
+    /// How long an `op_id` is remembered (at least 7 days).
+    pub op_retention_days: u32,
+}
+
+/// One site that may talk to the hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Also the `iss` of the site's tokens.
+    pub id: String,
+    /// Browser origins allowed by CORS. `http://localhost:*` allows any port.
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// HS256 secret, at least 32 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Name of an environment variable holding the HS256 secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// Ed25519 public key (PEM): the site signs its tokens with EdDSA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    /// Ed25519 private key (PEM), only so that `hub token` can mint tokens for this site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hub_id: "unified-sync-hub".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            data_dir: PathBuf::from("./hub-data"),
+            auth: true,
+            limits: Limits::default(),
+            sites: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            requests_per_minute: 100,
+            unauthenticated_requests_per_minute: 60,
+            max_delta: 1_000_000_000,
+            max_connections: 10_000,
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 30,
+            op_retention_days: 30,
+        }
+    }
+}
+
+impl Limits {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// The sites `--dev` adds when the config names none.
+pub const DEV_SITES: [&str; 3] = ["roflfaucet", "clickforcharity", "wrc"];
+const DEV_ORIGINS: [&str; 2] = ["http://localhost:*", "http://127.0.0.1:*"];
+const DEV_KEYS_FILE: &str = "dev-sites.toml";
+
+impl Config {
+    /// Defaults, then `file` (if any), then `HUB_*` variables (`HUB_LIMITS__MAX_DELTA` for
+    /// nested keys).
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("HUB_").split("__"));
+        figment.extract().context("invalid configuration")
+    }
+
+    /// Development mode: with no sites configured, adds the demo sites with keys generated
+    /// once and kept in the data dir, allowing any localhost origin.
+    pub fn with_dev_sites(mut self) -> anyhow::Result<Config> {
+        if !self.sites.is_empty() {
+            return Ok(self);
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create data dir {}", self.data_dir.display()))?;
+        let path = self.data_dir.join(DEV_KEYS_FILE);
+        #[derive(Serialize, Deserialize)]
+        struct DevKeys {
+            sites: Vec<Site>,
+        }
+        let keys = if path.exists() {
+            let text = std::fs::read_to_string(&path)?;
+            toml::from_str::<DevKeys>(&text).with_context(|| format!("cannot read {}", path.display()))?
+        } else {
+            let sites = DEV_SITES
+                .iter()
+                .map(|id| Site {
+                    id: (*id).into(),
+                    origins: DEV_ORIGINS.iter().map(|o| (*o).into()).collect(),
+                    secret: Some(random_secret()),
+                    secret_env: None,
+                    public_key_pem: None,
+                    private_key_pem: None,
+                })
+                .collect();
+            let keys = DevKeys { sites };
+            std::fs::write(&path, toml::to_string(&keys)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            keys
+        };
+        self.sites = keys.sites;
+        Ok(self)
+    }
+
+    /// Refuses configurations that would start an unsafe or broken hub.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !self.auth && !self.listen.ip().is_loopback() {
+            bail!(
+                "auth = false is only allowed when the hub listens on a loopback address, not {}",
+                self.listen
+            );
+        }
+        if self.auth && self.sites.is_empty() {
+            bail!("no [[sites]] configured: add one, or start with --dev");
+        }
+        if self.limits.op_retention_days < 7 {
+            bail!("limits.op_retention_days must be at least 7");
+        }
+        if self.limits.requests_per_minute == 0 || self.limits.unauthenticated_requests_per_minute == 0 {
+            bail!("request limits must be at least 1 per minute");
+        }
+        if self.limits.max_delta <= 0 {
+            bail!("limits.max_delta must be positive");
+        }
+        for site in &self.sites {
+            protocol::SiteId::parse(&site.id)
+                .map_err(|e| anyhow::anyhow!("site {:?}: {}", site.id, e.message))?;
+            for origin in &site.origins {
+                OriginPattern::parse(origin).with_context(|| format!("site {}", site.id))?;
+            }
+        }
+        let mut ids: Vec<&str> = self.sites.iter().map(|s| s.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            bail!("site {} is configured twice", w[0]);
+        }
+        Ok(())
+    }
+
+    pub fn site(&self, id: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.id == id)
+    }
+}
+
+/// 32 random bytes, base64url: an HS256 secret.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An allowed browser origin: exact (`https://roflfaucet.com`) or any port
+/// (`http://localhost:*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPattern {
+    Exact(String),
+    AnyPort(String),
+}
+
+impl OriginPattern {
+    pub fn parse(s: &str) -> anyhow::Result<OriginPattern> {
+        let lower = s.to_ascii_lowercase();
+        let Some(rest) = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://")) else {
+            bail!("origin {s:?} must start with http:// or https://");
+        };
+        if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+            bail!("origin {s:?} must be scheme://host[:port] with nothing after it");
+        }
+        Ok(match lower.strip_suffix(":*") {
+            Some(prefix) => OriginPattern::AnyPort(prefix.to_owned()),
+            None => OriginPattern::Exact(lower),
+        })
+    }
+
+    pub fn matches(&self, origin: &str) -> bool {
+        match self {
+            OriginPattern::Exact(o) => o.eq_ignore_ascii_case(origin),
+            OriginPattern::AnyPort(prefix) => {
+                origin.len() > prefix.len()
+                    && origin[..prefix.len()].eq_ignore_ascii_case(prefix)
+                    && origin[prefix.len()..].strip_prefix(':').is_some_and(|port| {
+                        !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+                    })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_port_patterns_match_only_that_host_with_a_port() {
+        let p = OriginPattern::parse("http://localhost:*").unwrap();
+        assert!(p.matches("http://localhost:8080"));
+        assert!(!p.matches("http://localhost"));
+        assert!(!p.matches("http://localhost.evil.com:80"));
+        assert!(!p.matches("http://localhost:80/x"));
+        assert!(!p.matches("https://localhost:8080"));
+        assert!(!p.matches("null"));
+    }
+
+    #[test]
+    fn exact_origins_match_exactly() {
+        let p = OriginPattern::parse("https://roflfaucet.com").unwrap();
+        assert!(p.matches("https://roflfaucet.com"));
+        assert!(!p.matches("https://roflfaucet.com.evil.org"));
+        assert!(OriginPattern::parse("https://a.com/path").is_err());
+        assert!(OriginPattern::parse("null").is_err());
+    }
+
+    #[test]
+    fn auth_can_be_off_only_on_loopback() {
+        let mut config = Config { auth: false, ..Config::default() };
+        assert!(config.validate().is_ok());
+        config.listen = "0.0.0.0:8787".parse().unwrap();
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! The HTTP face of every failure: a status, a stable code and a message, as
+//! `{"success":false,"code":…,"error":…}`. Internal details go to the log, never the client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use protocol::{ErrorAnswer, Refusal, RefusalKind};
+
+use super::{json, record_state};
+use crate::auth::AuthError;
+use crate::domain::DomainError;
+use crate::limit::RetryAfter;
+use crate::store::{Record, StoreError};
+
+/// A refused or failed request, ready to be answered.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// The record as it stands, for conflicts.
+    current: Option<Record>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), current: None, retry_after: None }
+    }
+
+    fn with_current(mut self, record: Record) -> ApiError {
+        self.current = Some(record);
+        self
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        let status = match r.kind {
+            RefusalKind::Invalid => StatusCode::BAD_REQUEST,
+            RefusalKind::Forbidden => StatusCode::FORBIDDEN,
+            RefusalKind::WrongMethod => StatusCode::METHOD_NOT_ALLOWED,
+        };
+        ApiError::new(status, r.code, r.message)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let code = match e {
+            AuthError::Missing => "missing_token",
+            _ => "invalid_token",
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    }
+}
+
+impl From<RetryAfter> for ApiError {
+    fn from(RetryAfter(secs): RetryAfter) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests; retry in {secs} s"),
+        );
+        e.retry_after = Some(secs);
+        e
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Malformed(_) => {
+                tracing::error!(error = %e, "store failure");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the hub failed; nothing was changed",
+                )
+            }
+            StoreError::Database(_) | StoreError::Closed => {
+                tracing::error!(error = %e, "store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the hub's storage is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            DomainError::Refused(r) => r.into(),
+            DomainError::VersionConflict(current) => {
+                ApiError::new(StatusCode::CONFLICT, "version_conflict", message).with_current(current)
+            }
+            DomainError::InsufficientFunds(current) => {
+                ApiError::new(StatusCode::CONFLICT, "insufficient_funds", message).with_current(current)
+            }
+            DomainError::OpIdReused => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "op_id_reused", message)
+            }
+            DomainError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorAnswer {
+            success: false,
+            code: self.code.into(),
+            error: self.message,
+            current: self.current.as_ref().map(record_state),
+        };
+        let mut response = json(self.status, &body);
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"));
+        }
+        response
+    }
+}

@@ -1,0 +1,15 @@
+//! The unified-sync hub: one canonical copy of each user's balance, points, profile, roles
+//! and settings, served over HTTP to every site. Layers, outermost first:
+//! `server` (connections) → `http` (routes, CORS, limits, errors) → `domain` (every rule)
+//! → `store` (durable records behind a trait).
+
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod limit;
+pub mod server;
+pub mod store;
+pub mod time;
+
+pub use server::{App, serve};

@@ -1,0 +1,129 @@
+//! `hub`: serve the sync API, or mint a site token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hub::App;
+use hub::auth::Keys;
+use hub::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "hub", version, about = "The unified-sync hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the configuration comes from; shared by every subcommand.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML configuration file; HUB_* environment variables override it.
+    #[arg(long, env = "HUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the database (overrides data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Development mode: the demo sites with keys kept in the data dir, localhost origins.
+    #[arg(long)]
+    dev: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the sync API.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Address to listen on (overrides listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Print a token for a user, signed with a site's key, as the site's backend would.
+    Token {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Mark the token as an admin token (may write global_roles).
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(dir) = &self.data_dir {
+            config.data_dir.clone_from(dir);
+        }
+        if self.dev { config.with_dev_sites() } else { Ok(config) }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen } => {
+            let mut config = config.load()?;
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+                .with_writer(std::io::stderr)
+                .init();
+            serve(config)
+        }
+        Command::Token { config, site, user, ttl, admin } => {
+            let config = config.load()?;
+            protocol::UserId::parse(&user).map_err(|e| anyhow::anyhow!(e.message))?;
+            let keys = Keys::from_config(&config)?;
+            println!("{}", keys.mint(&site, &user, ttl, admin)?);
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(config: Config) -> anyhow::Result<()> {
+    if !config.auth {
+        tracing::warn!("auth is OFF: any caller may read and write any user (development only)");
+    }
+    let app = App::open(config.clone())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        "hub listening on http://{addr} (data in {}, epoch {}, sites: {})",
+        config.data_dir.display(),
+        app.domain().epoch(),
+        config.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    hub::serve(listener, app, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,166 @@
+//! Connections: accepting them up to a limit, serving HTTP/1.1 and HTTP/2 with a header
+//! read timeout, and shutting down gracefully — in-flight requests finish, pending writes
+//! are flushed, then the store closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use crate::auth::Keys;
+use crate::config::{Config, OriginPattern};
+use crate::domain::Domain;
+use crate::limit::RateLimits;
+use crate::store::Store;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+
+/// How often fully recovered rate-limit keys are forgotten.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything a request handler needs: the domain, keys, limits and configuration.
+#[derive(Clone, Debug)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    domain: Domain,
+    /// `None` when auth is off (development on loopback only).
+    keys: Option<Keys>,
+    rate_limits: RateLimits,
+    origins: Arc<[OriginPattern]>,
+}
+
+impl App {
+    /// Checks the configuration and opens the store in its data dir.
+    pub fn open(config: Config) -> anyhow::Result<App> {
+        config.validate()?;
+        let store = SqliteStore::open(
+            &config.data_dir,
+            SqliteOptions {
+                op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
+            },
+        )?;
+        Self::with_store(config, Arc::new(store))
+    }
+
+    /// Builds the app over any store.
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<App> {
+        config.validate()?;
+        let keys = if config.auth { Some(Keys::from_config(&config)?) } else { None };
+        let origins = config
+            .sites
+            .iter()
+            .flat_map(|s| &s.origins)
+            .map(|o| OriginPattern::parse(o))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let limits = &config.limits;
+        let rate_limits =
+            RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute);
+        let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
+        Ok(App { inner: Arc::new(Inner { config, domain, keys, rate_limits, origins: origins.into() }) })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn domain(&self) -> &Domain {
+        &self.inner.domain
+    }
+
+    /// The sites' keys, or `None` when auth is off.
+    pub fn keys(&self) -> Option<&Keys> {
+        self.inner.keys.as_ref()
+    }
+
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.inner.rate_limits
+    }
+
+    pub(crate) fn origins(&self) -> Arc<[OriginPattern]> {
+        self.inner.origins.clone()
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains connections and
+/// closes the store. Tests bind `127.0.0.1:0` and pass a future they control.
+pub async fn serve(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let router = crate::http::router(app.clone());
+    let limits = app.config().limits.clone();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let purge = tokio::spawn({
+        let app = app.clone();
+        async move {
+            let mut tick = tokio::time::interval(PURGE_EVERY);
+            loop {
+                tick.tick().await;
+                app.rate_limits().purge();
+            }
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout());
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and similar: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(request)
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    purge.abort();
+    tracing::info!("shutting down: finishing in-flight requests");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
+    }
+    app.domain().store().close().await;
+    tracing::info!("store closed; all accepted writes are durable");
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! Durable records behind one trait. A store keeps records, remembered `op_id`s and the
+//! audit ledger, and applies each write atomically and durably; it knows nothing about HTTP
+//! and decides no rule: the domain hands it a mutation to run against the current record.
+//!
+//! A write is acknowledged only after it is durable. Implementations may gather concurrent
+//! writes into one transaction (group commit) as long as each write sees the effects of the
+//! writes ordered before it.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use protocol::{DataType, OpId, SiteId, UserId};
+use serde_json::Value;
+
+use crate::domain::DomainError;
+
+/// One `(user, data_type)` record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub data: Value,
+    /// Bumped on every accepted change; clients compare it instead of clocks.
+    pub version: u64,
+    /// Milliseconds since the Unix epoch of the last change, strictly increasing per record;
+    /// `None` until the first write.
+    pub updated_ms: Option<i64>,
+}
+
+impl Record {
+    /// A record that was never written.
+    pub fn empty(data_type: DataType) -> Record {
+        Record { data: data_type.empty_data(), version: 0, updated_ms: None }
+    }
+}
+
+/// A record's version without its data: what a timestamp check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub version: u64,
+    pub updated_ms: Option<i64>,
+}
+
+/// What a mutation asks the store to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The record's new data. Equal to the current data means "nothing to change": the
+    /// version stays.
+    pub data: Value,
+    /// An audit ledger row, for changes to balance or points.
+    pub ledger: Option<LedgerEntry>,
+}
+
+/// One audit ledger row: how much an amount moved, and to what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub delta: i64,
+    pub result: i64,
+    pub reason: Option<String>,
+}
+
+/// The domain's decision, run by the store against the current record inside its
+/// transaction, so that no other write can come between reading and writing.
+pub type Mutation = Box<dyn FnOnce(&Record) -> Result<Change, DomainError> + Send>;
+
+/// A write to one record.
+pub struct Write {
+    pub user: UserId,
+    pub data_type: DataType,
+    pub site: SiteId,
+    /// With an op id, a second write carrying the same id is not applied again.
+    pub op: Option<OpKey>,
+    pub mutation: Mutation,
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Write")
+            .field("user", &self.user)
+            .field("data_type", &self.data_type)
+            .field("site", &self.site)
+            .field("op", &self.op)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An op id and a fingerprint of the request that carried it, to tell a retry (same
+/// fingerprint) from a reuse of the id for something else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpKey {
+    pub op_id: OpId,
+    pub fingerprint: String,
+}
+
+/// How a write ended. Only `Applied` changed anything.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// The mutation ran; the record as it now stands (unchanged if the mutation changed nothing).
+    Applied(Record),
+    /// The op id was seen before with the same fingerprint: the record as that first write left it.
+    Replayed(Record),
+    /// The op id was seen before with another fingerprint.
+    OpIdReused,
+    /// The mutation refused the write.
+    Rejected(DomainError),
+}
+
+/// Failures of the storage itself. None of them means a write was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored data is malformed: {0}")]
+    Malformed(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A durable home for records. The domain sees only this trait.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Id of this database, made when it was created; clients drop their cache when it changes.
+    fn epoch(&self) -> &str;
+
+    /// Version and time of each requested record.
+    async fn stamps(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Stamp>, StoreError>;
+
+    /// Each requested record, in the order asked.
+    async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError>;
+
+    /// Runs one write atomically; returns once its outcome is durable.
+    async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError>;
+
+    /// Whether the store can serve reads and writes now.
+    async fn check(&self) -> Result<(), StoreError>;
+
+    /// Finishes every accepted write, then refuses new ones.
+    async fn close(&self);
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}

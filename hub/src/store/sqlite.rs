@@ -1,0 +1,446 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so an
+//! acknowledged write survives `kill -9` and power loss.
+//!
+//! All writes go through one writer thread that gathers whatever writes are waiting into one
+//! transaction and one fsync (group commit), each inside its own savepoint so that one
+//! failing write cannot undo another. Replies go out only after the commit. Reads use a
+//! pool of separate connections and never wait behind the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protocol::{DataType, UserId};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite_migration::{M, Migrations};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Record, Stamp, Store, StoreError, Write, WriteOutcome};
+use crate::time::now_ms;
+
+/// The database file inside the data dir.
+pub const DB_FILE: &str = "hub.sqlite3";
+/// Writes gathered into one transaction at most.
+const MAX_BATCH: usize = 512;
+/// Writes waiting for the writer at most; senders beyond it wait (backpressure).
+const QUEUE: usize = 8192;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 16;
+/// How often remembered op ids older than the retention are deleted.
+const PRUNE_EVERY_MS: i64 = 10 * 60 * 1000;
+
+/// The schema, one migration per step; never edit a published step, add one.
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        "CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE records (
+            user_id TEXT NOT NULL,
+            data_type TEXT NOT NULL,
+            data TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL,
+            PRIMARY KEY (user_id, data_type)
+        ) WITHOUT ROWID;
+        CREATE TABLE ops (
+            user_id TEXT NOT NULL,
+            op_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            data TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_ms INTEGER,
+            created_ms INTEGER NOT NULL,
+            PRIMARY KEY (user_id, op_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX ops_by_age ON ops (created_ms);
+        CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            data_type TEXT NOT NULL,
+            site_id TEXT NOT NULL,
+            op_id TEXT,
+            delta INTEGER NOT NULL,
+            result INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            reason TEXT,
+            at_ms INTEGER NOT NULL
+        );
+        CREATE INDEX ledger_by_record ON ledger (user_id, data_type, id);",
+    )])
+}
+
+/// Tuning of the SQLite store.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    /// How long an op id is remembered.
+    pub op_retention: Duration,
+}
+
+/// SQLite behind the [`Store`] trait.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    epoch: String,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("epoch", &self.inner.epoch)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `dir`, brings its schema up to date and
+    /// starts the writer.
+    pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        let mut conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        migrations()
+            .to_latest(&mut conn)
+            .map_err(|e| StoreError::Malformed(format!("migration failed: {e}")))?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+            params![crate::config::random_secret()[..16].to_owned()],
+        )?;
+        let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
+
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || Writer { conn, retention_ms, last_prune_ms: 0 }.run(rx))
+            .map_err(|e| StoreError::Malformed(format!("cannot start the writer: {e}")))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                epoch,
+                writer: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(thread)),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Runs `f` on a pooled read connection, off the async threads.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().expect("reader pool").pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_reader(&inner.path)?,
+            };
+            let result = f(&conn);
+            let mut readers = inner.readers.lock().expect("reader pool");
+            if readers.len() < MAX_IDLE_READERS {
+                readers.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
+        self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+fn data_type_of(s: &str) -> Result<DataType, StoreError> {
+    DataType::parse(s).map_err(|_| StoreError::Malformed(format!("unknown data_type {s:?} in records")))
+}
+
+fn parse_data(text: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Malformed(format!("record data is not JSON: {e}")))
+}
+
+fn version_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn epoch(&self) -> &str {
+        &self.inner.epoch
+    }
+
+    async fn stamps(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Stamp>, StoreError> {
+        let user = user.as_str().to_owned();
+        let types = types.to_vec();
+        self.read(move |conn| {
+            let mut found = Vec::with_capacity(DataType::ALL.len());
+            let mut stmt =
+                conn.prepare_cached("SELECT data_type, version, updated_ms FROM records WHERE user_id = ?1")?;
+            let mut rows = stmt.query(params![user])?;
+            while let Some(row) = rows.next()? {
+                let data_type = data_type_of(&row.get::<_, String>(0)?)?;
+                found.push((
+                    data_type,
+                    Stamp { version: version_of(row.get(1)?), updated_ms: Some(row.get(2)?) },
+                ));
+            }
+            Ok(types
+                .iter()
+                .map(|t| {
+                    found
+                        .iter()
+                        .find(|(f, _)| f == t)
+                        .map_or(Stamp { version: 0, updated_ms: None }, |(_, s)| *s)
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError> {
+        let user = user.as_str().to_owned();
+        let types = types.to_vec();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT data, version, updated_ms FROM records WHERE user_id = ?1 AND data_type = ?2",
+            )?;
+            types.iter().map(|t| read_record(&mut stmt, &user, *t)).collect()
+        })
+        .await
+    }
+
+    async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?.send(Job { write, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.sender()?.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        self.read(|conn| Ok(conn.query_row("SELECT count(*) FROM meta", [], |r| r.get::<_, i64>(0))?))
+            .await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        drop(self.inner.writer.lock().expect("writer handle").take());
+        let thread = self.inner.writer_thread.lock().expect("writer thread").take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn read_record(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    user: &str,
+    t: DataType,
+) -> Result<Record, StoreError> {
+    let row = stmt
+        .query_row(params![user, t.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })
+        .optional()?;
+    match row {
+        Some((data, version, updated_ms)) => Ok(Record {
+            data: parse_data(&data)?,
+            version: version_of(version),
+            updated_ms: Some(updated_ms),
+        }),
+        None => Ok(Record::empty(t)),
+    }
+}
+
+/// The one connection that writes, on its own thread.
+struct Writer {
+    conn: Connection,
+    retention_ms: i64,
+    last_prune_ms: i64,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (writes, replies): (Vec<Write>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.write, j.reply)).unzip();
+            let count = writes.len();
+            let results = self.commit_batch(writes);
+            tracing::trace!(batch = count, "store batch committed");
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Runs every write in one transaction; on a failed commit every write fails.
+    fn commit_batch(&mut self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
+        let now = now_ms();
+        let count = writes.len();
+        let prune = now - self.last_prune_ms >= PRUNE_EVERY_MS;
+        let retention_ms = self.retention_ms;
+        let outcome = (|| -> Result<Vec<Result<WriteOutcome, StoreError>>, rusqlite::Error> {
+            let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut results = Vec::with_capacity(count);
+            for write in writes {
+                let sp = tx.savepoint()?;
+                let result = apply(&sp, write, now);
+                if result.is_ok() {
+                    sp.commit()?;
+                }
+                results.push(result);
+            }
+            if prune {
+                tx.execute(
+                    "DELETE FROM ops WHERE created_ms < ?1",
+                    params![now.saturating_sub(retention_ms)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(results)
+        })();
+        match outcome {
+            Ok(results) => {
+                if prune {
+                    self.last_prune_ms = now;
+                }
+                results
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; {count} writes refused");
+                (0..count).map(|_| Err(StoreError::Database(e.to_string()))).collect()
+            }
+        }
+    }
+}
+
+/// One write inside the batch's transaction.
+fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, StoreError> {
+    let user = write.user.as_str();
+    if let Some(op) = &write.op {
+        let seen = conn
+            .prepare_cached(
+                "SELECT fingerprint, data, version, updated_ms FROM ops WHERE user_id = ?1 AND op_id = ?2",
+            )?
+            .query_row(params![user, op.op_id.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })
+            .optional()?;
+        if let Some((fingerprint, data, version, updated_ms)) = seen {
+            return Ok(if fingerprint == op.fingerprint {
+                WriteOutcome::Replayed(Record {
+                    data: parse_data(&data)?,
+                    version: version_of(version),
+                    updated_ms,
+                })
+            } else {
+                WriteOutcome::OpIdReused
+            });
+        }
+    }
+    let current = read_record(
+        &mut conn.prepare_cached(
+            "SELECT data, version, updated_ms FROM records WHERE user_id = ?1 AND data_type = ?2",
+        )?,
+        user,
+        write.data_type,
+    )?;
+    let change = match (write.mutation)(&current) {
+        Ok(change) => change,
+        Err(refusal) => return Ok(WriteOutcome::Rejected(refusal)),
+    };
+    let record = if change.data == current.data {
+        current
+    } else {
+        let record = Record {
+            data: change.data,
+            version: current.version + 1,
+            updated_ms: Some(current.updated_ms.map_or(now, |prev| now.max(prev + 1))),
+        };
+        let text = record.data.to_string();
+        let version = i64::try_from(record.version).unwrap_or(i64::MAX);
+        let at = record.updated_ms.unwrap_or(now);
+        conn.prepare_cached(
+            "INSERT INTO records (user_id, data_type, data, version, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (user_id, data_type) DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5",
+        )?
+        .execute(params![user, write.data_type.as_str(), text, version, at])?;
+        if let Some(entry) = change.ledger {
+            conn.prepare_cached(
+                "INSERT INTO ledger (user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                user,
+                write.data_type.as_str(),
+                write.site.as_str(),
+                write.op.as_ref().map(|o| o.op_id.as_str()),
+                entry.delta,
+                entry.result,
+                version,
+                entry.reason,
+                at,
+            ])?;
+        }
+        record
+    };
+    if let Some(op) = &write.op {
+        conn.prepare_cached(
+            "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            user,
+            op.op_id.as_str(),
+            op.fingerprint,
+            record.data.to_string(),
+            i64::try_from(record.version).unwrap_or(i64::MAX),
+            record.updated_ms,
+            now,
+        ])?;
+    }
+    Ok(WriteOutcome::Applied(record))
+}
