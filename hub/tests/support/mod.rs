@@ -1,0 +1,242 @@
+//! One helper per boundary for the hub's HTTP tests: [`TestHub`] starts the real hub on
+//! `127.0.0.1:0` over a real SQLite file in a temporary directory, and [`SiteClient`] talks
+//! to it the way a site's page does, with a token the site minted.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use hub::App;
+use hub::config::{Config, Site};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The demo sites every test hub knows, each with its own HS256 secret and origin.
+pub const SITES: [(&str, &str); 3] = [
+    ("roflfaucet", "https://roflfaucet.com"),
+    ("clickforcharity", "https://clickforcharity.net"),
+    ("wrc", "https://wrc.org"),
+];
+
+pub fn site_secret(site: &str) -> String {
+    format!("{site}-test-secret-that-is-at-least-32-bytes-long")
+}
+
+/// A hub's configuration for tests: the three sites, the given data dir.
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    Config {
+        hub_id: "test-hub".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_path_buf(),
+        sites: SITES
+            .iter()
+            .map(|(id, origin)| Site {
+                id: (*id).into(),
+                origins: vec![(*origin).into()],
+                secret: Some(site_secret(id)),
+                secret_env: None,
+                public_key_pem: None,
+                private_key_pem: None,
+            })
+            .collect(),
+        ..Config::default()
+    }
+}
+
+/// A running hub.
+pub struct TestHub {
+    pub url: String,
+    pub app: App,
+    pub dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a hub whose configuration `tweak` may change first.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let app = App::open(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let app = app.clone();
+            async move {
+                hub::serve(listener, app, async {
+                    let _ = stop.await;
+                })
+                .await
+                .unwrap();
+            }
+        });
+        TestHub { url, app, dir, shutdown: Some(shutdown), task: Some(task) }
+    }
+
+    /// A token as `site`'s backend would mint it for `user`.
+    pub fn token(&self, site: &str, user: &str) -> String {
+        self.app.keys().expect("auth is on").mint(site, user, 600, false).unwrap()
+    }
+
+    pub fn admin_token(&self, site: &str, user: &str) -> String {
+        self.app.keys().expect("auth is on").mint(site, user, 600, true).unwrap()
+    }
+
+    /// A page of `site` signed in as `user`.
+    pub fn site(&self, site: &str, user: &str) -> SiteClient {
+        let token = self.app.keys().map(|_| self.token(site, user));
+        SiteClient { url: self.url.clone(), client: client(), token, site: site.into(), user: user.into() }
+    }
+
+    /// A bare request to `path` (e.g. `/api/sync.php?...`), with no token.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        client().request(method, format!("{}{path}", self.url))
+    }
+
+    /// Every stored row (records, remembered ops, ledger) as text: equal snapshots mean
+    /// nothing was stored in between.
+    pub fn snapshot(&self) -> Vec<String> {
+        snapshot(self.dir.path())
+    }
+
+    /// Stops accepting, finishes in-flight requests, closes the store.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+        self.dir
+    }
+}
+
+pub fn snapshot(dir: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(dir.join("hub.sqlite3")).unwrap();
+    let mut rows = Vec::new();
+    for query in [
+        "SELECT user_id || '|' || data_type || '|' || data || '|' || version || '|' || updated_ms FROM records ORDER BY 1",
+        "SELECT user_id || '|' || op_id || '|' || fingerprint FROM ops ORDER BY 1",
+        "SELECT user_id || '|' || data_type || '|' || ifnull(op_id, '') || '|' || delta || '|' || result FROM ledger ORDER BY id",
+    ] {
+        let mut stmt = conn.prepare(query).unwrap();
+        rows.extend(stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap));
+    }
+    rows
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// An answer: status, headers and the body parsed as JSON (`Null` when empty).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub len: usize,
+}
+
+impl Reply {
+    pub async fn from(response: reqwest::Response) -> Reply {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        Reply { status, headers, body, len: bytes.len() }
+    }
+
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts a refusal with this status and code.
+    #[track_caller]
+    pub fn assert_refused(&self, status: u16, code: &str) {
+        assert_eq!((self.status.as_u16(), self.code()), (status, code), "body: {}", self.body);
+        assert_eq!(self.body["success"], false);
+        assert!(self.body["error"].as_str().is_some_and(|e| !e.is_empty()), "no message: {}", self.body);
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Value {
+        assert_eq!(self.status, StatusCode::OK, "body: {}", self.body);
+        assert_eq!(self.body["success"], true);
+        &self.body
+    }
+}
+
+/// A page of one site, signed in as one user.
+#[derive(Clone)]
+pub struct SiteClient {
+    pub url: String,
+    pub client: reqwest::Client,
+    /// `None` when the hub runs with auth off.
+    pub token: Option<String>,
+    pub site: String,
+    pub user: String,
+}
+
+impl SiteClient {
+    fn authorized(&self, builder: RequestBuilder) -> RequestBuilder {
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    pub async fn query(&self, action: &str, types: &str) -> Reply {
+        let url =
+            format!("{}/api/sync.php?action={action}&user_id={}&data_type={types}", self.url, self.user);
+        Reply::from(self.authorized(self.client.get(url)).send().await.unwrap()).await
+    }
+
+    pub async fn timestamp(&self, types: &str) -> Reply {
+        self.query("timestamp", types).await
+    }
+
+    pub async fn get(&self, types: &str) -> Reply {
+        self.query("get", types).await
+    }
+
+    /// POSTs `body` as JSON.
+    pub async fn post(&self, body: &Value) -> Reply {
+        let request = self.client.post(format!("{}/api/sync.php", self.url)).json(body);
+        Reply::from(self.authorized(request).send().await.unwrap()).await
+    }
+
+    pub async fn push(&self, data_type: &str, data: Value) -> Reply {
+        self.post(&json!({
+            "action": "push", "user_id": self.user, "site_id": self.site, "data_type": data_type, "data": data,
+        }))
+        .await
+    }
+
+    pub async fn delta(&self, data_type: &str, amount: i64, op_id: &str) -> Reply {
+        let field = if data_type == "points" { "points" } else { "coins" };
+        self.post(&json!({
+            "action": "delta", "user_id": self.user, "site_id": self.site, "data_type": data_type,
+            "delta": { field: amount }, "op_id": op_id,
+        }))
+        .await
+    }
+
+    /// The user's coins as the hub has them now.
+    pub async fn coins(&self) -> i64 {
+        self.get("balance").await.assert_ok()["data"]["coins"].as_i64().unwrap()
+    }
+}
