@@ -281,3 +281,56 @@ mod tests {
         assert!(config.validate().is_err());
     }
 }
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn environment_variables_override_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "hub.toml",
+                r#"
+                hub_id = "directsponsor-hub"
+                listen = "127.0.0.1:9000"
+                [limits]
+                requests_per_minute = 50
+                [[sites]]
+                id = "roflfaucet"
+                origins = ["https://roflfaucet.com"]
+                secret_env = "ROFL_SECRET"
+                "#,
+            )?;
+            jail.set_env("HUB_LISTEN", "127.0.0.1:9100");
+            jail.set_env("HUB_LIMITS__REQUESTS_PER_MINUTE", "70");
+            let config = Config::load(Some(Path::new("hub.toml"))).unwrap();
+            assert_eq!(config.hub_id, "directsponsor-hub");
+            assert_eq!(config.listen, "127.0.0.1:9100".parse().unwrap());
+            assert_eq!(config.limits.requests_per_minute, 70);
+            assert_eq!(config.limits.max_delta, Limits::default().max_delta);
+            assert_eq!(config.sites[0].secret_env.as_deref(), Some("ROFL_SECRET"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hub.toml", "hub_idd = \"typo\"")?;
+            assert!(Config::load(Some(Path::new("hub.toml"))).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dev_sites_keep_their_keys_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let first = config.clone().with_dev_sites().unwrap();
+        let second = config.with_dev_sites().unwrap();
+        assert_eq!(first.sites, second.sites);
+        assert_eq!(first.sites.len(), DEV_SITES.len());
+        assert!(first.validate().is_ok());
+    }
+}
