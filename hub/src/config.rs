@@ -283,6 +283,8 @@ mod tests {
 }
 
 #[cfg(test)]
+// figment's `Jail` fixes the closures' error type to its own large `figment::Error`.
+#[allow(clippy::result_large_err)]
 mod load_tests {
     use super::*;
 

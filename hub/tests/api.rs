@@ -221,7 +221,8 @@ async fn both_paths_serve_the_api_and_every_answer_has_a_request_id() {
     let token = faucet.token.clone().unwrap();
     for path in ["/api/sync.php", "/api/sync"] {
         let url = format!("{}{path}?action=timestamp&user_id=8-evans&data_type=balance", hub.url);
-        let reply = support::Reply::from(support::client().get(url).bearer_auth(&token).send().await.unwrap()).await;
+        let reply =
+            support::Reply::from(support::client().get(url).bearer_auth(&token).send().await.unwrap()).await;
         reply.assert_ok();
         assert!(reply.header("x-request-id").is_some_and(|id| !id.is_empty()));
     }

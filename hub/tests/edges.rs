@@ -34,7 +34,8 @@ async fn an_allowed_origin_gets_cors_headers() {
     assert!(headers["vary"].to_str().unwrap().to_ascii_lowercase().contains("origin"));
 
     let token = hub.token("roflfaucet", "8-evans");
-    let get = hub.request(Method::GET, TIMESTAMP).bearer_auth(token).header("Origin", "https://roflfaucet.com");
+    let get =
+        hub.request(Method::GET, TIMESTAMP).bearer_auth(token).header("Origin", "https://roflfaucet.com");
     let response = get.send().await.unwrap();
     assert_eq!(response.headers()["access-control-allow-origin"], "https://roflfaucet.com");
     let exposed = response.headers()["access-control-expose-headers"].to_str().unwrap().to_ascii_lowercase();
@@ -44,7 +45,9 @@ async fn an_allowed_origin_gets_cors_headers() {
 #[tokio::test]
 async fn other_origins_and_null_get_no_cors_headers() {
     let hub = TestHub::start().await;
-    for origin in ["https://evil.example", "null", "https://roflfaucet.com.evil.example", "http://roflfaucet.com"] {
+    for origin in
+        ["https://evil.example", "null", "https://roflfaucet.com.evil.example", "http://roflfaucet.com"]
+    {
         let response = preflight(&hub, origin).await;
         assert!(response.headers().get("access-control-allow-origin").is_none(), "{origin}");
         let token = hub.token("roflfaucet", "8-evans");
@@ -86,9 +89,12 @@ async fn preflights_do_not_count_against_the_rate_limit() {
 async fn requests_without_a_valid_token_are_limited_per_address() {
     let hub = TestHub::start_with(|c| c.limits.unauthenticated_requests_per_minute = 3).await;
     for _ in 0..3 {
-        Reply::from(hub.request(Method::GET, TIMESTAMP).send().await.unwrap()).await.assert_refused(401, "missing_token");
+        Reply::from(hub.request(Method::GET, TIMESTAMP).send().await.unwrap())
+            .await
+            .assert_refused(401, "missing_token");
     }
-    let limited = Reply::from(hub.request(Method::GET, TIMESTAMP).bearer_auth("x.y.z").send().await.unwrap()).await;
+    let limited =
+        Reply::from(hub.request(Method::GET, TIMESTAMP).bearer_auth("x.y.z").send().await.unwrap()).await;
     limited.assert_refused(429, "rate_limited");
     assert!(limited.header("retry-after").is_some());
     // Signed-in users are counted on their own limit, not the address's.

@@ -54,6 +54,11 @@ impl PostRequest {
     pub fn parse(body: &[u8]) -> Result<Self, Refusal> {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| Refusal::invalid("invalid_json", format!("the body is not valid JSON: {e}")))?;
+        if value.is_object() {
+            // Readers disagree on which of two equal keys wins; such a body is ambiguous.
+            serde_json::from_slice::<UniqueKeys>(body)
+                .map_err(|e| Refusal::invalid("invalid_request", e.to_string()))?;
+        }
         let Value::Object(mut fields) = value else {
             return Err(Refusal::invalid("invalid_request", "the body must be a JSON object"));
         };
@@ -63,7 +68,11 @@ impl PostRequest {
             None => return Err(Refusal::invalid("missing_field", "the body has no action")),
         };
         let body = Value::Object(fields);
-        let shape = |e: serde_json::Error| Refusal::invalid("invalid_request", format!("{action}: {e}"));
+        let shape = |e: serde_json::Error| {
+            let message = e.to_string();
+            let code = if message.starts_with("missing field") { "missing_field" } else { "invalid_request" };
+            Refusal::invalid(code, format!("{action}: {message}"))
+        };
         match action.as_str() {
             "push" => Ok(PostRequest::Push(serde_json::from_value(body).map_err(shape)?)),
             "delta" => Ok(PostRequest::Delta(serde_json::from_value(body).map_err(shape)?)),
@@ -90,6 +99,37 @@ impl PostRequest {
             PostRequest::Push(p) => p.token.as_deref(),
             PostRequest::Delta(d) => d.token.as_deref(),
         }
+    }
+}
+
+/// Reads a JSON object's top-level keys, failing on the second occurrence of any key.
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::BTreeSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if seen.contains(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "the body has the field {key:?} twice"
+                        )));
+                    }
+                    seen.insert(key);
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -178,6 +218,10 @@ mod tests {
         );
         assert_eq!(
             code(br#"{"action":"delta","user_id":"u","site_id":"s","data_type":"balance","delta":{"coins":1}}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            code(br#"{"action":"push","user_id":"victim","user_id":"u","site_id":"s","data_type":"balance","data":{}}"#),
             "invalid_request"
         );
     }

@@ -11,23 +11,29 @@ pub(crate) enum Lines {
     Multi,
 }
 
-/// Normalizes user text: CRLF and CR become LF (multi-line fields only), tabs become
-/// spaces, bidirectional overrides and byte-order marks are dropped, surrounding whitespace
-/// is trimmed. Other control characters are refused, as is text over `max_chars` characters.
+/// Normalizes user text: CRLF, CR and the Unicode line and paragraph separators become LF
+/// (multi-line fields only; single-line fields refuse them), tabs become spaces, direction
+/// marks and overrides and byte-order marks are dropped, surrounding whitespace is trimmed.
+/// Other control characters are refused, as is text over `max_chars` characters.
 pub(crate) fn normalize(field: &str, s: &str, max_chars: usize, lines: Lines) -> Result<String, Refusal> {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '\t' => out.push(' '),
-            '\r' | '\n' if lines == Lines::Multi => {
+            '\r' | '\n' | '\u{2028}' | '\u{2029}' if lines == Lines::Multi => {
                 if c == '\r' && chars.peek() == Some(&'\n') {
                     chars.next();
                 }
                 out.push('\n');
             }
-            '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}' => {}
-            c if c.is_control() => {
+            '\u{200E}'
+            | '\u{200F}'
+            | '\u{061C}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}' => {}
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
                 return Err(Refusal::invalid(
                     "control_characters",
                     format!("{field} contains a control character (U+{:04X})", c as u32),
@@ -81,7 +87,7 @@ mod tests {
 
     #[test]
     fn direction_overrides_are_dropped_and_emoji_sequences_kept() {
-        assert_eq!(normalize("display_name", "ab\u{202E}cd", 64, Lines::Single).unwrap(), "abcd");
+        assert_eq!(normalize("display_name", "a\u{200F}b\u{202E}cd", 64, Lines::Single).unwrap(), "abcd");
         let family = "👨\u{200D}👩\u{200D}👧";
         assert_eq!(normalize("avatar", family, 16, Lines::Single).unwrap(), family);
     }

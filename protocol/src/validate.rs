@@ -153,6 +153,10 @@ fn integer(field: &str, value: &Value) -> Result<i64, Refusal> {
         Some(i) if i.unsigned_abs() <= MAX_AMOUNT.unsigned_abs() => Ok(i),
         Some(_) => Err(too_large(field)),
         None if n.is_u64() => Err(too_large(field)),
+        // Integers beyond u64 arrive as whole floats.
+        None if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() > MAX_AMOUNT as f64) => {
+            Err(too_large(field))
+        }
         None => Err(Refusal::invalid("not_an_integer", format!("{field} must be an integer, not {n}"))),
     }
 }
@@ -334,6 +338,8 @@ mod tests {
         assert_eq!(code(push(DataType::Balance, json!({"coins": "5"}))), "not_an_integer");
         assert_eq!(code(push(DataType::Balance, json!({"coins": u64::MAX}))), "value_too_large");
         assert_eq!(code(push(DataType::Balance, json!({"coins": MAX_AMOUNT + 1}))), "value_too_large");
+        let huge: Value = serde_json::from_str(r#"{"coins": 18446744073709551616}"#).unwrap();
+        assert_eq!(code(push(DataType::Balance, huge)), "value_too_large");
         assert_eq!(code(push(DataType::Balance, json!({"coins": 1, "points": 2}))), "unknown_field");
         assert_eq!(code(push(DataType::Points, json!({"coins": 1}))), "unknown_field");
         assert_eq!(code(push(DataType::Balance, json!([1]))), "invalid_data");
