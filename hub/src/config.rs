@@ -124,7 +124,8 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("HUB_").split("__"));
+        // HUB_CONFIG names the file itself (see `hub serve --config`); it is no setting.
+        figment = figment.merge(Env::prefixed("HUB_").ignore(&["config"]).split("__"));
         figment.extract().context("invalid configuration")
     }
 
@@ -157,7 +158,7 @@ impl Config {
                 })
                 .collect();
             let keys = DevKeys { sites };
-            std::fs::write(&path, toml::to_string(&keys)?)
+            write_private(&path, &toml::to_string(&keys)?)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             keys
         };
@@ -203,6 +204,16 @@ impl Config {
     pub fn site(&self, id: &str) -> Option<&Site> {
         self.sites.iter().find(|s| s.id == id)
     }
+}
+
+/// Writes a file only its owner may read: it holds signing keys.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
 }
 
 /// 32 random bytes, base64url: an HS256 secret.
@@ -305,6 +316,7 @@ mod load_tests {
                 "#,
             )?;
             jail.set_env("HUB_LISTEN", "127.0.0.1:9100");
+            jail.set_env("HUB_CONFIG", "hub.toml");
             jail.set_env("HUB_LIMITS__REQUESTS_PER_MINUTE", "70");
             let config = Config::load(Some(Path::new("hub.toml"))).unwrap();
             assert_eq!(config.hub_id, "directsponsor-hub");
@@ -333,6 +345,12 @@ mod load_tests {
         let second = config.with_dev_sites().unwrap();
         assert_eq!(first.sites, second.sites);
         assert_eq!(first.sites.len(), DEV_SITES.len());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(DEV_KEYS_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the dev keys are private");
+        }
         assert!(first.validate().is_ok());
     }
 }

@@ -2,6 +2,7 @@
 //! read timeout, and shutting down gracefully — in-flight requests finish, pending writes
 //! are flushed, then the store closes.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +41,10 @@ struct Inner {
     /// `None` when auth is off (development on loopback only).
     keys: Option<Keys>,
     rate_limits: RateLimits,
+    /// Every configured origin: what CORS answers for before a token is read.
     origins: Arc<[OriginPattern]>,
+    /// Each site's own origins: a site's token is refused from any other page.
+    site_origins: HashMap<String, Vec<OriginPattern>>,
 }
 
 impl App {
@@ -60,17 +64,31 @@ impl App {
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<App> {
         config.validate()?;
         let keys = if config.auth { Some(Keys::from_config(&config)?) } else { None };
-        let origins = config
+        let site_origins = config
             .sites
             .iter()
-            .flat_map(|s| &s.origins)
-            .map(|o| OriginPattern::parse(o))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|s| {
+                Ok((
+                    s.id.clone(),
+                    s.origins.iter().map(|o| OriginPattern::parse(o)).collect::<anyhow::Result<_>>()?,
+                ))
+            })
+            .collect::<anyhow::Result<HashMap<String, Vec<OriginPattern>>>>()?;
+        let origins: Vec<OriginPattern> = site_origins.values().flatten().cloned().collect();
         let limits = &config.limits;
         let rate_limits =
             RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute);
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
-        Ok(App { inner: Arc::new(Inner { config, domain, keys, rate_limits, origins: origins.into() }) })
+        Ok(App {
+            inner: Arc::new(Inner {
+                config,
+                domain,
+                keys,
+                rate_limits,
+                origins: origins.into(),
+                site_origins,
+            }),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -92,6 +110,11 @@ impl App {
 
     pub(crate) fn origins(&self) -> Arc<[OriginPattern]> {
         self.inner.origins.clone()
+    }
+
+    /// Whether a page on `origin` may use `site`'s tokens.
+    pub(crate) fn site_allows_origin(&self, site: &str, origin: &str) -> bool {
+        self.inner.site_origins.get(site).is_some_and(|patterns| patterns.iter().any(|p| p.matches(origin)))
     }
 }
 

@@ -58,6 +58,22 @@ async fn other_origins_and_null_get_no_cors_headers() {
 }
 
 #[tokio::test]
+async fn a_sites_token_is_refused_from_another_sites_page() {
+    let hub = TestHub::start().await;
+    let token = hub.token("wrc", "8-evans");
+    let from = |origin: &'static str| {
+        hub.request(Method::GET, TIMESTAMP).bearer_auth(&token).header("Origin", origin).send()
+    };
+    Reply::from(from("https://wrc.org").await.unwrap()).await.assert_ok();
+    let foreign = Reply::from(from("https://roflfaucet.com").await.unwrap()).await;
+    foreign.assert_refused(403, "origin_not_allowed");
+    // Without an Origin (a site's backend, curl) the token alone decides.
+    Reply::from(hub.request(Method::GET, TIMESTAMP).bearer_auth(&token).send().await.unwrap())
+        .await
+        .assert_ok();
+}
+
+#[tokio::test]
 async fn the_101st_request_in_a_minute_is_rate_limited_and_other_users_are_not() {
     let hub = TestHub::start().await;
     let evans = hub.site("roflfaucet", "8-evans");

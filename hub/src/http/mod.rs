@@ -378,6 +378,14 @@ impl App {
                     )
                     .into());
                 }
+                let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
+                if origin.is_some_and(|o| !self.site_allows_origin(v.site.as_str(), o)) {
+                    return Err(Refusal::forbidden(
+                        "origin_not_allowed",
+                        format!("{}'s tokens are not accepted from this page's origin", v.site),
+                    )
+                    .into());
+                }
                 Ok(Caller { site: v.site, user: v.user, admin: v.admin })
             }
             Err(e) => {

@@ -1,0 +1,52 @@
+//! `cargo xtask`: the project's build tasks, written in Rust so that they run wherever cargo
+//! does. Drives cargo, rustup and git as child processes from the workspace root; installs
+//! nothing but the prerequisites listed in `prereq`, and writes nothing outside the
+//! workspace except through those installs.
+
+mod demo;
+mod prereq;
+mod process;
+mod suite;
+mod tidy;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build tasks of the unified-sync workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the hub in release mode and serve it with development sites on 127.0.0.1:8787.
+    Demo,
+    /// Install missing prerequisites, then run every check and test; stop at the first failure.
+    Test,
+    /// Check the architecture invariants (dependency absences, no tracked build outputs).
+    Tidy,
+}
+
+/// Prints a failure as its message and causes, without a backtrace: what failed is named
+/// by the message, and the failing tool has printed its own details above it.
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Demo => demo::run(),
+        Task::Test => suite::run(),
+        Task::Tidy => tidy::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! What the tests need beyond cargo itself. Each [`Need`] knows how to tell whether it is
+//! present and how it is installed; [`ensure`] installs what it can and names, with the
+//! command to run by hand, whatever it cannot. Decides nothing about which tests run.
+
+use std::path::Path;
+
+use anyhow::bail;
+
+use crate::process::{output, shown, step, succeeds};
+
+/// The target the browser client compiles to; `protocol` must build for it too.
+pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+/// Everything `cargo xtask test` needs, in the order it is checked.
+pub const FOR_TESTS: &[Need] = &[
+    Need {
+        name: "rustfmt",
+        present: || succeeds("cargo", &["fmt", "--version"]),
+        install: Install::Rustup(&["component", "add", "rustfmt"]),
+    },
+    Need {
+        name: "clippy",
+        present: || succeeds("cargo", &["clippy", "--version"]),
+        install: Install::Rustup(&["component", "add", "clippy"]),
+    },
+    Need {
+        name: "the wasm32-unknown-unknown target",
+        present: wasm_target_present,
+        install: Install::Rustup(&["target", "add", WASM_TARGET]),
+    },
+];
+
+/// Something the tests need.
+pub struct Need {
+    /// How the need is named to the person running the tests.
+    pub name: &'static str,
+    /// Checked before installing, and again after, so a silent install failure is caught.
+    pub present: fn() -> bool,
+    pub install: Install,
+}
+
+/// How a missing need is installed.
+pub enum Install {
+    /// `rustup <args>`: components and targets of the active toolchain.
+    Rustup(&'static [&'static str]),
+}
+
+impl Install {
+    /// The program and arguments that install the need.
+    fn command(&self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Install::Rustup(args) => ("rustup", args),
+        }
+    }
+
+    /// Why this machine cannot run the install itself, if it cannot.
+    fn obstacle(&self) -> Option<&'static str> {
+        match self {
+            Install::Rustup(_) => (!succeeds("rustup", &["--version"])).then_some("rustup is not installed"),
+        }
+    }
+}
+
+/// Installs every missing need it can; fails naming each one still missing and how to
+/// install it.
+pub fn ensure(needs: &[Need]) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for need in needs {
+        if (need.present)() {
+            continue;
+        }
+        let (program, args) = need.install.command();
+        let by_hand = shown(program, args);
+        match need.install.obstacle() {
+            Some(obstacle) => missing.push(format!("{}: {obstacle}; install it with `{by_hand}`", need.name)),
+            None => {
+                println!("{} is missing; installing it", need.name);
+                let result = step(program, args);
+                if !(need.present)() {
+                    let why =
+                        result.err().map_or_else(|| "it is still missing".to_owned(), |e| e.to_string());
+                    missing.push(format!("{}: `{by_hand}` did not install it ({why})", need.name));
+                }
+            }
+        }
+    }
+    if !missing.is_empty() {
+        bail!("the tests need what could not be installed here:\n  - {}", missing.join("\n  - "));
+    }
+    Ok(())
+}
+
+fn wasm_target_present() -> bool {
+    output("rustc", &["--print", "target-libdir", "--target", WASM_TARGET])
+        .is_ok_and(|dir| Path::new(dir.trim()).is_dir())
+}

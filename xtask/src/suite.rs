@@ -1,0 +1,18 @@
+//! `cargo xtask test`: every check and test of the workspace, in one fixed order, stopping
+//! at the first failure. The README's test command and CI's only command; installs missing
+//! prerequisites first (see `prereq`).
+
+use crate::prereq::{self, WASM_TARGET};
+use crate::process::step;
+
+pub fn run() -> anyhow::Result<()> {
+    prereq::ensure(prereq::FOR_TESTS)?;
+    step("cargo", &["fmt", "--all", "--check"])?;
+    step("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    println!("==> cargo xtask tidy");
+    crate::tidy::run()?;
+    step("cargo", &["build", "-p", "protocol", "--target", WASM_TARGET])?;
+    step("cargo", &["test", "--workspace"])?;
+    println!("==> all checks and tests passed");
+    Ok(())
+}

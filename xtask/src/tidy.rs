@@ -1,0 +1,145 @@
+//! Architecture invariants that a machine can check, as ARCHITECTURE.md states them: which
+//! crates a crate must not depend on (read from `cargo tree`), which names a layer's source
+//! must not mention, and which files must never be tracked (read from `git ls-files`).
+//! Reports every violation, not just the first. Compiles nothing.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::process::{output, root, shown};
+
+/// Crates that must stay free of runtime, server, storage and browser dependencies, so they
+/// build for wasm32 and can be tested without I/O.
+const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] =
+    &[("protocol", &["tokio", "hyper", "axum", "rusqlite", "web-sys"])];
+
+/// Layers of the hub that must not name what lies outside them. `cargo tree` cannot see
+/// inside one crate, so these are read from the source: a file or every `.rs` file below a
+/// directory, and the words it must not contain.
+const FORBIDDEN_NAMES: &[(&str, &[&str])] = &[
+    // The store knows nothing of HTTP.
+    ("hub/src/store", &["axum", "hyper", "http::", "crate::http"]),
+    // The domain knows nothing of HTTP, and sees storage only through `Arc<dyn Store>`.
+    ("hub/src/domain.rs", &["axum", "hyper", "http::", "crate::http", "rusqlite", "sqlite::", "SqliteStore"]),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for (krate, forbidden) in FORBIDDEN_DEPENDENCIES {
+        problems.extend(forbidden_dependencies(krate, forbidden)?);
+    }
+    for (path, forbidden) in FORBIDDEN_NAMES {
+        problems.extend(forbidden_names(path, forbidden)?);
+    }
+    problems.extend(tracked_build_outputs()?);
+    if !problems.is_empty() {
+        bail!("tidy found {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "));
+    }
+    println!("tidy: ok");
+    Ok(())
+}
+
+/// Every crate in `krate`'s normal dependency tree, on any target, that is in `forbidden`.
+fn forbidden_dependencies(krate: &str, forbidden: &[&str]) -> anyhow::Result<Vec<String>> {
+    let args = ["tree", "-p", krate, "-e", "normal", "--prefix", "none", "--target", "all"];
+    let tree = output("cargo", &args)?;
+    let mut found: Vec<&str> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| forbidden.contains(name))
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    Ok(found
+        .into_iter()
+        .map(|dep| format!("{krate} depends on {dep} (see `{}`)", shown("cargo", &args)))
+        .collect())
+}
+
+/// Every line of the Rust source at `path` (relative to the workspace root) that names
+/// one of `forbidden`.
+fn forbidden_names(path: &str, forbidden: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut files = Vec::new();
+    rust_files(&root().join(path), &mut files)
+        .with_context(|| format!("cannot read {path}; if it moved, update FORBIDDEN_NAMES in xtask"))?;
+    let mut problems = Vec::new();
+    for file in files {
+        let text =
+            std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let shown = file.strip_prefix(root()).unwrap_or(&file).display();
+        for (number, line) in text.lines().enumerate() {
+            for name in forbidden.iter().filter(|name| line.contains(*name)) {
+                problems
+                    .push(format!("{shown}:{} names `{name}`, which this layer must not use", number + 1));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// `path` itself if it is a file, or every `.rs` file below it.
+fn rust_files(path: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if path.is_file() {
+        files.push(path.to_owned());
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(path)? {
+        let path = entry?.path();
+        if path.is_dir() || path.extension().is_some_and(|e| e == "rs") {
+            rust_files(&path, files)?;
+        }
+    }
+    Ok(())
+}
+
+/// Tracked files that are build or run outputs: they belong in `.gitignore`, not in git.
+fn tracked_build_outputs() -> anyhow::Result<Vec<String>> {
+    let files = output("git", &["ls-files", "-z"])?;
+    Ok(files
+        .split('\0')
+        .filter(|path| !path.is_empty() && is_build_output(path))
+        .map(|path| format!("{path} is a build output but is tracked by git"))
+        .collect())
+}
+
+/// Cargo's `target/`, npm's `node_modules/`, the demo hub's data (it holds development
+/// keys), and what wasm-bindgen writes into `pkg/`.
+fn is_build_output(path: &str) -> bool {
+    let first = path.split('/').next().unwrap_or_default();
+    let generated_in_pkg = path.strip_prefix("pkg/").is_some_and(|name| {
+        !name.contains('/') && [".wasm", ".js", ".d.ts"].iter().any(|e| name.ends_with(e))
+    });
+    matches!(first, "target" | "hub-data")
+        || path.split('/').any(|part| part == "node_modules")
+        || generated_in_pkg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_build_output;
+
+    #[test]
+    fn build_outputs_are_recognized() {
+        for path in [
+            "target/debug/hub",
+            "node_modules/x/index.js",
+            "www/node_modules/a",
+            "pkg/client_wasm_bg.wasm",
+            "pkg/client_wasm.js",
+            "pkg/client_wasm.d.ts",
+            "hub-data/dev-sites.toml",
+        ] {
+            assert!(is_build_output(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn sources_are_not_build_outputs() {
+        for path in
+            ["pkg/package.json", "pkg/README.md", "www/app.js", "hub/src/target.rs", "xtask/src/tidy.rs"]
+        {
+            assert!(!is_build_output(path), "{path}");
+        }
+    }
+}
