@@ -1,0 +1,890 @@
+//! The sync state machine: when to check, what to fetch, what to send and resend, and what
+//! to tell the page. See the crate docs for the call order.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use protocol::{DataType, DeltaRequest, PostRequest, PushRequest, Refusal};
+use serde_json::Value;
+
+use crate::cache::{CachedRecord, Persisted};
+use crate::outbox::{Op, OpKind, backoff_ms};
+use crate::{Event, Method, Reply, Request, RequestId, Shared, Source, Status, Trigger};
+
+/// How a client behaves; [`Config::new`] gives the documented defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub site_id: String,
+    pub user_id: String,
+    /// The types this page keeps in step; every check covers all of them.
+    pub data_types: Vec<DataType>,
+    /// False when the hub runs without auth (development): no token is ever asked for.
+    pub needs_token: bool,
+    /// A check shorter than this never shows the spinner (no flicker).
+    pub spinner_delay_ms: u64,
+    /// While the tab is visible, check after this long without a check.
+    pub inactivity_ms: u64,
+    /// A request unanswered after this long counts as a network failure.
+    pub request_timeout_ms: u64,
+    /// First retry delay of a failed write; doubles per attempt up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Seeds op ids and retry jitter; the shell passes real randomness.
+    pub seed: u64,
+    /// Emit [`Event::Log`] lines.
+    pub debug: bool,
+}
+
+impl Config {
+    pub fn new(site_id: impl Into<String>, user_id: impl Into<String>, data_types: Vec<DataType>) -> Config {
+        Config {
+            site_id: site_id.into(),
+            user_id: user_id.into(),
+            data_types,
+            needs_token: true,
+            spinner_delay_ms: 150,
+            inactivity_ms: 5 * 60 * 1000,
+            request_timeout_ms: 15_000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000,
+            seed: 0,
+            debug: false,
+        }
+    }
+}
+
+/// Op ids of finished writes remembered, so that another tab's stale copy is not adopted.
+const DONE_REMEMBERED: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Purpose {
+    Stamps,
+    Fetch(DataType),
+    Write(String),
+}
+
+#[derive(Debug)]
+struct InFlight {
+    purpose: Purpose,
+    deadline_ms: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    /// Waiting to send the timestamp request (for a token, or for the next pump).
+    Pending,
+    Stamps,
+    Fetching(BTreeSet<DataType>),
+}
+
+#[derive(Debug)]
+struct Check {
+    reason: &'static str,
+    started_ms: u64,
+    tickets: Vec<u64>,
+    stage: Stage,
+    spinner_at_ms: u64,
+    spinner_shown: bool,
+}
+
+/// The client's sync engine. Construct with [`Engine::new`], then feed inputs and drain
+/// outputs as the crate docs describe.
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    rng: fastrand::Rng,
+    now_ms: u64,
+    epoch: Option<String>,
+    records: BTreeMap<DataType, CachedRecord>,
+    outbox: VecDeque<Op>,
+    done: VecDeque<String>,
+    /// The view last announced per type, so the page hears only of real changes.
+    shown: BTreeMap<DataType, Value>,
+    check: Option<Check>,
+    next_ticket: u64,
+    in_flight: BTreeMap<RequestId, InFlight>,
+    next_request: RequestId,
+    requests: VecDeque<Request>,
+    events: VecDeque<Event>,
+    token: Option<String>,
+    token_requested: bool,
+    /// A fresh token was already fetched after a 401; another 401 means give up.
+    token_refreshed: bool,
+    /// The hub refused our identity (401 twice, no token, 403): status `error` until the
+    /// next explicit trigger.
+    auth_failed: bool,
+    network_down: bool,
+    online: bool,
+    visible: bool,
+    write_in_flight: Option<String>,
+    write_attempts: u32,
+    next_write_ms: u64,
+    last_check_end_ms: Option<u64>,
+    status: Status,
+}
+
+impl Engine {
+    /// Starts an engine with what a previous page persisted. Cached data is announced at
+    /// once (source [`Source::Cache`]); pending writes are sent again with their op ids.
+    pub fn new(config: Config, persisted: Option<Persisted>, now: u64) -> Engine {
+        let persisted = persisted.unwrap_or_default();
+        let mut engine = Engine {
+            rng: fastrand::Rng::with_seed(config.seed),
+            config,
+            now_ms: now,
+            epoch: persisted.epoch,
+            records: persisted.records,
+            outbox: persisted.outbox.into(),
+            done: VecDeque::new(),
+            shown: BTreeMap::new(),
+            check: None,
+            next_ticket: 1,
+            in_flight: BTreeMap::new(),
+            next_request: 1,
+            requests: VecDeque::new(),
+            events: VecDeque::new(),
+            token: None,
+            token_requested: false,
+            token_refreshed: false,
+            auth_failed: false,
+            network_down: false,
+            online: true,
+            visible: true,
+            write_in_flight: None,
+            write_attempts: 0,
+            next_write_ms: now,
+            last_check_end_ms: None,
+            status: Status::Idle,
+        };
+        engine.announce(Source::Cache);
+        engine.pump(now);
+        engine
+    }
+
+    // ---- inputs ----
+
+    /// Starts a check (or joins the one running) and returns a ticket that a
+    /// [`Event::CheckDone`] will name.
+    pub fn handle_trigger(&mut self, now: u64, trigger: Trigger) -> u64 {
+        self.now_ms = now;
+        match trigger {
+            Trigger::TabVisible | Trigger::PageShow => self.visible = true,
+            Trigger::Online => {
+                self.online = true;
+                self.network_down = false;
+                self.next_write_ms = now;
+            }
+            Trigger::Login | Trigger::Force | Trigger::EnsureFresh => {
+                // An explicit request gets a fresh chance at auth.
+                if self.auth_failed {
+                    self.auth_failed = false;
+                    self.token_refreshed = false;
+                }
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let reason = match trigger {
+            Trigger::Login => "Login",
+            Trigger::TabVisible => "Tab visible",
+            Trigger::PageShow => "Page restored",
+            Trigger::Online => "Back online",
+            Trigger::EnsureFresh => "Before an operation",
+            Trigger::Force => "Forced sync",
+        };
+        self.start_check(now, reason, Some(ticket));
+        self.tick(now);
+        self.pump(now);
+        ticket
+    }
+
+    /// The tab was hidden: no inactivity checks until it is visible again.
+    pub fn handle_hidden(&mut self, now: u64) {
+        self.now_ms = now;
+        self.visible = false;
+    }
+
+    /// The browser went offline: checks end at once with cached data, writes wait.
+    pub fn handle_offline(&mut self, now: u64) {
+        self.now_ms = now;
+        self.online = false;
+        self.pump(now);
+    }
+
+    /// The answer to [`Event::NeedToken`]: a token, or `None` if the page could not get one.
+    pub fn handle_token(&mut self, now: u64, token: Option<String>) {
+        self.now_ms = now;
+        self.token_requested = false;
+        match token {
+            Some(token) => self.token = Some(token),
+            None => {
+                self.log("token unavailable → ERROR".into());
+                self.auth_failed = true;
+                self.finish_check(now, false);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// What came back for request `id`. Unknown, late and duplicated replies are ignored.
+    pub fn handle_reply(&mut self, now: u64, id: RequestId, reply: Reply) {
+        self.now_ms = now;
+        let Some(flight) = self.in_flight.remove(&id) else { return };
+        if let Reply::Answer { status, .. } = &reply
+            && *status != 401
+        {
+            self.network_down = false;
+        }
+        match flight.purpose {
+            Purpose::Stamps => self.on_stamps(now, reply),
+            Purpose::Fetch(data_type) => self.on_fetch(now, data_type, reply),
+            Purpose::Write(op_id) => self.on_write(now, &op_id, reply),
+        }
+        self.pump(now);
+    }
+
+    /// Time passed: shows the spinner, expires requests, retries writes, runs the
+    /// inactivity check.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now_ms = now;
+        self.tick(now);
+        self.pump(now);
+    }
+
+    /// Fresh data another tab of this site received.
+    pub fn handle_shared(&mut self, now: u64, shared: Shared) {
+        self.now_ms = now;
+        if self.epoch.as_ref().is_some_and(|e| *e != shared.epoch) {
+            return;
+        }
+        self.epoch = Some(shared.epoch);
+        if self.store(shared.data_type, shared.record) {
+            self.events.push_back(Event::Persist);
+            self.announce(Source::Tab);
+        }
+    }
+
+    /// Writes another tab (or a closed page) left in storage: the ones this engine does not
+    /// know are adopted and sent too. The hub applies each op id once, so a write both tabs
+    /// send is still applied once.
+    pub fn handle_stored_ops(&mut self, now: u64, ops: Vec<Op>) {
+        self.now_ms = now;
+        let mut adopted = false;
+        for op in ops {
+            let known = self.outbox.iter().any(|o| o.op_id == op.op_id) || self.done.contains(&op.op_id);
+            if !known {
+                self.log(format!("adopted pending write {} for {}", op.op_id, op.data_type));
+                self.outbox.push_back(op);
+                adopted = true;
+            }
+        }
+        if adopted {
+            self.announce(Source::Local);
+            self.pump(now);
+        }
+    }
+
+    /// The page is going away: send every pending write now, with `keepalive`. They stay in
+    /// the outbox; the next page resends what was not confirmed, and the hub applies each once.
+    pub fn handle_unload(&mut self, now: u64) {
+        self.now_ms = now;
+        let ops: Vec<Op> = self
+            .outbox
+            .iter()
+            .filter(|op| Some(&op.op_id) != self.write_in_flight.as_ref())
+            .cloned()
+            .collect();
+        for op in ops {
+            self.send_write(now, &op, true);
+        }
+    }
+
+    // ---- local writes ----
+
+    /// Adds `amount` to balance or points: shown at once, stored in the outbox before it is
+    /// first sent, retried until the hub answers. Returns the op id.
+    pub fn apply_delta(
+        &mut self,
+        now: u64,
+        data_type: DataType,
+        amount: i64,
+        reason: Option<String>,
+    ) -> Result<String, Refusal> {
+        self.now_ms = now;
+        let field = protocol::amount_field(data_type).ok_or_else(|| {
+            Refusal::invalid(
+                "invalid_data_type",
+                format!("delta applies to balance and points, not {data_type}"),
+            )
+        })?;
+        let mut delta = serde_json::Map::new();
+        delta.insert(field.into(), Value::from(amount));
+        protocol::validate_delta(data_type, &delta, protocol::Limits::default())?;
+        let reason = reason.as_deref().map(protocol::validate_reason).transpose()?;
+        let current = self.view(data_type).and_then(|v| v.get(field).and_then(Value::as_i64)).unwrap_or(0);
+        if current + amount < 0 {
+            return Err(Refusal::invalid("insufficient_funds", format!("{field} would go below zero")));
+        }
+        let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Delta { amount, reason } };
+        self.log(format!("{data_type}: delta {amount:+} queued ({})", op.op_id));
+        Ok(self.enqueue(now, op))
+    }
+
+    /// Merges `patch` into a record (fire and forget): shown at once, sent in order, retried.
+    pub fn push_changes(&mut self, now: u64, data_type: DataType, patch: Value) -> Result<String, Refusal> {
+        self.now_ms = now;
+        let site = protocol::SiteId::parse(&self.config.site_id)?;
+        // The hub decides whether the token is an admin's; the client lets it.
+        let patch = protocol::validate_push(data_type, &patch, &site, true)?;
+        let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Push { patch } };
+        self.log(format!("{data_type}: push queued ({})", op.op_id));
+        Ok(self.enqueue(now, op))
+    }
+
+    // ---- outputs ----
+
+    pub fn poll_request(&mut self) -> Option<Request> {
+        self.requests.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Engine::handle_timeout`] next, if anything waits on time.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let mut consider = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(check) = &self.check
+            && !check.spinner_shown
+        {
+            consider(check.spinner_at_ms);
+        }
+        for flight in self.in_flight.values() {
+            consider(flight.deadline_ms);
+        }
+        if !self.outbox.is_empty() && self.write_in_flight.is_none() && self.online {
+            consider(self.next_write_ms);
+        }
+        if let Some(at) = self.inactivity_due() {
+            consider(at);
+        }
+        next
+    }
+
+    // ---- queries ----
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// What the page should show for `data_type`: the hub's data with pending local writes
+    /// applied, or `None` if nothing is known yet.
+    pub fn view(&self, data_type: DataType) -> Option<Value> {
+        let base = self.records.get(&data_type);
+        let pending = self.outbox.iter().filter(|op| op.data_type == data_type);
+        if base.is_none() && pending.clone().next().is_none() {
+            return None;
+        }
+        let mut data = base.map_or_else(|| data_type.empty_data(), |r| r.data.clone());
+        for op in pending {
+            op.apply(&mut data);
+        }
+        Some(data)
+    }
+
+    /// The hub's record as last confirmed, without pending writes.
+    pub fn record(&self, data_type: DataType) -> Option<&CachedRecord> {
+        self.records.get(&data_type)
+    }
+
+    /// Local writes not yet confirmed by the hub.
+    pub fn pending(&self) -> impl Iterator<Item = &Op> {
+        self.outbox.iter()
+    }
+
+    /// What to store so that the next page starts where this one is.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            epoch: self.epoch.clone(),
+            records: self.records.clone(),
+            outbox: self.outbox.iter().cloned().collect(),
+        }
+    }
+
+    // ---- checks ----
+
+    fn start_check(&mut self, now: u64, reason: &'static str, ticket: Option<u64>) {
+        match &mut self.check {
+            Some(check) => check.tickets.extend(ticket),
+            None => {
+                self.log(format!("{reason} - checking timestamps"));
+                self.check = Some(Check {
+                    reason,
+                    started_ms: now,
+                    tickets: ticket.into_iter().collect(),
+                    stage: Stage::Pending,
+                    spinner_at_ms: now + self.config.spinner_delay_ms,
+                    spinner_shown: false,
+                });
+            }
+        }
+        self.update_status();
+    }
+
+    fn finish_check(&mut self, now: u64, fresh: bool) {
+        let Some(check) = self.check.take() else { return };
+        if check.spinner_shown {
+            self.events.push_back(Event::Spinner(false));
+        }
+        let elapsed = now.saturating_sub(check.started_ms);
+        if fresh {
+            self.log(format!("Sync complete in {}.{:02}s", elapsed / 1000, elapsed % 1000 / 10));
+        } else {
+            self.log(format!("{} check ended without the hub; using cached data", check.reason));
+        }
+        for ticket in check.tickets {
+            self.events.push_back(Event::CheckDone { ticket, fresh });
+        }
+        self.last_check_end_ms = Some(now);
+        self.update_status();
+    }
+
+    fn inactivity_due(&self) -> Option<u64> {
+        if !self.visible || !self.online || self.check.is_some() {
+            return None;
+        }
+        self.last_check_end_ms.map(|end| end + self.config.inactivity_ms)
+    }
+
+    fn on_stamps(&mut self, now: u64, reply: Reply) {
+        let body = match self.answer_of(reply, "timestamp check") {
+            Ok(body) => body,
+            Err(retry_with_token) => {
+                if retry_with_token && let Some(check) = &mut self.check {
+                    check.stage = Stage::Pending;
+                } else {
+                    self.finish_check(now, false);
+                }
+                return;
+            }
+        };
+        let Some(epoch) = body.get("epoch").and_then(Value::as_str).map(str::to_owned) else {
+            self.log("timestamp answer without epoch → ERROR".into());
+            self.finish_check(now, false);
+            return;
+        };
+        if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
+            self.log(format!("hub epoch changed ({epoch}) → cache dropped"));
+            self.records.clear();
+            self.events.push_back(Event::Persist);
+        }
+        self.epoch = Some(epoch);
+        let stamps = parse_stamps(&body);
+        let mut fetch = BTreeSet::new();
+        for data_type in self.config.data_types.clone() {
+            let server = stamps.get(&data_type).copied();
+            let local = self.records.get(&data_type).map(|r| r.version);
+            let changed = local.is_none() || server != local;
+            let show = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| format!("v{v}"));
+            self.log(format!(
+                "{data_type}: server={}, local={} → {}",
+                show(server),
+                show(local),
+                if changed { "FETCH" } else { "SKIP" }
+            ));
+            if changed {
+                fetch.insert(data_type);
+            }
+        }
+        if fetch.is_empty() {
+            self.finish_check(now, true);
+            return;
+        }
+        for data_type in &fetch {
+            let etag = self.records.get(data_type).map(|r| format!("\"{}\"", r.version));
+            let query = format!("action=get&user_id={}&data_type={data_type}", self.config.user_id);
+            self.send(now, Purpose::Fetch(*data_type), Method::Get, Some(query), None, etag, false);
+        }
+        if let Some(check) = &mut self.check {
+            check.stage = Stage::Fetching(fetch);
+        }
+    }
+
+    fn on_fetch(&mut self, now: u64, data_type: DataType, reply: Reply) {
+        let not_modified = matches!(reply, Reply::Answer { status: 304, .. });
+        if !not_modified {
+            match self.answer_of(reply, "fetch") {
+                Ok(body) => {
+                    if let Some(record) = parse_record(&body)
+                        && self.store(data_type, record.clone())
+                    {
+                        self.share(data_type, record);
+                        self.events.push_back(Event::Persist);
+                        self.announce(Source::Hub);
+                    }
+                }
+                Err(retry_with_token) => {
+                    if retry_with_token {
+                        // Refetch everything with the new token through a fresh timestamp check.
+                        if let Some(check) = &mut self.check {
+                            check.stage = Stage::Pending;
+                        }
+                    } else {
+                        self.finish_check(now, false);
+                    }
+                    return;
+                }
+            }
+        }
+        let done = match &mut self.check {
+            Some(Check { stage: Stage::Fetching(remaining), .. }) => {
+                remaining.remove(&data_type);
+                remaining.is_empty()
+            }
+            _ => false,
+        };
+        if done {
+            self.finish_check(now, true);
+        }
+    }
+
+    // ---- writes ----
+
+    fn enqueue(&mut self, now: u64, op: Op) -> String {
+        let op_id = op.op_id.clone();
+        self.outbox.push_back(op);
+        self.events.push_back(Event::Persist);
+        self.announce(Source::Local);
+        self.pump(now);
+        op_id
+    }
+
+    fn new_op_id(&mut self) -> String {
+        format!("{}-{:016x}{:016x}", self.config.site_id, self.rng.u64(..), self.rng.u64(..))
+    }
+
+    fn send_write(&mut self, now: u64, op: &Op, keepalive: bool) {
+        let (user_id, site_id) = (self.config.user_id.clone(), self.config.site_id.clone());
+        let request = match &op.kind {
+            OpKind::Delta { amount, reason } => {
+                let field = protocol::amount_field(op.data_type).unwrap_or("coins");
+                let mut delta = serde_json::Map::new();
+                delta.insert(field.into(), Value::from(*amount));
+                PostRequest::Delta(DeltaRequest {
+                    user_id,
+                    site_id,
+                    data_type: op.data_type.as_str().into(),
+                    delta,
+                    op_id: op.op_id.clone(),
+                    reason: reason.clone(),
+                    token: None,
+                })
+            }
+            OpKind::Push { patch } => PostRequest::Push(PushRequest {
+                user_id,
+                site_id,
+                data_type: op.data_type.as_str().into(),
+                data: patch.clone(),
+                base_version: None,
+                op_id: Some(op.op_id.clone()),
+                token: None,
+            }),
+        };
+        let body = request.to_json().to_string();
+        self.send(now, Purpose::Write(op.op_id.clone()), Method::Post, None, Some(body), None, keepalive);
+    }
+
+    fn on_write(&mut self, now: u64, op_id: &str, reply: Reply) {
+        if self.write_in_flight.as_deref() == Some(op_id) {
+            self.write_in_flight = None;
+        }
+        let Some(index) = self.outbox.iter().position(|op| op.op_id == op_id) else { return };
+        let data_type = self.outbox[index].data_type;
+        let retry_after = match &reply {
+            Reply::Answer { retry_after, .. } => retry_after.unwrap_or(0) * 1000,
+            Reply::NetworkError => 0,
+        };
+        let (status, body) = match reply {
+            Reply::Answer { status, body, .. } => {
+                (status, serde_json::from_str::<Value>(&body).unwrap_or(Value::Null))
+            }
+            Reply::NetworkError => {
+                self.network_down = true;
+                self.retry_later(now, 0, "network error");
+                return;
+            }
+        };
+        match status {
+            200 => {
+                self.write_attempts = 0;
+                self.next_write_ms = now;
+                self.token_refreshed = false;
+                let op = self.outbox.remove(index).expect("found above");
+                self.remember_done(op.op_id);
+                let replayed = body.get("replayed").and_then(Value::as_bool).unwrap_or(false);
+                if let Some(record) = parse_record(&body) {
+                    self.log(format!(
+                        "{data_type}: write {op_id} {} v{}",
+                        if replayed { "replayed" } else { "applied" },
+                        record.version
+                    ));
+                    if self.store(data_type, record.clone()) {
+                        self.share(data_type, record);
+                    }
+                }
+                self.events.push_back(Event::Persist);
+                self.announce(Source::Hub);
+            }
+            401 => {
+                if !self.refresh_token() {
+                    self.retry_later(now, 0, "token refused");
+                }
+            }
+            429 | 408 | 500..=599 => self.retry_later(now, retry_after, "hub busy"),
+            _ => {
+                let code = body.get("code").and_then(Value::as_str).unwrap_or("refused").to_owned();
+                let message = body
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("the hub refused the write")
+                    .to_owned();
+                self.log(format!("{data_type}: write {op_id} refused: {code} → ROLLBACK"));
+                let op = self.outbox.remove(index).expect("found above");
+                self.remember_done(op.op_id.clone());
+                if let Some(current) = body.get("current").and_then(parse_record)
+                    && self.store(data_type, current.clone())
+                {
+                    self.share(data_type, current);
+                }
+                self.events.push_back(Event::Refused { data_type, op_id: op.op_id, code, message });
+                self.events.push_back(Event::Persist);
+                self.announce(Source::Hub);
+            }
+        }
+    }
+
+    fn retry_later(&mut self, now: u64, retry_after_ms: u64, why: &str) {
+        self.write_attempts += 1;
+        let delay = backoff_ms(
+            self.write_attempts,
+            self.config.retry_base_ms,
+            self.config.retry_max_ms,
+            retry_after_ms,
+            &mut self.rng,
+        );
+        self.next_write_ms = now + delay;
+        self.log(format!("write failed ({why}); retry in {}.{}s", delay / 1000, delay % 1000 / 100));
+    }
+
+    fn remember_done(&mut self, op_id: String) {
+        if self.done.len() == DONE_REMEMBERED {
+            self.done.pop_front();
+        }
+        self.done.push_back(op_id);
+    }
+
+    // ---- plumbing ----
+
+    /// Runs what is due at `now`: the spinner, request deadlines, the inactivity check.
+    fn tick(&mut self, now: u64) {
+        if let Some(check) = &mut self.check
+            && !check.spinner_shown
+            && now >= check.spinner_at_ms
+        {
+            check.spinner_shown = true;
+            self.events.push_back(Event::Spinner(true));
+        }
+        let expired: Vec<RequestId> =
+            self.in_flight.iter().filter(|(_, f)| now >= f.deadline_ms).map(|(id, _)| *id).collect();
+        for id in expired {
+            self.log("request timed out".into());
+            self.handle_reply(now, id, Reply::NetworkError);
+        }
+        if self.inactivity_due().is_some_and(|at| now >= at) {
+            self.start_check(now, "Inactivity", None);
+        }
+    }
+
+    /// Sends what can be sent: the pending check, then the next write.
+    fn pump(&mut self, now: u64) {
+        let check_pending = self.check.as_ref().is_some_and(|c| c.stage == Stage::Pending);
+        if check_pending && (!self.online || self.auth_failed) {
+            self.finish_check(now, false);
+        }
+        let check_pending = self.check.as_ref().is_some_and(|c| c.stage == Stage::Pending);
+        let write_due = self.online
+            && !self.auth_failed
+            && self.write_in_flight.is_none()
+            && !self.outbox.is_empty()
+            && now >= self.next_write_ms;
+        if (check_pending || write_due) && self.config.needs_token && self.token.is_none() {
+            if !self.token_requested && !self.auth_failed {
+                self.token_requested = true;
+                self.events.push_back(Event::NeedToken);
+            }
+            self.update_status();
+            return;
+        }
+        if check_pending {
+            let types: Vec<&str> = self.config.data_types.iter().map(|t| t.as_str()).collect();
+            let query =
+                format!("action=timestamp&user_id={}&data_type={}", self.config.user_id, types.join(","));
+            self.send(now, Purpose::Stamps, Method::Get, Some(query), None, None, false);
+            if let Some(check) = &mut self.check {
+                check.stage = Stage::Stamps;
+            }
+        }
+        if write_due && let Some(op) = self.outbox.front().cloned() {
+            self.write_in_flight = Some(op.op_id.clone());
+            self.send_write(now, &op, false);
+        }
+        self.update_status();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        now: u64,
+        purpose: Purpose,
+        method: Method,
+        query: Option<String>,
+        body: Option<String>,
+        if_none_match: Option<String>,
+        keepalive: bool,
+    ) {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.in_flight.insert(id, InFlight { purpose, deadline_ms: now + self.config.request_timeout_ms });
+        let token = if self.config.needs_token { self.token.clone() } else { None };
+        self.requests.push_back(Request { id, method, query, body, if_none_match, token, keepalive });
+    }
+
+    /// The JSON body of a successful answer, or `Err(true)` when the request should be
+    /// repeated with a fresh token, `Err(false)` when it failed.
+    fn answer_of(&mut self, reply: Reply, what: &str) -> Result<Value, bool> {
+        match reply {
+            Reply::NetworkError => {
+                self.network_down = true;
+                self.log(format!("{what}: hub unreachable → OFFLINE"));
+                Err(false)
+            }
+            Reply::Answer { status: 200, body, .. } => {
+                self.token_refreshed = false;
+                serde_json::from_str(&body).map_err(|_| {
+                    self.log(format!("{what}: unreadable answer"));
+                    false
+                })
+            }
+            Reply::Answer { status: 401, .. } => Err(self.refresh_token()),
+            Reply::Answer { status, .. } => {
+                if (400..500).contains(&status) && status != 429 && status != 408 {
+                    self.auth_failed = status == 403;
+                }
+                self.log(format!("{what}: hub answered {status}"));
+                Err(false)
+            }
+        }
+    }
+
+    /// After a 401: asks for a fresh token once. Returns whether it did.
+    fn refresh_token(&mut self) -> bool {
+        self.token = None;
+        if self.token_refreshed || !self.config.needs_token {
+            self.log("token refused again → ERROR".into());
+            self.auth_failed = true;
+            return false;
+        }
+        self.log("token refused → asking for a fresh one".into());
+        self.token_refreshed = true;
+        true
+    }
+
+    /// Keeps `record` if it is newer than what the cache holds. Returns whether it did.
+    fn store(&mut self, data_type: DataType, record: CachedRecord) -> bool {
+        let newer = self.records.get(&data_type).is_none_or(|r| record.version > r.version);
+        if newer {
+            self.records.insert(data_type, record);
+        }
+        newer
+    }
+
+    fn share(&mut self, data_type: DataType, record: CachedRecord) {
+        if let Some(epoch) = &self.epoch {
+            self.events.push_back(Event::Share(Shared { epoch: epoch.clone(), data_type, record }));
+        }
+    }
+
+    /// Tells the page about every type whose view changed.
+    fn announce(&mut self, source: Source) {
+        let mut types: BTreeSet<DataType> = self.config.data_types.iter().copied().collect();
+        types.extend(self.records.keys());
+        types.extend(self.outbox.iter().map(|op| op.data_type));
+        for data_type in types {
+            let Some(view) = self.view(data_type) else { continue };
+            if self.shown.get(&data_type) == Some(&view) {
+                continue;
+            }
+            self.shown.insert(data_type, view.clone());
+            let record = self.records.get(&data_type);
+            let pending = self.outbox.iter().filter(|op| op.data_type == data_type).count();
+            let source = if pending > 0 && source == Source::Hub { Source::Local } else { source };
+            self.events.push_back(Event::Data {
+                data_type,
+                data: view,
+                version: record.map_or(0, |r| r.version),
+                last_updated: record.and_then(|r| r.last_updated.clone()),
+                source,
+                pending,
+            });
+        }
+    }
+
+    fn update_status(&mut self) {
+        let status = if !self.online || self.network_down {
+            Status::Offline
+        } else if self.auth_failed {
+            Status::Error
+        } else if self.check.is_some() {
+            Status::Syncing
+        } else {
+            Status::Idle
+        };
+        if status != self.status {
+            self.status = status;
+            self.events.push_back(Event::Status(status));
+        }
+    }
+
+    fn log(&mut self, line: String) {
+        if self.config.debug {
+            self.events.push_back(Event::Log(format!("[SYNC] {line}")));
+        }
+    }
+}
+
+/// Versions per type from a timestamp answer, single or list shaped.
+fn parse_stamps(body: &Value) -> BTreeMap<DataType, u64> {
+    let mut stamps = BTreeMap::new();
+    if let Some(list) = body.get("timestamps").and_then(Value::as_object) {
+        for (name, stamp) in list {
+            if let (Ok(t), Some(v)) = (DataType::parse(name), stamp.get("version").and_then(Value::as_u64)) {
+                stamps.insert(t, v);
+            }
+        }
+    } else if let (Some(Ok(t)), Some(v)) = (
+        body.get("data_type").and_then(Value::as_str).map(DataType::parse),
+        body.get("version").and_then(Value::as_u64),
+    ) {
+        stamps.insert(t, v);
+    }
+    stamps
+}
+
+/// A record from a get, push or delta answer, or an error's `current`.
+fn parse_record(value: &Value) -> Option<CachedRecord> {
+    Some(CachedRecord {
+        data: value.get("data").filter(|d| d.is_object())?.clone(),
+        version: value.get("version").and_then(Value::as_u64)?,
+        last_updated: value.get("last_updated").and_then(Value::as_str).map(str::to_owned),
+    })
+}

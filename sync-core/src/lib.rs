@@ -1,0 +1,160 @@
+//! The unified-sync client's sync engine. Sans-IO: it does no I/O, reads no clock and
+//! knows no browser type. The caller feeds it inputs (`handle_*`) with the current time in
+//! milliseconds, and drains its outputs (`poll_*`): requests to send, when to call
+//! [`Engine::handle_timeout`] next, and events for the page.
+//!
+//! Call order, after every input:
+//! 1. drain [`Engine::poll_event`] — persist on [`Event::Persist`] *before* sending anything,
+//!    so that a delta is stored before its first send;
+//! 2. drain [`Engine::poll_request`] and send each one, answering with
+//!    [`Engine::handle_reply`];
+//! 3. arm a timer for [`Engine::poll_timeout`].
+//!
+//! The same engine drives the wasm `SyncManager` and native Rust users alike.
+
+mod cache;
+mod engine;
+mod outbox;
+
+pub use cache::{CachedRecord, Persisted};
+pub use engine::{Config, Engine};
+pub use outbox::{Op, OpKind};
+pub use protocol::DataType;
+
+/// Identifies one request the engine asked to send.
+pub type RequestId = u64;
+
+/// Why the engine should check the hub for changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The page signed the user in: always checks every data type.
+    Login,
+    /// The tab became visible again (`visibilitychange`).
+    TabVisible,
+    /// The page came back from the back/forward cache (`pageshow` with `persisted`).
+    PageShow,
+    /// The browser is online again.
+    Online,
+    /// The page is about to change a balance, open an editor, …
+    EnsureFresh,
+    /// The page asked for a full sync.
+    Force,
+}
+
+/// A request for the shell to send to the hub's sync endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: RequestId,
+    /// `GET` with a query string, or `POST` with a JSON body.
+    pub method: Method,
+    /// The query string (without `?`) of a GET.
+    pub query: Option<String>,
+    /// The JSON body of a POST.
+    pub body: Option<String>,
+    pub if_none_match: Option<String>,
+    /// Sent as `Authorization: Bearer …` when present.
+    pub token: Option<String>,
+    /// The page is unloading: send with `fetch(…, {keepalive: true})`.
+    pub keepalive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+/// What came back for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The hub answered (any status).
+    Answer {
+        status: u16,
+        body: String,
+        /// `Retry-After` in seconds, if the answer carried one.
+        retry_after: Option<u64>,
+    },
+    /// No answer: the network failed or the hub is down.
+    NetworkError,
+}
+
+/// The engine's summary of where sync stands, for the page to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Idle,
+    Syncing,
+    Offline,
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Idle => "idle",
+            Status::Syncing => "syncing",
+            Status::Offline => "offline",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// Where the data of a [`Event::Data`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Restored from storage when the engine started.
+    Cache,
+    /// Fetched from, or confirmed by, the hub.
+    Hub,
+    /// A local write not yet confirmed (optimistic).
+    Local,
+    /// Shared by another tab of the same site.
+    Tab,
+}
+
+/// A record as one tab shares it with the site's other tabs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Shared {
+    pub epoch: String,
+    pub data_type: DataType,
+    pub record: CachedRecord,
+}
+
+/// What the page should learn or do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The data the page should show for a type changed.
+    Data {
+        data_type: DataType,
+        data: serde_json::Value,
+        /// The hub's version the data is based on (pending local writes come on top).
+        version: u64,
+        last_updated: Option<String>,
+        source: Source,
+        /// Local writes to this type not yet confirmed by the hub.
+        pending: usize,
+    },
+    Status(Status),
+    /// Show (true) or hide (false) the sync indicator.
+    Spinner(bool),
+    /// A check the page waits for (login, ensureFresh, forceSync) ended; `fresh` is false if
+    /// the hub could not be reached and cached data is all there is.
+    CheckDone {
+        ticket: u64,
+        fresh: bool,
+    },
+    /// The hub refused a local write; its optimistic effect is rolled back.
+    Refused {
+        data_type: DataType,
+        op_id: String,
+        code: String,
+        message: String,
+    },
+    /// The engine needs a (fresh) token: answer with [`Engine::handle_token`].
+    NeedToken,
+    /// The cache or the outbox changed: store [`Engine::persisted`] now.
+    Persist,
+    /// Fresh data to share with the site's other tabs.
+    Share(Shared),
+    /// A debug line in the seed's format, when debugging is on.
+    Log(String),
+}
