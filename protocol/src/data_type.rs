@@ -26,7 +26,7 @@ impl DataType {
             Refusal::invalid(
                 "invalid_data_type",
                 format!(
-                    "unknown data_type {:?}; expected one of balance, points, profile, roles, settings",
+                    "unknown data_type \"{}\"; expected one of balance, points, profile, roles, settings",
                     truncate(s)
                 ),
             )

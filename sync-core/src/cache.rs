@@ -1,28 +1,140 @@
-//! The client's copy of the user's records, and what is persisted between page loads.
-
-use std::collections::BTreeMap;
+//! The client's copy of the user's records, and what is persisted between page loads,
+//! with its storage format.
 
 use protocol::DataType;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::Op;
+use crate::{Json, Op};
 
 /// One record as the hub last confirmed it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CachedRecord {
-    pub data: Value,
+    pub data: Json,
     /// The hub's version of this data; a record is only ever replaced by a higher version.
     pub version: u64,
     pub last_updated: Option<String>,
 }
 
+impl CachedRecord {
+    pub fn to_json(&self) -> Json {
+        Json::object()
+            .with("data", self.data.clone())
+            .with("version", self.version)
+            .with("last_updated", self.last_updated.clone())
+    }
+
+    /// Reads a record from storage or from a hub answer (`data`, `version`, `last_updated`).
+    pub fn from_json(json: &Json) -> Option<CachedRecord> {
+        Some(CachedRecord {
+            data: json.get("data").filter(|d| d.is_object())?.clone(),
+            version: json.get("version")?.as_u64()?,
+            last_updated: json.get("last_updated").and_then(Json::as_str).map(str::to_owned),
+        })
+    }
+}
+
+/// One slot per data type: the five types are few enough that a map would only cost size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerType<T>([Option<T>; 5]);
+
+impl<T> Default for PerType<T> {
+    fn default() -> Self {
+        PerType([None, None, None, None, None])
+    }
+}
+
+impl<T> PerType<T> {
+    pub fn get(&self, t: DataType) -> Option<&T> {
+        self.0[t as usize].as_ref()
+    }
+
+    pub fn insert(&mut self, t: DataType, value: T) {
+        self.0[t as usize] = Some(value);
+    }
+
+    pub fn clear(&mut self) {
+        *self = PerType::default();
+    }
+
+    /// Every type holding a value, in the protocol's order.
+    pub fn iter(&self) -> impl Iterator<Item = (DataType, &T)> {
+        DataType::ALL.into_iter().filter_map(|t| self.get(t).map(|v| (t, v)))
+    }
+}
+
 /// Everything that survives a reload: the cache and the outbox.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Persisted {
     /// The hub database the cache came from; a different epoch invalidates the cache.
     pub epoch: Option<String>,
-    pub records: BTreeMap<DataType, CachedRecord>,
+    pub records: PerType<CachedRecord>,
     /// Local writes not yet confirmed, oldest first.
     pub outbox: Vec<Op>,
+}
+
+impl Persisted {
+    /// The storage format: `{"epoch", "records": {type: record}, "outbox": [op]}`.
+    pub fn to_json(&self) -> Json {
+        let mut records = Json::object();
+        for (t, record) in self.records.iter() {
+            records.set(t.as_str(), record.to_json());
+        }
+        Json::object()
+            .with("epoch", self.epoch.clone())
+            .with("records", records)
+            .with("outbox", Json::Array(self.outbox.iter().map(Op::to_json).collect()))
+    }
+
+    /// Reads what [`Persisted::to_json`] wrote; unreadable parts are dropped, not fatal.
+    pub fn from_json(json: &Json) -> Persisted {
+        let mut records = PerType::default();
+        if let Some(Json::Object(pairs)) = json.get("records") {
+            for (name, record) in pairs {
+                if let (Ok(t), Some(record)) = (DataType::parse(name), CachedRecord::from_json(record)) {
+                    records.insert(t, record);
+                }
+            }
+        }
+        let outbox = match json.get("outbox") {
+            Some(Json::Array(ops)) => ops.iter().filter_map(Op::from_json).collect(),
+            _ => Vec::new(),
+        };
+        Persisted { epoch: json.get("epoch").and_then(Json::as_str).map(str::to_owned), records, outbox }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::OpKind;
+
+    #[test]
+    fn persisted_state_round_trips_through_its_storage_format() {
+        let mut records = PerType::default();
+        records.insert(
+            DataType::Balance,
+            CachedRecord {
+                data: Json::object().with("coins", 120i64),
+                version: 7,
+                last_updated: Some("t".into()),
+            },
+        );
+        let state = Persisted {
+            epoch: Some("e1".into()),
+            records,
+            outbox: vec![
+                Op {
+                    op_id: "a".into(),
+                    data_type: DataType::Balance,
+                    kind: OpKind::Delta { amount: -5, reason: Some("game".into()) },
+                },
+                Op {
+                    op_id: "b".into(),
+                    data_type: DataType::Profile,
+                    kind: OpKind::Push { patch: Json::object().with("bio", "hi") },
+                },
+            ],
+        };
+        let text = state.to_json().to_text();
+        assert_eq!(Persisted::from_json(&Json::parse(&text).unwrap()), state);
+    }
 }

@@ -1,14 +1,11 @@
 //! The sync state machine: when to check, what to fetch, what to send and resend, and what
 //! to tell the page. See the crate docs for the call order.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use protocol::{DataType, Refusal};
 
-use protocol::{DataType, DeltaRequest, PostRequest, PushRequest, Refusal};
-use serde_json::Value;
-
-use crate::cache::{CachedRecord, Persisted};
+use crate::cache::{CachedRecord, PerType, Persisted};
 use crate::outbox::{Op, OpKind, backoff_ms};
-use crate::{Event, Method, Reply, Request, RequestId, Shared, Source, Status, Trigger};
+use crate::{Event, Json, Method, Reply, Request, RequestId, Shared, Source, Status, Trigger};
 
 /// How a client behaves; [`Config::new`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +70,7 @@ enum Stage {
     /// Waiting to send the timestamp request (for a token, or for the next pump).
     Pending,
     Stamps,
-    Fetching(BTreeSet<DataType>),
+    Fetching(Vec<DataType>),
 }
 
 #[derive(Debug)]
@@ -94,17 +91,18 @@ pub struct Engine {
     rng: fastrand::Rng,
     now_ms: u64,
     epoch: Option<String>,
-    records: BTreeMap<DataType, CachedRecord>,
-    outbox: VecDeque<Op>,
-    done: VecDeque<String>,
+    records: PerType<CachedRecord>,
+    outbox: Vec<Op>,
+    done: Vec<String>,
     /// The view last announced per type, so the page hears only of real changes.
-    shown: BTreeMap<DataType, Value>,
+    shown: PerType<Json>,
     check: Option<Check>,
     next_ticket: u64,
-    in_flight: BTreeMap<RequestId, InFlight>,
+    in_flight: Vec<(RequestId, InFlight)>,
     next_request: RequestId,
-    requests: VecDeque<Request>,
-    events: VecDeque<Event>,
+    /// Outputs wait here in order; queues are short, so a `Vec` is all they need.
+    requests: Vec<Request>,
+    events: Vec<Event>,
     token: Option<String>,
     token_requested: bool,
     /// A fresh token was already fetched after a 401; another 401 means give up.
@@ -133,15 +131,15 @@ impl Engine {
             now_ms: now,
             epoch: persisted.epoch,
             records: persisted.records,
-            outbox: persisted.outbox.into(),
-            done: VecDeque::new(),
-            shown: BTreeMap::new(),
+            outbox: persisted.outbox,
+            done: Vec::new(),
+            shown: PerType::default(),
             check: None,
             next_ticket: 1,
-            in_flight: BTreeMap::new(),
+            in_flight: Vec::new(),
             next_request: 1,
-            requests: VecDeque::new(),
-            events: VecDeque::new(),
+            requests: Vec::new(),
+            events: Vec::new(),
             token: None,
             token_requested: false,
             token_refreshed: false,
@@ -228,7 +226,8 @@ impl Engine {
     /// What came back for request `id`. Unknown, late and duplicated replies are ignored.
     pub fn handle_reply(&mut self, now: u64, id: RequestId, reply: Reply) {
         self.now_ms = now;
-        let Some(flight) = self.in_flight.remove(&id) else { return };
+        let Some(index) = self.in_flight.iter().position(|(i, _)| *i == id) else { return };
+        let (_, flight) = self.in_flight.swap_remove(index);
         if let Reply::Answer { status, .. } = &reply
             && *status != 401
         {
@@ -258,7 +257,7 @@ impl Engine {
         }
         self.epoch = Some(shared.epoch);
         if self.store(shared.data_type, shared.record) {
-            self.events.push_back(Event::Persist);
+            self.events.push(Event::Persist);
             self.announce(Source::Tab);
         }
     }
@@ -273,7 +272,7 @@ impl Engine {
             let known = self.outbox.iter().any(|o| o.op_id == op.op_id) || self.done.contains(&op.op_id);
             if !known {
                 self.log(format!("adopted pending write {} for {}", op.op_id, op.data_type));
-                self.outbox.push_back(op);
+                self.outbox.push(op);
                 adopted = true;
             }
         }
@@ -316,11 +315,14 @@ impl Engine {
                 format!("delta applies to balance and points, not {data_type}"),
             )
         })?;
-        let mut delta = serde_json::Map::new();
-        delta.insert(field.into(), Value::from(amount));
-        protocol::validate_delta(data_type, &delta, protocol::Limits::default())?;
+        if amount == 0 {
+            return Err(Refusal::invalid("zero_delta", "a delta of 0 changes nothing"));
+        }
+        if amount.unsigned_abs() > protocol::Limits::default().max_delta.unsigned_abs() {
+            return Err(Refusal::invalid("delta_too_large", "the delta is larger than the hub accepts"));
+        }
         let reason = reason.as_deref().map(protocol::validate_reason).transpose()?;
-        let current = self.view(data_type).and_then(|v| v.get(field).and_then(Value::as_i64)).unwrap_or(0);
+        let current = self.view(data_type).and_then(|v| v.get(field).and_then(Json::as_i64)).unwrap_or(0);
         if current + amount < 0 {
             return Err(Refusal::invalid("insufficient_funds", format!("{field} would go below zero")));
         }
@@ -330,11 +332,16 @@ impl Engine {
     }
 
     /// Merges `patch` into a record (fire and forget): shown at once, sent in order, retried.
-    pub fn push_changes(&mut self, now: u64, data_type: DataType, patch: Value) -> Result<String, Refusal> {
+    /// The hub checks the fields; if it refuses, the change is rolled back with
+    /// [`Event::Refused`].
+    pub fn push_changes(&mut self, now: u64, data_type: DataType, patch: Json) -> Result<String, Refusal> {
         self.now_ms = now;
-        let site = protocol::SiteId::parse(&self.config.site_id)?;
-        // The hub decides whether the token is an admin's; the client lets it.
-        let patch = protocol::validate_push(data_type, &patch, &site, true)?;
+        if !matches!(&patch, Json::Object(pairs) if !pairs.is_empty()) {
+            return Err(Refusal::invalid(
+                "invalid_data",
+                "changes must be an object with at least one field",
+            ));
+        }
         let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Push { patch } };
         self.log(format!("{data_type}: push queued ({})", op.op_id));
         Ok(self.enqueue(now, op))
@@ -343,11 +350,11 @@ impl Engine {
     // ---- outputs ----
 
     pub fn poll_request(&mut self) -> Option<Request> {
-        self.requests.pop_front()
+        (!self.requests.is_empty()).then(|| self.requests.remove(0))
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        (!self.events.is_empty()).then(|| self.events.remove(0))
     }
 
     /// When to call [`Engine::handle_timeout`] next, if anything waits on time.
@@ -359,7 +366,7 @@ impl Engine {
         {
             consider(check.spinner_at_ms);
         }
-        for flight in self.in_flight.values() {
+        for (_, flight) in &self.in_flight {
             consider(flight.deadline_ms);
         }
         if !self.outbox.is_empty() && self.write_in_flight.is_none() && self.online {
@@ -379,13 +386,13 @@ impl Engine {
 
     /// What the page should show for `data_type`: the hub's data with pending local writes
     /// applied, or `None` if nothing is known yet.
-    pub fn view(&self, data_type: DataType) -> Option<Value> {
-        let base = self.records.get(&data_type);
+    pub fn view(&self, data_type: DataType) -> Option<Json> {
+        let base = self.records.get(data_type);
         let pending = self.outbox.iter().filter(|op| op.data_type == data_type);
         if base.is_none() && pending.clone().next().is_none() {
             return None;
         }
-        let mut data = base.map_or_else(|| data_type.empty_data(), |r| r.data.clone());
+        let mut data = base.map_or_else(|| empty_data(data_type), |r| r.data.clone());
         for op in pending {
             op.apply(&mut data);
         }
@@ -394,7 +401,7 @@ impl Engine {
 
     /// The hub's record as last confirmed, without pending writes.
     pub fn record(&self, data_type: DataType) -> Option<&CachedRecord> {
-        self.records.get(&data_type)
+        self.records.get(data_type)
     }
 
     /// Local writes not yet confirmed by the hub.
@@ -404,11 +411,7 @@ impl Engine {
 
     /// What to store so that the next page starts where this one is.
     pub fn persisted(&self) -> Persisted {
-        Persisted {
-            epoch: self.epoch.clone(),
-            records: self.records.clone(),
-            outbox: self.outbox.iter().cloned().collect(),
-        }
+        Persisted { epoch: self.epoch.clone(), records: self.records.clone(), outbox: self.outbox.clone() }
     }
 
     // ---- checks ----
@@ -434,7 +437,7 @@ impl Engine {
     fn finish_check(&mut self, now: u64, fresh: bool) {
         let Some(check) = self.check.take() else { return };
         if check.spinner_shown {
-            self.events.push_back(Event::Spinner(false));
+            self.events.push(Event::Spinner(false));
         }
         let elapsed = now.saturating_sub(check.started_ms);
         if fresh {
@@ -443,7 +446,7 @@ impl Engine {
             self.log(format!("{} check ended without the hub; using cached data", check.reason));
         }
         for ticket in check.tickets {
-            self.events.push_back(Event::CheckDone { ticket, fresh });
+            self.events.push(Event::CheckDone { ticket, fresh });
         }
         self.last_check_end_ms = Some(now);
         self.update_status();
@@ -468,7 +471,7 @@ impl Engine {
                 return;
             }
         };
-        let Some(epoch) = body.get("epoch").and_then(Value::as_str).map(str::to_owned) else {
+        let Some(epoch) = body.get("epoch").and_then(Json::as_str).map(str::to_owned) else {
             self.log("timestamp answer without epoch → ERROR".into());
             self.finish_check(now, false);
             return;
@@ -476,14 +479,13 @@ impl Engine {
         if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
             self.log(format!("hub epoch changed ({epoch}) → cache dropped"));
             self.records.clear();
-            self.events.push_back(Event::Persist);
+            self.events.push(Event::Persist);
         }
         self.epoch = Some(epoch);
-        let stamps = parse_stamps(&body);
-        let mut fetch = BTreeSet::new();
+        let mut fetch = Vec::new();
         for data_type in self.config.data_types.clone() {
-            let server = stamps.get(&data_type).copied();
-            let local = self.records.get(&data_type).map(|r| r.version);
+            let server = stamp_version(&body, data_type);
+            let local = self.records.get(data_type).map(|r| r.version);
             let changed = local.is_none() || server != local;
             let show = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| format!("v{v}"));
             self.log(format!(
@@ -493,7 +495,7 @@ impl Engine {
                 if changed { "FETCH" } else { "SKIP" }
             ));
             if changed {
-                fetch.insert(data_type);
+                fetch.push(data_type);
             }
         }
         if fetch.is_empty() {
@@ -501,7 +503,7 @@ impl Engine {
             return;
         }
         for data_type in &fetch {
-            let etag = self.records.get(data_type).map(|r| format!("\"{}\"", r.version));
+            let etag = self.records.get(*data_type).map(|r| format!("\"{}\"", r.version));
             let query = format!("action=get&user_id={}&data_type={data_type}", self.config.user_id);
             self.send(now, Purpose::Fetch(*data_type), Method::Get, Some(query), None, etag, false);
         }
@@ -515,11 +517,11 @@ impl Engine {
         if !not_modified {
             match self.answer_of(reply, "fetch") {
                 Ok(body) => {
-                    if let Some(record) = parse_record(&body)
+                    if let Some(record) = CachedRecord::from_json(&body)
                         && self.store(data_type, record.clone())
                     {
                         self.share(data_type, record);
-                        self.events.push_back(Event::Persist);
+                        self.events.push(Event::Persist);
                         self.announce(Source::Hub);
                     }
                 }
@@ -538,7 +540,7 @@ impl Engine {
         }
         let done = match &mut self.check {
             Some(Check { stage: Stage::Fetching(remaining), .. }) => {
-                remaining.remove(&data_type);
+                remaining.retain(|t| *t != data_type);
                 remaining.is_empty()
             }
             _ => false,
@@ -552,8 +554,8 @@ impl Engine {
 
     fn enqueue(&mut self, now: u64, op: Op) -> String {
         let op_id = op.op_id.clone();
-        self.outbox.push_back(op);
-        self.events.push_back(Event::Persist);
+        self.outbox.push(op);
+        self.events.push(Event::Persist);
         self.announce(Source::Local);
         self.pump(now);
         op_id
@@ -564,33 +566,7 @@ impl Engine {
     }
 
     fn send_write(&mut self, now: u64, op: &Op, keepalive: bool) {
-        let (user_id, site_id) = (self.config.user_id.clone(), self.config.site_id.clone());
-        let request = match &op.kind {
-            OpKind::Delta { amount, reason } => {
-                let field = protocol::amount_field(op.data_type).unwrap_or("coins");
-                let mut delta = serde_json::Map::new();
-                delta.insert(field.into(), Value::from(*amount));
-                PostRequest::Delta(DeltaRequest {
-                    user_id,
-                    site_id,
-                    data_type: op.data_type.as_str().into(),
-                    delta,
-                    op_id: op.op_id.clone(),
-                    reason: reason.clone(),
-                    token: None,
-                })
-            }
-            OpKind::Push { patch } => PostRequest::Push(PushRequest {
-                user_id,
-                site_id,
-                data_type: op.data_type.as_str().into(),
-                data: patch.clone(),
-                base_version: None,
-                op_id: Some(op.op_id.clone()),
-                token: None,
-            }),
-        };
-        let body = request.to_json().to_string();
+        let body = op.body(&self.config.user_id, &self.config.site_id);
         self.send(now, Purpose::Write(op.op_id.clone()), Method::Post, None, Some(body), None, keepalive);
     }
 
@@ -605,9 +581,7 @@ impl Engine {
             Reply::NetworkError => 0,
         };
         let (status, body) = match reply {
-            Reply::Answer { status, body, .. } => {
-                (status, serde_json::from_str::<Value>(&body).unwrap_or(Value::Null))
-            }
+            Reply::Answer { status, body, .. } => (status, body),
             Reply::NetworkError => {
                 self.network_down = true;
                 self.retry_later(now, 0, "network error");
@@ -619,10 +593,10 @@ impl Engine {
                 self.write_attempts = 0;
                 self.next_write_ms = now;
                 self.token_refreshed = false;
-                let op = self.outbox.remove(index).expect("found above");
+                let op = self.outbox.remove(index);
                 self.remember_done(op.op_id);
-                let replayed = body.get("replayed").and_then(Value::as_bool).unwrap_or(false);
-                if let Some(record) = parse_record(&body) {
+                let replayed = body.get("replayed").and_then(Json::as_bool).unwrap_or(false);
+                if let Some(record) = CachedRecord::from_json(&body) {
                     self.log(format!(
                         "{data_type}: write {op_id} {} v{}",
                         if replayed { "replayed" } else { "applied" },
@@ -632,7 +606,7 @@ impl Engine {
                         self.share(data_type, record);
                     }
                 }
-                self.events.push_back(Event::Persist);
+                self.events.push(Event::Persist);
                 self.announce(Source::Hub);
             }
             401 => {
@@ -642,22 +616,22 @@ impl Engine {
             }
             429 | 408 | 500..=599 => self.retry_later(now, retry_after, "hub busy"),
             _ => {
-                let code = body.get("code").and_then(Value::as_str).unwrap_or("refused").to_owned();
+                let code = body.get("code").and_then(Json::as_str).unwrap_or("refused").to_owned();
                 let message = body
                     .get("error")
-                    .and_then(Value::as_str)
+                    .and_then(Json::as_str)
                     .unwrap_or("the hub refused the write")
                     .to_owned();
                 self.log(format!("{data_type}: write {op_id} refused: {code} → ROLLBACK"));
-                let op = self.outbox.remove(index).expect("found above");
+                let op = self.outbox.remove(index);
                 self.remember_done(op.op_id.clone());
-                if let Some(current) = body.get("current").and_then(parse_record)
+                if let Some(current) = body.get("current").and_then(CachedRecord::from_json)
                     && self.store(data_type, current.clone())
                 {
                     self.share(data_type, current);
                 }
-                self.events.push_back(Event::Refused { data_type, op_id: op.op_id, code, message });
-                self.events.push_back(Event::Persist);
+                self.events.push(Event::Refused { data_type, op_id: op.op_id, code, message });
+                self.events.push(Event::Persist);
                 self.announce(Source::Hub);
             }
         }
@@ -678,9 +652,9 @@ impl Engine {
 
     fn remember_done(&mut self, op_id: String) {
         if self.done.len() == DONE_REMEMBERED {
-            self.done.pop_front();
+            self.done.remove(0);
         }
-        self.done.push_back(op_id);
+        self.done.push(op_id);
     }
 
     // ---- plumbing ----
@@ -692,7 +666,7 @@ impl Engine {
             && now >= check.spinner_at_ms
         {
             check.spinner_shown = true;
-            self.events.push_back(Event::Spinner(true));
+            self.events.push(Event::Spinner(true));
         }
         let expired: Vec<RequestId> =
             self.in_flight.iter().filter(|(_, f)| now >= f.deadline_ms).map(|(id, _)| *id).collect();
@@ -720,7 +694,7 @@ impl Engine {
         if (check_pending || write_due) && self.config.needs_token && self.token.is_none() {
             if !self.token_requested && !self.auth_failed {
                 self.token_requested = true;
-                self.events.push_back(Event::NeedToken);
+                self.events.push(Event::NeedToken);
             }
             self.update_status();
             return;
@@ -734,7 +708,7 @@ impl Engine {
                 check.stage = Stage::Stamps;
             }
         }
-        if write_due && let Some(op) = self.outbox.front().cloned() {
+        if write_due && let Some(op) = self.outbox.first().cloned() {
             self.write_in_flight = Some(op.op_id.clone());
             self.send_write(now, &op, false);
         }
@@ -748,20 +722,20 @@ impl Engine {
         purpose: Purpose,
         method: Method,
         query: Option<String>,
-        body: Option<String>,
+        body: Option<Json>,
         if_none_match: Option<String>,
         keepalive: bool,
     ) {
         let id = self.next_request;
         self.next_request += 1;
-        self.in_flight.insert(id, InFlight { purpose, deadline_ms: now + self.config.request_timeout_ms });
+        self.in_flight.push((id, InFlight { purpose, deadline_ms: now + self.config.request_timeout_ms }));
         let token = if self.config.needs_token { self.token.clone() } else { None };
-        self.requests.push_back(Request { id, method, query, body, if_none_match, token, keepalive });
+        self.requests.push(Request { id, method, query, body, if_none_match, token, keepalive });
     }
 
     /// The JSON body of a successful answer, or `Err(true)` when the request should be
     /// repeated with a fresh token, `Err(false)` when it failed.
-    fn answer_of(&mut self, reply: Reply, what: &str) -> Result<Value, bool> {
+    fn answer_of(&mut self, reply: Reply, what: &str) -> Result<Json, bool> {
         match reply {
             Reply::NetworkError => {
                 self.network_down = true;
@@ -770,10 +744,12 @@ impl Engine {
             }
             Reply::Answer { status: 200, body, .. } => {
                 self.token_refreshed = false;
-                serde_json::from_str(&body).map_err(|_| {
+                if body.is_object() {
+                    Ok(body)
+                } else {
                     self.log(format!("{what}: unreadable answer"));
-                    false
-                })
+                    Err(false)
+                }
             }
             Reply::Answer { status: 401, .. } => Err(self.refresh_token()),
             Reply::Answer { status, .. } => {
@@ -801,7 +777,7 @@ impl Engine {
 
     /// Keeps `record` if it is newer than what the cache holds. Returns whether it did.
     fn store(&mut self, data_type: DataType, record: CachedRecord) -> bool {
-        let newer = self.records.get(&data_type).is_none_or(|r| record.version > r.version);
+        let newer = self.records.get(data_type).is_none_or(|r| record.version > r.version);
         if newer {
             self.records.insert(data_type, record);
         }
@@ -810,25 +786,22 @@ impl Engine {
 
     fn share(&mut self, data_type: DataType, record: CachedRecord) {
         if let Some(epoch) = &self.epoch {
-            self.events.push_back(Event::Share(Shared { epoch: epoch.clone(), data_type, record }));
+            self.events.push(Event::Share(Shared { epoch: epoch.clone(), data_type, record }));
         }
     }
 
     /// Tells the page about every type whose view changed.
     fn announce(&mut self, source: Source) {
-        let mut types: BTreeSet<DataType> = self.config.data_types.iter().copied().collect();
-        types.extend(self.records.keys());
-        types.extend(self.outbox.iter().map(|op| op.data_type));
-        for data_type in types {
+        for data_type in DataType::ALL {
             let Some(view) = self.view(data_type) else { continue };
-            if self.shown.get(&data_type) == Some(&view) {
+            if self.shown.get(data_type) == Some(&view) {
                 continue;
             }
             self.shown.insert(data_type, view.clone());
-            let record = self.records.get(&data_type);
+            let record = self.records.get(data_type);
             let pending = self.outbox.iter().filter(|op| op.data_type == data_type).count();
             let source = if pending > 0 && source == Source::Hub { Source::Local } else { source };
-            self.events.push_back(Event::Data {
+            self.events.push(Event::Data {
                 data_type,
                 data: view,
                 version: record.map_or(0, |r| r.version),
@@ -851,40 +824,36 @@ impl Engine {
         };
         if status != self.status {
             self.status = status;
-            self.events.push_back(Event::Status(status));
+            self.events.push(Event::Status(status));
         }
     }
 
     fn log(&mut self, line: String) {
         if self.config.debug {
-            self.events.push_back(Event::Log(format!("[SYNC] {line}")));
+            self.events.push(Event::Log(format!("[SYNC] {line}")));
         }
     }
 }
 
-/// Versions per type from a timestamp answer, single or list shaped.
-fn parse_stamps(body: &Value) -> BTreeMap<DataType, u64> {
-    let mut stamps = BTreeMap::new();
-    if let Some(list) = body.get("timestamps").and_then(Value::as_object) {
-        for (name, stamp) in list {
-            if let (Ok(t), Some(v)) = (DataType::parse(name), stamp.get("version").and_then(Value::as_u64)) {
-                stamps.insert(t, v);
-            }
+/// The version a timestamp answer (list or single shaped) gives for `data_type`.
+fn stamp_version(body: &Json, data_type: DataType) -> Option<u64> {
+    match body.get("timestamps") {
+        Some(list) => list.get(data_type.as_str())?.get("version")?.as_u64(),
+        None if body.get("data_type").and_then(Json::as_str) == Some(data_type.as_str()) => {
+            body.get("version")?.as_u64()
         }
-    } else if let (Some(Ok(t)), Some(v)) = (
-        body.get("data_type").and_then(Value::as_str).map(DataType::parse),
-        body.get("version").and_then(Value::as_u64),
-    ) {
-        stamps.insert(t, v);
+        None => None,
     }
-    stamps
 }
 
-/// A record from a get, push or delta answer, or an error's `current`.
-fn parse_record(value: &Value) -> Option<CachedRecord> {
-    Some(CachedRecord {
-        data: value.get("data").filter(|d| d.is_object())?.clone(),
-        version: value.get("version").and_then(Value::as_u64)?,
-        last_updated: value.get("last_updated").and_then(Value::as_str).map(str::to_owned),
-    })
+/// What a record holds before its first write (the hub's `DataType::empty_data`).
+fn empty_data(data_type: DataType) -> Json {
+    match data_type {
+        DataType::Balance => Json::object().with("coins", 0i64),
+        DataType::Points => Json::object().with("points", 0i64),
+        DataType::Roles => {
+            Json::object().with("global_roles", Json::Array(Vec::new())).with("site_roles", Json::object())
+        }
+        DataType::Profile | DataType::Settings => Json::object(),
+    }
 }

@@ -14,10 +14,12 @@
 
 mod cache;
 mod engine;
+mod json;
 mod outbox;
 
-pub use cache::{CachedRecord, Persisted};
+pub use cache::{CachedRecord, PerType, Persisted};
 pub use engine::{Config, Engine};
+pub use json::Json;
 pub use outbox::{Op, OpKind};
 pub use protocol::DataType;
 
@@ -42,7 +44,7 @@ pub enum Trigger {
 }
 
 /// A request for the shell to send to the hub's sync endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub id: RequestId,
     /// `GET` with a query string, or `POST` with a JSON body.
@@ -50,7 +52,7 @@ pub struct Request {
     /// The query string (without `?`) of a GET.
     pub query: Option<String>,
     /// The JSON body of a POST.
-    pub body: Option<String>,
+    pub body: Option<Json>,
     pub if_none_match: Option<String>,
     /// Sent as `Authorization: Bearer …` when present.
     pub token: Option<String>,
@@ -65,12 +67,13 @@ pub enum Method {
 }
 
 /// What came back for a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     /// The hub answered (any status).
     Answer {
         status: u16,
-        body: String,
+        /// The parsed JSON body; `Json::Null` when empty (304) or not JSON.
+        body: Json,
         /// `Retry-After` in seconds, if the answer carried one.
         retry_after: Option<u64>,
     },
@@ -111,12 +114,36 @@ pub enum Source {
     Tab,
 }
 
+impl Reply {
+    /// An answer from its status and JSON text (for native callers).
+    pub fn from_text(status: u16, text: &str, retry_after: Option<u64>) -> Reply {
+        Reply::Answer { status, body: Json::parse(text).unwrap_or_default(), retry_after }
+    }
+}
+
 /// A record as one tab shares it with the site's other tabs.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Shared {
     pub epoch: String,
     pub data_type: DataType,
     pub record: CachedRecord,
+}
+
+impl Shared {
+    pub fn to_json(&self) -> Json {
+        Json::object()
+            .with("epoch", self.epoch.as_str())
+            .with("data_type", self.data_type.as_str())
+            .with("record", self.record.to_json())
+    }
+
+    pub fn from_json(json: &Json) -> Option<Shared> {
+        Some(Shared {
+            epoch: json.get("epoch")?.as_str()?.to_owned(),
+            data_type: DataType::parse(json.get("data_type")?.as_str()?).ok()?,
+            record: CachedRecord::from_json(json.get("record")?)?,
+        })
+    }
 }
 
 /// What the page should learn or do.
@@ -125,7 +152,7 @@ pub enum Event {
     /// The data the page should show for a type changed.
     Data {
         data_type: DataType,
-        data: serde_json::Value,
+        data: Json,
         /// The hub's version the data is based on (pending local writes come on top).
         version: u64,
         last_updated: Option<String>,

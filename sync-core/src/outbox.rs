@@ -2,38 +2,81 @@
 //! first send, so a resend after a lost answer is recognized by the hub and not applied twice.
 
 use protocol::DataType;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use crate::Json;
 
 /// One local write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Op {
     pub op_id: String,
     pub data_type: DataType,
     pub kind: OpKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum OpKind {
     /// Add `amount` to balance or points.
     Delta { amount: i64, reason: Option<String> },
     /// Merge `patch` into the record (or set the amount of balance or points).
-    Push { patch: Value },
+    Push { patch: Json },
 }
 
 impl Op {
     /// Applies this write to `data`, as the hub will.
-    pub fn apply(&self, data: &mut Value) {
+    pub fn apply(&self, data: &mut Json) {
         match &self.kind {
             OpKind::Delta { amount, .. } => {
                 if let Some(field) = protocol::amount_field(self.data_type) {
-                    let current = data.get(field).and_then(Value::as_i64).unwrap_or(0);
-                    data[field] = Value::from(current.saturating_add(*amount));
+                    let current = data.get(field).and_then(Json::as_i64).unwrap_or(0);
+                    data.set(field, Json::from(current.saturating_add(*amount)));
                 }
             }
-            OpKind::Push { patch } => protocol::merge_patch(data, patch),
+            OpKind::Push { patch } => data.merge_patch(patch),
         }
+    }
+
+    /// The request body that sends this write to the hub.
+    pub fn body(&self, user_id: &str, site_id: &str) -> Json {
+        let base = Json::object()
+            .with("user_id", user_id)
+            .with("site_id", site_id)
+            .with("data_type", self.data_type.as_str())
+            .with("op_id", self.op_id.as_str());
+        match &self.kind {
+            OpKind::Delta { amount, reason } => {
+                let field = protocol::amount_field(self.data_type).unwrap_or("coins");
+                let body = base.with("action", "delta").with("delta", Json::object().with(field, *amount));
+                match reason {
+                    Some(reason) => body.with("reason", reason.as_str()),
+                    None => body,
+                }
+            }
+            OpKind::Push { patch } => base.with("action", "push").with("data", patch.clone()),
+        }
+    }
+
+    /// The storage format: `{"op_id", "data_type", "delta", "reason"}` or `{…, "patch"}`.
+    pub fn to_json(&self) -> Json {
+        let base =
+            Json::object().with("op_id", self.op_id.as_str()).with("data_type", self.data_type.as_str());
+        match &self.kind {
+            OpKind::Delta { amount, reason } => base.with("delta", *amount).with("reason", reason.clone()),
+            OpKind::Push { patch } => base.with("patch", patch.clone()),
+        }
+    }
+
+    pub fn from_json(json: &Json) -> Option<Op> {
+        let op_id = json.get("op_id")?.as_str()?.to_owned();
+        let data_type = DataType::parse(json.get("data_type")?.as_str()?).ok()?;
+        let kind = match (json.get("delta"), json.get("patch")) {
+            (Some(delta), None) => OpKind::Delta {
+                amount: delta.as_i64()?,
+                reason: json.get("reason").and_then(Json::as_str).map(str::to_owned),
+            },
+            (None, Some(patch)) => OpKind::Push { patch: patch.clone() },
+            _ => return None,
+        };
+        Some(Op { op_id, data_type, kind })
     }
 }
 

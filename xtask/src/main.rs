@@ -3,6 +3,7 @@
 //! nothing but the prerequisites listed in `prereq`, and writes nothing outside the
 //! workspace except through those installs.
 
+mod build_pkg;
 mod demo;
 mod prereq;
 mod process;
@@ -32,6 +33,8 @@ enum Task {
     Test,
     /// Check the architecture invariants (dependency absences, no tracked build outputs).
     Tidy,
+    /// Build the npm package `unified-balance` into pkg/ and print its sizes.
+    BuildPkg,
 }
 
 /// Prints a failure as its message and causes, without a backtrace: what failed is named
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Test => suite::run(),
         Task::Tidy => tidy::run(),
+        Task::BuildPkg => build_pkg::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

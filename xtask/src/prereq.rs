@@ -11,6 +11,9 @@ use crate::process::{output, shown, step, succeeds};
 /// The target the browser client compiles to; `protocol` must build for it too.
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
+/// The wasm-bindgen CLI must match the `wasm-bindgen` crate pinned in Cargo.toml.
+pub const WASM_BINDGEN_VERSION: &str = "0.2.129";
+
 /// Everything `cargo xtask test` needs, in the order it is checked.
 pub const FOR_TESTS: &[Need] = &[
     Need {
@@ -28,6 +31,32 @@ pub const FOR_TESTS: &[Need] = &[
         present: wasm_target_present,
         install: Install::Rustup(&["target", "add", WASM_TARGET]),
     },
+    Need {
+        name: "wasm-bindgen-cli 0.2.129",
+        present: || output("wasm-bindgen", &["--version"]).is_ok_and(|v| v.contains(WASM_BINDGEN_VERSION)),
+        install: Install::Cargo(&[
+            "install",
+            "wasm-bindgen-cli",
+            "--version",
+            WASM_BINDGEN_VERSION,
+            "--locked",
+        ]),
+    },
+    Need {
+        name: "wasm-opt (binaryen)",
+        present: || succeeds("wasm-opt", &["--version"]),
+        install: Install::Apt(&["binaryen"]),
+    },
+    Need {
+        name: "Node.js and npm",
+        present: || succeeds("node", &["--version"]) && succeeds("npm", &["--version"]),
+        install: Install::Apt(&["nodejs", "npm"]),
+    },
+    Need {
+        name: "Chromium",
+        present: || succeeds("chromium", &["--version"]),
+        install: Install::Apt(&["chromium"]),
+    },
 ];
 
 /// Something the tests need.
@@ -43,13 +72,21 @@ pub struct Need {
 pub enum Install {
     /// `rustup <args>`: components and targets of the active toolchain.
     Rustup(&'static [&'static str]),
+    /// `cargo <args>`: tools published on crates.io.
+    Cargo(&'static [&'static str]),
+    /// `apt-get install -y <packages>`: Debian packages, as root.
+    Apt(&'static [&'static str]),
 }
 
 impl Install {
     /// The program and arguments that install the need.
-    fn command(&self) -> (&'static str, &'static [&'static str]) {
+    fn command(&self) -> (&'static str, Vec<&'static str>) {
         match self {
-            Install::Rustup(args) => ("rustup", args),
+            Install::Rustup(args) => ("rustup", args.to_vec()),
+            Install::Cargo(args) => ("cargo", args.to_vec()),
+            Install::Apt(packages) => {
+                ("apt-get", [&["install", "-y", "--no-install-recommends"], *packages].concat())
+            }
         }
     }
 
@@ -57,7 +94,27 @@ impl Install {
     fn obstacle(&self) -> Option<&'static str> {
         match self {
             Install::Rustup(_) => (!succeeds("rustup", &["--version"])).then_some("rustup is not installed"),
+            Install::Cargo(_) => None,
+            Install::Apt(_) => {
+                if !succeeds("apt-get", &["--version"]) {
+                    Some("this is not a Debian-like machine with apt-get")
+                } else if output("id", &["-u"]).map_or(true, |uid| uid.trim() != "0") {
+                    Some("installing Debian packages needs root")
+                } else {
+                    None
+                }
+            }
         }
+    }
+
+    /// Work to do once before the first install of this kind: Debian's package lists may be
+    /// missing or stale on a new machine.
+    fn prepare(&self, prepared: &mut bool) -> anyhow::Result<()> {
+        if matches!(self, Install::Apt(_)) && !*prepared {
+            step("apt-get", &["update"])?;
+            *prepared = true;
+        }
+        Ok(())
     }
 }
 
@@ -65,17 +122,18 @@ impl Install {
 /// install it.
 pub fn ensure(needs: &[Need]) -> anyhow::Result<()> {
     let mut missing = Vec::new();
+    let mut apt_updated = false;
     for need in needs {
         if (need.present)() {
             continue;
         }
         let (program, args) = need.install.command();
-        let by_hand = shown(program, args);
+        let by_hand = shown(program, &args);
         match need.install.obstacle() {
             Some(obstacle) => missing.push(format!("{}: {obstacle}; install it with `{by_hand}`", need.name)),
             None => {
                 println!("{} is missing; installing it", need.name);
-                let result = step(program, args);
+                let result = need.install.prepare(&mut apt_updated).and_then(|()| step(program, &args));
                 if !(need.present)() {
                     let why =
                         result.err().map_or_else(|| "it is still missing".to_owned(), |e| e.to_string());

@@ -12,7 +12,13 @@ pub fn run() -> anyhow::Result<()> {
     println!("==> cargo xtask tidy");
     crate::tidy::run()?;
     step("cargo", &["build", "-p", "protocol", "--target", WASM_TARGET])?;
+    step("cargo", &["clippy", "-p", "client-wasm", "--target", WASM_TARGET, "--", "-D", "warnings"])?;
     step("cargo", &["test", "--workspace"])?;
+    println!("==> cargo xtask build-pkg");
+    crate::build_pkg::run()?;
+    step("cargo", &["build", "-p", "hub"])?;
+    step("npm", &["ci", "--prefix", "tests/browser", "--no-audit", "--no-fund"])?;
+    step("npm", &["test", "--prefix", "tests/browser"])?;
     println!("==> all checks and tests passed");
     Ok(())
 }

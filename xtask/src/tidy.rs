@@ -11,8 +11,11 @@ use crate::process::{output, root, shown};
 
 /// Crates that must stay free of runtime, server, storage and browser dependencies, so they
 /// build for wasm32 and can be tested without I/O.
-const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] =
-    &[("protocol", &["tokio", "hyper", "axum", "rusqlite", "web-sys"])];
+const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] = &[
+    ("protocol", &["tokio", "hyper", "axum", "rusqlite", "web-sys"]),
+    // The engine is sans-IO: no runtime, no browser, no clock source of its own.
+    ("sync-core", &["tokio", "hyper", "axum", "rusqlite", "web-sys", "js-sys", "wasm-bindgen"]),
+];
 
 /// Layers of the hub that must not name what lies outside them. `cargo tree` cannot see
 /// inside one crate, so these are read from the source: a file or every `.rs` file below a
@@ -22,6 +25,8 @@ const FORBIDDEN_NAMES: &[(&str, &[&str])] = &[
     ("hub/src/store", &["axum", "hyper", "http::", "crate::http"]),
     // The domain knows nothing of HTTP, and sees storage only through `Arc<dyn Store>`.
     ("hub/src/domain.rs", &["axum", "hyper", "http::", "crate::http", "rusqlite", "sqlite::", "SqliteStore"]),
+    // The engine reads no clock: time comes in as `now`.
+    ("sync-core/src", &["Instant::now", "SystemTime"]),
 ];
 
 pub fn run() -> anyhow::Result<()> {
