@@ -89,7 +89,9 @@ impl Persisted {
         let mut records = PerType::default();
         if let Some(Json::Object(pairs)) = json.get("records") {
             for (name, record) in pairs {
-                if let (Ok(t), Some(record)) = (DataType::parse(name), CachedRecord::from_json(record)) {
+                if let (Some(t), Some(record)) =
+                    (crate::data_type_named(name), CachedRecord::from_json(record))
+                {
                     records.insert(t, record);
                 }
             }

@@ -215,7 +215,7 @@ impl Engine {
         match token {
             Some(token) => self.token = Some(token),
             None => {
-                self.log("token unavailable → ERROR".into());
+                self.log(&["token unavailable → ERROR"]);
                 self.auth_failed = true;
                 self.finish_check(now, false);
             }
@@ -271,7 +271,7 @@ impl Engine {
         for op in ops {
             let known = self.outbox.iter().any(|o| o.op_id == op.op_id) || self.done.contains(&op.op_id);
             if !known {
-                self.log(format!("adopted pending write {} for {}", op.op_id, op.data_type));
+                self.log(&["adopted pending write ", &op.op_id, " for ", op.data_type.as_str()]);
                 self.outbox.push(op);
                 adopted = true;
             }
@@ -310,10 +310,7 @@ impl Engine {
     ) -> Result<String, Refusal> {
         self.now_ms = now;
         let field = protocol::amount_field(data_type).ok_or_else(|| {
-            Refusal::invalid(
-                "invalid_data_type",
-                format!("delta applies to balance and points, not {data_type}"),
-            )
+            Refusal::invalid("invalid_data_type", "a delta applies to balance and points only")
         })?;
         if amount == 0 {
             return Err(Refusal::invalid("zero_delta", "a delta of 0 changes nothing"));
@@ -321,13 +318,19 @@ impl Engine {
         if amount.unsigned_abs() > protocol::Limits::default().max_delta.unsigned_abs() {
             return Err(Refusal::invalid("delta_too_large", "the delta is larger than the hub accepts"));
         }
-        let reason = reason.as_deref().map(protocol::validate_reason).transpose()?;
+        let reason = reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+        if reason.as_ref().is_some_and(|r| r.chars().count() > 100 || r.chars().any(char::is_control)) {
+            return Err(Refusal::invalid(
+                "invalid_reason",
+                "the reason must be at most 100 characters of plain text",
+            ));
+        }
         let current = self.view(data_type).and_then(|v| v.get(field).and_then(Json::as_i64)).unwrap_or(0);
         if current + amount < 0 {
-            return Err(Refusal::invalid("insufficient_funds", format!("{field} would go below zero")));
+            return Err(Refusal::invalid("insufficient_funds", [field, " would go below zero"].concat()));
         }
         let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Delta { amount, reason } };
-        self.log(format!("{data_type}: delta {amount:+} queued ({})", op.op_id));
+        self.log(&[data_type.as_str(), ": delta ", &signed(amount), " queued (", &op.op_id, ")"]);
         Ok(self.enqueue(now, op))
     }
 
@@ -343,7 +346,7 @@ impl Engine {
             ));
         }
         let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Push { patch } };
-        self.log(format!("{data_type}: push queued ({})", op.op_id));
+        self.log(&[data_type.as_str(), ": push queued (", &op.op_id, ")"]);
         Ok(self.enqueue(now, op))
     }
 
@@ -420,7 +423,7 @@ impl Engine {
         match &mut self.check {
             Some(check) => check.tickets.extend(ticket),
             None => {
-                self.log(format!("{reason} - checking timestamps"));
+                self.log(&[reason, " - checking timestamps"]);
                 self.check = Some(Check {
                     reason,
                     started_ms: now,
@@ -441,9 +444,11 @@ impl Engine {
         }
         let elapsed = now.saturating_sub(check.started_ms);
         if fresh {
-            self.log(format!("Sync complete in {}.{:02}s", elapsed / 1000, elapsed % 1000 / 10));
+            let hundredths = elapsed % 1000 / 10;
+            let pad = if hundredths < 10 { "0" } else { "" };
+            self.log(&["Sync complete in ", &decimal(elapsed / 1000), ".", pad, &decimal(hundredths), "s"]);
         } else {
-            self.log(format!("{} check ended without the hub; using cached data", check.reason));
+            self.log(&[check.reason, " check ended without the hub; using cached data"]);
         }
         for ticket in check.tickets {
             self.events.push(Event::CheckDone { ticket, fresh });
@@ -472,12 +477,12 @@ impl Engine {
             }
         };
         let Some(epoch) = body.get("epoch").and_then(Json::as_str).map(str::to_owned) else {
-            self.log("timestamp answer without epoch → ERROR".into());
+            self.log(&["timestamp answer without epoch → ERROR"]);
             self.finish_check(now, false);
             return;
         };
         if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
-            self.log(format!("hub epoch changed ({epoch}) → cache dropped"));
+            self.log(&["hub epoch changed (", &epoch, ") → cache dropped"]);
             self.records.clear();
             self.events.push(Event::Persist);
         }
@@ -487,13 +492,17 @@ impl Engine {
             let server = stamp_version(&body, data_type);
             let local = self.records.get(data_type).map(|r| r.version);
             let changed = local.is_none() || server != local;
-            let show = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| format!("v{v}"));
-            self.log(format!(
-                "{data_type}: server={}, local={} → {}",
-                show(server),
-                show(local),
-                if changed { "FETCH" } else { "SKIP" }
-            ));
+            let show = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| ["v", &decimal(v)].concat());
+            let decision = if changed { "FETCH" } else { "SKIP" };
+            self.log(&[
+                data_type.as_str(),
+                ": server=",
+                &show(server),
+                ", local=",
+                &show(local),
+                " → ",
+                decision,
+            ]);
             if changed {
                 fetch.push(data_type);
             }
@@ -503,8 +512,9 @@ impl Engine {
             return;
         }
         for data_type in &fetch {
-            let etag = self.records.get(*data_type).map(|r| format!("\"{}\"", r.version));
-            let query = format!("action=get&user_id={}&data_type={data_type}", self.config.user_id);
+            let etag = self.records.get(*data_type).map(|r| ["\"", &decimal(r.version), "\""].concat());
+            let query =
+                ["action=get&user_id=", &self.config.user_id, "&data_type=", data_type.as_str()].concat();
             self.send(now, Purpose::Fetch(*data_type), Method::Get, Some(query), None, etag, false);
         }
         if let Some(check) = &mut self.check {
@@ -562,7 +572,12 @@ impl Engine {
     }
 
     fn new_op_id(&mut self) -> String {
-        format!("{}-{:016x}{:016x}", self.config.site_id, self.rng.u64(..), self.rng.u64(..))
+        let mut id = self.config.site_id.clone();
+        id.push('-');
+        for _ in 0..32 {
+            id.push(char::from(b"0123456789abcdef"[self.rng.usize(..16)]));
+        }
+        id
     }
 
     fn send_write(&mut self, now: u64, op: &Op, keepalive: bool) {
@@ -597,11 +612,8 @@ impl Engine {
                 self.remember_done(op.op_id);
                 let replayed = body.get("replayed").and_then(Json::as_bool).unwrap_or(false);
                 if let Some(record) = CachedRecord::from_json(&body) {
-                    self.log(format!(
-                        "{data_type}: write {op_id} {} v{}",
-                        if replayed { "replayed" } else { "applied" },
-                        record.version
-                    ));
+                    let outcome = if replayed { " replayed v" } else { " applied v" };
+                    self.log(&[data_type.as_str(), ": write ", op_id, outcome, &decimal(record.version)]);
                     if self.store(data_type, record.clone()) {
                         self.share(data_type, record);
                     }
@@ -622,7 +634,7 @@ impl Engine {
                     .and_then(Json::as_str)
                     .unwrap_or("the hub refused the write")
                     .to_owned();
-                self.log(format!("{data_type}: write {op_id} refused: {code} → ROLLBACK"));
+                self.log(&[data_type.as_str(), ": write ", op_id, " refused: ", &code, " → ROLLBACK"]);
                 let op = self.outbox.remove(index);
                 self.remember_done(op.op_id.clone());
                 if let Some(current) = body.get("current").and_then(CachedRecord::from_json)
@@ -647,7 +659,15 @@ impl Engine {
             &mut self.rng,
         );
         self.next_write_ms = now + delay;
-        self.log(format!("write failed ({why}); retry in {}.{}s", delay / 1000, delay % 1000 / 100));
+        self.log(&[
+            "write failed (",
+            why,
+            "); retry in ",
+            &decimal(delay / 1000),
+            ".",
+            &decimal(delay % 1000 / 100),
+            "s",
+        ]);
     }
 
     fn remember_done(&mut self, op_id: String) {
@@ -671,7 +691,7 @@ impl Engine {
         let expired: Vec<RequestId> =
             self.in_flight.iter().filter(|(_, f)| now >= f.deadline_ms).map(|(id, _)| *id).collect();
         for id in expired {
-            self.log("request timed out".into());
+            self.log(&["request timed out"]);
             self.handle_reply(now, id, Reply::NetworkError);
         }
         if self.inactivity_due().is_some_and(|at| now >= at) {
@@ -702,7 +722,7 @@ impl Engine {
         if check_pending {
             let types: Vec<&str> = self.config.data_types.iter().map(|t| t.as_str()).collect();
             let query =
-                format!("action=timestamp&user_id={}&data_type={}", self.config.user_id, types.join(","));
+                ["action=timestamp&user_id=", &self.config.user_id, "&data_type=", &types.join(",")].concat();
             self.send(now, Purpose::Stamps, Method::Get, Some(query), None, None, false);
             if let Some(check) = &mut self.check {
                 check.stage = Stage::Stamps;
@@ -739,7 +759,7 @@ impl Engine {
         match reply {
             Reply::NetworkError => {
                 self.network_down = true;
-                self.log(format!("{what}: hub unreachable → OFFLINE"));
+                self.log(&[what, ": hub unreachable → OFFLINE"]);
                 Err(false)
             }
             Reply::Answer { status: 200, body, .. } => {
@@ -747,7 +767,7 @@ impl Engine {
                 if body.is_object() {
                     Ok(body)
                 } else {
-                    self.log(format!("{what}: unreadable answer"));
+                    self.log(&[what, ": unreadable answer"]);
                     Err(false)
                 }
             }
@@ -756,7 +776,7 @@ impl Engine {
                 if (400..500).contains(&status) && status != 429 && status != 408 {
                     self.auth_failed = status == 403;
                 }
-                self.log(format!("{what}: hub answered {status}"));
+                self.log(&[what, ": hub answered ", &decimal(u64::from(status))]);
                 Err(false)
             }
         }
@@ -766,11 +786,11 @@ impl Engine {
     fn refresh_token(&mut self) -> bool {
         self.token = None;
         if self.token_refreshed || !self.config.needs_token {
-            self.log("token refused again → ERROR".into());
+            self.log(&["token refused again → ERROR"]);
             self.auth_failed = true;
             return false;
         }
-        self.log("token refused → asking for a fresh one".into());
+        self.log(&["token refused → asking for a fresh one"]);
         self.token_refreshed = true;
         true
     }
@@ -828,9 +848,10 @@ impl Engine {
         }
     }
 
-    fn log(&mut self, line: String) {
+    /// A debug line made of `parts`, joined only when debugging is on.
+    fn log(&mut self, parts: &[&str]) {
         if self.config.debug {
-            self.events.push(Event::Log(format!("[SYNC] {line}")));
+            self.events.push(Event::Log(["[SYNC] ", &parts.concat()].concat()));
         }
     }
 }
@@ -855,5 +876,38 @@ fn empty_data(data_type: DataType) -> Json {
             Json::object().with("global_roles", Json::Array(Vec::new())).with("site_roles", Json::object())
         }
         DataType::Profile | DataType::Settings => Json::object(),
+    }
+}
+
+/// Decimal digits of `n`. The engine formats numbers by hand: the formatting machinery would
+/// cost the browser build more than everything here.
+fn decimal(mut n: u64) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(b'0' + (n % 10) as u8);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.iter().rev().map(|&d| char::from(d)).collect()
+}
+
+/// `+5` or `-5`.
+fn signed(n: i64) -> String {
+    [if n < 0 { "-" } else { "+" }, &decimal(n.unsigned_abs())].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 99, 1_000_000, u64::MAX] {
+            assert_eq!(decimal(n), n.to_string());
+        }
+        assert_eq!(signed(-12), "-12");
+        assert_eq!(signed(5), "+5");
     }
 }

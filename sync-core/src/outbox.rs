@@ -67,7 +67,7 @@ impl Op {
 
     pub fn from_json(json: &Json) -> Option<Op> {
         let op_id = json.get("op_id")?.as_str()?.to_owned();
-        let data_type = DataType::parse(json.get("data_type")?.as_str()?).ok()?;
+        let data_type = crate::data_type_named(json.get("data_type")?.as_str()?)?;
         let kind = match (json.get("delta"), json.get("patch")) {
             (Some(delta), None) => OpKind::Delta {
                 amount: delta.as_i64()?,
