@@ -55,7 +55,8 @@ const DONE_REMEMBERED: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Purpose {
     Stamps,
-    Fetch(DataType),
+    /// A fetch, and the check (by `Check::id`) that sent it.
+    Fetch(DataType, u64),
     Write(String),
 }
 
@@ -63,6 +64,7 @@ enum Purpose {
 struct InFlight {
     purpose: Purpose,
     deadline_ms: u64,
+    token: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +77,7 @@ enum Stage {
 
 #[derive(Debug)]
 struct Check {
+    id: u64,
     reason: &'static str,
     started_ms: u64,
     tickets: Vec<u64>,
@@ -98,6 +101,7 @@ pub struct Engine {
     shown: PerType<Json>,
     check: Option<Check>,
     next_ticket: u64,
+    next_check_id: u64,
     in_flight: Vec<(RequestId, InFlight)>,
     next_request: RequestId,
     /// Outputs wait here in order; queues are short, so a `Vec` is all they need.
@@ -105,6 +109,7 @@ pub struct Engine {
     events: Vec<Event>,
     token: Option<String>,
     token_requested: bool,
+    replied_token: Option<String>,
     /// A fresh token was already fetched after a 401; another 401 means give up.
     token_refreshed: bool,
     /// The hub refused our identity (401 twice, no token, 403): status `error` until the
@@ -136,12 +141,14 @@ impl Engine {
             shown: PerType::default(),
             check: None,
             next_ticket: 1,
+            next_check_id: 0,
             in_flight: Vec::new(),
             next_request: 1,
             requests: Vec::new(),
             events: Vec::new(),
             token: None,
             token_requested: false,
+            replied_token: None,
             token_refreshed: false,
             auth_failed: false,
             network_down: false,
@@ -228,14 +235,13 @@ impl Engine {
         self.now_ms = now;
         let Some(index) = self.in_flight.iter().position(|(i, _)| *i == id) else { return };
         let (_, flight) = self.in_flight.swap_remove(index);
-        if let Reply::Answer { status, .. } = &reply
-            && *status != 401
-        {
+        self.replied_token = flight.token.clone();
+        if let Reply::Answer { .. } = &reply {
             self.network_down = false;
         }
         match flight.purpose {
             Purpose::Stamps => self.on_stamps(now, reply),
-            Purpose::Fetch(data_type) => self.on_fetch(now, data_type, reply),
+            Purpose::Fetch(data_type, check_id) => self.on_fetch(now, data_type, check_id, reply),
             Purpose::Write(op_id) => self.on_write(now, &op_id, reply),
         }
         self.pump(now);
@@ -256,7 +262,15 @@ impl Engine {
             return;
         }
         self.epoch = Some(shared.epoch);
-        if self.store(shared.data_type, shared.record) {
+        let mut changed = false;
+        if let Some(op_id) = &shared.finished
+            && let Some(index) = self.outbox.iter().position(|op| op.op_id == *op_id)
+        {
+            let op = self.outbox.remove(index);
+            self.remember_done(op.op_id);
+            changed = true;
+        }
+        if self.store(shared.data_type, shared.record) || changed {
             self.events.push(Event::Persist);
             self.announce(Source::Tab);
         }
@@ -286,12 +300,7 @@ impl Engine {
     /// the outbox; the next page resends what was not confirmed, and the hub applies each once.
     pub fn handle_unload(&mut self, now: u64) {
         self.now_ms = now;
-        let ops: Vec<Op> = self
-            .outbox
-            .iter()
-            .filter(|op| Some(&op.op_id) != self.write_in_flight.as_ref())
-            .cloned()
-            .collect();
+        let ops: Vec<Op> = self.outbox.clone();
         for op in ops {
             self.send_write(now, &op, true);
         }
@@ -372,7 +381,12 @@ impl Engine {
         for (_, flight) in &self.in_flight {
             consider(flight.deadline_ms);
         }
-        if !self.outbox.is_empty() && self.write_in_flight.is_none() && self.online {
+        if !self.outbox.is_empty()
+            && self.write_in_flight.is_none()
+            && self.online
+            && !self.auth_failed
+            && !self.token_requested
+        {
             consider(self.next_write_ms);
         }
         if let Some(at) = self.inactivity_due() {
@@ -424,7 +438,9 @@ impl Engine {
             Some(check) => check.tickets.extend(ticket),
             None => {
                 self.log(&[reason, " - checking timestamps"]);
+                self.next_check_id += 1;
                 self.check = Some(Check {
+                    id: self.next_check_id,
                     reason,
                     started_ms: now,
                     tickets: ticket.into_iter().collect(),
@@ -515,14 +531,15 @@ impl Engine {
             let etag = self.records.get(*data_type).map(|r| ["\"", &decimal(r.version), "\""].concat());
             let query =
                 ["action=get&user_id=", &self.config.user_id, "&data_type=", data_type.as_str()].concat();
-            self.send(now, Purpose::Fetch(*data_type), Method::Get, Some(query), None, etag, false);
+            let check_id = self.check.as_ref().map_or(0, |c| c.id);
+            self.send(now, Purpose::Fetch(*data_type, check_id), Method::Get, Some(query), None, etag, false);
         }
         if let Some(check) = &mut self.check {
             check.stage = Stage::Fetching(fetch);
         }
     }
 
-    fn on_fetch(&mut self, now: u64, data_type: DataType, reply: Reply) {
+    fn on_fetch(&mut self, now: u64, data_type: DataType, check_id: u64, reply: Reply) {
         let not_modified = matches!(reply, Reply::Answer { status: 304, .. });
         if !not_modified {
             match self.answer_of(reply, "fetch") {
@@ -530,7 +547,7 @@ impl Engine {
                     if let Some(record) = CachedRecord::from_json(&body)
                         && self.store(data_type, record.clone())
                     {
-                        self.share(data_type, record);
+                        self.share(data_type, record, None);
                         self.events.push(Event::Persist);
                         self.announce(Source::Hub);
                     }
@@ -549,7 +566,7 @@ impl Engine {
             }
         }
         let done = match &mut self.check {
-            Some(Check { stage: Stage::Fetching(remaining), .. }) => {
+            Some(Check { id, stage: Stage::Fetching(remaining), .. }) if *id == check_id => {
                 remaining.retain(|t| *t != data_type);
                 remaining.is_empty()
             }
@@ -614,9 +631,8 @@ impl Engine {
                 if let Some(record) = CachedRecord::from_json(&body) {
                     let outcome = if replayed { " replayed v" } else { " applied v" };
                     self.log(&[data_type.as_str(), ": write ", op_id, outcome, &decimal(record.version)]);
-                    if self.store(data_type, record.clone()) {
-                        self.share(data_type, record);
-                    }
+                    self.store(data_type, record.clone());
+                    self.share(data_type, record, Some(op_id.to_owned()));
                 }
                 self.events.push(Event::Persist);
                 self.announce(Source::Hub);
@@ -637,10 +653,9 @@ impl Engine {
                 self.log(&[data_type.as_str(), ": write ", op_id, " refused: ", &code, " → ROLLBACK"]);
                 let op = self.outbox.remove(index);
                 self.remember_done(op.op_id.clone());
-                if let Some(current) = body.get("current").and_then(CachedRecord::from_json)
-                    && self.store(data_type, current.clone())
-                {
-                    self.share(data_type, current);
+                if let Some(current) = body.get("current").and_then(CachedRecord::from_json) {
+                    self.store(data_type, current.clone());
+                    self.share(data_type, current, Some(op.op_id.clone()));
                 }
                 self.events.push(Event::Refused { data_type, op_id: op.op_id, code, message });
                 self.events.push(Event::Persist);
@@ -748,8 +763,9 @@ impl Engine {
     ) {
         let id = self.next_request;
         self.next_request += 1;
-        self.in_flight.push((id, InFlight { purpose, deadline_ms: now + self.config.request_timeout_ms }));
         let token = if self.config.needs_token { self.token.clone() } else { None };
+        let deadline_ms = now + self.config.request_timeout_ms;
+        self.in_flight.push((id, InFlight { purpose, deadline_ms, token: token.clone() }));
         self.requests.push(Request { id, method, query, body, if_none_match, token, keepalive });
     }
 
@@ -784,6 +800,9 @@ impl Engine {
 
     /// After a 401: asks for a fresh token once. Returns whether it did.
     fn refresh_token(&mut self) -> bool {
+        if self.replied_token != self.token {
+            return true;
+        }
         self.token = None;
         if self.token_refreshed || !self.config.needs_token {
             self.log(&["token refused again → ERROR"]);
@@ -804,9 +823,9 @@ impl Engine {
         newer
     }
 
-    fn share(&mut self, data_type: DataType, record: CachedRecord) {
+    fn share(&mut self, data_type: DataType, record: CachedRecord, finished: Option<String>) {
         if let Some(epoch) = &self.epoch {
-            self.events.push(Event::Share(Shared { epoch: epoch.clone(), data_type, record }));
+            self.events.push(Event::Share(Shared { epoch: epoch.clone(), data_type, record, finished }));
         }
     }
 

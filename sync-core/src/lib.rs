@@ -133,6 +133,8 @@ pub struct Shared {
     pub epoch: String,
     pub data_type: DataType,
     pub record: CachedRecord,
+    /// The write this record confirms (or refuses): the other tabs drop their copy of it.
+    pub finished: Option<String>,
 }
 
 impl Shared {
@@ -141,6 +143,7 @@ impl Shared {
             .with("epoch", self.epoch.as_str())
             .with("data_type", self.data_type.as_str())
             .with("record", self.record.to_json())
+            .with("finished", self.finished.clone())
     }
 
     pub fn from_json(json: &Json) -> Option<Shared> {
@@ -148,6 +151,7 @@ impl Shared {
             epoch: json.get("epoch")?.as_str()?.to_owned(),
             data_type: crate::data_type_named(json.get("data_type")?.as_str()?)?,
             record: CachedRecord::from_json(json.get("record")?)?,
+            finished: json.get("finished").and_then(Json::as_str).map(str::to_owned),
         })
     }
 }

@@ -1,0 +1,144 @@
+//! The fake hub answers as the real hub does: these pin the semantics the engine's tests
+//! rely on (replays, op id reuse, refusals that are not remembered, ETag/304, tokens).
+
+mod support;
+
+use serde_json::{Value, json};
+use support::hub::{FakeHub, Mode, rfc3339_ms};
+use support::{START_MS, USER};
+use sync_core::{DataType, Json, Method, Reply, Request};
+
+fn post(id: u64, token: Option<&str>, body: Value) -> Request {
+    Request {
+        id,
+        method: Method::Post,
+        query: None,
+        body: Some(Json::from(&body)),
+        if_none_match: None,
+        token: token.map(str::to_owned),
+        keepalive: false,
+    }
+}
+
+fn get(id: u64, token: Option<&str>, query: &str, if_none_match: Option<&str>) -> Request {
+    Request {
+        id,
+        method: Method::Get,
+        query: Some(query.into()),
+        body: None,
+        if_none_match: if_none_match.map(str::to_owned),
+        token: token.map(str::to_owned),
+        keepalive: false,
+    }
+}
+
+fn delta(op_id: &str, coins: i64) -> Value {
+    json!({"action":"delta","user_id":USER,"site_id":"roflfaucet","data_type":"balance",
+           "delta":{"coins":coins},"op_id":op_id,"reason":"game"})
+}
+
+fn answer(reply: Reply) -> (u16, Value) {
+    match reply {
+        Reply::Answer { status, body, .. } => (status, Value::from(&body)),
+        Reply::NetworkError => panic!("no answer"),
+    }
+}
+
+fn hub_with_token() -> (FakeHub, String) {
+    let mut hub = FakeHub::new("epoch-1");
+    let token = hub.mint_token("roflfaucet", USER);
+    (hub, token)
+}
+
+#[test]
+fn last_updated_is_rfc_3339_with_milliseconds() {
+    assert_eq!(rfc3339_ms(START_MS), "2025-11-09T18:45:30.123Z");
+    assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+}
+
+#[test]
+fn a_repeated_delta_answers_the_first_result_again_and_applies_once() {
+    let (mut hub, token) = hub_with_token();
+    let (status, first) = answer(hub.handle(START_MS, &post(1, Some(&token), delta("op-1", 10))));
+    assert_eq!(
+        (status, first["data"]["coins"].as_i64(), first["version"].as_u64()),
+        (200, Some(10), Some(1))
+    );
+    answer(hub.handle(START_MS + 1, &post(2, Some(&token), delta("op-2", 5))));
+    let (status, again) = answer(hub.handle(START_MS + 2, &post(3, Some(&token), delta("op-1", 10))));
+    assert_eq!(status, 200);
+    assert_eq!(again["replayed"], json!(true));
+    assert_eq!((again["data"]["coins"].as_i64(), again["version"].as_u64()), (Some(10), Some(1)));
+    assert_eq!(hub.applied("op-1"), 1);
+    assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 15}));
+    let (status, reused) = answer(hub.handle(START_MS + 3, &post(4, Some(&token), delta("op-1", 11))));
+    assert_eq!((status, reused["code"].as_str()), (422, Some("op_id_reused")));
+}
+
+#[test]
+fn a_refused_delta_carries_the_current_record_and_is_not_remembered() {
+    let (mut hub, token) = hub_with_token();
+    answer(hub.handle(START_MS, &post(1, Some(&token), delta("op-1", 10))));
+    let (status, refused) = answer(hub.handle(START_MS, &post(2, Some(&token), delta("op-2", -20))));
+    assert_eq!((status, refused["code"].as_str()), (409, Some("insufficient_funds")));
+    assert_eq!(refused["current"]["data"], json!({"coins": 10}));
+    answer(hub.handle(START_MS, &post(3, Some(&token), delta("op-3", 10))));
+    let (status, later) = answer(hub.handle(START_MS, &post(4, Some(&token), delta("op-2", -20))));
+    assert_eq!((status, later["data"]["coins"].as_i64()), (200, Some(0)));
+    assert_eq!(hub.applied("op-2"), 1);
+}
+
+#[test]
+fn a_get_with_a_matching_etag_is_answered_304() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 7}));
+    let query = format!("action=get&user_id={USER}&data_type=balance");
+    let (status, body) = answer(hub.handle(START_MS, &get(1, Some(&token), &query, None)));
+    assert_eq!((status, body["version"].as_u64(), body["epoch"].as_str()), (200, Some(1), Some("epoch-1")));
+    let reply = hub.handle(START_MS, &get(2, Some(&token), &query, Some("\"1\"")));
+    assert_eq!(reply, Reply::Answer { status: 304, body: Json::Null, retry_after: None });
+}
+
+#[test]
+fn a_check_lists_every_type_with_the_epoch() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 7}));
+    let query = format!("action=timestamp&user_id={USER}&data_type=balance,profile");
+    let (status, body) = answer(hub.handle(START_MS, &get(1, Some(&token), &query, None)));
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({"success":true,"epoch":"epoch-1","timestamps":{
+            "balance":{"version":1,"last_updated":"2025-11-09T18:45:30.123Z"},
+            "profile":{"version":0,"last_updated":null}}})
+    );
+}
+
+#[test]
+fn tokens_modes_and_merge_patches() {
+    let (mut hub, token) = hub_with_token();
+    let push = |bio: Value| {
+        json!({"action":"push","user_id":USER,"site_id":"roflfaucet","data_type":"profile",
+               "data":{"bio":bio,"display_name":"Evans"},"op_id":"p-1"})
+    };
+    assert_eq!(answer(hub.handle(START_MS, &post(1, None, push(json!("Hi"))))).0, 401);
+    assert_eq!(answer(hub.handle(START_MS, &post(2, Some("forged"), push(json!("Hi"))))).0, 401);
+    let other_site = hub.mint_token("clickforcharity", USER);
+    assert_eq!(answer(hub.handle(START_MS, &post(3, Some(&other_site), push(json!("Hi"))))).0, 403);
+    let (status, pushed) = answer(hub.handle(START_MS, &post(4, Some(&token), push(json!("Hi")))));
+    assert_eq!((status, pushed["data"].clone()), (200, json!({"bio":"Hi","display_name":"Evans"})));
+    hub.script([Mode::Down, Mode::Busy { retry_after: 7 }, Mode::Unavailable]);
+    assert_eq!(hub.handle(START_MS, &post(5, Some(&token), push(json!("Hi")))), Reply::NetworkError);
+    let Reply::Answer { status, retry_after, .. } =
+        hub.handle(START_MS, &post(6, Some(&token), push(json!("Hi"))))
+    else {
+        panic!("busy answers")
+    };
+    assert_eq!((status, retry_after), (429, Some(7)));
+    assert_eq!(answer(hub.handle(START_MS, &post(7, Some(&token), push(json!("Hi"))))).0, 503);
+    let (status, replayed) = answer(hub.handle(START_MS, &post(8, Some(&token), push(json!("Hi")))));
+    assert_eq!((status, replayed["replayed"].clone()), (200, json!(true)));
+    hub.expire_tokens();
+    assert_eq!(answer(hub.handle(START_MS, &post(9, Some(&token), push(json!("Hi"))))).0, 401);
+}

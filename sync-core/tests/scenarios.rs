@@ -1,0 +1,850 @@
+//! The engine's behaviour, one story per test, through the fake hub, the fake clock and the
+//! network of `support`: checks and fetches, the spinner, the inactivity fallback, local
+//! writes and their outbox, hub outages, tokens, page unloads, and tabs of one site.
+//!
+//! Tests marked `` show a bug the engine still has; run them with
+//! `cargo test -p sync-core --test scenarios -- --ignored`.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+use support::hub::Mode;
+use support::net::{Faults, Packet};
+use support::{START_MS, Sim, Tab, TokenAnswer, USER, action_of, data_type_of, op_id_of};
+use sync_core::{Config, DataType, Engine, Event, Json, Method, Request, Source, Status, Trigger};
+
+const SITE_A: &str = "roflfaucet";
+const SITE_B: &str = "clickforcharity";
+
+fn actions(sent: &[(u64, Request)]) -> Vec<String> {
+    sent.iter().map(|(_, r)| action_of(r)).collect()
+}
+
+/// The data types fetched (`action=get`), sorted.
+fn fetched(sent: &[(u64, Request)]) -> Vec<String> {
+    let mut types: Vec<String> =
+        sent.iter().filter(|(_, r)| action_of(r) == "get").map(|(_, r)| data_type_of(r)).collect();
+    types.sort();
+    types
+}
+
+/// Send times of the write requests carrying `op_id`.
+fn sends_of(sent: &[(u64, Request)], op_id: &str) -> Vec<u64> {
+    sent.iter().filter(|(_, r)| op_id_of(r).as_deref() == Some(op_id)).map(|(at, _)| *at).collect()
+}
+
+/// The tab's cache holds exactly the hub's records.
+fn assert_in_step(sim: &Sim, tab: &Tab) {
+    for data_type in tab.data_types() {
+        let hub = sim.hub().record(USER, data_type);
+        let cached = tab.record(data_type).unwrap_or_else(|| panic!("{}: no {data_type} cached", tab.name()));
+        assert_eq!(serde_json::Value::from(&cached.data), hub.data, "{}: {data_type} data", tab.name());
+        assert_eq!(cached.version, hub.version, "{}: {data_type} version", tab.name());
+        assert_eq!(cached.last_updated, hub.last_updated(), "{}: {data_type} last_updated", tab.name());
+    }
+}
+
+/// A hub where the user has 100 coins, and a signed-in tab of `SITE_A`.
+fn signed_in() -> (Sim, Tab) {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let tab = sim.open(SITE_A);
+    assert!(tab.login());
+    (sim, tab)
+}
+
+// ---- checks ----
+
+#[test]
+fn login_fetches_every_data_type() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    sim.hub_write(DataType::Profile, json!({"display_name": "Evans"}));
+    let tab = sim.open(SITE_A);
+    let mark = tab.mark();
+    assert!(tab.login());
+    let sent = tab.requests_since(mark);
+    assert_eq!(actions(&sent), ["timestamp", "get", "get", "get"]);
+    assert_eq!(data_type_of(&sent[0].1), "balance,points,profile");
+    assert_eq!(fetched(&sent), ["balance", "points", "profile"]);
+    assert!(sent.iter().all(|(_, r)| r.if_none_match.is_none()), "nothing is cached to revalidate");
+    assert_eq!(tab.coins(), 100);
+    assert_eq!(tab.view(DataType::Profile), Some(json!({"display_name": "Evans"})));
+    assert_in_step(&sim, &tab);
+    assert_eq!(tab.status(), Status::Idle);
+}
+
+#[test]
+fn a_tab_return_with_nothing_changed_sends_one_request_and_fetches_nothing() {
+    let (_sim, tab) = signed_in();
+    let mark = tab.mark();
+    assert!(tab.tab_returns());
+    assert_eq!(actions(&tab.requests_since(mark)), ["timestamp"]);
+    let news = tab.events_since(mark);
+    assert!(!news.iter().any(|e| matches!(e, Event::Data { .. } | Event::Persist)), "{news:?}");
+}
+
+#[test]
+fn a_change_pushed_by_another_site_is_fetched_on_the_next_check_and_only_that_type() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (site_a, site_b) = (sim.open(SITE_A), sim.open(SITE_B));
+    site_a.login();
+    site_b.login();
+    site_a.delta(10);
+    let mark = site_b.mark();
+    site_b.tab_returns();
+    assert_eq!(site_b.coins(), 110);
+    let sent = site_b.requests_since(mark);
+    assert_eq!(actions(&sent), ["timestamp", "get"]);
+    assert_eq!(fetched(&sent), ["balance"]);
+    assert_eq!(sent[1].1.if_none_match.as_deref(), Some("\"1\""), "revalidates the cached version");
+    assert!(site_b.events_since(mark).iter().any(|e| matches!(
+        e,
+        Event::Data { data_type: DataType::Balance, source: Source::Hub, version: 2, .. }
+    )));
+    assert_in_step(&sim, &site_b);
+}
+
+#[test]
+fn concurrent_triggers_share_one_check() {
+    let (sim, tab) = signed_in();
+    sim.hub_write(DataType::Balance, json!({"coins": 150}));
+    let mark = tab.mark();
+    let visible = tab.trigger(Trigger::TabVisible);
+    let before_game = tab.trigger(Trigger::EnsureFresh);
+    sim.run_for(1);
+    // A trigger while the timestamp request is on the way joins it too.
+    let restored = tab.trigger(Trigger::PageShow);
+    sim.drive();
+    assert_eq!(actions(&tab.requests_since(mark)), ["timestamp", "get"]);
+    for ticket in [visible, before_game, restored] {
+        assert_eq!(tab.check_done(ticket), Some(true), "ticket {ticket}");
+    }
+    assert_eq!(tab.coins(), 150);
+}
+
+#[test]
+fn the_first_check_after_start_fetches_only_what_the_cache_lacks() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    sim.hub_write(DataType::Profile, json!({"bio": "Hi"}));
+    let balance_only = sim.open_with(SITE_A, |c| c.data_types = vec![DataType::Balance]);
+    balance_only.login();
+    balance_only.close();
+    let page = sim.open(SITE_A);
+    assert_eq!(page.coins(), 100, "the cache is shown before any check");
+    let mark = page.mark();
+    assert!(page.login());
+    assert_eq!(fetched(&page.requests_since(mark)), ["points", "profile"]);
+    assert_in_step(&sim, &page);
+}
+
+#[test]
+fn a_restored_cache_is_announced_at_once_from_the_cache() {
+    let (sim, tab) = signed_in();
+    let mark = tab.mark();
+    tab.reload();
+    assert!(tab.requests_since(mark).is_empty(), "nothing is sent before a trigger");
+    let restored = tab.events_since(mark);
+    let balance = restored.iter().find_map(|e| match e {
+        Event::Data { data_type: DataType::Balance, data, version, source, pending, .. } => {
+            Some((serde_json::Value::from(data), *version, *source, *pending))
+        }
+        _ => None,
+    });
+    assert_eq!(balance, Some((json!({"coins": 100}), 1, Source::Cache, 0)));
+    assert_eq!(sim.now(), START_MS + 20, "no time passed since the login");
+}
+
+#[test]
+fn a_new_hub_epoch_drops_the_cache() {
+    let (sim, tab) = signed_in();
+    sim.hub().replace_database("epoch-2");
+    // The new database's record has the same version as the cached one, other data.
+    sim.hub_write(DataType::Balance, json!({"coins": 7}));
+    assert_eq!(tab.record(DataType::Balance).map(|r| r.version), Some(1));
+    let mark = tab.mark();
+    assert!(tab.tab_returns());
+    assert_eq!(tab.coins(), 7);
+    assert_eq!(fetched(&tab.requests_since(mark)), ["balance", "points", "profile"]);
+    assert_eq!(sim.storage(SITE_A).and_then(|s| s.epoch).as_deref(), Some("epoch-2"));
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn an_older_answer_arriving_late_never_replaces_a_newer_record() {
+    let (sim, tab) = signed_in();
+    sim.hub_write(DataType::Balance, json!({"coins": 150}));
+    // The check's fetch answer (v2, 150 coins) is held on its way back.
+    sim.net().hold_when(|p| p.is_reply() && action_of(p.request()) == "get");
+    let ticket = tab.trigger(Trigger::TabVisible);
+    sim.run_for(100);
+    sim.net().stop_holding();
+    // Meanwhile a delta's answer brings v3.
+    tab.apply_delta(10).unwrap();
+    sim.run_for(100);
+    assert_eq!(tab.record(DataType::Balance).map(|r| r.version), Some(3));
+    sim.release();
+    sim.drive();
+    assert_eq!(tab.check_done(ticket), Some(true));
+    assert_eq!(tab.record(DataType::Balance).map(|r| r.version), Some(3));
+    assert_eq!(tab.coins(), 160);
+    assert_eq!(tab.version_regressions(), Vec::<String>::new());
+}
+
+// ---- spinner and inactivity ----
+
+#[test]
+fn a_check_answered_before_the_spinner_delay_never_shows_the_spinner() {
+    let (sim, tab) = signed_in();
+    sim.hub_write(DataType::Balance, json!({"coins": 1}));
+    assert!(tab.tab_returns());
+    assert_eq!(tab.spinner(), []);
+}
+
+#[test]
+fn a_slow_check_shows_the_spinner_then_hides_it() {
+    let sim = Sim::new();
+    sim.net().latency_ms = 200;
+    let tab = sim.open(SITE_A);
+    let started = sim.now();
+    assert!(tab.login());
+    // Timestamp and fetches: two round trips of 400 ms.
+    assert_eq!(tab.spinner(), [(started + 150, true), (started + 800, false)]);
+}
+
+#[test]
+fn the_inactivity_fallback_checks_while_visible() {
+    let (sim, tab) = signed_in();
+    sim.hub_write(DataType::Balance, json!({"coins": 42}));
+    let mark = tab.mark();
+    sim.run_for(5 * 60 * 1000 - 1);
+    assert!(tab.requests_since(mark).is_empty(), "no check before 5 minutes");
+    sim.run_for(1);
+    assert_eq!(actions(&tab.requests_since(mark)), ["timestamp"]);
+    sim.drive();
+    assert_eq!(tab.coins(), 42);
+}
+
+#[test]
+fn no_inactivity_check_while_hidden() {
+    let (sim, tab) = signed_in();
+    tab.hide();
+    let mark = tab.mark();
+    sim.run_for(30 * 60 * 1000);
+    assert!(tab.requests_since(mark).is_empty());
+    assert_eq!(tab.timer(), None);
+}
+
+// ---- local writes ----
+
+#[test]
+fn a_delta_is_shown_at_once_and_stored_before_its_request_is_polled() {
+    let mut config = Config::new(SITE_A, USER, vec![DataType::Balance]);
+    config.needs_token = false;
+    let mut engine = Engine::new(config, None, START_MS);
+    let op_id = engine.apply_delta(START_MS, DataType::Balance, 10, None).unwrap();
+    assert_eq!(engine.view(DataType::Balance).and_then(|v| v.get("coins").and_then(Json::as_i64)), Some(10));
+    let events: Vec<Event> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert!(events.contains(&Event::Persist), "{events:?}");
+    let shown =
+        events.iter().position(|e| matches!(e, Event::Data { source: Source::Local, pending: 1, .. }));
+    assert!(shown.is_some(), "{events:?}");
+    // What the shell stores on that Persist already holds the op, before any request is polled.
+    let stored: Vec<String> = engine.persisted().outbox.into_iter().map(|op| op.op_id).collect();
+    assert_eq!(stored, std::slice::from_ref(&op_id));
+    let request = engine.poll_request().expect("the delta is sent");
+    assert_eq!(op_id_of(&request), Some(op_id));
+}
+
+#[test]
+fn a_delta_reaches_the_hub_exactly_once() {
+    let (sim, tab) = signed_in();
+    let op_id = tab.apply_delta(10).unwrap();
+    assert_eq!(tab.coins(), 110, "shown at once");
+    assert_eq!(tab.pending().len(), 1);
+    assert_eq!(sim.hub_coins(), 100, "no time has passed");
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub_coins(), 110);
+    assert_eq!(tab.coins(), 110);
+    assert!(tab.pending().is_empty());
+    assert!(sim.unstored_sends().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_delta_refused_for_insufficient_funds_is_rolled_back() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (site_a, site_b) = (sim.open(SITE_A), sim.open(SITE_B));
+    site_a.login();
+    site_b.login();
+    site_a.spend(80);
+    // Site B has not checked since: it still shows 100 and lets the page spend 50.
+    let op_id = site_b.apply_delta(-50).unwrap();
+    assert_eq!(site_b.coins(), 50);
+    sim.drive();
+    assert_eq!(site_b.refused(), [(op_id.clone(), "insufficient_funds".to_owned())]);
+    assert_eq!(site_b.coins(), 20, "rolled back onto the hub's current record");
+    assert!(site_b.pending().is_empty());
+    assert_eq!(sim.hub().applied(&op_id), 0);
+    assert_eq!(sim.hub_coins(), 20);
+    assert_in_step(&sim, &site_b);
+}
+
+#[test]
+fn ensure_fresh_before_a_purchase_sees_what_another_site_spent() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (site_a, site_b) = (sim.open(SITE_A), sim.open(SITE_B));
+    site_a.login();
+    site_b.login();
+    site_a.spend(70);
+    assert!(site_b.ensure_fresh());
+    assert_eq!(site_b.coins(), 30);
+    assert_eq!(site_b.apply_delta(-50).unwrap_err().code, "insufficient_funds");
+}
+
+#[test]
+fn a_local_delta_below_zero_is_refused_at_once_without_a_request() {
+    let (_sim, tab) = signed_in();
+    let mark = tab.mark();
+    let refusal = tab.apply_delta(-101).unwrap_err();
+    assert_eq!(refusal.code, "insufficient_funds");
+    assert!(tab.requests_since(mark).is_empty());
+    assert!(tab.pending().is_empty());
+    assert_eq!(tab.coins(), 100);
+}
+
+#[test]
+fn a_push_is_merged_on_the_hub_and_shown_at_once() {
+    let (sim, tab) = signed_in();
+    sim.hub_write(DataType::Profile, json!({"display_name": "Evans", "bio": "Old"}));
+    tab.tab_returns();
+    let op_id = tab.push(DataType::Profile, json!({"bio": "Hi", "location": "Leeds"}));
+    let merged = json!({"display_name": "Evans", "bio": "Hi", "location": "Leeds"});
+    assert_eq!(tab.view(DataType::Profile), Some(merged.clone()));
+    sim.drive();
+    assert_eq!(sim.hub().record(USER, DataType::Profile).data, merged);
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_push_the_hub_refuses_is_rolled_back() {
+    let (sim, tab) = signed_in();
+    let op_id = tab.push(DataType::Profile, json!({"age": 30}));
+    assert_eq!(tab.view(DataType::Profile), Some(json!({"age": 30})));
+    sim.drive();
+    let refused = tab.refused();
+    assert_eq!(refused.iter().map(|(op, _)| op.clone()).collect::<Vec<_>>(), [op_id]);
+    assert_eq!(tab.view(DataType::Profile), Some(json!({})));
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn pushes_to_one_record_reach_the_hub_in_the_order_they_were_made() {
+    let (sim, tab) = signed_in();
+    sim.net().faults = Faults { delay: 0.5, max_delay_ms: 3_000, ..Faults::default() };
+    for bio in ["one", "two", "three", "four"] {
+        tab.push(DataType::Profile, json!({ "bio": bio }));
+    }
+    sim.drive();
+    assert_eq!(sim.hub().record(USER, DataType::Profile).data, json!({"bio": "four"}));
+}
+
+// ---- outages ----
+
+#[test]
+fn deltas_made_during_an_outage_are_delivered_once_when_the_hub_returns() {
+    let (sim, tab) = signed_in();
+    sim.hub().down();
+    let mark = tab.mark();
+    let ops: Vec<String> = [10, 5, 7].into_iter().map(|n| tab.apply_delta(n).unwrap()).collect();
+    sim.run_for(10 * 60 * 1000);
+    assert_eq!(tab.status(), Status::Offline);
+    assert_eq!(tab.coins(), 122, "the page keeps showing the queued deltas");
+    let sent = tab.requests_since(mark);
+    let posts: Vec<&Request> = sent.iter().map(|(_, r)| r).filter(|r| r.method == Method::Post).collect();
+    assert!(posts.iter().all(|r| op_id_of(r) == Some(ops[0].clone())), "one write at a time, oldest first");
+    // Retry n waits between half of and all of min(1 s · 2^(n-1), 60 s) after the failure,
+    // which comes back one round trip (10 ms) after the send.
+    let sends = sends_of(&sent, &ops[0]);
+    assert!(sends.len() >= 10, "{sends:?}");
+    let mut fractions = BTreeSet::new();
+    for (n, pair) in sends.windows(2).enumerate() {
+        let (wait, cap) = (pair[1] - pair[0] - 10, (1000u64 << n.min(20)).min(60_000));
+        assert!((cap / 2..=cap).contains(&wait), "retry {}: waited {wait} ms, cap {cap} ms", n + 1);
+        fractions.insert(wait * 100 / cap);
+    }
+    assert!(fractions.len() > 3, "the waits are jittered: {fractions:?}");
+    sim.hub().up();
+    sim.drive();
+    for op_id in &ops {
+        assert_eq!(sim.hub().applied(op_id), 1);
+    }
+    assert_eq!(sim.hub_coins(), 122);
+    assert!(tab.pending().is_empty());
+    assert_eq!(tab.status(), Status::Idle);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_429_is_retried_no_sooner_than_retry_after() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_mode(Mode::Busy { retry_after: 30 });
+    let mark = tab.mark();
+    let op_id = tab.apply_delta(10).unwrap();
+    sim.run_for(4 * 60 * 1000);
+    let sends = sends_of(&tab.requests_since(mark), &op_id);
+    assert!(sends.len() >= 4, "{sends:?}");
+    // The 429 arrives one round trip (10 ms) after the send.
+    assert_eq!(sends[1] - sends[0], 10 + 30_000, "the first retry waits exactly Retry-After");
+    assert!(sends.windows(2).all(|p| p[1] - p[0] >= 10 + 30_000), "{sends:?}");
+    sim.hub().up();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub_coins(), 110);
+}
+
+#[test]
+fn a_503_is_retried_and_applied_once() {
+    let (sim, tab) = signed_in();
+    sim.hub().script([Mode::Unavailable, Mode::Unavailable]);
+    let mark = tab.mark();
+    let op_id = tab.delta(10);
+    assert_eq!(sends_of(&tab.requests_since(mark), &op_id).len(), 3);
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub_coins(), 110);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_reload_during_an_outage_resends_the_same_op_ids() {
+    let (sim, tab) = signed_in();
+    sim.hub().down();
+    let ops = vec![tab.apply_delta(10).unwrap(), tab.apply_delta(5).unwrap()];
+    sim.run_for(5_000);
+    sim.hub().up();
+    let mark = tab.mark();
+    tab.reload();
+    let pending: Vec<String> = tab.pending().into_iter().map(|op| op.op_id).collect();
+    assert_eq!(pending, ops);
+    assert_eq!(tab.coins(), 115);
+    sim.drive();
+    let sent = tab.requests_since(mark);
+    for op_id in &ops {
+        assert_eq!(sends_of(&sent, op_id).len(), 1, "the new page sends {op_id}");
+        assert_eq!(sim.hub().applied(op_id), 1);
+    }
+    assert_eq!(sim.hub_coins(), 115);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_write_whose_answer_was_lost_is_replayed_not_applied_again() {
+    let (sim, tab) = signed_in();
+    sim.net().hold_when(|p| p.is_reply() && p.request().method == Method::Post);
+    let op_id = tab.apply_delta(10).unwrap();
+    sim.run_for(100);
+    assert_eq!(sim.hub().applied(&op_id), 1, "the hub applied it; the answer is lost");
+    sim.net().drop_held();
+    // The request times out and is sent again; a reload in between changes nothing.
+    sim.run_for(16_000);
+    tab.reload();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    let answers: Vec<Option<u16>> =
+        sim.hub().seen().iter().filter(|s| s.op_id.as_deref() == Some(&op_id)).map(|s| s.status).collect();
+    assert!(answers.len() >= 2 && answers.iter().all(|s| *s == Some(200)), "{answers:?}");
+    assert_eq!(tab.coins(), 110);
+    assert!(tab.pending().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_faulty_network_never_applies_a_delta_twice() {
+    let (sim, tab) = signed_in();
+    sim.net().faults = Faults { drop: 0.3, duplicate: 0.5, delay: 0.3, max_delay_ms: 20_000 };
+    let ops: Vec<String> = (1..=5).map(|n| tab.apply_delta(n).unwrap()).collect();
+    sim.run_for(10 * 60 * 1000);
+    sim.net().heal();
+    sim.drive();
+    for op_id in &ops {
+        assert_eq!(sim.hub().applied(op_id), 1, "{op_id}");
+    }
+    assert_eq!(sim.hub_coins(), 115);
+    assert!(tab.force_sync());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn going_offline_ends_checks_with_cached_data_and_holds_writes() {
+    let (sim, tab) = signed_in();
+    tab.go_offline();
+    assert_eq!(tab.status(), Status::Offline);
+    let mark = tab.mark();
+    let ticket = tab.trigger(Trigger::EnsureFresh);
+    assert_eq!(tab.check_done(ticket), Some(false), "answered at once from the cache");
+    let op_id = tab.apply_delta(10).unwrap();
+    sim.run_for(10 * 60 * 1000);
+    assert!(tab.requests_since(mark).is_empty());
+    tab.come_online();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(tab.status(), Status::Idle);
+    assert_in_step(&sim, &tab);
+}
+
+// ---- tokens ----
+
+#[test]
+fn an_expired_token_is_refreshed_once_and_the_write_goes_through() {
+    let (sim, tab) = signed_in();
+    assert_eq!(tab.token_asks(), 1);
+    sim.hub().expire_tokens();
+    let op_id = tab.delta(10);
+    assert_eq!(tab.token_asks(), 2);
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert!(!tab.statuses().contains(&Status::Error));
+    assert_eq!(tab.status(), Status::Idle);
+    // The fresh token serves the next check.
+    assert!(tab.tab_returns());
+    assert_eq!(tab.token_asks(), 2);
+}
+
+#[test]
+fn a_second_401_sets_status_error() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    tab.script_tokens([TokenAnswer::Bad]);
+    assert!(!tab.tab_returns());
+    assert_eq!(tab.status(), Status::Error);
+    assert_eq!(tab.token_asks(), 2, "one fresh token, then no more asking");
+    let mark = tab.mark();
+    sim.run_for(10 * 60 * 1000);
+    assert!(tab.requests_since(mark).is_empty(), "no retry loop against a hub that refuses us");
+}
+
+#[test]
+fn no_token_at_all_sets_status_error_without_a_request() {
+    let sim = Sim::new();
+    let tab = sim.open(SITE_A);
+    tab.script_tokens([TokenAnswer::Unavailable]);
+    assert!(!tab.login());
+    assert_eq!(tab.status(), Status::Error);
+    assert!(tab.requests().is_empty());
+}
+
+#[test]
+fn an_explicit_check_after_an_auth_error_tries_again() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    tab.script_tokens([TokenAnswer::Bad]);
+    assert!(!tab.tab_returns());
+    assert_eq!(tab.status(), Status::Error);
+    assert!(tab.force_sync());
+    assert_eq!(tab.status(), Status::Idle);
+}
+
+#[test]
+fn with_auth_off_no_token_is_asked_for_or_sent() {
+    let sim = Sim::new();
+    sim.hub().set_tokens_required(false);
+    let tab = sim.open(SITE_A);
+    assert!(tab.login());
+    tab.delta(10);
+    assert_eq!(tab.token_asks(), 0);
+    assert!(tab.requests().iter().all(|r| r.token.is_none()));
+    assert_eq!(sim.hub_coins(), 10);
+}
+
+#[test]
+
+fn requests_in_flight_with_an_expired_token_share_one_refresh() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    // A write and a check leave together, both with the token that just expired.
+    let op_id = tab.apply_delta(10).unwrap();
+    let ticket = tab.trigger(Trigger::TabVisible);
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(tab.token_asks(), 2, "one fresh token serves both");
+    assert_eq!(
+        tab.check_done(ticket),
+        Some(true),
+        "the check's 401 came for the old token; the fresh one was already there:\n{}",
+        tab.debug_log()
+    );
+    assert_eq!(tab.status(), Status::Idle);
+}
+
+#[test]
+
+fn an_engine_waiting_on_auth_does_not_ask_to_be_woken_in_the_past() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    tab.script_tokens([TokenAnswer::Bad]);
+    tab.apply_delta(10).unwrap();
+    sim.run_for(60_000);
+    assert_eq!(tab.status(), Status::Error);
+    let (now, timer) = (sim.now(), tab.timer());
+    assert!(
+        timer.is_none_or(|at| at > now),
+        "poll_timeout says {:?} ms from now: the shell re-arms a zero-delay timer forever",
+        timer.map(|at| at as i64 - now as i64)
+    );
+    assert_eq!(tab.stale_wakeups(), 0);
+    // The same with no token at all.
+    let other = sim.open(SITE_B);
+    other.script_tokens([TokenAnswer::Unavailable]);
+    other.apply_delta(5).unwrap();
+    sim.run_for(1_000);
+    assert_eq!(other.stale_wakeups(), 0);
+}
+
+#[test]
+
+fn an_auth_error_after_an_outage_is_reported_as_an_error_not_offline() {
+    let (sim, tab) = signed_in();
+    sim.hub().down();
+    tab.apply_delta(10).unwrap();
+    sim.run_for(100);
+    assert_eq!(tab.status(), Status::Offline);
+    // The hub is back, but it refuses the tab's token, and the fresh one too.
+    sim.hub().up();
+    sim.hub().expire_tokens();
+    tab.script_tokens([TokenAnswer::Bad]);
+    sim.run_for(5_000);
+    tab.trigger(Trigger::TabVisible);
+    sim.run_for(5_000);
+    assert_eq!(tab.status(), Status::Error, "the hub answers (401); the page is told it is offline");
+}
+
+// ---- page unload ----
+
+#[test]
+fn unload_resends_pending_writes_with_keepalive_and_the_next_page_applies_nothing_twice() {
+    let (sim, tab) = signed_in();
+    // The first write is answered 429 with a long Retry-After; the second waits behind it.
+    sim.hub().script([Mode::Busy { retry_after: 600 }]);
+    let ops = vec![tab.apply_delta(10).unwrap(), tab.apply_delta(5).unwrap()];
+    sim.run_for(1_000);
+    assert_eq!(sim.hub_coins(), 100);
+    let mark = tab.mark();
+    tab.unload();
+    let sent = tab.requests_since(mark);
+    assert!(sent.iter().all(|(_, r)| r.keepalive && r.method == Method::Post));
+    assert_eq!(sent.iter().filter_map(|(_, r)| op_id_of(r)).collect::<Vec<_>>(), ops);
+    tab.reload();
+    sim.drive();
+    for op_id in &ops {
+        assert_eq!(sim.hub().applied(op_id), 1);
+        let seen: Vec<(bool, Option<u16>)> = sim
+            .hub()
+            .seen()
+            .iter()
+            .filter(|s| s.op_id.as_deref() == Some(op_id))
+            .map(|s| (s.keepalive, s.status))
+            .collect();
+        assert_eq!(seen[seen.len() - 2..], [(true, Some(200)), (false, Some(200))], "{op_id}: {seen:?}");
+    }
+    assert_eq!(sim.hub_coins(), 115);
+    assert_eq!(tab.coins(), 115);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+
+fn unload_also_resends_the_write_in_flight() {
+    let (sim, tab) = signed_in();
+    // The first write's request is still on its way when the page goes away.
+    sim.net().hold_when(|p| !p.is_reply() && p.request().method == Method::Post && !p.request().keepalive);
+    let first = tab.apply_delta(10).unwrap();
+    let second = tab.apply_delta(5).unwrap();
+    let mark = tab.mark();
+    tab.unload();
+    let keepalive: Vec<String> = tab.requests_since(mark).iter().filter_map(|(_, r)| op_id_of(r)).collect();
+    // The browser aborts the ordinary fetch; the user does not come back to this site.
+    sim.net().drop_held();
+    tab.close();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&second), 1);
+    assert_eq!(
+        sim.hub().applied(&first),
+        1,
+        "the write in flight at unload is lost; keepalive requests went for {keepalive:?} only"
+    );
+}
+
+// ---- tabs of one site ----
+
+#[test]
+fn two_tabs_of_one_site_apply_each_op_once_and_converge() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (tab1, tab2) = (sim.open(SITE_A), sim.open(SITE_A));
+    tab1.login();
+    tab2.login();
+    let op_id = tab1.apply_delta(10).unwrap();
+    assert!(tab2.pending().iter().any(|op| op.op_id == op_id), "the other tab adopts it from storage");
+    let other = tab2.apply_delta(-30).unwrap();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub().applied(&other), 1);
+    assert_eq!(sim.hub_coins(), 80);
+    for tab in [&tab1, &tab2] {
+        assert_eq!(tab.coins(), 80);
+        assert!(tab.pending().is_empty());
+        assert_in_step(&sim, tab);
+    }
+}
+
+#[test]
+fn fresh_data_is_shared_with_the_other_tabs_of_the_site() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (tab1, tab2, site_b) = (sim.open(SITE_A), sim.open(SITE_A), sim.open(SITE_B));
+    for tab in [&tab1, &tab2, &site_b] {
+        tab.login();
+    }
+    site_b.delta(10);
+    let mark = tab2.mark();
+    tab1.tab_returns();
+    assert_eq!(tab2.coins(), 110);
+    assert!(tab2.requests_since(mark).is_empty(), "the other tab learns it without asking the hub");
+    assert!(tab2.events_since(mark).iter().any(|e| matches!(
+        e,
+        Event::Data { data_type: DataType::Balance, source: Source::Tab, version: 2, .. }
+    )));
+    assert_in_step(&sim, &tab2);
+}
+
+#[test]
+fn writes_a_closed_tab_left_are_delivered_by_another_tab_or_the_next_page() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (tab1, tab2) = (sim.open(SITE_A), sim.open(SITE_A));
+    tab1.login();
+    tab2.login();
+    sim.hub().down();
+    let adopted = tab1.apply_delta(10).unwrap();
+    sim.run_for(2_000);
+    tab1.close();
+    sim.hub().up();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&adopted), 1, "the open tab delivers it");
+    // A write left by the last tab of the site waits in storage for the next page.
+    sim.hub().down();
+    let stored = tab2.apply_delta(5).unwrap();
+    sim.run_for(2_000);
+    tab2.close();
+    sim.hub().up();
+    let page = sim.open(SITE_A);
+    sim.drive();
+    assert_eq!(sim.hub().applied(&stored), 1, "the next page delivers it");
+    assert_eq!(sim.hub_coins(), 115);
+    assert_eq!(page.coins(), 115);
+}
+
+#[test]
+
+fn a_delta_confirmed_by_another_tab_is_never_shown_twice() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (tab1, tab2) = (sim.open(SITE_A), sim.open(SITE_A));
+    tab1.login();
+    tab2.login();
+    // Tab 2's own write is on its way (held), so the delta it adopts from tab 1 waits.
+    let tab2_id = tab2.id();
+    sim.net().hold_when(move |p| p.page().tab == tab2_id && !p.is_reply());
+    tab2.apply_delta(1).unwrap();
+    sim.net().stop_holding();
+    let mark = tab2.mark();
+    tab1.apply_delta(10).unwrap();
+    sim.drive();
+    assert_eq!(sim.hub_coins(), 111);
+    let shown: Vec<i64> = tab2
+        .events_since(mark)
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { data_type: DataType::Balance, data, .. } => {
+                data.get("coins").and_then(Json::as_i64)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(shown.iter().all(|&coins| coins <= 111), "tab 2 showed {shown:?}; it is {}", tab2.coins());
+}
+
+#[test]
+
+fn a_write_refused_in_one_tab_is_not_applied_later_by_another() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (tab1, tab2, site_b) = (sim.open(SITE_A), sim.open(SITE_A), sim.open(SITE_B));
+    for tab in [&tab1, &tab2, &site_b] {
+        tab.login();
+    }
+    // Tab 2's own write is on its way (held): what it adopts from tab 1 waits behind it.
+    let tab2_id = tab2.id();
+    sim.net().hold_when(move |p| p.page().tab == tab2_id && !p.is_reply());
+    tab2.apply_delta(1).unwrap();
+    sim.run_for(1_000);
+    site_b.apply_delta(-60).unwrap();
+    sim.run_for(1_000);
+    // Tab 1 still believes in 101 coins; the hub has 41 and refuses the purchase.
+    let purchase = tab1.apply_delta(-80).unwrap();
+    sim.run_for(1_000);
+    assert_eq!(tab1.refused(), [(purchase.clone(), "insufficient_funds".to_owned())]);
+    assert_eq!(tab1.coins(), 41);
+    // Later the user earns coins on site B, and tab 2's own write gets through.
+    site_b.apply_delta(100).unwrap();
+    sim.run_for(1_000);
+    sim.release();
+    sim.drive();
+    let charged = sim.hub().applied(&purchase);
+    let balance = sim.hub_coins();
+    assert_eq!(
+        charged, 0,
+        "the page was told the purchase was refused, yet the hub charged it (balance {balance})"
+    );
+}
+
+// ---- checks that fail half way ----
+
+#[test]
+
+fn a_late_fetch_from_an_abandoned_check_does_not_complete_the_next_check() {
+    let (sim, tab) = signed_in();
+    sim.hub_write(DataType::Balance, json!({"coins": 50}));
+    sim.hub_write(DataType::Profile, json!({"bio": "Hi"}));
+    let balance_reply = |p: &Packet| {
+        p.is_reply() && action_of(p.request()) == "get" && data_type_of(p.request()) == "balance"
+    };
+    sim.net().hold_when(balance_reply);
+    // The check's timestamp and balance fetch are answered (the answer is held on its
+    // way), the profile fetch gets a 503: the check ends with cached data.
+    sim.hub().script([Mode::Up, Mode::Up, Mode::Unavailable]);
+    let first = tab.trigger(Trigger::TabVisible);
+    sim.run_for(1_000);
+    assert_eq!(tab.check_done(first), Some(false));
+    sim.hub_write(DataType::Balance, json!({"coins": 30}));
+    let before_purchase = tab.trigger(Trigger::EnsureFresh);
+    sim.run_for(1_000);
+    // The first check's answer (50 coins, v2) arrives while the new fetch (v3) is still away.
+    let oldest = sim.net().held().first().map(|p| p.request().id);
+    sim.release_if(move |p| Some(p.request().id) == oldest);
+    sim.run_for(1_000);
+    if tab.check_done(before_purchase) == Some(true) {
+        assert_eq!(tab.coins(), 30, "ensureFresh reported fresh data, but the page shows the older answer");
+    }
+    sim.release();
+    sim.drive();
+    assert_eq!(tab.check_done(before_purchase), Some(true));
+    assert_eq!(tab.coins(), 30);
+}

@@ -1,0 +1,624 @@
+//! An in-memory hub with the real hub's rules (hub/src/domain.rs and hub/src/http): records
+//! with version, last_updated and epoch, merge-patch pushes, deltas applied once per op id,
+//! ETag/304, bearer tokens. It parses requests and validates data with the `protocol` crate
+//! and answers with `protocol`'s answer types, so the engine sees the real shapes. It can be
+//! switched down (no answer), busy (429 with Retry-After) or unavailable (503), and it counts
+//! how many times each op id was applied. Does no I/O and reads no clock.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use protocol::{
+    DataType, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, Limits, MAX_AMOUNT, OpId, PostRequest,
+    PushAnswer, RecordState, SiteId, Stamp, TimestampAnswer, TimestampsAnswer, amount_field, merge_patch,
+    parse_data_types, validate_delta, validate_push, validate_reason, validate_record,
+};
+use serde_json::{Value, json};
+use sync_core::{Json, Method, Reply, Request};
+
+/// One record as the hub stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubRecord {
+    pub data: Value,
+    /// 0 = never written, +1 on every change.
+    pub version: u64,
+    /// The hub's clock at the last change; strictly increasing per record.
+    pub updated_ms: Option<u64>,
+}
+
+impl HubRecord {
+    fn empty(data_type: DataType) -> HubRecord {
+        HubRecord { data: data_type.empty_data(), version: 0, updated_ms: None }
+    }
+
+    pub fn last_updated(&self) -> Option<String> {
+        self.updated_ms.map(rfc3339_ms)
+    }
+
+    fn state(&self) -> RecordState {
+        RecordState { data: self.data.clone(), last_updated: self.last_updated(), version: self.version }
+    }
+}
+
+/// How the hub answers the next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Up,
+    /// No answer at all: the shell sees a network error.
+    Down,
+    /// `429 rate_limited` with `Retry-After: retry_after` seconds.
+    Busy {
+        retry_after: u64,
+    },
+    /// `503 store_unavailable`.
+    Unavailable,
+}
+
+/// One request as the hub saw it, for tests to count and inspect.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `timestamp`, `get`, `push`, `delta`, or `?` when unreadable.
+    pub action: String,
+    /// The `data_type` of the query or body, as sent (`balance,profile` for a check).
+    pub data_type: String,
+    pub op_id: Option<String>,
+    pub keepalive: bool,
+    /// The status answered, or `None` when the hub was down.
+    pub status: Option<u16>,
+}
+
+/// An applied change to an amount, as the hub's audit ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub user: String,
+    pub data_type: DataType,
+    pub op_id: String,
+    pub delta: i64,
+    pub result: i64,
+}
+
+#[derive(Debug, Clone)]
+struct SeenOp {
+    fingerprint: String,
+    /// The record as the first write left it: what a replay answers.
+    answer: HubRecord,
+    data_type: DataType,
+}
+
+/// The fake hub. Starts up, with auth on and one epoch.
+#[derive(Debug)]
+pub struct FakeHub {
+    epoch: String,
+    /// Per user, per data type.
+    records: BTreeMap<String, BTreeMap<DataType, HubRecord>>,
+    /// Per user, per op id: what the op ids already applied answer.
+    ops: BTreeMap<String, BTreeMap<String, SeenOp>>,
+    applied: BTreeMap<String, u32>,
+    ledger: Vec<LedgerEntry>,
+    mode: Mode,
+    /// Modes for the next requests, before `mode` applies again.
+    script: VecDeque<Mode>,
+    tokens_required: bool,
+    /// Valid tokens and whom they speak for: (site, user).
+    tokens: BTreeMap<String, (String, String)>,
+    minted: u64,
+    seen: Vec<Seen>,
+}
+
+impl FakeHub {
+    pub fn new(epoch: &str) -> FakeHub {
+        FakeHub {
+            epoch: epoch.into(),
+            records: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            ledger: Vec::new(),
+            mode: Mode::Up,
+            script: VecDeque::new(),
+            tokens_required: true,
+            tokens: BTreeMap::new(),
+            minted: 0,
+            seen: Vec::new(),
+        }
+    }
+
+    // ---- switches ----
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn down(&mut self) {
+        self.mode = Mode::Down;
+    }
+
+    pub fn up(&mut self) {
+        self.mode = Mode::Up;
+        self.script.clear();
+    }
+
+    /// The next requests get these modes, one each, before the standing mode applies again.
+    pub fn script(&mut self, modes: impl IntoIterator<Item = Mode>) {
+        self.script.extend(modes);
+    }
+
+    pub fn set_tokens_required(&mut self, required: bool) {
+        self.tokens_required = required;
+    }
+
+    pub fn tokens_required(&self) -> bool {
+        self.tokens_required
+    }
+
+    /// A token as `site`'s backend mints it for `user`.
+    pub fn mint_token(&mut self, site: &str, user: &str) -> String {
+        self.minted += 1;
+        let token = format!("jwt-{site}-{user}-{}", self.minted);
+        self.tokens.insert(token.clone(), (site.into(), user.into()));
+        token
+    }
+
+    /// Every token minted so far expires.
+    pub fn expire_tokens(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// A new database: every record and op id is gone, and the epoch changes.
+    pub fn replace_database(&mut self, epoch: &str) {
+        self.epoch = epoch.into();
+        self.records.clear();
+        self.ops.clear();
+    }
+
+    /// Writes a record directly, as another writer (the agent, an admin) would: +1 version.
+    pub fn write(&mut self, now: u64, user: &str, data_type: DataType, data: Value) -> HubRecord {
+        let current = self.record(user, data_type);
+        let record = HubRecord {
+            data,
+            version: current.version + 1,
+            updated_ms: Some(current.updated_ms.map_or(now, |prev| now.max(prev + 1))),
+        };
+        self.records.entry(user.into()).or_default().insert(data_type, record.clone());
+        record
+    }
+
+    // ---- what tests read ----
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn record(&self, user: &str, data_type: DataType) -> HubRecord {
+        self.records
+            .get(user)
+            .and_then(|records| records.get(&data_type))
+            .cloned()
+            .unwrap_or_else(|| HubRecord::empty(data_type))
+    }
+
+    /// How many times the hub applied `op_id` (replays do not count).
+    pub fn applied(&self, op_id: &str) -> u32 {
+        self.applied.get(op_id).copied().unwrap_or(0)
+    }
+
+    pub fn applied_ops(&self) -> &BTreeMap<String, u32> {
+        &self.applied
+    }
+
+    pub fn ledger(&self) -> &[LedgerEntry] {
+        &self.ledger
+    }
+
+    /// Every request received, oldest first.
+    pub fn seen(&self) -> &[Seen] {
+        &self.seen
+    }
+
+    // ---- requests ----
+
+    /// Answers one request at time `now`.
+    pub fn handle(&mut self, now: u64, request: &Request) -> Reply {
+        let mode = self.script.pop_front().unwrap_or(self.mode);
+        let mut seen = describe(request);
+        let reply = match mode {
+            Mode::Down => Reply::NetworkError,
+            Mode::Busy { retry_after } => {
+                error_with(429, "rate_limited", "too many requests; retry later", None, Some(retry_after))
+            }
+            Mode::Unavailable => error(503, "store_unavailable", "the store cannot serve right now; retry"),
+            Mode::Up => match request.method {
+                Method::Get => self.get(now, request),
+                Method::Post => self.post(now, request),
+            },
+        };
+        seen.status = match &reply {
+            Reply::Answer { status, .. } => Some(*status),
+            Reply::NetworkError => None,
+        };
+        self.seen.push(seen);
+        reply
+    }
+
+    /// Who the request's token speaks for: `Ok(None)` with auth off, a 401 answer when the
+    /// token is missing or not one the hub minted.
+    fn caller(&self, token: Option<&str>) -> Result<Option<(String, String)>, Reply> {
+        if !self.tokens_required {
+            return Ok(None);
+        }
+        let Some(token) = token else {
+            return Err(error(401, "missing_token", "send Authorization: Bearer <token>"));
+        };
+        match self.tokens.get(token) {
+            Some(who) => Ok(Some(who.clone())),
+            None => Err(error(401, "invalid_token", "the token is invalid or expired")),
+        }
+    }
+
+    fn get(&mut self, _now: u64, request: &Request) -> Reply {
+        let caller = match self.caller(request.token.as_deref()) {
+            Ok(caller) => caller,
+            Err(reply) => return reply,
+        };
+        let params = query_params(request.query.as_deref().unwrap_or(""));
+        let (Some(action), Some(user), Some(list)) =
+            (params.get("action"), params.get("user_id"), params.get("data_type"))
+        else {
+            return error(400, "missing_field", "the query needs action, user_id and data_type");
+        };
+        if caller.as_ref().is_some_and(|(_, u)| u != user) {
+            return error(403, "wrong_user", "the token does not speak for this user_id");
+        }
+        let types = match parse_data_types(list) {
+            Ok(types) => types,
+            Err(refusal) => return error(400, refusal.code, &refusal.message),
+        };
+        let single = !list.contains(',');
+        let epoch = self.epoch.clone();
+        match action.as_str() {
+            "timestamp" if single => {
+                let record = self.record(user, types[0]);
+                answer(
+                    200,
+                    serde_json::to_value(TimestampAnswer {
+                        success: true,
+                        data_type: types[0],
+                        last_updated: record.last_updated(),
+                        version: record.version,
+                        epoch,
+                    }),
+                )
+            }
+            "timestamp" => {
+                let timestamps = types
+                    .iter()
+                    .map(|t| {
+                        let record = self.record(user, *t);
+                        (*t, Stamp { last_updated: record.last_updated(), version: record.version })
+                    })
+                    .collect();
+                answer(200, serde_json::to_value(TimestampsAnswer { success: true, timestamps, epoch }))
+            }
+            "get" if single => {
+                let record = self.record(user, types[0]);
+                let etag = format!("\"{}\"", record.version);
+                let matches = request
+                    .if_none_match
+                    .as_deref()
+                    .is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+                if matches {
+                    return Reply::Answer { status: 304, body: Json::Null, retry_after: None };
+                }
+                answer(
+                    200,
+                    serde_json::to_value(GetAnswer {
+                        success: true,
+                        data_type: types[0],
+                        data: record.data.clone(),
+                        last_updated: record.last_updated(),
+                        version: record.version,
+                        epoch,
+                    }),
+                )
+            }
+            "get" => {
+                let records = types.iter().map(|t| (*t, self.record(user, *t).state())).collect();
+                answer(200, serde_json::to_value(GetManyAnswer { success: true, records, epoch }))
+            }
+            "push" | "delta" => error(405, "method_not_allowed", "action push and delta are sent with POST"),
+            _ => error(400, "unknown_action", "expected timestamp, get, push or delta"),
+        }
+    }
+
+    fn post(&mut self, now: u64, request: &Request) -> Reply {
+        let parsed = match parse_post(request.body.as_ref()) {
+            Ok(parsed) => parsed,
+            Err((code, message)) => return error(400, code, &message),
+        };
+        let caller = match self.caller(request.token.as_deref().or(parsed.token())) {
+            Ok(caller) => caller,
+            Err(reply) => return reply,
+        };
+        let (user, site) = match &parsed {
+            PostRequest::Push(p) => (p.user_id.clone(), p.site_id.clone()),
+            PostRequest::Delta(d) => (d.user_id.clone(), d.site_id.clone()),
+        };
+        if let Some((token_site, token_user)) = &caller {
+            if *token_user != user {
+                return error(403, "wrong_user", "the token does not speak for this user_id");
+            }
+            if *token_site != site {
+                return error(403, "wrong_site", "site_id must be the site that issued the token");
+            }
+        }
+        let site = match SiteId::parse(&site) {
+            Ok(site) => site,
+            Err(refusal) => return error(400, refusal.code, &refusal.message),
+        };
+        match parsed {
+            PostRequest::Push(push) => {
+                let data_type = match DataType::parse(&push.data_type) {
+                    Ok(t) => t,
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                let patch = match validate_push(data_type, &push.data, &site, false) {
+                    Ok(patch) => patch,
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                let fingerprint =
+                    json!(["push", data_type, site.as_str(), patch, push.base_version]).to_string();
+                let op_id = match push.op_id.as_deref().map(OpId::parse).transpose() {
+                    Ok(op_id) => op_id.map(|o| o.as_str().to_owned()),
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                if let Some(op_id) = &op_id
+                    && let Some(reply) = self.replay(&user, op_id, &fingerprint, |record, data_type| {
+                        push_answer(data_type, record, true)
+                    })
+                {
+                    return reply;
+                }
+                let current = self.record(&user, data_type);
+                if push.base_version.is_some_and(|base| base != current.version) {
+                    return error_with(
+                        409,
+                        "version_conflict",
+                        "the record is at another version than base_version",
+                        Some(&current),
+                        None,
+                    );
+                }
+                let mut data = current.data.clone();
+                merge_patch(&mut data, &patch);
+                if let Err(refusal) = validate_record(data_type, &data) {
+                    return error(400, refusal.code, &refusal.message);
+                }
+                let record = self.change(now, &user, data_type, data, op_id, fingerprint);
+                push_answer(data_type, &record, false)
+            }
+            PostRequest::Delta(delta) => {
+                let data_type = match DataType::parse(&delta.data_type) {
+                    Ok(t) => t,
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                let change = match validate_delta(data_type, &delta.delta, Limits::default()) {
+                    Ok(change) => change,
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                let op_id = match OpId::parse(&delta.op_id) {
+                    Ok(op_id) => op_id.as_str().to_owned(),
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                let reason = match delta.reason.as_deref().map(validate_reason).transpose() {
+                    Ok(reason) => reason,
+                    Err(refusal) => return error(400, refusal.code, &refusal.message),
+                };
+                let fingerprint = json!(["delta", data_type, site.as_str(), change, reason]).to_string();
+                if let Some(reply) = self.replay(&user, &op_id, &fingerprint, |record, data_type| {
+                    delta_answer(data_type, record, true)
+                }) {
+                    return reply;
+                }
+                let field = amount_field(data_type).expect("validate_delta accepts amounts only");
+                let current = self.record(&user, data_type);
+                let result = current.data.get(field).and_then(Value::as_i64).unwrap_or(0) + change;
+                if result < 0 {
+                    // Not remembered: the same op id may be sent again later.
+                    return error_with(
+                        409,
+                        "insufficient_funds",
+                        "the balance would go below zero",
+                        Some(&current),
+                        None,
+                    );
+                }
+                if result > MAX_AMOUNT {
+                    return error(400, "value_too_large", "the amount would be too large");
+                }
+                let mut data = current.data.clone();
+                data[field] = Value::from(result);
+                self.ledger.push(LedgerEntry {
+                    user: user.clone(),
+                    data_type,
+                    op_id: op_id.clone(),
+                    delta: change,
+                    result,
+                });
+                let record = self.change(now, &user, data_type, data, Some(op_id), fingerprint);
+                delta_answer(data_type, &record, false)
+            }
+        }
+    }
+
+    /// The first answer again for an op id seen with the same body, `422 op_id_reused` for
+    /// one seen with another body, `None` for a new op id.
+    fn replay(
+        &self,
+        user: &str,
+        op_id: &str,
+        fingerprint: &str,
+        answer: impl FnOnce(&HubRecord, DataType) -> Reply,
+    ) -> Option<Reply> {
+        let seen = self.ops.get(user)?.get(op_id)?;
+        Some(if seen.fingerprint == fingerprint {
+            answer(&seen.answer, seen.data_type)
+        } else {
+            error(422, "op_id_reused", "this op_id was already used for a different request")
+        })
+    }
+
+    /// Stores `data` (a new version only if it differs) and remembers the op id.
+    fn change(
+        &mut self,
+        now: u64,
+        user: &str,
+        data_type: DataType,
+        data: Value,
+        op_id: Option<String>,
+        fingerprint: String,
+    ) -> HubRecord {
+        let current = self.record(user, data_type);
+        let record = if data == current.data {
+            current
+        } else {
+            let record = HubRecord {
+                data,
+                version: current.version + 1,
+                updated_ms: Some(current.updated_ms.map_or(now, |prev| now.max(prev + 1))),
+            };
+            self.records.entry(user.into()).or_default().insert(data_type, record.clone());
+            record
+        };
+        if let Some(op_id) = op_id {
+            *self.applied.entry(op_id.clone()).or_default() += 1;
+            let seen = SeenOp { fingerprint, answer: record.clone(), data_type };
+            self.ops.entry(user.into()).or_default().insert(op_id, seen);
+        }
+        record
+    }
+}
+
+/// What a test wants to know about a request.
+fn describe(request: &Request) -> Seen {
+    let mut seen = Seen {
+        action: "?".into(),
+        data_type: String::new(),
+        op_id: None,
+        keepalive: request.keepalive,
+        status: None,
+    };
+    if let Some(query) = &request.query {
+        let mut params = query_params(query);
+        seen.action = params.remove("action").unwrap_or_default();
+        seen.data_type = params.remove("data_type").unwrap_or_default();
+    }
+    if let Some(body) = &request.body {
+        let field = |name: &str| body.get(name).and_then(Json::as_str).map(str::to_owned);
+        seen.action = field("action").unwrap_or_default();
+        seen.data_type = field("data_type").unwrap_or_default();
+        seen.op_id = field("op_id");
+    }
+    seen
+}
+
+/// Reads a POST body as [`PostRequest::parse`] does (which takes bytes; this skips the
+/// round trip through text, as the body is already parsed).
+fn parse_post(body: Option<&Json>) -> Result<PostRequest, (&'static str, String)> {
+    let Some(Value::Object(mut fields)) = body.map(Value::from) else {
+        return Err(("invalid_request", "the body must be a JSON object".into()));
+    };
+    let action = match fields.remove("action") {
+        Some(Value::String(action)) => action,
+        _ => return Err(("missing_field", "the body has no action".into())),
+    };
+    let shape = |e: serde_json::Error| {
+        let message = e.to_string();
+        let code = if message.starts_with("missing field") { "missing_field" } else { "invalid_request" };
+        (code, format!("{action}: {message}"))
+    };
+    match action.as_str() {
+        "push" => Ok(PostRequest::Push(serde_json::from_value(Value::Object(fields)).map_err(shape)?)),
+        "delta" => Ok(PostRequest::Delta(serde_json::from_value(Value::Object(fields)).map_err(shape)?)),
+        _ => Err(("unknown_action", format!("unknown action {action:?}"))),
+    }
+}
+
+fn push_answer(data_type: DataType, record: &HubRecord, replayed: bool) -> Reply {
+    answer(
+        200,
+        serde_json::to_value(PushAnswer {
+            success: true,
+            data_type,
+            timestamp: record.last_updated(),
+            last_updated: record.last_updated(),
+            version: record.version,
+            data: record.data.clone(),
+            replayed,
+        }),
+    )
+}
+
+fn delta_answer(data_type: DataType, record: &HubRecord, replayed: bool) -> Reply {
+    answer(
+        200,
+        serde_json::to_value(DeltaAnswer {
+            success: true,
+            data_type,
+            version: record.version,
+            data: record.data.clone(),
+            last_updated: record.last_updated(),
+            replayed,
+        }),
+    )
+}
+
+/// An answer as the shell hands it to the engine, parsed (as [`Reply::from_text`] does).
+fn answer(status: u16, body: serde_json::Result<Value>) -> Reply {
+    Reply::Answer { status, body: Json::from(&body.expect("answers serialize")), retry_after: None }
+}
+
+fn error(status: u16, code: &str, message: &str) -> Reply {
+    error_with(status, code, message, None, None)
+}
+
+fn error_with(
+    status: u16,
+    code: &str,
+    message: &str,
+    current: Option<&HubRecord>,
+    retry_after: Option<u64>,
+) -> Reply {
+    let body = ErrorAnswer {
+        success: false,
+        code: code.into(),
+        error: message.into(),
+        current: current.map(HubRecord::state),
+    };
+    let body = serde_json::to_value(&body).expect("answers serialize");
+    Reply::Answer { status, body: Json::from(&body), retry_after }
+}
+
+/// The parameters of a query string. The engine sends only URL-safe values.
+pub fn query_params(query: &str) -> BTreeMap<String, String> {
+    query.split('&').filter_map(|pair| pair.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+/// RFC 3339 UTC with milliseconds, as the hub writes `last_updated`.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let (secs, millis) = (ms / 1000, ms % 1000);
+    let (days, day_secs) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (hour, minute, second) = (day_secs / 3600, day_secs % 3600 / 60, day_secs % 60);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+}

@@ -1,0 +1,864 @@
+//! One helper per boundary for the engine's native tests (quinn's `Pair` + `drive()`): a
+//! [`Sim`] holds a fake clock, a [`FakeHub`], a faulty [`Network`] and browser tabs, each
+//! a [`Tab`] wrapping an [`Engine`] the way the wasm shell does. Scenarios read like the
+//! seed's story:
+//!
+//! ```ignore
+//! let sim = Sim::new();
+//! let (site_a, site_b) = (sim.open("roflfaucet"), sim.open("clickforcharity"));
+//! site_a.login();
+//! site_b.login();
+//! site_a.delta(10);
+//! site_b.tab_returns();
+//! assert_eq!(site_b.coins(), 10);
+//! ```
+//!
+//! A tab follows the call order of the crate docs after every input: it drains events
+//! (storing [`Engine::persisted`] on `Persist` into its site's "localStorage", answering
+//! `NeedToken` with a token the hub minted or a scripted bad one, passing `Share` and the
+//! storage change on to the site's other tabs), then sends the polled requests through the
+//! network, then arms the timer [`Engine::poll_timeout`] asks for. Nothing happens between
+//! inputs: time passes only in [`Sim::drive`], [`Sim::run_for`] and the story helpers that
+//! call them. Messages between tabs of one site (`storage` events and `BroadcastChannel`)
+//! arrive at the same instant, before anything else happens.
+
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
+pub mod hub;
+pub mod net;
+
+use std::cell::{RefCell, RefMut};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::rc::Rc;
+
+use protocol::Refusal;
+use serde_json::Value;
+use sync_core::{
+    CachedRecord, Config, DataType, Engine, Event, Json, Method, Op, Persisted, Request, Shared, Status,
+    Trigger,
+};
+
+pub use hub::{FakeHub, HubRecord};
+pub use net::{Network, Packet, Page};
+
+/// The user every tab signs in as.
+pub const USER: &str = "8-evans";
+/// The fake clock starts at 2025-11-09T18:45:30.123Z.
+pub const START_MS: u64 = 1_762_713_930_123;
+/// [`Sim::drive`] stops once nothing is due sooner than this: short of the 5-minute
+/// inactivity check, beyond any retry delay.
+pub const QUIET_MS: u64 = 4 * 60 * 1000;
+/// How much fake time [`Sim::drive`] may spend before it gives up as not quiescent.
+pub const DRIVE_LIMIT_MS: u64 = 60 * 60 * 1000;
+/// The data types a tab keeps in step unless told otherwise.
+pub const DATA_TYPES: [DataType; 3] = [DataType::Balance, DataType::Points, DataType::Profile];
+const MAX_STEPS: usize = 100_000;
+
+/// What a tab's page answers to [`Event::NeedToken`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAnswer {
+    /// A token the hub accepts, freshly minted by the site's backend.
+    Valid,
+    /// A token the hub refuses (expired, or for another hub).
+    Bad,
+    /// The page could not get a token (`handle_token(None)`).
+    Unavailable,
+}
+
+/// An event as a tab saw it.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub at: u64,
+    /// Which page load of the tab saw it (0 for the first, +1 per reload).
+    pub generation: u32,
+    pub event: Event,
+}
+
+/// Positions in a tab's logs, to ask what happened after it.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    events: usize,
+    requests: usize,
+}
+
+struct TabState {
+    name: String,
+    site: String,
+    /// The configuration each page load starts with (the seed is redrawn per load).
+    config: Config,
+    engine: Engine,
+    generation: u32,
+    open: bool,
+    /// When to call `handle_timeout` next, as `poll_timeout` last said.
+    timer: Option<u64>,
+    tokens: VecDeque<TokenAnswer>,
+    events: Vec<Logged>,
+    requests: Vec<(u64, Request)>,
+    /// Op ids this tab's engines made.
+    ops: Vec<String>,
+    /// Times `poll_timeout` asked for a wake-up no later than the `handle_timeout` just made:
+    /// a shell would spin on a zero-delay timer.
+    stale_wakeups: u32,
+    /// The highest version cached per type in this page load, and how often a cached record
+    /// was replaced by an older one.
+    versions: BTreeMap<DataType, u64>,
+    version_regressions: Vec<String>,
+}
+
+enum Local {
+    StoredOps(Vec<Op>),
+    Shared(Shared),
+}
+
+struct World {
+    now: u64,
+    rng: fastrand::Rng,
+    hub: FakeHub,
+    net: Network,
+    tabs: Vec<TabState>,
+    /// localStorage per site (origin): what the last tab to persist stored.
+    storage: BTreeMap<String, Persisted>,
+    /// Every op id ever stored per site, to tell whether a write was stored before it was sent.
+    ever_stored: BTreeMap<String, BTreeSet<String>>,
+    /// Writes sent before they were ever stored.
+    unstored_sends: Vec<String>,
+    /// Messages between tabs of one site, delivered before anything else happens.
+    local: VecDeque<(Page, Local)>,
+    debug: bool,
+}
+
+/// The world: clock, hub, network and tabs. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Sim {
+    world: Rc<RefCell<World>>,
+}
+
+/// A browser tab of one site, running the engine. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Tab {
+    world: Rc<RefCell<World>>,
+    id: usize,
+}
+
+impl Default for Sim {
+    fn default() -> Self {
+        Sim::new()
+    }
+}
+
+impl Sim {
+    /// A hub that is up and requires tokens, a perfect network with 5 ms latency.
+    pub fn new() -> Sim {
+        Sim::with_seed(1)
+    }
+
+    pub fn with_seed(seed: u64) -> Sim {
+        let world = World {
+            now: START_MS,
+            rng: fastrand::Rng::with_seed(seed),
+            hub: FakeHub::new("epoch-1"),
+            net: Network::new(5),
+            tabs: Vec::new(),
+            storage: BTreeMap::new(),
+            ever_stored: BTreeMap::new(),
+            unstored_sends: Vec::new(),
+            local: VecDeque::new(),
+            debug: true,
+        };
+        Sim { world: Rc::new(RefCell::new(world)) }
+    }
+
+    /// Opens a tab of `site` keeping [`DATA_TYPES`] in step, debug logging on. Its engine
+    /// starts from the site's storage; nothing is triggered yet.
+    pub fn open(&self, site: &str) -> Tab {
+        self.open_with(site, |_| {})
+    }
+
+    /// Whether tabs opened from now on log their decisions ([`Event::Log`]); on by default.
+    pub fn set_debug(&self, debug: bool) {
+        self.world.borrow_mut().debug = debug;
+    }
+
+    /// Opens a tab with a configuration adjusted by `adjust`.
+    pub fn open_with(&self, site: &str, adjust: impl FnOnce(&mut Config)) -> Tab {
+        let mut world = self.world.borrow_mut();
+        let mut config = Config::new(site, USER, DATA_TYPES.to_vec());
+        config.debug = world.debug;
+        config.needs_token = world.hub.tokens_required();
+        adjust(&mut config);
+        let id = world.tabs.len();
+        let name = format!("{site}#{id}");
+        let engine = world.start_engine(site, &config);
+        world.tabs.push(TabState {
+            name,
+            site: site.into(),
+            config,
+            engine,
+            generation: 0,
+            open: true,
+            timer: None,
+            tokens: VecDeque::new(),
+            events: Vec::new(),
+            requests: Vec::new(),
+            ops: Vec::new(),
+            stale_wakeups: 0,
+            versions: BTreeMap::new(),
+            version_regressions: Vec::new(),
+        });
+        world.after_input(id);
+        Tab { world: self.world.clone(), id }
+    }
+
+    /// The hub. The world stays borrowed while the guard lives: use it within one statement,
+    /// and not twice in the same one.
+    pub fn hub(&self) -> RefMut<'_, FakeHub> {
+        RefMut::map(self.world.borrow_mut(), |w| &mut w.hub)
+    }
+
+    /// The network; borrowed like [`Sim::hub`].
+    pub fn net(&self) -> RefMut<'_, Network> {
+        RefMut::map(self.world.borrow_mut(), |w| &mut w.net)
+    }
+
+    pub fn now(&self) -> u64 {
+        self.world.borrow().now
+    }
+
+    /// Advances the clock to each next due thing (a packet's arrival, a tab's timer) until
+    /// nothing is due within [`QUIET_MS`]. Panics if that takes more than an hour of fake
+    /// time (a retry loop that never ends) or too many steps.
+    pub fn drive(&self) {
+        self.world.borrow_mut().drive();
+    }
+
+    /// Runs everything due within the next `ms`, then sets the clock to `now + ms`.
+    pub fn run_for(&self, ms: u64) {
+        let mut world = self.world.borrow_mut();
+        let until = world.now + ms;
+        world.run_until(until);
+    }
+
+    /// Sends every packet the network holds on its way, and stops holding (see
+    /// [`Network::hold_when`]).
+    pub fn release(&self) -> usize {
+        let mut world = self.world.borrow_mut();
+        let now = world.now;
+        world.net.release(now)
+    }
+
+    /// Sends the held packets `pick` chooses on their way; the others stay held.
+    pub fn release_if(&self, pick: impl FnMut(&Packet) -> bool) -> usize {
+        let mut world = self.world.borrow_mut();
+        let now = world.now;
+        world.net.release_if(now, pick)
+    }
+
+    /// The hub's amount of `data_type` for the user.
+    pub fn hub_amount(&self, data_type: DataType) -> i64 {
+        let field = protocol::amount_field(data_type).expect("an amount type");
+        self.hub().record(USER, data_type).data[field].as_i64().unwrap_or(0)
+    }
+
+    pub fn hub_coins(&self) -> i64 {
+        self.hub_amount(DataType::Balance)
+    }
+
+    /// Writes a record on the hub directly (another site, the agent, an admin).
+    pub fn hub_write(&self, data_type: DataType, data: Value) -> HubRecord {
+        let now = self.now();
+        self.hub().write(now, USER, data_type, data)
+    }
+
+    /// What `site`'s localStorage holds.
+    pub fn storage(&self, site: &str) -> Option<Persisted> {
+        self.world.borrow().storage.get(site).cloned()
+    }
+
+    /// Op ids of writes that were sent before they were ever stored.
+    pub fn unstored_sends(&self) -> Vec<String> {
+        self.world.borrow().unstored_sends.clone()
+    }
+}
+
+impl Tab {
+    // ---- inputs: nothing else happens, no time passes ----
+
+    fn with<R>(&self, f: impl FnOnce(&mut World, usize) -> R) -> R {
+        f(&mut self.world.borrow_mut(), self.id)
+    }
+
+    /// Feeds one input to the engine at the current time, then follows the call order.
+    fn input<R>(&self, f: impl FnOnce(&mut Engine, u64) -> R) -> R {
+        self.with(|world, id| {
+            assert!(world.tabs[id].open, "{} is closed", world.tabs[id].name);
+            let now = world.now;
+            let result = f(&mut world.tabs[id].engine, now);
+            world.after_input(id);
+            result
+        })
+    }
+
+    /// Which tab this is, as packets name it ([`Page::tab`]).
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    pub fn name(&self) -> String {
+        self.with(|w, id| w.tabs[id].name.clone())
+    }
+
+    /// Which page load this is: 0 for the first, +1 per reload.
+    pub fn generation(&self) -> u32 {
+        self.with(|w, id| w.tabs[id].generation)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.with(|w, id| w.tabs[id].open)
+    }
+
+    pub fn trigger(&self, trigger: Trigger) -> u64 {
+        self.input(|engine, now| engine.handle_trigger(now, trigger))
+    }
+
+    /// `apply_delta` on balance; the op id, or the engine's refusal.
+    pub fn apply_delta(&self, amount: i64) -> Result<String, Refusal> {
+        self.apply(DataType::Balance, amount)
+    }
+
+    /// `apply_delta` on `data_type`.
+    pub fn apply(&self, data_type: DataType, amount: i64) -> Result<String, Refusal> {
+        let result =
+            self.input(|engine, now| engine.apply_delta(now, data_type, amount, Some("game".into())));
+        if let Ok(op_id) = &result {
+            self.with(|w, id| w.tabs[id].ops.push(op_id.clone()));
+        }
+        result
+    }
+
+    /// `push_changes`; panics if the engine refuses the patch.
+    pub fn push(&self, data_type: DataType, patch: Value) -> String {
+        let op_id = self
+            .input(|engine, now| engine.push_changes(now, data_type, Json::from(&patch)))
+            .unwrap_or_else(|refusal| panic!("push refused by the engine: {refusal}"));
+        self.with(|w, id| w.tabs[id].ops.push(op_id.clone()));
+        op_id
+    }
+
+    pub fn hide(&self) {
+        self.input(|engine, now| engine.handle_hidden(now));
+    }
+
+    pub fn go_offline(&self) {
+        self.input(|engine, now| engine.handle_offline(now));
+    }
+
+    pub fn come_online(&self) -> u64 {
+        self.trigger(Trigger::Online)
+    }
+
+    /// `pagehide`: the engine sends what is pending with `keepalive`. The page stays; see
+    /// [`Tab::reload`] for the next one.
+    pub fn unload(&self) {
+        self.input(|engine, now| engine.handle_unload(now));
+    }
+
+    /// The next page load: the engine is dropped without warning and a new one starts from
+    /// the site's storage. Replies to the old page are lost; its requests already on the way
+    /// still reach the hub.
+    pub fn reload(&self) {
+        self.with(|world, id| world.reload(id, false));
+    }
+
+    /// Like [`Tab::reload`], but the browser aborts the old page's requests still on the way
+    /// (all but the `keepalive` ones).
+    pub fn reload_aborting(&self) {
+        self.with(|world, id| world.reload(id, true));
+    }
+
+    /// `pagehide` (keepalive flush), then the next page load; the browser aborts the old
+    /// page's other requests still on the way.
+    pub fn unload_and_reload(&self) {
+        self.unload();
+        self.reload_aborting();
+    }
+
+    /// The tab is closed: its engine is gone, its requests on the way still arrive.
+    pub fn close(&self) {
+        self.with(|world, id| world.tabs[id].open = false);
+    }
+
+    /// What the page answers to the next `NeedToken`s, before valid tokens again.
+    pub fn script_tokens(&self, answers: impl IntoIterator<Item = TokenAnswer>) {
+        self.with(|w, id| w.tabs[id].tokens.extend(answers));
+    }
+
+    // ---- stories: the input, then the world runs until quiescent ----
+
+    fn check(&self, trigger: Trigger) -> bool {
+        let ticket = self.trigger(trigger);
+        self.sim().drive();
+        self.check_done(ticket)
+            .unwrap_or_else(|| panic!("{}: ticket {ticket} never got CheckDone", self.name()))
+    }
+
+    /// Signs in and waits for the check; whether it was fresh.
+    pub fn login(&self) -> bool {
+        self.check(Trigger::Login)
+    }
+
+    /// The tab is hidden, then visible again; waits for the check.
+    pub fn tab_returns(&self) -> bool {
+        self.hide();
+        self.check(Trigger::TabVisible)
+    }
+
+    pub fn ensure_fresh(&self) -> bool {
+        self.check(Trigger::EnsureFresh)
+    }
+
+    pub fn force_sync(&self) -> bool {
+        self.check(Trigger::Force)
+    }
+
+    /// Adds `amount` coins and waits until the world is quiet; the op id.
+    pub fn delta(&self, amount: i64) -> String {
+        let op_id =
+            self.apply_delta(amount).unwrap_or_else(|r| panic!("{}: delta refused: {r}", self.name()));
+        self.sim().drive();
+        op_id
+    }
+
+    /// Spends `amount` coins and waits until the world is quiet; the op id.
+    pub fn spend(&self, amount: i64) -> String {
+        self.delta(-amount)
+    }
+
+    fn sim(&self) -> Sim {
+        Sim { world: self.world.clone() }
+    }
+
+    // ---- queries ----
+
+    /// The balance the page shows (pending writes included).
+    pub fn coins(&self) -> i64 {
+        self.amount(DataType::Balance)
+    }
+
+    pub fn points(&self) -> i64 {
+        self.amount(DataType::Points)
+    }
+
+    fn amount(&self, data_type: DataType) -> i64 {
+        let field = protocol::amount_field(data_type).expect("an amount type");
+        let view = self.view(data_type).unwrap_or_else(|| panic!("{}: no {data_type} known", self.name()));
+        view[field].as_i64().expect("an integer amount")
+    }
+
+    /// What the page shows for `data_type` (pending writes included).
+    pub fn view(&self, data_type: DataType) -> Option<Value> {
+        self.with(|w, id| w.tabs[id].engine.view(data_type).as_ref().map(Value::from))
+    }
+
+    pub fn record(&self, data_type: DataType) -> Option<CachedRecord> {
+        self.with(|w, id| w.tabs[id].engine.record(data_type).cloned())
+    }
+
+    pub fn status(&self) -> Status {
+        self.with(|w, id| w.tabs[id].engine.status())
+    }
+
+    pub fn pending(&self) -> Vec<Op> {
+        self.with(|w, id| w.tabs[id].engine.pending().cloned().collect())
+    }
+
+    pub fn persisted(&self) -> Persisted {
+        self.with(|w, id| w.tabs[id].engine.persisted())
+    }
+
+    /// What `poll_timeout` says now.
+    pub fn timer(&self) -> Option<u64> {
+        self.with(|w, id| w.tabs[id].engine.poll_timeout())
+    }
+
+    pub fn data_types(&self) -> Vec<DataType> {
+        self.with(|w, id| w.tabs[id].config.data_types.clone())
+    }
+
+    pub fn mark(&self) -> Mark {
+        self.with(|w, id| Mark { events: w.tabs[id].events.len(), requests: w.tabs[id].requests.len() })
+    }
+
+    /// Every request this tab sent, all page loads.
+    pub fn requests(&self) -> Vec<Request> {
+        self.with(|w, id| w.tabs[id].requests.iter().map(|(_, r)| r.clone()).collect())
+    }
+
+    /// Requests sent after `mark`, with the time each was sent.
+    pub fn requests_since(&self, mark: Mark) -> Vec<(u64, Request)> {
+        self.with(|w, id| w.tabs[id].requests[mark.requests..].to_vec())
+    }
+
+    pub fn events_since(&self, mark: Mark) -> Vec<Event> {
+        self.with(|w, id| w.tabs[id].events[mark.events..].iter().map(|l| l.event.clone()).collect())
+    }
+
+    /// The `CheckDone` of `ticket` in the current page load: whether it was fresh.
+    pub fn check_done(&self, ticket: u64) -> Option<bool> {
+        self.with(|w, id| {
+            let tab = &w.tabs[id];
+            let mut done =
+                tab.events.iter().filter(|l| l.generation == tab.generation).filter_map(|l| match l.event {
+                    Event::CheckDone { ticket: t, fresh } if t == ticket => Some(fresh),
+                    _ => None,
+                });
+            let first = done.next();
+            assert!(done.next().is_none(), "{}: ticket {ticket} got CheckDone twice", tab.name);
+            first
+        })
+    }
+
+    /// `(op_id, code)` of every `Refused` event.
+    pub fn refused(&self) -> Vec<(String, String)> {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match &l.event {
+                    Event::Refused { op_id, code, .. } => Some((op_id.clone(), code.clone())),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// Every `Status` event, in order.
+    pub fn statuses(&self) -> Vec<Status> {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match l.event {
+                    Event::Status(status) => Some(status),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// Every `Spinner` event with its time.
+    pub fn spinner(&self) -> Vec<(u64, bool)> {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match l.event {
+                    Event::Spinner(on) => Some((l.at, on)),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// How many times the engine asked for a token.
+    pub fn token_asks(&self) -> usize {
+        self.with(|w, id| w.tabs[id].events.iter().filter(|l| matches!(l.event, Event::NeedToken)).count())
+    }
+
+    /// Op ids this tab's engines made.
+    pub fn ops(&self) -> Vec<String> {
+        self.with(|w, id| w.tabs[id].ops.clone())
+    }
+
+    /// Times a cached record was replaced by an older version within one page load.
+    pub fn version_regressions(&self) -> Vec<String> {
+        self.with(|w, id| w.tabs[id].version_regressions.clone())
+    }
+
+    pub fn stale_wakeups(&self) -> u32 {
+        self.with(|w, id| w.tabs[id].stale_wakeups)
+    }
+
+    /// The debug lines, for failure messages.
+    pub fn debug_log(&self) -> String {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match &l.event {
+                    Event::Log(line) => Some(format!("  +{}ms {line}", l.at - START_MS)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
+}
+
+/// The body of a POST as JSON.
+pub fn body_of(request: &Request) -> Option<Value> {
+    request.body.as_ref().map(Value::from)
+}
+
+/// The op id of a write request.
+pub fn op_id_of(request: &Request) -> Option<String> {
+    request.body.as_ref()?.get("op_id").and_then(Json::as_str).map(str::to_owned)
+}
+
+/// The `action` of a request (`timestamp`, `get`, `push`, `delta`).
+pub fn action_of(request: &Request) -> String {
+    match request.method {
+        Method::Get => {
+            hub::query_params(request.query.as_deref().unwrap_or("")).remove("action").unwrap_or_default()
+        }
+        Method::Post => body_of(request)
+            .and_then(|b| b.get("action").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default(),
+    }
+}
+
+/// The `data_type` a request names (a comma list for a check).
+pub fn data_type_of(request: &Request) -> String {
+    match request.method {
+        Method::Get => {
+            hub::query_params(request.query.as_deref().unwrap_or("")).remove("data_type").unwrap_or_default()
+        }
+        Method::Post => body_of(request)
+            .and_then(|b| b.get("data_type").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default(),
+    }
+}
+
+impl World {
+    fn start_engine(&mut self, site: &str, config: &Config) -> Engine {
+        let mut config = config.clone();
+        // A real shell seeds every page load with fresh randomness.
+        config.seed = self.rng.u64(..);
+        Engine::new(config, self.storage.get(site).cloned(), self.now)
+    }
+
+    fn page(&self, id: usize) -> Page {
+        Page { tab: id, generation: self.tabs[id].generation }
+    }
+
+    fn reload(&mut self, id: usize, abort: bool) {
+        assert!(self.tabs[id].open, "{} is closed", self.tabs[id].name);
+        if abort {
+            let page = self.page(id);
+            self.net.abort_requests_of(page);
+        }
+        let (site, config) = (self.tabs[id].site.clone(), self.tabs[id].config.clone());
+        let engine = self.start_engine(&site, &config);
+        let tab = &mut self.tabs[id];
+        tab.engine = engine;
+        tab.generation += 1;
+        tab.timer = None;
+        tab.versions.clear();
+        self.after_input(id);
+    }
+
+    /// After an input to tab `id`: its outputs, then what it told the site's other tabs.
+    fn after_input(&mut self, id: usize) {
+        self.flush(id);
+        self.settle();
+    }
+
+    /// Drains tab `id`'s events, then its requests, until both are empty; arms its timer.
+    fn flush(&mut self, id: usize) {
+        if !self.tabs[id].open {
+            return;
+        }
+        loop {
+            if let Some(event) = self.tabs[id].engine.poll_event() {
+                self.on_event(id, event);
+                continue;
+            }
+            if let Some(request) = self.tabs[id].engine.poll_request() {
+                self.send(id, request);
+                continue;
+            }
+            break;
+        }
+        let tab = &mut self.tabs[id];
+        tab.timer = tab.engine.poll_timeout();
+        for data_type in DataType::ALL {
+            let Some(version) = tab.engine.record(data_type).map(|r| r.version) else { continue };
+            let highest = tab.versions.entry(data_type).or_insert(version);
+            if version < *highest {
+                tab.version_regressions.push(format!("{data_type} v{highest} → v{version} at {}", self.now));
+            }
+            *highest = version.max(*highest);
+        }
+    }
+
+    fn on_event(&mut self, id: usize, event: Event) {
+        let (now, page) = (self.now, self.page(id));
+        let site = self.tabs[id].site.clone();
+        self.tabs[id].events.push(Logged { at: now, generation: page.generation, event: event.clone() });
+        match event {
+            Event::Persist => {
+                let persisted = self.tabs[id].engine.persisted();
+                let ops = persisted.outbox.clone();
+                self.ever_stored
+                    .entry(site.clone())
+                    .or_default()
+                    .extend(ops.iter().map(|op| op.op_id.clone()));
+                self.storage.insert(site.clone(), persisted);
+                for other in self.same_site(id) {
+                    self.local.push_back((self.page(other), Local::StoredOps(ops.clone())));
+                }
+            }
+            Event::NeedToken => {
+                let answer = self.tabs[id].tokens.pop_front().unwrap_or(TokenAnswer::Valid);
+                let token = match answer {
+                    TokenAnswer::Valid => Some(self.hub.mint_token(&site, USER)),
+                    TokenAnswer::Bad => Some("expired-token".to_owned()),
+                    TokenAnswer::Unavailable => None,
+                };
+                self.tabs[id].engine.handle_token(now, token);
+            }
+            Event::Share(shared) => {
+                for other in self.same_site(id) {
+                    self.local.push_back((self.page(other), Local::Shared(shared.clone())));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The other open tabs of tab `id`'s site.
+    fn same_site(&self, id: usize) -> Vec<usize> {
+        let site = &self.tabs[id].site;
+        (0..self.tabs.len()).filter(|&o| o != id && self.tabs[o].open && self.tabs[o].site == *site).collect()
+    }
+
+    fn send(&mut self, id: usize, request: Request) {
+        let site = &self.tabs[id].site;
+        if let Some(op_id) = op_id_of(&request)
+            && !self.ever_stored.get(site).is_some_and(|ops| ops.contains(&op_id))
+        {
+            self.unstored_sends.push(op_id);
+        }
+        let now = self.now;
+        self.tabs[id].requests.push((now, request.clone()));
+        let packet = Packet::Request { from: self.page(id), request };
+        self.net.send(now, packet, &mut self.rng);
+    }
+
+    /// Delivers the messages between tabs, and what their reactions send on.
+    fn settle(&mut self) {
+        while let Some((page, message)) = self.local.pop_front() {
+            if !self.is_current(page) {
+                continue;
+            }
+            let now = self.now;
+            let engine = &mut self.tabs[page.tab].engine;
+            match message {
+                Local::StoredOps(ops) => engine.handle_stored_ops(now, ops),
+                Local::Shared(shared) => engine.handle_shared(now, shared),
+            }
+            self.flush(page.tab);
+        }
+    }
+
+    fn is_current(&self, page: Page) -> bool {
+        let tab = &self.tabs[page.tab];
+        tab.open && tab.generation == page.generation
+    }
+
+    fn deliver(&mut self, packet: Packet) {
+        let now = self.now;
+        match packet {
+            Packet::Request { from, request } => {
+                let reply = self.hub.handle(now, &request);
+                let packet = Packet::Reply { to: from, request, reply };
+                self.net.send(now, packet, &mut self.rng);
+            }
+            Packet::Reply { to, request, reply } => {
+                if self.is_current(to) {
+                    self.tabs[to.tab].engine.handle_reply(now, request.id, reply);
+                    self.after_input(to.tab);
+                }
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        let timers = self.tabs.iter().filter(|t| t.open).filter_map(|t| t.timer);
+        timers.chain(self.net.next_at()).min()
+    }
+
+    /// Handles one thing due at the current time: a packet, else a timer.
+    fn step(&mut self) {
+        let now = self.now;
+        if let Some(packet) = self.net.pop_due(now) {
+            self.deliver(packet);
+            return;
+        }
+        let Some(id) = (0..self.tabs.len())
+            .find(|&id| self.tabs[id].open && self.tabs[id].timer.is_some_and(|at| at <= now))
+        else {
+            return;
+        };
+        self.tabs[id].engine.handle_timeout(now);
+        self.flush(id);
+        if self.tabs[id].timer.is_some_and(|at| at <= now) {
+            self.tabs[id].stale_wakeups += 1;
+            self.tabs[id].timer = None;
+        }
+        self.settle();
+    }
+
+    fn run_until(&mut self, until: u64) {
+        let mut steps = 0;
+        while let Some(at) = self.next_due().filter(|&at| at <= until) {
+            self.now = self.now.max(at);
+            self.step();
+            steps += 1;
+            assert!(steps < MAX_STEPS, "no end in sight after {steps} steps: {}", self.describe());
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn drive(&mut self) {
+        let limit = self.now + DRIVE_LIMIT_MS;
+        let mut steps = 0;
+        loop {
+            let next = self.next_due();
+            if self.net.is_idle() && next.is_none_or(|at| at >= self.now + QUIET_MS) {
+                return;
+            }
+            let at = next.expect("a packet in transit is due");
+            assert!(at <= limit, "not quiescent after an hour: {}", self.describe());
+            self.now = self.now.max(at);
+            self.step();
+            steps += 1;
+            assert!(steps < MAX_STEPS, "no end in sight after {steps} steps: {}", self.describe());
+        }
+    }
+
+    fn describe(&self) -> String {
+        let tabs: Vec<String> = self
+            .tabs
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} (gen {}, open {}, timer {:?}, pending {}, status {:?})",
+                    t.name,
+                    t.generation,
+                    t.open,
+                    t.timer.map(|at| at as i64 - self.now as i64),
+                    t.engine.pending().count(),
+                    t.engine.status()
+                )
+            })
+            .collect();
+        format!(
+            "now +{}ms, hub {:?}, {:?}, tabs: {}",
+            self.now - START_MS,
+            self.hub.mode(),
+            self.net,
+            tabs.join("; ")
+        )
+    }
+}
