@@ -13,7 +13,7 @@ use sync_core::{
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::{JsFuture, spawn_local};
-use web_sys::{BroadcastChannel, MessageEvent, RequestCache, RequestInit, RequestMode, Response};
+use web_sys::{BroadcastChannel, MessageEvent, RequestInit, RequestMode, Response};
 
 use crate::options::Options;
 use crate::spinner::Spinner;
@@ -495,8 +495,10 @@ async fn fetch(endpoint: &str, request: Request) -> Reply {
     let init = RequestInit::new();
     let headers = web_sys::Headers::new().expect("Headers can be made");
     init.set_mode(RequestMode::Cors);
-    // The engine does its own revalidation (If-None-Match); the browser cache must not answer.
-    init.set_cache(RequestCache::NoStore);
+    // The default cache mode: the hub marks its answers `no-store` (or `no-cache` with an
+    // ETag), so the browser never answers from a stale copy, and the engine's own
+    // `If-None-Match` makes a fetch bypass the HTTP cache anyway. `no-store` here would also
+    // bypass Chromium's CORS preflight cache: every check would cost a second request.
     if let Some(token) = &request.token {
         let _ = headers.set("Authorization", &format!("Bearer {token}"));
     }

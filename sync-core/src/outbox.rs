@@ -80,8 +80,8 @@ impl Op {
     }
 }
 
-/// Exponential backoff with full jitter: the delay before retry `attempt` (1-based), at
-/// least `retry_after_ms` when the hub asked for it.
+/// Exponential backoff with equal jitter (between half and all of the doubled step): the
+/// delay before retry `attempt` (1-based), at least `retry_after_ms` when the hub asked for it.
 pub(crate) fn backoff_ms(
     attempt: u32,
     base_ms: u64,
