@@ -97,8 +97,9 @@ pub struct Engine {
     records: PerType<CachedRecord>,
     outbox: Vec<Op>,
     done: Vec<String>,
-    /// The view last announced per type, so the page hears only of real changes.
-    shown: PerType<Json>,
+    /// What was last announced per type (view, version, pending writes), so the page hears
+    /// of every real change — a confirmed write too — and of nothing else.
+    shown: PerType<(Json, u64, usize)>,
     check: Option<Check>,
     next_ticket: u64,
     next_check_id: u64,
@@ -833,17 +834,20 @@ impl Engine {
     fn announce(&mut self, source: Source) {
         for data_type in DataType::ALL {
             let Some(view) = self.view(data_type) else { continue };
-            if self.shown.get(data_type) == Some(&view) {
+            let record = self.records.get(data_type);
+            let version = record.map_or(0, |r| r.version);
+            let pending = self.outbox.iter().filter(|op| op.data_type == data_type).count();
+            let state = (view, version, pending);
+            if self.shown.get(data_type) == Some(&state) {
                 continue;
             }
-            self.shown.insert(data_type, view.clone());
-            let record = self.records.get(data_type);
-            let pending = self.outbox.iter().filter(|op| op.data_type == data_type).count();
+            self.shown.insert(data_type, state.clone());
+            let (view, ..) = state;
             let source = if pending > 0 && source == Source::Hub { Source::Local } else { source };
             self.events.push(Event::Data {
                 data_type,
                 data: view,
-                version: record.map_or(0, |r| r.version),
+                version,
                 last_updated: record.and_then(|r| r.last_updated.clone()),
                 source,
                 pending,

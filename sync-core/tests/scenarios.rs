@@ -848,3 +848,21 @@ fn a_late_fetch_from_an_abandoned_check_does_not_complete_the_next_check() {
     assert_eq!(tab.check_done(before_purchase), Some(true));
     assert_eq!(tab.coins(), 30);
 }
+
+#[test]
+fn a_confirmed_write_is_announced_even_when_the_shown_data_is_unchanged() {
+    let (sim, tab) = signed_in();
+    let mark = tab.mark();
+    tab.delta(5);
+    sim.drive();
+    let announced: Vec<(u64, usize)> = tab
+        .events_since(mark)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Data { data_type: DataType::Balance, version, pending, .. } => Some((version, pending)),
+            _ => None,
+        })
+        .collect();
+    let hub_version = sim.hub().record(USER, DataType::Balance).version;
+    assert_eq!(announced.last(), Some(&(hub_version, 0)), "{announced:?}");
+}

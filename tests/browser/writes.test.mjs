@@ -345,12 +345,6 @@ test("destroy() stops syncing, removes the indicator and keeps unconfirmed write
 
 test(
   "the page hears when its write is confirmed (meta.pending back to 0)",
-  {
-    skip:
-      "sync-core bug: Engine::announce emits Event::Data only when the shown data changes, so a " +
-      "confirmed write (same coins, new version, pending 0) is never announced; the last meta " +
-      "the page sees stays {source: 'local', pending: 1, version: <old>}",
-  },
   async () => {
     const user = h.user("confirmed");
     const page = await h.site("roflfaucet").open(user);
