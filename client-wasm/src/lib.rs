@@ -9,7 +9,7 @@ mod spinner;
 
 use std::rc::Rc;
 
-use sync_core::{DataType, Trigger};
+use sync_core::Trigger;
 use wasm_bindgen::prelude::*;
 
 use crate::options::Options;
@@ -110,7 +110,7 @@ impl SyncManager {
     #[wasm_bindgen(js_name = ensureFresh)]
     pub fn ensure_fresh(&self, data_type: Option<String>) -> Result<js_sys::Promise, JsValue> {
         if let Some(t) = data_type {
-            DataType::parse(&t).map_err(shell::SyncError::from)?;
+            shell::data_type_of(&t)?;
         }
         Ok(self.shell.check(Trigger::EnsureFresh))
     }
@@ -176,3 +176,10 @@ export class SyncManager {
   destroy(): void;
 }
 "#;
+
+/// A small allocator: the client's heap holds a few kilobytes of records and requests, and
+/// the default allocator would be a sixth of the package.
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: lol_alloc::LockedAllocator<lol_alloc::FreeListAllocator> =
+    lol_alloc::LockedAllocator::new(lol_alloc::FreeListAllocator::new());

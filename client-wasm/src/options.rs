@@ -31,10 +31,9 @@ fn field(options: &JsValue, name: &str) -> JsValue {
 }
 
 fn required_string(options: &JsValue, name: &str) -> Result<String, SyncError> {
-    field(options, name)
-        .as_string()
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| SyncError::new("invalid_options", format!("SyncManager needs {name} (a string)")))
+    field(options, name).as_string().filter(|s| !s.is_empty()).ok_or_else(|| {
+        SyncError::new("invalid_options", ["SyncManager needs ", name, " (a string)"].concat())
+    })
 }
 
 fn millis(options: &JsValue, name: &str) -> Result<Option<u64>, SyncError> {
@@ -44,7 +43,7 @@ fn millis(options: &JsValue, name: &str) -> Result<Option<u64>, SyncError> {
     }
     match value.as_f64() {
         Some(n) if n >= 0.0 && n.is_finite() => Ok(Some(n as u64)),
-        _ => Err(SyncError::new("invalid_options", format!("{name} must be a number of milliseconds"))),
+        _ => Err(SyncError::new("invalid_options", [name, " must be a number of milliseconds"].concat())),
     }
 }
 
@@ -77,7 +76,7 @@ impl Options {
             let mut list = Vec::new();
             for item in array.iter() {
                 let name = item.as_string().unwrap_or_default();
-                let t = DataType::parse(&name)?;
+                let t = crate::shell::data_type_of(&name)?;
                 if !list.contains(&t) {
                     list.push(t);
                 }
@@ -120,7 +119,7 @@ impl Options {
         if url.ends_with("/api/sync.php") || url.ends_with("/api/sync") {
             url.to_owned()
         } else {
-            format!("{url}/api/sync")
+            [url, "/api/sync"].concat()
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Wiring between the page and the engine: every input goes to the engine with the current
-//! time, then [`Shell::drive`] drains the engine's outputs in the documented order.
+//! time, then [`Shell::drive`] drains the engine's outputs in the documented order. The two
+//! asynchronous browser calls (`fetch`, the page's `getToken`) are a few lines of JavaScript
+//! that call back into Rust once: cheaper in the package than Rust futures.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -12,8 +14,6 @@ use sync_core::{
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
-use wasm_bindgen_futures::{JsFuture, spawn_local};
-use web_sys::{BroadcastChannel, MessageEvent, RequestInit, RequestMode, Response};
 
 use crate::options::Options;
 use crate::spinner::Spinner;
@@ -103,12 +103,8 @@ fn stringify(value: &Json) -> String {
     js_sys::JSON::stringify(&to_js(value)).ok().and_then(|s| s.as_string()).unwrap_or_default()
 }
 
-/// One registered DOM listener, kept to be removed on `destroy`.
-struct Listener {
-    target: web_sys::EventTarget,
-    kind: &'static str,
-    closure: Closure<dyn FnMut(web_sys::Event)>,
-}
+/// A Rust function the page's JavaScript calls with one value.
+type Callback = Closure<dyn FnMut(JsValue)>;
 
 pub(crate) struct Shell {
     engine: RefCell<Engine>,
@@ -121,8 +117,10 @@ pub(crate) struct Shell {
     waiting: RefCell<Vec<(u64, Function)>>,
     spinner: RefCell<Spinner>,
     timer: RefCell<Option<Timeout>>,
-    channel: Option<BroadcastChannel>,
-    dom: RefCell<Vec<Listener>>,
+    /// The page events and the tabs' channel, wired in JavaScript (see `wire` below).
+    wiring: RefCell<Option<Wiring>>,
+    /// The callbacks `wiring` calls; kept alive as long as the shell.
+    callbacks: RefCell<Vec<Callback>>,
     destroyed: Cell<bool>,
     this: Weak<Shell>,
 }
@@ -130,7 +128,8 @@ pub(crate) struct Shell {
 impl Shell {
     pub(crate) fn start(options: Options) -> Result<Rc<Shell>, SyncError> {
         let endpoint = options.endpoint();
-        let storage_key = format!("unified-sync:{endpoint}:{}", options.user_id);
+        let storage_key = ["unified-sync:", &endpoint, ":", &options.user_id].concat();
+        let channel = [storage_key.as_str(), ":", &options.site_id].concat();
         let debug = options.debug
             || storage().and_then(|s| s.get_item("sync_debug").ok().flatten()).as_deref() == Some("true");
         let mut config =
@@ -149,7 +148,6 @@ impl Shell {
         }
         let stored = load(&storage_key);
         let engine = Engine::new(config, stored, now());
-        let channel = BroadcastChannel::new(&format!("{storage_key}:{}", options.site_id)).ok();
         let shell = Rc::new_cyclic(|this| Shell {
             engine: RefCell::new(engine),
             endpoint,
@@ -159,65 +157,50 @@ impl Shell {
             waiting: RefCell::new(Vec::new()),
             spinner: RefCell::new(Spinner::new(options.spinner)),
             timer: RefCell::new(None),
-            channel,
-            dom: RefCell::new(Vec::new()),
+            wiring: RefCell::new(None),
+            callbacks: RefCell::new(Vec::new()),
             destroyed: Cell::new(false),
             this: this.clone(),
         });
-        shell.wire();
+        shell.wire(&channel);
         shell.drive();
         Ok(shell)
     }
 
-    /// Registers the page events the engine reacts to. `focus` is deliberately not one.
-    fn wire(&self) {
-        let Some(window) = web_sys::window() else { return };
-        if let Some(document) = window.document() {
-            self.listen(document.into(), "visibilitychange", |shell, _| {
-                let visible = web_sys::window()
-                    .and_then(|w| w.document())
-                    .is_none_or(|d| d.visibility_state() == web_sys::VisibilityState::Visible);
-                if visible {
-                    shell.engine.borrow_mut().handle_trigger(now(), Trigger::TabVisible);
-                } else {
-                    shell.engine.borrow_mut().handle_hidden(now());
-                }
-            });
-        }
-        let target: web_sys::EventTarget = window.into();
-        self.listen(target.clone(), "pageshow", |shell, event| {
-            let persisted = event.dyn_ref::<web_sys::PageTransitionEvent>().is_some_and(|e| e.persisted());
-            if persisted {
-                shell.engine.borrow_mut().handle_trigger(now(), Trigger::PageShow);
-            }
-        });
-        self.listen(target.clone(), "online", |shell, _| {
-            shell.engine.borrow_mut().handle_trigger(now(), Trigger::Online);
-        });
-        self.listen(target.clone(), "offline", |shell, _| shell.engine.borrow_mut().handle_offline(now()));
-        self.listen(target, "pagehide", |shell, _| shell.engine.borrow_mut().handle_unload(now()));
-        if let Some(channel) = &self.channel {
-            self.listen(channel.clone().into(), "message", |shell, event| {
-                let data = event.dyn_ref::<MessageEvent>().map(|m| from_js(&m.data()));
-                if let Some(shared) = data.as_ref().and_then(Shared::from_json) {
-                    shell.engine.borrow_mut().handle_shared(now(), shared);
-                }
-            });
-        }
-    }
-
-    fn listen(&self, target: web_sys::EventTarget, kind: &'static str, handler: fn(&Shell, &web_sys::Event)) {
+    /// Registers the page events the engine reacts to (`focus` is deliberately not one) and
+    /// the channel the site's tabs share fresh data on.
+    fn wire(&self, channel: &str) {
         let this = self.this.clone();
-        let closure = Closure::<dyn FnMut(web_sys::Event)>::new(move |event: web_sys::Event| {
-            if let Some(shell) = this.upgrade()
-                && !shell.destroyed.get()
-            {
-                handler(&shell, &event);
+        let on_event = Callback::new(move |code: JsValue| {
+            let Some(shell) = this.upgrade().filter(|s| !s.destroyed.get()) else { return };
+            let mut engine = shell.engine.borrow_mut();
+            match code.as_f64().unwrap_or(0.0) as u8 {
+                1 => {
+                    engine.handle_trigger(now(), Trigger::TabVisible);
+                }
+                2 => engine.handle_hidden(now()),
+                3 => {
+                    engine.handle_trigger(now(), Trigger::PageShow);
+                }
+                4 => {
+                    engine.handle_trigger(now(), Trigger::Online);
+                }
+                5 => engine.handle_offline(now()),
+                _ => engine.handle_unload(now()),
+            }
+            drop(engine);
+            shell.drive();
+        });
+        let this = self.this.clone();
+        let on_shared = Callback::new(move |message: JsValue| {
+            let Some(shell) = this.upgrade().filter(|s| !s.destroyed.get()) else { return };
+            if let Some(shared) = Shared::from_json(&from_js(&message)) {
+                shell.engine.borrow_mut().handle_shared(now(), shared);
                 shell.drive();
             }
         });
-        let _ = target.add_event_listener_with_callback(kind, closure.as_ref().unchecked_ref());
-        self.dom.borrow_mut().push(Listener { target, kind, closure });
+        *self.wiring.borrow_mut() = Some(wire(channel, on_event.as_ref(), on_shared.as_ref()));
+        self.callbacks.borrow_mut().extend([on_event, on_shared]);
     }
 
     /// Drains the engine: events first (so a write is stored before it is sent), then
@@ -257,15 +240,8 @@ impl Shell {
     fn on_event(&self, event: Event) {
         match event {
             Event::Data { data_type, data, version, last_updated, source, pending } => {
-                let meta = js_sys::Object::new();
-                let set = |k: &str, v: JsValue| {
-                    let _ = js_sys::Reflect::set(&meta, &k.into(), &v);
-                };
-                set("version", JsValue::from_f64(version as f64));
-                set("lastUpdated", last_updated.map_or(JsValue::NULL, |s| JsValue::from_str(&s)));
-                set("source", source_name(source).into());
-                set("pending", JsValue::from_f64(pending as f64));
-                self.emit(data_type.as_str(), &to_js(&data), &meta.into());
+                let meta = meta(version, last_updated, source_name(source), pending);
+                self.emit(data_type.as_str(), &to_js(&data), &meta);
             }
             Event::Status(status) => self.emit("status", &status.as_str().into(), &JsValue::UNDEFINED),
             Event::Spinner(visible) => self.spinner.borrow_mut().show(visible),
@@ -279,22 +255,18 @@ impl Shell {
                 }
             }
             Event::Refused { data_type, op_id, code, message } => {
-                let refused = js_sys::Object::new();
-                for (k, v) in [
-                    ("dataType", data_type.as_str()),
-                    ("opId", &op_id),
-                    ("code", &code),
-                    ("message", &message),
-                ] {
-                    let _ = js_sys::Reflect::set(&refused, &k.into(), &v.into());
-                }
-                self.emit("refused", &refused.into(), &JsValue::UNDEFINED);
+                let refused = Json::object()
+                    .with("dataType", data_type.as_str())
+                    .with("opId", op_id)
+                    .with("code", code)
+                    .with("message", message);
+                self.emit("refused", &to_js(&refused), &JsValue::UNDEFINED);
             }
             Event::NeedToken => self.fetch_token(),
             Event::Persist => self.persist(),
             Event::Share(shared) => {
-                if let Some(channel) = &self.channel {
-                    let _ = channel.post_message(&to_js(&shared.to_json()));
+                if let Some(wiring) = &*self.wiring.borrow() {
+                    wiring.post(&to_js(&shared.to_json()));
                 }
             }
             Event::Log(line) => web_sys::console::log_1(&line.into()),
@@ -330,27 +302,25 @@ impl Shell {
     fn fetch_token(&self) {
         let Some(get_token) = self.get_token.clone() else { return };
         let this = self.this.clone();
-        spawn_local(async move {
-            let token = match get_token.call0(&JsValue::NULL) {
-                Ok(value) => match value.dyn_into::<Promise>() {
-                    Ok(promise) => JsFuture::from(promise).await.ok().and_then(|v| v.as_string()),
-                    Err(value) => value.as_string(),
-                },
-                Err(_) => None,
-            };
+        let done = Closure::once_into_js(move |token: String| {
             if let Some(shell) = this.upgrade() {
-                shell.engine.borrow_mut().handle_token(now(), token.filter(|t| !t.is_empty()));
+                shell.engine.borrow_mut().handle_token(now(), Some(token).filter(|t| !t.is_empty()));
                 shell.drive();
             }
         });
+        ask_token(&get_token, &done);
     }
 
     fn send(&self, request: Request) {
-        let endpoint = self.endpoint.clone();
         let this = self.this.clone();
-        spawn_local(async move {
-            let id = request.id;
-            let reply = fetch(&endpoint, request).await;
+        let id = request.id;
+        let done = Closure::once_into_js(move |status: u16, retry_after: Option<String>, text: String| {
+            let reply = if status == 0 {
+                Reply::NetworkError
+            } else {
+                let body = if text.is_empty() { Json::Null } else { parse(&text) };
+                Reply::Answer { status, body, retry_after: retry_after.and_then(|v| v.trim().parse().ok()) }
+            };
             if let Some(shell) = this.upgrade()
                 && !shell.destroyed.get()
             {
@@ -358,6 +328,19 @@ impl Shell {
                 shell.drive();
             }
         });
+        let (url, method) = match (&request.method, &request.query) {
+            (Method::Get, Some(query)) => ([self.endpoint.as_str(), "?", query].concat(), "GET"),
+            _ => (self.endpoint.clone(), "POST"),
+        };
+        hub_request(
+            &url,
+            method,
+            request.token.as_deref(),
+            request.if_none_match.as_deref(),
+            request.body.as_ref().map(stringify).as_deref(),
+            request.keepalive,
+            &done,
+        );
     }
 
     // ---- the page's calls ----
@@ -365,27 +348,15 @@ impl Shell {
     pub(crate) fn on(&self, event: &str, listener: Function) {
         self.listeners.borrow_mut().push((event.to_owned(), listener.clone()));
         // A data listener hears at once what is already known.
-        if let Ok(data_type) = DataType::parse(event) {
+        if let Some(data_type) = sync_core::data_type_named(event) {
             let engine = self.engine.borrow();
             if let Some(view) = engine.view(data_type) {
                 let record = engine.record(data_type).cloned();
                 let pending = engine.pending().filter(|op| op.data_type == data_type).count();
                 drop(engine);
-                let meta = js_sys::Object::new();
-                let _ = js_sys::Reflect::set(
-                    &meta,
-                    &"version".into(),
-                    &JsValue::from_f64(record.as_ref().map_or(0, |r| r.version) as f64),
-                );
-                let last = record.and_then(|r| r.last_updated);
-                let _ = js_sys::Reflect::set(
-                    &meta,
-                    &"lastUpdated".into(),
-                    &last.map_or(JsValue::NULL, |s| s.into()),
-                );
-                let _ = js_sys::Reflect::set(&meta, &"source".into(), &"cache".into());
-                let _ = js_sys::Reflect::set(&meta, &"pending".into(), &JsValue::from_f64(pending as f64));
-                let _ = listener.call2(&JsValue::NULL, &to_js(&view), &meta.into());
+                let (version, last_updated) = record.map_or((0, None), |r| (r.version, r.last_updated));
+                let meta = meta(version, last_updated, "cache", pending);
+                let _ = listener.call2(&JsValue::NULL, &to_js(&view), &meta);
             }
         }
     }
@@ -417,7 +388,7 @@ impl Shell {
         delta: &JsValue,
         reason: Option<String>,
     ) -> Result<String, SyncError> {
-        let data_type = DataType::parse(data_type)?;
+        let data_type = data_type_of(data_type)?;
         let amount = match delta.as_f64() {
             Some(n) => Some(n),
             None => protocol::amount_field(data_type)
@@ -434,7 +405,7 @@ impl Shell {
     }
 
     pub(crate) fn push_changes(&self, data_type: &str, changes: &JsValue) -> Result<String, SyncError> {
-        let data_type = DataType::parse(data_type)?;
+        let data_type = data_type_of(data_type)?;
         let patch = from_js(changes);
         let op_id = self.engine.borrow_mut().push_changes(now(), data_type, patch)?;
         self.drive();
@@ -442,7 +413,7 @@ impl Shell {
     }
 
     pub(crate) fn get(&self, data_type: &str) -> Result<JsValue, SyncError> {
-        let data_type = DataType::parse(data_type)?;
+        let data_type = data_type_of(data_type)?;
         Ok(self.engine.borrow().view(data_type).map_or(JsValue::UNDEFINED, |v| to_js(&v)))
     }
 
@@ -454,14 +425,8 @@ impl Shell {
         if self.destroyed.replace(true) {
             return;
         }
-        for listener in self.dom.borrow_mut().drain(..) {
-            let _ = listener.target.remove_event_listener_with_callback(
-                listener.kind,
-                listener.closure.as_ref().unchecked_ref(),
-            );
-        }
-        if let Some(channel) = &self.channel {
-            channel.close();
+        if let Some(wiring) = self.wiring.borrow_mut().take() {
+            wiring.close();
         }
         self.timer.borrow_mut().take();
         self.spinner.borrow_mut().remove();
@@ -470,6 +435,26 @@ impl Shell {
             let _ = resolve.call1(&JsValue::NULL, &JsValue::FALSE);
         }
     }
+}
+
+/// The data type a page names, or an error listing the valid ones.
+pub(crate) fn data_type_of(name: &str) -> Result<DataType, SyncError> {
+    sync_core::data_type_named(name).ok_or_else(|| {
+        SyncError::new(
+            "invalid_data_type",
+            "the data type must be balance, points, profile, roles or settings",
+        )
+    })
+}
+
+/// What a data listener learns besides the data (`RecordMeta` in the typings).
+fn meta(version: u64, last_updated: Option<String>, source: &str, pending: usize) -> JsValue {
+    let meta = Json::object()
+        .with("version", version)
+        .with("lastUpdated", last_updated)
+        .with("source", source)
+        .with("pending", pending as u64);
+    to_js(&meta)
 }
 
 fn source_name(source: Source) -> &'static str {
@@ -490,51 +475,69 @@ fn load(key: &str) -> Option<Persisted> {
     Some(Persisted::from_json(&parse(&text)))
 }
 
-/// Sends one request; any failure to get an answer is a `NetworkError`.
-async fn fetch(endpoint: &str, request: Request) -> Reply {
-    let init = RequestInit::new();
-    let headers = web_sys::Headers::new().expect("Headers can be made");
-    init.set_mode(RequestMode::Cors);
-    // The default cache mode: the hub marks its answers `no-store` (or `no-cache` with an
-    // ETag), so the browser never answers from a stale copy, and the engine's own
-    // `If-None-Match` makes a fetch bypass the HTTP cache anyway. `no-store` here would also
-    // bypass Chromium's CORS preflight cache: every check would cost a second request.
-    if let Some(token) = &request.token {
-        let _ = headers.set("Authorization", &format!("Bearer {token}"));
-    }
-    if let Some(tag) = &request.if_none_match {
-        let _ = headers.set("If-None-Match", tag);
-    }
-    let url = match (&request.method, &request.query) {
-        (Method::Get, Some(query)) => {
-            init.set_method("GET");
-            format!("{endpoint}?{query}")
-        }
-        _ => {
-            init.set_method("POST");
-            let _ = headers.set("Content-Type", "application/json");
-            init.set_body(&JsValue::from_str(&request.body.as_ref().map_or_else(|| "{}".into(), stringify)));
-            endpoint.to_owned()
-        }
-    };
-    init.set_headers(&headers);
-    if request.keepalive {
-        // `keepalive` lets the request outlive the page (web-sys exposes no setter for it).
-        let _ = js_sys::Reflect::set(&init, &"keepalive".into(), &JsValue::TRUE);
-    }
-    let Some(window) = web_sys::window() else { return Reply::NetworkError };
-    let Ok(response) = JsFuture::from(window.fetch_with_str_and_init(&url, &init)).await else {
-        return Reply::NetworkError;
-    };
-    let Ok(response) = response.dyn_into::<Response>() else { return Reply::NetworkError };
-    let status = response.status();
-    let retry_after =
-        response.headers().get("Retry-After").ok().flatten().and_then(|v| v.trim().parse().ok());
-    let body = match response.text() {
-        Ok(promise) => {
-            JsFuture::from(promise).await.ok().and_then(|v| v.as_string()).map_or(Json::Null, |t| parse(&t))
-        }
-        Err(_) => Json::Null,
-    };
-    Reply::Answer { status, body, retry_after }
+#[wasm_bindgen(inline_js = r#"
+export function hubRequest(url, method, token, ifNoneMatch, body, keepalive, done) {
+  const headers = {};
+  if (token) headers.Authorization = "Bearer " + token;
+  if (ifNoneMatch) headers["If-None-Match"] = ifNoneMatch;
+  if (body != null) headers["Content-Type"] = "application/json";
+  fetch(url, { method, headers, body, keepalive, mode: "cors" })
+    .then((r) => r.text().then((t) => done(r.status, r.headers.get("Retry-After"), t)))
+    .catch(() => done(0, null, ""));
+}
+export function wire(channelName, onEvent, onShared) {
+  const d = document;
+  const on = {
+    visibilitychange: () => onEvent(d.visibilityState === "visible" ? 1 : 2),
+    pageshow: (e) => e.persisted && onEvent(3),
+    online: () => onEvent(4),
+    offline: () => onEvent(5),
+    pagehide: () => onEvent(6),
+  };
+  const target = (kind) => (kind === "visibilitychange" ? d : globalThis);
+  for (const kind in on) target(kind).addEventListener(kind, on[kind]);
+  let channel = null;
+  if (typeof BroadcastChannel === "function") {
+    channel = new BroadcastChannel(channelName);
+    channel.onmessage = (e) => onShared(e.data);
+  }
+  return {
+    post: (message) => channel && channel.postMessage(message),
+    close: () => {
+      for (const kind in on) target(kind).removeEventListener(kind, on[kind]);
+      if (channel) channel.close();
+    },
+  };
+}
+export function askToken(getToken, done) {
+  Promise.resolve()
+    .then(() => getToken())
+    .then((t) => done(typeof t === "string" ? t : ""), () => done(""));
+}
+"#)]
+extern "C" {
+    /// `fetch` one request; `done(status, retryAfter, text)`, with status 0 when no answer came.
+    #[wasm_bindgen(js_name = hubRequest)]
+    fn hub_request(
+        url: &str,
+        method: &str,
+        token: Option<&str>,
+        if_none_match: Option<&str>,
+        body: Option<&str>,
+        keepalive: bool,
+        done: &JsValue,
+    );
+
+    /// Calls the page's `getToken` (sync or async); `done(token)`, empty when it failed.
+    #[wasm_bindgen(js_name = askToken)]
+    fn ask_token(get_token: &Function, done: &JsValue);
+
+    /// The page's events (`onEvent(code)`: 1 visible, 2 hidden, 3 restored from the
+    /// back/forward cache, 4 online, 5 offline, 6 page hidden for good) and the tabs' channel.
+    type Wiring;
+    fn wire(channel: &str, on_event: &JsValue, on_shared: &JsValue) -> Wiring;
+    #[wasm_bindgen(method)]
+    fn post(this: &Wiring, message: &JsValue);
+    #[wasm_bindgen(method)]
+    fn close(this: &Wiring);
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask build-pkg`: the npm package `unified-balance` in `pkg/`. Builds the client
 //! for wasm32 with the size profile, generates the ES module glue with the pinned
-//! wasm-bindgen, shrinks the wasm with `wasm-opt -Oz` where binaryen is installed, minifies
-//! the glue with the package's pinned esbuild, and prints the sizes. Writes only the
+//! wasm-bindgen, shrinks the wasm with `wasm-opt -Oz` where binaryen is installed, bundles and
+//! minifies the glue with the package's pinned esbuild, and prints the sizes. Writes only the
 //! generated files `.gitignore` keeps out of git.
 
 use std::io::Write;
@@ -43,7 +43,13 @@ pub fn run() -> anyhow::Result<()> {
     if !pkg.join("node_modules/.bin/esbuild").exists() {
         step("npm", &["ci", "--prefix", "pkg", "--no-audit", "--no-fund"])?;
     }
+    // Bundling inlines the shell's JavaScript snippets, so the package stays one module.
     step("npm", &["run", "--silent", "--prefix", "pkg", "minify"])?;
+    let snippets = pkg.join("snippets");
+    if snippets.exists() {
+        std::fs::remove_dir_all(&snippets)
+            .with_context(|| format!("cannot remove {}", snippets.display()))?;
+    }
     let wasm_size = sizes(&built)?;
     let js_size = sizes(&pkg.join(format!("{OUT_NAME}.js")))?;
     println!(
