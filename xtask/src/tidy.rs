@@ -121,6 +121,24 @@ fn is_build_output(path: &str) -> bool {
         || generated_in_pkg
 }
 
+/// The `wasm-bindgen` crate in Cargo.lock must be the version of the CLI that generates the
+/// package's glue, or the glue and the wasm disagree at run time.
+fn wasm_bindgen_pinned() -> anyhow::Result<Vec<String>> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).context("cannot read Cargo.lock")?;
+    let locked: Vec<&str> = lock
+        .split("[[package]]")
+        .filter(|entry| entry.contains("name = \"wasm-bindgen\"\n"))
+        .filter_map(|entry| entry.lines().find_map(|l| l.strip_prefix("version = ")))
+        .map(|v| v.trim_matches('"'))
+        .collect();
+    let wanted = crate::prereq::WASM_BINDGEN_VERSION;
+    Ok(if locked == [wanted] {
+        Vec::new()
+    } else {
+        vec![format!("Cargo.lock has wasm-bindgen {locked:?}, but the pinned CLI is {wanted}")]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_build_output;
@@ -148,22 +166,4 @@ mod tests {
             assert!(!is_build_output(path), "{path}");
         }
     }
-}
-
-/// The `wasm-bindgen` crate in Cargo.lock must be the version of the CLI that generates the
-/// package's glue, or the glue and the wasm disagree at run time.
-fn wasm_bindgen_pinned() -> anyhow::Result<Vec<String>> {
-    let lock = std::fs::read_to_string(root().join("Cargo.lock")).context("cannot read Cargo.lock")?;
-    let locked: Vec<&str> = lock
-        .split("[[package]]")
-        .filter(|entry| entry.contains("name = \"wasm-bindgen\"\n"))
-        .filter_map(|entry| entry.lines().find_map(|l| l.strip_prefix("version = ")))
-        .map(|v| v.trim_matches('"'))
-        .collect();
-    let wanted = crate::prereq::WASM_BINDGEN_VERSION;
-    Ok(if locked == [wanted] {
-        Vec::new()
-    } else {
-        vec![format!("Cargo.lock has wasm-bindgen {locked:?}, but the pinned CLI is {wanted}")]
-    })
 }
