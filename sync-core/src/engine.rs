@@ -120,6 +120,11 @@ pub struct Engine {
     online: bool,
     visible: bool,
     write_in_flight: Option<String>,
+    /// The hub asked (429 with `Retry-After`) that nothing be sent before this; checks
+    /// triggered meanwhile end at once with cached data.
+    hold_until_ms: u64,
+    /// A check ended unasked because of the hold: one runs when the hold ends.
+    check_after_hold: bool,
     write_attempts: u32,
     next_write_ms: u64,
     last_check_end_ms: Option<u64>,
@@ -156,6 +161,8 @@ impl Engine {
             online: true,
             visible: true,
             write_in_flight: None,
+            hold_until_ms: 0,
+            check_after_hold: false,
             write_attempts: 0,
             next_write_ms: now,
             last_check_end_ms: None,
@@ -393,6 +400,9 @@ impl Engine {
         if let Some(at) = self.inactivity_due() {
             consider(at);
         }
+        if self.check_after_hold {
+            consider(self.hold_until_ms);
+        }
         next
     }
 
@@ -482,7 +492,7 @@ impl Engine {
     }
 
     fn on_stamps(&mut self, now: u64, reply: Reply) {
-        let body = match self.answer_of(reply, "timestamp check") {
+        let body = match self.answer_of(now, reply, "timestamp check") {
             Ok(body) => body,
             Err(retry_with_token) => {
                 if retry_with_token && let Some(check) = &mut self.check {
@@ -543,7 +553,7 @@ impl Engine {
     fn on_fetch(&mut self, now: u64, data_type: DataType, check_id: u64, reply: Reply) {
         let not_modified = matches!(reply, Reply::Answer { status: 304, .. });
         if !not_modified {
-            match self.answer_of(reply, "fetch") {
+            match self.answer_of(now, reply, "fetch") {
                 Ok(body) => {
                     if let Some(record) = CachedRecord::from_json(&body)
                         && self.store(data_type, record.clone())
@@ -643,7 +653,12 @@ impl Engine {
                     self.retry_later(now, 0, "token refused");
                 }
             }
-            429 | 408 | 500..=599 => self.retry_later(now, retry_after, "hub busy"),
+            429 | 408 | 500..=599 => {
+                if status == 429 {
+                    self.hold(now, retry_after);
+                }
+                self.retry_later(now, retry_after, "hub busy");
+            }
             _ => {
                 let code = body.get("code").and_then(Json::as_str).unwrap_or("refused").to_owned();
                 let message = body
@@ -686,6 +701,10 @@ impl Engine {
         ]);
     }
 
+    fn hold(&mut self, now: u64, ms: u64) {
+        self.hold_until_ms = self.hold_until_ms.max(now + ms);
+    }
+
     fn remember_done(&mut self, op_id: String) {
         if self.done.len() == DONE_REMEMBERED {
             self.done.remove(0);
@@ -713,12 +732,20 @@ impl Engine {
         if self.inactivity_due().is_some_and(|at| now >= at) {
             self.start_check(now, "Inactivity", None);
         }
+        if self.check_after_hold && now >= self.hold_until_ms {
+            self.check_after_hold = false;
+            self.start_check(now, "After Retry-After", None);
+        }
     }
 
     /// Sends what can be sent: the pending check, then the next write.
     fn pump(&mut self, now: u64) {
         let check_pending = self.check.as_ref().is_some_and(|c| c.stage == Stage::Pending);
-        if check_pending && (!self.online || self.auth_failed) {
+        if check_pending && now < self.hold_until_ms {
+            self.log(&["the hub asked to wait (429) → cached data"]);
+            self.check_after_hold = true;
+        }
+        if check_pending && (!self.online || self.auth_failed || now < self.hold_until_ms) {
             self.finish_check(now, false);
         }
         let check_pending = self.check.as_ref().is_some_and(|c| c.stage == Stage::Pending);
@@ -772,7 +799,7 @@ impl Engine {
 
     /// The JSON body of a successful answer, or `Err(true)` when the request should be
     /// repeated with a fresh token, `Err(false)` when it failed.
-    fn answer_of(&mut self, reply: Reply, what: &str) -> Result<Json, bool> {
+    fn answer_of(&mut self, now: u64, reply: Reply, what: &str) -> Result<Json, bool> {
         match reply {
             Reply::NetworkError => {
                 self.network_down = true;
@@ -789,7 +816,10 @@ impl Engine {
                 }
             }
             Reply::Answer { status: 401, .. } => Err(self.refresh_token()),
-            Reply::Answer { status, .. } => {
+            Reply::Answer { status, retry_after, .. } => {
+                if status == 429 {
+                    self.hold(now, retry_after.unwrap_or(1) * 1000);
+                }
                 if (400..500).contains(&status) && status != 429 && status != 408 {
                     self.auth_failed = status == 403;
                 }

@@ -866,3 +866,21 @@ fn a_confirmed_write_is_announced_even_when_the_shown_data_is_unchanged() {
     let hub_version = sim.hub().record(USER, DataType::Balance).version;
     assert_eq!(announced.last(), Some(&(hub_version, 0)), "{announced:?}");
 }
+
+#[test]
+fn checks_wait_out_a_retry_after_and_use_the_cache_meanwhile() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_mode(Mode::Busy { retry_after: 30 });
+    let mark = tab.mark();
+    assert!(!tab.tab_returns(), "a 429 leaves the page with cached data");
+    let busy_at = tab.requests_since(mark)[0].0;
+    assert_eq!(tab.requests_since(mark).len(), 1);
+    sim.hub().up();
+    sim.hub_write(DataType::Balance, json!({"coins": 70}));
+    let mark = tab.mark();
+    assert!(!tab.tab_returns(), "within Retry-After the check ends at once with cached data");
+    let sent = tab.requests_since(mark);
+    assert_eq!(actions(&sent), ["timestamp", "get"], "the skipped check runs when the wait ends");
+    assert!(sent[0].0 >= busy_at + 30_000, "asked again {} ms after the 429", sent[0].0 - busy_at);
+    assert_eq!(tab.coins(), 70);
+}
