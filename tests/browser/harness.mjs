@@ -315,6 +315,8 @@ export class Site {
     this.badTokensLeft = 0;
     /** While true, the token endpoint fails (500), as a backend that is down would. */
     this.tokenEndpointDown = false;
+    /** Extra folders this site serves, by URL prefix (`/pkg/` is always served). */
+    this.folders = new Map([["/pkg/", pkgDir]]);
     this.server = createServer((req, res) => this.serve(req, res).catch((e) => fail(res, 500, e.message)));
   }
 
@@ -336,6 +338,11 @@ export class Site {
   /** The next `n` tokens this site's backend hands out are signed with the wrong key. */
   handOutBadTokens(n = 1) {
     this.badTokensLeft = n;
+  }
+
+  /** Serves the files of `dir` under `/name/`, as a site serves its built assets. */
+  serveFolder(name, dir) {
+    this.folders.set(`/${name}/`, resolve(dir));
   }
 
   tokenCalls(user) {
@@ -363,9 +370,10 @@ export class Site {
       const secret = bad ? randomBytes(32).toString("hex") : this.harness.hub.secrets[this.id];
       return send(res, 200, "text/plain; charset=utf-8", signJwt(secret, claimsFor(this.id, user)));
     }
-    if (url.pathname.startsWith("/pkg/")) {
-      const file = normalize(join(pkgDir, decodeURIComponent(url.pathname.slice("/pkg/".length))));
-      if (!file.startsWith(pkgDir + sep) || file.includes(`${sep}node_modules${sep}`))
+    for (const [prefix, dir] of this.folders) {
+      if (!url.pathname.startsWith(prefix)) continue;
+      const file = normalize(join(dir, decodeURIComponent(url.pathname.slice(prefix.length))));
+      if (!file.startsWith(dir + sep) || file.includes(`${sep}node_modules${sep}`))
         return fail(res, 404, "not found");
       let body;
       try {
@@ -378,9 +386,12 @@ export class Site {
     return fail(res, 404, "not found");
   }
 
-  /** Opens this site's test page for `user` in a new tab; resolves once `login()` settled. */
-  async open(user, options = {}) {
-    const page = new SitePage(this, user, options);
+  /**
+   * Opens this site's test page (or another page of it, at `path`) for `user` in a new tab;
+   * resolves once `login()` settled.
+   */
+  async open(user, options = {}, path = "/") {
+    const page = new SitePage(this, user, options, path);
     await page.open();
     return page;
   }
@@ -420,10 +431,11 @@ function hubRequest(request) {
 }
 
 export class SitePage {
-  constructor(site, user, options) {
+  constructor(site, user, options, path = "/") {
     this.site = site;
     this.userId = user;
     this.options = options;
+    this.path = path;
     /** Every request this tab sent to the hub (CORS preflights excluded), in order. */
     this.hubRequests = [];
     /** The CORS preflights (OPTIONS) the browser sent to the hub for this tab. */
@@ -439,7 +451,7 @@ export class SitePage {
   get url() {
     const query = new URLSearchParams({ user: this.userId });
     for (const [key, value] of Object.entries(this.options)) query.set(key, String(value));
-    return `${this.site.origin}/?${query}`;
+    return `${this.site.origin}${this.path}?${query}`;
   }
 
   async open() {
