@@ -1,77 +1,181 @@
-//! `cargo xtask demo`: builds the hub in release mode and serves it with the development
-//! sites on 127.0.0.1:8787, data in `./hub-data`, after printing ready-to-paste curl
-//! commands. Stops when the hub stops; Ctrl-C stops the hub, which shuts down gracefully.
-//! (The demo sites and the browser client are not built yet.)
+//! `cargo xtask demo`: builds the package and the hub (release), starts the hub with the
+//! development sites and its data in `./hub-data`, and serves the two demo sites — ROFLFaucet
+//! from `www/faucet/` and Click for Charity from `www/charity/` — on their own origins with
+//! their own small backends (see `sites`). Runs until Ctrl-C (or SIGTERM, SIGHUP), then stops
+//! the sites and the hub and waits for the hub to finish; stops everything if the hub exits.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use tokio::process::Child;
 
-use crate::process::{command, output, root, shown, step, target_dir};
+use crate::process::{command, root, shown, step, target_dir};
+use crate::sites::{self, Site};
 
-const LISTEN: &str = "127.0.0.1:8787";
-const DATA_DIR: &str = "./hub-data";
-const SITE: &str = "roflfaucet";
 const USER: &str = "8-evans";
+/// How long the hub may take to accept connections after it starts.
+const HUB_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn run() -> anyhow::Result<()> {
+/// Where the demo listens; tests pick free ports.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Port of the hub on 127.0.0.1.
+    #[arg(long, env = "DEMO_HUB_PORT", default_value_t = 8787)]
+    hub_port: u16,
+    /// Port of the faucet site (roflfaucet) on 127.0.0.1.
+    #[arg(long, env = "DEMO_FAUCET_PORT", default_value_t = 8801)]
+    faucet_port: u16,
+    /// Port of the charity site (clickforcharity) on 127.0.0.1.
+    #[arg(long, env = "DEMO_CHARITY_PORT", default_value_t = 8802)]
+    charity_port: u16,
+    /// The hub's data directory (database and development keys), relative to the workspace.
+    #[arg(long, env = "DEMO_DATA_DIR", default_value = "./hub-data")]
+    data_dir: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::prereq::ensure(crate::prereq::FOR_DEMO)?;
+    println!("==> cargo xtask build-pkg");
+    crate::build_pkg::run()?;
     step("cargo", &["build", "--release", "-p", "hub"])?;
+
+    // Loaded as the hub loads it, so both sides read the same keys; loading first also
+    // creates the development keys, which the hub then reads.
+    let mut config = hub::config::Config::load(None)?;
+    config.data_dir = root().join(&args.data_dir);
+    let config = config.with_dev_sites()?;
+    let keys = Arc::new(hub::auth::Keys::from_config(&config)?);
+
+    let sites = [
+        Site { id: "roflfaucet", name: "ROFLFaucet", folder: "faucet", port: args.faucet_port },
+        Site { id: "clickforcharity", name: "Click for Charity", folder: "charity", port: args.charity_port },
+    ];
+    let hub_addr = SocketAddr::from(([127, 0, 0, 1], args.hub_port));
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let running = sites::start(&sites, &format!("http://{hub_addr}"), Arc::clone(&keys)).await?;
+        let outcome = run_hub(&args, hub_addr, &sites, &keys).await;
+        running.stop().await?;
+        outcome
+    })
+}
+
+/// Starts the hub, tells how to use the demo once it accepts connections, and waits for it
+/// to exit: on its own, or after an interrupt, which it is passed on.
+async fn run_hub(
+    args: &Args,
+    addr: SocketAddr,
+    sites: &[Site],
+    keys: &hub::auth::Keys,
+) -> anyhow::Result<()> {
     let hub = target_dir().join("release").join("hub");
     let hub = hub.to_str().context("the target directory's path is not UTF-8")?;
+    let listen = addr.to_string();
+    let serve = ["serve", "--dev", "--data-dir", &args.data_dir, "--listen", &listen];
     // Shown relative to the workspace root, where every command runs.
     let shown_hub = hub.strip_prefix(&format!("{}/", root().display())).unwrap_or(hub);
-
-    // Minting first also creates the development sites' keys, which `serve` then reads.
-    let mint = ["token", "--dev", "--data-dir", DATA_DIR, "--site", SITE, "--user", USER];
-    let token = output(hub, &mint)?.trim().to_owned();
-    print_guide(&shown(shown_hub, &mint), &token);
-
-    let serve = ["serve", "--dev", "--data-dir", DATA_DIR, "--listen", LISTEN];
     println!("==> {}", shown(shown_hub, &serve));
-    let mut child = command(hub, &serve).spawn().with_context(|| format!("cannot start {hub}"))?;
-    pass_interrupts_to(child.id())?;
-    let status = child.wait()?;
+    let mut child = tokio::process::Command::from(command(hub, &serve))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {hub}"))?;
+
+    let status = tokio::select! {
+        ready = accepting(addr) => {
+            ready?;
+            print_guide(addr, sites, &args.data_dir, keys)?;
+            tokio::select! {
+                status = child.wait() => status?,
+                () = interrupted() => stop(&mut child).await?,
+            }
+        }
+        status = child.wait() => status?,
+        () = interrupted() => stop(&mut child).await?,
+    };
     if !status.success() {
         bail!("the hub exited with {status}");
     }
-    println!("==> the hub stopped");
+    println!("==> the demo stopped");
     Ok(())
 }
 
-/// Keeps xtask alive on Ctrl-C (and SIGTERM, SIGHUP) until the hub has shut down, and
-/// makes sure the hub hears it: a terminal interrupts the whole process group, but a
-/// signal aimed at xtask alone would otherwise leave the hub running, orphaned.
-fn pass_interrupts_to(hub: u32) -> anyhow::Result<()> {
-    let pid = hub.to_string();
-    ctrlc::set_handler(move || {
-        // The hub treats a second interrupt like the first; `kill` fails harmlessly if it is gone.
-        let _ = command("kill", &["-INT", &pid]).status();
-    })
-    .context("cannot install the interrupt handler")
+/// Waits until something accepts connections at `addr`.
+async fn accepting(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + HUB_START_TIMEOUT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("the hub did not accept connections on {addr} within {HUB_START_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
-fn print_guide(mint: &str, token: &str) {
-    let url = format!("http://{LISTEN}");
+/// Completes on Ctrl-C, SIGTERM or SIGHUP. A terminal interrupts the whole process group,
+/// but a signal aimed at xtask alone would otherwise leave the hub running, orphaned.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut hangup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = hangup.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Interrupts the hub, which shuts down gracefully, and waits for it.
+async fn stop(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
+    println!("==> stopping the demo");
+    if let Some(pid) = child.id() {
+        // The hub treats a second interrupt like the first; `kill` fails harmlessly if it is gone.
+        let _ = command("kill", &["-INT", &pid.to_string()]).status();
+    }
+    Ok(child.wait().await?)
+}
+
+fn print_guide(
+    hub: SocketAddr,
+    sites: &[Site],
+    data_dir: &str,
+    keys: &hub::auth::Keys,
+) -> anyhow::Result<()> {
+    let url = format!("http://{hub}");
+    let token = keys.mint(sites[0].id, USER, 3600, false)?;
     let op_id = format!(
         "demo-{}",
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default()
     );
+    let site_lines: String =
+        sites.iter().map(|s| format!("  {:<18} {}/   (site {})\n", s.name, s.url(), s.id)).collect();
     println!(
         r#"
-The hub will serve the sync API at {url}/api/sync.php (also {url}/api/sync; health at {url}/healthz).
-The development sites and their keys are kept in {DATA_DIR}/dev-sites.toml. The commands below carry a
-token for user {USER} on {SITE}, valid for an hour; mint another with
-  {mint}
+The demo is running:
 
-Timestamp check of three records:
+  Hub                {url}/api/sync   (health at {url}/healthz)
+{site_lines}
+Open both sites, earn coins on one, then come back to the other tab: it shows them. Each
+site's backend signs a token for the signed-in user at /api/token?user=ID with the site's key
+from {data_dir}/dev-sites.toml; the browser never sees a key.
 
-  curl -s -H 'Authorization: Bearer {token}' '{url}/api/sync.php?action=timestamp&user_id={USER}&data_type=balance,profile,roles'
+Or talk to the hub directly, as {USER} on {site} (the token is valid for an hour):
 
-Delta push of +10 coins (send it twice: the second answer is "replayed" and the balance moves once):
+  curl -s -H 'Authorization: Bearer {token}' '{url}/api/sync?action=timestamp&user_id={USER}&data_type=balance,profile,roles'
 
-  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{"action":"delta","user_id":"{USER}","site_id":"{SITE}","data_type":"balance","delta":{{"coins":10}},"op_id":"{op_id}","reason":"demo"}}' {url}/api/sync.php
+  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{"action":"delta","user_id":"{USER}","site_id":"{site}","data_type":"balance","delta":{{"coins":10}},"op_id":"{op_id}","reason":"demo"}}' {url}/api/sync
 
-Ctrl-C stops the hub.
-"#
+Ctrl-C stops everything.
+"#,
+        site = sites[0].id,
     );
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod build_pkg;
 mod demo;
 mod prereq;
 mod process;
+mod sites;
 mod suite;
 mod tidy;
 
@@ -27,8 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build the hub in release mode and serve it with development sites on 127.0.0.1:8787.
-    Demo,
+    /// Build everything, start the hub on 127.0.0.1:8787 and serve the two demo sites.
+    Demo(demo::Args),
     /// Install missing prerequisites, then run every check and test; stop at the first failure.
     Test,
     /// Check the architecture invariants (dependency absences, no tracked build outputs).
@@ -41,7 +42,7 @@ enum Task {
 /// by the message, and the failing tool has printed its own details above it.
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
-        Task::Demo => demo::run(),
+        Task::Demo(args) => demo::run(args),
         Task::Test => suite::run(),
         Task::Tidy => tidy::run(),
         Task::BuildPkg => build_pkg::run(),

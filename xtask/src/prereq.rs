@@ -1,6 +1,6 @@
-//! What the tests need beyond cargo itself. Each [`Need`] knows how to tell whether it is
-//! present and how it is installed; [`ensure`] installs what it can and names, with the
-//! command to run by hand, whatever it cannot. Decides nothing about which tests run.
+//! What the tests and the demo need beyond cargo itself. Each [`Need`] knows how to tell
+//! whether it is present and how it is installed; [`ensure`] installs what it can and names,
+//! with the command to run by hand, whatever it cannot. Decides nothing about which tests run.
 
 use std::path::Path;
 
@@ -15,53 +15,56 @@ pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 pub const WASM_BINDGEN_VERSION: &str = "0.2.129";
 
 /// Everything `cargo xtask test` needs, in the order it is checked.
-pub const FOR_TESTS: &[Need] = &[
-    Need {
-        name: "rustfmt",
-        present: || succeeds("cargo", &["fmt", "--version"]),
-        install: Install::Rustup(&["component", "add", "rustfmt"]),
-    },
-    Need {
-        name: "clippy",
-        present: || succeeds("cargo", &["clippy", "--version"]),
-        install: Install::Rustup(&["component", "add", "clippy"]),
-    },
-    Need {
-        name: "the wasm32-unknown-unknown target",
-        present: wasm_target_present,
-        install: Install::Rustup(&["target", "add", WASM_TARGET]),
-    },
-    Need {
-        name: "wasm-bindgen-cli 0.2.129",
-        present: || output("wasm-bindgen", &["--version"]).is_ok_and(|v| v.contains(WASM_BINDGEN_VERSION)),
-        install: Install::Cargo(&[
-            "install",
-            "wasm-bindgen-cli",
-            "--version",
-            WASM_BINDGEN_VERSION,
-            "--locked",
-        ]),
-    },
-    Need {
-        name: "wasm-opt (binaryen)",
-        present: || succeeds("wasm-opt", &["--version"]),
-        install: Install::Apt(&["binaryen"]),
-    },
-    Need {
-        name: "Node.js and npm",
-        present: || succeeds("node", &["--version"]) && succeeds("npm", &["--version"]),
-        install: Install::Apt(&["nodejs", "npm"]),
-    },
-    Need {
-        name: "Chromium",
-        present: || succeeds("chromium", &["--version"]),
-        install: Install::Apt(&["chromium"]),
-    },
-];
+pub const FOR_TESTS: &[Need] = &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM];
 
-/// Something the tests need.
+/// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
+pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
+
+const RUSTFMT: Need = Need {
+    name: "rustfmt",
+    present: || succeeds("cargo", &["fmt", "--version"]),
+    install: Install::Rustup(&["component", "add", "rustfmt"]),
+};
+
+const CLIPPY: Need = Need {
+    name: "clippy",
+    present: || succeeds("cargo", &["clippy", "--version"]),
+    install: Install::Rustup(&["component", "add", "clippy"]),
+};
+
+const WASM: Need = Need {
+    name: "the wasm32-unknown-unknown target",
+    present: wasm_target_present,
+    install: Install::Rustup(&["target", "add", WASM_TARGET]),
+};
+
+const WASM_BINDGEN: Need = Need {
+    name: "wasm-bindgen-cli 0.2.129",
+    present: || output("wasm-bindgen", &["--version"]).is_ok_and(|v| v.contains(WASM_BINDGEN_VERSION)),
+    install: Install::Cargo(&["install", "wasm-bindgen-cli", "--version", WASM_BINDGEN_VERSION, "--locked"]),
+};
+
+const WASM_OPT: Need = Need {
+    name: "wasm-opt (binaryen)",
+    present: || succeeds("wasm-opt", &["--version"]),
+    install: Install::Apt(&["binaryen"]),
+};
+
+const NODE: Need = Need {
+    name: "Node.js and npm",
+    present: || succeeds("node", &["--version"]) && succeeds("npm", &["--version"]),
+    install: Install::Apt(&["nodejs", "npm"]),
+};
+
+const CHROMIUM: Need = Need {
+    name: "Chromium",
+    present: || succeeds("chromium", &["--version"]),
+    install: Install::Apt(&["chromium"]),
+};
+
+/// Something a task needs.
 pub struct Need {
-    /// How the need is named to the person running the tests.
+    /// How the need is named to the person running the task.
     pub name: &'static str,
     /// Checked before installing, and again after, so a silent install failure is caught.
     pub present: fn() -> bool,
@@ -143,7 +146,7 @@ pub fn ensure(needs: &[Need]) -> anyhow::Result<()> {
         }
     }
     if !missing.is_empty() {
-        bail!("the tests need what could not be installed here:\n  - {}", missing.join("\n  - "));
+        bail!("this task needs what could not be installed here:\n  - {}", missing.join("\n  - "));
     }
     Ok(())
 }
