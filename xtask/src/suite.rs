@@ -20,6 +20,10 @@ pub fn run() -> anyhow::Result<()> {
     step("cargo", &["build", "-p", "hub"])?;
     step("npm", &["ci", "--prefix", "tests/browser", "--no-audit", "--no-fund"])?;
     step("npm", &["test", "--prefix", "tests/browser"])?;
+    // The seed's own acceptance list, against the real `cargo xtask demo`.
+    step("cargo", &["build", "-p", "xtask"])?;
+    step("npm", &["ci", "--prefix", "tests/e2e", "--no-audit", "--no-fund"])?;
+    step("npm", &["test", "--prefix", "tests/e2e"])?;
     println!("==> all checks and tests passed");
     Ok(())
 }
