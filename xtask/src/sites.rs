@@ -1,5 +1,6 @@
 //! The demo sites' own backends, one origin each: the site's static folder under `www/` at
-//! `/`, the package at `/pkg/`, `/config.json` (where the hub is and which site this is) and
+//! `/`, what the sites share (`www/shared/`) at `/shared/`, the package at `/pkg/`,
+//! `/config.json` (where the hub is and which site this is) and
 //! `GET /api/token?user=ID`, a JWT for that user signed with the site's development key —
 //! what a real site's PHP backend does, so the browser never sees a key. Keeps no state and
 //! checks no password: whoever names a user id is that user, as befits a demo.
@@ -105,6 +106,7 @@ fn router(site: &Site, backend: Arc<Backend>) -> Router {
         .route("/config.json", get(config))
         .with_state(backend)
         .nest_service("/pkg", ServeDir::new(root().join("pkg")))
+        .nest_service("/shared", ServeDir::new(root().join("www").join("shared")))
         .fallback_service(ServeDir::new(www))
         // Pages and the package are revalidated on every load, so a rebuild shows at once.
         .layer(SetResponseHeaderLayer::if_not_present(
