@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::prereq::WASM_TARGET;
-use crate::process::{root, step, succeeds, target_dir};
+use crate::process::{command, root, step, step_with, succeeds, target_dir};
 
 /// The generated files, named after the package.
 const OUT_NAME: &str = "unified_balance";
@@ -24,7 +24,23 @@ const WASM_FEATURES: &[&str] = &[
 ];
 
 pub fn run() -> anyhow::Result<()> {
-    step("cargo", &["build", "-p", "client-wasm", "--target", WASM_TARGET, "--profile", "wasm-release"])?;
+    let args = ["build", "-p", "client-wasm", "--target", WASM_TARGET, "--profile", "wasm-release"];
+    let mut build = command("cargo", &args);
+    // Source paths end up in the wasm (panic locations): name them relative to the workspace
+    // and the registry, so the package neither leaks this machine's paths nor changes size
+    // with where the workspace was cloned.
+    let mut flags = format!("--remap-path-prefix={}=/unified-sync", root().display());
+    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| {
+            let mut cargo = std::path::PathBuf::from(h);
+            cargo.push(".cargo");
+            cargo.into_os_string()
+        })
+    }) {
+        flags.push_str(&format!("\x1f--remap-path-prefix={}=/cargo", std::path::Path::new(&home).display()));
+    }
+    build.env("CARGO_ENCODED_RUSTFLAGS", flags);
+    step_with(build, "cargo", &args)?;
     let wasm = target_dir().join(WASM_TARGET).join("wasm-release").join("client_wasm.wasm");
     let pkg = root().join("pkg");
     let wasm_arg = wasm.to_str().context("the target dir is not UTF-8")?;

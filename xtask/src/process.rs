@@ -36,9 +36,14 @@ pub fn shown(program: &str, args: &[&str]) -> String {
 /// Prints `==> program args…`, runs it with the terminal attached, and fails unless it
 /// exits successfully.
 pub fn step(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    step_with(command(program, args), program, args)
+}
+
+/// [`step`] for a command the caller has prepared further (environment, …).
+pub fn step_with(mut command: Command, program: &str, args: &[&str]) -> anyhow::Result<()> {
     let line = shown(program, args);
     println!("==> {line}");
-    let status = command(program, args).status().with_context(|| format!("cannot start `{line}`"))?;
+    let status = command.status().with_context(|| format!("cannot start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }
