@@ -13,14 +13,24 @@
 //!   it was first sent, every check a page waited for ended, and no engine asked to be woken
 //!   in the past (unless it had given up on auth).
 //!
-//! `SYNC_SIM_SEEDS=N` runs N seeds (default 2,000); `SYNC_SIM_SEED=S` runs seed S alone.
-//! A failure prints its seed and the story of that run.
+//! Each run draws a random first seed and runs `SYNC_SIM_SEEDS` seeds from it (default
+//! 2,000), so that every run explores worlds no run saw before; it prints the first seed.
+//! `SYNC_SIM_FIRST_SEED=F` starts from F instead (to repeat a whole run), and
+//! `SYNC_SIM_SEED=S` runs seed S alone, with the engines' debug lines. A failure prints the
+//! story of its world and the exact command that replays it. A run of 100 seeds or more also
+//! checks that it exercised every kind of fault: dropped, duplicated and reordered packets,
+//! requests the hub left unanswered or refused while down, and page reloads.
+//!
+//! The simulation proves properties of the engine against a fake hub with the real hub's
+//! rules; it says nothing about the real hub's own storage or HTTP (see `hub/tests`).
 
 mod support;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::hash::{BuildHasher, RandomState};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::json;
@@ -31,49 +41,115 @@ use sync_core::{DataType, Trigger};
 
 const SITES: [&str; 2] = ["roflfaucet", "clickforcharity"];
 const DEFAULT_SEEDS: u64 = 2_000;
+/// A run of at least this many seeds must have exercised every kind of fault.
+const SEEDS_FOR_COVERAGE: usize = 100;
+
+/// How often each kind of fault happened, over one world or a whole run.
+#[derive(Debug, Default, Clone, Copy)]
+struct Exercised {
+    dropped: u64,
+    duplicated: u64,
+    reordered: u64,
+    /// Requests the hub received while down (no answer) or unavailable (503).
+    outages: u64,
+    /// Page loads after the first: engines rebuilt from what the previous page stored.
+    reloads: u64,
+}
+
+impl Exercised {
+    fn add(&mut self, other: Exercised) {
+        self.dropped += other.dropped;
+        self.duplicated += other.duplicated;
+        self.reordered += other.reordered;
+        self.outages += other.outages;
+        self.reloads += other.reloads;
+    }
+}
+
+/// The seeds of this run, and the command that runs them again.
+fn seeds() -> (Vec<u64>, String) {
+    let number = |name: &str| {
+        std::env::var(name).ok().map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name} is a number")))
+    };
+    if let Some(seed) = number("SYNC_SIM_SEED") {
+        return (vec![seed], replay_command(seed));
+    }
+    let count = number("SYNC_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    assert!(count > 0, "SYNC_SIM_SEEDS is at least 1");
+    let first = number("SYNC_SIM_FIRST_SEED").unwrap_or_else(|| RandomState::new().hash_one("first seed"));
+    let seeds = (0..count).map(|i| first.wrapping_add(i)).collect();
+    let again = format!(
+        "SYNC_SIM_FIRST_SEED={first} SYNC_SIM_SEEDS={count} cargo test -p sync-core --test simulation"
+    );
+    (seeds, again)
+}
+
+fn replay_command(seed: u64) -> String {
+    format!("SYNC_SIM_SEED={seed} cargo test -p sync-core --test simulation")
+}
 
 #[test]
 fn random_worlds_apply_every_delta_once_and_converge() {
-    let seeds: Vec<u64> = match std::env::var("SYNC_SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("SYNC_SIM_SEED is a number")],
-        Err(_) => {
-            let count = std::env::var("SYNC_SIM_SEEDS")
-                .map(|n| n.parse().expect("SYNC_SIM_SEEDS is a number"))
-                .unwrap_or(DEFAULT_SEEDS);
-            (0..count).collect()
-        }
-    };
+    let (seeds, again) = seeds();
+    eprintln!("simulation: {} seeds; to run them again: {again}", seeds.len());
     // Debug lines cost time; a single seed, rerun after a failure, shows them.
     let debug = seeds.len() == 1;
     // Seeds are independent worlds: spread them over the cores.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
     let failed = AtomicBool::new(false);
+    let failure: Mutex<Option<(u64, String, String)>> = Mutex::new(None);
+    let exercised = Mutex::new(Exercised::default());
     std::thread::scope(|scope| {
-        for first in 0..threads {
-            let (seeds, failed) = (&seeds, &failed);
+        for lane in 0..threads {
+            let (seeds, failed, failure, exercised) = (&seeds, &failed, &failure, &exercised);
             scope.spawn(move || {
-                for &seed in seeds.iter().skip(first).step_by(threads) {
+                for &seed in seeds.iter().skip(lane).step_by(threads) {
                     if failed.load(Ordering::Relaxed) {
                         return;
                     }
                     let story = RefCell::new(Vec::new());
-                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(seed, debug, &story))) {
-                        failed.store(true, Ordering::Relaxed);
-                        eprintln!(
-                            "simulation failed for seed {seed}; rerun it alone with \
-                             SYNC_SIM_SEED={seed} cargo test -p sync-core --test simulation\nstory:\n{}",
-                            story.borrow().join("\n")
-                        );
-                        resume_unwind(panic);
+                    match catch_unwind(AssertUnwindSafe(|| run(seed, debug, &story))) {
+                        Ok(world) => exercised.lock().unwrap().add(world),
+                        Err(panic) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let message = panic
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| panic.downcast_ref::<&str>().map(|m| (*m).to_owned()))
+                                .unwrap_or_default();
+                            failure.lock().unwrap().get_or_insert((seed, message, story.take().join("\n")));
+                            return;
+                        }
                     }
                 }
             });
         }
     });
+    if let Some((seed, message, story)) = failure.into_inner().unwrap() {
+        panic!(
+            "simulation failed for seed {seed}: {message}\n\nthe story of that world:\n{story}\n\n\
+             replay it alone with:\n    {}",
+            replay_command(seed)
+        );
+    }
+    let exercised = exercised.into_inner().unwrap();
+    eprintln!("simulation: {exercised:?}");
+    if seeds.len() >= SEEDS_FOR_COVERAGE {
+        let Exercised { dropped, duplicated, reordered, outages, reloads } = exercised;
+        for (kind, count) in [
+            ("dropped packets", dropped),
+            ("duplicated packets", duplicated),
+            ("reordered packets", reordered),
+            ("requests during hub outages", outages),
+            ("page reloads", reloads),
+        ] {
+            assert!(count > 0, "{} seeds never exercised {kind}; to run them again: {again}", seeds.len());
+        }
+    }
 }
 
-/// One random world. Appends what happens to `story`.
-fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) {
+/// One random world. Appends what happens to `story`; returns the faults it exercised.
+fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     let tell = |line: String| story.borrow_mut().push(line);
     let sim = Sim::with_seed(seed);
     sim.set_debug(debug);
@@ -226,6 +302,13 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) {
     }
     sim.drive();
     check(&sim, &tabs, initial, &tickets);
+    let net = sim.net();
+    let (dropped, duplicated, reordered) = (net.dropped, net.duplicated, net.reordered);
+    drop(net);
+    let outages =
+        sim.hub().seen().iter().filter(|s| s.status.is_none_or(|status| status == 503)).count() as u64;
+    let reloads = tabs.iter().map(|t| u64::from(t.generation())).sum();
+    Exercised { dropped, duplicated, reordered, outages, reloads }
 }
 
 /// Checks the run's outcome.

@@ -1,6 +1,7 @@
 //! The network between the tabs and the hub: every request and reply is a packet that
 //! arrives after a latency, and, driven by the world's seeded `fastrand::Rng`, may be
-//! dropped, duplicated or delayed (which reorders it). A test can also hold packets that
+//! dropped, duplicated or delayed (which reorders it). It counts each of these, so that a
+//! simulation can tell which faults it really exercised. A test can also hold packets that
 //! match a predicate and release them later, to script one exact interleaving.
 
 use sync_core::{Reply, Request};
@@ -66,8 +67,12 @@ pub struct Network {
     held: Vec<Packet>,
     hold: Option<Hold>,
     seq: u64,
+    /// The highest sequence number delivered so far: a packet below it was overtaken.
+    delivered_seq: u64,
     pub dropped: u64,
     pub duplicated: u64,
+    /// Packets that arrived after a packet sent later than them.
+    pub reordered: u64,
 }
 
 impl std::fmt::Debug for Network {
@@ -90,8 +95,10 @@ impl Network {
             held: Vec::new(),
             hold: None,
             seq: 0,
+            delivered_seq: 0,
             dropped: 0,
             duplicated: 0,
+            reordered: 0,
         }
     }
 
@@ -193,7 +200,12 @@ impl Network {
             .filter(|(_, (at, _, _))| *at <= now)
             .min_by_key(|(_, (at, seq, _))| (*at, *seq))
             .map(|(i, _)| i)?;
-        Some(self.in_transit.swap_remove(index).2)
+        let (_, seq, packet) = self.in_transit.swap_remove(index);
+        if seq < self.delivered_seq {
+            self.reordered += 1;
+        }
+        self.delivered_seq = self.delivered_seq.max(seq);
+        Some(packet)
     }
 
     /// A page is going away: the browser aborts its requests still on the way, except the
