@@ -1,16 +1,21 @@
 //! One helper per boundary for the hub's HTTP tests: [`TestHub`] starts the real hub on
-//! `127.0.0.1:0` over a real SQLite file in a temporary directory, and [`SiteClient`] talks
-//! to it the way a site's page does, with a token the site minted.
+//! `127.0.0.1:0` over a real SQLite file in a temporary directory, [`Deployment`] runs the
+//! real `hub` binary (to kill it, restart it, or watch its memory), and [`SiteClient`]
+//! talks to either the way a site's page does, with a token the site minted.
 
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use hub::App;
+use hub::auth::Keys;
 use hub::config::{Config, Site};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -118,6 +123,116 @@ impl TestHub {
         }
         self.dir
     }
+}
+
+/// How long a `hub` process may take to come up before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// A home for the real `hub` binary: config file, data dir, log and port, which outlive
+/// each of its processes, so that a hub can be killed and restarted on the same data.
+pub struct Deployment {
+    pub dir: TempDir,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    /// The sites' keys, to mint tokens as their backends would.
+    pub keys: Keys,
+}
+
+impl Deployment {
+    /// The test configuration (see [`test_config`]) as `tweak` changes it.
+    pub fn new(tweak: impl FnOnce(&mut Config)) -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let mut config = test_config(&data_dir);
+        tweak(&mut config);
+        std::fs::write(dir.path().join("hub.toml"), toml::to_string(&config).unwrap()).unwrap();
+        let keys = Keys::from_config(&config).unwrap();
+        Deployment { dir, data_dir, port: free_port(), keys }
+    }
+
+    /// `127.0.0.1:port`, for raw TCP connections.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// The SQLite file every hub process of this deployment uses.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("hub.sqlite3")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("hub.log")
+    }
+
+    /// Everything every hub process of this deployment wrote to stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts `hub serve` on the deployment's port and data dir, and waits until it answers
+    /// `/healthz`. The hub's environment holds no `HUB_*` variable of the test's (the hub
+    /// refuses to start on one that names no configuration key).
+    pub async fn start(&self) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("hub.toml"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(self.addr())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("HUB_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command.spawn().unwrap();
+        let probe = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the hub exited ({status}) before answering /healthz; its log:\n{}", self.log());
+            }
+            let health = probe.get(format!("{}/healthz", self.url())).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return child;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the hub did not answer /healthz within {PATIENCE:?}; its log:\n{}", self.log());
+    }
+
+    /// A token as `site`'s backend would mint it for `user`, valid for an hour.
+    pub fn token(&self, site: &str, user: &str) -> String {
+        self.keys.mint(site, user, 3600, false).unwrap()
+    }
+
+    /// A page of `site` signed in as `user`, giving up on an answer after `timeout`.
+    pub fn page(&self, site: &str, user: &str, timeout: Duration) -> SiteClient {
+        SiteClient {
+            url: self.url(),
+            client: reqwest::Client::builder().timeout(timeout).build().unwrap(),
+            token: Some(self.token(site, user)),
+            site: site.into(),
+            user: user.into(),
+        }
+    }
+}
+
+/// A port nothing listens on right now, to be reused by every restart of one hub.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn snapshot(dir: &std::path::Path) -> Vec<String> {
