@@ -1,0 +1,644 @@
+//! A simulated day of one user, for `cargo xtask bench`: the real `sync_core::Engine`, driven
+//! natively the way the browser shell drives it, against a real hub over HTTP, with two
+//! sites of the seed design open in two tabs of one browser. Counts every request the
+//! engines send, per hour of the day, with the body bytes both ways, to set against the
+//! seed's 10-second polling ([`POLLING_PER_HOUR`]) and its own estimate for typical use
+//! ([`SEED_ESTIMATE_PER_HOUR`]).
+//!
+//! The day follows the seed's "typical usage" story (see `HOUR`): a user on a faucet who
+//! claims every 15 minutes, plays a dice game, switches to the charity site to click for a
+//! cause and donate, and spends the rest of the time on other websites. Before every
+//! balance-changing operation the page pulls (`ensureFresh`), as the specification asks.
+//! The two tabs belong to different sites, hence different origins: they share no
+//! `BroadcastChannel` and no storage, so a tab learns of the other's changes only when it
+//! checks the hub.
+//!
+//! Time is virtual: the clock jumps from one thing the user does to the next, the engines'
+//! timers (the 5-minute inactivity check of a visible tab) fire when `poll_timeout` says, and
+//! every request is answered before the clock moves on. What it measures is therefore
+//! counts, never durations. It models a fault-free network (`sync-core/tests/simulation.rs`
+//! covers faults) and sends no `Origin` header, as a native client would not. The whole day
+//! takes a second or two of real time, so the hub must let one user make a few hundred
+//! requests a minute (`limits.requests_per_minute`); any answer but 200 or 304 ends the day
+//! with an error instead of a report.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::ops::RangeInclusive;
+
+use anyhow::{Context, bail};
+use reqwest::header::{CONTENT_TYPE, IF_NONE_MATCH};
+use sync_core::{Config, DataType, Engine, Event, Json, Method, Persisted, Reply, Request, Trigger};
+
+/// The seed's old system: a check every 10 seconds while a page is open.
+pub const POLLING_PER_HOUR: u64 = 360;
+/// The seed's own estimate of its event-driven design for typical use.
+pub const SEED_ESTIMATE_PER_HOUR: RangeInclusive<u64> = 20..=50;
+/// The user of the day (the seed's example id).
+pub const USER: &str = "8-evans";
+/// What both sites keep in step, as the demo sites do.
+const DATA_TYPES: [DataType; 3] = [DataType::Balance, DataType::Profile, DataType::Roles];
+
+const SECOND: u64 = 1000;
+const MINUTE: u64 = 60 * SECOND;
+const HOUR_MS: u64 = 60 * MINUTE;
+/// Midnight (UTC) that starts the virtual day, 2025-11-10; the hub stamps records with its
+/// own clock, and the engines never compare clocks, so only the distances matter.
+const MIDNIGHT: u64 = 1_762_732_800_000;
+/// The browser opens both sites at 09:00 and is closed at 18:00.
+const OPEN_AT: u64 = 9;
+const CLOSE_AT: u64 = 18;
+/// At 13:00 the user goes to lunch and leaves the browser open with both tabs hidden; the
+/// hour shows that hidden tabs send nothing.
+const LUNCH_AT: u64 = 13;
+/// How many times the clock may be advanced to an engine's timer in one stretch of the day:
+/// far more than a 5-minute fallback can ask for in an hour.
+const TIMER_STEPS: u32 = 10_000;
+
+/// One of the two sites the user has open, each in its own tab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Site {
+    /// ROFLFaucet: claims every 15 minutes and a dice game.
+    Faucet,
+    /// Click for Charity: clicks earn a coin each; coins are donated.
+    Charity,
+}
+
+impl Site {
+    const ALL: [Site; 2] = [Site::Faucet, Site::Charity];
+
+    fn id(self) -> &'static str {
+        match self {
+            Site::Faucet => "roflfaucet",
+            Site::Charity => "clickforcharity",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Site::Faucet => 0,
+            Site::Charity => 1,
+        }
+    }
+
+    fn other(self) -> Site {
+        match self {
+            Site::Faucet => Site::Charity,
+            Site::Charity => Site::Faucet,
+        }
+    }
+}
+
+/// One thing the user does.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// The user switches to this site's tab: the other tab is hidden, this one visible again.
+    Show(Site),
+    /// Another page of the site loads in its tab (a link within the site): the engine starts
+    /// from the site's storage and signs in, as every page of the demo sites does.
+    Navigate(Site),
+    /// `ensureFresh("balance")`, then `applyDelta("balance", {coins: amount}, reason)`.
+    Operation(Site, i64, &'static str),
+    /// The user goes to another website: both tabs are hidden.
+    Away,
+}
+
+/// An active hour, at (minute, second) within the hour. The faucet's claim has a 15-minute
+/// cooldown; between claims the user is mostly elsewhere. Per hour: 4 claims and a dice
+/// roll on the faucet, 3 clicks and a donation on the charity site, 6 tab returns, one page
+/// navigation, and 12 minutes reading the charity site (the inactivity fallback fires there).
+const HOUR: &[(u64, u64, Step)] = &[
+    (1, 0, Step::Show(Site::Faucet)),
+    (1, 10, Step::Operation(Site::Faucet, 25, "claim")),
+    (2, 0, Step::Away),
+    (16, 0, Step::Show(Site::Faucet)),
+    (16, 10, Step::Operation(Site::Faucet, 25, "claim")),
+    (17, 0, Step::Away),
+    (21, 0, Step::Show(Site::Charity)),
+    (21, 30, Step::Operation(Site::Charity, 1, "click")),
+    (22, 0, Step::Operation(Site::Charity, 1, "click")),
+    (22, 30, Step::Operation(Site::Charity, 1, "click")),
+    (23, 0, Step::Away),
+    (31, 0, Step::Show(Site::Faucet)),
+    (31, 10, Step::Operation(Site::Faucet, 25, "claim")),
+    (32, 0, Step::Navigate(Site::Faucet)),
+    (32, 20, Step::Operation(Site::Faucet, -10, "game")),
+    (33, 0, Step::Away),
+    (46, 0, Step::Show(Site::Faucet)),
+    (46, 10, Step::Operation(Site::Faucet, 25, "claim")),
+    (47, 0, Step::Show(Site::Charity)),
+    (47, 30, Step::Operation(Site::Charity, -50, "donation")),
+    (59, 0, Step::Away),
+];
+
+/// What tab returns cost, in requests and response body bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Returns {
+    pub count: u64,
+    pub requests: u64,
+    /// The most requests one return sent.
+    pub max_requests: u64,
+    /// The largest response body of one return (all its answers together).
+    pub max_response_bytes: u64,
+}
+
+impl Returns {
+    fn add(&mut self, requests: u64, response_bytes: u64) {
+        self.count += 1;
+        self.requests += requests;
+        self.max_requests = self.max_requests.max(requests);
+        self.max_response_bytes = self.max_response_bytes.max(response_bytes);
+    }
+}
+
+/// What the day cost and where it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DayReport {
+    /// Requests sent in each hour of the day (0–23), both tabs together.
+    pub requests_by_hour: [u64; 24],
+    /// Body bytes in each hour, request bodies and response bodies (headers not counted).
+    pub bytes_by_hour: [u64; 24],
+    /// The hours the user was at the browser.
+    pub active_hours: Vec<usize>,
+    /// Requests over the day by action (`timestamp`, `get`, `delta`).
+    pub by_action: BTreeMap<String, u64>,
+    /// Balance-changing operations the user made.
+    pub operations: u64,
+    /// Tab returns when the hub had nothing the tab had not seen.
+    pub unchanged_returns: Returns,
+    /// Tab returns after the other site had changed something.
+    pub changed_returns: Returns,
+    /// The balance at the hub at the end of the day, and as each tab showed it last.
+    pub hub_coins: i64,
+    pub faucet_coins: i64,
+    pub charity_coins: i64,
+}
+
+impl DayReport {
+    pub fn total_requests(&self) -> u64 {
+        self.requests_by_hour.iter().sum()
+    }
+
+    /// Mean requests per active hour.
+    pub fn requests_per_active_hour(&self) -> f64 {
+        self.per_active_hour(&self.requests_by_hour)
+    }
+
+    /// Mean body bytes per active hour.
+    pub fn bytes_per_active_hour(&self) -> f64 {
+        self.per_active_hour(&self.bytes_by_hour)
+    }
+
+    /// The busiest hour's requests.
+    pub fn peak_hour_requests(&self) -> u64 {
+        self.requests_by_hour.iter().copied().max().unwrap_or(0)
+    }
+
+    fn per_active_hour(&self, by_hour: &[u64; 24]) -> f64 {
+        let total: u64 = self.active_hours.iter().map(|&h| by_hour[h]).sum();
+        total as f64 / self.active_hours.len().max(1) as f64
+    }
+}
+
+impl fmt::Display for DayReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hours = self.active_hours.len();
+        writeln!(f, "A day of one user: faucet and charity in two tabs, {hours} active hours")?;
+        writeln!(
+            f,
+            "  requests per active hour: {:.1} (busiest hour {}); the seed's 10-second polling: {}; \
+             the seed's estimate: {}–{}",
+            self.requests_per_active_hour(),
+            self.peak_hour_requests(),
+            POLLING_PER_HOUR,
+            SEED_ESTIMATE_PER_HOUR.start(),
+            SEED_ESTIMATE_PER_HOUR.end()
+        )?;
+        writeln!(f, "  body bytes per active hour: {:.0}", self.bytes_per_active_hour())?;
+        let actions: Vec<String> = self.by_action.iter().map(|(a, n)| format!("{n} {a}")).collect();
+        writeln!(
+            f,
+            "  the day: {} requests ({}) for {} operations",
+            self.total_requests(),
+            actions.join(", "),
+            self.operations
+        )?;
+        let by_hour: Vec<String> =
+            (OPEN_AT..CLOSE_AT).map(|h| format!("{h:02}h {}", self.requests_by_hour[h as usize])).collect();
+        let elsewhere = self.total_requests()
+            - (OPEN_AT..CLOSE_AT).map(|h| self.requests_by_hour[h as usize]).sum::<u64>();
+        writeln!(
+            f,
+            "  by hour: {} ({LUNCH_AT}h: lunch, both tabs hidden); all other hours (browser closed): {elsewhere}",
+            by_hour.join(", ")
+        )?;
+        for (what, returns) in [
+            ("nothing changed", self.unchanged_returns),
+            ("the other site changed coins", self.changed_returns),
+        ] {
+            writeln!(
+                f,
+                "  tab returns when {what}: {} returns, {} requests (at most {} each, response bodies ≤ {} bytes)",
+                returns.count, returns.requests, returns.max_requests, returns.max_response_bytes
+            )?;
+        }
+        write!(
+            f,
+            "  coins at the end: hub {}, faucet tab {}, charity tab {}",
+            self.hub_coins, self.faucet_coins, self.charity_coins
+        )
+    }
+}
+
+/// Runs the day against the hub at `hub_url` (its origin, or its `/api/sync` endpoint).
+/// `mint_token(site, user)` returns a token the hub accepts, as the site's backend mints it.
+pub async fn simulate(hub_url: &str, mint_token: impl Fn(&str, &str) -> String) -> anyhow::Result<DayReport> {
+    let mut day = Day::new(hub_url, mint_token);
+    day.advance_to(MIDNIGHT + OPEN_AT * HOUR_MS).await?;
+    day.open_browser().await?;
+    for hour in OPEN_AT..CLOSE_AT {
+        if hour == LUNCH_AT {
+            continue;
+        }
+        for &(minute, second, step) in HOUR {
+            day.advance_to(MIDNIGHT + hour * HOUR_MS + minute * MINUTE + second * SECOND).await?;
+            day.step(step).await?;
+        }
+    }
+    // Before closing the browser, the user looks at both tabs once more.
+    let last = MIDNIGHT + CLOSE_AT * HOUR_MS - 30 * SECOND;
+    day.advance_to(last).await?;
+    day.step(Step::Show(Site::Charity)).await?;
+    day.advance_to(last + 10 * SECOND).await?;
+    day.step(Step::Show(Site::Faucet)).await?;
+    day.advance_to(MIDNIGHT + CLOSE_AT * HOUR_MS).await?;
+    day.close_browser().await?;
+    day.advance_to(MIDNIGHT + 24 * HOUR_MS - 1).await?;
+    day.report().await
+}
+
+/// A tab: the site's engine while a page of it is open.
+struct Tab {
+    engine: Option<Engine>,
+    /// `CheckDone`s not yet looked at, as (ticket, fresh).
+    checks_done: Vec<(u64, bool)>,
+    /// The balance the tab showed when the browser closed.
+    last_coins: Option<i64>,
+}
+
+/// The browser, the clock and the counters.
+struct Day<F> {
+    http: reqwest::Client,
+    endpoint: String,
+    mint_token: F,
+    now: u64,
+    tabs: [Tab; 2],
+    /// localStorage per site (origin): the engine's storage format as text.
+    storage: BTreeMap<&'static str, String>,
+    /// Seeds every page load's engine from fresh randomness, as the shell does, so that op
+    /// ids never repeat when the day runs again against the same hub.
+    random: RandomState,
+    page_loads: u64,
+    requests: u64,
+    response_bytes: u64,
+    requests_by_hour: [u64; 24],
+    bytes_by_hour: [u64; 24],
+    by_action: BTreeMap<String, u64>,
+    operations: u64,
+    unchanged_returns: Returns,
+    changed_returns: Returns,
+}
+
+impl<F: Fn(&str, &str) -> String> Day<F> {
+    fn new(hub_url: &str, mint_token: F) -> Day<F> {
+        let url = hub_url.trim_end_matches('/');
+        let endpoint = if url.ends_with("/api/sync") || url.ends_with("/api/sync.php") {
+            url.to_owned()
+        } else {
+            format!("{url}/api/sync")
+        };
+        Day {
+            http: reqwest::Client::new(),
+            endpoint,
+            mint_token,
+            now: MIDNIGHT,
+            tabs: Site::ALL.map(|_| Tab { engine: None, checks_done: Vec::new(), last_coins: None }),
+            storage: BTreeMap::new(),
+            random: RandomState::new(),
+            page_loads: 0,
+            requests: 0,
+            response_bytes: 0,
+            requests_by_hour: [0; 24],
+            bytes_by_hour: [0; 24],
+            by_action: BTreeMap::new(),
+            operations: 0,
+            unchanged_returns: Returns::default(),
+            changed_returns: Returns::default(),
+        }
+    }
+
+    async fn step(&mut self, step: Step) -> anyhow::Result<()> {
+        match step {
+            Step::Show(site) => self.show(site).await,
+            Step::Navigate(site) => self.load_page(site).await,
+            Step::Operation(site, amount, reason) => self.operation(site, amount, reason).await,
+            Step::Away => {
+                for site in Site::ALL {
+                    self.input(site, |engine, now| engine.handle_hidden(now)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The faucet loads in the first tab, then the charity site in a second tab, in front.
+    async fn open_browser(&mut self) -> anyhow::Result<()> {
+        self.load_page(Site::Faucet).await?;
+        self.load_page(Site::Charity).await?;
+        self.input(Site::Faucet, |engine, now| engine.handle_hidden(now)).await
+    }
+
+    /// `pagehide` in both tabs (which sends any write still pending), then the engines are
+    /// gone; what each tab showed last is kept for the report.
+    async fn close_browser(&mut self) -> anyhow::Result<()> {
+        for site in Site::ALL {
+            self.input(site, |engine, now| engine.handle_unload(now)).await?;
+            let tab = &mut self.tabs[site.index()];
+            let view = tab.engine.take().and_then(|engine| engine.view(DataType::Balance));
+            tab.last_coins = view.and_then(|v| v.get("coins").and_then(Json::as_i64));
+        }
+        Ok(())
+    }
+
+    /// A page of `site` loads: its engine starts from the site's storage and signs in.
+    async fn load_page(&mut self, site: Site) -> anyhow::Result<()> {
+        let mut config = Config::new(site.id(), USER, DATA_TYPES.to_vec());
+        self.page_loads += 1;
+        config.seed = self.random.hash_one(self.page_loads);
+        let stored = self
+            .storage
+            .get(site.id())
+            .map(|text| Persisted::from_json(&Json::parse(text).unwrap_or_default()));
+        self.tabs[site.index()].engine = Some(Engine::new(config, stored, self.now));
+        self.drain(site).await?;
+        self.check(site, Trigger::Login).await
+    }
+
+    /// The user switches to `site`'s tab. Records what the return cost, sorted by whether the
+    /// hub held anything the tab had not seen (asked of the hub beforehand, not counted).
+    async fn show(&mut self, site: Site) -> anyhow::Result<()> {
+        self.input(site.other(), |engine, now| engine.handle_hidden(now)).await?;
+        let unchanged = self.hub_versions(site).await? == self.cached_versions(site);
+        let (requests, response_bytes) = (self.requests, self.response_bytes);
+        self.check(site, Trigger::TabVisible).await?;
+        let cost = (self.requests - requests, self.response_bytes - response_bytes);
+        let returns = if unchanged { &mut self.unchanged_returns } else { &mut self.changed_returns };
+        returns.add(cost.0, cost.1);
+        Ok(())
+    }
+
+    /// A balance-changing operation: a pull first, then the delta.
+    async fn operation(&mut self, site: Site, amount: i64, reason: &str) -> anyhow::Result<()> {
+        self.check(site, Trigger::EnsureFresh).await?;
+        let reason = reason.to_owned();
+        self.input(site, |engine, now| engine.apply_delta(now, DataType::Balance, amount, Some(reason)))
+            .await?
+            .map_err(|refusal| anyhow::anyhow!("{}: the engine refused {amount:+}: {refusal}", site.id()))?;
+        self.operations += 1;
+        Ok(())
+    }
+
+    /// Triggers a check and makes sure it ended with the hub's answer.
+    async fn check(&mut self, site: Site, trigger: Trigger) -> anyhow::Result<()> {
+        let ticket = self.input(site, |engine, now| engine.handle_trigger(now, trigger)).await?;
+        let done = std::mem::take(&mut self.tabs[site.index()].checks_done);
+        if !done.contains(&(ticket, true)) {
+            bail!("{}: the {trigger:?} check did not end fresh ({done:?})", site.id());
+        }
+        Ok(())
+    }
+
+    /// Feeds one input to `site`'s engine at the current time, then drains it.
+    async fn input<R>(&mut self, site: Site, f: impl FnOnce(&mut Engine, u64) -> R) -> anyhow::Result<R> {
+        let now = self.now;
+        let engine =
+            self.tabs[site.index()].engine.as_mut().with_context(|| format!("{} is not open", site.id()))?;
+        let result = f(engine, now);
+        self.drain(site).await?;
+        Ok(result)
+    }
+
+    /// Follows the engine's call order until it has nothing more to say: events first (storing
+    /// on `Persist`, answering `NeedToken`), then each request, whose answer is fed back at
+    /// once.
+    async fn drain(&mut self, site: Site) -> anyhow::Result<()> {
+        loop {
+            let now = self.now;
+            let tab = &mut self.tabs[site.index()];
+            let Some(engine) = tab.engine.as_mut() else { return Ok(()) };
+            if let Some(event) = engine.poll_event() {
+                match event {
+                    Event::Persist => {
+                        self.storage.insert(site.id(), engine.persisted().to_json().to_text());
+                    }
+                    Event::NeedToken => engine.handle_token(now, Some((self.mint_token)(site.id(), USER))),
+                    Event::CheckDone { ticket, fresh } => tab.checks_done.push((ticket, fresh)),
+                    Event::Refused { code, message, .. } => {
+                        bail!("{}: the hub refused a write: {code}: {message}", site.id())
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let Some(request) = engine.poll_request() else { return Ok(()) };
+            let reply = self.send(&request).await?;
+            if let Some(engine) = self.tabs[site.index()].engine.as_mut() {
+                engine.handle_reply(self.now, request.id, reply);
+            }
+        }
+    }
+
+    /// Sends one of the engines' requests as the shell's `fetch` does, and counts it.
+    async fn send(&mut self, request: &Request) -> anyhow::Result<Reply> {
+        let body = request.body.as_ref().map(Json::to_text);
+        let mut builder = match (&request.method, &request.query) {
+            (Method::Get, Some(query)) => self.http.get(format!("{}?{query}", self.endpoint)),
+            _ => self.http.post(&self.endpoint),
+        };
+        if let Some(token) = &request.token {
+            builder = builder.bearer_auth(token);
+        }
+        if let Some(tag) = &request.if_none_match {
+            builder = builder.header(IF_NONE_MATCH, tag);
+        }
+        if let Some(body) = &body {
+            builder = builder.header(CONTENT_TYPE, "application/json").body(body.clone());
+        }
+        let action = action_of(request);
+        let response =
+            builder.send().await.with_context(|| format!("{action} request to {}", self.endpoint))?;
+        let status = response.status().as_u16();
+        let text = response.text().await.with_context(|| format!("the answer to a {action} request"))?;
+
+        let hour = ((self.now - MIDNIGHT) / HOUR_MS) as usize;
+        let bytes = (body.map_or(0, |b| b.len()) + text.len()) as u64;
+        self.requests += 1;
+        self.response_bytes += text.len() as u64;
+        self.requests_by_hour[hour] += 1;
+        self.bytes_by_hour[hour] += bytes;
+        *self.by_action.entry(action.clone()).or_default() += 1;
+
+        match status {
+            200 | 304 => Ok(Reply::from_text(status, &text, None)),
+            429 => bail!(
+                "the hub rate-limited the day's {action} request: let one user make a few hundred \
+                 requests a minute (limits.requests_per_minute)"
+            ),
+            _ => bail!("the hub answered {status} to a {action} request: {text}"),
+        }
+    }
+
+    /// Runs every engine timer due up to `at`, then sets the clock to `at`.
+    async fn advance_to(&mut self, at: u64) -> anyhow::Result<()> {
+        for _ in 0..TIMER_STEPS {
+            let due = Site::ALL
+                .into_iter()
+                .filter_map(|site| {
+                    let timer = self.tabs[site.index()].engine.as_ref()?.poll_timeout()?;
+                    Some((timer, site.index()))
+                })
+                .filter(|(timer, _)| *timer <= at)
+                .min();
+            let Some((timer, index)) = due else {
+                self.now = self.now.max(at);
+                return Ok(());
+            };
+            self.now = self.now.max(timer);
+            let site = Site::ALL[index];
+            self.input(site, |engine, now| engine.handle_timeout(now)).await?;
+        }
+        bail!("the engines' timers did not settle before {at}")
+    }
+
+    /// The versions `site`'s engine has cached, per data type.
+    fn cached_versions(&self, site: Site) -> Vec<Option<u64>> {
+        let engine = self.tabs[site.index()].engine.as_ref();
+        DATA_TYPES.iter().map(|&t| engine.and_then(|e| e.record(t)).map(|r| r.version)).collect()
+    }
+
+    /// The hub's versions, asked with `site`'s token outside the day's count.
+    async fn hub_versions(&self, site: Site) -> anyhow::Result<Vec<Option<u64>>> {
+        let types: Vec<&str> = DATA_TYPES.iter().map(|t| t.as_str()).collect();
+        let query = format!("action=timestamp&user_id={USER}&data_type={}", types.join(","));
+        let answer = self.reference_read(site, &query).await?;
+        Ok(DATA_TYPES.iter().map(|t| answer["timestamps"][t.as_str()]["version"].as_u64()).collect())
+    }
+
+    /// A GET outside the day's count: what the hub holds, to check the engines against.
+    async fn reference_read(&self, site: Site, query: &str) -> anyhow::Result<serde_json::Value> {
+        let token = (self.mint_token)(site.id(), USER);
+        let response = self.http.get(format!("{}?{query}", self.endpoint)).bearer_auth(token).send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("the hub answered {status} to {query}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("the answer to {query}"))
+    }
+
+    async fn report(&self) -> anyhow::Result<DayReport> {
+        let answer = self
+            .reference_read(Site::Faucet, &format!("action=get&user_id={USER}&data_type=balance"))
+            .await?;
+        let hub_coins = answer["data"]["coins"].as_i64().context("the hub's balance has no coins")?;
+        let coins = |site: Site| {
+            self.tabs[site.index()].last_coins.with_context(|| format!("{} showed no balance", site.id()))
+        };
+        let active_hours = (OPEN_AT..CLOSE_AT).filter(|&h| h != LUNCH_AT).map(|h| h as usize).collect();
+        Ok(DayReport {
+            requests_by_hour: self.requests_by_hour,
+            bytes_by_hour: self.bytes_by_hour,
+            active_hours,
+            by_action: self.by_action.clone(),
+            operations: self.operations,
+            unchanged_returns: self.unchanged_returns,
+            changed_returns: self.changed_returns,
+            hub_coins,
+            faucet_coins: coins(Site::Faucet)?,
+            charity_coins: coins(Site::Charity)?,
+        })
+    }
+}
+
+/// The `action` a request carries: in its query (GET) or its body (POST).
+fn action_of(request: &Request) -> String {
+    let from_query = request
+        .query
+        .as_deref()
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("action=")).map(str::to_owned));
+    let from_body = || request.body.as_ref()?.get("action")?.as_str().map(str::to_owned);
+    from_query.or_else(from_body).unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real hub on `127.0.0.1:0` over SQLite in a temporary directory, with the
+    /// development sites and a rate limit the day's burst fits in; runs the day against it.
+    async fn a_day_against_a_real_hub() -> DayReport {
+        let dir = tempfile::tempdir().unwrap();
+        let config = hub::config::Config {
+            hub_id: "day-hub".into(),
+            data_dir: dir.path().to_path_buf(),
+            limits: hub::config::Limits { requests_per_minute: 100_000, ..Default::default() },
+            ..Default::default()
+        };
+        let app = hub::App::open(config.with_dev_sites().unwrap()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(hub::serve(listener, app.clone(), async {
+            let _ = stopped.await;
+        }));
+        let keys = app.keys().expect("auth is on");
+        let report = simulate(&url, |site, user| keys.mint(site, user, 3600, false).unwrap()).await;
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        report.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_typical_day_costs_less_than_polling_and_no_more_than_the_seed_estimates() {
+        let report = a_day_against_a_real_hub().await;
+
+        assert_eq!(report.active_hours.len(), 8);
+        assert!(report.requests_per_active_hour() < POLLING_PER_HOUR as f64, "{report}");
+        assert!(report.peak_hour_requests() <= *SEED_ESTIMATE_PER_HOUR.end(), "{report}");
+        for (hour, requests) in report.requests_by_hour.iter().enumerate() {
+            if !report.active_hours.contains(&hour) {
+                assert_eq!(*requests, 0, "{hour}h: hidden tabs and a closed browser send nothing\n{report}");
+            }
+        }
+        // Every operation is one pull and one delta, sent once: no retry, no other write.
+        assert_eq!(report.by_action.get("delta"), Some(&report.operations), "{report}");
+        let actions: Vec<&str> = report.by_action.keys().map(String::as_str).collect();
+        assert_eq!(actions, ["delta", "get", "timestamp"], "{report}");
+
+        let unchanged = report.unchanged_returns;
+        assert!(unchanged.count > 0, "{report}");
+        assert_eq!((unchanged.requests, unchanged.max_requests), (unchanged.count, 1), "{report}");
+        assert!(unchanged.max_response_bytes <= 300, "{report}");
+        // After the other site changed coins, a return checks and fetches the balance alone.
+        let changed = report.changed_returns;
+        assert!(changed.count > 0, "{report}");
+        assert_eq!((changed.requests, changed.max_requests), (2 * changed.count, 2), "{report}");
+
+        assert_eq!(
+            (report.faucet_coins, report.charity_coins),
+            (report.hub_coins, report.hub_coins),
+            "{report}"
+        );
+    }
+}
