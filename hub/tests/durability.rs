@@ -406,8 +406,7 @@ fn assert_acknowledged_applied(ledger: &HashMap<String, Entry>, journal: &Journa
 }
 
 /// Once every delta has had an answer with nothing in flight: the ledger holds exactly the
-/// acknowledged deltas, and each user's balance as the hub serves it is their sum. Some
-/// spends were applied and some refused, so the run did test overdrafts.
+/// acknowledged deltas, and each user's balance as the hub serves it is their sum.
 async fn assert_settled(deployment: &Deployment, ledger: &HashMap<String, Entry>, journal: &Journal) {
     assert_acknowledged_applied(ledger, journal);
     let acknowledged: HashSet<&str> =
@@ -421,8 +420,6 @@ async fn assert_settled(deployment: &Deployment, ledger: &HashMap<String, Entry>
         let served = page.get("balance").await.assert_ok()["data"]["coins"].as_i64().unwrap_or(0);
         assert_eq!(served, sum, "{user}'s balance is not the sum of their acknowledged deltas");
     }
-    assert!(ledger.values().any(|e| e.delta < 0), "no spend was applied");
-    assert!(journal.refusals > 0, "no overdraft was refused");
 }
 
 /// The number of kills: `HUB_CRASH_KILLS`, or [`DEFAULT_KILLS`].
@@ -458,7 +455,11 @@ async fn acknowledged_deltas_survive_sigkill() {
 
     let mut hub = deployment.start().await;
     resend_unacknowledged(&deployment, &mut journal).await;
-    assert_settled(&deployment, &read_ledger(&deployment), &journal).await;
+    let ledger = read_ledger(&deployment);
+    assert_settled(&deployment, &ledger, &journal).await;
+    // The run did test overdrafts: some spends were applied, some refused.
+    assert!(ledger.values().any(|e| e.delta < 0), "no spend was applied");
+    assert!(journal.refusals > 0, "no overdraft was refused");
     hub.kill().await.unwrap();
 }
 
@@ -477,7 +478,7 @@ async fn writes_answered_before_a_graceful_stop_survive_it() {
     // Patient clients: a graceful stop answers every request it took in.
     let clients = Clients::start(&deployment, Patience::Full);
     clients.until_acknowledged_beyond(0).await;
-    tokio::time::sleep(Duration::from_millis(rand::random_range(10..500))).await;
+    tokio::time::sleep(Duration::from_millis(rand::random_range(10..1500))).await;
     terminate(&hub).await;
     let status = tokio::time::timeout(PATIENCE, hub.wait())
         .await
