@@ -25,7 +25,25 @@ pub struct Config {
     /// Switching auth off is only allowed on a loopback address, for development.
     pub auth: bool,
     pub limits: Limits,
+    pub store: StoreConfig,
     pub sites: Vec<Site>,
+}
+
+/// How the store writes to disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Gather the writes that arrive together into one transaction and one fsync (the
+    /// default). `false` commits and fsyncs each write on its own: every write is just as
+    /// durable, but the disk's fsync rate caps the hub's write rate. It exists to measure
+    /// what group commit buys (`cargo xtask bench`).
+    pub group_commit: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { group_commit: true }
+    }
 }
 
 /// Limits that protect the hub and its users; every one has a safe default.
@@ -79,6 +97,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./hub-data"),
             auth: true,
             limits: Limits::default(),
+            store: StoreConfig::default(),
             sites: Vec::new(),
         }
     }

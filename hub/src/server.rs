@@ -21,7 +21,7 @@ use crate::config::{Config, OriginPattern};
 use crate::domain::Domain;
 use crate::limit::RateLimits;
 use crate::store::Store;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::sqlite::{MAX_BATCH, SqliteOptions, SqliteStore};
 
 /// How often fully recovered rate-limit keys are forgotten.
 const PURGE_EVERY: Duration = Duration::from_secs(10);
@@ -55,6 +55,7 @@ impl App {
             &config.data_dir,
             SqliteOptions {
                 op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
+                max_batch: if config.store.group_commit { MAX_BATCH } else { 1 },
             },
         )?;
         Self::with_store(config, Arc::new(store))

@@ -23,7 +23,8 @@ const WASM_FEATURES: &[&str] = &[
     "--enable-sign-ext",
 ];
 
-pub fn run() -> anyhow::Result<()> {
+/// Builds the package; returns the gzipped size of its wasm and JS glue together.
+pub fn run() -> anyhow::Result<u64> {
     let args = ["build", "-p", "client-wasm", "--target", WASM_TARGET, "--profile", "wasm-release"];
     let mut build = command("cargo", &args);
     // Source paths end up in the wasm (panic locations): name them relative to the workspace
@@ -73,7 +74,7 @@ pub fn run() -> anyhow::Result<()> {
         wasm_size + js_size,
         (wasm_size + js_size) as f64 / 1024.0
     );
-    Ok(())
+    Ok(wasm_size + js_size)
 }
 
 /// Prints a file's raw and gzipped size and returns the gzipped one.

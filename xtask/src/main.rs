@@ -3,11 +3,14 @@
 //! nothing but the prerequisites listed in `prereq`, and writes nothing outside the
 //! workspace except through those installs.
 
+mod bench;
 mod build_pkg;
+mod day;
 mod demo;
 mod prereq;
 mod process;
 mod sites;
+mod soak;
 mod suite;
 mod tidy;
 
@@ -32,8 +35,12 @@ enum Task {
     Demo(demo::Args),
     /// Install missing prerequisites, then run every check and test; stop at the first failure.
     Test,
+    /// Run the long reliability suites: 50 hub kills, 300 s of load, 50,000 simulation seeds.
+    Soak,
     /// Check the architecture invariants (dependency absences, no tracked build outputs).
     Tidy,
+    /// Measure the hub against a bare hyper server and the targets; write BENCHMARKS.md.
+    Bench(bench::Args),
     /// Build the npm package `unified-balance` into pkg/ and print its sizes.
     BuildPkg,
 }
@@ -45,7 +52,9 @@ fn main() -> ExitCode {
         Task::Demo(args) => demo::run(args),
         Task::Test => suite::run(),
         Task::Tidy => tidy::run(),
-        Task::BuildPkg => build_pkg::run(),
+        Task::BuildPkg => build_pkg::run().map(drop),
+        Task::Bench(args) => bench::run(args),
+        Task::Soak => soak::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

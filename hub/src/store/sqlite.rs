@@ -22,8 +22,8 @@ use crate::time::now_ms;
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "hub.sqlite3";
-/// Writes gathered into one transaction at most.
-const MAX_BATCH: usize = 512;
+/// Writes gathered into one transaction at most, with group commit on.
+pub const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer at most; senders beyond it wait (backpressure).
 const QUEUE: usize = 8192;
 /// Idle read connections kept open.
@@ -78,6 +78,8 @@ fn migrations() -> Migrations<'static> {
 pub struct SqliteOptions {
     /// How long an op id is remembered.
     pub op_retention: Duration,
+    /// Writes committed together at most: 1 gives one transaction and one fsync per write.
+    pub max_batch: usize,
 }
 
 /// SQLite behind the [`Store`] trait.
@@ -130,9 +132,10 @@ impl SqliteStore {
 
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
+        let max_batch = options.max_batch.max(1);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer { conn, retention_ms, last_prune_ms: 0 }.run(rx))
+            .spawn(move || Writer { conn, retention_ms, last_prune_ms: 0, max_batch }.run(rx))
             .map_err(|e| StoreError::Malformed(format!("cannot start the writer: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -145,28 +148,25 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` on a pooled read connection, off the async threads.
+    /// Runs `f` on a pooled read connection, on the calling thread. A read is a lookup by
+    /// primary key in pages the OS already caches, a few microseconds: handing it to another
+    /// thread and back would cost more than the read itself.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let pooled = inner.readers.lock().expect("reader pool").pop();
-            let conn = match pooled {
-                Some(conn) => conn,
-                None => open_reader(&inner.path)?,
-            };
-            let result = f(&conn);
-            let mut readers = inner.readers.lock().expect("reader pool");
-            if readers.len() < MAX_IDLE_READERS {
-                readers.push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
+        let pooled = self.inner.readers.lock().expect("reader pool").pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open_reader(&self.inner.path)?,
+        };
+        let result = f(&conn);
+        let mut readers = self.inner.readers.lock().expect("reader pool");
+        if readers.len() < MAX_IDLE_READERS {
+            readers.push(conn);
+        }
+        result
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
@@ -288,13 +288,14 @@ struct Writer {
     conn: Connection,
     retention_ms: i64,
     last_prune_ms: i64,
+    max_batch: usize,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         while let Some(first) = rx.blocking_recv() {
             let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
+            while jobs.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(job) => jobs.push(job),
                     Err(_) => break,

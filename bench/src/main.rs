@@ -1,0 +1,177 @@
+//! `bench`: the measuring tools behind `cargo xtask bench`, built in release so that the
+//! load generator is never what limits a result. Each subcommand prints one JSON line on
+//! stdout for xtask to read; xtask starts the servers, runs the scenarios and writes the
+//! report.
+
+mod bare;
+mod load;
+mod scenario;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use http_body_util::BodyExt;
+use serde::Serialize;
+
+use scenario::{Requests, Scenario};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Load generator and bare server for cargo xtask bench")]
+struct Cli {
+    /// Worker threads of this process's runtime.
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the fixed JSON body; prints the bound address.
+    Bare {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Give every benchmark user a balance and a profile (version 1 each).
+    Prepare(Target),
+    /// Drive one scenario and print what it measured.
+    Load {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_enum)]
+        scenario: Scenario,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 2.0)]
+        warmup_secs: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Requests per second in all (open loop); without it, as fast as answered.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Open this many keep-alive connections, one request on each, and report the memory
+    /// of the server process `pid` while they stay open.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        pid: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// The server, `host:port`.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// The hub's config file: its `bench` site key signs the users' tokens.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+}
+
+impl Target {
+    fn requests(&self, scenario: Scenario) -> anyhow::Result<Arc<Requests>> {
+        Ok(Arc::new(Requests::new(scenario, &self.addr.to_string(), &self.config, self.users)?))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Bare { listen } => bare::serve(listen).await,
+            Command::Prepare(target) => prepare(&target).await,
+            Command::Load { target, scenario, connections, warmup_secs, secs, rate } => {
+                let plan = load::Plan {
+                    connections,
+                    warmup: Duration::from_secs_f64(warmup_secs),
+                    duration: Duration::from_secs_f64(secs),
+                    rate,
+                };
+                let outcome = load::run(target.addr, target.requests(scenario)?, plan).await?;
+                println!("{}", serde_json::to_string(&outcome)?);
+                Ok(())
+            }
+            Command::Idle { target, connections, pid } => idle(&target, connections, pid).await,
+        }
+    })
+}
+
+/// One balance push and one profile push per user, 32 users at a time.
+async fn prepare(target: &Target) -> anyhow::Result<()> {
+    let requests = Requests::new(Scenario::Push, &target.addr.to_string(), &target.config, target.users)?;
+    let requests = Arc::new(requests);
+    let tasks: Vec<_> = (0..32)
+        .map(|lane| {
+            let (requests, addr, users) = (requests.clone(), target.addr, target.users);
+            tokio::spawn(async move {
+                let mut sender = load::connect(addr).await?;
+                for user in (lane..users).step_by(32) {
+                    for request in requests.seed(user) {
+                        sender.ready().await?;
+                        let response = sender.send_request(request).await?;
+                        let status = response.status();
+                        let body = response.into_body().collect().await?.to_bytes();
+                        if !status.is_success() {
+                            bail!("seeding user {user} failed: {status} {}", String::from_utf8_lossy(&body));
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    println!("{{\"users\":{}}}", target.users);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Memory {
+    connections: usize,
+    vm_rss_kib: u64,
+    vm_hwm_kib: u64,
+}
+
+async fn idle(target: &Target, connections: usize, pid: u32) -> anyhow::Result<()> {
+    let requests = target.requests(Scenario::Timestamp)?;
+    let mut open = Vec::with_capacity(connections);
+    for conn in 0..connections {
+        let mut sender = load::connect(target.addr).await.with_context(|| format!("connection {conn}"))?;
+        sender.ready().await?;
+        let response = sender.send_request(requests.build(conn, 0)).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        if !status.is_success() {
+            bail!("connection {conn}: the server answered {status}");
+        }
+        open.push(sender);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still_open = open.iter().filter(|s| !s.is_closed()).count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read the memory of process {pid}"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
+        Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+    };
+    let memory =
+        Memory { connections: still_open, vm_rss_kib: field("VmRSS:")?, vm_hwm_kib: field("VmHWM:")? };
+    println!("{}", serde_json::to_string(&memory)?);
+    Ok(())
+}

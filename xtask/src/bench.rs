@@ -1,0 +1,506 @@
+//! `cargo xtask bench`: measures the hub against the ceiling of this machine, in one run.
+//!
+//! Builds the hub and the `bench` tools in release, starts a bare hyper server (`bench
+//! bare`) and the real hub binary on a fresh data dir, drives both with the same load
+//! generator (`bench load`), and reports every hub result as a fraction of the bare
+//! server's, next to the targets of SPEC §6. Also measures the hub's memory with 10,000
+//! idle keep-alive connections, the package's gzipped size, and the requests of a simulated
+//! day of one user (`day`). Writes the table to `BENCHMARKS.md` with the machine it ran on.
+//!
+//! Every request is authenticated and rate-limited as in production: the benchmark users
+//! get a high limit through the config file, like any operator would set it.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::day;
+use crate::process::{command, root, step, target_dir};
+
+/// Connections of every throughput scenario.
+const CONNECTIONS: usize = 64;
+/// Users the requests are spread over.
+const USERS: usize = 10_000;
+/// Idle keep-alive connections held open while the hub's memory is read.
+const IDLE_CONNECTIONS: usize = 10_000;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A short run (a few seconds per scenario) that does not write BENCHMARKS.md.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds each throughput scenario is measured (after a warm-up).
+    #[arg(long)]
+    secs: Option<f64>,
+}
+
+/// What `bench load` prints.
+#[derive(Debug, Clone, Deserialize)]
+struct Outcome {
+    requests: u64,
+    errors: u64,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    requests_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    mean_body_bytes: f64,
+}
+
+/// What `bench idle` prints.
+#[derive(Debug, Deserialize)]
+struct Memory {
+    connections: usize,
+    vm_hwm_kib: u64,
+}
+
+/// One measured line of the report.
+struct Row {
+    what: String,
+    outcome: Outcome,
+    /// The status every answer must have, or the run is void.
+    expect: u16,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (warmup, secs) =
+        if args.quick { (1.0, args.secs.unwrap_or(3.0)) } else { (3.0, args.secs.unwrap_or(15.0)) };
+    step("cargo", &["build", "--release", "-p", "hub", "-p", "bench"])?;
+    let work = target_dir().join("bench-run");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("cannot clear {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let tools = Tools { release: target_dir().join("release"), work: work.clone(), warmup, secs };
+
+    let bare = tools.start_bare()?;
+    let grouped = tools.start_hub("group", true)?;
+    tools.prepare(grouped.addr, &grouped.config)?;
+
+    let mut rows = Vec::new();
+    let ceiling = tools.load(bare.addr, &grouped.config, "timestamp", None)?;
+    rows.push(Row {
+        what: "bare hyper server, fixed JSON body".into(),
+        outcome: ceiling.clone(),
+        expect: 200,
+    });
+    let scenarios = [
+        ("timestamp", "timestamp check, 3 data types, 10,000 users", 200),
+        ("get", "get, answered in full", 200),
+        ("get-not-modified", "get with a matching If-None-Match", 304),
+        ("push", "merge-patch push (profile)", 200),
+        ("delta", "durable delta, group commit", 200),
+    ];
+    for (scenario, what, expect) in scenarios {
+        let outcome = tools.load(grouped.addr, &grouped.config, scenario, None)?;
+        rows.push(Row { what: what.into(), outcome, expect });
+    }
+    let peak_checks = rows[1].outcome.requests_per_sec;
+    let peak_deltas = rows[5].outcome.requests_per_sec;
+    let half_checks = tools.load(grouped.addr, &grouped.config, "timestamp", Some(peak_checks / 2.0))?;
+    rows.push(Row {
+        what: "timestamp check at half of its peak rate".into(),
+        outcome: half_checks,
+        expect: 200,
+    });
+    let half_deltas = tools.load(grouped.addr, &grouped.config, "delta", Some(peak_deltas / 2.0))?;
+    rows.push(Row {
+        what: "durable delta at half of its peak rate".into(),
+        outcome: half_deltas,
+        expect: 200,
+    });
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let keys = hub::auth::Keys::from_config(&hub::config::Config::load(Some(&grouped.config))?)?;
+    let day = runtime.block_on(day::simulate(&format!("http://{}", grouped.addr), |site, user| {
+        keys.mint(site, user, 24 * 3600, false).expect("the bench config has the day's sites")
+    }))?;
+    println!("{day}");
+    grouped.stop()?;
+
+    let single = tools.start_hub("single", false)?;
+    let fsync_each = tools.load(single.addr, &single.config, "delta", None)?;
+    rows.push(Row { what: "durable delta, one fsync per request".into(), outcome: fsync_each, expect: 200 });
+    single.stop()?;
+
+    // Memory on a fresh process, so that its peak is the idle connections' and not the load's.
+    let idle_hub = tools.start_hub("group", true)?;
+    let hub_memory = tools.idle(idle_hub.addr, &idle_hub.config, idle_hub.pid())?;
+    let bare_memory = tools.idle(bare.addr, &idle_hub.config, bare.pid())?;
+    bare.stop()?;
+    idle_hub.stop()?;
+
+    for row in &rows {
+        let total: u64 = row.outcome.statuses.values().sum();
+        if row.outcome.statuses.get(&row.expect) != Some(&total) || row.outcome.errors > 0 || total == 0 {
+            bail!(
+                "{}: expected every answer to be {}, got {:?} and {} connection errors",
+                row.what,
+                row.expect,
+                row.outcome.statuses,
+                row.outcome.errors
+            );
+        }
+    }
+
+    println!("==> cargo xtask build-pkg");
+    let package_bytes = crate::build_pkg::run()?;
+    let report = Report { rows, hub_memory, bare_memory, package_bytes, day, secs, quick: args.quick };
+    let text = report.render()?;
+    println!("\n{text}");
+    if args.quick {
+        println!("==> a quick run: BENCHMARKS.md is left as it was");
+    } else {
+        std::fs::write(root().join("BENCHMARKS.md"), text)?;
+        println!("==> wrote BENCHMARKS.md");
+    }
+    Ok(())
+}
+
+struct Tools {
+    release: PathBuf,
+    work: PathBuf,
+    warmup: f64,
+    secs: f64,
+}
+
+/// A server process, stopped (and reaped) when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    config: PathBuf,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let _ = command("kill", &["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tools {
+    fn bench(&self) -> Command {
+        Command::new(self.release.join("bench"))
+    }
+
+    fn start_bare(&self) -> anyhow::Result<Server> {
+        let mut child = self
+            .bench()
+            .args(["--threads", "2", "bare", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start bench bare")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("bench bare has no stdout")?),
+            &mut line,
+        )?;
+        let addr = line.trim().parse().with_context(|| format!("bench bare printed {line:?}"))?;
+        Ok(Server { child, addr, config: PathBuf::new() })
+    }
+
+    /// Starts `hub serve` with its own config and data dir `name` (kept across starts).
+    fn start_hub(&self, name: &str, group_commit: bool) -> anyhow::Result<Server> {
+        let config = self.work.join(format!("{name}.toml"));
+        if !config.exists() {
+            std::fs::write(&config, hub_config(&self.work.join(name), group_commit))?;
+        }
+        let addr = free_addr()?;
+        let child = Command::new(self.release.join("hub"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start the hub")?;
+        let server = Server { child, addr, config };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("the hub did not accept connections on {addr} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    fn prepare(&self, addr: SocketAddr, config: &Path) -> anyhow::Result<()> {
+        self.run_bench(&["prepare", "--addr", &addr.to_string(), "--config", path(config)?])?;
+        Ok(())
+    }
+
+    fn load(
+        &self,
+        addr: SocketAddr,
+        config: &Path,
+        scenario: &str,
+        rate: Option<f64>,
+    ) -> anyhow::Result<Outcome> {
+        let (connections, warmup, secs) =
+            (CONNECTIONS.to_string(), self.warmup.to_string(), self.secs.to_string());
+        let mut args = vec![
+            "load",
+            "--addr",
+            &addr.to_string(),
+            "--config",
+            path(config)?,
+            "--scenario",
+            scenario,
+            "--connections",
+            &connections,
+            "--warmup-secs",
+            &warmup,
+            "--secs",
+            &secs,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        if let Some(rate) = rate {
+            args.extend(["--rate".to_owned(), format!("{rate:.0}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let printed = self.run_bench(&args)?;
+        let outcome: Outcome =
+            serde_json::from_str(&printed).with_context(|| format!("bench load printed {printed:?}"))?;
+        println!(
+            "    {scenario:<18} {}{:>9.0} req/s  p50 {:>6} µs  p99 {:>6} µs  ({} requests)",
+            if rate.is_some() { "(paced) " } else { "" },
+            outcome.requests_per_sec,
+            outcome.p50_us,
+            outcome.p99_us,
+            outcome.requests
+        );
+        Ok(outcome)
+    }
+
+    fn idle(&self, addr: SocketAddr, config: &Path, pid: u32) -> anyhow::Result<Memory> {
+        let printed = self.run_bench(&[
+            "idle",
+            "--addr",
+            &addr.to_string(),
+            "--config",
+            path(config)?,
+            "--connections",
+            &IDLE_CONNECTIONS.to_string(),
+            "--pid",
+            &pid.to_string(),
+        ])?;
+        let memory: Memory =
+            serde_json::from_str(&printed).with_context(|| format!("bench idle printed {printed:?}"))?;
+        if memory.connections != IDLE_CONNECTIONS {
+            bail!("only {} of {IDLE_CONNECTIONS} idle connections stayed open", memory.connections);
+        }
+        Ok(memory)
+    }
+
+    fn run_bench(&self, args: &[&str]) -> anyhow::Result<String> {
+        println!("==> bench {}", args.join(" "));
+        let out = self.bench().args(args).stderr(Stdio::inherit()).output().context("cannot start bench")?;
+        if !out.status.success() {
+            bail!("bench {} failed ({})", args.join(" "), out.status);
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("the target directory's path is not UTF-8")
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The hub's config for the benchmark: the `bench` site, the two sites of the simulated day,
+/// a rate limit no benchmark user reaches, and room for the idle connections.
+fn hub_config(data_dir: &Path, group_commit: bool) -> String {
+    let sites: String = ["bench", "roflfaucet", "clickforcharity"]
+        .iter()
+        .map(|site| {
+            format!(
+                "[[sites]]\nid = \"{site}\"\norigins = [\"http://{site}.localhost\"]\nsecret = \"{site}-benchmark-secret-of-at-least-32-bytes\"\n\n"
+            )
+        })
+        .collect();
+    format!(
+        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\nmax_connections = {}\n\n[store]\ngroup_commit = {group_commit}\n\n{sites}",
+        data_dir.display(),
+        IDLE_CONNECTIONS * 2
+    )
+}
+
+struct Report {
+    rows: Vec<Row>,
+    hub_memory: Memory,
+    bare_memory: Memory,
+    package_bytes: u64,
+    day: day::DayReport,
+    secs: f64,
+    quick: bool,
+}
+
+impl Report {
+    fn render(&self) -> anyhow::Result<String> {
+        let bare = self.rows[0].outcome.requests_per_sec;
+        let rps = |i: usize| self.rows[i].outcome.requests_per_sec;
+        let mut out = String::new();
+        writeln!(out, "# Benchmarks\n")?;
+        writeln!(
+            out,
+            "Measured by `cargo xtask bench`{} on {}. The hub and a bare hyper server run in the same \
+             run on the same machine, driven by the same load generator (`bench/`: {CONNECTIONS} keep-alive \
+             HTTP/1.1 connections, {:.0} s measured after a warm-up); every hub figure is also given as a \
+             fraction of the bare server's. Every hub request carries a site-signed token for one of \
+             {USERS} users and the site's `Origin`, and passes the rate limiter (set high in the config).\n",
+            if self.quick { " --quick" } else { "" },
+            machine()?,
+            self.secs
+        )?;
+        writeln!(out, "## Throughput and latency\n")?;
+        writeln!(out, "| scenario | requests/s | of bare | p50 | p99 | p99.9 | body bytes |")?;
+        writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+        for row in &self.rows {
+            let o = &row.outcome;
+            writeln!(
+                out,
+                "| {} | {:.0} | {:.0} % | {} | {} | {} | {:.0} |",
+                row.what,
+                o.requests_per_sec,
+                100.0 * o.requests_per_sec / bare,
+                micros(o.p50_us),
+                micros(o.p99_us),
+                micros(o.p999_us),
+                o.mean_body_bytes
+            )?;
+        }
+        let fsync_each = rps(self.rows.len() - 1);
+        let half = &self.rows[6].outcome;
+        let checks = 100.0 * rps(1) / bare;
+        let deltas = 100.0 * rps(5) / bare;
+        let group_gain = rps(5) / fsync_each;
+        let kib = self.package_bytes as f64 / 1024.0;
+        let day = &self.day;
+        writeln!(out, "\n## Against the targets (SPEC §6)\n")?;
+        writeln!(out, "| target | measured | met |")?;
+        writeln!(out, "| --- | --- | --- |")?;
+        let mut target = |what: &str, measured: String, met: bool| {
+            writeln!(out, "| {what} | {measured} | {} |", if met { "yes" } else { "**no**" })
+        };
+        target("timestamp checks ≥ 50 % of bare", format!("{checks:.0} %"), checks >= 50.0)?;
+        target("durable deltas ≥ 20 % of bare", format!("{deltas:.0} %"), deltas >= 20.0)?;
+        target("group commit ≥ 20× one fsync per request", format!("{group_gain:.1}×"), group_gain >= 20.0)?;
+        target(
+            "p99 at half of peak ≤ 5 ms",
+            format!("{} (checks)", micros(half.p99_us)),
+            half.p99_us <= 5_000,
+        )?;
+        target(
+            "wasm + JS glue ≤ 40 KB gzipped",
+            format!("{} bytes ({kib:.1} KiB)", self.package_bytes),
+            self.package_bytes <= 40_000,
+        )?;
+        target(
+            "a tab return with nothing changed: 1 request, body ≤ 300 bytes",
+            format!(
+                "{} request(s), ≤ {} bytes",
+                day.unchanged_returns.max_requests, day.unchanged_returns.max_response_bytes
+            ),
+            day.unchanged_returns.max_requests == 1 && day.unchanged_returns.max_response_bytes <= 300,
+        )?;
+        writeln!(out, "\n## Memory\n")?;
+        writeln!(out, "| process, {IDLE_CONNECTIONS} idle keep-alive connections | peak RSS |")?;
+        writeln!(out, "| --- | ---: |")?;
+        writeln!(out, "| hub (fresh process) | {:.1} MiB |", self.hub_memory.vm_hwm_kib as f64 / 1024.0)?;
+        writeln!(
+            out,
+            "| bare hyper server (after its runs) | {:.1} MiB |",
+            self.bare_memory.vm_hwm_kib as f64 / 1024.0
+        )?;
+        writeln!(out, "\n## A simulated day of one user\n")?;
+        writeln!(
+            out,
+            "`sync-core` driven natively through the seed's typical usage (`xtask/src/day.rs`: two sites in \
+             two tabs, claims, dice, clicks and donations, tab returns, a lunch break) against the real hub.\n"
+        )?;
+        writeln!(out, "| | requests per active hour |")?;
+        writeln!(out, "| --- | ---: |")?;
+        writeln!(
+            out,
+            "| this client | {:.1} (busiest hour {}) |",
+            day.requests_per_active_hour(),
+            day.peak_hour_requests()
+        )?;
+        writeln!(out, "| the seed's 10-second polling | {} |", day::POLLING_PER_HOUR)?;
+        writeln!(
+            out,
+            "| the seed's claim for its design | {}–{} |",
+            day::SEED_ESTIMATE_PER_HOUR.start(),
+            day::SEED_ESTIMATE_PER_HOUR.end()
+        )?;
+        writeln!(out, "\n## Reproduce\n")?;
+        writeln!(
+            out,
+            "```\ncargo xtask bench          # writes this file\ncargo xtask bench --quick  # a short run; prints the table only\n```\n"
+        )?;
+        writeln!(
+            out,
+            "The load generator shares the machine with the server it measures (one worker thread \
+             against the server's two), so on {} the ceiling is the machine's, not the server's alone. \
+             To see where the hub spends its time: `cargo build --profile profiling -p hub`, start \
+             `target/profiling/hub` and record it with `perf record -g` while a `bench load` runs.",
+            cores()?
+        )?;
+        Ok(out)
+    }
+}
+
+fn micros(us: u64) -> String {
+    if us >= 1000 { format!("{:.1} ms", us as f64 / 1000.0) } else { format!("{us} µs") }
+}
+
+fn cores() -> anyhow::Result<String> {
+    let n = std::thread::available_parallelism()?.get();
+    Ok(format!("{n} core{}", if n == 1 { "" } else { "s" }))
+}
+
+/// The machine, as /proc and the toolchain describe it.
+fn machine() -> anyhow::Result<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "an unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or_else(String::new, |kib| format!(", {:.0} GiB", kib as f64 / 1024.0 / 1024.0));
+    let rustc = crate::process::output("rustc", &["--version"])?.trim().to_owned();
+    let date = crate::process::output("date", &["-u", "+%Y-%m-%d"])?.trim().to_owned();
+    Ok(format!("{date}, {} ({model}{memory}), Linux, {rustc}", cores()?))
+}
