@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
@@ -119,6 +119,28 @@ impl App {
     }
 }
 
+/// The HTTP/2 connection preface; a connection that starts with anything else is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, at most `timeout`, until the client's first bytes tell which protocol it speaks.
+/// hyper's header timeout starts only once the protocol is known, so without this a client
+/// that connects and stays silent (or stops inside the HTTP/2 preface) would hold one of
+/// the `max_connections` forever.
+async fn speaks_in_time(stream: &TcpStream, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 && (n == buf.len() || buf[..n] != H2_PREFACE[..n]) => return true,
+            Ok(Ok(n)) if n > 0 && tokio::time::Instant::now() < deadline => {
+                // Part of the preface: the rest has not arrived yet.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => return false,
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections and
 /// closes the store. Tests bind `127.0.0.1:0` and pass a future they control.
 pub async fn serve(
@@ -142,7 +164,13 @@ pub async fn serve(
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout());
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        // An HTTP/2 peer that stops answering pings is gone: its connection is closed.
+        .keep_alive_interval(limits.header_read_timeout())
+        .keep_alive_timeout(limits.header_read_timeout());
     let builder = Arc::new(builder);
 
     tokio::pin!(shutdown);
@@ -169,11 +197,14 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             router.clone().oneshot(request)
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let header_read_timeout = limits.header_read_timeout();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            if speaks_in_time(&stream, header_read_timeout).await {
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(connection.into_owned()).await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
             }
             drop(permit);
         });

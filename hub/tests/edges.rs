@@ -1,5 +1,6 @@
 //! The HTTP rules around the API: CORS from configured origins only, rate limits per user
-//! and per address, the header read timeout and the connection limit.
+//! and per address, the header read timeout (also for a client that sends nothing) and the
+//! connection limit.
 
 mod support;
 
@@ -127,6 +128,26 @@ async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
     let closed = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "the connection stayed open");
     // Others are served meanwhile and afterwards.
+    hub.site("roflfaucet", "8-evans").timestamp("balance").await.assert_ok();
+}
+
+#[tokio::test]
+async fn a_client_that_connects_and_says_nothing_does_not_keep_its_connection() {
+    let hub = TestHub::start_with(|c| {
+        c.limits.header_read_timeout_secs = 1;
+        c.limits.max_connections = 2;
+    })
+    .await;
+    let addr = hub.url.trim_start_matches("http://");
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half_preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for (name, mut stream) in [("silent", silent), ("half an HTTP/2 preface", half_preface)] {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the {name} connection stayed open");
+    }
+    // Both connection slots are free again.
     hub.site("roflfaucet", "8-evans").timestamp("balance").await.assert_ok();
 }
 
