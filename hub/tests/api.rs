@@ -139,10 +139,46 @@ async fn a_delta_below_zero_is_refused_and_changes_nothing() {
     let spend = faucet.delta("points", -4, "spend").await;
     spend.assert_refused(409, "insufficient_funds");
     assert_eq!(spend.body["current"]["data"], json!({"points": 3}));
-    assert_eq!(hub.snapshot(), before);
-    // A refused op_id is not remembered: it may succeed once funds allow.
-    faucet.delta("points", 1, "earn-2").await.assert_ok();
-    faucet.delta("points", -4, "spend").await.assert_ok();
+    // Records and ledger are untouched; the op id keeps its answer.
+    let after = hub.snapshot();
+    assert_eq!(after.iter().filter(|row| !before.contains(row)).count(), 1);
+    assert!(after.iter().any(|row| row.starts_with("8-evans|spend|")), "{after:?}");
+    assert!(before.iter().all(|row| after.contains(row)));
+}
+
+#[tokio::test]
+async fn a_refused_spend_stays_refused_when_a_copy_arrives_after_funds_do() {
+    let hub = TestHub::start().await;
+    let faucet = hub.site("roflfaucet", "8-evans");
+    faucet.delta("balance", 3, "earn").await.assert_ok();
+    faucet.delta("balance", -4, "spend").await.assert_refused(409, "insufficient_funds");
+    faucet.delta("balance", 5, "earn-2").await.assert_ok();
+    // A retry or a delayed duplicate of the refused op gets the same answer, with the
+    // balance it was refused against, and is never applied behind the client's back.
+    let copy = faucet.delta("balance", -4, "spend").await;
+    copy.assert_refused(409, "insufficient_funds");
+    assert_eq!(copy.body["current"]["data"], json!({"coins": 3}));
+    assert_eq!(faucet.coins().await, 8);
+    // The user can still spend, as a new operation.
+    faucet.delta("balance", -4, "spend-again").await.assert_ok();
+    assert_eq!(faucet.coins().await, 4);
+}
+
+#[tokio::test]
+async fn a_stale_push_with_an_op_id_stays_a_conflict() {
+    let hub = TestHub::start().await;
+    let faucet = hub.site("roflfaucet", "8-evans");
+    let push = |coins: i64, base: u64, op: &str| {
+        json!({"action": "push", "user_id": "8-evans", "site_id": "roflfaucet", "data_type": "balance",
+               "data": {"coins": coins}, "base_version": base, "op_id": op})
+    };
+    faucet.post(&push(10, 0, "first")).await.assert_ok();
+    faucet.post(&push(20, 0, "stale")).await.assert_refused(409, "version_conflict");
+    faucet.post(&push(30, 1, "second")).await.assert_ok();
+    let copy = faucet.post(&push(20, 0, "stale")).await;
+    copy.assert_refused(409, "version_conflict");
+    assert_eq!(copy.body["current"]["version"], 1);
+    assert_eq!(faucet.coins().await, 30);
 }
 
 #[tokio::test]

@@ -9,9 +9,9 @@
 //! every delta the clients never saw acknowledged is sent once more.
 //!
 //! What an answer tells a client: a 200 acknowledges the delta (applied now, or earlier
-//! when it says `replayed`); a `409 insufficient_funds` refuses it for that moment only —
-//! the hub does not remember a refusal, so another copy still on its way, or a later
-//! resend, may yet be applied; no answer tells nothing.
+//! when it says `replayed`); a `409 insufficient_funds` refuses it for good — the hub
+//! remembers the refusal, so no other copy still on its way, and no later resend, is ever
+//! applied; no answer tells nothing.
 //!
 //! Checked on the database file after every kill (with the hub down) and at the end: the
 //! SQLite integrity check passes; each user's ledger is a running sum that never goes below

@@ -1,5 +1,5 @@
 //! The fake hub answers as the real hub does: these pin the semantics the engine's tests
-//! rely on (replays, op id reuse, refusals that are not remembered, ETag/304, tokens).
+//! rely on (replays, op id reuse, refusals kept for good, ETag/304, tokens).
 
 mod support;
 
@@ -77,7 +77,7 @@ fn a_repeated_delta_answers_the_first_result_again_and_applies_once() {
 }
 
 #[test]
-fn a_refused_delta_carries_the_current_record_and_is_not_remembered() {
+fn a_refused_delta_carries_the_current_record_and_stays_refused() {
     let (mut hub, token) = hub_with_token();
     answer(hub.handle(START_MS, &post(1, Some(&token), delta("op-1", 10))));
     let (status, refused) = answer(hub.handle(START_MS, &post(2, Some(&token), delta("op-2", -20))));
@@ -85,8 +85,10 @@ fn a_refused_delta_carries_the_current_record_and_is_not_remembered() {
     assert_eq!(refused["current"]["data"], json!({"coins": 10}));
     answer(hub.handle(START_MS, &post(3, Some(&token), delta("op-3", 10))));
     let (status, later) = answer(hub.handle(START_MS, &post(4, Some(&token), delta("op-2", -20))));
-    assert_eq!((status, later["data"]["coins"].as_i64()), (200, Some(0)));
-    assert_eq!(hub.applied("op-2"), 1);
+    assert_eq!((status, later["code"].as_str()), (409, Some("insufficient_funds")));
+    assert_eq!(later["current"]["data"], json!({"coins": 10}));
+    assert_eq!(hub.applied("op-2"), 0);
+    assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 20}));
 }
 
 #[test]

@@ -17,7 +17,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Record, Stamp, Store, StoreError, Write, WriteOutcome};
+use super::{OpKey, Record, Stamp, Store, StoreError, Write, WriteOutcome};
+use crate::domain::DomainError;
 use crate::time::now_ms;
 
 /// The database file inside the data dir.
@@ -26,6 +27,9 @@ pub const DB_FILE: &str = "hub.sqlite3";
 pub const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer at most; senders beyond it wait (backpressure).
 const QUEUE: usize = 8192;
+/// The refusals an op id keeps (column `ops.refusal`).
+const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
+const VERSION_CONFLICT: &str = "version_conflict";
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 16;
 /// How often remembered op ids older than the retention are deleted.
@@ -33,8 +37,9 @@ const PRUNE_EVERY_MS: i64 = 10 * 60 * 1000;
 
 /// The schema, one migration per step; never edit a published step, add one.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE meta (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE meta (
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL
         ) WITHOUT ROWID;
@@ -70,7 +75,10 @@ fn migrations() -> Migrations<'static> {
             at_ms INTEGER NOT NULL
         );
         CREATE INDEX ledger_by_record ON ledger (user_id, data_type, id);",
-    )])
+        ),
+        // A refused op's code (`insufficient_funds`, `version_conflict`); NULL when applied.
+        M::up("ALTER TABLE ops ADD COLUMN refusal TEXT;"),
+    ])
 }
 
 /// Tuning of the SQLite store.
@@ -353,13 +361,40 @@ impl Writer {
     }
 }
 
+/// Keeps an op's answer — the record it left, or the refusal it got with the record that
+/// caused it — so that every later copy of the op gets the same answer.
+fn remember_op(
+    conn: &Connection,
+    user: &str,
+    op: &OpKey,
+    record: &Record,
+    refusal: Option<&str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        user,
+        op.op_id.as_str(),
+        op.fingerprint,
+        record.data.to_string(),
+        i64::try_from(record.version).unwrap_or(i64::MAX),
+        record.updated_ms,
+        now,
+        refusal,
+    ])?;
+    Ok(())
+}
+
 /// One write inside the batch's transaction.
 fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, StoreError> {
     let user = write.user.as_str();
     if let Some(op) = &write.op {
         let seen = conn
             .prepare_cached(
-                "SELECT fingerprint, data, version, updated_ms FROM ops WHERE user_id = ?1 AND op_id = ?2",
+                "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
             )?
             .query_row(params![user, op.op_id.as_str()], |r| {
                 Ok((
@@ -367,19 +402,23 @@ fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, Stor
                     r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
                 ))
             })
             .optional()?;
-        if let Some((fingerprint, data, version, updated_ms)) = seen {
-            return Ok(if fingerprint == op.fingerprint {
-                WriteOutcome::Replayed(Record {
-                    data: parse_data(&data)?,
-                    version: version_of(version),
-                    updated_ms,
-                })
-            } else {
-                WriteOutcome::OpIdReused
-            });
+        if let Some((fingerprint, data, version, updated_ms, refusal)) = seen {
+            if fingerprint != op.fingerprint {
+                return Ok(WriteOutcome::OpIdReused);
+            }
+            let record = Record { data: parse_data(&data)?, version: version_of(version), updated_ms };
+            return match refusal.as_deref() {
+                None => Ok(WriteOutcome::Replayed(record)),
+                Some(INSUFFICIENT_FUNDS) => {
+                    Ok(WriteOutcome::Rejected(DomainError::InsufficientFunds(record)))
+                }
+                Some(VERSION_CONFLICT) => Ok(WriteOutcome::Rejected(DomainError::VersionConflict(record))),
+                Some(other) => Err(StoreError::Malformed(format!("unknown refusal {other:?} in ops"))),
+            };
         }
     }
     let current = read_record(
@@ -391,7 +430,19 @@ fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, Stor
     )?;
     let change = match (write.mutation)(&current) {
         Ok(change) => change,
-        Err(refusal) => return Ok(WriteOutcome::Rejected(refusal)),
+        Err(refusal) => {
+            // A refusal that depends on the record's state is the op's answer for good: a copy
+            // of the op still on its way must not be applied after the client was told no.
+            let remembered = match &refusal {
+                DomainError::InsufficientFunds(_) => Some(INSUFFICIENT_FUNDS),
+                DomainError::VersionConflict(_) => Some(VERSION_CONFLICT),
+                _ => None,
+            };
+            if let (Some(op), Some(code)) = (&write.op, remembered) {
+                remember_op(conn, user, op, &current, Some(code), now)?;
+            }
+            return Ok(WriteOutcome::Rejected(refusal));
+        }
     };
     let record = if change.data == current.data {
         current
@@ -429,19 +480,7 @@ fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, Stor
         record
     };
     if let Some(op) = &write.op {
-        conn.prepare_cached(
-            "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            user,
-            op.op_id.as_str(),
-            op.fingerprint,
-            record.data.to_string(),
-            i64::try_from(record.version).unwrap_or(i64::MAX),
-            record.updated_ms,
-            now,
-        ])?;
+        remember_op(conn, user, op, &record, None, now)?;
     }
     Ok(WriteOutcome::Applied(record))
 }

@@ -79,9 +79,12 @@ pub struct LedgerEntry {
 #[derive(Debug, Clone)]
 struct SeenOp {
     fingerprint: String,
-    /// The record as the first write left it: what a replay answers.
+    /// The record as the first write left it (or as it was when the write was refused):
+    /// what a replay answers.
     answer: HubRecord,
     data_type: DataType,
+    /// The refusal the op got (`insufficient_funds`, `version_conflict`), kept for good.
+    refusal: Option<(&'static str, &'static str)>,
 }
 
 /// The fake hub. Starts up, with auth on and one epoch.
@@ -382,13 +385,8 @@ impl FakeHub {
                 }
                 let current = self.record(&user, data_type);
                 if push.base_version.is_some_and(|base| base != current.version) {
-                    return error_with(
-                        409,
-                        "version_conflict",
-                        "the record is at another version than base_version",
-                        Some(&current),
-                        None,
-                    );
+                    let refusal = ("version_conflict", "the record is at another version than base_version");
+                    return self.refuse(&user, data_type, op_id, fingerprint, refusal);
                 }
                 let mut data = current.data.clone();
                 merge_patch(&mut data, &patch);
@@ -425,14 +423,8 @@ impl FakeHub {
                 let current = self.record(&user, data_type);
                 let result = current.data.get(field).and_then(Value::as_i64).unwrap_or(0) + change;
                 if result < 0 {
-                    // Not remembered: the same op id may be sent again later.
-                    return error_with(
-                        409,
-                        "insufficient_funds",
-                        "the balance would go below zero",
-                        Some(&current),
-                        None,
-                    );
+                    let refusal = ("insufficient_funds", "the balance would go below zero");
+                    return self.refuse(&user, data_type, Some(op_id), fingerprint, refusal);
                 }
                 if result > MAX_AMOUNT {
                     return error(400, "value_too_large", "the amount would be too large");
@@ -462,11 +454,31 @@ impl FakeHub {
         answer: impl FnOnce(&HubRecord, DataType) -> Reply,
     ) -> Option<Reply> {
         let seen = self.ops.get(user)?.get(op_id)?;
-        Some(if seen.fingerprint == fingerprint {
-            answer(&seen.answer, seen.data_type)
-        } else {
+        Some(if seen.fingerprint != fingerprint {
             error(422, "op_id_reused", "this op_id was already used for a different request")
+        } else if let Some((code, message)) = seen.refusal {
+            error_with(409, code, message, Some(&seen.answer), None)
+        } else {
+            answer(&seen.answer, seen.data_type)
         })
+    }
+
+    /// Refuses a write for a reason of the record's state; the op id keeps the refusal.
+    fn refuse(
+        &mut self,
+        user: &str,
+        data_type: DataType,
+        op_id: Option<String>,
+        fingerprint: String,
+        (code, message): (&'static str, &'static str),
+    ) -> Reply {
+        let current = self.record(user, data_type);
+        if let Some(op_id) = op_id {
+            let seen =
+                SeenOp { fingerprint, answer: current.clone(), data_type, refusal: Some((code, message)) };
+            self.ops.entry(user.into()).or_default().insert(op_id, seen);
+        }
+        error_with(409, code, message, Some(&current), None)
     }
 
     /// Stores `data` (a new version only if it differs) and remembers the op id.
@@ -493,7 +505,7 @@ impl FakeHub {
         };
         if let Some(op_id) = op_id {
             *self.applied.entry(op_id.clone()).or_default() += 1;
-            let seen = SeenOp { fingerprint, answer: record.clone(), data_type };
+            let seen = SeenOp { fingerprint, answer: record.clone(), data_type, refusal: None };
             self.ops.entry(user.into()).or_default().insert(op_id, seen);
         }
         record
