@@ -71,7 +71,7 @@ impl PostRequest {
         let shape = |e: serde_json::Error| {
             let message = e.to_string();
             let code = if message.starts_with("missing field") { "missing_field" } else { "invalid_request" };
-            Refusal::invalid(code, format!("{action}: {message}"))
+            Refusal::invalid(code, format!("{action}: {}", shortened(message)))
         };
         match action.as_str() {
             "push" => Ok(PostRequest::Push(serde_json::from_value(body).map_err(shape)?)),
@@ -121,7 +121,8 @@ impl<'de> Deserialize<'de> for UniqueKeys {
                     map.next_value::<serde::de::IgnoredAny>()?;
                     if seen.contains(&key) {
                         return Err(serde::de::Error::custom(format!(
-                            "the body has the field {key:?} twice"
+                            "the body has the field {:?} twice",
+                            truncate(&key)
                         )));
                     }
                     seen.insert(key);
@@ -165,6 +166,18 @@ impl GetQuery {
     pub fn required<'a>(&self, name: &str, value: &'a Option<String>) -> Result<&'a str, Refusal> {
         value.as_deref().ok_or_else(|| Refusal::invalid("missing_field", format!("the query has no {name}")))
     }
+}
+
+/// serde's messages quote an offending field name or value whole; a refusal keeps only the
+/// start of a long one, so that a request cannot fill its own refusal.
+fn shortened(message: String) -> String {
+    const MAX_CHARS: usize = 200;
+    if message.chars().count() <= MAX_CHARS {
+        return message;
+    }
+    let mut short: String = message.chars().take(MAX_CHARS).collect();
+    short.push('…');
+    short
 }
 
 fn wrong_method(action: &str, method: &str) -> Refusal {
