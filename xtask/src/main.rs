@@ -7,6 +7,7 @@ mod bench;
 mod build_pkg;
 mod day;
 mod demo;
+mod fuzz;
 mod prereq;
 mod process;
 mod sites;
@@ -41,6 +42,8 @@ enum Task {
     Tidy,
     /// Measure the hub against a bare hyper server and the targets; write BENCHMARKS.md.
     Bench(bench::Args),
+    /// Run the protocol's fuzz targets, each for a while (cargo-fuzz, on stable).
+    Fuzz(fuzz::Args),
     /// Build the npm package `unified-balance` into pkg/ and print its sizes.
     BuildPkg,
 }
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Task::BuildPkg => build_pkg::run().map(drop),
         Task::Bench(args) => bench::run(args),
         Task::Soak => soak::run(),
+        Task::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ pub fn run() -> anyhow::Result<()> {
     step("cargo", &["build", "-p", "protocol", "--target", WASM_TARGET])?;
     step("cargo", &["clippy", "-p", "client-wasm", "--target", WASM_TARGET, "--", "-D", "warnings"])?;
     step("cargo", &["test", "--workspace"])?;
+    crate::fuzz::check()?;
     println!("==> cargo xtask build-pkg");
     crate::build_pkg::run()?;
     crate::build_pkg::check_contents()?;
