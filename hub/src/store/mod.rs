@@ -7,6 +7,7 @@
 //! writes ordered before it.
 
 pub mod sqlite;
+pub mod stamps;
 
 use async_trait::async_trait;
 use protocol::{DataType, OpId, SiteId, UserId};

@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
 
+use super::stamps::StampCache;
 use super::{OpKey, Record, Stamp, Store, StoreError, Write, WriteOutcome};
 use crate::domain::DomainError;
 use crate::time::now_ms;
@@ -30,6 +31,8 @@ const QUEUE: usize = 8192;
 /// The refusals an op id keeps (column `ops.refusal`).
 const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
 const VERSION_CONFLICT: &str = "version_conflict";
+/// Users whose stamps are kept in memory (about 200 bytes each).
+const CACHED_USERS: usize = 200_000;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 16;
 /// How often remembered op ids older than the retention are deleted.
@@ -102,6 +105,7 @@ struct Inner {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
+    stamps: Arc<StampCache>,
 }
 
 struct Job {
@@ -141,9 +145,13 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         let max_batch = options.max_batch.max(1);
+        let stamps = Arc::new(StampCache::new(CACHED_USERS));
+        let writer_stamps = stamps.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer { conn, retention_ms, last_prune_ms: 0, max_batch }.run(rx))
+            .spawn(move || {
+                Writer { conn, retention_ms, last_prune_ms: 0, max_batch, stamps: writer_stamps }.run(rx)
+            })
             .map_err(|e| StoreError::Malformed(format!("cannot start the writer: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -152,6 +160,7 @@ impl SqliteStore {
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
                 readers: Mutex::new(Vec::new()),
+                stamps,
             }),
         })
     }
@@ -208,31 +217,32 @@ impl Store for SqliteStore {
     }
 
     async fn stamps(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Stamp>, StoreError> {
-        let user = user.as_str().to_owned();
-        let types = types.to_vec();
-        self.read(move |conn| {
-            let mut found = Vec::with_capacity(DataType::ALL.len());
-            let mut stmt =
-                conn.prepare_cached("SELECT data_type, version, updated_ms FROM records WHERE user_id = ?1")?;
-            let mut rows = stmt.query(params![user])?;
-            while let Some(row) = rows.next()? {
-                let data_type = data_type_of(&row.get::<_, String>(0)?)?;
-                found.push((
-                    data_type,
-                    Stamp { version: version_of(row.get(1)?), updated_ms: Some(row.get(2)?) },
-                ));
-            }
-            Ok(types
-                .iter()
-                .map(|t| {
-                    found
-                        .iter()
-                        .find(|(f, _)| f == t)
-                        .map_or(Stamp { version: 0, updated_ms: None }, |(_, s)| *s)
-                })
-                .collect())
-        })
-        .await
+        if let Some(stamps) = self.inner.stamps.get(user.as_str(), types) {
+            return Ok(stamps);
+        }
+        let owned = user.as_str().to_owned();
+        let stored = self
+            .read(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT data_type, version, updated_ms FROM records WHERE user_id = ?1",
+                )?;
+                let mut rows = stmt.query(params![owned])?;
+                let mut stored = DataType::ALL.map(|t| (t, Stamp { version: 0, updated_ms: None }));
+                while let Some(row) = rows.next()? {
+                    let data_type = data_type_of(&row.get::<_, String>(0)?)?;
+                    let stamp = Stamp { version: version_of(row.get(1)?), updated_ms: Some(row.get(2)?) };
+                    if let Some(slot) = stored.iter_mut().find(|(t, _)| *t == data_type) {
+                        slot.1 = stamp;
+                    }
+                }
+                Ok(stored)
+            })
+            .await?;
+        self.inner.stamps.merge(user.as_str(), stored);
+        self.inner
+            .stamps
+            .get(user.as_str(), types)
+            .ok_or_else(|| StoreError::Malformed("stamps just loaded are missing from the cache".into()))
     }
 
     async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError> {
@@ -297,6 +307,8 @@ struct Writer {
     retention_ms: i64,
     last_prune_ms: i64,
     max_batch: usize,
+    /// Told every applied write's new stamp after its commit, before the replies go out.
+    stamps: Arc<StampCache>,
 }
 
 impl Writer {
@@ -312,7 +324,15 @@ impl Writer {
             let (writes, replies): (Vec<Write>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.write, j.reply)).unzip();
             let count = writes.len();
+            let changed: Vec<(UserId, DataType)> =
+                writes.iter().map(|w| (w.user.clone(), w.data_type)).collect();
             let results = self.commit_batch(writes);
+            for ((user, data_type), result) in changed.iter().zip(&results) {
+                if let Ok(WriteOutcome::Applied(record)) = result {
+                    let stamp = Stamp { version: record.version, updated_ms: record.updated_ms };
+                    self.stamps.merge(user.as_str(), [(*data_type, stamp)]);
+                }
+            }
             tracing::trace!(batch = count, "store batch committed");
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
