@@ -4,8 +4,7 @@
 //! All writes go through one writer thread that gathers whatever writes are waiting into one
 //! transaction and one fsync (group commit), each inside its own savepoint so that one
 //! failing write cannot undo another. Replies go out only after the commit. Reads use a
-//! pool of separate connections and never wait behind the writer. A checkpointer thread
-//! copies committed pages from the WAL into the database file in the background.
+//! pool of separate connections and never wait behind the writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,11 +31,6 @@ const QUEUE: usize = 8192;
 /// The refusals an op id keeps (column `ops.refusal`).
 const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
 const VERSION_CONFLICT: &str = "version_conflict";
-/// How often the checkpointer copies committed pages from the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// WAL pages (4 KiB each) at which the writer checkpoints itself, should the checkpointer
-/// fall behind under a sustained stream of writes.
-const WAL_PAGES_MAX: u32 = 10_000;
 /// Users whose stamps are kept in memory (about 200 bytes each).
 const CACHED_USERS: usize = 200_000;
 /// Idle read connections kept open.
@@ -110,9 +104,6 @@ struct Inner {
     epoch: String,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
-    /// Dropping it stops the checkpointer.
-    stop_checkpoints: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    checkpoint_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     stamps: Arc<StampCache>,
 }
@@ -151,22 +142,6 @@ impl SqliteStore {
         )?;
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
 
-        // Checkpoints run on their own thread, so the writer spends its time on writes.
-        conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_MAX)?;
-        let checkpointer = Connection::open(&path)?;
-        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
-        let checkpoint_thread = std::thread::Builder::new()
-            .name("store-checkpointer".into())
-            .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
-                    if let Err(e) = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        tracing::warn!(error = %e, "checkpoint failed; the writer will checkpoint instead");
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Malformed(format!("cannot start the checkpointer: {e}")))?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         let max_batch = options.max_batch.max(1);
@@ -184,8 +159,6 @@ impl SqliteStore {
                 epoch,
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
-                stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
-                checkpoint_thread: Mutex::new(Some(checkpoint_thread)),
                 readers: Mutex::new(Vec::new()),
                 stamps,
             }),
@@ -301,12 +274,8 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         drop(self.inner.writer.lock().expect("writer handle").take());
-        drop(self.inner.stop_checkpoints.lock().expect("checkpointer handle").take());
-        let threads = [
-            self.inner.writer_thread.lock().expect("writer thread").take(),
-            self.inner.checkpoint_thread.lock().expect("checkpointer thread").take(),
-        ];
-        for thread in threads.into_iter().flatten() {
+        let thread = self.inner.writer_thread.lock().expect("writer thread").take();
+        if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
