@@ -487,7 +487,8 @@ impl Report {
             "The load generator shares the machine with the server it measures (one worker thread \
              against the server's two), so on {} the ceiling is the machine's, not the server's alone. \
              To see where the hub spends its time: `cargo build --profile profiling -p hub`, start \
-             `target/profiling/hub` and record it with `perf record -g` while a `bench load` runs.",
+             `target/profiling/hub` and record it with `perf record -g` while a `bench load` runs; \
+             docs/performance.md tells what profiling found and what is still short of the targets.",
             cores()?
         )?;
         Ok(out)
