@@ -15,7 +15,7 @@ pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 pub const WASM_BINDGEN_VERSION: &str = "0.2.129";
 
 /// Everything `cargo xtask test` needs, in the order it is checked.
-pub const FOR_TESTS: &[Need] = &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM];
+pub const FOR_TESTS: &[Need] = &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM, PHP];
 
 /// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
@@ -60,6 +60,13 @@ const CHROMIUM: Need = Need {
     name: "Chromium",
     present: || succeeds("chromium", &["--version"]),
     install: Install::Apt(&["chromium"]),
+};
+
+/// Runs the deployment guide's PHP token endpoint (`docs/examples/sync-token.php`).
+const PHP: Need = Need {
+    name: "PHP (command line)",
+    present: || succeeds("php", &["--version"]),
+    install: Install::Apt(&["php-cli"]),
 };
 
 /// Something a task needs.
