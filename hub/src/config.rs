@@ -206,6 +206,9 @@ impl Config {
             bail!("limits.max_delta must be positive");
         }
         for site in &self.sites {
+            if site.id == crate::domain::IMPORT_SITE {
+                bail!("site id {:?} is reserved for balances brought in by `hub import`", site.id);
+            }
             protocol::SiteId::parse(&site.id)
                 .map_err(|e| anyhow::anyhow!("site {:?}: {}", site.id, e.message))?;
             for origin in &site.origins {

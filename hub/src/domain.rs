@@ -54,6 +54,9 @@ pub struct Written {
     pub replayed: bool,
 }
 
+/// The site id the ledger names for balances brought in by `hub import`.
+pub const IMPORT_SITE: &str = "import";
+
 /// The sync API's rules over a store.
 #[derive(Clone)]
 pub struct Domain {
@@ -164,6 +167,25 @@ impl Domain {
             Ok(Change { data, ledger: Some(LedgerEntry { delta: change, result, reason }) })
         });
         self.write(Write { user, data_type, site, op, mutation }).await
+    }
+
+    /// `hub import`: gives `user` the balance a site kept before the hub existed, written as
+    /// site [`IMPORT_SITE`] with a ledger row. Only a balance that was never written is set:
+    /// once the user has one (from an earlier import or from the sites), the import is
+    /// refused with `VersionConflict`, so importing twice changes nothing and an import
+    /// never overwrites what the sites have done since.
+    pub async fn import_balance(&self, user: UserId, coins: i64) -> Result<Written, DomainError> {
+        let data = json!({ "coins": coins });
+        validate_record(DataType::Balance, &data)?;
+        let site = SiteId::parse(IMPORT_SITE)?;
+        let mutation: Mutation = Box::new(move |current: &Record| {
+            if current.version != 0 {
+                return Err(DomainError::VersionConflict(current.clone()));
+            }
+            let ledger = Some(LedgerEntry { delta: coins, result: coins, reason: Some("import".into()) });
+            Ok(Change { data, ledger })
+        });
+        self.write(Write { user, data_type: DataType::Balance, site, op: None, mutation }).await
     }
 
     async fn write(&self, write: Write) -> Result<Written, DomainError> {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod import;
 pub mod limit;
 pub mod server;
 pub mod store;

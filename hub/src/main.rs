@@ -46,6 +46,18 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Bring per-user balance files (`<user_id>.json` holding `coins` or `balance`) into the
+    /// hub's database; the hub must not be running on it.
+    Import {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The folder of balance files.
+        #[arg(long)]
+        from: PathBuf,
+        /// Report what would happen, and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a token for a user, signed with a site's key, as the site's backend would.
     Token {
         #[command(flatten)]
@@ -96,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .init();
             serve(config)
         }
+        Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
         Command::Token { config, site, user, ttl, admin } => {
             let config = config.load()?;
             protocol::UserId::parse(&user).map_err(|e| anyhow::anyhow!(e.message))?;
@@ -123,6 +136,55 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
     );
     hub::serve(listener, app, shutdown_signal()).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
+    use hub::import::{self, Outcome};
+    let scan = import::scan(from)?;
+    // A dry run on a hub that has no database yet creates none: every balance would be new.
+    let fresh = !config.data_dir.join(hub::store::sqlite::DB_FILE).exists();
+    let outcomes = if dry_run && fresh {
+        vec![Outcome::Imported; scan.balances.len()]
+    } else {
+        let app = App::open(config)?;
+        let domain = app.domain();
+        let outcomes = if dry_run {
+            import::preview(domain, &scan.balances).await
+        } else {
+            import::apply(domain, &scan.balances).await
+        };
+        domain.store().close().await;
+        outcomes?
+    };
+    let (kept, verb) =
+        if dry_run { ("it would be kept", "would import") } else { ("it is kept", "imported") };
+    let mut imported = 0;
+    for (balance, outcome) in scan.balances.iter().zip(&outcomes) {
+        match outcome {
+            Outcome::Imported => {
+                imported += 1;
+                println!("{verb} {}: {} coins for {}", balance.file, balance.coins, balance.user);
+            }
+            Outcome::AlreadyHad { version, coins } => println!(
+                "skipped {}: {} already has a balance ({coins} coins, version {version}); {kept}",
+                balance.file, balance.user
+            ),
+        }
+    }
+    for refused in &scan.refused {
+        println!("refused {}: {}", refused.file, refused.reason);
+    }
+    println!(
+        "{imported} {verb}, {} already had a balance, {} refused{}",
+        scan.balances.len() - imported,
+        scan.refused.len(),
+        if dry_run { " (dry run: nothing was written)" } else { "" }
+    );
+    if !scan.refused.is_empty() {
+        anyhow::bail!("{} file(s) refused; fix them and run the import again", scan.refused.len());
+    }
     Ok(())
 }
 

@@ -113,6 +113,10 @@ pub enum StoreError {
     Malformed(String),
     #[error("the store is closed")]
     Closed,
+    /// Another process holds the data dir: one hub per database, and no `hub import` while
+    /// a hub serves it.
+    #[error("another hub process is using {0}; stop it first")]
+    InUse(String),
 }
 
 /// A durable home for records. The domain sees only this trait.

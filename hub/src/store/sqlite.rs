@@ -24,6 +24,8 @@ use crate::time::now_ms;
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "hub.sqlite3";
+/// Held locked by the process that has the store open.
+const LOCK_FILE: &str = "hub.lock";
 /// Writes gathered into one transaction at most, with group commit on.
 pub const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer at most; senders beyond it wait (backpressure).
@@ -106,6 +108,8 @@ struct Inner {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     stamps: Arc<StampCache>,
+    /// The data dir's lock, released when the store closes.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 struct Job {
@@ -128,6 +132,16 @@ impl SqliteStore {
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", dir.display())))?;
+        // Every write goes through this process's writer (the stamp cache relies on it), so
+        // no second process may open the same database.
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Malformed(format!("cannot open {}: {e}", lock_path.display())))?;
+        lock.try_lock().map_err(|_| StoreError::InUse(dir.display().to_string()))?;
         let path = dir.join(DB_FILE);
         let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -161,6 +175,7 @@ impl SqliteStore {
                 writer_thread: Mutex::new(Some(thread)),
                 readers: Mutex::new(Vec::new()),
                 stamps,
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -278,6 +293,7 @@ impl Store for SqliteStore {
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        drop(self.inner.lock.lock().expect("data dir lock").take());
     }
 }
 

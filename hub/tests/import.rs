@@ -1,0 +1,140 @@
+//! `hub import`, run as an operator moving from per-user balance files: it takes the seed's
+//! file shapes, refuses unusable files by name and reason, writes nothing on a dry run, is
+//! safe to run twice, never overwrites a balance the hub already has, and will not run
+//! while a hub serves the same data dir.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::{Deployment, snapshot};
+
+fn hub_import(config: &Path, data_dir: &Path, from: &Path, dry_run: bool) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+    command.arg("import").arg("--config").arg(config).arg("--data-dir").arg(data_dir).arg("--from").arg(from);
+    if dry_run {
+        command.arg("--dry-run");
+    }
+    command.env_remove("HUB_CONFIG").env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The seed's balance files, two of them unusable, and a file that is not one.
+fn balance_files(dir: &Path) {
+    for (name, body) in [
+        ("8-evans.json", r#"{"coins": 150, "last_updated": "2025-11-09 18:45:30"}"#),
+        ("alice.json", r#"{"balance": "40"}"#),
+        ("bob.json", r#"{"coins": -5}"#),
+        ("carol.json", r#"{"coins": 2.5}"#),
+    ] {
+        std::fs::write(dir.join(name), body).unwrap();
+    }
+    std::fs::write(dir.join("README.txt"), "not a balance").unwrap();
+}
+
+/// Rows of three columns: (user, data, version) for records, (user, site, delta) for the ledger.
+type Rows = Vec<(String, String, i64)>;
+
+/// Each user's balance record, and the ledger.
+fn balances(data_dir: &Path) -> (Rows, Rows) {
+    let conn = rusqlite::Connection::open(data_dir.join("hub.sqlite3")).unwrap();
+    let records = conn
+        .prepare("SELECT user_id, data, version FROM records WHERE data_type = 'balance' ORDER BY user_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ledger = conn
+        .prepare("SELECT user_id, site_id, delta FROM ledger ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    (records, ledger)
+}
+
+#[test]
+fn an_import_takes_good_files_refuses_bad_ones_and_a_second_run_changes_nothing() {
+    let deployment = Deployment::new(|_| {});
+    let config = deployment.dir.path().join("hub.toml");
+    let from = tempfile::tempdir().unwrap();
+    balance_files(from.path());
+
+    let first = hub_import(&config, &deployment.data_dir, from.path(), false);
+    let report = text(&first);
+    assert!(!first.status.success(), "refused files make the import fail: {report}");
+    assert!(report.contains("imported 8-evans.json: 150 coins"), "{report}");
+    assert!(report.contains("imported alice.json: 40 coins"), "{report}");
+    assert!(report.contains("refused bob.json: coins is not a whole number of at least 0"), "{report}");
+    assert!(report.contains("refused carol.json:"), "{report}");
+    assert!(!report.contains("README"), "{report}");
+    let expected_records = vec![
+        ("8-evans".to_owned(), r#"{"coins":150}"#.to_owned(), 1),
+        ("alice".to_owned(), r#"{"coins":40}"#.to_owned(), 1),
+    ];
+    let expected_ledger =
+        vec![("8-evans".to_owned(), "import".to_owned(), 150), ("alice".to_owned(), "import".to_owned(), 40)];
+    assert_eq!(balances(&deployment.data_dir), (expected_records.clone(), expected_ledger.clone()));
+    let before = snapshot(&deployment.data_dir);
+
+    // The old site wrote alice's file once more: the hub's balance is the one that counts now.
+    std::fs::write(from.path().join("alice.json"), r#"{"coins": 999}"#).unwrap();
+    let second = hub_import(&config, &deployment.data_dir, from.path(), false);
+    let report = text(&second);
+    assert!(
+        report.contains("skipped alice.json: alice already has a balance (40 coins, version 1)"),
+        "{report}"
+    );
+    assert!(report.contains("0 imported, 2 already had a balance, 2 refused"), "{report}");
+    assert_eq!(snapshot(&deployment.data_dir), before);
+}
+
+#[test]
+fn a_dry_run_reports_and_writes_nothing() {
+    let deployment = Deployment::new(|_| {});
+    let config = deployment.dir.path().join("hub.toml");
+    let from = tempfile::tempdir().unwrap();
+    balance_files(from.path());
+
+    let fresh = hub_import(&config, &deployment.data_dir, from.path(), true);
+    let report = text(&fresh);
+    assert!(report.contains("would import 8-evans.json: 150 coins"), "{report}");
+    assert!(report.contains("(dry run: nothing was written)"), "{report}");
+    assert!(!deployment.data_dir.join("hub.sqlite3").exists(), "a dry run created the database");
+
+    std::fs::remove_file(from.path().join("bob.json")).unwrap();
+    std::fs::remove_file(from.path().join("carol.json")).unwrap();
+    assert!(hub_import(&config, &deployment.data_dir, from.path(), false).status.success());
+    let before = snapshot(&deployment.data_dir);
+    std::fs::write(from.path().join("dave.json"), r#"{"coins": 5}"#).unwrap();
+    let again = hub_import(&config, &deployment.data_dir, from.path(), true);
+    let report = text(&again);
+    assert!(again.status.success(), "{report}");
+    assert!(report.contains("would import dave.json: 5 coins"), "{report}");
+    assert!(report.contains("it would be kept"), "{report}");
+    assert_eq!(snapshot(&deployment.data_dir), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_will_not_run_while_a_hub_serves_the_data_dir() {
+    let deployment = Deployment::new(|_| {});
+    let config = deployment.dir.path().join("hub.toml");
+    let from = tempfile::tempdir().unwrap();
+    std::fs::write(from.path().join("8-evans.json"), r#"{"coins": 150}"#).unwrap();
+
+    let mut hub = deployment.start().await;
+    let blocked = hub_import(&config, &deployment.data_dir, from.path(), false);
+    hub.kill().await.unwrap();
+    let report = text(&blocked);
+    assert!(!blocked.status.success(), "{report}");
+    assert!(report.contains("another hub process is using"), "{report}");
+    assert_eq!(balances(&deployment.data_dir).0, vec![]);
+    // Once the hub is gone, the same import goes through.
+    assert!(hub_import(&config, &deployment.data_dir, from.path(), false).status.success());
+}
