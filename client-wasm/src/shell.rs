@@ -417,8 +417,13 @@ impl Shell {
         Ok(self.engine.borrow().view(data_type).map_or(JsValue::UNDEFINED, |v| to_js(&v)))
     }
 
+    /// The engine's status; once destroyed, a check it was waiting on will never end, so
+    /// the manager reports `idle` instead of `syncing`.
     pub(crate) fn status(&self) -> &'static str {
-        self.engine.borrow().status().as_str()
+        match self.engine.borrow().status() {
+            sync_core::Status::Syncing if self.destroyed.get() => sync_core::Status::Idle.as_str(),
+            status => status.as_str(),
+        }
     }
 
     pub(crate) fn destroy(&self) {
