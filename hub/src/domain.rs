@@ -188,6 +188,13 @@ impl Domain {
         self.write(Write { user, data_type: DataType::Balance, site, op: None, mutation }).await
     }
 
+    /// The balance `user` already has, which [`Domain::import_balance`] would keep; `None`
+    /// when an import would set it.
+    pub async fn balance_kept_by_import(&self, user: &UserId) -> Result<Option<Record>, DomainError> {
+        let record = self.store.records(user, &[DataType::Balance]).await?.remove(0);
+        Ok((record.version != 0).then_some(record))
+    }
+
     async fn write(&self, write: Write) -> Result<Written, DomainError> {
         let (data_type, user, site) = (write.data_type, write.user.clone(), write.site.clone());
         match self.store.write(write).await? {

@@ -108,11 +108,9 @@ fn whole_number(key: &str, value: &Value) -> Result<i64, String> {
 pub async fn preview(domain: &Domain, balances: &[Balance]) -> anyhow::Result<Vec<Outcome>> {
     let mut outcomes = Vec::with_capacity(balances.len());
     for balance in balances {
-        let record = domain.store().records(&balance.user, &[DataType::Balance]).await?.remove(0);
-        outcomes.push(if record.version == 0 {
-            Outcome::Imported
-        } else {
-            Outcome::AlreadyHad { version: record.version, coins: coins_of(&record.data) }
+        outcomes.push(match domain.balance_kept_by_import(&balance.user).await? {
+            None => Outcome::Imported,
+            Some(record) => Outcome::AlreadyHad { version: record.version, coins: coins_of(&record.data) },
         });
     }
     Ok(outcomes)
