@@ -26,7 +26,50 @@ pub struct Config {
     pub auth: bool,
     pub limits: Limits,
     pub store: StoreConfig,
+    pub metrics: MetricsConfig,
     pub sites: Vec<Site>,
+}
+
+/// Who may read `/metrics` and the dashboard's data: they show every site's traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Callers on a loopback address need no token (true): a Prometheus on the same
+    /// machine, an SSH tunnel. Turn it off when a reverse proxy on the same machine forwards
+    /// the public's requests, which then all come from loopback.
+    pub allow_loopback: bool,
+    /// A bearer token that lets a caller from any address in (at least 16 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Name of an environment variable holding that token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { allow_loopback: true, token: None, token_env: None }
+    }
+}
+
+/// Shortest metrics token accepted.
+const MIN_METRICS_TOKEN: usize = 16;
+
+impl MetricsConfig {
+    /// The bearer token, from `token` or the variable `token_env` names.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        let token = match (&self.token, &self.token_env) {
+            (Some(_), Some(_)) => bail!("metrics: set token or token_env, not both"),
+            (Some(token), None) => token.clone(),
+            (None, Some(var)) => std::env::var(var)
+                .with_context(|| format!("metrics.token_env names {var}, which is not set"))?,
+            (None, None) => return Ok(None),
+        };
+        if token.len() < MIN_METRICS_TOKEN {
+            bail!("the metrics token must be at least {MIN_METRICS_TOKEN} characters");
+        }
+        Ok(Some(token))
+    }
 }
 
 /// How the store writes to disk.
@@ -98,6 +141,7 @@ impl Default for Config {
             auth: true,
             limits: Limits::default(),
             store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
             sites: Vec::new(),
         }
     }
@@ -205,6 +249,7 @@ impl Config {
         if self.limits.max_delta <= 0 {
             bail!("limits.max_delta must be positive");
         }
+        self.metrics.token()?;
         for site in &self.sites {
             if site.id == crate::domain::IMPORT_SITE {
                 bail!("site id {:?} is reserved for balances brought in by `hub import`", site.id);

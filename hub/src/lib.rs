@@ -9,6 +9,7 @@ pub mod domain;
 pub mod http;
 pub mod import;
 pub mod limit;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod time;

@@ -20,11 +20,14 @@ use crate::auth::Keys;
 use crate::config::{Config, OriginPattern};
 use crate::domain::Domain;
 use crate::limit::RateLimits;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::sqlite::{MAX_BATCH, SqliteOptions, SqliteStore};
+use crate::time::now_ms;
 
-/// How often fully recovered rate-limit keys are forgotten.
-const PURGE_EVERY: Duration = Duration::from_secs(10);
+/// How often fully recovered rate-limit keys are forgotten, and the dashboard's slot moves
+/// on (it is ten seconds long).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -45,25 +48,31 @@ struct Inner {
     origins: Arc<[OriginPattern]>,
     /// Each site's own origins: a site's token is refused from any other page.
     site_origins: HashMap<String, Vec<OriginPattern>>,
+    metrics: Metrics,
+    /// Lets callers from any address read the metrics; see `MetricsConfig`.
+    metrics_token: Option<String>,
 }
 
 impl App {
     /// Checks the configuration and opens the store in its data dir.
     pub fn open(config: Config) -> anyhow::Result<App> {
         config.validate()?;
+        let metrics = Metrics::new(config.sites.iter().map(|s| s.id.as_str()), now_ms());
         let store = SqliteStore::open(
             &config.data_dir,
             SqliteOptions {
                 op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
                 max_batch: if config.store.group_commit { MAX_BATCH } else { 1 },
+                metrics: metrics.store().clone(),
             },
         )?;
-        Self::with_store(config, Arc::new(store))
+        Self::with_store(config, Arc::new(store), metrics)
     }
 
-    /// Builds the app over any store.
-    pub fn with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<App> {
+    /// Builds the app over any store; `metrics` is where that store records its commits.
+    pub fn with_store(config: Config, store: Arc<dyn Store>, metrics: Metrics) -> anyhow::Result<App> {
         config.validate()?;
+        let metrics_token = config.metrics.token()?;
         let keys = if config.auth { Some(Keys::from_config(&config)?) } else { None };
         let site_origins = config
             .sites
@@ -88,6 +97,8 @@ impl App {
                 rate_limits,
                 origins: origins.into(),
                 site_origins,
+                metrics,
+                metrics_token,
             }),
         })
     }
@@ -107,6 +118,14 @@ impl App {
 
     pub fn rate_limits(&self) -> &RateLimits {
         &self.inner.rate_limits
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn metrics_token(&self) -> Option<&str> {
+        self.inner.metrics_token.as_deref()
     }
 
     pub(crate) fn origins(&self) -> Arc<[OriginPattern]> {
@@ -152,13 +171,14 @@ pub async fn serve(
     let limits = app.config().limits.clone();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let purge = tokio::spawn({
+    let housekeeping = tokio::spawn({
         let app = app.clone();
         async move {
-            let mut tick = tokio::time::interval(PURGE_EVERY);
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
             loop {
                 tick.tick().await;
                 app.rate_limits().purge();
+                app.metrics().roll(now_ms());
             }
         }
     });
@@ -199,18 +219,21 @@ pub async fn serve(
         });
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let header_read_timeout = limits.header_read_timeout();
+        let app = app.clone();
         tokio::spawn(async move {
+            app.metrics().connection_opened();
             if speaks_in_time(&stream, header_read_timeout).await {
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 if let Err(e) = watcher.watch(connection.into_owned()).await {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
             }
+            app.metrics().connection_closed();
             drop(permit);
         });
     }
     drop(listener);
-    purge.abort();
+    housekeeping.abort();
     tracing::info!("shutting down: finishing in-flight requests");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");

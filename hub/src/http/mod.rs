@@ -2,17 +2,19 @@
 //! and rate limits. Handlers parse, call the domain and shape its answer; every rule about
 //! the data itself lives in the domain.
 
+mod admin;
 mod error;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -32,6 +34,7 @@ pub use error::ApiError;
 use crate::App;
 use crate::config::OriginPattern;
 use crate::domain::{Caller, Written};
+use crate::metrics::{Action, LimitScope, Seen, TypeSet};
 use crate::store::Record;
 use crate::time::rfc3339_ms;
 
@@ -45,10 +48,12 @@ pub fn router(app: App) -> Router {
         .route("/api/sync.php", sync.clone())
         .route("/api/sync", sync)
         .route("/healthz", get(healthz))
+        .merge(admin::routes())
         .fallback(not_found)
         .with_state(app.clone())
         .layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(app.clone(), observe))
                 .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
@@ -61,6 +66,24 @@ pub fn router(app: App) -> Router {
                     HeaderValue::from_static("nosniff"),
                 )),
         )
+}
+
+/// Counts every answer — preflights and refusals included — with what its handler saw.
+async fn observe(State(app): State<App>, request: Request<Body>, next: Next) -> Response {
+    let start = Instant::now();
+    let preflight = request.method() == Method::OPTIONS;
+    let response = next.run(request).await;
+    let fallback =
+        Seen { action: if preflight { Action::Preflight } else { Action::Other }, ..Seen::default() };
+    let seen = response.extensions().get::<Seen>().unwrap_or(&fallback);
+    app.metrics().request(seen, response.status().as_u16(), start.elapsed());
+    response
+}
+
+/// Attaches what a handler saw to its answer, for [`observe`].
+fn seen(mut response: Response, seen: Seen) -> Response {
+    response.extensions_mut().insert(seen);
+    response
 }
 
 /// Request ids: a per-process random prefix and a counter, unique without a syscall.
@@ -133,10 +156,17 @@ async fn sync_get(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    timed(&app, async {
+    let mut saw = Seen::default();
+    let response = timed(&app, async {
         let (action, user, types, single, site) = parse_get(query.as_deref().unwrap_or(""))
             .map_err(|e| app.refuse_unauthenticated(peer.ip(), e))?;
+        saw.action = match action {
+            QueryAction::Timestamp => Action::Timestamp,
+            QueryAction::Get => Action::Get,
+        };
+        saw.types = TypeSet::of(&types);
         let caller = app.admit(&headers, None, peer.ip(), &user, site.as_deref())?;
+        saw.site = app.metrics().site_index(caller.site.as_str());
         let domain = app.domain();
         match action {
             QueryAction::Timestamp => {
@@ -206,7 +236,8 @@ async fn sync_get(
             }
         }
     })
-    .await
+    .await;
+    seen(response, saw)
 }
 
 type ParsedGet = (QueryAction, UserId, Vec<DataType>, bool, Option<String>);
@@ -241,18 +272,23 @@ async fn sync_post(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    timed(&app, async {
+    let mut saw = Seen::default();
+    let response = timed(&app, async {
         let (request, user) =
             parse_post(&headers, body).await.map_err(|e| app.refuse_unauthenticated(peer.ip(), e))?;
-        let site = match &request {
-            PostRequest::Push(p) => p.site_id.as_str(),
-            PostRequest::Delta(d) => d.site_id.as_str(),
+        let (site, action, data_type) = match &request {
+            PostRequest::Push(p) => (p.site_id.as_str(), Action::Push, &p.data_type),
+            PostRequest::Delta(d) => (d.site_id.as_str(), Action::Delta, &d.data_type),
         };
+        saw.action = action;
+        saw.types = TypeSet::of(DataType::parse(data_type).ok().as_slice());
         let caller = app.admit(&headers, request.token(), peer.ip(), &user, Some(site))?;
+        saw.site = app.metrics().site_index(caller.site.as_str());
         let domain = app.domain();
         match request {
             PostRequest::Push(push) => {
                 let Written { data_type, record, replayed } = domain.push(&caller, push).await?;
+                saw.replayed = replayed;
                 let state = record_state(&record);
                 Ok(json(
                     StatusCode::OK,
@@ -269,6 +305,7 @@ async fn sync_post(
             }
             PostRequest::Delta(delta) => {
                 let Written { data_type, record, replayed } = domain.delta(&caller, delta).await?;
+                saw.replayed = replayed;
                 let state = record_state(&record);
                 Ok(json(
                     StatusCode::OK,
@@ -284,7 +321,8 @@ async fn sync_post(
             }
         }
     })
-    .await
+    .await;
+    seen(response, saw)
 }
 
 /// Reads and parses a POST body: JSON only (415), at most [`MAX_BODY`] bytes (413).
@@ -332,10 +370,11 @@ async fn parse_post(headers: &HeaderMap, body: Body) -> Result<(PostRequest, Use
 }
 
 async fn healthz(State(app): State<App>) -> Response {
-    match app.domain().store().check().await {
+    let response = match app.domain().store().check().await {
         Ok(()) => json(StatusCode::OK, &serde_json::json!({"success": true, "status": "ok"})),
         Err(e) => ApiError::from(e).into_response(),
-    }
+    };
+    seen(response, Seen { action: Action::Health, ..Seen::default() })
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -357,9 +396,8 @@ impl App {
         user: &UserId,
         claimed_site: Option<&str>,
     ) -> Result<Caller, ApiError> {
-        let limits = self.rate_limits();
         let Some(keys) = self.keys() else {
-            limits.check_user(user.as_str())?;
+            self.check_user(user.as_str())?;
             let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
             return Ok(Caller { site, user: user.clone(), admin: true });
         };
@@ -370,7 +408,7 @@ impl App {
         };
         match verified {
             Ok(v) => {
-                limits.check_user(v.user.as_str())?;
+                self.check_user(v.user.as_str())?;
                 if claimed_site.is_some_and(|s| s != v.site.as_str()) {
                     return Err(Refusal::forbidden(
                         "wrong_site",
@@ -389,7 +427,7 @@ impl App {
                 Ok(Caller { site: v.site, user: v.user, admin: v.admin })
             }
             Err(e) => {
-                limits.check_address(ip)?;
+                self.check_address(ip)?;
                 Err(e.into())
             }
         }
@@ -397,10 +435,26 @@ impl App {
 
     /// A request refused before its token was read still counts against its address.
     fn refuse_unauthenticated(&self, ip: IpAddr, error: ApiError) -> ApiError {
-        match self.rate_limits().check_address(ip) {
+        match self.check_address(ip) {
             Ok(()) => error,
-            Err(wait) => wait.into(),
+            Err(wait) => wait,
         }
+    }
+
+    /// Charges a verified user's rate limit.
+    fn check_user(&self, user: &str) -> Result<(), ApiError> {
+        self.rate_limits().check_user(user).map_err(|wait| {
+            self.metrics().rate_limited(LimitScope::User);
+            wait.into()
+        })
+    }
+
+    /// Charges the rate limit of an address whose request carries no valid token.
+    fn check_address(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.rate_limits().check_address(ip).map_err(|wait| {
+            self.metrics().rate_limited(LimitScope::Address);
+            wait.into()
+        })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod sqlite;
 pub mod stamps;
 
 use async_trait::async_trait;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use protocol::{DataType, OpId, SiteId, UserId};
 use serde_json::Value;
 
@@ -102,6 +103,25 @@ pub enum WriteOutcome {
     OpIdReused,
     /// The mutation refused the write.
     Rejected(DomainError),
+}
+
+/// What a store reports about its commits, for `/metrics`. Clones record into the same
+/// histograms.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    /// Writes committed together: how much group commit gathers.
+    pub batch_writes: Histogram,
+    /// Seconds a COMMIT takes, its fsync included.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            batch_writes: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+        }
+    }
 }
 
 /// Failures of the storage itself. None of them means a write was applied.

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use protocol::{DataType, UserId};
@@ -18,7 +18,7 @@ use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
 
 use super::stamps::StampCache;
-use super::{OpKey, Record, Stamp, Store, StoreError, Write, WriteOutcome};
+use super::{OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
 use crate::domain::DomainError;
 use crate::time::now_ms;
 
@@ -87,12 +87,14 @@ fn migrations() -> Migrations<'static> {
 }
 
 /// Tuning of the SQLite store.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SqliteOptions {
     /// How long an op id is remembered.
     pub op_retention: Duration,
     /// Writes committed together at most: 1 gives one transaction and one fsync per write.
     pub max_batch: usize,
+    /// Where the writer records its batch sizes and commit times.
+    pub metrics: StoreMetrics,
 }
 
 /// SQLite behind the [`Store`] trait.
@@ -164,7 +166,15 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                Writer { conn, retention_ms, last_prune_ms: 0, max_batch, stamps: writer_stamps }.run(rx)
+                Writer {
+                    conn,
+                    retention_ms,
+                    last_prune_ms: 0,
+                    max_batch,
+                    stamps: writer_stamps,
+                    metrics: options.metrics,
+                }
+                .run(rx)
             })
             .map_err(|e| StoreError::Malformed(format!("cannot start the writer: {e}")))?;
         Ok(SqliteStore {
@@ -325,6 +335,7 @@ struct Writer {
     max_batch: usize,
     /// Told every applied write's new stamp after its commit, before the replies go out.
     stamps: Arc<StampCache>,
+    metrics: StoreMetrics,
 }
 
 impl Writer {
@@ -379,7 +390,10 @@ impl Writer {
                     params![now.saturating_sub(retention_ms)],
                 )?;
             }
+            let commit = Instant::now();
             tx.commit()?;
+            self.metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
+            self.metrics.batch_writes.observe(count as f64);
             Ok(results)
         })();
         match outcome {
