@@ -88,7 +88,7 @@ async fn metrics_count_checks_fetches_deltas_limits_and_commits_by_site_and_stat
     );
     assert_sample(
         &text,
-        r#"hub_requests_total{action="timestamp",data_type="balance",site="",status="429"}"#,
+        r#"hub_requests_total{action="timestamp",data_type="balance",site="roflfaucet",status="429"}"#,
         f64::from(limited),
     );
     assert_sample(&text, r#"hub_rate_limited_total{scope="user"}"#, f64::from(limited));

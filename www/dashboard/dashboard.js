@@ -53,17 +53,21 @@ function perMinute(data, pick) {
   return { start, end, values };
 }
 
-function niceMax(value) {
-  if (value <= 0) return 1;
-  const magnitude = 10 ** Math.floor(Math.log10(value));
-  const step = [1, 2, 2.5, 5, 10].find((s) => s * magnitude >= value);
-  return step * magnitude;
+// The top of a y axis with four equal steps, each a round number (whole, for counts).
+function niceMax(value, { whole = false } = {}) {
+  const quarter = value / 4;
+  if (quarter <= 0) return whole ? 4 : 1;
+  const magnitude = 10 ** Math.floor(Math.log10(quarter));
+  const step = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]
+    .map((s) => s * magnitude)
+    .find((s) => s >= quarter && (!whole || Number.isInteger(s)));
+  return 4 * (step ?? Math.ceil(quarter));
 }
 
 function formatNumber(value) {
   if (value >= 10_000) return `${Math.round(value / 1000)}k`;
   if (value >= 1000) return `${(value / 1000).toFixed(1)}k`;
-  return Number.isInteger(value) ? String(value) : value.toFixed(value < 10 ? 2 : 1);
+  return String(Number(value.toFixed(value < 10 ? 2 : 1)));
 }
 
 function clock(ms) {
@@ -93,7 +97,7 @@ function frame(svg, { start, end, yMax, yLabel }) {
 // Stacked bars, one per minute: each series adds its part on top of the ones before it.
 function stackedBars(svg, series, { start, end, yLabel = formatNumber }) {
   const totals = series[0].values.map((_, i) => series.reduce((sum, s) => sum + s.values[i], 0));
-  const { x, y } = frame(svg, { start, end, yMax: niceMax(Math.max(...totals)), yLabel });
+  const { x, y } = frame(svg, { start, end, yMax: niceMax(Math.max(...totals), { whole: true }), yLabel });
   const barWidth = Math.max(1, x(start + MINUTE_MS) - x(start) - 2);
   totals.forEach((_, i) => {
     let base = 0;

@@ -162,6 +162,7 @@ fn print_guide(
 The demo is running:
 
   Hub                {url}/api/sync   (health at {url}/healthz)
+  Dashboard          {url}/dashboard/   (metrics for Prometheus at {url}/metrics)
 {site_lines}
 Open both sites, earn coins on one, then come back to the other tab: it shows them. Each
 site's backend signs a token for the signed-in user at /api/token?user=ID with the site's key

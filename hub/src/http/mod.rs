@@ -165,8 +165,7 @@ async fn sync_get(
             QueryAction::Get => Action::Get,
         };
         saw.types = TypeSet::of(&types);
-        let caller = app.admit(&headers, None, peer.ip(), &user, site.as_deref())?;
-        saw.site = app.metrics().site_index(caller.site.as_str());
+        let caller = app.admit(&headers, None, peer.ip(), &user, site.as_deref(), &mut saw)?;
         let domain = app.domain();
         match action {
             QueryAction::Timestamp => {
@@ -282,8 +281,7 @@ async fn sync_post(
         };
         saw.action = action;
         saw.types = TypeSet::of(DataType::parse(data_type).ok().as_slice());
-        let caller = app.admit(&headers, request.token(), peer.ip(), &user, Some(site))?;
-        saw.site = app.metrics().site_index(caller.site.as_str());
+        let caller = app.admit(&headers, request.token(), peer.ip(), &user, Some(site), &mut saw)?;
         let domain = app.domain();
         match request {
             PostRequest::Push(push) => {
@@ -387,7 +385,8 @@ async fn not_found() -> ApiError {
 
 impl App {
     /// Who the request speaks for, after checking its token and the rate limits.
-    /// `claimed_site` is the `site_id` the request names, if any.
+    /// `claimed_site` is the `site_id` the request names, if any; `saw` learns the token's
+    /// site as soon as it is verified, so that later refusals are counted under it.
     fn admit(
         &self,
         headers: &HeaderMap,
@@ -395,6 +394,7 @@ impl App {
         ip: IpAddr,
         user: &UserId,
         claimed_site: Option<&str>,
+        saw: &mut Seen,
     ) -> Result<Caller, ApiError> {
         let Some(keys) = self.keys() else {
             self.check_user(user.as_str())?;
@@ -408,6 +408,7 @@ impl App {
         };
         match verified {
             Ok(v) => {
+                saw.site = self.metrics().site_index(v.site.as_str());
                 self.check_user(v.user.as_str())?;
                 if claimed_site.is_some_and(|s| s != v.site.as_str()) {
                     return Err(Refusal::forbidden(
