@@ -24,6 +24,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Switching auth off is only allowed on a loopback address, for development.
     pub auth: bool,
+    /// The certificate chain (PEM) to serve HTTPS with, or `None` for plain HTTP. Set with
+    /// `tls_key`, or not at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     pub limits: Limits,
     pub store: StoreConfig,
     pub metrics: MetricsConfig,
@@ -139,6 +146,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             data_dir: PathBuf::from("./hub-data"),
             auth: true,
+            tls_cert: None,
+            tls_key: None,
             limits: Limits::default(),
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
@@ -237,6 +246,9 @@ impl Config {
                 self.listen
             );
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("tls_cert and tls_key go together: set both to serve HTTPS, or neither for plain HTTP");
+        }
         if self.auth && self.sites.is_empty() {
             bail!("no [[sites]] configured: add one, or start with --dev");
         }
@@ -266,6 +278,11 @@ impl Config {
             bail!("site {} is configured twice", w[0]);
         }
         Ok(())
+    }
+
+    /// The certificate and key files HTTPS is served with, when it is.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        self.tls_cert.as_deref().zip(self.tls_key.as_deref())
     }
 
     pub fn site(&self, id: &str) -> Option<&Site> {
@@ -358,6 +375,21 @@ mod tests {
         config.listen = "0.0.0.0:8787".parse().unwrap();
         assert!(config.validate().is_err());
     }
+
+    #[test]
+    fn a_tls_certificate_needs_its_key_and_the_key_its_certificate() {
+        let both = Config {
+            auth: false,
+            tls_cert: Some("cert.pem".into()),
+            tls_key: Some("key.pem".into()),
+            ..Config::default()
+        };
+        assert!(both.validate().is_ok());
+        for half in [Config { tls_key: None, ..both.clone() }, Config { tls_cert: None, ..both.clone() }] {
+            let error = half.validate().unwrap_err().to_string();
+            assert!(error.contains("tls_cert and tls_key go together"), "{error}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +423,21 @@ mod load_tests {
             assert_eq!(config.limits.requests_per_minute, 70);
             assert_eq!(config.limits.max_delta, Limits::default().max_delta);
             assert_eq!(config.sites[0].secret_env.as_deref(), Some("ROFL_SECRET"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_files_come_from_the_file_or_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hub.toml", "tls_cert = \"/etc/hub/cert.pem\"\ntls_key = \"/etc/hub/key.pem\"")?;
+            jail.set_env("HUB_TLS_KEY", "/etc/hub/renewed-key.pem");
+            let config = Config::load(Some(Path::new("hub.toml"))).unwrap();
+            assert_eq!(
+                config.tls_files(),
+                Some((Path::new("/etc/hub/cert.pem"), Path::new("/etc/hub/renewed-key.pem")))
+            );
+            assert_eq!(Config::default().tls_files(), None);
             Ok(())
         });
     }

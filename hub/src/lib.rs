@@ -1,6 +1,6 @@
 //! The unified-sync hub: one canonical copy of each user's balance, points, profile, roles
 //! and settings, served over HTTP to every site. Layers, outermost first:
-//! `server` (connections) → `http` (routes, CORS, limits, errors) → `domain` (every rule)
+//! `server` (connections, TLS) → `http` (routes, CORS, limits, errors) → `domain` (every rule)
 //! → `store` (durable records behind a trait).
 
 pub mod auth;
@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod tls;
 
 pub use server::{App, serve};

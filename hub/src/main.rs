@@ -1,4 +1,5 @@
-//! `hub`: serve the sync API, or mint a site token.
+//! `hub`: serve the sync API (reloading its TLS certificate on SIGHUP), import balance
+//! files, or mint a site token.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -129,8 +130,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot handle SIGHUP")?,
+        app.clone(),
+    ));
+    let scheme = if app.tls().is_some() { "https" } else { "http" };
     tracing::info!(
-        "hub listening on http://{addr} (data in {}, epoch {}, sites: {})",
+        "hub listening on {scheme}://{addr} (data in {}, epoch {}, sites: {})",
         config.data_dir.display(),
         app.domain().epoch(),
         config.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
@@ -186,6 +194,20 @@ async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow
         anyhow::bail!("{} file(s) refused; fix them and run the import again", scan.refused.len());
     }
     Ok(())
+}
+
+/// Rereads the TLS certificate and key on every SIGHUP (`systemctl reload`), so that a
+/// renewed certificate is served without a restart. A file that does not load is logged and
+/// the certificate in use stays; the hub keeps serving either way.
+#[cfg(unix)]
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, app: App) {
+    while hangup.recv().await.is_some() {
+        match app.tls().map(hub::tls::Tls::reload) {
+            None => tracing::warn!("SIGHUP: the hub serves plain HTTP, there is no certificate to reload"),
+            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections get it"),
+            Some(Err(e)) => tracing::error!("SIGHUP: keeping the current TLS certificate: {e:#}"),
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -1,6 +1,7 @@
-//! Connections: accepting them up to a limit, serving HTTP/1.1 and HTTP/2 with a header
-//! read timeout, and shutting down gracefully — in-flight requests finish, pending writes
-//! are flushed, then the store closes.
+//! Connections: accepting them up to a limit, serving HTTP/1.1 and HTTP/2 — over TLS when a
+//! certificate is configured — with a header read timeout, and shutting down gracefully —
+//! in-flight requests finish, pending writes are flushed, then the store closes. Reading
+//! certificates is `tls`'s work.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +14,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tower::ServiceExt;
 
 use crate::auth::Keys;
@@ -24,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::sqlite::{MAX_BATCH, SqliteOptions, SqliteStore};
 use crate::time::now_ms;
+use crate::tls::Tls;
 
 /// How often fully recovered rate-limit keys are forgotten, and the dashboard's slot moves
 /// on (it is ten seconds long).
@@ -51,6 +55,8 @@ struct Inner {
     metrics: Metrics,
     /// Lets callers from any address read the metrics; see `MetricsConfig`.
     metrics_token: Option<String>,
+    /// `None` when the hub serves plain HTTP.
+    tls: Option<Tls>,
 }
 
 impl App {
@@ -69,10 +75,12 @@ impl App {
         Self::with_store(config, Arc::new(store), metrics)
     }
 
-    /// Builds the app over any store; `metrics` is where that store records its commits.
+    /// Builds the app over any store, reading the TLS certificate if one is configured;
+    /// `metrics` is where that store records its commits.
     pub fn with_store(config: Config, store: Arc<dyn Store>, metrics: Metrics) -> anyhow::Result<App> {
         config.validate()?;
         let metrics_token = config.metrics.token()?;
+        let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
         let keys = if config.auth { Some(Keys::from_config(&config)?) } else { None };
         let site_origins = config
             .sites
@@ -99,6 +107,7 @@ impl App {
                 site_origins,
                 metrics,
                 metrics_token,
+                tls,
             }),
         })
     }
@@ -114,6 +123,12 @@ impl App {
     /// The sites' keys, or `None` when auth is off.
     pub fn keys(&self) -> Option<&Keys> {
         self.inner.keys.as_ref()
+    }
+
+    /// The certificate HTTPS is served with, or `None` for plain HTTP. Reload it after
+    /// renewing its files.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.inner.tls.as_ref()
     }
 
     pub fn rate_limits(&self) -> &RateLimits {
@@ -160,8 +175,60 @@ async fn speaks_in_time(stream: &TcpStream, timeout: Duration) -> bool {
     }
 }
 
+/// How connections are served over TLS: the handshake, then the HTTP version ALPN chose
+/// (HTTP/1.1 when the client offered no ALPN).
+struct TlsServing {
+    acceptor: TlsAcceptor,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl TlsServing {
+    /// The TLS stream, if the handshake finishes within `timeout`, and how to serve it.
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        timeout: Duration,
+        peer: SocketAddr,
+    ) -> Option<(TlsStream<TcpStream>, &auto::Builder<TokioExecutor>)> {
+        match tokio::time::timeout(timeout, self.acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                Some((stream, if h2 { &self.http2 } else { &self.http1 }))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake not finished in time");
+                None
+            }
+        }
+    }
+}
+
+/// Awaits `connection`, or closes it if its first request has not arrived within `timeout`
+/// (`first_request` is notified by every request). Nothing can be peeked at inside TLS, and
+/// hyper's HTTP/2 side waits for the client's preface without a limit, so without this a
+/// client that finishes the handshake and then stays silent would keep its connection slot.
+async fn first_request_within<T>(
+    timeout: Duration,
+    first_request: &Notify,
+    connection: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(connection);
+    tokio::select! {
+        ended = &mut connection => return Some(ended),
+        arrived = tokio::time::timeout(timeout, first_request.notified()) => arrived.ok()?,
+    }
+    Some(connection.await)
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections and
-/// closes the store. Tests bind `127.0.0.1:0` and pass a future they control.
+/// closes the store. Serves HTTPS when the app has a certificate ([`App::tls`]); the TLS
+/// handshake must then finish within the header read timeout. Tests bind `127.0.0.1:0` and
+/// pass a future they control.
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -191,6 +258,14 @@ pub async fn serve(
         // An HTTP/2 peer that stops answering pings is gone: its connection is closed.
         .keep_alive_interval(limits.header_read_timeout())
         .keep_alive_timeout(limits.header_read_timeout());
+    // Over TLS the protocol is known once the handshake is done: ALPN chose it.
+    let tls = app.tls().map(|tls| {
+        Arc::new(TlsServing {
+            acceptor: tls.acceptor(),
+            http1: builder.clone().http1_only(),
+            http2: builder.clone().http2_only(),
+        })
+    });
     let builder = Arc::new(builder);
 
     tokio::pin!(shutdown);
@@ -213,20 +288,38 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request)
+        // Awaited only over TLS (see `first_request_within`).
+        let first_request = Arc::new(Notify::new());
+        let service = hyper::service::service_fn({
+            let first_request = first_request.clone();
+            move |mut request: hyper::Request<Incoming>| {
+                first_request.notify_one();
+                request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                router.clone().oneshot(request)
+            }
         });
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (builder, tls, watcher) = (builder.clone(), tls.clone(), graceful.watcher());
         let header_read_timeout = limits.header_read_timeout();
         let app = app.clone();
         tokio::spawn(async move {
             app.metrics().connection_opened();
-            if speaks_in_time(&stream, header_read_timeout).await {
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+            let ended = match tls {
+                None if speaks_in_time(&stream, header_read_timeout).await => {
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    Some(watcher.watch(connection.into_owned()).await)
                 }
+                None => None,
+                Some(tls) => match tls.handshake(stream, header_read_timeout, peer).await {
+                    Some((stream, http)) => {
+                        let connection = http.serve_connection(TokioIo::new(stream), service).into_owned();
+                        first_request_within(header_read_timeout, &first_request, watcher.watch(connection))
+                            .await
+                    }
+                    None => None,
+                },
+            };
+            if let Some(Err(e)) = ended {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             app.metrics().connection_closed();
             drop(permit);

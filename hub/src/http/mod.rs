@@ -41,10 +41,14 @@ use crate::time::rfc3339_ms;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Sent with every answer over HTTPS: browsers then use only HTTPS for the hub's name, for a
+/// year from each answer. Never sent over plain HTTP, where it would mean nothing.
+const HSTS: &str = "max-age=31536000";
+
 /// The hub's routes with every layer applied.
 pub fn router(app: App) -> Router {
     let sync = get(sync_get).post(sync_post).fallback(method_not_allowed);
-    Router::new()
+    let router = Router::new()
         .route("/api/sync.php", sync.clone())
         .route("/api/sync", sync)
         .route("/healthz", get(healthz))
@@ -65,7 +69,14 @@ pub fn router(app: App) -> Router {
                     header::X_CONTENT_TYPE_OPTIONS,
                     HeaderValue::from_static("nosniff"),
                 )),
-        )
+        );
+    if app.tls().is_none() {
+        return router;
+    }
+    router.layer(SetResponseHeaderLayer::overriding(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static(HSTS),
+    ))
 }
 
 /// Counts every answer — preflights and refusals included — with what its handler saw.

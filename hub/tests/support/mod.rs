@@ -72,7 +72,8 @@ impl TestHub {
         tweak(&mut config);
         let app = App::open(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if app.tls().is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn({
             let app = app.clone();
@@ -136,6 +137,8 @@ pub struct Deployment {
     pub port: u16,
     /// The sites' keys, to mint tokens as their backends would.
     pub keys: Keys,
+    /// Whether the hub serves HTTPS (its configuration names a certificate).
+    pub tls: bool,
 }
 
 impl Deployment {
@@ -147,7 +150,7 @@ impl Deployment {
         tweak(&mut config);
         std::fs::write(dir.path().join("hub.toml"), toml::to_string(&config).unwrap()).unwrap();
         let keys = Keys::from_config(&config).unwrap();
-        Deployment { dir, data_dir, port: free_port(), keys }
+        Deployment { dir, data_dir, port: free_port(), keys, tls: config.tls_files().is_some() }
     }
 
     /// `127.0.0.1:port`, for raw TCP connections.
@@ -156,7 +159,8 @@ impl Deployment {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     /// The SQLite file every hub process of this deployment uses.
@@ -198,7 +202,12 @@ impl Deployment {
             }
         }
         let mut child = command.spawn().unwrap();
-        let probe = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+        // Only whether it answers: the TLS tests check the certificate themselves.
+        let probe = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .danger_accept_invalid_certs(self.tls)
+            .build()
+            .unwrap();
         let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().unwrap() {
