@@ -4,15 +4,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::{Registry, Unit};
 use protocol::DataType;
 use serde::Serialize;
@@ -44,6 +47,7 @@ pub struct Seen {
 
 /// The kind of request, a label of every request metric.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum Action {
     Timestamp,
     Get,
@@ -58,7 +62,21 @@ pub enum Action {
     Other,
 }
 
+/// How many kinds of [`Action`] there are.
+const ACTIONS: usize = 8;
+
 impl Action {
+    const ALL: [Action; ACTIONS] = [
+        Action::Timestamp,
+        Action::Get,
+        Action::Push,
+        Action::Delta,
+        Action::Preflight,
+        Action::Health,
+        Action::Admin,
+        Action::Other,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             Action::Timestamp => "timestamp",
@@ -153,27 +171,22 @@ pub enum LimitScope {
     Address,
 }
 
+const SCOPES: [&str; 2] = ["user", "address"];
+const FETCH_RESULTS: [&str; 2] = ["sent", "not_modified"];
+const DELTA_OUTCOMES: [&str; 3] = ["applied", "replayed", "refused"];
+
 /// Every metric of one hub.
 pub struct Metrics {
     registry: Registry,
-    /// Configured site ids; a request's `Seen::site` indexes it.
-    sites: Vec<Arc<str>>,
-    site_index: HashMap<String, usize>,
-    no_site: Arc<str>,
-    requests: Family<RequestLabels, Counter>,
-    latency: Family<ActionLabels, Histogram>,
-    checks: Family<SiteLabels, Counter>,
-    fetches: Family<FetchLabels, Counter>,
-    rate_limited: Family<ScopeLabels, Counter>,
-    deltas: Family<OutcomeLabels, Counter>,
+    counts: Arc<Counts>,
     open_connections: Gauge,
     store: StoreMetrics,
-    window: Window,
+    history: Mutex<History>,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("sites", &self.sites).finish_non_exhaustive()
+        f.debug_struct("Metrics").field("sites", &self.counts.sites).finish_non_exhaustive()
     }
 }
 
@@ -182,37 +195,14 @@ impl Metrics {
     pub fn new<'a>(sites: impl IntoIterator<Item = &'a str>, now_ms: i64) -> Metrics {
         let sites: Vec<Arc<str>> = sites.into_iter().map(Arc::from).collect();
         let site_index = sites.iter().enumerate().map(|(i, s)| (s.to_string(), i)).collect();
+        let counts = Arc::new(Counts {
+            shards: (0..SHARDS).map(|_| Shard(Mutex::new(Tally::new(sites.len())))).collect(),
+            no_site: Arc::from(""),
+            sites,
+            site_index,
+        });
         let mut registry = Registry::with_prefix("hub");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests answered, by action, data type, site and status",
-            requests.clone(),
-        );
-        let latency =
-            Family::<ActionLabels, Histogram>::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
-        registry.register_with_unit(
-            "request_duration",
-            "Time from a request's arrival to its answer",
-            Unit::Seconds,
-            latency.clone(),
-        );
-        let checks = Family::<SiteLabels, Counter>::default();
-        registry.register(
-            "sync_checks",
-            "Version checks answered (one per tab return or login)",
-            checks.clone(),
-        );
-        let fetches = Family::<FetchLabels, Counter>::default();
-        registry.register(
-            "sync_fetches",
-            "Record fetches: `sent` when a check found something new, `not_modified` when the client's copy was current",
-            fetches.clone(),
-        );
-        let rate_limited = Family::<ScopeLabels, Counter>::default();
-        registry.register("rate_limited", "Requests refused by a rate limit", rate_limited.clone());
-        let deltas = Family::<OutcomeLabels, Counter>::default();
-        registry.register("deltas", "Deltas by outcome", deltas.clone());
+        registry.register_collector(Box::new(counts.clone()));
         let open_connections = Gauge::default();
         registry.register("open_connections", "Client connections open now", open_connections.clone());
         let store = StoreMetrics::default();
@@ -229,18 +219,13 @@ impl Metrics {
         );
         Metrics {
             registry,
-            window: Window::new(sites.len(), now_ms),
-            sites,
-            site_index,
-            no_site: Arc::from(""),
-            requests,
-            latency,
-            checks,
-            fetches,
-            rate_limited,
-            deltas,
+            counts,
             open_connections,
             store,
+            history: Mutex::new(History {
+                live_start_ms: now_ms - now_ms % SLOT_MS,
+                closed: VecDeque::new(),
+            }),
         }
     }
 
@@ -251,51 +236,48 @@ impl Metrics {
 
     /// The index of a configured site, for [`Seen::site`].
     pub fn site_index(&self, site: &str) -> Option<usize> {
-        self.site_index.get(site).copied()
+        self.counts.site_index.get(site).copied()
     }
 
     /// Counts one answered request.
     pub fn request(&self, seen: &Seen, status: u16, elapsed: Duration) {
-        let site = seen.site.map_or_else(|| self.no_site.clone(), |i| self.sites[i].clone());
+        let site = seen.site.unwrap_or(self.counts.sites.len());
         let ok = status == 200;
-        self.requests
-            .get_or_create(&RequestLabels {
-                action: seen.action,
-                data_type: seen.types,
-                site: site.clone(),
-                status,
-            })
-            .inc();
-        self.latency.get_or_create(&ActionLabels { action: seen.action }).observe(elapsed.as_secs_f64());
-        let slot = &self.window.live;
-        slot.requests[seen.site.unwrap_or(self.sites.len())].fetch_add(1, Ordering::Relaxed);
-        slot.latency[window_bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+        let mut tally = self.counts.shard();
+        *tally.requests.entry((seen.action, seen.types, site, status)).or_default() += 1;
+        tally.latency[seen.action as usize].observe(elapsed.as_secs_f64(), &LATENCY_BUCKETS);
+        let slot = &mut tally.live;
+        slot.requests[site] += 1;
+        slot.latency[window_bucket(elapsed)] += 1;
         match status {
             429 => {}
-            400..=499 => add(&slot.client_errors),
-            500..=599 => add(&slot.server_errors),
+            400..=499 => slot.client_errors += 1,
+            500..=599 => slot.server_errors += 1,
             _ => {}
         }
         match seen.action {
             Action::Timestamp if ok => {
-                self.checks.get_or_create(&SiteLabels { site }).inc();
-                add(&slot.checks);
+                tally.checks[site] += 1;
+                tally.live.checks += 1;
             }
             Action::Get if ok || status == 304 => {
-                let result = if ok { "sent" } else { "not_modified" };
-                self.fetches.get_or_create(&FetchLabels { site, result }).inc();
-                add(if ok { &slot.fetches } else { &slot.not_modified });
+                tally.fetches[site][usize::from(!ok)] += 1;
+                if ok {
+                    tally.live.fetches += 1;
+                } else {
+                    tally.live.not_modified += 1;
+                }
             }
             Action::Delta => {
                 let outcome = match (ok, seen.replayed) {
-                    (true, false) => "applied",
-                    (true, true) => "replayed",
-                    (false, _) if (400..500).contains(&status) && status != 429 => "refused",
+                    (true, false) => 0,
+                    (true, true) => 1,
+                    (false, _) if (400..500).contains(&status) && status != 429 => 2,
                     (false, _) => return,
                 };
-                self.deltas.get_or_create(&OutcomeLabels { outcome }).inc();
-                if outcome == "applied" {
-                    add(&slot.deltas);
+                tally.deltas[outcome] += 1;
+                if outcome == 0 {
+                    tally.live.deltas += 1;
                 }
             }
             _ => {}
@@ -304,12 +286,9 @@ impl Metrics {
 
     /// Counts a request refused by a rate limit.
     pub fn rate_limited(&self, scope: LimitScope) {
-        let scope = match scope {
-            LimitScope::User => "user",
-            LimitScope::Address => "address",
-        };
-        self.rate_limited.get_or_create(&ScopeLabels { scope }).inc();
-        add(&self.window.live.rate_limited);
+        let mut tally = self.counts.shard();
+        tally.rate_limited[scope as usize] += 1;
+        tally.live.rate_limited += 1;
     }
 
     pub fn connection_opened(&self) {
@@ -330,18 +309,33 @@ impl Metrics {
 
     /// Closes the live slot if `now_ms` is past its end; the hub calls it every few seconds.
     pub fn roll(&self, now_ms: i64) {
-        self.window.roll(now_ms);
+        drop(self.roll_locked(now_ms));
+    }
+
+    fn roll_locked(&self, now_ms: i64) -> MutexGuard<'_, History> {
+        let mut history = self.history.lock().expect("metrics history");
+        if now_ms >= history.live_start_ms + SLOT_MS {
+            let closed = self.counts.live(true).view(history.live_start_ms);
+            if closed.requests.iter().any(|n| *n > 0) || closed.rate_limited > 0 {
+                history.closed.push_back(closed);
+            }
+            history.live_start_ms = now_ms - now_ms % SLOT_MS;
+            let oldest = history.live_start_ms.saturating_sub(SLOT_MS * SLOTS as i64);
+            while history.closed.front().is_some_and(|s| s.start_ms < oldest) {
+                history.closed.pop_front();
+            }
+        }
+        history
     }
 
     /// The last hour, slot by slot, ending with the slot still being filled.
     pub fn recent(&self, now_ms: i64) -> Recent {
-        self.window.roll(now_ms);
-        let history = self.window.history.lock().expect("metrics window");
+        let history = self.roll_locked(now_ms);
         let mut slots: Vec<SlotView> = history.closed.iter().cloned().collect();
-        slots.push(self.window.live.view(history.live_start_ms));
+        slots.push(self.counts.live(false).view(history.live_start_ms));
         Recent {
             slot_ms: SLOT_MS,
-            sites: self.sites.iter().map(|s| s.to_string()).collect(),
+            sites: self.counts.sites.iter().map(|s| s.to_string()).collect(),
             open_connections: self.open_connections.get(),
             now_ms,
             slots,
@@ -349,8 +343,212 @@ impl Metrics {
     }
 }
 
-fn add(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// Shards of the request counts: a thread records into its own shard, so that two threads
+/// answering requests at once never wait for, or bounce a cache line with, each other.
+/// Scrapes and the dashboard add the shards up.
+#[derive(Debug)]
+struct Counts {
+    shards: Vec<Shard>,
+    /// Configured site ids; a request's `Seen::site` indexes them, and index `sites.len()`
+    /// counts requests without a verified token.
+    sites: Vec<Arc<str>>,
+    site_index: HashMap<String, usize>,
+    no_site: Arc<str>,
+}
+
+/// More shards than a machine has worker threads, in practice: threads take them in turn.
+const SHARDS: usize = 16;
+
+/// One shard, alone on its cache lines.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Shard(Mutex<Tally>);
+
+impl Counts {
+    fn shard(&self) -> MutexGuard<'_, Tally> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local!(static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        self.shards[SHARD.with(|i| *i)].0.lock().expect("metrics shard")
+    }
+
+    fn site(&self, index: usize) -> Arc<str> {
+        self.sites.get(index).unwrap_or(&self.no_site).clone()
+    }
+
+    /// The live slot summed over the shards; with `take`, the shards start a new one.
+    fn live(&self, take: bool) -> SlotTally {
+        let mut sum = SlotTally::new(self.sites.len());
+        for shard in &self.shards {
+            let mut tally = shard.0.lock().expect("metrics shard");
+            sum.add(&tally.live);
+            if take {
+                tally.live = SlotTally::new(self.sites.len());
+            }
+        }
+        sum
+    }
+
+    /// Every shard's totals added up.
+    fn total(&self) -> Tally {
+        let mut sum = Tally::new(self.sites.len());
+        for shard in &self.shards {
+            sum.add(&shard.0.lock().expect("metrics shard"));
+        }
+        sum
+    }
+}
+
+/// What one shard has counted since the hub started (and, in `live`, in this slot).
+#[derive(Debug)]
+struct Tally {
+    requests: HashMap<(Action, TypeSet, usize, u16), u64>,
+    latency: [Buckets; ACTIONS],
+    checks: Vec<u64>,
+    fetches: Vec<[u64; 2]>,
+    rate_limited: [u64; 2],
+    deltas: [u64; 3],
+    live: SlotTally,
+}
+
+impl Tally {
+    fn new(sites: usize) -> Tally {
+        Tally {
+            requests: HashMap::new(),
+            latency: std::array::from_fn(|_| Buckets::new(LATENCY_BUCKETS.len())),
+            checks: vec![0; sites + 1],
+            fetches: vec![[0; 2]; sites + 1],
+            rate_limited: [0; 2],
+            deltas: [0; 3],
+            live: SlotTally::new(sites),
+        }
+    }
+
+    fn add(&mut self, other: &Tally) {
+        for (key, n) in &other.requests {
+            *self.requests.entry(*key).or_default() += n;
+        }
+        for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
+            mine.add(theirs);
+        }
+        add_all(&mut self.checks, &other.checks);
+        for (mine, theirs) in self.fetches.iter_mut().zip(&other.fetches) {
+            add_all(mine, theirs);
+        }
+        add_all(&mut self.rate_limited, &other.rate_limited);
+        add_all(&mut self.deltas, &other.deltas);
+    }
+}
+
+fn add_all(mine: &mut [u64], theirs: &[u64]) {
+    for (a, b) in mine.iter_mut().zip(theirs) {
+        *a += b;
+    }
+}
+
+/// A histogram's counts: one per bound, then one above the last.
+#[derive(Debug, Clone)]
+struct Buckets {
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Buckets {
+    fn new(bounds: usize) -> Buckets {
+        Buckets { counts: vec![0; bounds + 1], sum: 0.0 }
+    }
+
+    fn observe(&mut self, value: f64, bounds: &[f64]) {
+        self.counts[bounds.iter().position(|b| value <= *b).unwrap_or(bounds.len())] += 1;
+        self.sum += value;
+    }
+
+    fn add(&mut self, other: &Buckets) {
+        add_all(&mut self.counts, &other.counts);
+        self.sum += other.sum;
+    }
+}
+
+impl Collector for Counts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let total = self.total();
+
+        let mut requests: Vec<_> = total.requests.iter().collect();
+        requests.sort_by_key(|((action, types, site, status), _)| (*action as u8, types.0, *site, *status));
+        let mut family = encoder.encode_descriptor(
+            "requests",
+            "Requests answered, by action, data type, site and status",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((action, types, site, status), n) in requests {
+            let labels =
+                RequestLabels { action: *action, data_type: *types, site: self.site(*site), status: *status };
+            ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+        }
+
+        let bounds: Vec<f64> = LATENCY_BUCKETS.iter().copied().chain([f64::MAX]).collect();
+        let mut family = encoder.encode_descriptor(
+            "request_duration",
+            "Time from a request's arrival to its answer",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (action, buckets) in Action::ALL.iter().zip(&total.latency) {
+            let count: u64 = buckets.counts.iter().sum();
+            if count > 0 {
+                let pairs: Vec<(f64, u64)> =
+                    bounds.iter().copied().zip(buckets.counts.iter().copied()).collect();
+                family.encode_family(&ActionLabels { action: *action })?.encode_histogram::<NoLabelSet>(
+                    buckets.sum,
+                    count,
+                    &pairs,
+                    None,
+                )?;
+            }
+        }
+
+        let sites = 0..=self.sites.len();
+        let mut family = encoder.encode_descriptor(
+            "sync_checks",
+            "Version checks answered (one per tab return or login)",
+            None,
+            MetricType::Counter,
+        )?;
+        for site in sites.clone().filter(|s| total.checks[*s] > 0) {
+            ConstCounter::new(total.checks[site])
+                .encode(family.encode_family(&SiteLabels { site: self.site(site) })?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "sync_fetches",
+            "Record fetches: `sent` when a check found something new, `not_modified` when the client's copy was current",
+            None,
+            MetricType::Counter,
+        )?;
+        for site in sites {
+            for (result, n) in FETCH_RESULTS.iter().zip(total.fetches[site]).filter(|(_, n)| *n > 0) {
+                let labels = FetchLabels { site: self.site(site), result };
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "rate_limited",
+            "Requests refused by a rate limit",
+            None,
+            MetricType::Counter,
+        )?;
+        for (scope, n) in SCOPES.iter().zip(total.rate_limited) {
+            ConstCounter::new(n).encode(family.encode_family(&ScopeLabels { scope })?)?;
+        }
+
+        let mut family =
+            encoder.encode_descriptor("deltas", "Deltas by outcome", None, MetricType::Counter)?;
+        for (outcome, n) in DELTA_OUTCOMES.iter().zip(total.deltas) {
+            ConstCounter::new(n).encode(family.encode_family(&OutcomeLabels { outcome })?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The upper bound, in seconds, of each of the dashboard's latency buckets.
@@ -397,57 +595,63 @@ pub struct SlotView {
     pub p99_ms: Option<f64>,
 }
 
-/// The slot being filled, in atomics so that recording takes no lock.
-struct LiveSlot {
-    requests: Vec<AtomicU64>,
-    checks: AtomicU64,
-    fetches: AtomicU64,
-    not_modified: AtomicU64,
-    deltas: AtomicU64,
-    client_errors: AtomicU64,
-    server_errors: AtomicU64,
-    rate_limited: AtomicU64,
-    latency: [AtomicU64; WINDOW_BUCKETS + 1],
+/// A slot's counts in one shard.
+#[derive(Debug, Clone)]
+struct SlotTally {
+    requests: Vec<u64>,
+    checks: u64,
+    fetches: u64,
+    not_modified: u64,
+    deltas: u64,
+    client_errors: u64,
+    server_errors: u64,
+    rate_limited: u64,
+    latency: [u64; WINDOW_BUCKETS + 1],
 }
 
-impl LiveSlot {
-    fn new(sites: usize) -> LiveSlot {
-        LiveSlot {
-            requests: (0..=sites).map(|_| AtomicU64::new(0)).collect(),
-            checks: AtomicU64::new(0),
-            fetches: AtomicU64::new(0),
-            not_modified: AtomicU64::new(0),
-            deltas: AtomicU64::new(0),
-            client_errors: AtomicU64::new(0),
-            server_errors: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+impl SlotTally {
+    fn new(sites: usize) -> SlotTally {
+        SlotTally {
+            requests: vec![0; sites + 1],
+            checks: 0,
+            fetches: 0,
+            not_modified: 0,
+            deltas: 0,
+            client_errors: 0,
+            server_errors: 0,
+            rate_limited: 0,
+            latency: [0; WINDOW_BUCKETS + 1],
         }
     }
 
-    /// Reads the slot; with `take`, also empties it for the next one.
-    fn read(&self, start_ms: i64, take: bool) -> SlotView {
-        let get = |a: &AtomicU64| if take { a.swap(0, Ordering::Relaxed) } else { a.load(Ordering::Relaxed) };
-        let latency: Vec<u64> = self.latency.iter().map(get).collect();
-        let percentile = |p: f64| percentile_ms(&latency, p);
+    fn add(&mut self, other: &SlotTally) {
+        add_all(&mut self.requests, &other.requests);
+        self.checks += other.checks;
+        self.fetches += other.fetches;
+        self.not_modified += other.not_modified;
+        self.deltas += other.deltas;
+        self.client_errors += other.client_errors;
+        self.server_errors += other.server_errors;
+        self.rate_limited += other.rate_limited;
+        add_all(&mut self.latency, &other.latency);
+    }
+
+    fn view(self, start_ms: i64) -> SlotView {
+        let percentile = |p: f64| percentile_ms(&self.latency, p);
         SlotView {
             start_ms,
-            requests: self.requests.iter().map(get).collect(),
-            checks: get(&self.checks),
-            fetches: get(&self.fetches),
-            not_modified: get(&self.not_modified),
-            deltas: get(&self.deltas),
-            client_errors: get(&self.client_errors),
-            server_errors: get(&self.server_errors),
-            rate_limited: get(&self.rate_limited),
             p50_ms: percentile(0.50),
             p95_ms: percentile(0.95),
             p99_ms: percentile(0.99),
+            requests: self.requests,
+            checks: self.checks,
+            fetches: self.fetches,
+            not_modified: self.not_modified,
+            deltas: self.deltas,
+            client_errors: self.client_errors,
+            server_errors: self.server_errors,
+            rate_limited: self.rate_limited,
         }
-    }
-
-    fn view(&self, start_ms: i64) -> SlotView {
-        self.read(start_ms, false)
     }
 }
 
@@ -458,8 +662,8 @@ fn percentile_ms(counts: &[u64], p: f64) -> Option<f64> {
         return None;
     }
     let rank = ((total as f64) * p).ceil().max(1.0) as u64;
-    let mut seen = 0;
     let bounds: Vec<f64> = window_bounds().collect();
+    let mut seen = 0;
     for (i, count) in counts.iter().enumerate() {
         seen += count;
         if seen >= rank {
@@ -470,42 +674,11 @@ fn percentile_ms(counts: &[u64], p: f64) -> Option<f64> {
     None
 }
 
-struct Window {
-    live: LiveSlot,
-    history: Mutex<History>,
-}
-
+/// The closed slots of the last hour.
+#[derive(Debug)]
 struct History {
     live_start_ms: i64,
     closed: VecDeque<SlotView>,
-}
-
-impl Window {
-    fn new(sites: usize, now_ms: i64) -> Window {
-        Window {
-            live: LiveSlot::new(sites),
-            history: Mutex::new(History {
-                live_start_ms: now_ms - now_ms % SLOT_MS,
-                closed: VecDeque::new(),
-            }),
-        }
-    }
-
-    fn roll(&self, now_ms: i64) {
-        let mut history = self.history.lock().expect("metrics window");
-        if now_ms < history.live_start_ms + SLOT_MS {
-            return;
-        }
-        let closed = self.live.read(history.live_start_ms, true);
-        if closed.requests.iter().any(|n| *n > 0) || closed.rate_limited > 0 {
-            history.closed.push_back(closed);
-        }
-        history.live_start_ms = now_ms - now_ms % SLOT_MS;
-        let oldest = history.live_start_ms.saturating_sub(SLOT_MS * SLOTS as i64);
-        while history.closed.front().is_some_and(|s| s.start_ms < oldest) {
-            history.closed.pop_front();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -309,14 +309,16 @@ pub async fn serve(
                     Some(watcher.watch(connection.into_owned()).await)
                 }
                 None => None,
-                Some(tls) => match tls.handshake(stream, header_read_timeout, peer).await {
-                    Some((stream, http)) => {
+                // Boxed: a TLS connection's state is several times a plain one's, and each
+                // connection's task would otherwise be as large as the larger of the two.
+                Some(tls) => {
+                    Box::pin(async move {
+                        let (stream, http) = tls.handshake(stream, header_read_timeout, peer).await?;
                         let connection = http.serve_connection(TokioIo::new(stream), service).into_owned();
-                        first_request_within(header_read_timeout, &first_request, watcher.watch(connection))
-                            .await
-                    }
-                    None => None,
-                },
+                        first_request_within(header_read_timeout, &first_request, watcher.watch(connection)).await
+                    })
+                    .await
+                }
             };
             if let Some(Err(e)) = ended {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
