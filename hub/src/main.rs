@@ -65,17 +65,17 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// The folder of balance files.
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         watch: PathBuf,
         /// The site whose files these are (a configured site with a key that can sign).
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         site: String,
         /// The hub's base URL, e.g. https://hub.example.org (requests go to <URL>/api/sync).
-        #[arg(long)]
+        #[arg(long, value_name = "URL")]
         hub: String,
         /// Where the agent remembers what the hub has [default: .hub-agent-state.json in the
         /// watched folder].
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         state: Option<PathBuf>,
     },
     /// Print a token for a user, signed with a site's key, as the site's backend would.

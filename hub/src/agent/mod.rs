@@ -132,7 +132,7 @@ struct Agent {
     /// Whether `state` holds something the state file does not.
     unsaved: bool,
     saved_at: Instant,
-    /// The names of the agent's own files, when they are in the watched folder.
+    /// The names of the agent's own files in the watched folder (each also with `.tmp`).
     own_names: Vec<String>,
     /// Names already reported as not being a user id, so each is reported once.
     misnamed: HashSet<String>,
@@ -163,10 +163,11 @@ impl Agent {
             }
             None => dir.join(STATE_FILE),
         };
-        let mut own_names = Vec::new();
+        // The default name is never a balance file, even when `--state` puts the state
+        // elsewhere and an earlier run left one in the folder.
+        let mut own_names = vec![STATE_FILE.to_owned()];
         if state_path.parent() == Some(dir.as_path()) {
-            let name = state_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            own_names = vec![format!("{name}.tmp"), name];
+            own_names.extend(state_path.file_name().map(|n| n.to_string_lossy().into_owned()));
         }
         let state = load(&state_path)?;
         let (watcher, events) = watch(&dir)?;
@@ -265,7 +266,7 @@ impl Agent {
     /// The user whose balance file `path` is, or `None` (with a log line) for any other file.
     fn user_of(&mut self, path: &Path) -> Option<UserId> {
         let name = path.file_name()?.to_string_lossy();
-        if self.own_names.iter().any(|own| *own == name) {
+        if self.own_names.iter().any(|own| *own == name || name.strip_suffix(".tmp") == Some(own)) {
             return None;
         }
         let Some(stem) = name.strip_suffix(".json") else {
