@@ -106,12 +106,10 @@ impl Keys {
         Ok(Verified { site, user, admin: claims.adm })
     }
 
-    /// Mints a token as the site's backend would (for `hub token`, the demo and tests).
+    /// Mints a token as the site's backend would (for `hub token`, `hub agent`, the demo and
+    /// tests).
     pub fn mint(&self, site: &str, user: &str, ttl_secs: u64, admin: bool) -> anyhow::Result<String> {
-        let key = self.sites.get(site).with_context(|| format!("no site {site} is configured"))?;
-        let encoding = key.encoding.as_ref().with_context(|| {
-            format!("site {site} has only a public key; add private_key_pem to mint its tokens")
-        })?;
+        let (key, encoding) = self.signing_key(site)?;
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             iss: site.into(),
@@ -123,6 +121,20 @@ impl Keys {
             adm: admin,
         };
         Ok(jsonwebtoken::encode(&Header::new(key.algorithm), &claims, encoding)?)
+    }
+
+    /// Fails, saying why, unless [`Keys::mint`] can sign for `site`: a program that will mint
+    /// tokens for a long time (`hub agent`) checks this once at start.
+    pub fn check_can_mint(&self, site: &str) -> anyhow::Result<()> {
+        self.signing_key(site).map(|_| ())
+    }
+
+    fn signing_key(&self, site: &str) -> anyhow::Result<(&SiteKey, &EncodingKey)> {
+        let key = self.sites.get(site).with_context(|| format!("no site {site} is configured"))?;
+        let encoding = key.encoding.as_ref().with_context(|| {
+            format!("site {site} has only a public key; add private_key_pem to mint its tokens")
+        })?;
+        Ok((key, encoding))
     }
 }
 

@@ -71,8 +71,9 @@ pub fn scan(dir: &Path) -> anyhow::Result<Scan> {
     Ok(scan)
 }
 
-/// The user and the coins of one file, or why they cannot be had.
-fn parse(file: &str, bytes: &[u8]) -> Result<(UserId, i64), String> {
+/// The user and the coins of the balance file named `file` that holds `bytes`, or why they
+/// cannot be had. `hub import` and `hub agent` read files alike through it.
+pub fn parse(file: &str, bytes: &[u8]) -> Result<(UserId, i64), String> {
     let stem = file.strip_suffix(".json").unwrap_or(file);
     let user = UserId::parse(stem).map_err(|e| format!("the file name is not a user id: {}", e.message))?;
     let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;

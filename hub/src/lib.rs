@@ -3,6 +3,7 @@
 //! `server` (connections, TLS) → `http` (routes, CORS, limits, errors) → `domain` (every rule)
 //! → `store` (durable records behind a trait).
 
+pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod domain;

@@ -1,5 +1,5 @@
-//! `hub`: serve the sync API (reloading its TLS certificate on SIGHUP), import balance
-//! files, or mint a site token.
+//! `hub`: serve the sync API (reloading its TLS certificate on SIGHUP), mint a site token,
+//! import balance files, or run the agent that pushes a site's balance files to the hub.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +59,25 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Watch a site's per-user balance files (`<user_id>.json`) and push every change to the
+    /// hub, with tokens signed by the site's key from the configuration.
+    Agent {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The folder of balance files.
+        #[arg(long, value_name = "DIR")]
+        watch: PathBuf,
+        /// The site whose files these are (a configured site with a key that can sign).
+        #[arg(long, value_name = "ID")]
+        site: String,
+        /// The hub's base URL, e.g. https://hub.example.org (requests go to <URL>/api/sync).
+        #[arg(long, value_name = "URL")]
+        hub: String,
+        /// Where the agent remembers what the hub has [default: .hub-agent-state.json in the
+        /// watched folder].
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
+    },
     /// Print a token for a user, signed with a site's key, as the site's backend would.
     Token {
         #[command(flatten)]
@@ -103,11 +122,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = listen {
                 config.listen = listen;
             }
-            tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-                .with_writer(std::io::stderr)
-                .init();
+            init_logging();
             serve(config)
+        }
+        Command::Agent { config, watch, site, hub, state } => {
+            let config = config.load()?;
+            init_logging();
+            agent(config, hub::agent::Options { dir: watch, site, hub_url: hub, state })
         }
         Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
         Command::Token { config, site, user, ttl, admin } => {
@@ -118,6 +139,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn agent(config: Config, options: hub::agent::Options) -> anyhow::Result<()> {
+    hub::agent::run(&config, options, shutdown_signal()).await
 }
 
 #[tokio::main]

@@ -27,6 +27,7 @@ const FORBIDDEN_NAMES: &[(&str, &[&str])] = &[
     ("hub/src/domain.rs", &["axum", "hyper", "http::", "crate::http", "rusqlite", "sqlite::", "SqliteStore"]),
     // The engine reads no clock: time comes in as `now`.
     ("sync-core/src", &["Instant::now", "SystemTime"]),
+    ("hub/src/agent", &["crate::domain", "crate::store", "rusqlite", "SqliteStore"]),
 ];
 
 pub fn run() -> anyhow::Result<()> {

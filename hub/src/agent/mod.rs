@@ -1,0 +1,628 @@
+//! `hub agent`: runs beside a site that keeps its users' balances in files
+//! (`<user_id>.json` holding `coins` or `balance`, read as `hub import` reads them), and
+//! pushes every change of such a file to the hub, signing its own short-lived tokens with
+//! the site's key.
+//!
+//! It watches the folder (inotify on Linux), lets a burst of events settle, reads each
+//! changed file and reconciles it with the hub as [`reconcile`] decides. Requests that fail
+//! for a reason that may pass (no connection, 5xx, 429, a refused token) are sent again with
+//! backoff until answered; the file is read anew each time a user is reconciled, so only its
+//! latest value is pushed. What the file and the hub last agreed on is kept in a state file
+//! (written whole to a temporary file, then renamed), together with the writes under way, so
+//! that a restart neither pushes again nor misses a change made while the agent was down:
+//! at start every file is compared with it.
+//!
+//! It will not write balance files, delete anything, follow subfolders, or push anything
+//! but balances; a removed file pushes nothing.
+
+pub mod reconcile;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, SiteId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use self::reconcile::{Agreed, HubBalance, Outcome, Reconcile, Reply, Request};
+use crate::auth::Keys;
+use crate::config::Config;
+
+/// The state file's name in the watched folder, unless `--state` names another.
+pub const STATE_FILE: &str = ".hub-agent-state.json";
+
+/// How long a burst of file events may go on before the files are read: a writer that
+/// writes in several steps, or writes a temporary file and renames it, is then read once.
+const SETTLE: Duration = Duration::from_millis(150);
+/// The first pause before sending a request again; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Each request carries a token minted for it, valid this long.
+const TOKEN_TTL_SECS: u64 = 120;
+/// The longest a request may take before it counts as failed and is sent again.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Remembered agreements are written at least this often while files keep changing (and
+/// whenever the agent has nothing left to do).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What `hub agent` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The folder of balance files.
+    pub dir: PathBuf,
+    /// The site whose files they are; its key (from the configuration) signs the tokens.
+    pub site: String,
+    /// The hub's base URL; requests go to `<hub_url>/api/sync`.
+    pub hub_url: String,
+    /// The state file; [`STATE_FILE`] in `dir` when `None`.
+    pub state: Option<PathBuf>,
+}
+
+/// Watches and pushes until `shutdown` completes (or a file watcher or the state file
+/// fails). Stopping in the middle of a reconciliation loses nothing: its writes are redone,
+/// and recognised by the hub, at the next start.
+pub async fn run(
+    config: &Config,
+    options: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut agent = Agent::new(config, options)?;
+    let ended = tokio::select! {
+        ended = agent.watch() => ended,
+        () = shutdown => Ok(()),
+    };
+    if agent.unsaved {
+        agent.save()?;
+    }
+    tracing::info!("agent stopped");
+    ended
+}
+
+/// What the agent remembers between runs: the state file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct State {
+    /// The hub database the versions belong to; a hub with another epoch has a new
+    /// database, where they mean nothing.
+    #[serde(default)]
+    epoch: Option<String>,
+    /// Where each user's file and the hub last agreed.
+    #[serde(default)]
+    users: BTreeMap<String, Agreed>,
+    /// A reconciliation whose writes were sent or about to be: its answers may have been
+    /// lost, so the next start redoes it before anything else (the hub answers its op ids
+    /// from the first time), and only then reads the file again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sending: Option<Sending>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sending {
+    user: String,
+    from: Option<Agreed>,
+    file: i64,
+}
+
+/// What the file watcher reports.
+enum Signal {
+    /// Files were created, written or renamed.
+    Changed(Vec<PathBuf>),
+    /// Events may have been missed (or the watcher failed): every file is read again.
+    Lost(String),
+}
+
+/// Whether a reconciliation ended, or found the hub on a new database.
+enum Flow {
+    Done,
+    NewHub,
+}
+
+struct Agent {
+    dir: PathBuf,
+    site: SiteId,
+    hub: Hub,
+    state_path: PathBuf,
+    state: State,
+    /// Whether `state` holds something the state file does not.
+    unsaved: bool,
+    saved_at: Instant,
+    /// The names of the agent's own files in the watched folder (each also with `.tmp`).
+    own_names: Vec<String>,
+    /// Names already reported as not being a user id, so each is reported once.
+    misnamed: HashSet<String>,
+    events: mpsc::UnboundedReceiver<Signal>,
+    /// Keeps the watcher running.
+    _watcher: RecommendedWatcher,
+}
+
+impl Agent {
+    fn new(config: &Config, options: Options) -> anyhow::Result<Agent> {
+        let site = SiteId::parse(&options.site).map_err(|e| anyhow::anyhow!("--site: {}", e.message))?;
+        let keys = Keys::from_config(config)?;
+        keys.check_can_mint(site.as_str())?;
+        let hub = Hub::new(&options.hub_url, keys, site.clone())?;
+        let dir =
+            options.dir.canonicalize().with_context(|| format!("cannot watch {}", options.dir.display()))?;
+        if !dir.is_dir() {
+            bail!("{} is not a folder", dir.display());
+        }
+        let state_path = match options.state {
+            Some(path) => {
+                let name = path.file_name().context("--state must name a file")?;
+                let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let folder = folder.canonicalize().with_context(|| {
+                    format!("the state file's folder {} does not exist", folder.display())
+                })?;
+                folder.join(name)
+            }
+            None => dir.join(STATE_FILE),
+        };
+        // The default name is never a balance file, even when `--state` puts the state
+        // elsewhere and an earlier run left one in the folder.
+        let mut own_names = vec![STATE_FILE.to_owned()];
+        if state_path.parent() == Some(dir.as_path()) {
+            own_names.extend(state_path.file_name().map(|n| n.to_string_lossy().into_owned()));
+        }
+        let state = load(&state_path)?;
+        let (watcher, events) = watch(&dir)?;
+        tracing::info!(
+            "agent for site {site}: watching {}, pushing to {}, state in {}",
+            dir.display(),
+            hub.api,
+            state_path.display()
+        );
+        Ok(Agent {
+            dir,
+            site,
+            hub,
+            state_path,
+            state,
+            unsaved: false,
+            saved_at: Instant::now(),
+            own_names,
+            misnamed: HashSet::new(),
+            events,
+            _watcher: watcher,
+        })
+    }
+
+    /// The agent's life: compare every file with the state (and the hub), then follow the
+    /// file events.
+    async fn watch(&mut self) -> anyhow::Result<()> {
+        let mut pending = self.scan()?;
+        let files = pending.len();
+        if let Flow::NewHub = self.check_epoch().await? {
+            pending = self.scan()?;
+        }
+        if let Some(sending) = self.state.sending.clone() {
+            let user = UserId::parse(&sending.user).map_err(|e| self.damaged(&e.message))?;
+            tracing::info!("{user}: finishing the push under way when the agent stopped");
+            if let Flow::NewHub = self.reconcile(&user, sending.from, sending.file).await? {
+                pending = self.scan()?;
+            }
+        }
+        let mut started = false;
+        loop {
+            while let Ok(signal) = self.events.try_recv() {
+                self.note(signal, &mut pending)?;
+            }
+            if let Some(user) = pending.pop_first() {
+                if let Flow::NewHub = self.reconcile_file(&user).await? {
+                    pending = self.scan()?;
+                }
+                if self.unsaved && self.saved_at.elapsed() >= SAVE_EVERY {
+                    self.save()?;
+                }
+                continue;
+            }
+            if self.unsaved {
+                self.save()?;
+            }
+            if !started {
+                started = true;
+                tracing::info!("checked {files} balance files against the hub; watching for changes");
+            }
+            let signal = self.events.recv().await.context("the file watcher stopped")?;
+            self.note(signal, &mut pending)?;
+            tokio::time::sleep(SETTLE).await;
+        }
+    }
+
+    /// The users of every balance file in the folder.
+    fn scan(&mut self) -> anyhow::Result<BTreeSet<UserId>> {
+        let mut users = BTreeSet::new();
+        let entries =
+            std::fs::read_dir(&self.dir).with_context(|| format!("cannot read {}", self.dir.display()))?;
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                users.extend(self.user_of(&entry.path()));
+            }
+        }
+        Ok(users)
+    }
+
+    fn note(&mut self, signal: Signal, pending: &mut BTreeSet<UserId>) -> anyhow::Result<()> {
+        match signal {
+            Signal::Changed(paths) => {
+                for path in paths {
+                    pending.extend(self.user_of(&path));
+                }
+            }
+            Signal::Lost(why) => {
+                tracing::warn!("file events may have been missed ({why}); reading every file again");
+                *pending = self.scan()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The user whose balance file `path` is, or `None` (with a log line) for any other file.
+    fn user_of(&mut self, path: &Path) -> Option<UserId> {
+        let name = path.file_name()?.to_string_lossy();
+        if self.own_names.iter().any(|own| *own == name || name.strip_suffix(".tmp") == Some(own)) {
+            return None;
+        }
+        let Some(stem) = name.strip_suffix(".json") else {
+            tracing::debug!("ignoring {name}: not a balance file (<user_id>.json)");
+            return None;
+        };
+        match UserId::parse(stem) {
+            Ok(user) => Some(user),
+            Err(e) => {
+                if self.misnamed.insert(name.to_string()) {
+                    tracing::warn!("skipping {name}: the file name is not a user id: {}", e.message);
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads the user's file and reconciles its value with the hub.
+    async fn reconcile_file(&mut self, user: &UserId) -> anyhow::Result<Flow> {
+        let name = format!("{user}.json");
+        let bytes = match std::fs::read(self.dir.join(&name)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!("{name} is gone; nothing to push");
+                return Ok(Flow::Done);
+            }
+            Err(e) => {
+                tracing::warn!("skipping {name}: it cannot be read: {e}");
+                return Ok(Flow::Done);
+            }
+        };
+        match crate::import::parse(&name, &bytes) {
+            Ok((_, coins)) => {
+                let from = self.state.users.get(user.as_str()).copied();
+                self.reconcile(user, from, coins).await
+            }
+            Err(reason) => {
+                tracing::warn!("skipping {name}: {reason}; it is read again when it changes");
+                Ok(Flow::Done)
+            }
+        }
+    }
+
+    /// Brings the hub in step with a file that shows `file` coins, starting from `from`.
+    async fn reconcile(&mut self, user: &UserId, from: Option<Agreed>, file: i64) -> anyhow::Result<Flow> {
+        let mut reconcile = Reconcile::new(self.site.clone(), user.clone(), from, file);
+        let mut recorded = false;
+        while let Some(request) = reconcile.poll_request().cloned() {
+            if request.writes() && !recorded {
+                self.state.sending = Some(Sending { user: user.to_string(), from, file });
+                self.save()?;
+                recorded = true;
+            }
+            let answer = self.hub.send_until_answered(user, &request).await;
+            if let Some(epoch) = answer.epoch
+                && let Flow::NewHub = self.note_epoch(epoch)?
+            {
+                return Ok(Flow::NewHub);
+            }
+            reconcile.handle_reply(answer.reply);
+        }
+        let (agreed, outcome) = reconcile.finish().expect("no request is left");
+        report(user, file, agreed, &outcome);
+        if let Some(agreed) = agreed
+            && self.state.users.insert(user.to_string(), agreed) != Some(agreed)
+        {
+            self.unsaved = true;
+        }
+        if recorded {
+            self.state.sending = None;
+            self.unsaved = true;
+        }
+        Ok(Flow::Done)
+    }
+
+    /// At start, with agreements remembered: are they about the database the hub has now?
+    async fn check_epoch(&mut self) -> anyhow::Result<Flow> {
+        let Some(user) = self.state.users.keys().next() else {
+            return Ok(Flow::Done);
+        };
+        let user = UserId::parse(user).map_err(|e| self.damaged(&e.message))?;
+        match self.hub.send_until_answered(&user, &Request::Get).await.epoch {
+            Some(epoch) => self.note_epoch(epoch),
+            None => Ok(Flow::Done),
+        }
+    }
+
+    /// Remembers the hub's epoch; a new one voids every agreement.
+    fn note_epoch(&mut self, epoch: String) -> anyhow::Result<Flow> {
+        match &self.state.epoch {
+            Some(known) if *known == epoch => Ok(Flow::Done),
+            None => {
+                self.state.epoch = Some(epoch);
+                self.unsaved = true;
+                Ok(Flow::Done)
+            }
+            Some(known) => {
+                tracing::warn!(
+                    "the hub has a new database (epoch {epoch}, was {known}): forgetting what it had, \
+                     and comparing every file with it anew"
+                );
+                self.state = State { epoch: Some(epoch), ..State::default() };
+                self.save()?;
+                Ok(Flow::NewHub)
+            }
+        }
+    }
+
+    fn damaged(&self, why: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "the state file {} is damaged ({why}); remove it to start afresh (every file is then compared \
+             with the hub, whose balances are kept)",
+            self.state_path.display()
+        )
+    }
+
+    /// Writes the state file whole: a temporary file, flushed to disk, renamed over it.
+    fn save(&mut self) -> anyhow::Result<()> {
+        let mut tmp = self.state_path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&serde_json::to_vec(&self.state).map_err(std::io::Error::other)?)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.state_path)?;
+            if let Some(parent) = self.state_path.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().with_context(|| format!("cannot write the state file {}", self.state_path.display()))?;
+        self.unsaved = false;
+        self.saved_at = Instant::now();
+        Ok(())
+    }
+}
+
+/// One log line for a reconciliation that did something or found something to say.
+fn report(user: &UserId, file: i64, agreed: Option<Agreed>, outcome: &Outcome) {
+    let hub = agreed.map_or_else(String::new, |a| format!("{} coins (v{})", a.hub, a.version));
+    match outcome {
+        Outcome::InStep => tracing::debug!("{user}: in step with the hub: {hub}"),
+        Outcome::Pushed => tracing::info!("{user}: pushed, the hub has {hub}"),
+        Outcome::Merged { change } => tracing::info!(
+            "{user}: another site changed the balance meanwhile; the local change {change:+} was added to it: \
+             the hub has {hub}"
+        ),
+        Outcome::HubKept => tracing::warn!(
+            "{user}: the file says {file} coins, the hub {hub}; the hub's balance is kept, and later changes \
+             of the file are added to it"
+        ),
+        Outcome::Refused { change, code, message } => tracing::error!(
+            "{user}: the hub refused the local change {change:+} ({code}: {message}); it keeps {hub}, and later \
+             changes of the file are added to that"
+        ),
+        Outcome::Unread { code, message } => tracing::error!(
+            "{user}: the hub would not give the balance ({code}: {message}); the file's {file} coins are \
+             pushed when it changes again"
+        ),
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<State> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read the state file {}", path.display())),
+    };
+    let state: State = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "the state file {} is damaged; remove it to start afresh (every file is then compared with the hub, \
+             whose balances are kept)",
+            path.display()
+        )
+    })?;
+    Ok(state)
+}
+
+/// Starts watching `dir`; events arrive on the receiver.
+fn watch(dir: &Path) -> anyhow::Result<(RecommendedWatcher, mpsc::UnboundedReceiver<Signal>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let signal = match event {
+            Ok(event) if event.need_rescan() => Signal::Lost("the event queue overflowed".into()),
+            Ok(event) if changes_content(event.kind) => Signal::Changed(event.paths),
+            Ok(_) => return,
+            Err(e) => Signal::Lost(e.to_string()),
+        };
+        // The receiver is gone only when the agent stops.
+        let _ = tx.send(signal);
+    })
+    .context("cannot start the file watcher")?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok((watcher, rx))
+}
+
+/// Whether an event may mean new content. Opening and reading a file (the agent's own
+/// reads among them) does not; a removal leaves nothing to push.
+fn changes_content(kind: EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => true,
+        EventKind::Access(access) => access == AccessKind::Close(AccessMode::Write),
+        EventKind::Remove(_) => false,
+    }
+}
+
+/// The hub's sync API as the agent uses it: one user's balance at a time.
+struct Hub {
+    http: reqwest::Client,
+    api: reqwest::Url,
+    keys: Keys,
+    site: SiteId,
+}
+
+/// The hub's answer to a request, and its epoch when the answer names it (a get's does).
+struct Answer {
+    reply: Reply,
+    epoch: Option<String>,
+}
+
+/// Why a request must be sent again, and how long the hub asked to wait first.
+struct Retry {
+    why: String,
+    after: Option<Duration>,
+}
+
+impl Retry {
+    fn because(why: impl Into<String>) -> Retry {
+        Retry { why: why.into(), after: None }
+    }
+}
+
+impl Hub {
+    fn new(url: &str, keys: Keys, site: SiteId) -> anyhow::Result<Hub> {
+        let mut base = reqwest::Url::parse(url).with_context(|| format!("--hub {url:?} is not a URL"))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            bail!("--hub {url:?} must be an http:// or https:// URL");
+        }
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let api = base.join("api/sync")?;
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("hub-agent/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Hub { http, api, keys, site })
+    }
+
+    /// Sends `request` until the hub answers it, pausing longer after each failure (up to
+    /// [`MAX_RETRY`], or what the hub asks for).
+    async fn send_until_answered(&self, user: &UserId, request: &Request) -> Answer {
+        let mut pause = FIRST_RETRY;
+        loop {
+            match self.send(user, request).await {
+                Ok(answer) => return answer,
+                Err(retry) => {
+                    let wait =
+                        retry.after.unwrap_or(pause).min(MAX_RETRY).mul_f64(rand::random_range(0.8..1.2));
+                    tracing::warn!(
+                        "{user}: no answer from the hub ({}); trying again in {:.1} s",
+                        retry.why,
+                        wait.as_secs_f64()
+                    );
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    async fn send(&self, user: &UserId, request: &Request) -> Result<Answer, Retry> {
+        let token = self
+            .keys
+            .mint(self.site.as_str(), user.as_str(), TOKEN_TTL_SECS, false)
+            .map_err(|e| Retry::because(format!("cannot sign a token: {e:#}")))?;
+        let post = |body: PostRequest| self.http.post(self.api.clone()).json(&body.to_json());
+        let (user_id, site_id, data_type) = (user.to_string(), self.site.to_string(), "balance".to_owned());
+        let builder = match request {
+            Request::Get => self.http.get(self.api.clone()).query(&[
+                ("action", "get"),
+                ("user_id", user.as_str()),
+                ("data_type", "balance"),
+            ]),
+            Request::Push { coins, base_version, op_id } => post(PostRequest::Push(PushRequest {
+                user_id,
+                site_id,
+                data_type,
+                data: json!({ "coins": coins }),
+                base_version: Some(*base_version),
+                op_id: Some(op_id.clone()),
+                token: None,
+            })),
+            Request::Delta { coins, op_id } => post(PostRequest::Delta(DeltaRequest {
+                user_id,
+                site_id,
+                data_type,
+                delta: serde_json::Map::from_iter([("coins".to_owned(), Value::from(*coins))]),
+                op_id: op_id.clone(),
+                reason: Some("file changed on the site".into()),
+                token: None,
+            })),
+        };
+        let response = builder
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
+        let status = response.status();
+        let after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(Duration::from_secs);
+        let body =
+            response.bytes().await.map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
+        if status.is_success() {
+            return answer(&body)
+                .ok_or_else(|| Retry::because(format!("{status} with a body that is not the hub's")));
+        }
+        let Ok(error) = serde_json::from_slice::<ErrorAnswer>(&body) else {
+            return Err(Retry { why: format!("{status} with a body that is not the hub's"), after });
+        };
+        // A refused token may be a clock or key being fixed; an overloaded or restarting hub
+        // answers 5xx, 408 or 429. Any other refusal is the hub's answer to this request.
+        if status.is_server_error() || matches!(status.as_u16(), 401 | 408 | 429) {
+            return Err(Retry { why: format!("{status} {}: {}", error.code, error.error), after });
+        }
+        let current = error.current.map(|c| HubBalance { coins: coins_of(&c.data), version: c.version });
+        let reply = match (error.code.as_str(), current) {
+            ("version_conflict", Some(hub)) => Reply::Conflict(hub),
+            ("insufficient_funds", Some(hub)) => Reply::InsufficientFunds(hub),
+            _ => Reply::Refused { code: error.code, message: error.error },
+        };
+        Ok(Answer { reply, epoch: None })
+    }
+}
+
+/// A successful answer (get, push or delta): the balance, and the epoch if named.
+fn answer(body: &[u8]) -> Option<Answer> {
+    #[derive(Deserialize)]
+    struct Success {
+        success: bool,
+        data: Value,
+        version: u64,
+        epoch: Option<String>,
+    }
+    let success: Success = serde_json::from_slice(body).ok().filter(|s: &Success| s.success)?;
+    let hub = HubBalance { coins: coins_of(&success.data), version: success.version };
+    Some(Answer { reply: Reply::Balance(hub), epoch: success.epoch })
+}
+
+fn coins_of(data: &Value) -> i64 {
+    data.get("coins").and_then(Value::as_i64).unwrap_or(0)
+}

@@ -1,0 +1,447 @@
+//! `hub agent`, the real binary, beside a site's folder of balance files and a real hub: a
+//! change of a file reaches the hub, however it is written; files that are not balances are
+//! skipped; a change made while the hub is down arrives when it is back; a change another
+//! site made meanwhile is kept and the local change added to it; a restarted agent pushes
+//! nothing again and applies nothing twice; at first sight the hub's balance is canonical;
+//! a hub on a new database gets every file again.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Deployment, SiteClient, TestHub, test_config};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+/// The site whose files the agent pushes.
+const SITE: &str = "roflfaucet";
+/// Another site, changing the same balances through the API.
+const OTHER: &str = "clickforcharity";
+const USER: &str = "8-evans";
+/// How long anything may take before the test fails.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Tests read balances often; the per-user limit must not slow the agent down.
+fn generous_limits(config: &mut hub::config::Config) {
+    config.limits.requests_per_minute = 1_000_000;
+}
+
+/// A site's folder of per-user balance files, written the ways a site's backend writes them.
+struct Files {
+    dir: TempDir,
+}
+
+impl Files {
+    fn new() -> Files {
+        Files { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes `<user>.json` in place, as PHP's `file_put_contents` does.
+    fn write(&self, user: &str, coins: i64) {
+        let body = json!({ "coins": coins, "last_updated": "2025-11-09 18:45:30" });
+        std::fs::write(self.path(&format!("{user}.json")), body.to_string()).unwrap();
+    }
+
+    /// Writes a temporary file and renames it over `<user>.json`.
+    fn replace(&self, user: &str, coins: i64) {
+        let tmp = self.path(&format!(".{user}.json.tmp"));
+        std::fs::write(&tmp, json!({ "balance": coins.to_string() }).to_string()).unwrap();
+        std::fs::rename(tmp, self.path(&format!("{user}.json"))).unwrap();
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.path(hub::agent::STATE_FILE)
+    }
+}
+
+/// A running `hub agent`; its log is kept in a file of its own.
+struct Agent {
+    child: Child,
+    log_dir: TempDir,
+}
+
+impl Agent {
+    /// Starts the agent for [`SITE`] on `files`, and waits until it has compared every file
+    /// with the hub.
+    async fn start(hub_url: &str, config: &Path, files: &Files) -> Agent {
+        let agent = Agent::spawn(hub_url, config, files);
+        agent.wait_for_log("balance files against the hub").await;
+        agent
+    }
+
+    /// Starts the agent without waiting for anything.
+    fn spawn(hub_url: &str, config: &Path, files: &Files) -> Agent {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(log_dir.path().join("agent.log")).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+        command
+            .arg("agent")
+            .arg("--config")
+            .arg(config)
+            .arg("--watch")
+            .arg(files.dir.path())
+            .arg("--site")
+            .arg(SITE)
+            .arg("--hub")
+            .arg(hub_url)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("HUB_") {
+                command.env_remove(name);
+            }
+        }
+        Agent { child: command.spawn().unwrap(), log_dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "the agent never logged {needle:?}; its log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asserts that the agent still runs.
+    fn assert_running(&mut self) {
+        let status = self.child.try_wait().unwrap();
+        assert!(status.is_none(), "the agent exited ({status:?}); its log:\n{}", self.log());
+    }
+
+    /// Stops the agent with SIGTERM and asserts that it exits cleanly.
+    async fn stop(mut self) -> String {
+        self.assert_running();
+        let pid = self.child.id().unwrap().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let status =
+            tokio::time::timeout(PATIENCE, self.child.wait()).await.expect("the agent stops").unwrap();
+        let log = self.log();
+        assert!(status.success(), "the agent exited with {status} on SIGTERM; its log:\n{log}");
+        assert!(log.contains("agent stopped"), "{log}");
+        log
+    }
+}
+
+/// The hub's configuration as a file, for an agent of a [`TestHub`].
+fn config_file(dir: &TempDir) -> PathBuf {
+    let path = dir.path().join("hub.toml");
+    std::fs::write(&path, toml::to_string(&test_config(&dir.path().join("unused"))).unwrap()).unwrap();
+    path
+}
+
+/// The user's coins as the hub has them.
+async fn coins(page: &SiteClient) -> Option<i64> {
+    page.get("balance").await.assert_ok()["data"]["coins"].as_i64()
+}
+
+/// Polls the hub until the user has `expected` coins; returns how long that took.
+async fn until_hub_has(page: &SiteClient, expected: i64, agent: &Agent) -> Duration {
+    let start = Instant::now();
+    loop {
+        let now = coins(page).await;
+        if now == Some(expected) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the hub has {now:?} coins, not {expected}, after {PATIENCE:?}; the agent's log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The user's ledger as (delta, result) pairs.
+fn ledger(database: &Path, user: &str) -> Vec<(i64, i64)> {
+    let conn = rusqlite::Connection::open(database).unwrap();
+    let mut stmt = conn.prepare("SELECT delta, result FROM ledger WHERE user_id = ?1 ORDER BY id").unwrap();
+    stmt.query_map([user], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+fn state(files: &Files) -> Value {
+    serde_json::from_slice(&std::fs::read(files.state_file()).unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_changed_file_reaches_the_hub() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    files.write(USER, 150);
+    let page = hub.site(OTHER, USER);
+
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    let took = until_hub_has(&page, 150, &agent).await;
+    println!("a file found at start reached the empty hub {took:?} after the agent's first check");
+
+    files.write(USER, 175);
+    let took = until_hub_has(&page, 175, &agent).await;
+    println!("a file written in place reached the hub in {took:?}");
+
+    files.write(USER, 60);
+    let took = until_hub_has(&page, 60, &agent).await;
+    println!("a second change reached the hub in {took:?}");
+    let log = agent.stop().await;
+    assert!(log.contains(&format!("{USER}: pushed, the hub has 60 coins")), "{log}");
+    let pushes: Vec<_> = ledger(&hub.dir.path().join("hub.sqlite3"), USER);
+    assert_eq!(pushes, vec![(150, 150), (25, 175), (-115, 60)]);
+}
+
+#[tokio::test]
+async fn a_temp_file_renamed_over_the_balance_file_is_picked_up() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+
+    // A user's first file, and a later one, each arriving by rename.
+    files.replace(USER, 120);
+    let took = until_hub_has(&hub.site(OTHER, USER), 120, &agent).await;
+    println!("a new file renamed into place reached the hub in {took:?}");
+    files.replace(USER, 95);
+    let took = until_hub_has(&hub.site(OTHER, USER), 95, &agent).await;
+    println!("a file renamed over the old one reached the hub in {took:?}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_misnamed_files_are_skipped_and_the_agent_goes_on() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    std::fs::write(files.path("bad name.json"), r#"{"coins": 5}"#).unwrap();
+    std::fs::write(files.path("notes.txt"), "not a balance").unwrap();
+    std::fs::write(files.path("carol.json"), r#"{"coins": -1}"#).unwrap();
+    let mut agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    let log = agent.log();
+    assert!(log.contains("skipping bad name.json: the file name is not a user id"), "{log}");
+    assert!(log.contains("skipping carol.json: coins is not a whole number of at least 0"), "{log}");
+    assert!(!log.contains("notes.txt"), "{log}");
+
+    // A file caught half written is skipped; the complete write after it is pushed.
+    std::fs::write(files.path(&format!("{USER}.json")), r#"{"coins": 4"#).unwrap();
+    agent.wait_for_log(&format!("skipping {USER}.json: not JSON")).await;
+    agent.assert_running();
+    files.write(USER, 40);
+    until_hub_has(&hub.site(OTHER, USER), 40, &agent).await;
+    agent.stop().await;
+    let carol = hub.site(OTHER, "carol").get("balance").await;
+    assert_eq!(carol.assert_ok()["version"], 0, "nothing was pushed for a bad file");
+}
+
+#[tokio::test]
+async fn a_change_made_while_the_hub_is_down_arrives_after_it_restarts() {
+    let deployment = Deployment::new(generous_limits);
+    let config = deployment.dir.path().join("hub.toml");
+    let files = Files::new();
+    files.write(USER, 100);
+    let mut hub = deployment.start().await;
+    let page = deployment.page(OTHER, USER, Duration::from_secs(10));
+    let agent = Agent::start(&deployment.url(), &config, &files).await;
+    until_hub_has(&page, 100, &agent).await;
+
+    hub.kill().await.unwrap();
+    files.write(USER, 130);
+    agent.wait_for_log("no answer from the hub").await;
+    let _hub = deployment.start().await;
+    let took = until_hub_has(&page, 130, &agent).await;
+    println!("the change made during the outage reached the hub {took:?} after it came back");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_balance_another_site_changed_keeps_that_change_and_gets_the_local_one() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    files.write(USER, 100);
+    let other = hub.site(OTHER, USER);
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    until_hub_has(&other, 100, &agent).await;
+
+    other.delta("balance", 50, "other-site-bonus").await.assert_ok();
+    files.write(USER, 90);
+    until_hub_has(&other, 140, &agent).await;
+    files.write(USER, 80);
+    until_hub_has(&other, 130, &agent).await;
+    let log = agent.stop().await;
+    assert!(log.contains("the local change -10 was added to it: the hub has 140 coins"), "{log}");
+    let results: Vec<i64> = ledger(&hub.dir.path().join("hub.sqlite3"), USER).iter().map(|r| r.1).collect();
+    assert_eq!(results, vec![100, 150, 140, 130], "the file's stale values were never set");
+}
+
+#[tokio::test]
+async fn a_refused_local_change_is_reported_and_later_changes_are_added_to_the_hubs_balance() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    files.write(USER, 100);
+    let other = hub.site(OTHER, USER);
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    until_hub_has(&other, 100, &agent).await;
+
+    other.delta("balance", -80, "spent-elsewhere").await.assert_ok();
+    files.write(USER, 50);
+    agent.wait_for_log("the hub refused the local change -50 (insufficient_funds").await;
+    assert_eq!(coins(&other).await, Some(20));
+    files.write(USER, 60);
+    until_hub_has(&other, 30, &agent).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_agent_pushes_nothing_again_even_from_an_older_state_file() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(&config_dir);
+    let files = Files::new();
+    files.write(USER, 100);
+    let other = hub.site(OTHER, USER);
+    let agent = Agent::start(&hub.url, &config, &files).await;
+    until_hub_has(&other, 100, &agent).await;
+    let deadline = Instant::now() + PATIENCE;
+    while state(&files)["users"][USER]["version"] != 1 {
+        assert!(Instant::now() < deadline, "the state file never named version 1: {}", state(&files));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let older_state = std::fs::read(files.state_file()).unwrap();
+
+    other.delta("balance", 50, "other-site-bonus").await.assert_ok();
+    files.write(USER, 90);
+    until_hub_has(&other, 140, &agent).await;
+    agent.stop().await;
+    let stored = hub.snapshot();
+
+    let log = Agent::start(&hub.url, &config, &files).await.stop().await;
+    assert_eq!(hub.snapshot(), stored, "a restart wrote to the hub; the agent's log:\n{log}");
+
+    // As if the agent had died before writing down what its last push and delta did: it
+    // sends them again, and the hub answers them from the first time.
+    std::fs::write(files.state_file(), older_state).unwrap();
+    let log = Agent::start(&hub.url, &config, &files).await.stop().await;
+    assert_eq!(hub.snapshot(), stored, "a change was applied twice; the agent's log:\n{log}");
+    assert_eq!(coins(&other).await, Some(140));
+}
+
+#[tokio::test]
+async fn a_write_cut_short_by_a_stop_is_finished_at_the_next_start_and_applied_once() {
+    let deployment = Deployment::new(generous_limits);
+    let config = deployment.dir.path().join("hub.toml");
+    let files = Files::new();
+    files.write(USER, 100);
+    let mut hub = deployment.start().await;
+    let page = deployment.page(OTHER, USER, Duration::from_secs(10));
+    let agent = Agent::start(&deployment.url(), &config, &files).await;
+    until_hub_has(&page, 100, &agent).await;
+    page.delta("balance", 50, "other-site-bonus").await.assert_ok();
+
+    // The agent records the write it is about to send, then cannot reach the hub.
+    hub.kill().await.unwrap();
+    files.write(USER, 90);
+    agent.wait_for_log("no answer from the hub").await;
+    assert_eq!(state(&files)["sending"]["file"], 90, "{}", state(&files));
+    let state_while_sending = std::fs::read(files.state_file()).unwrap();
+    let _hub = deployment.start().await;
+    until_hub_has(&page, 140, &agent).await;
+    agent.stop().await;
+
+    // As if it had died after the hub applied the write, before it wrote that down; and the
+    // file changed again while it was down.
+    std::fs::write(files.state_file(), state_while_sending).unwrap();
+    files.write(USER, 85);
+    let agent = Agent::start(&deployment.url(), &config, &files).await;
+    assert_eq!(coins(&page).await, Some(135), "the agent's log:\n{}", agent.log());
+    let log = agent.stop().await;
+    assert!(log.contains("finishing the push under way"), "{log}");
+    let results: Vec<i64> = ledger(&deployment.database(), USER).iter().map(|r| r.1).collect();
+    assert_eq!(results, vec![100, 150, 140, 135]);
+}
+
+#[tokio::test]
+async fn at_first_sight_a_different_hub_balance_is_kept() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    let other = hub.site(OTHER, USER);
+    other.push("balance", json!({ "coins": 500 })).await.assert_ok();
+    files.write(USER, 300);
+
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    assert_eq!(coins(&other).await, Some(500));
+    assert!(
+        agent.log().contains("the file says 300 coins, the hub 500 coins (v1); the hub's balance is kept")
+    );
+    files.write(USER, 310);
+    until_hub_has(&other, 510, &agent).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_hub_on_a_new_database_gets_every_file_again() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(&config_dir);
+    let files = Files::new();
+    files.write(USER, 70);
+    let old_hub = TestHub::start_with(generous_limits).await;
+    let agent = Agent::start(&old_hub.url, &config, &files).await;
+    until_hub_has(&old_hub.site(OTHER, USER), 70, &agent).await;
+    agent.stop().await;
+
+    // What the agent remembers about the old database means nothing to a new one.
+    let new_hub = TestHub::start_with(generous_limits).await;
+    let agent = Agent::start(&new_hub.url, &config, &files).await;
+    assert_eq!(coins(&new_hub.site(OTHER, USER)).await, Some(70), "the agent's log:\n{}", agent.log());
+    let log = agent.stop().await;
+    assert!(log.contains("the hub has a new database"), "{log}");
+}
+
+#[test]
+fn the_agent_refuses_to_start_without_a_key_a_usable_hub_url_folder_or_state_file() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(&config_dir);
+    let files = Files::new();
+    let run = |site: &str, hub_url: &str, dir: &Path, state: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .args(["--site", site, "--hub", hub_url, "--watch"])
+            .arg(dir)
+            .arg("--state")
+            .arg(state)
+            .env_remove("HUB_CONFIG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (dir, state) = (files.dir.path(), files.state_file());
+    let err = run("nosuchsite", "http://127.0.0.1:1", dir, &state);
+    assert!(err.contains("no site nosuchsite is configured"), "{err}");
+    let err = run(SITE, "ftp://hub.example.org", dir, &state);
+    assert!(err.contains("must be an http:// or https:// URL"), "{err}");
+    let err = run(SITE, "http://127.0.0.1:1", &files.path("missing"), &state);
+    assert!(err.contains("cannot watch"), "{err}");
+    let err = run(SITE, "http://127.0.0.1:1", dir, &files.path("missing/state.json"));
+    assert!(err.contains("the state file's folder"), "{err}");
+    std::fs::write(&state, "{not json").unwrap();
+    let err = run(SITE, "http://127.0.0.1:1", dir, &state);
+    assert!(err.contains("is damaged; remove it to start afresh"), "{err}");
+    std::fs::remove_file(&state).unwrap();
+    assert!(!files.state_file().exists(), "a refused start writes nothing");
+}
