@@ -315,7 +315,8 @@ pub async fn serve(
                     Box::pin(async move {
                         let (stream, http) = tls.handshake(stream, header_read_timeout, peer).await?;
                         let connection = http.serve_connection(TokioIo::new(stream), service).into_owned();
-                        first_request_within(header_read_timeout, &first_request, watcher.watch(connection)).await
+                        first_request_within(header_read_timeout, &first_request, watcher.watch(connection))
+                            .await
                     })
                     .await
                 }
