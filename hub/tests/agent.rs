@@ -80,7 +80,7 @@ impl Agent {
     fn spawn(hub_url: &str, config: &Path, files: &Files) -> Agent {
         let log_dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(log_dir.path().join("agent.log")).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+        let mut command = support::hub_command();
         command
             .arg("agent")
             .arg("--config")
@@ -92,15 +92,8 @@ impl Agent {
             .arg("--hub")
             .arg(hub_url)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HUB_") {
-                command.env_remove(name);
-            }
-        }
+            .stderr(log);
         Agent { child: command.spawn().unwrap(), log_dir }
     }
 

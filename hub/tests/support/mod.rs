@@ -126,6 +126,19 @@ impl TestHub {
     }
 }
 
+/// The real `hub` binary, killed when dropped, reading no stdin and none of the `HUB_*`
+/// variables of the environment the tests run in: only what the test passes configures it.
+pub fn hub_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HUB_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// How long a `hub` process may take to come up before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -182,7 +195,7 @@ impl Deployment {
     /// refuses to start on one that names no configuration key).
     pub async fn start(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+        let mut command = hub_command();
         command
             .arg("serve")
             .arg("--config")
@@ -192,15 +205,8 @@ impl Deployment {
             .arg("--listen")
             .arg(self.addr())
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HUB_") {
-                command.env_remove(name);
-            }
-        }
+            .stderr(log);
         let mut child = command.spawn().unwrap();
         // Only whether it answers: the TLS tests check the certificate themselves.
         let probe = reqwest::Client::builder()
