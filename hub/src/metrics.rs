@@ -217,6 +217,12 @@ impl Metrics {
             Unit::Seconds,
             store.commit_seconds.clone(),
         );
+        registry.register_with_unit(
+            "store_checkpoint",
+            "Time of a checkpoint between batches: copying the WAL into the database file and its fsync",
+            Unit::Seconds,
+            store.checkpoint_seconds.clone(),
+        );
         Metrics {
             registry,
             counts,

@@ -113,6 +113,8 @@ pub struct StoreMetrics {
     pub batch_writes: Histogram,
     /// Seconds a COMMIT takes, its fsync included.
     pub commit_seconds: Histogram,
+    /// Seconds a checkpoint takes: copying the WAL into the database file and its fsync.
+    pub checkpoint_seconds: Histogram,
 }
 
 impl Default for StoreMetrics {
@@ -120,6 +122,7 @@ impl Default for StoreMetrics {
         StoreMetrics {
             batch_writes: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
         }
     }
 }
