@@ -3,6 +3,8 @@
 //! change which algorithm is accepted.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -13,6 +15,9 @@ use crate::config::{Config, Site};
 
 /// Seconds of clock difference tolerated between a site and the hub.
 const LEEWAY_SECS: u64 = 30;
+/// Verified tokens remembered at most (a few hundred bytes each).
+const REMEMBERED_TOKENS: usize = 65_536;
+const SHARDS: usize = 16;
 
 /// The claims the hub reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +71,45 @@ struct SiteKey {
 pub struct Keys {
     hub_id: String,
     sites: HashMap<String, SiteKey>,
+    recent: Recent,
+}
+
+/// Tokens verified lately, by their exact text, with their `exp`. A page sends the same token
+/// with every request until it expires: a remembered one costs a hash lookup, not two base64
+/// decodes, two JSON parses and a signature check. Only the expiry can change a verified
+/// token's answer, and it is checked on every use. Bounded: a shard that fills up is emptied.
+struct Recent {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+}
+
+/// Verified tokens and their `exp`, by token.
+type Shard = HashMap<Box<str>, (Verified, u64)>;
+
+impl Recent {
+    fn new() -> Recent {
+        Recent {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, token: &str) -> std::sync::MutexGuard<'_, Shard> {
+        let index = usize::try_from(self.hasher.hash_one(token)).unwrap_or(0) % SHARDS;
+        self.shards[index].lock().expect("token shard")
+    }
+
+    fn get(&self, token: &str) -> Option<(Verified, u64)> {
+        self.shard(token).get(token).cloned()
+    }
+
+    fn insert(&self, token: &str, verified: Verified, exp: u64) {
+        let mut shard = self.shard(token);
+        if shard.len() >= REMEMBERED_TOKENS / SHARDS {
+            shard.clear();
+        }
+        shard.insert(token.into(), (verified, exp));
+    }
 }
 
 impl std::fmt::Debug for Keys {
@@ -81,12 +125,36 @@ impl Keys {
             let key = site_key(site, &config.hub_id).with_context(|| format!("site {}", site.id))?;
             sites.insert(site.id.clone(), key);
         }
-        Ok(Keys { hub_id: config.hub_id.clone(), sites })
+        Ok(Keys { hub_id: config.hub_id.clone(), sites, recent: Recent::new() })
     }
 
     /// Verifies a token: known issuer, that issuer's algorithm and key, our audience,
     /// unexpired, already valid, not issued in the future, with a well-formed subject.
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        self.verify_at(token, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// [`Keys::verify`] at `now` (seconds since the epoch) for a token already verified once;
+    /// a token seen for the first time is checked against the clock in full.
+    fn verify_at(&self, token: &str, now: u64) -> Result<Verified, AuthError> {
+        if let Some((verified, exp)) = self.recent.get(token) {
+            // The rule jsonwebtoken applies: expired once `exp` is more than the leeway ago.
+            return if exp.saturating_add(LEEWAY_SECS) >= now {
+                Ok(verified)
+            } else {
+                Err(AuthError::Invalid(
+                    jsonwebtoken::errors::Error::from(jsonwebtoken::errors::ErrorKind::ExpiredSignature)
+                        .to_string(),
+                ))
+            };
+        }
+        let (verified, exp) = self.verify_fully(token)?;
+        self.recent.insert(token, verified.clone(), exp);
+        Ok(verified)
+    }
+
+    /// Every check of a token, returning whom it speaks for and its `exp`.
+    fn verify_fully(&self, token: &str) -> Result<(Verified, u64), AuthError> {
         #[derive(Deserialize)]
         struct Issuer {
             iss: String,
@@ -103,7 +171,7 @@ impl Keys {
         let user =
             UserId::parse(&claims.sub).map_err(|_| AuthError::Invalid("sub is not a user id".into()))?;
         let site = SiteId::parse(&claims.iss).map_err(|_| AuthError::UnknownIssuer)?;
-        Ok(Verified { site, user, admin: claims.adm })
+        Ok((Verified { site, user, admin: claims.adm }, claims.exp))
     }
 
     /// Mints a token as the site's backend would (for `hub token`, `hub agent`, the demo and

@@ -244,6 +244,8 @@ async fn hmac_algorithms_other_than_the_sites_are_refused() {
 async fn tampered_tokens_are_refused() {
     let g = Guarded::start().await;
     let token = g.hub.token(SITE, USER);
+    // Used once, the genuine token is remembered as verified; no altered copy may pass as it.
+    g.page(SITE, USER, Some(token.clone())).timestamp("balance").await.assert_ok();
     let parts: Vec<&str> = token.split('.').collect();
     let mut tampered = claims(SITE, VICTIM);
     let page = |payload: &Claims, user: &str| {
@@ -281,6 +283,22 @@ async fn expired_tokens_are_refused() {
     just_expired.exp = now - 5;
     g.page(SITE, USER, Some(genuine(&just_expired, SITE))).timestamp("balance").await.assert_ok();
     g.assert_untouched("a read within the leeway");
+    g.hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_already_accepted_is_refused_once_it_expires() {
+    let g = Guarded::start().await;
+    let now = get_current_timestamp();
+    // Valid for two more seconds, within the 30 s leeway.
+    let mut ending = claims(SITE, USER);
+    ending.exp = now - 28;
+    let page = g.page(SITE, USER, Some(genuine(&ending, SITE)));
+    page.timestamp("balance").await.assert_ok();
+    while get_current_timestamp() <= ending.exp + 30 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    g.assert_locked_out("expired after its first use", &page, 401, "invalid_token").await;
     g.hub.stop().await;
 }
 
