@@ -3,21 +3,19 @@
 //! change which algorithm is accepted.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use protocol::{SiteId, UserId};
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::BoundedMap;
 use crate::config::{Config, Site};
 
 /// Seconds of clock difference tolerated between a site and the hub.
 const LEEWAY_SECS: u64 = 30;
 /// Verified tokens remembered at most (a few hundred bytes each).
 const REMEMBERED_TOKENS: usize = 65_536;
-const SHARDS: usize = 16;
 
 /// The claims the hub reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,45 +69,11 @@ struct SiteKey {
 pub struct Keys {
     hub_id: String,
     sites: HashMap<String, SiteKey>,
-    recent: Recent,
-}
-
-/// Tokens verified lately, by their exact text, with their `exp`. A page sends the same token
-/// with every request until it expires: a remembered one costs a hash lookup, not two base64
-/// decodes, two JSON parses and a signature check. Only the expiry can change a verified
-/// token's answer, and it is checked on every use. Bounded: a shard that fills up is emptied.
-struct Recent {
-    shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
-}
-
-/// Verified tokens and their `exp`, by token.
-type Shard = HashMap<Box<str>, (Verified, u64)>;
-
-impl Recent {
-    fn new() -> Recent {
-        Recent {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
-        }
-    }
-
-    fn shard(&self, token: &str) -> std::sync::MutexGuard<'_, Shard> {
-        let index = usize::try_from(self.hasher.hash_one(token)).unwrap_or(0) % SHARDS;
-        self.shards[index].lock().expect("token shard")
-    }
-
-    fn get(&self, token: &str) -> Option<(Verified, u64)> {
-        self.shard(token).get(token).cloned()
-    }
-
-    fn insert(&self, token: &str, verified: Verified, exp: u64) {
-        let mut shard = self.shard(token);
-        if shard.len() >= REMEMBERED_TOKENS / SHARDS {
-            shard.clear();
-        }
-        shard.insert(token.into(), (verified, exp));
-    }
+    /// Tokens verified lately, by their exact text, with their `exp`. A page sends the same
+    /// token with every request until it expires: a remembered one costs a hash lookup, not
+    /// two base64 decodes, two JSON parses and a signature check. Only the expiry can change
+    /// a verified token's answer, and it is checked on every use.
+    recent: BoundedMap<(Verified, u64)>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -125,7 +89,7 @@ impl Keys {
             let key = site_key(site, &config.hub_id).with_context(|| format!("site {}", site.id))?;
             sites.insert(site.id.clone(), key);
         }
-        Ok(Keys { hub_id: config.hub_id.clone(), sites, recent: Recent::new() })
+        Ok(Keys { hub_id: config.hub_id.clone(), sites, recent: BoundedMap::new(REMEMBERED_TOKENS) })
     }
 
     /// Verifies a token: known issuer, that issuer's algorithm and key, our audience,
@@ -137,7 +101,7 @@ impl Keys {
     /// [`Keys::verify`] at `now` (seconds since the epoch) for a token already verified once;
     /// a token seen for the first time is checked against the clock in full.
     fn verify_at(&self, token: &str, now: u64) -> Result<Verified, AuthError> {
-        if let Some((verified, exp)) = self.recent.get(token) {
+        if let Some((verified, exp)) = self.recent.get(token, Clone::clone) {
             // The rule jsonwebtoken applies: expired once `exp` is more than the leeway ago.
             return if exp.saturating_add(LEEWAY_SECS) >= now {
                 Ok(verified)
@@ -149,7 +113,7 @@ impl Keys {
             };
         }
         let (verified, exp) = self.verify_fully(token)?;
-        self.recent.insert(token, verified.clone(), exp);
+        self.recent.insert(token, (verified.clone(), exp));
         Ok(verified)
     }
 

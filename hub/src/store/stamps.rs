@@ -7,24 +7,17 @@
 //! load and a concurrent update irrelevant. Bounded: a shard that fills up is emptied, and its
 //! users' stamps load again on their next check. Knows nothing of SQLite.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
-
 use protocol::DataType;
 
 use super::Stamp;
-
-const SHARDS: usize = 16;
+use crate::bounded::BoundedMap;
 
 /// What is known of one user: a stamp per data type, `None` where not known yet.
 type Entry = [Option<Stamp>; DataType::ALL.len()];
 
 #[derive(Debug)]
 pub struct StampCache {
-    shards: Box<[Mutex<HashMap<String, Entry>>]>,
-    users_per_shard: usize,
-    hasher: RandomState,
+    users: BoundedMap<Entry>,
 }
 
 fn slot(data_type: DataType) -> usize {
@@ -34,37 +27,28 @@ fn slot(data_type: DataType) -> usize {
 impl StampCache {
     /// A cache that holds about `users` users.
     pub fn new(users: usize) -> StampCache {
-        StampCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            users_per_shard: users.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
-        }
-    }
-
-    fn shard(&self, user: &str) -> &Mutex<HashMap<String, Entry>> {
-        &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
+        StampCache { users: BoundedMap::new(users) }
     }
 
     /// The stamps of `types`, in order, if every one of them is known.
     pub fn get(&self, user: &str, types: &[DataType]) -> Option<Vec<Stamp>> {
-        let shard = self.shard(user).lock().expect("stamp cache");
-        let entry = shard.get(user)?;
-        types.iter().map(|t| entry[slot(*t)]).collect()
+        self.users.get(user, |entry| types.iter().map(|t| entry[slot(*t)]).collect()).flatten()
     }
 
     /// Merges `stamps` in, keeping the higher version of each.
     pub fn merge(&self, user: &str, stamps: impl IntoIterator<Item = (DataType, Stamp)>) {
-        let mut shard = self.shard(user).lock().expect("stamp cache");
-        if !shard.contains_key(user) && shard.len() >= self.users_per_shard {
-            shard.clear();
-        }
-        let entry = shard.entry(user.to_owned()).or_insert([None; DataType::ALL.len()]);
-        for (data_type, stamp) in stamps {
-            let known = &mut entry[slot(data_type)];
-            if known.is_none_or(|k| k.version < stamp.version) {
-                *known = Some(stamp);
-            }
-        }
+        self.users.update(
+            user,
+            || [None; DataType::ALL.len()],
+            |entry| {
+                for (data_type, stamp) in stamps {
+                    let known = &mut entry[slot(data_type)];
+                    if known.is_none_or(|k| k.version < stamp.version) {
+                        *known = Some(stamp);
+                    }
+                }
+            },
+        );
     }
 }
 
@@ -91,15 +75,5 @@ mod tests {
         assert_eq!(cache.get("u", &[DataType::Balance]), Some(vec![stamp(3)]));
         assert_eq!(cache.get("u", &[DataType::Balance, DataType::Roles]), None);
         assert_eq!(cache.get("someone-else", &[DataType::Balance]), None);
-    }
-
-    #[test]
-    fn a_full_cache_forgets_rather_than_grows() {
-        let cache = StampCache::new(SHARDS);
-        for user in 0..10 * SHARDS {
-            cache.merge(&user.to_string(), [(DataType::Balance, stamp(1))]);
-        }
-        let held: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
-        assert!(held <= SHARDS, "{held} users held");
     }
 }
