@@ -145,10 +145,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), until the guard is dropped.
 ///
-/// A thread of its own writes the lines, as many per write as are waiting: the thread that
-/// logs only formats its line and queues it. (One write to stderr per line, under stderr's
-/// lock, had cost durable deltas a sixth of their throughput: each applied write logs one
-/// `[SYNC]` line.) No line is dropped: with 128,000 lines queued, logging waits.
+/// A thread of its own writes the lines, as many per write as are waiting: a request's thread
+/// only formats its line and queues it, rather than writing it to stderr under stderr's lock
+/// (every applied write logs a `[SYNC]` line). No line is dropped: with 128,000 lines
+/// queued, logging waits.
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
