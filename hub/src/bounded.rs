@@ -39,22 +39,34 @@ impl<V> BoundedMap<V> {
     }
 
     /// Changes the value at `key` with `update`, starting from `fresh()` when there is none.
+    /// A key already held is neither hashed twice nor copied.
     pub fn update(&self, key: &str, fresh: impl FnOnce() -> V, update: impl FnOnce(&mut V)) {
-        update(self.room_for(key).entry(key.into()).or_insert_with(fresh));
+        let mut shard = self.shard(key);
+        match shard.get_mut(key) {
+            Some(value) => update(value),
+            None => {
+                let mut value = fresh();
+                update(&mut value);
+                self.add(&mut shard, key, value);
+            }
+        }
     }
 
     /// Sets the value at `key`.
     pub fn insert(&self, key: &str, value: V) {
-        self.room_for(key).insert(key.into(), value);
+        let mut shard = self.shard(key);
+        match shard.get_mut(key) {
+            Some(held) => *held = value,
+            None => self.add(&mut shard, key, value),
+        }
     }
 
-    /// `key`'s shard, emptied first if it is full and `key` is not in it.
-    fn room_for(&self, key: &str) -> MutexGuard<'_, Shard<V>> {
-        let mut shard = self.shard(key);
-        if !shard.contains_key(key) && shard.len() >= self.per_shard {
+    /// Adds a key `shard` does not hold, emptying the shard first if it is full.
+    fn add(&self, shard: &mut Shard<V>, key: &str, value: V) {
+        if shard.len() >= self.per_shard {
             shard.clear();
         }
-        shard
+        shard.insert(key.into(), value);
     }
 }
 

@@ -154,12 +154,13 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         .lossy(false)
         .thread_name("log-writer")
         .finish(std::io::BufWriter::new(std::io::stderr()));
+    let info = Targets::new().with_default(Level::INFO);
     let (targets, unreadable) = match std::env::var("RUST_LOG") {
         Ok(text) => match text.parse::<Targets>() {
             Ok(targets) => (targets, None),
-            Err(e) => (Targets::new().with_default(Level::INFO), Some(format!("{text:?}: {e}"))),
+            Err(e) => (info, Some(format!("{text:?}: {e}"))),
         },
-        Err(_) => (Targets::new().with_default(Level::INFO), None),
+        Err(_) => (info, None),
     };
     // Colours only on a terminal: a log file or the journal gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

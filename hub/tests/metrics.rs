@@ -5,12 +5,7 @@ mod support;
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use support::{Reply, TestHub};
-
-/// The value of the sample `line` starts with (`name{labels}`), if the text has it.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
+use support::{Reply, TestHub, sample};
 
 #[track_caller]
 fn assert_sample(text: &str, series: &str, expected: f64) {

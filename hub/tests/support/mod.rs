@@ -264,6 +264,11 @@ pub fn snapshot(dir: &std::path::Path) -> Vec<String> {
     rows
 }
 
+/// The value of the `/metrics` sample named `series` (`name{labels}`), if `text` has it.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }
