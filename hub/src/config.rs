@@ -88,11 +88,15 @@ pub struct StoreConfig {
     /// durable, but the disk's fsync rate caps the hub's write rate. It exists to measure
     /// what group commit buys (`cargo xtask bench`).
     pub group_commit: bool,
+    /// Op ids remembered in the op log, which the hub indexes in memory (16 to 36 bytes
+    /// each). A new op id costs an append to the log; once the log holds more, the oldest
+    /// move to a table by user, where each costs about one more page written.
+    pub op_ids_in_memory: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { group_commit: true }
+        StoreConfig { group_commit: true, op_ids_in_memory: 1_000_000 }
     }
 }
 

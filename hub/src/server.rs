@@ -69,6 +69,7 @@ impl App {
             SqliteOptions {
                 op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
                 max_batch: if config.store.group_commit { MAX_BATCH } else { 1 },
+                op_log_capacity: config.store.op_ids_in_memory,
                 metrics: metrics.store().clone(),
             },
         )?;

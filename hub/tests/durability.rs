@@ -380,7 +380,7 @@ fn read_ledger(deployment: &Deployment) -> HashMap<String, Entry> {
     let forgotten: i64 = conn
         .query_row(
             "SELECT COUNT(*) FROM ledger l WHERE NOT EXISTS
-             (SELECT 1 FROM ops o WHERE o.user_id = l.user_id AND o.op_id = l.op_id)",
+             (SELECT 1 FROM remembered_ops o WHERE o.user_id = l.user_id AND o.op_id = l.op_id)",
             [],
             |r| r.get(0),
         )

@@ -6,6 +6,7 @@
 //! writes into one transaction (group commit) as long as each write sees the effects of the
 //! writes ordered before it.
 
+mod op_index;
 pub mod sqlite;
 pub mod stamps;
 

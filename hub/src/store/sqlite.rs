@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
 
+use super::op_index::OpIndex;
 use super::stamps::StampCache;
 use super::{OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
 use crate::domain::DomainError;
@@ -92,6 +93,26 @@ fn migrations() -> Migrations<'static> {
         // The ledger is read whole (audits, the reliability suite), never by record; an index
         // by record cost every write one more page far from the others.
         M::up("DROP INDEX ledger_by_record;"),
+        // New op ids are appended to a log in arrival order (an index of it is kept in memory,
+        // `op_index.rs`), and the oldest move to `ops` once the log holds more than the
+        // store's `op_log_capacity`. `remembered_ops` reads both.
+        M::up(
+            "CREATE TABLE op_log (
+            id INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            op_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            data TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_ms INTEGER,
+            created_ms INTEGER NOT NULL,
+            refusal TEXT
+        );
+        CREATE VIEW remembered_ops AS
+            SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal FROM ops
+            UNION ALL
+            SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal FROM op_log;",
+        ),
     ])
 }
 
@@ -102,6 +123,9 @@ pub struct SqliteOptions {
     pub op_retention: Duration,
     /// Writes committed together at most: 1 gives one transaction and one fsync per write.
     pub max_batch: usize,
+    /// Op ids kept in the op log, found through an index in memory (16–36 bytes each); the
+    /// oldest beyond it move to the table by user.
+    pub op_log_capacity: usize,
     /// Where the writer records its batch sizes and commit times.
     pub metrics: StoreMetrics,
 }
@@ -170,6 +194,9 @@ impl SqliteStore {
         )?;
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
 
+        let index = load_op_index(&conn)?;
+        let ops_in_table = ops_in_table(&conn)?;
+
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         let max_batch = options.max_batch.max(1);
@@ -184,6 +211,9 @@ impl SqliteStore {
                     last_prune_ms: 0,
                     since_checkpoint: 0,
                     max_batch,
+                    index,
+                    op_log_capacity: options.op_log_capacity,
+                    ops_in_table,
                     stamps: writer_stamps,
                     metrics: options.metrics,
                 }
@@ -227,6 +257,25 @@ impl SqliteStore {
     fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
         self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
     }
+}
+
+/// Indexes every row of the op log, oldest first.
+fn load_op_index(conn: &Connection) -> Result<OpIndex, StoreError> {
+    let mut index = OpIndex::default();
+    let mut stmt = conn.prepare("SELECT id, user_id, op_id FROM op_log ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let hash = index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?);
+        index.add(hash, row.get(0)?);
+    }
+    index.commit();
+    Ok(index)
+}
+
+/// Whether the table by user holds any op id, so that an op id missing from the log must be
+/// looked for there too.
+fn ops_in_table(conn: &Connection) -> Result<bool, StoreError> {
+    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?)
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
@@ -348,6 +397,11 @@ struct Writer {
     /// Writes committed since the WAL was last copied into the database file.
     since_checkpoint: usize,
     max_batch: usize,
+    /// Where each op id in the op log is.
+    index: OpIndex,
+    op_log_capacity: usize,
+    /// Whether `ops`, the table by user, holds op ids (moved from the log, or older).
+    ops_in_table: bool,
     /// Told every applied write's new stamp after its commit, before the replies go out.
     stamps: Arc<StampCache>,
     metrics: StoreMetrics,
@@ -405,38 +459,48 @@ impl Writer {
         let now = now_ms();
         let count = writes.len();
         let prune = now - self.last_prune_ms >= PRUNE_EVERY_MS;
-        let retention_ms = self.retention_ms;
-        let outcome = (|| -> Result<Vec<Result<WriteOutcome, StoreError>>, rusqlite::Error> {
+        let cutoff = now.saturating_sub(self.retention_ms);
+        let (index, capacity, in_table) = (&mut self.index, self.op_log_capacity, self.ops_in_table);
+        let outcome = (|| -> Result<(Vec<Result<WriteOutcome, StoreError>>, bool), rusqlite::Error> {
             let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(count);
             for write in writes {
+                let mark = index.mark();
                 let sp = tx.savepoint()?;
-                let result = apply(&sp, write, now);
+                let result = apply(&sp, index, in_table, write, now);
                 if result.is_ok() {
                     sp.commit()?;
+                } else {
+                    index.forget_since(mark);
                 }
                 results.push(result);
             }
+            let over = index.len().saturating_sub(capacity);
+            let mut in_table = in_table || move_oldest_ops(&tx, index, over)?;
             if prune {
-                tx.execute(
-                    "DELETE FROM ops WHERE created_ms < ?1",
-                    params![now.saturating_sub(retention_ms)],
-                )?;
+                tx.execute("DELETE FROM ops WHERE created_ms < ?1", params![cutoff])?;
+                if let Some(last) = forget_log_front(&tx, index, usize::MAX, cutoff)? {
+                    tx.prepare_cached("DELETE FROM op_log WHERE id <= ?1")?.execute(params![last])?;
+                }
+                in_table = tx.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?;
             }
             let commit = Instant::now();
             tx.commit()?;
             self.metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
             self.metrics.batch_writes.observe(count as f64);
-            Ok(results)
+            Ok((results, in_table))
         })();
         match outcome {
-            Ok(results) => {
+            Ok((results, in_table)) => {
+                self.index.commit();
+                self.ops_in_table = in_table;
                 if prune {
                     self.last_prune_ms = now;
                 }
                 results
             }
             Err(e) => {
+                self.index.discard();
                 tracing::error!(error = %e, "store commit failed; {count} writes refused");
                 (0..count).map(|_| Err(StoreError::Database(e.to_string()))).collect()
             }
@@ -444,10 +508,113 @@ impl Writer {
     }
 }
 
+/// Takes the op log's oldest rows out of `index`: up to `count` of them, and only those
+/// created before `before_ms`. Returns the id of the last one taken, if any.
+fn forget_log_front(
+    conn: &Connection,
+    index: &mut OpIndex,
+    count: usize,
+    before_ms: i64,
+) -> rusqlite::Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached("SELECT id, user_id, op_id, created_ms FROM op_log ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    let mut last = None;
+    for _ in 0..count {
+        let Some(row) = rows.next()? else { break };
+        if row.get::<_, i64>(3)? >= before_ms {
+            break;
+        }
+        let id = row.get(0)?;
+        index.remove(index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?), id);
+        last = Some(id);
+    }
+    Ok(last)
+}
+
+/// Moves the op log's `count` oldest op ids to the table by user, sorted by its key so that
+/// op ids of one user share its pages. Returns whether any moved.
+fn move_oldest_ops(conn: &Connection, index: &mut OpIndex, count: usize) -> rusqlite::Result<bool> {
+    if count == 0 {
+        return Ok(false);
+    }
+    let Some(last) = forget_log_front(conn, index, count, i64::MAX)? else { return Ok(false) };
+    conn.prepare_cached(
+        "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+         SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal
+         FROM op_log WHERE id <= ?1 ORDER BY user_id, op_id
+         ON CONFLICT DO NOTHING",
+    )?
+    .execute(params![last])?;
+    conn.prepare_cached("DELETE FROM op_log WHERE id <= ?1")?.execute(params![last])?;
+    Ok(true)
+}
+
+/// What an op id got the first time it was seen.
+struct SeenOp {
+    fingerprint: String,
+    data: String,
+    version: i64,
+    updated_ms: Option<i64>,
+    refusal: Option<String>,
+}
+
+impl SeenOp {
+    /// Reads the five columns from `first` on: fingerprint, data, version, updated_ms, refusal.
+    fn from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<SeenOp> {
+        Ok(SeenOp {
+            fingerprint: row.get(first)?,
+            data: row.get(first + 1)?,
+            version: row.get(first + 2)?,
+            updated_ms: row.get(first + 3)?,
+            refusal: row.get(first + 4)?,
+        })
+    }
+}
+
+/// Looks `op_id` up: in the op log through `index`, then, if `in_table`, in the table by user.
+fn find_op(
+    conn: &Connection,
+    index: &OpIndex,
+    in_table: bool,
+    hash: u64,
+    user: &str,
+    op_id: &str,
+) -> Result<Option<SeenOp>, StoreError> {
+    let mut by_row = conn.prepare_cached(
+        "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM op_log WHERE id = ?1",
+    )?;
+    for row in index.candidates(hash) {
+        let found = by_row
+            .query_row(params![row], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, SeenOp::from_row(r, 2)?))
+            })
+            .optional()?;
+        if let Some((row_user, row_op, seen)) = found
+            && row_user == user
+            && row_op == op_id
+        {
+            return Ok(Some(seen));
+        }
+    }
+    if !in_table {
+        return Ok(None);
+    }
+    let seen = conn
+        .prepare_cached(
+            "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
+        )?
+        .query_row(params![user, op_id], |r| SeenOp::from_row(r, 0))
+        .optional()?;
+    Ok(seen)
+}
+
 /// Keeps an op's answer — the record it left, or the refusal it got with the record that
 /// caused it — so that every later copy of the op gets the same answer.
+#[allow(clippy::too_many_arguments)]
 fn remember_op(
     conn: &Connection,
+    index: &mut OpIndex,
+    hash: u64,
     user: &str,
     op: &OpKey,
     record: &Record,
@@ -455,7 +622,7 @@ fn remember_op(
     now: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+        "INSERT INTO op_log (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
@@ -468,41 +635,37 @@ fn remember_op(
         now,
         refusal,
     ])?;
+    index.add(hash, conn.last_insert_rowid());
     Ok(())
 }
 
 /// One write inside the batch's transaction.
-fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, StoreError> {
+fn apply(
+    conn: &Connection,
+    index: &mut OpIndex,
+    in_table: bool,
+    write: Write,
+    now: i64,
+) -> Result<WriteOutcome, StoreError> {
     let user = write.user.as_str();
-    if let Some(op) = &write.op {
-        let seen = conn
-            .prepare_cached(
-                "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
-            )?
-            .query_row(params![user, op.op_id.as_str()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                ))
-            })
-            .optional()?;
-        if let Some((fingerprint, data, version, updated_ms, refusal)) = seen {
-            if fingerprint != op.fingerprint {
-                return Ok(WriteOutcome::OpIdReused);
-            }
-            let record = Record { data: parse_data(&data)?, version: version_of(version), updated_ms };
-            return match refusal.as_deref() {
-                None => Ok(WriteOutcome::Replayed(record)),
-                Some(INSUFFICIENT_FUNDS) => {
-                    Ok(WriteOutcome::Rejected(DomainError::InsufficientFunds(record)))
-                }
-                Some(VERSION_CONFLICT) => Ok(WriteOutcome::Rejected(DomainError::VersionConflict(record))),
-                Some(other) => Err(StoreError::Malformed(format!("unknown refusal {other:?} in ops"))),
-            };
+    let op_hash = write.op.as_ref().map(|op| index.hash(user, op.op_id.as_str())).unwrap_or_default();
+    if let Some(op) = &write.op
+        && let Some(seen) = find_op(conn, index, in_table, op_hash, user, op.op_id.as_str())?
+    {
+        if seen.fingerprint != op.fingerprint {
+            return Ok(WriteOutcome::OpIdReused);
         }
+        let record = Record {
+            data: parse_data(&seen.data)?,
+            version: version_of(seen.version),
+            updated_ms: seen.updated_ms,
+        };
+        return match seen.refusal.as_deref() {
+            None => Ok(WriteOutcome::Replayed(record)),
+            Some(INSUFFICIENT_FUNDS) => Ok(WriteOutcome::Rejected(DomainError::InsufficientFunds(record))),
+            Some(VERSION_CONFLICT) => Ok(WriteOutcome::Rejected(DomainError::VersionConflict(record))),
+            Some(other) => Err(StoreError::Malformed(format!("unknown refusal {other:?} in ops"))),
+        };
     }
     let current = read_record(
         &mut conn.prepare_cached(
@@ -522,7 +685,7 @@ fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, Stor
                 _ => None,
             };
             if let (Some(op), Some(code)) = (&write.op, remembered) {
-                remember_op(conn, user, op, &current, Some(code), now)?;
+                remember_op(conn, index, op_hash, user, op, &current, Some(code), now)?;
             }
             return Ok(WriteOutcome::Rejected(refusal));
         }
@@ -563,7 +726,7 @@ fn apply(conn: &Connection, write: Write, now: i64) -> Result<WriteOutcome, Stor
         record
     };
     if let Some(op) = &write.op {
-        remember_op(conn, user, op, &record, None, now)?;
+        remember_op(conn, index, op_hash, user, op, &record, None, now)?;
     }
     Ok(WriteOutcome::Applied(record))
 }

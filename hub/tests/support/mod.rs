@@ -255,7 +255,7 @@ pub fn snapshot(dir: &std::path::Path) -> Vec<String> {
     let mut rows = Vec::new();
     for query in [
         "SELECT user_id || '|' || data_type || '|' || data || '|' || version || '|' || updated_ms FROM records ORDER BY 1",
-        "SELECT user_id || '|' || op_id || '|' || fingerprint FROM ops ORDER BY 1",
+        "SELECT user_id || '|' || op_id || '|' || fingerprint FROM remembered_ops ORDER BY 1",
         "SELECT user_id || '|' || data_type || '|' || ifnull(op_id, '') || '|' || delta || '|' || result FROM ledger ORDER BY id",
     ] {
         let mut stmt = conn.prepare(query).unwrap();
