@@ -93,9 +93,9 @@ fn migrations() -> Migrations<'static> {
         // The ledger is read whole (audits, the reliability suite), never by record; an index
         // by record cost every write one more page far from the others.
         M::up("DROP INDEX ledger_by_record;"),
-        // New op ids are appended to a log in arrival order (an index of it is kept in memory,
-        // `op_index.rs`), and the oldest move to `ops` once the log holds more than the
-        // store's `op_log_capacity`. `remembered_ops` reads both.
+        // New op ids are appended to a log in arrival order, indexed in memory (`op_index.rs`);
+        // while the log holds `op_log_capacity` rows, further ones go to `ops`, the table by
+        // user. `remembered_ops` reads both.
         M::up(
             "CREATE TABLE op_log (
             id INTEGER PRIMARY KEY,
@@ -123,8 +123,8 @@ pub struct SqliteOptions {
     pub op_retention: Duration,
     /// Writes committed together at most: 1 gives one transaction and one fsync per write.
     pub max_batch: usize,
-    /// Op ids kept in the op log, found through an index in memory (16–36 bytes each); the
-    /// oldest beyond it move to the table by user.
+    /// Op ids the op log holds at most, found through an index in memory (16–36 bytes each);
+    /// while it is full, new ones go to the table by user.
     pub op_log_capacity: usize,
     /// Where the writer records its batch sizes and commit times.
     pub metrics: StoreMetrics,
@@ -194,8 +194,7 @@ impl SqliteStore {
         )?;
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
 
-        let index = load_op_index(&conn)?;
-        let ops_in_table = ops_in_table(&conn)?;
+        let ops = OpIds::load(&conn, options.op_log_capacity)?;
 
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
@@ -211,9 +210,7 @@ impl SqliteStore {
                     last_prune_ms: 0,
                     since_checkpoint: 0,
                     max_batch,
-                    index,
-                    op_log_capacity: options.op_log_capacity,
-                    ops_in_table,
+                    ops,
                     stamps: writer_stamps,
                     metrics: options.metrics,
                 }
@@ -257,25 +254,6 @@ impl SqliteStore {
     fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
         self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
     }
-}
-
-/// Indexes every row of the op log, oldest first.
-fn load_op_index(conn: &Connection) -> Result<OpIndex, StoreError> {
-    let mut index = OpIndex::default();
-    let mut stmt = conn.prepare("SELECT id, user_id, op_id FROM op_log ORDER BY id")?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        let hash = index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?);
-        index.add(hash, row.get(0)?);
-    }
-    index.commit();
-    Ok(index)
-}
-
-/// Whether the table by user holds any op id, so that an op id missing from the log must be
-/// looked for there too.
-fn ops_in_table(conn: &Connection) -> Result<bool, StoreError> {
-    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?)
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
@@ -397,11 +375,8 @@ struct Writer {
     /// Writes committed since the WAL was last copied into the database file.
     since_checkpoint: usize,
     max_batch: usize,
-    /// Where each op id in the op log is.
-    index: OpIndex,
-    op_log_capacity: usize,
-    /// Whether `ops`, the table by user, holds op ids (moved from the log, or older).
-    ops_in_table: bool,
+    /// Where remembered op ids are.
+    ops: OpIds,
     /// Told every applied write's new stamp after its commit, before the replies go out.
     stamps: Arc<StampCache>,
     metrics: StoreMetrics,
@@ -460,47 +435,40 @@ impl Writer {
         let count = writes.len();
         let prune = now - self.last_prune_ms >= PRUNE_EVERY_MS;
         let cutoff = now.saturating_sub(self.retention_ms);
-        let (index, capacity, in_table) = (&mut self.index, self.op_log_capacity, self.ops_in_table);
-        let outcome = (|| -> Result<(Vec<Result<WriteOutcome, StoreError>>, bool), rusqlite::Error> {
+        let ops = &mut self.ops;
+        type Outcome = (Vec<Result<WriteOutcome, StoreError>>, Option<bool>);
+        let outcome = (|| -> Result<Outcome, rusqlite::Error> {
             let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(count);
             for write in writes {
-                let mark = index.mark();
+                let mark = ops.index.mark();
                 let sp = tx.savepoint()?;
-                let result = apply(&sp, index, in_table, write, now);
+                let result = apply(&sp, ops, write, now);
                 if result.is_ok() {
                     sp.commit()?;
                 } else {
-                    index.forget_since(mark);
+                    ops.index.forget_since(mark);
                 }
                 results.push(result);
             }
-            let over = index.len().saturating_sub(capacity);
-            let mut in_table = in_table || move_oldest_ops(&tx, index, over)?;
-            if prune {
-                tx.execute("DELETE FROM ops WHERE created_ms < ?1", params![cutoff])?;
-                if let Some(last) = forget_log_front(&tx, index, usize::MAX, cutoff)? {
-                    tx.prepare_cached("DELETE FROM op_log WHERE id <= ?1")?.execute(params![last])?;
-                }
-                in_table = tx.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?;
-            }
+            let table_after_prune = if prune { Some(ops.prune(&tx, cutoff)?) } else { None };
             let commit = Instant::now();
             tx.commit()?;
             self.metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
             self.metrics.batch_writes.observe(count as f64);
-            Ok((results, in_table))
+            Ok((results, table_after_prune))
         })();
         match outcome {
-            Ok((results, in_table)) => {
-                self.index.commit();
-                self.ops_in_table = in_table;
-                if prune {
+            Ok((results, table_after_prune)) => {
+                self.ops.index.commit();
+                if let Some(in_table) = table_after_prune {
+                    self.ops.in_table = in_table;
                     self.last_prune_ms = now;
                 }
                 results
             }
             Err(e) => {
-                self.index.discard();
+                self.ops.index.discard();
                 tracing::error!(error = %e, "store commit failed; {count} writes refused");
                 (0..count).map(|_| Err(StoreError::Database(e.to_string()))).collect()
             }
@@ -508,45 +476,131 @@ impl Writer {
     }
 }
 
-/// Takes the op log's oldest rows out of `index`: up to `count` of them, and only those
-/// created before `before_ms`. Returns the id of the last one taken, if any.
-fn forget_log_front(
-    conn: &Connection,
-    index: &mut OpIndex,
-    count: usize,
-    before_ms: i64,
-) -> rusqlite::Result<Option<i64>> {
-    let mut stmt = conn.prepare_cached("SELECT id, user_id, op_id, created_ms FROM op_log ORDER BY id")?;
-    let mut rows = stmt.query([])?;
-    let mut last = None;
-    for _ in 0..count {
-        let Some(row) = rows.next()? else { break };
-        if row.get::<_, i64>(3)? >= before_ms {
-            break;
-        }
-        let id = row.get(0)?;
-        index.remove(index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?), id);
-        last = Some(id);
-    }
-    Ok(last)
+/// Where the writer remembers op ids: the op log while it has room, through an index in
+/// memory; the table by user (`ops`) once the log is full, and for op ids from before the log.
+struct OpIds {
+    /// The op log's rows.
+    index: OpIndex,
+    /// Rows the log holds at most.
+    capacity: usize,
+    /// Whether `ops` may hold an op id, so that one missing from the log must be looked for
+    /// there too. Set as soon as a write goes there; cleared only by a committed prune.
+    in_table: bool,
 }
 
-/// Moves the op log's `count` oldest op ids to the table by user, sorted by its key so that
-/// op ids of one user share its pages. Returns whether any moved.
-fn move_oldest_ops(conn: &Connection, index: &mut OpIndex, count: usize) -> rusqlite::Result<bool> {
-    if count == 0 {
-        return Ok(false);
+impl OpIds {
+    /// Indexes every row of the op log.
+    fn load(conn: &Connection, capacity: usize) -> Result<OpIds, StoreError> {
+        let mut index = OpIndex::default();
+        let mut stmt = conn.prepare("SELECT id, user_id, op_id FROM op_log")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let hash = index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?);
+            index.add(hash, row.get(0)?);
+        }
+        index.commit();
+        let in_table = conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?;
+        Ok(OpIds { index, capacity, in_table })
     }
-    let Some(last) = forget_log_front(conn, index, count, i64::MAX)? else { return Ok(false) };
-    conn.prepare_cached(
-        "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
-         SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal
-         FROM op_log WHERE id <= ?1 ORDER BY user_id, op_id
-         ON CONFLICT DO NOTHING",
-    )?
-    .execute(params![last])?;
-    conn.prepare_cached("DELETE FROM op_log WHERE id <= ?1")?.execute(params![last])?;
-    Ok(true)
+
+    /// Looks `op_id` up: in the op log through the index, then, if need be, in `ops`.
+    fn find(
+        &self,
+        conn: &Connection,
+        hash: u64,
+        user: &str,
+        op_id: &str,
+    ) -> Result<Option<SeenOp>, StoreError> {
+        let mut by_row = conn.prepare_cached(
+            "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM op_log WHERE id = ?1",
+        )?;
+        for row in self.index.candidates(hash) {
+            let found = by_row
+                .query_row(params![row], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, SeenOp::from_row(r, 2)?))
+                })
+                .optional()?;
+            if let Some((row_user, row_op, seen)) = found
+                && row_user == user
+                && row_op == op_id
+            {
+                return Ok(Some(seen));
+            }
+        }
+        if !self.in_table {
+            return Ok(None);
+        }
+        let seen = conn
+            .prepare_cached(
+                "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
+            )?
+            .query_row(params![user, op_id], |r| SeenOp::from_row(r, 0))
+            .optional()?;
+        Ok(seen)
+    }
+
+    /// Keeps an op's answer — the record it left, or the refusal it got with the record that
+    /// caused it — so that every later copy of the op gets the same answer.
+    #[allow(clippy::too_many_arguments)]
+    fn remember(
+        &mut self,
+        conn: &Connection,
+        hash: u64,
+        user: &str,
+        op: &OpKey,
+        record: &Record,
+        refusal: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let in_log = self.index.len() < self.capacity;
+        let sql = if in_log {
+            "INSERT INTO op_log (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        } else {
+            "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        };
+        conn.prepare_cached(sql)?.execute(params![
+            user,
+            op.op_id.as_str(),
+            op.fingerprint,
+            record.data.to_string(),
+            i64::try_from(record.version).unwrap_or(i64::MAX),
+            record.updated_ms,
+            now,
+            refusal,
+        ])?;
+        if in_log {
+            self.index.add(hash, conn.last_insert_rowid());
+        } else {
+            self.in_table = true;
+        }
+        Ok(())
+    }
+
+    /// Forgets op ids created before `cutoff_ms`, in both places; returns whether `ops` still
+    /// holds any. The log is in creation order, so its expired rows are at its front.
+    fn prune(&mut self, conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<bool> {
+        conn.execute("DELETE FROM ops WHERE created_ms < ?1", params![cutoff_ms])?;
+        let mut last = None;
+        {
+            let mut stmt =
+                conn.prepare_cached("SELECT id, user_id, op_id, created_ms FROM op_log ORDER BY id")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                if row.get::<_, i64>(3)? >= cutoff_ms {
+                    break;
+                }
+                let id = row.get(0)?;
+                self.index.remove(self.index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?), id);
+                last = Some(id);
+            }
+        }
+        if let Some(last) = last {
+            conn.prepare_cached("DELETE FROM op_log WHERE id <= ?1")?.execute(params![last])?;
+        }
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))
+    }
 }
 
 /// What an op id got the first time it was seen.
@@ -571,86 +625,12 @@ impl SeenOp {
     }
 }
 
-/// Looks `op_id` up: in the op log through `index`, then, if `in_table`, in the table by user.
-fn find_op(
-    conn: &Connection,
-    index: &OpIndex,
-    in_table: bool,
-    hash: u64,
-    user: &str,
-    op_id: &str,
-) -> Result<Option<SeenOp>, StoreError> {
-    let mut by_row = conn.prepare_cached(
-        "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM op_log WHERE id = ?1",
-    )?;
-    for row in index.candidates(hash) {
-        let found = by_row
-            .query_row(params![row], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, SeenOp::from_row(r, 2)?))
-            })
-            .optional()?;
-        if let Some((row_user, row_op, seen)) = found
-            && row_user == user
-            && row_op == op_id
-        {
-            return Ok(Some(seen));
-        }
-    }
-    if !in_table {
-        return Ok(None);
-    }
-    let seen = conn
-        .prepare_cached(
-            "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
-        )?
-        .query_row(params![user, op_id], |r| SeenOp::from_row(r, 0))
-        .optional()?;
-    Ok(seen)
-}
-
-/// Keeps an op's answer — the record it left, or the refusal it got with the record that
-/// caused it — so that every later copy of the op gets the same answer.
-#[allow(clippy::too_many_arguments)]
-fn remember_op(
-    conn: &Connection,
-    index: &mut OpIndex,
-    hash: u64,
-    user: &str,
-    op: &OpKey,
-    record: &Record,
-    refusal: Option<&str>,
-    now: i64,
-) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO op_log (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        user,
-        op.op_id.as_str(),
-        op.fingerprint,
-        record.data.to_string(),
-        i64::try_from(record.version).unwrap_or(i64::MAX),
-        record.updated_ms,
-        now,
-        refusal,
-    ])?;
-    index.add(hash, conn.last_insert_rowid());
-    Ok(())
-}
-
 /// One write inside the batch's transaction.
-fn apply(
-    conn: &Connection,
-    index: &mut OpIndex,
-    in_table: bool,
-    write: Write,
-    now: i64,
-) -> Result<WriteOutcome, StoreError> {
+fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<WriteOutcome, StoreError> {
     let user = write.user.as_str();
-    let op_hash = write.op.as_ref().map(|op| index.hash(user, op.op_id.as_str())).unwrap_or_default();
+    let op_hash = write.op.as_ref().map(|op| ops.index.hash(user, op.op_id.as_str())).unwrap_or_default();
     if let Some(op) = &write.op
-        && let Some(seen) = find_op(conn, index, in_table, op_hash, user, op.op_id.as_str())?
+        && let Some(seen) = ops.find(conn, op_hash, user, op.op_id.as_str())?
     {
         if seen.fingerprint != op.fingerprint {
             return Ok(WriteOutcome::OpIdReused);
@@ -685,7 +665,7 @@ fn apply(
                 _ => None,
             };
             if let (Some(op), Some(code)) = (&write.op, remembered) {
-                remember_op(conn, index, op_hash, user, op, &current, Some(code), now)?;
+                ops.remember(conn, op_hash, user, op, &current, Some(code), now)?;
             }
             return Ok(WriteOutcome::Rejected(refusal));
         }
@@ -726,7 +706,7 @@ fn apply(
         record
     };
     if let Some(op) = &write.op {
-        remember_op(conn, index, op_hash, user, op, &record, None, now)?;
+        ops.remember(conn, op_hash, user, op, &record, None, now)?;
     }
     Ok(WriteOutcome::Applied(record))
 }
