@@ -88,15 +88,16 @@ pub struct StoreConfig {
     /// durable, but the disk's fsync rate caps the hub's write rate. It exists to measure
     /// what group commit buys (`cargo xtask bench`).
     pub group_commit: bool,
-    /// Op ids remembered in the op log, which the hub indexes in memory (16 to 36 bytes
-    /// each). A new op id costs an append to the log; once the log holds more, the oldest
-    /// move to a table by user, where each costs about one more page written.
+    /// Op ids the op log holds at most. The hub finds them through an index in memory, about
+    /// 20 bytes each (18 MiB when the default is full), and a new one costs an append to the
+    /// log. While the log is full, new op ids go to a table by user, where each costs about
+    /// one more page written, until old ones expire (`limits.op_retention_days`).
     pub op_ids_in_memory: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { group_commit: true, op_ids_in_memory: 1_000_000 }
+        StoreConfig { group_commit: true, op_ids_in_memory: 900_000 }
     }
 }
 

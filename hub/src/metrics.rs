@@ -223,6 +223,11 @@ impl Metrics {
             Unit::Seconds,
             store.checkpoint_seconds.clone(),
         );
+        registry.register(
+            "store_op_log_ids",
+            "Op ids in the op log, indexed in memory; at [store] op_ids_in_memory new ones go to the table by user",
+            store.op_log_ids.clone(),
+        );
         Metrics {
             registry,
             counts,

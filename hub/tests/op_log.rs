@@ -6,9 +6,10 @@ mod support;
 
 use std::time::Duration;
 
+use reqwest::Method;
 use rusqlite::Connection;
 use serde_json::json;
-use support::{Deployment, TestHub};
+use support::{Deployment, TestHub, sample};
 
 fn count(conn: &Connection, table: &str) -> i64 {
     conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
@@ -31,6 +32,8 @@ async fn op_ids_beyond_the_logs_capacity_go_to_the_table_and_still_get_their_fir
     let recent = faucet.delta("balance", 10, "op-10").await;
     assert_eq!(recent.assert_ok()["replayed"], true);
     assert_eq!(faucet.coins().await, total);
+    let metrics = hub.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&metrics, "hub_store_op_log_ids"), Some(3.0), "{metrics}");
 
     let dir = hub.stop().await;
     let conn = Connection::open(dir.path().join("hub.sqlite3")).unwrap();

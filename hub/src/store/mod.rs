@@ -11,6 +11,7 @@ pub mod sqlite;
 pub mod stamps;
 
 use async_trait::async_trait;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use protocol::{DataType, OpId, SiteId, UserId};
 use serde_json::Value;
@@ -116,6 +117,8 @@ pub struct StoreMetrics {
     pub commit_seconds: Histogram,
     /// Seconds a checkpoint takes: copying the WAL into the database file and its fsync.
     pub checkpoint_seconds: Histogram,
+    /// Op ids in the op log (and its index in memory) now.
+    pub op_log_ids: Gauge,
 }
 
 impl Default for StoreMetrics {
@@ -124,6 +127,7 @@ impl Default for StoreMetrics {
             batch_writes: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            op_log_ids: Gauge::default(),
         }
     }
 }

@@ -195,6 +195,7 @@ impl SqliteStore {
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
 
         let ops = OpIds::load(&conn, options.op_log_capacity)?;
+        options.metrics.op_log_ids.set(i64::try_from(ops.index.len()).unwrap_or(i64::MAX));
 
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
@@ -461,6 +462,7 @@ impl Writer {
         match outcome {
             Ok((results, table_after_prune)) => {
                 self.ops.index.commit();
+                self.metrics.op_log_ids.set(i64::try_from(self.ops.index.len()).unwrap_or(i64::MAX));
                 if let Some(in_table) = table_after_prune {
                     self.ops.in_table = in_table;
                     self.last_prune_ms = now;
