@@ -44,6 +44,11 @@ impl OpIndex {
         self.added.push((hash, row));
     }
 
+    /// Adds a row the database already holds, outside any batch (loading the log at start).
+    pub fn insert_committed(&mut self, hash: u64, row: i64) {
+        self.rows.insert_unique(hash, (hash, row), |e| e.0);
+    }
+
     pub fn remove(&mut self, hash: u64, row: i64) {
         self.removed.push((hash, row));
     }

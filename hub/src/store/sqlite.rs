@@ -498,9 +498,8 @@ impl OpIds {
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let hash = index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?);
-            index.add(hash, row.get(0)?);
+            index.insert_committed(hash, row.get(0)?);
         }
-        index.commit();
         let in_table = conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?;
         Ok(OpIds { index, capacity, in_table })
     }
