@@ -131,6 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Memory on a fresh process, so that its peak is the idle connections' and not the load's.
     let idle_hub = tools.start_hub("group", true)?;
+    let op_log_ids = runtime.block_on(op_log_ids(idle_hub.addr))?;
     let hub_memory = tools.idle(idle_hub.addr, &idle_hub.config, idle_hub.pid())?;
     let bare_memory = tools.idle(bare.addr, &idle_hub.config, bare.pid())?;
     bare.stop()?;
@@ -151,7 +152,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     println!("==> cargo xtask build-pkg");
     let package_bytes = crate::build_pkg::run()?;
-    let report = Report { rows, hub_memory, bare_memory, package_bytes, day, fsync, secs, quick: args.quick };
+    let report = Report {
+        rows,
+        hub_memory,
+        op_log_ids,
+        bare_memory,
+        package_bytes,
+        day,
+        fsync,
+        secs,
+        quick: args.quick,
+    };
     let text = report.render()?;
     println!("\n{text}");
     if args.quick {
@@ -326,6 +337,14 @@ impl Tools {
     }
 }
 
+/// The op ids the hub at `addr` indexes in memory, from its `/metrics`.
+async fn op_log_ids(addr: SocketAddr) -> anyhow::Result<u64> {
+    let text = reqwest::get(format!("http://{addr}/metrics")).await?.error_for_status()?.text().await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("hub_store_op_log_ids ")?.trim().parse().ok())
+        .context("the hub's /metrics has no hub_store_op_log_ids")
+}
+
 fn path(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("the target directory's path is not UTF-8")
 }
@@ -355,6 +374,8 @@ fn hub_config(data_dir: &Path, group_commit: bool) -> String {
 struct Report {
     rows: Vec<Row>,
     hub_memory: Memory,
+    /// Op ids the hub's op log held when its memory was read, indexed in memory.
+    op_log_ids: u64,
     bare_memory: Memory,
     package_bytes: u64,
     day: day::DayReport,
@@ -452,7 +473,12 @@ impl Report {
         writeln!(out, "\n## Memory\n")?;
         writeln!(out, "| process, {IDLE_CONNECTIONS} idle keep-alive connections | peak RSS |")?;
         writeln!(out, "| --- | ---: |")?;
-        writeln!(out, "| hub (fresh process) | {:.1} MiB |", self.hub_memory.vm_hwm_kib as f64 / 1024.0)?;
+        writeln!(
+            out,
+            "| hub (fresh process on the runs' data dir, {} op ids indexed in memory) | {:.1} MiB |",
+            self.op_log_ids,
+            self.hub_memory.vm_hwm_kib as f64 / 1024.0
+        )?;
         writeln!(
             out,
             "| bare hyper server (after its runs) | {:.1} MiB |",
