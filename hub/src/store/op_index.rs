@@ -9,12 +9,19 @@
 //! An entry is a hash of `(user, op id)` and the log row's id, 16 bytes. Two op ids may share
 //! a hash: a lookup yields every row id with that hash, and the store compares each row it
 //! reads with the op id it looks for. What a batch adds or removes is pending until the batch
-//! commits (`commit`) or its transaction is rolled back (`discard`), so the index never lasts
-//! longer than the rows it names. Knows nothing of SQLite.
+//! commits (`commit`) or its transaction is rolled back (`discard`).
+//!
+//! Exactly-once rests on one property: every committed row of the log is in the index (an
+//! op id missing from it would be applied again). An entry whose row is gone is harmless, as
+//! every row read is compared. The store reads the index back from the log after any batch
+//! that failed, whatever its rollback undid. Knows nothing of SQLite.
 
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
+
+/// Pending entries whose room is kept between batches: a batch's worth of writes.
+const PENDING_KEPT: usize = 1024;
 
 #[derive(Default)]
 pub struct OpIndex {
@@ -73,12 +80,20 @@ impl OpIndex {
                 found.remove();
             }
         }
+        self.shrink_pending();
+    }
+
+    /// A prune may remove the whole log in one batch; its list need not stay that long.
+    fn shrink_pending(&mut self) {
+        self.added.shrink_to(PENDING_KEPT);
+        self.removed.shrink_to(PENDING_KEPT);
     }
 
     /// The open batch was rolled back: nothing it added or removed happened.
     pub fn discard(&mut self) {
         self.added.clear();
         self.removed.clear();
+        self.shrink_pending();
     }
 
     /// Log rows indexed, counting what the open batch added and removed.

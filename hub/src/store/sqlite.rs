@@ -123,8 +123,9 @@ pub struct SqliteOptions {
     pub op_retention: Duration,
     /// Writes committed together at most: 1 gives one transaction and one fsync per write.
     pub max_batch: usize,
-    /// Op ids the op log holds at most, found through an index in memory (16–36 bytes each);
-    /// while it is full, new ones go to the table by user.
+    /// Op ids the op log takes at most, found through an index in memory (about 20–40 bytes
+    /// each); while it is full, new ones go to the table by user. A log that holds more (the
+    /// capacity was lowered) is indexed whole, and shrinks as its op ids expire.
     pub op_log_capacity: usize,
     /// Where the writer records its batch sizes and commit times.
     pub metrics: StoreMetrics,
@@ -212,6 +213,7 @@ impl SqliteStore {
                     since_checkpoint: 0,
                     max_batch,
                     ops,
+                    ops_unknown: false,
                     stamps: writer_stamps,
                     metrics: options.metrics,
                 }
@@ -378,6 +380,8 @@ struct Writer {
     max_batch: usize,
     /// Where remembered op ids are.
     ops: OpIds,
+    /// A batch failed: the index may differ from the op log until it is read again.
+    ops_unknown: bool,
     /// Told every applied write's new stamp after its commit, before the replies go out.
     stamps: Arc<StampCache>,
     metrics: StoreMetrics,
@@ -434,23 +438,44 @@ impl Writer {
     fn commit_batch(&mut self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
         let now = now_ms();
         let count = writes.len();
+        if self.ops_unknown {
+            match OpIds::load(&self.conn, self.ops.capacity) {
+                Ok(ops) => {
+                    self.ops = ops;
+                    self.ops_unknown = false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the op log; {count} writes refused");
+                    return (0..count).map(|_| Err(StoreError::Database(e.to_string()))).collect();
+                }
+            }
+        }
         let prune = now - self.last_prune_ms >= PRUNE_EVERY_MS;
         let cutoff = now.saturating_sub(self.retention_ms);
         let ops = &mut self.ops;
         type Outcome = (Vec<Result<WriteOutcome, StoreError>>, Option<bool>);
-        let outcome = (|| -> Result<Outcome, rusqlite::Error> {
+        let outcome = (|| -> Result<Outcome, StoreError> {
             let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(count);
             for write in writes {
                 let mark = ops.index.mark();
                 let sp = tx.savepoint()?;
-                let result = apply(&sp, ops, write, now);
-                if result.is_ok() {
-                    sp.commit()?;
-                } else {
-                    ops.index.forget_since(mark);
+                match apply(&sp, ops, write, now) {
+                    Ok(outcome) => {
+                        sp.commit()?;
+                        results.push(Ok(outcome));
+                    }
+                    Err(e) => {
+                        drop(sp);
+                        ops.index.forget_since(mark);
+                        // Some failures (a full disk, an I/O error) make SQLite roll back the
+                        // whole transaction; every later write would then commit on its own.
+                        if tx.is_autocommit() {
+                            return Err(e);
+                        }
+                        results.push(Err(e));
+                    }
                 }
-                results.push(result);
             }
             let table_after_prune = if prune { Some(ops.prune(&tx, cutoff)?) } else { None };
             let commit = Instant::now();
@@ -470,9 +495,16 @@ impl Writer {
                 results
             }
             Err(e) => {
+                // What the rollback undid is the database's to say: the index is read back from
+                // the op log before the next write runs.
                 self.ops.index.discard();
-                tracing::error!(error = %e, "store commit failed; {count} writes refused");
-                (0..count).map(|_| Err(StoreError::Database(e.to_string()))).collect()
+                self.ops_unknown = true;
+                let message = match e {
+                    StoreError::Database(message) => message,
+                    other => other.to_string(),
+                };
+                tracing::error!(error = %message, "store batch failed; {count} writes refused");
+                (0..count).map(|_| Err(StoreError::Database(message.clone()))).collect()
             }
         }
     }
@@ -580,7 +612,8 @@ impl OpIds {
     }
 
     /// Forgets op ids created before `cutoff_ms`, in both places; returns whether `ops` still
-    /// holds any. The log is in creation order, so its expired rows are at its front.
+    /// holds any. The log is in creation order, so its expired rows are at its front; after
+    /// the clock was set back, rows behind a later-stamped one wait for it to expire.
     fn prune(&mut self, conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<bool> {
         conn.execute("DELETE FROM ops WHERE created_ms < ?1", params![cutoff_ms])?;
         let mut last = None;
@@ -710,4 +743,68 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
         ops.remember(conn, op_hash, user, op, &record, None, now)?;
     }
     Ok(WriteOutcome::Applied(record))
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::{OpId, SiteId};
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::{Change, LedgerEntry};
+
+    fn delta(op_id: &str, amount: i64, reason: &str) -> Write {
+        let reason = reason.to_owned();
+        Write {
+            user: UserId::parse("alice").unwrap(),
+            data_type: DataType::Balance,
+            site: SiteId::parse("roflfaucet").unwrap(),
+            op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: amount.to_string() }),
+            mutation: Box::new(move |current: &Record| {
+                let coins = current.data["coins"].as_i64().unwrap_or(0) + amount;
+                let ledger = LedgerEntry { delta: amount, result: coins, reason: Some(reason) };
+                Ok(Change { data: json!({ "coins": coins }), ledger: Some(ledger) })
+            }),
+        }
+    }
+
+    fn writer(dir: &Path) -> Writer {
+        let mut conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        migrations().to_latest(&mut conn).unwrap();
+        let ops = OpIds::load(&conn, 1000).unwrap();
+        Writer {
+            conn,
+            retention_ms: 30 * 86_400_000,
+            last_prune_ms: 0,
+            since_checkpoint: 0,
+            max_batch: MAX_BATCH,
+            ops,
+            ops_unknown: false,
+            stamps: Arc::new(StampCache::new(100)),
+            metrics: StoreMetrics::default(),
+        }
+    }
+
+    #[test]
+    fn a_batch_that_sqlite_rolls_back_whole_applies_none_of_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path());
+        // The database may grow by a few pages only: a write that needs more fails with
+        // "database or disk is full", and SQLite rolls back the whole transaction.
+        let pages: i64 = writer.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        writer.conn.pragma_update(None, "max_page_count", pages + 8).unwrap();
+        let too_big = "x".repeat(200_000);
+        let results =
+            writer.commit_batch(vec![delta("w1", 1, ""), delta("w2", 1, &too_big), delta("w3", 1, "")]);
+        assert!(results.iter().all(Result::is_err), "{results:?}");
+        let ledger: i64 = writer.conn.query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0)).unwrap();
+        assert_eq!(ledger, 0, "a write of the failed batch was committed");
+
+        writer.conn.pragma_update(None, "max_page_count", 1_000_000).unwrap();
+        let first = writer.commit_batch(vec![delta("w3", 1, "")]);
+        assert!(matches!(first[0], Ok(WriteOutcome::Applied(_))), "{first:?}");
+        let again = writer.commit_batch(vec![delta("w3", 1, "")]);
+        assert!(matches!(again[0], Ok(WriteOutcome::Replayed(_))), "{again:?}");
+    }
 }
