@@ -544,20 +544,23 @@ impl OpIds {
         user: &str,
         op_id: &str,
     ) -> Result<Option<SeenOp>, StoreError> {
-        let mut by_row = conn.prepare_cached(
-            "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM op_log WHERE id = ?1",
-        )?;
-        for row in self.index.candidates(hash) {
-            let found = by_row
-                .query_row(params![row], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, SeenOp::from_row(r, 2)?))
-                })
-                .optional()?;
-            if let Some((row_user, row_op, seen)) = found
-                && row_user == user
-                && row_op == op_id
-            {
-                return Ok(Some(seen));
+        let mut candidates = self.index.candidates(hash).peekable();
+        if candidates.peek().is_some() {
+            let mut by_row = conn.prepare_cached(
+                "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM op_log WHERE id = ?1",
+            )?;
+            for row in candidates {
+                let found = by_row
+                    .query_row(params![row], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, SeenOp::from_row(r, 2)?))
+                    })
+                    .optional()?;
+                if let Some((row_user, row_op, seen)) = found
+                    && row_user == user
+                    && row_op == op_id
+                {
+                    return Ok(Some(seen));
+                }
             }
         }
         if !self.in_table {
