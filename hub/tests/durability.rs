@@ -379,8 +379,9 @@ fn read_ledger(deployment: &Deployment) -> HashMap<String, Entry> {
 
     let forgotten: i64 = conn
         .query_row(
-            "SELECT COUNT(*) FROM ledger l WHERE NOT EXISTS
-             (SELECT 1 FROM remembered_ops o WHERE o.user_id = l.user_id AND o.op_id = l.op_id)",
+            // A set difference: the op log has no index by op id to look each ledger row up in.
+            "SELECT COUNT(*) FROM
+             (SELECT user_id, op_id FROM ledger EXCEPT SELECT user_id, op_id FROM remembered_ops)",
             [],
             |r| r.get(0),
         )
