@@ -196,7 +196,7 @@ impl SqliteStore {
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
 
         let ops = OpIds::load(&conn, options.op_log_capacity)?;
-        options.metrics.op_log_ids.set(i64::try_from(ops.index.len()).unwrap_or(i64::MAX));
+        ops.report(&options.metrics);
 
         let (tx, rx) = mpsc::channel(QUEUE);
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
@@ -487,7 +487,7 @@ impl Writer {
         match outcome {
             Ok((results, table_after_prune)) => {
                 self.ops.index.commit();
-                self.metrics.op_log_ids.set(i64::try_from(self.ops.index.len()).unwrap_or(i64::MAX));
+                self.ops.report(&self.metrics);
                 if let Some(in_table) = table_after_prune {
                     self.ops.in_table = in_table;
                     self.last_prune_ms = now;
@@ -532,8 +532,12 @@ impl OpIds {
             let hash = index.hash(&row.get::<_, String>(1)?, &row.get::<_, String>(2)?);
             index.insert_committed(hash, row.get(0)?);
         }
-        let in_table = conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))?;
-        Ok(OpIds { index, capacity, in_table })
+        Ok(OpIds { index, capacity, in_table: any_in_table(conn)? })
+    }
+
+    /// Shows how full the op log is on `/metrics`.
+    fn report(&self, metrics: &StoreMetrics) {
+        metrics.op_log_ids.set(i64::try_from(self.index.len()).unwrap_or(i64::MAX));
     }
 
     /// Looks `op_id` up: in the op log through the index, then, if need be, in `ops`.
@@ -636,8 +640,13 @@ impl OpIds {
         if let Some(last) = last {
             conn.prepare_cached("DELETE FROM op_log WHERE id <= ?1")?.execute(params![last])?;
         }
-        conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))
+        any_in_table(conn)
     }
+}
+
+/// Whether `ops`, the table by user, holds any op id.
+fn any_in_table(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))
 }
 
 /// What an op id got the first time it was seen.
