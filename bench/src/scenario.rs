@@ -45,13 +45,14 @@ pub fn user_id(user: usize) -> String {
 }
 
 impl Requests {
-    /// Signs a token per user with the site key from the hub's config file.
+    /// Signs a token per user with the site key from the hub's config file: the site's
+    /// backend's, which may credit (a page's could not).
     pub fn new(scenario: Scenario, host: &str, config: &Path, users: usize) -> anyhow::Result<Requests> {
         let config = hub::config::Config::load(Some(config))?;
         let keys = hub::auth::Keys::from_config(&config)?;
         let tokens = (0..users)
             .map(|u| {
-                let token = keys.mint(SITE, &user_id(u), 24 * 3600, false)?;
+                let token = keys.mint_scoped(SITE, &user_id(u), 24 * 3600, protocol::Scopes::ALL, false)?;
                 HeaderValue::from_str(&format!("Bearer {token}")).context("a token is a header value")
             })
             .collect::<anyhow::Result<_>>()?;

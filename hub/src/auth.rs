@@ -1,23 +1,34 @@
-//! Site tokens: every request carries a JWT minted by a site's backend. Each site has one
-//! key and one algorithm; the token's `iss` picks the key, and nothing in the token can
-//! change which algorithm is accepted.
+//! Site tokens and grants. Every request carries a token minted by a site's backend; a page's
+//! credit also carries a grant, a JWT the same backend signed for exactly that op. The token's
+//! `iss` picks the site, the header's `kid` one of its keys, and each key has one algorithm:
+//! nothing in a token can change which algorithm is accepted. Each site's configuration says
+//! what its key may sign (scopes, admin), for how long, and since when.
+//!
+//! Checks signatures and claims only; what a verified token or grant may write is the
+//! domain's rule.
 
 use std::collections::HashMap;
 
 use anyhow::{Context, bail};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use protocol::{SiteId, UserId};
+use protocol::{Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::bounded::BoundedMap;
-use crate::config::{Config, Site};
+use crate::config::{Config, KeyMaterial, Site};
+use crate::domain::Ceilings;
 
 /// Seconds of clock difference tolerated between a site and the hub.
-const LEEWAY_SECS: u64 = 30;
+pub const LEEWAY_SECS: u64 = 30;
 /// Verified tokens remembered at most (a few hundred bytes each).
 const REMEMBERED_TOKENS: usize = 65_536;
+/// The header `typ` of a grant. A token with it is no token, and a grant without it no grant.
+pub const GRANT_TYP: &str = "grant+jwt";
+/// Longest life of a grant: a page asks its backend for one just before it credits.
+pub const MAX_GRANT_TTL_SECS: u64 = 600;
 
-/// The claims the hub reads.
+/// The claims of a token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The site that minted the token.
@@ -31,21 +42,56 @@ pub struct Claims {
     pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
-    /// Admin tokens may write `global_roles`.
+    /// Admin tokens may write `global_roles`; only sites configured `admin` may sign them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adm: bool,
+    /// What the token may do, space-separated; absent, the page set ([`Scopes::PAGE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
-/// Who a verified token speaks for.
+/// The claims of a grant: one credit the site's backend allows, for one op.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// The op this grant is for: it credits under this id, once.
+    pub op_id: String,
+    pub data_type: String,
+    /// The exact amounts object of the op, e.g. `{"coins": 10}`.
+    pub delta: Map<String, Value>,
+}
+
+/// Who a verified token speaks for, and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub site: SiteId,
     pub user: UserId,
     pub admin: bool,
+    pub scopes: Scopes,
+    /// The token's site's credit ceilings.
+    pub ceilings: Ceilings,
 }
 
-/// Why a token was refused. Every variant becomes a 401; the message helps the site's
-/// developer without telling an attacker more than that.
+/// A grant whose signature and claims hold; whether it fits the op is the domain's check,
+/// and so is its expiry, which matters only for an op the hub has not applied yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedGrant {
+    pub site: SiteId,
+    pub user: String,
+    pub op_id: String,
+    pub data_type: String,
+    pub delta: Map<String, Value>,
+    /// Seconds since the Unix epoch after which (and the leeway) the grant is expired.
+    pub exp: u64,
+}
+
+/// Why a token was refused. Every variant becomes a 401: it is about the token itself. The
+/// message helps the site's developer without telling an attacker more than that.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("an Authorization: Bearer token is required")]
@@ -56,23 +102,92 @@ pub enum AuthError {
     UnknownIssuer,
     #[error("the token was refused: {0}")]
     Invalid(String),
+    /// The token claims a scope its site's key may not sign (or no scope at all).
+    #[error("{0}")]
+    ScopeNotAllowed(String),
+    #[error("the token claims adm, and its site may not sign admin tokens")]
+    AdminNotAllowed,
+    /// Longer than the site's `max_token_ttl_secs`.
+    #[error("{0}")]
+    Lifetime(String),
+    /// Issued before the site's `tokens_issued_after`.
+    #[error("{0}")]
+    Revoked(String),
 }
 
-struct SiteKey {
+impl AuthError {
+    /// The stable code of the refusal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::ScopeNotAllowed(_) => "scope_not_allowed",
+            AuthError::AdminNotAllowed => "admin_not_allowed",
+            AuthError::Lifetime(_) => "token_lifetime",
+            AuthError::Revoked(_) => "token_revoked",
+            AuthError::Malformed | AuthError::UnknownIssuer | AuthError::Invalid(_) => "invalid_token",
+        }
+    }
+}
+
+/// Why a grant was refused (403 `grant_invalid`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct GrantError(pub String);
+
+/// One key of a site.
+struct Key {
+    kid: Option<String>,
     algorithm: Algorithm,
     decoding: DecodingKey,
     encoding: Option<EncodingKey>,
-    validation: Validation,
+    /// Checks a token's claims: `exp`, `nbf`, `iss`, `aud`.
+    tokens: Validation,
+    /// Checks a grant's claims but its expiry, which only a new op cares about.
+    grants: Validation,
 }
 
-/// Keys of every configured site.
+/// What a site's key may sign, and for how long.
+#[derive(Debug, Clone)]
+struct Policy {
+    scopes: Scopes,
+    admin: bool,
+    max_token_ttl_secs: u64,
+    /// Tokens with an older `iat`, or none, are refused.
+    tokens_issued_after: Option<u64>,
+    ceilings: Ceilings,
+}
+
+struct SiteKeys {
+    keys: Vec<Key>,
+    policy: Policy,
+}
+
+impl SiteKeys {
+    /// The key a token's header names: its `kid`, or the site's key without one.
+    fn key(&self, site: &str, kid: Option<&str>) -> Result<&Key, String> {
+        match kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .ok_or_else(|| format!("{site} has no key with kid {:?}", truncate(kid))),
+            None => self
+                .keys
+                .iter()
+                .find(|k| k.kid.is_none())
+                .ok_or_else(|| format!("the header names no kid, and every key of {site} has one")),
+        }
+    }
+}
+
+/// Every configured site's keys and policies.
 pub struct Keys {
     hub_id: String,
-    sites: HashMap<String, SiteKey>,
+    sites: HashMap<String, SiteKeys>,
     /// Tokens verified lately, by their exact text, with their `exp`. A page sends the same
     /// token with every request until it expires: a remembered one costs a hash lookup, not
     /// two base64 decodes, two JSON parses and a signature check. Only the expiry can change
-    /// a verified token's answer, and it is checked on every use.
+    /// a verified token's answer while these keys serve; new keys come with an empty memory.
     recent: BoundedMap<(Verified, u64)>,
 }
 
@@ -82,22 +197,34 @@ impl std::fmt::Debug for Keys {
     }
 }
 
+/// What [`jsonwebtoken::dangerous::insecure_decode`] reads before the key is known.
+#[derive(Deserialize)]
+struct Issuer {
+    iss: String,
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
 impl Keys {
     pub fn from_config(config: &Config) -> anyhow::Result<Keys> {
         let mut sites = HashMap::new();
         for site in &config.sites {
-            let key = site_key(site, &config.hub_id).with_context(|| format!("site {}", site.id))?;
-            sites.insert(site.id.clone(), key);
+            let keys = site_keys(site, &config.hub_id).with_context(|| format!("site {}", site.id))?;
+            sites.insert(site.id.clone(), keys);
         }
         Ok(Keys { hub_id: config.hub_id.clone(), sites, recent: BoundedMap::new(REMEMBERED_TOKENS) })
     }
 
-    /// Verifies a token: known issuer, that issuer's algorithm and key, our audience,
-    /// unexpired, already valid, not issued in the future, with a well-formed subject.
+    /// Verifies a token: known issuer, the key its header names, that key's algorithm, our
+    /// audience, unexpired, already valid, not issued in the future, within its site's
+    /// lifetime and revocation time, claiming only scopes its site may sign, with a
+    /// well-formed subject.
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         if let Some((verified, exp)) = self.recent.get(token, Clone::clone) {
             // The rule jsonwebtoken applies: expired once `exp` is more than the leeway ago.
-            return if exp.saturating_add(LEEWAY_SECS) >= jsonwebtoken::get_current_timestamp() {
+            return if exp.saturating_add(LEEWAY_SECS) >= now() {
                 Ok(verified)
             } else {
                 Err(AuthError::Invalid(
@@ -111,32 +238,152 @@ impl Keys {
         Ok(verified)
     }
 
-    /// Every check of a token, returning whom it speaks for and its `exp`.
+    /// Every check of a token, returning what it may do and its `exp`.
     fn verify_fully(&self, token: &str) -> Result<(Verified, u64), AuthError> {
-        #[derive(Deserialize)]
-        struct Issuer {
-            iss: String,
+        let unverified =
+            jsonwebtoken::dangerous::insecure_decode::<Issuer>(token).map_err(|_| AuthError::Malformed)?;
+        if is_grant(&unverified.header) {
+            return Err(AuthError::Invalid("a grant is not a token; send it as the delta's grant".into()));
         }
-        let issuer: Issuer =
-            jsonwebtoken::dangerous::insecure_decode_claims(token).map_err(|_| AuthError::Malformed)?;
-        let key = self.sites.get(&issuer.iss).ok_or(AuthError::UnknownIssuer)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let claims = data.claims;
-        if claims.iat.is_some_and(|iat| iat > jsonwebtoken::get_current_timestamp() + LEEWAY_SECS) {
+        let site_id = unverified.claims.iss;
+        let site = self.sites.get(&site_id).ok_or(AuthError::UnknownIssuer)?;
+        let key = site.key(&site_id, unverified.header.kid.as_deref()).map_err(AuthError::Invalid)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.tokens)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?
+            .claims;
+        let now = now();
+        if claims.iat.is_some_and(|iat| iat > now + LEEWAY_SECS) {
             return Err(AuthError::Invalid("issued in the future".into()));
+        }
+        let policy = &site.policy;
+        let lifetime = claims.exp.saturating_sub(claims.iat.unwrap_or(now));
+        if lifetime > policy.max_token_ttl_secs + if claims.iat.is_some() { 0 } else { LEEWAY_SECS } {
+            return Err(AuthError::Lifetime(format!(
+                "the token lives {lifetime} s; {site_id}'s tokens live at most {} s",
+                policy.max_token_ttl_secs
+            )));
+        }
+        if let Some(after) = policy.tokens_issued_after {
+            match claims.iat {
+                Some(iat) if iat >= after => {}
+                Some(_) => {
+                    return Err(AuthError::Revoked(format!(
+                        "the token was issued before {site_id}'s tokens_issued_after; get a new one"
+                    )));
+                }
+                None => {
+                    return Err(AuthError::Revoked(format!(
+                        "{site_id} accepts only tokens with iat (tokens_issued_after is set)"
+                    )));
+                }
+            }
+        }
+        if claims.adm && !policy.admin {
+            return Err(AuthError::AdminNotAllowed);
+        }
+        let scopes = match &claims.scope {
+            None => Scopes::PAGE,
+            Some(claim) => Scopes::parse(claim).map_err(|name| {
+                AuthError::ScopeNotAllowed(format!(
+                    "the token claims {:?}, which is no scope; the scopes are {}",
+                    truncate(&name),
+                    Scopes::ALL
+                ))
+            })?,
+        };
+        if let Some(missing) = scopes.without(policy.scopes).iter().next() {
+            let asked = if claims.scope.is_some() {
+                "claims"
+            } else {
+                "has no scope, so it asks for the page set, which includes"
+            };
+            return Err(AuthError::ScopeNotAllowed(format!(
+                "the token {asked} {missing}, which {site_id}'s key may not sign"
+            )));
         }
         let user =
             UserId::parse(&claims.sub).map_err(|_| AuthError::Invalid("sub is not a user id".into()))?;
-        let site = SiteId::parse(&claims.iss).map_err(|_| AuthError::UnknownIssuer)?;
-        Ok((Verified { site, user, admin: claims.adm }, claims.exp))
+        let site_id = SiteId::parse(&site_id).map_err(|_| AuthError::UnknownIssuer)?;
+        let verified = Verified { site: site_id, user, admin: claims.adm, scopes, ceilings: policy.ceilings };
+        Ok((verified, claims.exp))
     }
 
-    /// Mints a token as the site's backend would (for `hub token`, `hub agent`, the demo and
-    /// tests).
-    pub fn mint(&self, site: &str, user: &str, ttl_secs: u64, admin: bool) -> anyhow::Result<String> {
-        let (key, encoding) = self.signing_key(site)?;
-        let now = jsonwebtoken::get_current_timestamp();
+    /// Verifies a grant's signature and claims (but its expiry, see [`VerifiedGrant`]): a
+    /// `grant+jwt` header, a configured issuer that may sign credits, the key its header
+    /// names, our audience, a life of at most [`MAX_GRANT_TTL_SECS`].
+    pub fn verify_grant(&self, grant: &str) -> Result<VerifiedGrant, GrantError> {
+        let invalid = |why: String| GrantError(format!("the grant is refused: {why}"));
+        let unverified = jsonwebtoken::dangerous::insecure_decode::<Issuer>(grant)
+            .map_err(|_| invalid("it is not a JWT with an iss".into()))?;
+        if !is_grant(&unverified.header) {
+            return Err(invalid(format!("its header's typ is not {GRANT_TYP} (a token is no grant)")));
+        }
+        let site_id = unverified.claims.iss;
+        let site =
+            self.sites.get(&site_id).ok_or_else(|| invalid("its issuer is not a configured site".into()))?;
+        if !site.policy.scopes.contains(Scope::AmountsCredit) {
+            return Err(invalid(format!("{site_id}'s key may not sign credits (amounts:credit)")));
+        }
+        let key = site.key(&site_id, unverified.header.kid.as_deref()).map_err(invalid)?;
+        let claims = jsonwebtoken::decode::<GrantClaims>(grant, &key.decoding, &key.grants)
+            .map_err(|e| invalid(e.to_string()))?
+            .claims;
+        let now = now();
+        let lifetime = claims.exp.saturating_sub(claims.iat.unwrap_or(now).min(now));
+        if lifetime > MAX_GRANT_TTL_SECS + LEEWAY_SECS {
+            return Err(invalid(format!(
+                "it lives {lifetime} s; a grant lives at most {MAX_GRANT_TTL_SECS} s"
+            )));
+        }
+        let site_id = SiteId::parse(&site_id).map_err(|e| invalid(e.message))?;
+        Ok(VerifiedGrant {
+            site: site_id,
+            user: claims.sub,
+            op_id: claims.op_id,
+            data_type: claims.data_type,
+            delta: claims.delta,
+            exp: claims.exp,
+        })
+    }
+
+    /// Mints a page's token (no `scope`: the page set), as the site's backend would.
+    pub fn mint(&self, site: &str, user: &str, ttl_secs: u64) -> anyhow::Result<String> {
+        self.mint_token(site, user, ttl_secs, None, false)
+    }
+
+    /// Mints a token with `scopes` (and `adm` when `admin`), for the site's backend itself:
+    /// `hub token --scope`, `hub agent`, tests. Fails unless the site may sign it.
+    pub fn mint_scoped(
+        &self,
+        site: &str,
+        user: &str,
+        ttl_secs: u64,
+        scopes: Scopes,
+        admin: bool,
+    ) -> anyhow::Result<String> {
+        self.mint_token(site, user, ttl_secs, Some(scopes), admin)
+    }
+
+    fn mint_token(
+        &self,
+        site: &str,
+        user: &str,
+        ttl_secs: u64,
+        scopes: Option<Scopes>,
+        admin: bool,
+    ) -> anyhow::Result<String> {
+        let (entry, key, encoding) = self.signing_key(site)?;
+        let policy = &entry.policy;
+        if let Some(missing) = scopes.unwrap_or(Scopes::PAGE).without(policy.scopes).iter().next() {
+            bail!("site {site} may not sign {missing}; add it to the site's scopes");
+        }
+        if admin && !policy.admin {
+            bail!("site {site} may not sign admin tokens; set admin = true for it");
+        }
+        if ttl_secs > policy.max_token_ttl_secs {
+            bail!("site {site}'s tokens live at most {} s (max_token_ttl_secs)", policy.max_token_ttl_secs);
+        }
+        let now = now();
         let claims = Claims {
             iss: site.into(),
             sub: user.into(),
@@ -145,35 +392,118 @@ impl Keys {
             iat: Some(now),
             nbf: None,
             adm: admin,
+            scope: scopes.map(|s| s.to_string()),
         };
-        Ok(jsonwebtoken::encode(&Header::new(key.algorithm), &claims, encoding)?)
+        Ok(jsonwebtoken::encode(&header(key, None), &claims, encoding)?)
     }
 
-    /// Fails, saying why, unless [`Keys::mint`] can sign for `site`: a program that will mint
-    /// tokens for a long time (`hub agent`) checks this once at start.
-    pub fn check_can_mint(&self, site: &str) -> anyhow::Result<()> {
-        self.signing_key(site).map(|_| ())
+    /// Mints a grant for one credit, as the site's backend does when it decides a user
+    /// earned it.
+    pub fn mint_grant(
+        &self,
+        site: &str,
+        user: &str,
+        op_id: &str,
+        data_type: &str,
+        delta: Map<String, Value>,
+        ttl_secs: u64,
+    ) -> anyhow::Result<String> {
+        let (_, key, encoding) = self.signing_key(site)?;
+        let now = now();
+        let claims = GrantClaims {
+            iss: site.into(),
+            sub: user.into(),
+            aud: self.hub_id.clone(),
+            exp: now + ttl_secs.min(MAX_GRANT_TTL_SECS),
+            iat: Some(now),
+            op_id: op_id.into(),
+            data_type: data_type.into(),
+            delta,
+        };
+        Ok(jsonwebtoken::encode(&header(key, Some(GRANT_TYP)), &claims, encoding)?)
     }
 
-    fn signing_key(&self, site: &str) -> anyhow::Result<(&SiteKey, &EncodingKey)> {
-        let key = self.sites.get(site).with_context(|| format!("no site {site} is configured"))?;
-        let encoding = key.encoding.as_ref().with_context(|| {
-            format!("site {site} has only a public key; add private_key_pem to mint its tokens")
-        })?;
-        Ok((key, encoding))
+    /// The scopes `site`'s key may sign, if it is configured.
+    pub fn signable(&self, site: &str) -> Option<Scopes> {
+        self.sites.get(site).map(|s| s.policy.scopes)
+    }
+
+    /// Fails, saying why, unless the site can sign tokens with `scopes`: a program that will
+    /// mint tokens for a long time (`hub agent`) checks this once at start.
+    pub fn check_can_mint(&self, site: &str, scopes: Scopes) -> anyhow::Result<()> {
+        let (entry, _, _) = self.signing_key(site)?;
+        if let Some(missing) = scopes.without(entry.policy.scopes).iter().next() {
+            bail!("site {site} may not sign {missing}; add it to the site's scopes");
+        }
+        Ok(())
+    }
+
+    /// The site's first key that can sign, in configuration order.
+    fn signing_key(&self, site: &str) -> anyhow::Result<(&SiteKeys, &Key, &EncodingKey)> {
+        let entry = self.sites.get(site).with_context(|| format!("no site {site} is configured"))?;
+        entry.keys.iter().find_map(|k| k.encoding.as_ref().map(|e| (entry, k, e))).with_context(|| {
+            format!("site {site} has only public keys; add private_key_pem to mint its tokens")
+        })
     }
 }
 
-fn site_key(site: &Site, hub_id: &str) -> anyhow::Result<SiteKey> {
-    let secret = match (&site.secret, &site.secret_env) {
-        (Some(secret), None) => Some(secret.clone()),
+fn header(key: &Key, typ: Option<&str>) -> Header {
+    let mut header = Header::new(key.algorithm);
+    header.kid.clone_from(&key.kid);
+    if let Some(typ) = typ {
+        header.typ = Some(typ.into());
+    }
+    header
+}
+
+/// Whether a header's `typ` says grant (compared as RFC 8725 asks: without case, and
+/// with or without the `application/` prefix).
+fn is_grant(header: &Header) -> bool {
+    header.typ.as_deref().is_some_and(|typ| {
+        let typ = typ.to_ascii_lowercase();
+        typ.strip_prefix("application/").unwrap_or(&typ) == GRANT_TYP
+    })
+}
+
+/// The start of a long value, for a message.
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<SiteKeys> {
+    let materials = site.key_materials();
+    let keys = materials
+        .iter()
+        .map(|m| {
+            load_key(m, &site.id, hub_id).with_context(|| match m.kid {
+                Some(kid) => format!("key {kid}"),
+                None => "its key".into(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<Key>>>()?;
+    let policy = Policy {
+        scopes: site.signable_scopes()?,
+        admin: site.admin,
+        max_token_ttl_secs: site.max_token_ttl_secs,
+        tokens_issued_after: site.tokens_issued_after_secs()?,
+        ceilings: Ceilings {
+            per_op: site.max_credit_per_op,
+            per_user_per_day: site.max_credits_per_user_per_day,
+        },
+    };
+    Ok(SiteKeys { keys, policy })
+}
+
+fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<Key> {
+    let secret = match (m.secret, m.secret_env) {
+        (Some(secret), None) => Some(secret.to_owned()),
         (None, Some(var)) => {
             Some(std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?)
         }
         (None, None) => None,
         (Some(_), Some(_)) => bail!("give either secret or secret_env, not both"),
     };
-    let (algorithm, decoding, encoding) = match (secret, &site.public_key_pem) {
+    let (algorithm, decoding, encoding) = match (secret, m.public_key_pem) {
         (Some(secret), None) => {
             if secret.len() < 32 {
                 bail!("the HS256 secret must be at least 32 bytes");
@@ -184,9 +514,8 @@ fn site_key(site: &Site, hub_id: &str) -> anyhow::Result<SiteKey> {
         (None, Some(public)) => {
             let decoding = DecodingKey::from_ed_pem(public.as_bytes())
                 .context("public_key_pem is not an Ed25519 key")?;
-            let encoding = site
+            let encoding = m
                 .private_key_pem
-                .as_ref()
                 .map(|pem| EncodingKey::from_ed_pem(pem.as_bytes()))
                 .transpose()
                 .context("private_key_pem is not an Ed25519 key")?;
@@ -195,11 +524,14 @@ fn site_key(site: &Site, hub_id: &str) -> anyhow::Result<SiteKey> {
         (Some(_), Some(_)) => bail!("give either an HS256 secret or an EdDSA public key, not both"),
         (None, None) => bail!("no key: give secret, secret_env or public_key_pem"),
     };
-    let mut validation = Validation::new(algorithm);
-    validation.set_issuer(&[&site.id]);
-    validation.set_audience(&[hub_id]);
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    validation.validate_nbf = true;
-    validation.leeway = LEEWAY_SECS;
-    Ok(SiteKey { algorithm, decoding, encoding, validation })
+    let mut tokens = Validation::new(algorithm);
+    tokens.set_issuer(&[site]);
+    tokens.set_audience(&[hub_id]);
+    tokens.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    tokens.validate_nbf = true;
+    tokens.leeway = LEEWAY_SECS;
+    let mut grants = tokens.clone();
+    grants.validate_exp = false;
+    grants.validate_nbf = false;
+    Ok(Key { kid: m.kid.map(str::to_owned), algorithm, decoding, encoding, tokens, grants })
 }

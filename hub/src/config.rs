@@ -121,7 +121,8 @@ pub struct Limits {
     pub op_retention_days: u32,
 }
 
-/// One site that may talk to the hub.
+/// One site that may talk to the hub: its keys, where its pages live, and what its key may
+/// sign.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
@@ -130,7 +131,8 @@ pub struct Site {
     /// Browser origins allowed by CORS. `http://localhost:*` allows any port.
     #[serde(default)]
     pub origins: Vec<String>,
-    /// HS256 secret, at least 32 bytes.
+    /// HS256 secret, at least 32 bytes. With `secret_env` or `public_key_pem`, the site's key
+    /// without a `kid`: it verifies tokens whose header names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
     /// Name of an environment variable holding the HS256 secret.
@@ -142,6 +144,182 @@ pub struct Site {
     /// Ed25519 private key (PEM), only so that `hub token` can mint tokens for this site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key_pem: Option<String>,
+    /// More keys, each named by the `kid` its tokens carry in their header, so that a key is
+    /// rotated without a gap (add the new one, move the backend to it, remove the old) and a
+    /// leaked one is revoked by removing it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<SiteKey>,
+    /// The scopes this site's key may sign. A token claiming any other is refused, so that a
+    /// leaked key of a small site cannot do what it was never given.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// Whether the site's key may sign admin tokens (`adm: true`, which write
+    /// `global_roles` for every user).
+    #[serde(default)]
+    pub admin: bool,
+    /// Longest lifetime of a token (`exp` − `iat`, or `exp` − now without `iat`).
+    #[serde(default = "default_max_token_ttl_secs")]
+    pub max_token_ttl_secs: u64,
+    /// Tokens issued before this instant (RFC 3339) are refused, and so are tokens without
+    /// `iat` while it is set: ends every session of the site at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_issued_after: Option<String>,
+    /// Largest credit one op may carry: a positive delta, or a set that raises an amount
+    /// by this much. Applies to every credit the site's key signs, grants and tokens alike.
+    #[serde(default = "default_max_credit_per_op")]
+    pub max_credit_per_op: i64,
+    /// Most one user may be credited per amount (coins, points) per UTC day by this site's
+    /// key, so that even a stolen key cannot mint without bound.
+    #[serde(default = "default_max_credits_per_user_per_day")]
+    pub max_credits_per_user_per_day: i64,
+}
+
+/// One of a site's keys, named by a `kid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteKey {
+    /// What tokens signed with this key name in their header's `kid`.
+    pub kid: String,
+    /// HS256 secret, at least 32 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Name of an environment variable holding the HS256 secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// Ed25519 public key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    /// Ed25519 private key (PEM), only so that the hub can mint with this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
+}
+
+/// The key material of one key, whichever way it was configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyMaterial<'a> {
+    /// `None` for the site's key without a `kid`.
+    pub kid: Option<&'a str>,
+    pub secret: Option<&'a str>,
+    pub secret_env: Option<&'a str>,
+    pub public_key_pem: Option<&'a str>,
+    pub private_key_pem: Option<&'a str>,
+}
+
+fn default_scopes() -> Vec<String> {
+    protocol::Scopes::SITE_DEFAULT.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+fn default_max_token_ttl_secs() -> u64 {
+    3600
+}
+
+fn default_max_credit_per_op() -> i64 {
+    10_000
+}
+
+fn default_max_credits_per_user_per_day() -> i64 {
+    100_000
+}
+
+impl Site {
+    /// A site with no key and every policy at its default; tests and `--dev` fill in the rest.
+    pub fn new(id: impl Into<String>) -> Site {
+        Site {
+            id: id.into(),
+            origins: Vec::new(),
+            secret: None,
+            secret_env: None,
+            public_key_pem: None,
+            private_key_pem: None,
+            keys: Vec::new(),
+            scopes: default_scopes(),
+            admin: false,
+            max_token_ttl_secs: default_max_token_ttl_secs(),
+            tokens_issued_after: None,
+            max_credit_per_op: default_max_credit_per_op(),
+            max_credits_per_user_per_day: default_max_credits_per_user_per_day(),
+        }
+    }
+
+    /// Every key of the site: the one given by the top-level fields (if any), then `keys`.
+    pub fn key_materials(&self) -> Vec<KeyMaterial<'_>> {
+        let top = KeyMaterial {
+            kid: None,
+            secret: self.secret.as_deref(),
+            secret_env: self.secret_env.as_deref(),
+            public_key_pem: self.public_key_pem.as_deref(),
+            private_key_pem: self.private_key_pem.as_deref(),
+        };
+        let given = top.secret.is_some()
+            || top.secret_env.is_some()
+            || top.public_key_pem.is_some()
+            || top.private_key_pem.is_some();
+        let mut materials = Vec::new();
+        // A site with no key at all keeps its empty top-level one, which fails to load, saying so.
+        if given || self.keys.is_empty() {
+            materials.push(top);
+        }
+        materials.extend(self.keys.iter().map(|k| KeyMaterial {
+            kid: Some(k.kid.as_str()),
+            secret: k.secret.as_deref(),
+            secret_env: k.secret_env.as_deref(),
+            public_key_pem: k.public_key_pem.as_deref(),
+            private_key_pem: k.private_key_pem.as_deref(),
+        }));
+        materials
+    }
+
+    /// The scopes the site's key may sign.
+    pub fn signable_scopes(&self) -> anyhow::Result<protocol::Scopes> {
+        self.scopes
+            .iter()
+            .map(|name| {
+                protocol::Scope::from_name(name).with_context(|| {
+                    format!(
+                        "site {}: unknown scope {name:?} in scopes; the scopes are {}",
+                        self.id,
+                        protocol::Scopes::ALL
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// `tokens_issued_after` in seconds since the Unix epoch.
+    pub fn tokens_issued_after_secs(&self) -> anyhow::Result<Option<u64>> {
+        let Some(text) = &self.tokens_issued_after else { return Ok(None) };
+        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .with_context(|| {
+                format!("site {}: tokens_issued_after {text:?} is not an RFC 3339 time", self.id)
+            })?;
+        Ok(Some(u64::try_from(at.unix_timestamp()).unwrap_or(0)))
+    }
+
+    /// Checks the site's policies (its keys are checked when they are loaded).
+    fn validate(&self) -> anyhow::Result<()> {
+        self.signable_scopes()?;
+        self.tokens_issued_after_secs()?;
+        if self.max_token_ttl_secs == 0 {
+            bail!("site {}: max_token_ttl_secs must be at least 1", self.id);
+        }
+        for (name, value) in [
+            ("max_credit_per_op", self.max_credit_per_op),
+            ("max_credits_per_user_per_day", self.max_credits_per_user_per_day),
+        ] {
+            if !(1..=protocol::MAX_AMOUNT).contains(&value) {
+                bail!("site {}: {name} must be between 1 and {}", self.id, protocol::MAX_AMOUNT);
+            }
+        }
+        let mut kids: Vec<&str> = self.keys.iter().map(|k| k.kid.as_str()).collect();
+        kids.sort_unstable();
+        if let Some(w) = kids.windows(2).find(|w| w[0] == w[1]) {
+            bail!("site {}: two keys have the kid {:?}", self.id, w[0]);
+        }
+        if let Some(key) = self.keys.iter().find(|k| k.kid.is_empty() || k.kid.len() > 64) {
+            bail!("site {}: a kid has 1 to 64 characters, not {:?}", self.id, key.kid);
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -226,12 +404,9 @@ impl Config {
             let sites = DEV_SITES
                 .iter()
                 .map(|id| Site {
-                    id: (*id).into(),
                     origins: DEV_ORIGINS.iter().map(|o| (*o).into()).collect(),
                     secret: Some(random_secret()),
-                    secret_env: None,
-                    public_key_pem: None,
-                    private_key_pem: None,
+                    ..Site::new(*id)
                 })
                 .collect();
             let keys = DevKeys { sites };
@@ -276,6 +451,7 @@ impl Config {
             for origin in &site.origins {
                 OriginPattern::parse(origin).with_context(|| format!("site {}", site.id))?;
             }
+            site.validate()?;
         }
         let mut ids: Vec<&str> = self.sites.iter().map(|s| s.id.as_str()).collect();
         ids.sort_unstable();

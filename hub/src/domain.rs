@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 use protocol::{
-    DataType, DeltaRequest, Limits, MAX_AMOUNT, OpId, PushRequest, Refusal, SiteId, UserId, amount_field,
-    merge_patch, validate_delta, validate_push, validate_record,
+    DataType, DeltaRequest, Limits, MAX_AMOUNT, OpId, PushRequest, Refusal, Scope, Scopes, SiteId, UserId,
+    amount_field, merge_patch, validate_delta, validate_push, validate_record,
 };
 use serde_json::{Value, json};
 
+use crate::auth::{LEEWAY_SECS, VerifiedGrant};
 use crate::store::{
-    Change, LedgerEntry, Mutation, OpKey, Record, Stamp, Store, StoreError, Write, WriteOutcome,
+    Change, Credits, Current, LedgerEntry, Mutation, OpKey, Record, Stamp, Store, StoreError, Write,
+    WriteOutcome,
 };
 use crate::time::rfc3339_ms;
 
@@ -22,7 +24,28 @@ pub struct Caller {
     pub user: UserId,
     /// Admin tokens may write `global_roles`.
     pub admin: bool,
+    /// What the token may do.
+    pub scopes: Scopes,
+    /// The token's site's credit ceilings: every credit its key signs counts against them.
+    pub ceilings: Ceilings,
 }
+
+/// How much a site's key may credit, so that even a stolen key cannot mint without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceilings {
+    /// Largest credit of one op (a positive delta, or a set's raise).
+    pub per_op: i64,
+    /// Most one user's amount may be credited by the site in one UTC day.
+    pub per_user_per_day: i64,
+}
+
+impl Ceilings {
+    /// No ceiling: for a hub without auth, where anyone may act as anyone anyway.
+    pub const NONE: Ceilings = Ceilings { per_op: MAX_AMOUNT, per_user_per_day: MAX_AMOUNT };
+}
+
+/// Milliseconds in a day: credits are counted per UTC day.
+const DAY_MS: i64 = 86_400_000;
 
 /// Why the domain refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +58,10 @@ pub enum DomainError {
     InsufficientFunds(Record),
     #[error("this op_id was already used for a different request")]
     OpIdReused,
+    #[error("the grant has expired; ask the site's backend for a new one for the same op")]
+    GrantExpired,
+    #[error("the credit would exceed the site's ceiling for this user (per op or per day)")]
+    CreditLimit(Record),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -91,6 +118,7 @@ impl Domain {
         types: &[DataType],
     ) -> Result<Vec<Stamp>, DomainError> {
         authorize_user(caller, user)?;
+        require(caller, Scope::SyncRead)?;
         Ok(self.store.stamps(user, types).await?)
     }
 
@@ -102,14 +130,17 @@ impl Domain {
         types: &[DataType],
     ) -> Result<Vec<Record>, DomainError> {
         authorize_user(caller, user)?;
+        require(caller, Scope::SyncRead)?;
         Ok(self.store.records(user, types).await?)
     }
 
     /// `action=push`: merge a patch into a record (profile, settings, roles) or set an
     /// amount (balance, points), optionally only if the record is still at `base_version`.
+    /// A set that raises an amount counts as a credit of the difference.
     pub async fn push(&self, caller: &Caller, req: PushRequest) -> Result<Written, DomainError> {
         let (user, site) = authorize_write(caller, &req.user_id, &req.site_id)?;
         let data_type = DataType::parse(&req.data_type)?;
+        require(caller, write_scope(data_type))?;
         let patch = validate_push(data_type, &req.data, &site, caller.admin)?;
         let op = req.op_id.as_deref().map(OpId::parse).transpose()?;
         let base_version = req.base_version;
@@ -117,43 +148,89 @@ impl Domain {
             op_id,
             fingerprint: json!(["push", data_type, site.as_str(), patch, base_version]).to_string(),
         });
-        let mutation: Mutation = Box::new(move |current: &Record| {
-            if base_version.is_some_and(|base| base != current.version) {
-                return Err(DomainError::VersionConflict(current.clone()));
+        let ceilings = caller.ceilings;
+        let credit_site = site.clone();
+        let mutation: Mutation = Box::new(move |current: Current<'_>| {
+            let record = current.record;
+            if base_version.is_some_and(|base| base != record.version) {
+                return Err(DomainError::VersionConflict(record.clone()));
             }
-            let mut data = current.data.clone();
+            let mut data = record.data.clone();
             merge_patch(&mut data, &patch);
             validate_record(data_type, &data)?;
-            let ledger = amount_field(data_type).and_then(|field| {
-                let (old, new) = (amount(&current.data, field), amount(&data, field));
-                (old != new).then(|| LedgerEntry {
-                    delta: new - old,
-                    result: new,
-                    reason: Some("push".into()),
-                })
+            let Some(field) = amount_field(data_type) else {
+                return Ok(Change { data, ledger: None, credits: None });
+            };
+            let (old, new) = (amount(&record.data, field), amount(&data, field));
+            let credits = if new > old {
+                if new - old > ceilings.per_op {
+                    return Err(DomainError::CreditLimit(record.clone()));
+                }
+                Some(credit(&current, &credit_site, new - old, ceilings)?)
+            } else {
+                None
+            };
+            let ledger = (old != new).then(|| LedgerEntry {
+                delta: new - old,
+                result: new,
+                reason: Some("push".into()),
             });
-            Ok(Change { data, ledger })
+            Ok(Change { data, ledger, credits })
         });
         self.write(Write { user, data_type, site, op, mutation }).await
     }
 
     /// `action=delta`: add a signed amount to balance or points atomically, exactly once
-    /// per `op_id`, never below zero.
-    pub async fn delta(&self, caller: &Caller, req: DeltaRequest) -> Result<Written, DomainError> {
+    /// per `op_id`, never below zero. A credit needs `amounts:credit` or a grant of the
+    /// caller's site for exactly this op; a spend needs `amounts:spend` (or such a grant).
+    pub async fn delta(
+        &self,
+        caller: &Caller,
+        req: DeltaRequest,
+        grant: Option<VerifiedGrant>,
+    ) -> Result<Written, DomainError> {
         let (user, site) = authorize_write(caller, &req.user_id, &req.site_id)?;
         let data_type = DataType::parse(&req.data_type)?;
         let change = validate_delta(data_type, &req.delta, self.limits)?;
         let op_id = OpId::parse(&req.op_id)?;
         let reason = req.reason.as_deref().map(protocol::validate_reason).transpose()?;
         let field = amount_field(data_type).expect("validate_delta accepts balance-like types only");
+        let grant_exp = match &grant {
+            Some(grant) => Some(check_grant(grant, &user, &site, &op_id, data_type, change, self.limits)?),
+            None if change > 0 => {
+                require_for(
+                    caller,
+                    Scope::AmountsCredit,
+                    "a credit needs a grant from the site's backend, or",
+                )?;
+                None
+            }
+            None => {
+                require(caller, Scope::AmountsSpend)?;
+                None
+            }
+        };
+        let ceilings = caller.ceilings;
+        if change > ceilings.per_op {
+            return Err(Refusal::forbidden(
+                "credit_limit",
+                format!("{site} credits at most {} per op", ceilings.per_op),
+            )
+            .into());
+        }
         let op = Some(OpKey {
             op_id,
             fingerprint: json!(["delta", data_type, site.as_str(), change, reason]).to_string(),
         });
-        let mutation: Mutation = Box::new(move |current: &Record| {
-            let result = amount(&current.data, field) + change;
+        let credit_site = site.clone();
+        let mutation: Mutation = Box::new(move |current: Current<'_>| {
+            if grant_exp.is_some_and(|exp| current.now_ms.div_euclid(1000) > last_second(exp)) {
+                return Err(DomainError::GrantExpired);
+            }
+            let record = current.record;
+            let result = amount(&record.data, field) + change;
             if result < 0 {
-                return Err(DomainError::InsufficientFunds(current.clone()));
+                return Err(DomainError::InsufficientFunds(record.clone()));
             }
             if result > MAX_AMOUNT {
                 return Err(Refusal::invalid(
@@ -162,9 +239,11 @@ impl Domain {
                 )
                 .into());
             }
-            let mut data = current.data.clone();
+            let credits =
+                if change > 0 { Some(credit(&current, &credit_site, change, ceilings)?) } else { None };
+            let mut data = record.data.clone();
             data[field] = Value::from(result);
-            Ok(Change { data, ledger: Some(LedgerEntry { delta: change, result, reason }) })
+            Ok(Change { data, ledger: Some(LedgerEntry { delta: change, result, reason }), credits })
         });
         self.write(Write { user, data_type, site, op, mutation }).await
     }
@@ -178,12 +257,12 @@ impl Domain {
         let data = json!({ "coins": coins });
         validate_record(DataType::Balance, &data)?;
         let site = SiteId::parse(IMPORT_SITE)?;
-        let mutation: Mutation = Box::new(move |current: &Record| {
-            if current.version != 0 {
-                return Err(DomainError::VersionConflict(current.clone()));
+        let mutation: Mutation = Box::new(move |current: Current<'_>| {
+            if current.record.version != 0 {
+                return Err(DomainError::VersionConflict(current.record.clone()));
             }
             let ledger = Some(LedgerEntry { delta: coins, result: coins, reason: Some("import".into()) });
-            Ok(Change { data, ledger })
+            Ok(Change { data, ledger, credits: None })
         });
         self.write(Write { user, data_type: DataType::Balance, site, op: None, mutation }).await
     }
@@ -224,6 +303,85 @@ impl Domain {
 /// A balance-like record's amount; records only ever hold integers here.
 fn amount(data: &Value, field: &str) -> i64 {
     data.get(field).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The last second, since the Unix epoch, at which a grant with this `exp` still credits.
+fn last_second(exp: u64) -> i64 {
+    i64::try_from(exp.saturating_add(LEEWAY_SECS)).unwrap_or(i64::MAX)
+}
+
+/// Counts a credit of `amount` by `site` against its daily ceiling; the record's new count.
+fn credit(
+    current: &Current<'_>,
+    site: &SiteId,
+    amount: i64,
+    ceilings: Ceilings,
+) -> Result<Credits, DomainError> {
+    let day = current.now_ms.div_euclid(DAY_MS);
+    let mut credits = if current.credits.day == day { current.credits.clone() } else { Credits::on(day) };
+    let total = credits.by_site.entry(site.as_str().to_owned()).or_insert(0);
+    *total = total.saturating_add(amount);
+    if *total > ceilings.per_user_per_day {
+        return Err(DomainError::CreditLimit(current.record.clone()));
+    }
+    Ok(credits)
+}
+
+/// The scope a push of `data_type` needs.
+fn write_scope(data_type: DataType) -> Scope {
+    match data_type {
+        DataType::Balance | DataType::Points => Scope::AmountsSet,
+        DataType::Profile => Scope::ProfileWrite,
+        DataType::Settings => Scope::SettingsWrite,
+        DataType::Roles => Scope::RolesWrite,
+    }
+}
+
+fn require(caller: &Caller, scope: Scope) -> Result<(), Refusal> {
+    require_for(caller, scope, "this needs")
+}
+
+fn require_for(caller: &Caller, scope: Scope, what: &str) -> Result<(), Refusal> {
+    if caller.scopes.contains(scope) {
+        Ok(())
+    } else {
+        Err(Refusal::forbidden(
+            "insufficient_scope",
+            format!("{what} a token with the {scope} scope, which this token does not have"),
+        ))
+    }
+}
+
+/// Checks that `grant` is for exactly this op: its user, site, op id, data type and amount.
+/// Returns its `exp`, which only an op the hub has not applied yet must be within.
+fn check_grant(
+    grant: &VerifiedGrant,
+    user: &UserId,
+    site: &SiteId,
+    op_id: &OpId,
+    data_type: DataType,
+    change: i64,
+    limits: Limits,
+) -> Result<u64, Refusal> {
+    let mismatch = |what: &str| {
+        Refusal::forbidden("grant_invalid", format!("the grant is for another {what} than this op's"))
+    };
+    if &grant.site != site {
+        return Err(mismatch("site"));
+    }
+    if grant.user != user.as_str() {
+        return Err(mismatch("user"));
+    }
+    if grant.op_id != op_id.as_str() {
+        return Err(mismatch("op_id"));
+    }
+    if grant.data_type != data_type.as_str() {
+        return Err(mismatch("data_type"));
+    }
+    if validate_delta(data_type, &grant.delta, limits).ok() != Some(change) {
+        return Err(mismatch("amount"));
+    }
+    Ok(grant.exp)
 }
 
 fn authorize_user(caller: &Caller, user: &UserId) -> Result<(), Refusal> {

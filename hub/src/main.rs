@@ -1,4 +1,4 @@
-//! `hub`: serve the sync API (reloading its TLS certificate on SIGHUP), mint a site token,
+//! `hub`: serve the sync API (rereading its sites and TLS certificate on SIGHUP), mint a site token,
 //! import balance files, or run the agent that pushes a site's balance files to the hub.
 
 use std::net::SocketAddr;
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use hub::App;
 use hub::auth::Keys;
 use hub::config::Config;
+use protocol::{Scope, Scopes};
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
@@ -91,7 +92,12 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        /// Mark the token as an admin token (may write global_roles).
+        /// What the token may do, space-separated (e.g. "sync:read amounts:set"); without it,
+        /// a page's token: sync:read profile:write settings:write amounts:spend.
+        #[arg(long, value_name = "SCOPES")]
+        scope: Option<String>,
+        /// Mark the token as an admin token (may write global_roles; the site must be
+        /// configured admin = true). Without --scope it gets the page's scopes and roles:write.
         #[arg(long)]
         admin: bool,
     },
@@ -119,13 +125,13 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, listen } => {
-            let mut config = config.load()?;
+        Command::Serve { config: args, listen } => {
+            let mut config = args.load()?;
             if let Some(listen) = listen {
                 config.listen = listen;
             }
             let _logs = init_logging();
-            serve(config)
+            serve(config, move || args.load())
         }
         Command::Agent { config, watch, site, hub, state } => {
             let config = config.load()?;
@@ -133,11 +139,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent(config, hub::agent::Options { dir: watch, site, hub_url: hub, state })
         }
         Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
-        Command::Token { config, site, user, ttl, admin } => {
+        Command::Token { config, site, user, ttl, scope, admin } => {
             let config = config.load()?;
             protocol::UserId::parse(&user).map_err(|e| anyhow::anyhow!(e.message))?;
             let keys = Keys::from_config(&config)?;
-            println!("{}", keys.mint(&site, &user, ttl, admin)?);
+            let scopes = scope
+                .map(|claim| {
+                    Scopes::parse(&claim).map_err(|name| {
+                        anyhow::anyhow!("--scope: {name:?} is no scope; the scopes are {}", Scopes::ALL)
+                    })
+                })
+                .transpose()?;
+            let token = match (scopes, admin) {
+                (None, false) => keys.mint(&site, &user, ttl)?,
+                (Some(scopes), admin) => keys.mint_scoped(&site, &user, ttl, scopes, admin)?,
+                (None, true) => {
+                    let scopes = Scopes::PAGE.iter().chain([Scope::RolesWrite]).collect();
+                    keys.mint_scoped(&site, &user, ttl, scopes, true)?
+                }
+            };
+            println!("{token}");
             Ok(())
         }
     }
@@ -180,7 +201,10 @@ async fn agent(config: Config, options: hub::agent::Options) -> anyhow::Result<(
 }
 
 #[tokio::main]
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    reread: impl Fn() -> anyhow::Result<Config> + Send + 'static,
+) -> anyhow::Result<()> {
     if !config.auth {
         tracing::warn!("auth is OFF: any caller may read and write any user (development only)");
     }
@@ -194,6 +218,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot handle SIGHUP")?,
         app.clone(),
+        reread,
     ));
     let scheme = if app.tls().is_some() { "https" } else { "http" };
     tracing::info!(
@@ -255,14 +280,27 @@ async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow
     Ok(())
 }
 
-/// Rereads the TLS certificate and key on every SIGHUP (`systemctl reload`), so that a
-/// renewed certificate is served without a restart. A file that does not load is logged and
-/// the certificate in use stays; the hub keeps serving either way.
+/// On every SIGHUP (`systemctl reload`): rereads the configuration's sites — their keys,
+/// origins, scopes and ceilings — and the TLS certificate and key, so that a key is added or
+/// revoked and a renewed certificate served without a restart or a dropped connection. A
+/// file that does not load is logged and what is in use stays; the hub keeps serving either
+/// way.
 #[cfg(unix)]
-async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, app: App) {
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    app: App,
+    reread: impl Fn() -> anyhow::Result<Config>,
+) {
     while hangup.recv().await.is_some() {
+        match reread().and_then(|config| app.reload_sites(&config).map(|()| config)) {
+            Ok(config) => tracing::info!(
+                "SIGHUP: sites reloaded ({}); new requests use their keys and policies",
+                config.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            Err(e) => tracing::error!("SIGHUP: keeping the current sites: {e:#}"),
+        }
         match app.tls().map(hub::tls::Tls::reload) {
-            None => tracing::warn!("SIGHUP: the hub serves plain HTTP, there is no certificate to reload"),
+            None => {}
             Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections get it"),
             Some(Err(e)) => tracing::error!("SIGHUP: keeping the current TLS certificate: {e:#}"),
         }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,7 +36,7 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Everything a request handler needs: the domain, keys, limits and configuration.
+/// Everything a request handler needs: the domain, the sites, limits and configuration.
 #[derive(Clone, Debug)]
 pub struct App {
     inner: Arc<Inner>,
@@ -45,18 +46,58 @@ pub struct App {
 struct Inner {
     config: Config,
     domain: Domain,
-    /// `None` when auth is off (development on loopback only).
-    keys: Option<Keys>,
+    /// The sites' keys, policies and origins; SIGHUP replaces them whole.
+    sites: ArcSwap<Sites>,
     rate_limits: RateLimits,
-    /// Every configured origin: what CORS answers for before a token is read.
-    origins: Arc<[OriginPattern]>,
-    /// Each site's own origins: a site's token is refused from any other page.
-    site_origins: HashMap<String, Vec<OriginPattern>>,
     metrics: Metrics,
     /// Lets callers from any address read the metrics; see `MetricsConfig`.
     metrics_token: Option<String>,
     /// `None` when the hub serves plain HTTP.
     tls: Option<Tls>,
+}
+
+/// What the hub knows of its sites, read from the configuration at start and again on SIGHUP.
+#[derive(Debug)]
+pub struct Sites {
+    /// `None` when auth is off (development on loopback only).
+    keys: Option<Keys>,
+    /// Every configured origin: what CORS answers for before a token is read.
+    origins: Vec<OriginPattern>,
+    /// Each site's own origins: a site's token is refused from any other page.
+    site_origins: HashMap<String, Vec<OriginPattern>>,
+}
+
+impl Sites {
+    fn from_config(config: &Config) -> anyhow::Result<Sites> {
+        let keys = if config.auth { Some(Keys::from_config(config)?) } else { None };
+        let site_origins = config
+            .sites
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.id.clone(),
+                    s.origins.iter().map(|o| OriginPattern::parse(o)).collect::<anyhow::Result<_>>()?,
+                ))
+            })
+            .collect::<anyhow::Result<HashMap<String, Vec<OriginPattern>>>>()?;
+        let origins = site_origins.values().flatten().cloned().collect();
+        Ok(Sites { keys, origins, site_origins })
+    }
+
+    /// The sites' keys, or `None` when auth is off.
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    /// Whether any site has pages on `origin`.
+    pub(crate) fn allows_origin(&self, origin: &str) -> bool {
+        self.origins.iter().any(|p| p.matches(origin))
+    }
+
+    /// Whether a page on `origin` may use `site`'s tokens.
+    pub(crate) fn site_allows_origin(&self, site: &str, origin: &str) -> bool {
+        self.site_origins.get(site).is_some_and(|patterns| patterns.iter().any(|p| p.matches(origin)))
+    }
 }
 
 impl App {
@@ -82,18 +123,7 @@ impl App {
         config.validate()?;
         let metrics_token = config.metrics.token()?;
         let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
-        let keys = if config.auth { Some(Keys::from_config(&config)?) } else { None };
-        let site_origins = config
-            .sites
-            .iter()
-            .map(|s| {
-                Ok((
-                    s.id.clone(),
-                    s.origins.iter().map(|o| OriginPattern::parse(o)).collect::<anyhow::Result<_>>()?,
-                ))
-            })
-            .collect::<anyhow::Result<HashMap<String, Vec<OriginPattern>>>>()?;
-        let origins: Vec<OriginPattern> = site_origins.values().flatten().cloned().collect();
+        let sites = Sites::from_config(&config)?;
         let limits = &config.limits;
         let rate_limits =
             RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute);
@@ -102,15 +132,39 @@ impl App {
             inner: Arc::new(Inner {
                 config,
                 domain,
-                keys,
+                sites: ArcSwap::from_pointee(sites),
                 rate_limits,
-                origins: origins.into(),
-                site_origins,
                 metrics,
                 metrics_token,
                 tls,
             }),
         })
+    }
+
+    /// Replaces the sites' keys, scopes, ceilings and origins with those of `config` (SIGHUP).
+    /// Requests in flight finish with the sites they started with; tokens verified before are
+    /// verified again. Everything else in `config` is read only at start. Fails, keeping the
+    /// current sites, if `config` would not start a hub.
+    pub fn reload_sites(&self, config: &Config) -> anyhow::Result<()> {
+        config.validate()?;
+        if config.auth != self.inner.config.auth {
+            anyhow::bail!("auth can only change with a restart");
+        }
+        let sites = Sites::from_config(config)?;
+        let unlabelled: Vec<&str> = config
+            .sites
+            .iter()
+            .map(|s| s.id.as_str())
+            .filter(|id| self.metrics().site_index(id).is_none())
+            .collect();
+        if !unlabelled.is_empty() {
+            tracing::warn!(
+                "new sites {} are served; /metrics counts them without a site label until a restart",
+                unlabelled.join(", ")
+            );
+        }
+        self.inner.sites.store(Arc::new(sites));
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -121,9 +175,9 @@ impl App {
         &self.inner.domain
     }
 
-    /// The sites' keys, or `None` when auth is off.
-    pub fn keys(&self) -> Option<&Keys> {
-        self.inner.keys.as_ref()
+    /// The sites as they stand now; hold the guard for one request at most.
+    pub fn sites(&self) -> arc_swap::Guard<Arc<Sites>> {
+        self.inner.sites.load()
     }
 
     /// The certificate HTTPS is served with, or `None` for plain HTTP. Reload it after
@@ -142,15 +196,6 @@ impl App {
 
     pub(crate) fn metrics_token(&self) -> Option<&str> {
         self.inner.metrics_token.as_deref()
-    }
-
-    pub(crate) fn origins(&self) -> Arc<[OriginPattern]> {
-        self.inner.origins.clone()
-    }
-
-    /// Whether a page on `origin` may use `site`'s tokens.
-    pub(crate) fn site_allows_origin(&self, site: &str, origin: &str) -> bool {
-        self.inner.site_origins.get(site).is_some_and(|patterns| patterns.iter().any(|p| p.matches(origin)))
     }
 }
 

@@ -244,7 +244,7 @@ async fn a_change_made_while_the_hub_is_down_arrives_after_it_restarts() {
     let files = Files::new();
     files.write(USER, 100);
     let mut hub = deployment.start().await;
-    let page = deployment.page(OTHER, USER, Duration::from_secs(10));
+    let page = deployment.backend(OTHER, USER, Duration::from_secs(10));
     let agent = Agent::start(&deployment.url(), &config, &files).await;
     until_hub_has(&page, 100, &agent).await;
 
@@ -338,7 +338,7 @@ async fn a_write_cut_short_by_a_stop_is_finished_at_the_next_start_and_applied_o
     let files = Files::new();
     files.write(USER, 100);
     let mut hub = deployment.start().await;
-    let page = deployment.page(OTHER, USER, Duration::from_secs(10));
+    let page = deployment.backend(OTHER, USER, Duration::from_secs(10));
     let agent = Agent::start(&deployment.url(), &config, &files).await;
     until_hub_has(&page, 100, &agent).await;
     page.delta("balance", 50, "other-site-bonus").await.assert_ok();

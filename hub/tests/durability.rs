@@ -219,7 +219,7 @@ impl Clients {
         let tasks = (0..CLIENTS)
             .map(|client| {
                 let (user, site) = (USERS[client % USERS.len()], SITES[client % SITES.len()].0);
-                let page = deployment.page(site, user, PATIENCE);
+                let page = deployment.backend(site, user, PATIENCE);
                 let (journal, stop) = (journal.clone(), stop.clone());
                 tokio::spawn(async move {
                     let mut n = 0;
@@ -293,7 +293,7 @@ async fn resend_unacknowledged(deployment: &Deployment, journal: &mut Journal) {
         .enumerate()
         .map(|(client, share)| {
             let (user, site) = (USERS[client % USERS.len()], SITES[client % SITES.len()].0);
-            let page = deployment.page(site, user, PATIENCE);
+            let page = deployment.backend(site, user, PATIENCE);
             tokio::spawn(async move {
                 let mut answers = Vec::with_capacity(share.len());
                 for delta in share {
@@ -417,7 +417,7 @@ async fn assert_settled(deployment: &Deployment, ledger: &HashMap<String, Entry>
     for user in USERS {
         let sum: i64 =
             journal.with_outcome(Outcome::Acknowledged).filter(|d| d.user == user).map(|d| d.amount).sum();
-        let page = deployment.page("wrc", user, PATIENCE);
+        let page = deployment.backend("wrc", user, PATIENCE);
         let served = page.get("balance").await.assert_ok()["data"]["coins"].as_i64().unwrap_or(0);
         assert_eq!(served, sum, "{user}'s balance is not the sum of their acknowledged deltas");
     }

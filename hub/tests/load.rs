@@ -183,7 +183,7 @@ async fn slowloris_until(addr: String, gate: Arc<Semaphore>, until: Instant) -> 
 /// A steady client asking for timestamps over its own connection until `until`; returns
 /// every request's latency. Every request must be answered 200.
 async fn steady(deployment: &Deployment, until: Instant) -> Vec<Duration> {
-    let page = deployment.page("roflfaucet", "steady", ANSWER_BOUND);
+    let page = deployment.backend("roflfaucet", "steady", ANSWER_BOUND);
     let mut latencies = Vec::new();
     while Instant::now() < until {
         let start = Instant::now();

@@ -45,7 +45,7 @@ async fn op_ids_beyond_the_logs_capacity_go_to_the_table_and_still_get_their_fir
 async fn op_ids_in_the_log_are_found_again_after_a_kill() {
     let deployment = Deployment::new(|_| {});
     let mut hub = deployment.start().await;
-    let page = deployment.page("roflfaucet", "8-evans", Duration::from_secs(10));
+    let page = deployment.backend("roflfaucet", "8-evans", Duration::from_secs(10));
     page.delta("balance", 7, "before-kill").await.assert_ok();
     hub.kill().await.unwrap();
 
@@ -82,7 +82,7 @@ async fn op_ids_past_their_retention_are_forgotten_from_the_log_and_the_table() 
 
     // The first batch after a start prunes.
     let mut hub = deployment.start().await;
-    let page = deployment.page("roflfaucet", "8-evans", Duration::from_secs(10));
+    let page = deployment.backend("roflfaucet", "8-evans", Duration::from_secs(10));
     page.delta("balance", 5, "fresh").await.assert_ok();
     page.delta("balance", 5, "recent").await.assert_refused(422, "op_id_reused");
     let forgotten = page.delta("balance", 5, "old-in-log").await;

@@ -70,12 +70,12 @@ impl Authority {
             .add_root_certificate(root)
     }
 
-    /// A page of `site` signed in as `user`, on the in-process `hub`, trusting this authority.
+    /// `site`'s backend signed in as `user`, on the in-process `hub`, trusting this authority.
     fn page(&self, hub: &TestHub, site: &str, user: &str) -> SiteClient {
         SiteClient {
             url: hub.url.clone(),
             client: self.client().build().unwrap(),
-            token: Some(hub.token(site, user)),
+            token: Some(hub.backend_token(site, user)),
             site: site.into(),
             user: user.into(),
         }
@@ -425,7 +425,7 @@ async fn sighup_renews_the_certificate_while_open_connections_keep_working() {
     // The connection opened before still answers, and a client trusting only the new
     // authority is served.
     assert_eq!(open.health().await, 200);
-    let mut page = deployment.page("roflfaucet", "8-evans", Duration::from_secs(30));
+    let mut page = deployment.backend("roflfaucet", "8-evans", Duration::from_secs(30));
     page.client = second.client().build().unwrap();
     page.timestamp("balance").await.assert_ok();
 

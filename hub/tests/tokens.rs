@@ -35,6 +35,7 @@ fn claims(site: &str, user: &str) -> Claims {
         iat: Some(now),
         nbf: None,
         adm: false,
+        scope: None,
     }
 }
 
@@ -400,8 +401,8 @@ async fn eddsa_tokens_signed_with_the_sites_key_are_accepted() {
     let page = g.page(SITE, USER, Some(eddsa(&claims(SITE, USER), &private)));
     page.timestamp("balance").await.assert_ok();
     assert_eq!(page.coins().await, 100);
-    let reply = page.delta("balance", 10, "eddsa-op").await;
-    assert_eq!(reply.assert_ok()["data"]["coins"], 110);
+    let reply = page.delta("balance", -10, "eddsa-op").await;
+    assert_eq!(reply.assert_ok()["data"]["coins"], 90);
     page.push("profile", json!({"bio": "signed with Ed25519"})).await.assert_ok();
     g.hub.stop().await;
 }
@@ -534,10 +535,10 @@ async fn a_token_in_the_post_body_is_accepted() {
     let reply = beacon
         .post(&json!({
             "action": "delta", "user_id": USER, "site_id": SITE, "data_type": "balance",
-            "delta": {"coins": 7}, "op_id": "beacon-op", "token": token,
+            "delta": {"coins": -7}, "op_id": "beacon-op", "token": token,
         }))
         .await;
-    assert_eq!(reply.assert_ok()["data"]["coins"], 107);
+    assert_eq!(reply.assert_ok()["data"]["coins"], 93);
     let reply = beacon
         .post(&json!({
             "action": "push", "user_id": USER, "site_id": SITE, "data_type": "profile",

@@ -8,6 +8,7 @@ mod error;
 mod ids;
 mod merge;
 mod request;
+mod scope;
 mod text;
 mod validate;
 
@@ -20,6 +21,7 @@ pub use error::{Refusal, RefusalKind};
 pub use ids::{OpId, SiteId, UserId};
 pub use merge::merge_patch;
 pub use request::{DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
+pub use scope::{Scope, Scopes};
 pub use validate::{
     Limits, MAX_AMOUNT, amount_field, validate_delta, validate_push, validate_reason, validate_record,
 };

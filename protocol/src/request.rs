@@ -38,6 +38,10 @@ pub struct DeltaRequest {
     /// Why the amount changed ("game", "claim"), kept in the audit ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A credit's permission: a JWT from the site's backend naming this op exactly (its
+    /// `op_id`, data type and amounts). Not part of what makes a retry the same op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }

@@ -119,7 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let keys = hub::auth::Keys::from_config(&hub::config::Config::load(Some(&grouped.config))?)?;
     let day = runtime.block_on(day::simulate(&format!("http://{}", grouped.addr), |site, user| {
-        keys.mint(site, user, 24 * 3600, false).expect("the bench config has the day's sites")
+        keys.mint(site, user, 24 * 3600).expect("the bench config has the day's sites")
     }))?;
     println!("{day}");
     grouped.stop()?;
@@ -354,13 +354,18 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 }
 
 /// The hub's config for the benchmark: the `bench` site, the two sites of the simulated day,
-/// a rate limit no benchmark user reaches, and room for the idle connections.
+/// a rate limit no benchmark user reaches, and room for the idle connections. The sites'
+/// backends may sign every scope, day-long tokens, and credits no run reaches the ceilings
+/// of: the load's deltas are credits of the `bench` site's backend.
 fn hub_config(data_dir: &Path, group_commit: bool) -> String {
+    let scopes: Vec<String> = protocol::Scopes::ALL.iter().map(|s| format!("\"{s}\"")).collect();
     let sites: String = ["bench", "roflfaucet", "clickforcharity"]
         .iter()
         .map(|site| {
             format!(
-                "[[sites]]\nid = \"{site}\"\norigins = [\"http://{site}.localhost\"]\nsecret = \"{site}-benchmark-secret-of-at-least-32-bytes\"\n\n"
+                "[[sites]]\nid = \"{site}\"\norigins = [\"http://{site}.localhost\"]\nsecret = \"{site}-benchmark-secret-of-at-least-32-bytes\"\nscopes = [{}]\nmax_token_ttl_secs = 86400\nmax_credit_per_op = {max}\nmax_credits_per_user_per_day = {max}\n\n",
+                scopes.join(", "),
+                max = protocol::MAX_AMOUNT,
             )
         })
         .collect();

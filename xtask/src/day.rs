@@ -602,8 +602,9 @@ mod tests {
         let server = tokio::spawn(hub::serve(listener, app.clone(), async {
             let _ = stopped.await;
         }));
-        let keys = app.keys().expect("auth is on");
-        let report = simulate(&url, |site, user| keys.mint(site, user, 3600, false).unwrap()).await;
+        let sites = app.sites();
+        let keys = sites.keys().expect("auth is on");
+        let report = simulate(&url, |site, user| keys.mint(site, user, 3600).unwrap()).await;
         let _ = stop.send(());
         server.await.unwrap().unwrap();
         report.unwrap()

@@ -150,7 +150,9 @@ fn print_guide(
     keys: &hub::auth::Keys,
 ) -> anyhow::Result<()> {
     let url = format!("http://{hub}");
-    let token = keys.mint(sites[0].id, USER, 3600, false)?;
+    // The site's backend's own token: a page's could not credit.
+    let scopes = keys.signable(sites[0].id).context("the demo's sites are configured")?;
+    let token = keys.mint_scoped(sites[0].id, USER, 3600, scopes, false)?;
     let op_id = format!(
         "demo-{}",
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default()

@@ -124,7 +124,7 @@ async fn token(State(backend): State<Arc<Backend>>, Query(query): Query<TokenQue
     if let Err(refusal) = protocol::UserId::parse(&query.user) {
         return (StatusCode::BAD_REQUEST, refusal.message).into_response();
     }
-    match backend.keys.mint(backend.site, &query.user, TOKEN_TTL_SECS, false) {
+    match backend.keys.mint(backend.site, &query.user, TOKEN_TTL_SECS) {
         Ok(token) => ([(header::CACHE_CONTROL, "no-store")], token).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot sign a token: {e:#}")).into_response(),
     }

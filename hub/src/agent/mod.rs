@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, SiteId, UserId};
+use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -44,6 +44,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// Each request carries a token minted for it, valid this long.
 const TOKEN_TTL_SECS: u64 = 120;
+/// What the agent's tokens may do: read balances, set them, and add or take the local
+/// change. Its site must be allowed to sign them all, `amounts:set` included.
+pub const SCOPES: Scopes =
+    Scopes::of(&[Scope::SyncRead, Scope::AmountsSet, Scope::AmountsCredit, Scope::AmountsSpend]);
 /// The longest a request may take before it counts as failed and is sent again.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Remembered agreements are written at least this often while files keep changing (and
@@ -145,7 +149,7 @@ impl Agent {
     fn new(config: &Config, options: Options) -> anyhow::Result<Agent> {
         let site = SiteId::parse(&options.site).map_err(|e| anyhow::anyhow!("--site: {}", e.message))?;
         let keys = Keys::from_config(config)?;
-        keys.check_can_mint(site.as_str())?;
+        keys.check_can_mint(site.as_str(), SCOPES)?;
         let hub = Hub::new(&options.hub_url, keys, site.clone())?;
         let dir =
             options.dir.canonicalize().with_context(|| format!("cannot watch {}", options.dir.display()))?;
@@ -545,7 +549,7 @@ impl Hub {
     async fn send(&self, user: &UserId, request: &Request) -> Result<Answer, Retry> {
         let token = self
             .keys
-            .mint(self.site.as_str(), user.as_str(), TOKEN_TTL_SECS, false)
+            .mint_scoped(self.site.as_str(), user.as_str(), TOKEN_TTL_SECS, SCOPES, false)
             .map_err(|e| Retry::because(format!("cannot sign a token: {e:#}")))?;
         let post = |body: PostRequest| self.http.post(self.api.clone()).json(&body.to_json());
         let (user_id, site_id, data_type) = (user.to_string(), self.site.to_string(), "balance".to_owned());
@@ -571,6 +575,7 @@ impl Hub {
                 delta: serde_json::Map::from_iter([("coins".to_owned(), Value::from(*coins))]),
                 op_id: op_id.clone(),
                 reason: Some("file changed on the site".into()),
+                grant: None,
                 token: None,
             })),
         };

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use protocol::{ErrorAnswer, Refusal, RefusalKind};
 
 use super::{json, record_state};
-use crate::auth::AuthError;
+use crate::auth::{AuthError, GrantError};
 use crate::domain::DomainError;
 use crate::limit::RetryAfter;
 use crate::store::{Record, StoreError};
@@ -46,11 +46,13 @@ impl From<Refusal> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
-        let code = match e {
-            AuthError::Missing => "missing_token",
-            _ => "invalid_token",
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+        ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
+    }
+}
+
+impl From<GrantError> for ApiError {
+    fn from(GrantError(message): GrantError) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "grant_invalid", message)
     }
 }
 
@@ -102,6 +104,10 @@ impl From<DomainError> for ApiError {
             }
             DomainError::OpIdReused => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "op_id_reused", message)
+            }
+            DomainError::GrantExpired => ApiError::new(StatusCode::FORBIDDEN, "grant_expired", message),
+            DomainError::CreditLimit(current) => {
+                ApiError::new(StatusCode::FORBIDDEN, "credit_limit", message).with_current(current)
             }
             DomainError::Store(s) => s.into(),
         }

@@ -20,7 +20,7 @@ use axum::routing::get;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use protocol::{
     DataType, DeltaAnswer, GetAnswer, GetManyAnswer, GetQuery, PostRequest, PushAnswer, QueryAction,
-    RecordState, Refusal, SiteId, TimestampAnswer, TimestampsAnswer, UserId, parse_data_types,
+    RecordState, Refusal, Scopes, SiteId, TimestampAnswer, TimestampsAnswer, UserId, parse_data_types,
 };
 use serde::Serialize;
 use tower::ServiceBuilder;
@@ -32,8 +32,7 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 
 use crate::App;
-use crate::config::OriginPattern;
-use crate::domain::{Caller, Written};
+use crate::domain::{Caller, Ceilings, Written};
 use crate::metrics::{Action, LimitScope, Seen, TypeSet};
 use crate::store::Record;
 use crate::time::rfc3339_ms;
@@ -64,7 +63,7 @@ pub fn router(app: App) -> Router {
                     tracing::info_span!("req", id = %id)
                 }))
                 .layer(PropagateRequestIdLayer::x_request_id())
-                .layer(cors(app.origins()))
+                .layer(cors(app.clone()))
                 .layer(SetResponseHeaderLayer::if_not_present(
                     header::X_CONTENT_TYPE_OPTIONS,
                     HeaderValue::from_static("nosniff"),
@@ -120,10 +119,10 @@ impl MakeRequestId for RequestCounter {
     }
 }
 
-fn cors(origins: Arc<[OriginPattern]>) -> CorsLayer {
+fn cors(app: App) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
-            origin.to_str().is_ok_and(|o| origins.iter().any(|p| p.matches(o)))
+            origin.to_str().is_ok_and(|o| app.sites().allows_origin(o))
         }))
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_NONE_MATCH])
@@ -312,8 +311,13 @@ async fn sync_post(
                     },
                 ))
             }
-            PostRequest::Delta(delta) => {
-                let Written { data_type, record, replayed } = domain.delta(&caller, delta).await?;
+            PostRequest::Delta(mut delta) => {
+                let grant = match (delta.grant.take(), app.sites().keys()) {
+                    (Some(grant), Some(keys)) => Some(keys.verify_grant(&grant)?),
+                    // Without auth anyone may credit anyway: a grant has nothing to add.
+                    _ => None,
+                };
+                let Written { data_type, record, replayed } = domain.delta(&caller, delta, grant).await?;
                 saw.replayed = replayed;
                 let state = record_state(&record);
                 Ok(json(
@@ -407,10 +411,17 @@ impl App {
         claimed_site: Option<&str>,
         saw: &mut Seen,
     ) -> Result<Caller, ApiError> {
-        let Some(keys) = self.keys() else {
+        let sites = self.sites();
+        let Some(keys) = sites.keys() else {
             self.check_user(user.as_str())?;
             let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
-            return Ok(Caller { site, user: user.clone(), admin: true });
+            return Ok(Caller {
+                site,
+                user: user.clone(),
+                admin: true,
+                scopes: Scopes::ALL,
+                ceilings: Ceilings::NONE,
+            });
         };
         let token = bearer(headers).or(body_token);
         let verified = match token {
@@ -429,14 +440,20 @@ impl App {
                     .into());
                 }
                 let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
-                if origin.is_some_and(|o| !self.site_allows_origin(v.site.as_str(), o)) {
+                if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {
                     return Err(Refusal::forbidden(
                         "origin_not_allowed",
                         format!("{}'s tokens are not accepted from this page's origin", v.site),
                     )
                     .into());
                 }
-                Ok(Caller { site: v.site, user: v.user, admin: v.admin })
+                Ok(Caller {
+                    site: v.site,
+                    user: v.user,
+                    admin: v.admin,
+                    scopes: v.scopes,
+                    ceilings: v.ceilings,
+                })
             }
             Err(e) => {
                 self.check_address(ip)?;

@@ -51,6 +51,36 @@ pub struct Change {
     pub data: Value,
     /// An audit ledger row, for changes to balance or points.
     pub ledger: Option<LedgerEntry>,
+    /// The record's credit count after this change, when it credits; kept with the record.
+    pub credits: Option<Credits>,
+}
+
+/// What a record's amount was credited on one UTC day, by site: what the sites' daily
+/// credit ceilings count. Kept beside the record, never shown to clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Credits {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    /// Credited that day, by site id.
+    pub by_site: std::collections::BTreeMap<String, i64>,
+}
+
+impl Credits {
+    /// Nothing credited yet on `day`.
+    pub fn on(day: i64) -> Credits {
+        Credits { day, by_site: Default::default() }
+    }
+}
+
+/// What a mutation decides on, inside the store's transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Current<'a> {
+    pub record: &'a Record,
+    /// The record's credit count, as the last credit left it (an older day counts nothing).
+    pub credits: &'a Credits,
+    /// The store's clock for this write, in milliseconds since the Unix epoch: the record's
+    /// new stamp is taken from it.
+    pub now_ms: i64,
 }
 
 /// One audit ledger row: how much an amount moved, and to what.
@@ -63,7 +93,7 @@ pub struct LedgerEntry {
 
 /// The domain's decision, run by the store against the current record inside its
 /// transaction, so that no other write can come between reading and writing.
-pub type Mutation = Box<dyn FnOnce(&Record) -> Result<Change, DomainError> + Send>;
+pub type Mutation = Box<dyn FnOnce(Current<'_>) -> Result<Change, DomainError> + Send>;
 
 /// A write to one record.
 pub struct Write {

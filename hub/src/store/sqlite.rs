@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::op_index::OpIndex;
 use super::stamps::StampCache;
-use super::{OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
+use super::{Credits, Current, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
 use crate::domain::DomainError;
 use crate::time::now_ms;
 
@@ -34,6 +34,7 @@ const QUEUE: usize = 8192;
 /// The refusals an op id keeps (column `ops.refusal`).
 const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
 const VERSION_CONFLICT: &str = "version_conflict";
+const CREDIT_LIMIT: &str = "credit_limit";
 /// Users whose stamps are kept in memory (about 200 bytes each).
 const CACHED_USERS: usize = 200_000;
 /// Idle read connections kept open.
@@ -113,6 +114,10 @@ fn migrations() -> Migrations<'static> {
             UNION ALL
             SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal FROM op_log;",
         ),
+        // What a record's amount was credited today, by site (JSON of `Credits`), for the
+        // sites' daily credit ceilings; NULL until the first credit. Beside the record, so a
+        // credit writes no other page.
+        M::up("ALTER TABLE records ADD COLUMN credits TEXT;"),
     ])
 }
 
@@ -368,6 +373,34 @@ fn read_record(
         }),
         None => Ok(Record::empty(t)),
     }
+}
+
+/// A record as a write sees it: with its credit count.
+fn read_for_write(conn: &Connection, user: &str, t: DataType) -> Result<(Record, Credits), StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT data, version, updated_ms, credits FROM records WHERE user_id = ?1 AND data_type = ?2",
+        )?
+        .query_row(params![user, t.as_str()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((data, version, updated_ms, credits)) = row else {
+        return Ok((Record::empty(t), Credits::default()));
+    };
+    let record =
+        Record { data: parse_data(&data)?, version: version_of(version), updated_ms: Some(updated_ms) };
+    let credits = match credits {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StoreError::Malformed(format!("credits of {user}'s {t}: {e}")))?,
+        None => Credits::default(),
+    };
+    Ok((record, credits))
 }
 
 /// The one connection that writes, on its own thread.
@@ -690,17 +723,12 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
             None => Ok(WriteOutcome::Replayed(record)),
             Some(INSUFFICIENT_FUNDS) => Ok(WriteOutcome::Rejected(DomainError::InsufficientFunds(record))),
             Some(VERSION_CONFLICT) => Ok(WriteOutcome::Rejected(DomainError::VersionConflict(record))),
+            Some(CREDIT_LIMIT) => Ok(WriteOutcome::Rejected(DomainError::CreditLimit(record))),
             Some(other) => Err(StoreError::Malformed(format!("unknown refusal {other:?} in ops"))),
         };
     }
-    let current = read_record(
-        &mut conn.prepare_cached(
-            "SELECT data, version, updated_ms FROM records WHERE user_id = ?1 AND data_type = ?2",
-        )?,
-        user,
-        write.data_type,
-    )?;
-    let change = match (write.mutation)(&current) {
+    let (current, credits) = read_for_write(conn, user, write.data_type)?;
+    let change = match (write.mutation)(Current { record: &current, credits: &credits, now_ms: now }) {
         Ok(change) => change,
         Err(refusal) => {
             // A refusal that depends on the record's state is the op's answer for good: a copy
@@ -708,6 +736,7 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
             let remembered = match &refusal {
                 DomainError::InsufficientFunds(_) => Some(INSUFFICIENT_FUNDS),
                 DomainError::VersionConflict(_) => Some(VERSION_CONFLICT),
+                DomainError::CreditLimit(_) => Some(CREDIT_LIMIT),
                 _ => None,
             };
             if let (Some(op), Some(code)) = (&write.op, remembered) {
@@ -727,11 +756,18 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
         let text = record.data.to_string();
         let version = i64::try_from(record.version).unwrap_or(i64::MAX);
         let at = record.updated_ms.unwrap_or(now);
+        let credits = change
+            .credits
+            .map(|c| serde_json::to_string(&c))
+            .transpose()
+            .map_err(|e| StoreError::Malformed(e.to_string()))?;
         conn.prepare_cached(
-            "INSERT INTO records (user_id, data_type, data, version, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (user_id, data_type) DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5",
+            "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (user_id, data_type)
+             DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5, credits = COALESCE(?6, credits)",
         )?
-        .execute(params![user, write.data_type.as_str(), text, version, at])?;
+        .execute(params![user, write.data_type.as_str(), text, version, at, credits])?;
         if let Some(entry) = change.ledger {
             conn.prepare_cached(
                 "INSERT INTO ledger (user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms)
@@ -772,10 +808,10 @@ mod tests {
             data_type: DataType::Balance,
             site: SiteId::parse("roflfaucet").unwrap(),
             op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: amount.to_string() }),
-            mutation: Box::new(move |current: &Record| {
-                let coins = current.data["coins"].as_i64().unwrap_or(0) + amount;
+            mutation: Box::new(move |current: Current<'_>| {
+                let coins = current.record.data["coins"].as_i64().unwrap_or(0) + amount;
                 let ledger = LedgerEntry { delta: amount, result: coins, reason: Some(reason) };
-                Ok(Change { data: json!({ "coins": coins }), ledger: Some(ledger) })
+                Ok(Change { data: json!({ "coins": coins }), ledger: Some(ledger), credits: None })
             }),
         }
     }

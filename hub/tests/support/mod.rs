@@ -30,25 +30,36 @@ pub fn site_secret(site: &str) -> String {
     format!("{site}-test-secret-that-is-at-least-32-bytes-long")
 }
 
-/// A hub's configuration for tests: the three sites, the given data dir.
+/// A hub's configuration for tests: the three sites, the given data dir. Every site is
+/// trusted with everything — every scope, admin tokens, no practical credit ceiling — as a
+/// hub whose sites' own backends write every kind of record: most tests are about the API's
+/// rules, not about who may use them. `tests/authority.rs` starts from the default policies.
 pub fn test_config(data_dir: &std::path::Path) -> Config {
     Config {
         hub_id: "test-hub".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_path_buf(),
-        sites: SITES
-            .iter()
-            .map(|(id, origin)| Site {
-                id: (*id).into(),
-                origins: vec![(*origin).into()],
-                secret: Some(site_secret(id)),
-                secret_env: None,
-                public_key_pem: None,
-                private_key_pem: None,
-            })
-            .collect(),
+        sites: SITES.iter().map(|(id, origin)| trusted_site(id, origin)).collect(),
         ..Config::default()
     }
+}
+
+/// A site with the test secret for `id`, allowed to sign everything.
+pub fn trusted_site(id: &str, origin: &str) -> Site {
+    Site {
+        origins: vec![origin.into()],
+        secret: Some(site_secret(id)),
+        admin: true,
+        scopes: protocol::Scopes::ALL.iter().map(|s| s.as_str().to_owned()).collect(),
+        max_credit_per_op: protocol::MAX_AMOUNT,
+        max_credits_per_user_per_day: protocol::MAX_AMOUNT,
+        ..Site::new(id)
+    }
+}
+
+/// A token of `site`'s backend for `user`: every scope the site may sign.
+pub fn backend_token(keys: &Keys, site: &str, user: &str, ttl_secs: u64) -> String {
+    keys.mint_scoped(site, user, ttl_secs, keys.signable(site).expect("a configured site"), false).unwrap()
 }
 
 /// A running hub.
@@ -88,18 +99,44 @@ impl TestHub {
         TestHub { url, app, dir, shutdown: Some(shutdown), task: Some(task) }
     }
 
-    /// A token as `site`'s backend would mint it for `user`.
+    /// A page's token, as `site`'s backend would mint it for `user` (no scope: the page set).
     pub fn token(&self, site: &str, user: &str) -> String {
-        self.app.keys().expect("auth is on").mint(site, user, 600, false).unwrap()
+        self.app.sites().keys().expect("auth is on").mint(site, user, 600).unwrap()
     }
 
+    /// A token of `site`'s backend itself: every scope the site may sign.
+    pub fn backend_token(&self, site: &str, user: &str) -> String {
+        backend_token(self.app.sites().keys().expect("auth is on"), site, user, 600)
+    }
+
+    /// An admin token with every scope the site may sign.
     pub fn admin_token(&self, site: &str, user: &str) -> String {
-        self.app.keys().expect("auth is on").mint(site, user, 600, true).unwrap()
+        let sites = self.app.sites();
+        let keys = sites.keys().expect("auth is on");
+        keys.mint_scoped(site, user, 600, keys.signable(site).unwrap(), true).unwrap()
     }
 
-    /// A page of `site` signed in as `user`.
+    /// A grant of `site`'s backend for one credit of `user`'s `data_type`.
+    pub fn grant(&self, site: &str, user: &str, op_id: &str, data_type: &str, delta: Value) -> String {
+        let Value::Object(delta) = delta else { panic!("a grant's delta is an object") };
+        self.app
+            .sites()
+            .keys()
+            .expect("auth is on")
+            .mint_grant(site, user, op_id, data_type, delta, 300)
+            .unwrap()
+    }
+
+    /// `site`'s backend, signed in as `user` with every scope the site may sign: what most
+    /// tests of the API's rules use, since a page's token may neither credit nor set amounts.
     pub fn site(&self, site: &str, user: &str) -> SiteClient {
-        let token = self.app.keys().map(|_| self.token(site, user));
+        let token = self.app.sites().keys().map(|_| self.backend_token(site, user));
+        SiteClient { url: self.url.clone(), client: client(), token, site: site.into(), user: user.into() }
+    }
+
+    /// A page of `site` signed in as `user`, with a page's token.
+    pub fn page(&self, site: &str, user: &str) -> SiteClient {
+        let token = self.app.sites().keys().map(|_| self.token(site, user));
         SiteClient { url: self.url.clone(), client: client(), token, site: site.into(), user: user.into() }
     }
 
@@ -228,13 +265,14 @@ impl Deployment {
         panic!("the hub did not answer /healthz within {PATIENCE:?}; its log:\n{}", self.log());
     }
 
-    /// A token as `site`'s backend would mint it for `user`, valid for an hour.
+    /// A token of `site`'s backend for `user` (every scope the site may sign), valid for an
+    /// hour.
     pub fn token(&self, site: &str, user: &str) -> String {
-        self.keys.mint(site, user, 3600, false).unwrap()
+        backend_token(&self.keys, site, user, 3600)
     }
 
-    /// A page of `site` signed in as `user`, giving up on an answer after `timeout`.
-    pub fn page(&self, site: &str, user: &str, timeout: Duration) -> SiteClient {
+    /// `site`'s backend signed in as `user`, giving up on an answer after `timeout`.
+    pub fn backend(&self, site: &str, user: &str, timeout: Duration) -> SiteClient {
         SiteClient {
             url: self.url(),
             client: reqwest::Client::builder().timeout(timeout).build().unwrap(),
