@@ -19,11 +19,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
 };
 use reqwest::{Method, Version};
-use support::{Deployment, PATIENCE, SiteClient, TestHub};
+use support::{Deployment, PATIENCE, SiteClient, TestHub, hang_up};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Child;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -382,14 +381,6 @@ async fn a_reload_takes_a_renewed_certificate_and_keeps_the_current_one_on_a_bad
     tls.reload().unwrap();
     assert_eq!(presented_now(addr, &[&first, &second]).await, renewed.der);
     second.page(&hub, "roflfaucet", "8-evans").timestamp("balance").await.assert_ok();
-}
-
-/// Sends SIGHUP to the hub. `unsafe_code` is forbidden in this workspace, so the signal goes
-/// through kill(1) rather than libc.
-async fn hang_up(hub: &Child) {
-    let pid = hub.id().expect("the hub is running").to_string();
-    let status = tokio::process::Command::new("kill").args(["-HUP", &pid]).status().await.unwrap();
-    assert!(status.success(), "kill -HUP {pid} failed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

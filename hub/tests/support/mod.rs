@@ -283,6 +283,14 @@ impl Deployment {
     }
 }
 
+/// Sends SIGHUP to a hub process. `unsafe_code` is forbidden in this workspace, so the
+/// signal goes through kill(1) rather than libc.
+pub async fn hang_up(hub: &Child) {
+    let pid = hub.id().expect("the hub is running").to_string();
+    let status = tokio::process::Command::new("kill").args(["-HUP", &pid]).status().await.unwrap();
+    assert!(status.success(), "kill -HUP {pid} failed");
+}
+
 /// A port nothing listens on right now, to be reused by every restart of one hub.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -292,7 +300,7 @@ pub fn snapshot(dir: &std::path::Path) -> Vec<String> {
     let conn = rusqlite::Connection::open(dir.join("hub.sqlite3")).unwrap();
     let mut rows = Vec::new();
     for query in [
-        "SELECT user_id || '|' || data_type || '|' || data || '|' || version || '|' || updated_ms FROM records ORDER BY 1",
+        "SELECT user_id || '|' || data_type || '|' || data || '|' || version || '|' || updated_ms || '|' || ifnull(credits, '') FROM records ORDER BY 1",
         "SELECT user_id || '|' || op_id || '|' || fingerprint FROM remembered_ops ORDER BY 1",
         "SELECT user_id || '|' || data_type || '|' || ifnull(op_id, '') || '|' || delta || '|' || result FROM ledger ORDER BY id",
     ] {
@@ -404,6 +412,16 @@ impl SiteClient {
         self.post(&json!({
             "action": "delta", "user_id": self.user, "site_id": self.site, "data_type": data_type,
             "delta": { field: amount }, "op_id": op_id,
+        }))
+        .await
+    }
+
+    /// A delta carrying `grant`, the credit's permission from the site's backend.
+    pub async fn delta_with_grant(&self, data_type: &str, amount: i64, op_id: &str, grant: &str) -> Reply {
+        let field = if data_type == "points" { "points" } else { "coins" };
+        self.post(&json!({
+            "action": "delta", "user_id": self.user, "site_id": self.site, "data_type": data_type,
+            "delta": { field: amount }, "op_id": op_id, "grant": grant,
         }))
         .await
     }
