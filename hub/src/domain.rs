@@ -162,14 +162,8 @@ impl Domain {
                 return Ok(Change { data, ledger: None, credits: None });
             };
             let (old, new) = (amount(&record.data, field), amount(&data, field));
-            let credits = if new > old {
-                if new - old > ceilings.per_op {
-                    return Err(DomainError::CreditLimit(record.clone()));
-                }
-                Some(credit(&current, &credit_site, new - old, ceilings)?)
-            } else {
-                None
-            };
+            let credits =
+                if new > old { Some(credit(&current, &credit_site, new - old, ceilings)?) } else { None };
             let ledger = (old != new).then(|| LedgerEntry {
                 delta: new - old,
                 result: new,
@@ -211,13 +205,6 @@ impl Domain {
             }
         };
         let ceilings = caller.ceilings;
-        if change > ceilings.per_op {
-            return Err(Refusal::forbidden(
-                "credit_limit",
-                format!("{site} credits at most {} per op", ceilings.per_op),
-            )
-            .into());
-        }
         let op = Some(OpKey {
             op_id,
             fingerprint: json!(["delta", data_type, site.as_str(), change, reason]).to_string(),
@@ -310,13 +297,18 @@ fn last_second(exp: u64) -> i64 {
     i64::try_from(exp.saturating_add(LEEWAY_SECS)).unwrap_or(i64::MAX)
 }
 
-/// Counts a credit of `amount` by `site` against its daily ceiling; the record's new count.
+/// Checks a credit of `amount` by `site` against the site's ceilings and counts it: the
+/// record's new count. Runs for new ops only: a replay answers as it did, whatever the
+/// ceilings are now.
 fn credit(
     current: &Current<'_>,
     site: &SiteId,
     amount: i64,
     ceilings: Ceilings,
 ) -> Result<Credits, DomainError> {
+    if amount > ceilings.per_op {
+        return Err(DomainError::CreditLimit(current.record.clone()));
+    }
     let day = current.now_ms.div_euclid(DAY_MS);
     let mut credits = if current.credits.day == day { current.credits.clone() } else { Credits::on(day) };
     let total = credits.by_site.entry(site.as_str().to_owned()).or_insert(0);

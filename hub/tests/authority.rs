@@ -493,18 +493,10 @@ async fn credits_beyond_a_sites_ceilings_are_refused_and_stay_refused() {
     let page = g.hub.page(FAUCET, USER);
     let backend = g.hub.site(FAUCET, USER);
     let grant_of = |op: &str, amount: i64| grant(FAUCET, &grant_claims(FAUCET, USER, op, amount));
-    g.assert_refused(
-        "a grant over the per-op ceiling",
-        &page.delta_with_grant("balance", 101, "big", &grant_of("big", 101)).await,
-        403,
-        "credit_limit",
-    );
-    g.assert_refused(
-        "a server credit over the per-op ceiling",
-        &backend.delta("balance", 101, "big-2").await,
-        403,
-        "credit_limit",
-    );
+    let big = page.delta_with_grant("balance", 101, "big-1", &grant_of("big-1", 101)).await;
+    g.assert_refused_for_good("a grant over the per-op ceiling", &big, "credit_limit", "big-1");
+    let big = backend.delta("balance", 101, "big-2").await;
+    g.assert_refused_for_good("a server credit over the per-op ceiling", &big, "credit_limit", "big-2");
 
     // 100 (seed) + 100 + 50 = 250 credited today by the faucet: the ceiling.
     page.delta_with_grant("balance", 100, "c-1", &grant_of("c-1", 100)).await.assert_ok();
@@ -621,4 +613,25 @@ async fn wait_for(make: impl Fn() -> SiteClient, status: u16) {
         assert!(std::time::Instant::now() < deadline, "still {} after SIGHUP: {}", reply.status, reply.body);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn an_applied_credit_replays_as_it_did_after_the_ceilings_are_lowered() {
+    let g = Guarded::start().await;
+    let backend = g.hub.site(FAUCET, USER);
+    let page = g.hub.page(FAUCET, USER);
+    let claim = grant(FAUCET, &grant_claims(FAUCET, USER, "claim-1", 60));
+    page.delta_with_grant("balance", 60, "claim-1", &claim).await.assert_ok();
+    backend.delta("balance", 40, "credit-1").await.assert_ok();
+    // The operator lowers the faucet's ceilings below both credits.
+    let lowered = config_of(&g.hub, |c| c.sites[0].max_credit_per_op = 10);
+    g.hub.app.reload_sites(&lowered).unwrap();
+    let before = g.hub.snapshot();
+    let again = page.delta_with_grant("balance", 60, "claim-1", &claim).await;
+    assert_eq!(
+        (again.assert_ok()["replayed"].clone(), again.body["data"]["coins"].clone()),
+        (json!(true), json!(160))
+    );
+    assert_eq!(backend.delta("balance", 40, "credit-1").await.assert_ok()["replayed"], true);
+    assert_eq!(g.hub.snapshot(), before);
 }

@@ -4,6 +4,7 @@ use std::process::Command;
 
 use hub::auth::Keys;
 use hub::config::Config;
+use protocol::{Scope, Scopes};
 
 fn hub(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_hub")).args(args).env_remove("HUB_CONFIG").output().unwrap()
@@ -20,9 +21,37 @@ fn a_dev_token_is_accepted_by_a_dev_hub_on_the_same_data_dir() {
     let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() }.with_dev_sites().unwrap();
     let verified = Keys::from_config(&config).unwrap().verify(token.trim()).unwrap();
     assert_eq!(
-        (verified.site.as_str(), verified.user.as_str(), verified.admin),
-        ("clickforcharity", "8-evans", false)
+        (verified.site.as_str(), verified.user.as_str(), verified.admin, verified.scopes),
+        ("clickforcharity", "8-evans", false, Scopes::PAGE)
     );
+}
+
+#[test]
+fn token_mints_the_scopes_asked_for_and_refuses_what_the_site_may_not_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let token = |extra: &[&str]| {
+        let mut args =
+            vec!["token", "--dev", "--data-dir", dir_arg, "--site", "roflfaucet", "--user", "8-evans"];
+        args.extend_from_slice(extra);
+        hub(&args)
+    };
+    let out = token(&["--scope", "sync:read amounts:credit"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() }.with_dev_sites().unwrap();
+    let verified =
+        Keys::from_config(&config).unwrap().verify(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(verified.scopes, Scopes::of(&[Scope::SyncRead, Scope::AmountsCredit]));
+    for (args, says) in [
+        (&["--scope", "sync:read amounts:set"][..], "may not sign amounts:set"),
+        (&["--scope", "coins:mint"][..], "\"coins:mint\" is no scope"),
+        (&["--admin"][..], "may not sign admin tokens"),
+        (&["--ttl", "7200"][..], "at most 3600 s"),
+    ] {
+        let out = token(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
