@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use hub::config::Site;
 use serde_json::{Value, json};
 use support::{Deployment, SiteClient, TestHub, test_config};
 use tempfile::TempDir;
@@ -436,5 +437,27 @@ fn the_agent_refuses_to_start_without_a_key_a_usable_hub_url_folder_or_state_fil
     let err = run(SITE, "http://127.0.0.1:1", dir, &state);
     assert!(err.contains("is damaged; remove it to start afresh"), "{err}");
     std::fs::remove_file(&state).unwrap();
+    assert!(!files.state_file().exists(), "a refused start writes nothing");
+}
+
+#[test]
+fn the_agent_refuses_to_start_for_a_site_that_may_not_set_balances() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&config_dir.path().join("unused"));
+    config.sites.iter_mut().find(|s| s.id == SITE).unwrap().scopes = Site::new(SITE).scopes;
+    let path = config_dir.path().join("hub.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let files = Files::new();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+        .arg("agent")
+        .arg("--config")
+        .arg(&path)
+        .args(["--site", SITE, "--hub", "http://127.0.0.1:1", "--watch"])
+        .arg(files.dir.path())
+        .env_remove("HUB_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("may not sign amounts:set"), "{err}");
     assert!(!files.state_file().exists(), "a refused start writes nothing");
 }
