@@ -5,7 +5,6 @@
 
 mod options;
 mod shell;
-mod spinner;
 
 use std::rc::Rc;
 
@@ -91,7 +90,7 @@ impl SyncManager {
 
     /// Calls `listener` whenever a data type's data, the status, or a refusal changes. A data
     /// listener is called at once with what is already known.
-    pub fn on(&self, event: &str, listener: js_sys::Function) {
+    pub fn on(&self, event: &str, listener: &js_sys::Function) {
         self.shell.on(event, listener);
     }
 
@@ -176,6 +175,14 @@ export class SyncManager {
   destroy(): void;
 }
 "#;
+
+/// `free()` (or garbage collection) stops syncing as `destroy()` does, so nothing the
+/// manager wired calls into it afterwards.
+impl Drop for SyncManager {
+    fn drop(&mut self) {
+        self.shell.destroy();
+    }
+}
 
 /// A small allocator: the client's heap holds a few kilobytes of records and requests, and
 /// the default allocator would be a sixth of the package.

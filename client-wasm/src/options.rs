@@ -6,27 +6,22 @@ use wasm_bindgen::{JsCast, JsValue};
 
 use crate::shell::SyncError;
 
-/// How the built-in indicator looks, or who draws it.
-pub(crate) enum SpinnerOption {
-    Off,
-    Callback(Function),
-    Element { class_name: Option<String>, text: String },
-}
-
 pub(crate) struct Options {
     pub hub_url: String,
     pub site_id: String,
     pub user_id: String,
     pub get_token: Option<Function>,
     pub data_types: Vec<DataType>,
-    pub spinner: SpinnerOption,
+    /// `false`, the page's callback, or the built-in element's options (undefined for the
+    /// defaults); the shell's JavaScript draws it.
+    pub spinner: JsValue,
     pub spinner_delay_ms: Option<u64>,
     pub inactivity_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
     pub debug: bool,
 }
 
-fn field(options: &JsValue, name: &str) -> JsValue {
+pub(crate) fn field(options: &JsValue, name: &str) -> JsValue {
     Reflect::get(options, &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED)
 }
 
@@ -34,6 +29,18 @@ fn required_string(options: &JsValue, name: &str) -> Result<String, SyncError> {
     field(options, name).as_string().filter(|s| !s.is_empty()).ok_or_else(|| {
         SyncError::new("invalid_options", ["SyncManager needs ", name, " (a string)"].concat())
     })
+}
+
+/// An optional callback option.
+fn function(options: &JsValue, name: &str) -> Result<Option<Function>, SyncError> {
+    let value = field(options, name);
+    if value.is_undefined() || value.is_null() {
+        return Ok(None);
+    }
+    match value.dyn_into::<Function>() {
+        Ok(f) => Ok(Some(f)),
+        Err(_) => Err(SyncError::new("invalid_options", [name, " must be a function"].concat())),
+    }
 }
 
 fn millis(options: &JsValue, name: &str) -> Result<Option<u64>, SyncError> {
@@ -56,16 +63,6 @@ impl Options {
         protocol::UserId::parse(&user_id)?;
         let site_id = required_string(options, "siteId")?;
         protocol::SiteId::parse(&site_id)?;
-        let get_token = field(options, "getToken");
-        let get_token = if get_token.is_undefined() || get_token.is_null() {
-            None
-        } else {
-            Some(
-                get_token
-                    .dyn_into::<Function>()
-                    .map_err(|_| SyncError::new("invalid_options", "getToken must be a function"))?,
-            )
-        };
         let types = field(options, "dataTypes");
         let data_types = if types.is_undefined() {
             vec![DataType::Balance, DataType::Profile, DataType::Roles]
@@ -87,23 +84,18 @@ impl Options {
             list
         };
         let spinner = field(options, "spinner");
-        let spinner = if spinner.is_undefined() || spinner.is_object() && !spinner.is_function() {
-            SpinnerOption::Element {
-                class_name: field(&spinner, "className").as_string(),
-                text: field(&spinner, "text").as_string().unwrap_or_else(|| "Checking for updates…".into()),
-            }
-        } else if let Some(callback) = spinner.dyn_ref::<Function>() {
-            SpinnerOption::Callback(callback.clone())
-        } else if spinner.as_bool() == Some(false) {
-            SpinnerOption::Off
-        } else {
+        if !(spinner.is_undefined()
+            || spinner.is_object()
+            || spinner.is_function()
+            || spinner.as_bool() == Some(false))
+        {
             return Err(SyncError::new("invalid_options", "spinner must be false, a function or an object"));
-        };
+        }
         Ok(Options {
             hub_url: required_string(options, "hubUrl")?,
             site_id,
             user_id,
-            get_token,
+            get_token: function(options, "getToken")?,
             data_types,
             spinner,
             spinner_delay_ms: millis(options, "spinnerDelayMs")?,

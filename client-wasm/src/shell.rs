@@ -1,12 +1,17 @@
 //! Wiring between the page and the engine: every input goes to the engine with the current
-//! time, then [`Shell::drive`] drains the engine's outputs in the documented order. The two
-//! asynchronous browser calls (`fetch`, the page's `getToken`) are a few lines of JavaScript
-//! that call back into Rust once: cheaper in the package than Rust futures.
+//! time, then [`Shell::drive`] drains the engine's outputs in the documented order.
+//!
+//! The page's side of the wiring is one small JavaScript object (`connect`, at the end of
+//! this file): the page events, the tabs' `BroadcastChannel`, `fetch`, the page's `getToken`,
+//! the one timer, the listeners, the promises `login` and friends return, and
+//! the indicator element. Every asynchronous answer comes back into Rust through one callback.
+//! Written in Rust with web-sys, futures and a closure per call, the same wiring cost the
+//! package several kilobytes more than these lines. The JavaScript makes no decision either:
+//! it only carries inputs in and outputs out.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 
-use gloo_timers::callback::Timeout;
 use js_sys::{Function, Promise};
 use protocol::Refusal;
 use sync_core::{
@@ -15,8 +20,7 @@ use sync_core::{
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
 
-use crate::options::Options;
-use crate::spinner::Spinner;
+use crate::options::{Options, field};
 
 /// A refusal on the JavaScript side: an `Error` with a `code`.
 #[derive(Debug)]
@@ -103,26 +107,38 @@ fn stringify(value: &Json) -> String {
     js_sys::JSON::stringify(&to_js(value)).ok().and_then(|s| s.as_string()).unwrap_or_default()
 }
 
-/// A Rust function the page's JavaScript calls with one value.
-type Callback = Closure<dyn FnMut(JsValue)>;
+/// What the JavaScript side calls back with: `(input, id, status, value, extra)`, where
+/// `input` is one of the constants below and the other arguments mean what each one says.
+type Callback = Closure<dyn FnMut(u32, f64, u32, JsValue, JsValue)>;
+
+/// The page events (`visibilitychange` to visible or hidden, `pageshow` from the back/forward
+/// cache, `online`, `offline`, `pagehide`).
+const VISIBLE: u32 = 1;
+const HIDDEN: u32 = 2;
+const RESTORED: u32 = 3;
+const ONLINE: u32 = 4;
+const OFFLINE: u32 = 5;
+const LEAVING: u32 = 6;
+/// Another tab's message (`value`).
+const SHARED: u32 = 7;
+/// The answer to request `id`: `status` (0 when none came), the body's text (`value`) and
+/// `Retry-After` (`extra`).
+const REPLY: u32 = 8;
+/// What `getToken` gave (`value`, empty when nothing usable).
+const ANSWER: u32 = 9;
+/// The timer armed with `arm` fired.
+const TIMER: u32 = 10;
 
 pub(crate) struct Shell {
     engine: RefCell<Engine>,
     endpoint: String,
     storage_key: String,
     get_token: Option<Function>,
-    /// Page callbacks by event name, in registration order.
-    listeners: RefCell<Vec<(String, Function)>>,
-    /// Promise resolvers by check ticket.
-    waiting: RefCell<Vec<(u64, Function)>>,
-    spinner: RefCell<Spinner>,
-    timer: RefCell<Option<Timeout>>,
-    /// The page events and the tabs' channel, wired in JavaScript (see `wire` below).
-    wiring: RefCell<Option<Wiring>>,
-    /// The callbacks `wiring` calls; kept alive as long as the shell.
-    callbacks: RefCell<Vec<Callback>>,
+    /// The page's side of the wiring (see `connect` below).
+    host: Host,
+    /// The callback `host` calls; kept alive as long as the shell.
+    _input: Callback,
     destroyed: Cell<bool>,
-    this: Weak<Shell>,
 }
 
 impl Shell {
@@ -130,12 +146,9 @@ impl Shell {
         let endpoint = options.endpoint();
         let storage_key = ["unified-sync:", &endpoint, ":", &options.user_id].concat();
         let channel = [storage_key.as_str(), ":", &options.site_id].concat();
-        let debug = options.debug
-            || storage().and_then(|s| s.get_item("sync_debug").ok().flatten()).as_deref() == Some("true");
-        let mut config =
-            Config::new(options.site_id.clone(), options.user_id.clone(), options.data_types.clone());
+        let mut config = Config::new(options.site_id, options.user_id, options.data_types);
         config.needs_token = options.get_token.is_some();
-        config.debug = debug;
+        config.debug = options.debug || load("sync_debug").as_deref() == Some("true");
         config.seed = (js_sys::Math::random() * 9.007_199_254_740_991e15) as u64 ^ now();
         if let Some(ms) = options.spinner_delay_ms {
             config.spinner_delay_ms = ms;
@@ -146,61 +159,68 @@ impl Shell {
         if let Some(ms) = options.request_timeout_ms {
             config.request_timeout_ms = ms;
         }
-        let stored = load(&storage_key);
+        let stored = load(&storage_key).map(|text| Persisted::from_json(&parse(&text)));
         let engine = Engine::new(config, stored, now());
-        let shell = Rc::new_cyclic(|this| Shell {
-            engine: RefCell::new(engine),
-            endpoint,
-            storage_key,
-            get_token: options.get_token,
-            listeners: RefCell::new(Vec::new()),
-            waiting: RefCell::new(Vec::new()),
-            spinner: RefCell::new(Spinner::new(options.spinner)),
-            timer: RefCell::new(None),
-            wiring: RefCell::new(None),
-            callbacks: RefCell::new(Vec::new()),
-            destroyed: Cell::new(false),
-            this: this.clone(),
+        let shell = Rc::new_cyclic(|this: &Weak<Shell>| {
+            let shell = this.clone();
+            let input =
+                Callback::new(move |input: u32, id: f64, status: u32, value: JsValue, extra: JsValue| {
+                    let Some(shell) = shell.upgrade().filter(|s| !s.destroyed.get()) else { return };
+                    shell.handle(input, id, status, value, extra);
+                });
+            Shell {
+                engine: RefCell::new(engine),
+                endpoint,
+                storage_key,
+                get_token: options.get_token,
+                host: connect(&channel, &options.spinner, input.as_ref()),
+                _input: input,
+                destroyed: Cell::new(false),
+            }
         });
-        shell.wire(&channel);
         shell.drive();
         Ok(shell)
     }
 
-    /// Registers the page events the engine reacts to (`focus` is deliberately not one) and
-    /// the channel the site's tabs share fresh data on.
-    fn wire(&self, channel: &str) {
-        let this = self.this.clone();
-        let on_event = Callback::new(move |code: JsValue| {
-            let Some(shell) = this.upgrade().filter(|s| !s.destroyed.get()) else { return };
-            let mut engine = shell.engine.borrow_mut();
-            match code.as_f64().unwrap_or(0.0) as u8 {
-                1 => {
-                    engine.handle_trigger(now(), Trigger::TabVisible);
-                }
-                2 => engine.handle_hidden(now()),
-                3 => {
-                    engine.handle_trigger(now(), Trigger::PageShow);
-                }
-                4 => {
-                    engine.handle_trigger(now(), Trigger::Online);
-                }
-                5 => engine.handle_offline(now()),
-                _ => engine.handle_unload(now()),
+    /// One input from the page's side (see the constants above), then the outputs it caused.
+    fn handle(&self, input: u32, id: f64, status: u32, value: JsValue, extra: JsValue) {
+        let now = now();
+        let mut engine = self.engine.borrow_mut();
+        match input {
+            VISIBLE => {
+                engine.handle_trigger(now, Trigger::TabVisible);
             }
-            drop(engine);
-            shell.drive();
-        });
-        let this = self.this.clone();
-        let on_shared = Callback::new(move |message: JsValue| {
-            let Some(shell) = this.upgrade().filter(|s| !s.destroyed.get()) else { return };
-            if let Some(shared) = Shared::from_json(&from_js(&message)) {
-                shell.engine.borrow_mut().handle_shared(now(), shared);
-                shell.drive();
+            HIDDEN => engine.handle_hidden(now),
+            RESTORED => {
+                engine.handle_trigger(now, Trigger::PageShow);
             }
-        });
-        *self.wiring.borrow_mut() = Some(wire(channel, on_event.as_ref(), on_shared.as_ref()));
-        self.callbacks.borrow_mut().extend([on_event, on_shared]);
+            ONLINE => {
+                engine.handle_trigger(now, Trigger::Online);
+            }
+            OFFLINE => engine.handle_offline(now),
+            LEAVING => engine.handle_unload(now),
+            SHARED => {
+                if let Some(shared) = Shared::from_json(&from_js(&value)) {
+                    engine.handle_shared(now, shared);
+                }
+            }
+            REPLY => {
+                let reply = if status == 0 {
+                    Reply::NetworkError
+                } else {
+                    let text = value.as_string().unwrap_or_default();
+                    let body = if text.is_empty() { Json::Null } else { parse(&text) };
+                    let retry_after = extra.as_string().and_then(|v| v.trim().parse().ok());
+                    Reply::Answer { status: status as u16, body, retry_after }
+                };
+                engine.handle_reply(now, id as u64, reply);
+            }
+            ANSWER => engine.handle_token(now, value.as_string().filter(|text| !text.is_empty())),
+            TIMER => engine.handle_timeout(now),
+            _ => {}
+        }
+        drop(engine);
+        self.drive();
     }
 
     /// Drains the engine: events first (so a write is stored before it is sent), then
@@ -224,160 +244,91 @@ impl Shell {
             }
         }
         let due = self.engine.borrow().poll_timeout();
-        let timer = due.map(|at| {
-            let this = self.this.clone();
-            Timeout::new(at.saturating_sub(now()).min(u64::from(u32::MAX)) as u32, move || {
-                if let Some(shell) = this.upgrade() {
-                    shell.engine.borrow_mut().handle_timeout(now());
-                    shell.drive();
-                }
-            })
-        });
-        // Replacing the previous timeout cancels it.
-        *self.timer.borrow_mut() = timer;
+        self.host.arm(due.map_or(-1.0, |at| at.saturating_sub(now()) as f64));
     }
 
     fn on_event(&self, event: Event) {
         match event {
             Event::Data { data_type, data, version, last_updated, source, pending } => {
                 let meta = meta(version, last_updated, source_name(source), pending);
-                self.emit(data_type.as_str(), &to_js(&data), &meta);
+                self.host.emit(data_type.as_str(), &to_js(&data), &meta);
             }
-            Event::Status(status) => self.emit("status", &status.as_str().into(), &JsValue::UNDEFINED),
-            Event::Spinner(visible) => self.spinner.borrow_mut().show(visible),
-            Event::CheckDone { ticket, fresh } => {
-                let resolve = {
-                    let mut waiting = self.waiting.borrow_mut();
-                    waiting.iter().position(|(t, _)| *t == ticket).map(|i| waiting.swap_remove(i).1)
-                };
-                if let Some(resolve) = resolve {
-                    let _ = resolve.call1(&JsValue::NULL, &JsValue::from_bool(fresh));
-                }
-            }
+            Event::Status(status) => self.host.emit("status", &status.as_str().into(), &JsValue::UNDEFINED),
+            Event::Spinner(visible) => self.host.spinner(visible),
+            Event::CheckDone { ticket, fresh } => self.host.done(ticket as f64, fresh),
             Event::Refused { data_type, op_id, code, message } => {
                 let refused = Json::object()
                     .with("dataType", data_type.as_str())
                     .with("opId", op_id)
                     .with("code", code)
                     .with("message", message);
-                self.emit("refused", &to_js(&refused), &JsValue::UNDEFINED);
+                self.host.emit("refused", &to_js(&refused), &JsValue::UNDEFINED);
             }
-            Event::NeedToken => self.fetch_token(),
-            Event::Persist => self.persist(),
-            Event::Share(shared) => {
-                if let Some(wiring) = &*self.wiring.borrow() {
-                    wiring.post(&to_js(&shared.to_json()));
+            Event::NeedToken => {
+                if let Some(get_token) = &self.get_token {
+                    self.host.ask(get_token);
                 }
             }
-            Event::Log(line) => web_sys::console::log_1(&line.into()),
-        }
-    }
-
-    fn emit(&self, event: &str, first: &JsValue, second: &JsValue) {
-        let listeners: Vec<Function> = self
-            .listeners
-            .borrow()
-            .iter()
-            .filter(|(name, _)| name == event)
-            .map(|(_, f)| f.clone())
-            .collect();
-        for listener in listeners {
-            if let Err(e) = listener.call2(&JsValue::NULL, first, second) {
-                web_sys::console::error_2(&"unified-balance: a listener threw".into(), &e);
-            }
+            Event::Persist => self.persist(),
+            Event::Share(shared) => self.host.post(&to_js(&shared.to_json())),
+            Event::Log(line) => console_log(&line),
         }
     }
 
     /// Merges writes other tabs stored (they are adopted, and the hub applies each op once),
     /// then stores this engine's state.
     fn persist(&self) {
-        let Some(storage) = storage() else { return };
-        if let Some(stored) = load(&self.storage_key) {
+        if let Some(text) = load(&self.storage_key) {
+            let stored = Persisted::from_json(&parse(&text));
             self.engine.borrow_mut().handle_stored_ops(now(), stored.outbox);
         }
         let state = self.engine.borrow().persisted();
-        let _ = storage.set_item(&self.storage_key, &stringify(&state.to_json()));
-    }
-
-    fn fetch_token(&self) {
-        let Some(get_token) = self.get_token.clone() else { return };
-        let this = self.this.clone();
-        let done = Closure::once_into_js(move |token: String| {
-            if let Some(shell) = this.upgrade() {
-                shell.engine.borrow_mut().handle_token(now(), Some(token).filter(|t| !t.is_empty()));
-                shell.drive();
-            }
-        });
-        ask_token(&get_token, &done);
+        save(&self.storage_key, &stringify(&state.to_json()));
     }
 
     fn send(&self, request: Request) {
-        let this = self.this.clone();
-        let id = request.id;
-        let done = Closure::once_into_js(move |status: u16, retry_after: Option<String>, text: String| {
-            let reply = if status == 0 {
-                Reply::NetworkError
-            } else {
-                let body = if text.is_empty() { Json::Null } else { parse(&text) };
-                Reply::Answer { status, body, retry_after: retry_after.and_then(|v| v.trim().parse().ok()) }
-            };
-            if let Some(shell) = this.upgrade()
-                && !shell.destroyed.get()
-            {
-                shell.engine.borrow_mut().handle_reply(now(), id, reply);
-                shell.drive();
-            }
-        });
         let (url, method) = match (&request.method, &request.query) {
             (Method::Get, Some(query)) => ([self.endpoint.as_str(), "?", query].concat(), "GET"),
             _ => (self.endpoint.clone(), "POST"),
         };
-        hub_request(
+        self.host.send(
             &url,
             method,
             request.token.as_deref(),
             request.if_none_match.as_deref(),
             request.body.as_ref().map(stringify).as_deref(),
             request.keepalive,
-            &done,
+            request.id as f64,
         );
     }
 
     // ---- the page's calls ----
 
-    pub(crate) fn on(&self, event: &str, listener: Function) {
-        self.listeners.borrow_mut().push((event.to_owned(), listener.clone()));
-        // A data listener hears at once what is already known.
-        if let Some(data_type) = sync_core::data_type_named(event) {
-            let engine = self.engine.borrow();
-            if let Some(view) = engine.view(data_type) {
-                let record = engine.record(data_type).cloned();
-                let pending = engine.pending().filter(|op| op.data_type == data_type).count();
-                drop(engine);
-                let (version, last_updated) = record.map_or((0, None), |r| (r.version, r.last_updated));
-                let meta = meta(version, last_updated, "cache", pending);
-                let _ = listener.call2(&JsValue::NULL, &to_js(&view), &meta);
-            }
-        }
+    /// Registers `listener`; a data listener hears at once what is already known.
+    pub(crate) fn on(&self, event: &str, listener: &Function) {
+        let engine = self.engine.borrow();
+        let known = sync_core::data_type_named(event).and_then(|data_type| {
+            let view = engine.view(data_type)?;
+            let (version, last_updated) =
+                engine.record(data_type).map_or((0, None), |r| (r.version, r.last_updated.clone()));
+            let pending = engine.pending().filter(|op| op.data_type == data_type).count();
+            Some((to_js(&view), meta(version, last_updated, "cache", pending)))
+        });
+        drop(engine);
+        let (data, meta) = known.unwrap_or((JsValue::UNDEFINED, JsValue::UNDEFINED));
+        self.host.on(event, listener, &data, &meta);
     }
 
     pub(crate) fn off(&self, event: &str, listener: &Function) {
-        self.listeners.borrow_mut().retain(|(name, l)| !(name == event && l == listener));
+        self.host.off(event, listener);
     }
 
+    /// A promise of the check `trigger` starts (or joins): true when it ended fresh.
     pub(crate) fn check(&self, trigger: Trigger) -> Promise {
-        let mut resolve_slot = None;
-        let promise = Promise::new(&mut |resolve, _reject| resolve_slot = Some(resolve));
-        if self.destroyed.get() {
-            if let Some(resolve) = resolve_slot {
-                let _ = resolve.call1(&JsValue::NULL, &JsValue::FALSE);
-            }
-            return promise;
-        }
-        let ticket = self.engine.borrow_mut().handle_trigger(now(), trigger);
-        if let Some(resolve) = resolve_slot {
-            self.waiting.borrow_mut().push((ticket, resolve));
-        }
+        // Tickets start at 1; a destroyed manager's promise resolves to false at once.
+        let ticket =
+            if self.destroyed.get() { 0 } else { self.engine.borrow_mut().handle_trigger(now(), trigger) };
+        let promise = self.host.wait(ticket as f64);
         self.drive();
         promise
     }
@@ -391,15 +342,13 @@ impl Shell {
         let data_type = data_type_of(data_type)?;
         let amount = match delta.as_f64() {
             Some(n) => Some(n),
-            None => protocol::amount_field(data_type)
-                .and_then(|field| js_sys::Reflect::get(delta, &field.into()).ok())
-                .and_then(|v| v.as_f64()),
+            None => protocol::amount_field(data_type).and_then(|name| field(delta, name).as_f64()),
         };
         let amount =
             amount.filter(|n| n.fract() == 0.0 && n.abs() <= protocol::MAX_AMOUNT as f64).ok_or_else(
                 || SyncError::new("not_an_integer", "the delta must be a whole number, e.g. {coins: 10}"),
-            )?;
-        let op_id = self.engine.borrow_mut().apply_delta(now(), data_type, amount as i64, reason)?;
+            )? as i64;
+        let op_id = self.engine.borrow_mut().apply_delta(now(), data_type, amount, reason)?;
         self.drive();
         Ok(op_id)
     }
@@ -427,17 +376,8 @@ impl Shell {
     }
 
     pub(crate) fn destroy(&self) {
-        if self.destroyed.replace(true) {
-            return;
-        }
-        if let Some(wiring) = self.wiring.borrow_mut().take() {
-            wiring.close();
-        }
-        self.timer.borrow_mut().take();
-        self.spinner.borrow_mut().remove();
-        self.listeners.borrow_mut().clear();
-        for (_, resolve) in std::mem::take(&mut *self.waiting.borrow_mut()) {
-            let _ = resolve.call1(&JsValue::NULL, &JsValue::FALSE);
+        if !self.destroyed.replace(true) {
+            self.host.close();
         }
     }
 }
@@ -471,78 +411,181 @@ fn source_name(source: Source) -> &'static str {
     }
 }
 
-fn storage() -> Option<web_sys::Storage> {
-    web_sys::window()?.local_storage().ok().flatten()
-}
-
-fn load(key: &str) -> Option<Persisted> {
-    let text = storage()?.get_item(key).ok().flatten()?;
-    Some(Persisted::from_json(&parse(&text)))
-}
-
 #[wasm_bindgen(inline_js = r#"
-export function hubRequest(url, method, token, ifNoneMatch, body, keepalive, done) {
-  const headers = {};
-  if (token) headers.Authorization = "Bearer " + token;
-  if (ifNoneMatch) headers["If-None-Match"] = ifNoneMatch;
-  if (body != null) headers["Content-Type"] = "application/json";
-  fetch(url, { method, headers, body, keepalive, mode: "cors" })
-    .then((r) => r.text().then((t) => done(r.status, r.headers.get("Retry-After"), t)))
-    .catch(() => done(0, null, ""));
-}
-export function wire(channelName, onEvent, onShared) {
+export function connect(channelName, spinner, input) {
   const d = document;
   const on = {
-    visibilitychange: () => onEvent(d.visibilityState === "visible" ? 1 : 2),
-    pageshow: (e) => e.persisted && onEvent(3),
-    online: () => onEvent(4),
-    offline: () => onEvent(5),
-    pagehide: () => onEvent(6),
+    visibilitychange: () => input(d.visibilityState === "visible" ? 1 : 2),
+    pageshow: (e) => e.persisted && input(3),
+    online: () => input(4),
+    offline: () => input(5),
+    pagehide: () => input(6),
   };
   const target = (kind) => (kind === "visibilitychange" ? d : globalThis);
   for (const kind in on) target(kind).addEventListener(kind, on[kind]);
   let channel = null;
   if (typeof BroadcastChannel === "function") {
     channel = new BroadcastChannel(channelName);
-    channel.onmessage = (e) => onShared(e.data);
+    channel.onmessage = (e) => input(7, 0, 0, e.data);
   }
+  let listeners = [];
+  const waiting = new Map();
+  let closed = false, timer, element;
+  const call = (f, a, b) => {
+    try {
+      f(a, b);
+    } catch (e) {
+      console.error("unified-balance: a listener threw", e);
+    }
+  };
   return {
+    send(url, method, token, ifNoneMatch, body, keepalive, id) {
+      const headers = {};
+      if (token) headers.Authorization = "Bearer " + token;
+      if (ifNoneMatch) headers["If-None-Match"] = ifNoneMatch;
+      if (body != null) headers["Content-Type"] = "application/json";
+      fetch(url, { method, headers, body, keepalive, mode: "cors" })
+        .then((r) => r.text().then((t) => input(8, id, r.status, t, r.headers.get("Retry-After"))))
+        .catch(() => input(8, id, 0));
+    },
+    ask(callback) {
+      Promise.resolve()
+        .then(() => callback())
+        .then((t) => input(9, 0, 0, typeof t === "string" ? t : ""), () => input(9, 0, 0, ""));
+    },
+    arm(ms) {
+      clearTimeout(timer);
+      if (ms >= 0) timer = setTimeout(() => input(10), Math.min(ms, 2147483647));
+    },
     post: (message) => channel && channel.postMessage(message),
-    close: () => {
+    on(name, f, data, meta) {
+      listeners.push([name, f]);
+      if (data !== undefined) call(f, data, meta);
+    },
+    off(name, f) {
+      listeners = listeners.filter(([n, g]) => n !== name || g !== f);
+    },
+    emit(name, a, b) {
+      for (const [n, f] of listeners) if (n === name) call(f, a, b);
+    },
+    wait: (ticket) => (closed ? Promise.resolve(false) : new Promise((resolve) => waiting.set(ticket, resolve))),
+    done(ticket, fresh) {
+      const resolve = waiting.get(ticket);
+      waiting.delete(ticket);
+      if (resolve) resolve(fresh);
+    },
+    spinner(visible) {
+      if (typeof spinner === "function") return call(spinner, visible);
+      if (spinner === false) return;
+      const { className, text } = spinner || {};
+      if (!element && visible && d.body) {
+        element = d.createElement("div");
+        if (typeof className === "string") element.className = className;
+        else {
+          element.className = "sync-indicator";
+          element.style.cssText = "position:fixed;top:10px;right:10px;z-index:9999;padding:8px 12px;border-radius:4px;background:#2e7d32;color:#fff;font:14px/1.2 system-ui,sans-serif";
+        }
+        element.setAttribute("role", "status");
+        element.setAttribute("aria-live", "polite");
+        element.textContent = typeof text === "string" ? text : "Checking for updates…";
+        d.body.append(element);
+      }
+      if (element) element.hidden = !visible;
+    },
+    close() {
+      closed = true;
       for (const kind in on) target(kind).removeEventListener(kind, on[kind]);
       if (channel) channel.close();
+      clearTimeout(timer);
+      if (element) element.remove();
+      listeners = [];
+      for (const resolve of waiting.values()) resolve(false);
+      waiting.clear();
     },
   };
 }
-export function askToken(getToken, done) {
-  Promise.resolve()
-    .then(() => getToken())
-    .then((t) => done(typeof t === "string" ? t : ""), () => done(""));
+export function load(key) {
+  try {
+    return localStorage.getItem(key);
+  } catch (e) {
+    return null;
+  }
+}
+export function save(key, value) {
+  try {
+    localStorage.setItem(key, value);
+  } catch (e) {}
 }
 "#)]
 extern "C" {
-    /// `fetch` one request; `done(status, retryAfter, text)`, with status 0 when no answer came.
-    #[wasm_bindgen(js_name = hubRequest)]
-    fn hub_request(
+    /// The page's side of the wiring, calling `input` back (see [`Callback`]).
+    type Host;
+    fn connect(channel: &str, spinner: &JsValue, input: &JsValue) -> Host;
+
+    /// `fetch` one request; answers with [`REPLY`].
+    #[wasm_bindgen(method)]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        this: &Host,
         url: &str,
         method: &str,
         token: Option<&str>,
         if_none_match: Option<&str>,
         body: Option<&str>,
         keepalive: bool,
-        done: &JsValue,
+        id: f64,
     );
 
-    /// Calls the page's `getToken` (sync or async); `done(token)`, empty when it failed.
-    #[wasm_bindgen(js_name = askToken)]
-    fn ask_token(get_token: &Function, done: &JsValue);
+    /// Calls the page's `getToken` (sync or async); answers with [`ANSWER`].
+    #[wasm_bindgen(method)]
+    fn ask(this: &Host, callback: &Function);
 
-    /// The page's events (`onEvent(code)`: 1 visible, 2 hidden, 3 restored from the
-    /// back/forward cache, 4 online, 5 offline, 6 page hidden for good) and the tabs' channel.
-    type Wiring;
-    fn wire(channel: &str, on_event: &JsValue, on_shared: &JsValue) -> Wiring;
+    /// Replaces the timer: [`TIMER`] after `ms` milliseconds, none when `ms` is negative.
     #[wasm_bindgen(method)]
-    fn post(this: &Wiring, message: &JsValue);
+    fn arm(this: &Host, ms: f64);
+
+    /// Shares a message with the site's other tabs.
     #[wasm_bindgen(method)]
-    fn close(this: &Wiring);
+    fn post(this: &Host, message: &JsValue);
+
+    /// Registers a listener; calls it at once with `data` and `meta` unless `data` is
+    /// `undefined`.
+    #[wasm_bindgen(method)]
+    fn on(this: &Host, event: &str, listener: &Function, data: &JsValue, meta: &JsValue);
+
+    #[wasm_bindgen(method)]
+    fn off(this: &Host, event: &str, listener: &Function);
+
+    /// Calls the listeners of `event`; one that throws is logged and the others still run.
+    #[wasm_bindgen(method)]
+    fn emit(this: &Host, event: &str, first: &JsValue, second: &JsValue);
+
+    /// A promise that [`Host::done`] resolves for `ticket` (false at once once closed).
+    #[wasm_bindgen(method)]
+    fn wait(this: &Host, ticket: f64) -> Promise;
+
+    #[wasm_bindgen(method)]
+    fn done(this: &Host, ticket: f64, fresh: bool);
+
+    /// Shows or hides the indicator: the built-in element (`role="status"`, `aria-live`,
+    /// text set with `textContent`), the page's callback, or nothing (`spinner: false`).
+    #[wasm_bindgen(method)]
+    fn spinner(this: &Host, visible: bool);
+
+    /// Unwires everything: page events, the channel, the timer, the indicator, the
+    /// listeners; the promises still waiting resolve to false.
+    #[wasm_bindgen(method)]
+    fn close(this: &Host);
+
+    /// `localStorage.getItem`, `None` when storage is unavailable.
+    fn load(key: &str) -> Option<String>;
+
+    /// `localStorage.setItem`; a full or unavailable storage is ignored.
+    fn save(key: &str, value: &str);
+}
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = console, js_name = log)]
+    fn console_log(line: &str);
 }
