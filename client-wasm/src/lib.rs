@@ -30,6 +30,10 @@ export interface SyncOptions {
   /** Returns a JWT minted by this site's backend; called at start and again after a 401.
    *  Omit only for a hub running without auth (development). */
   getToken?: () => string | Promise<string>;
+  /** Returns a fresh grant from this site's backend for a credit whose grant expired before
+   *  it reached the hub (e.g. offline for long), for the same op; `null` gives the credit up
+   *  (it is rolled back and reported as `refused`). Without it, such a credit is refused. */
+  getGrant?: (request: GrantRequest) => string | null | Promise<string | null>;
   /** Types to keep in step (default: balance, profile, roles). */
   dataTypes?: DataType[];
   /** The sync indicator: `false` for none, a callback to draw your own, or options for the
@@ -43,6 +47,14 @@ export interface SyncOptions {
   requestTimeoutMs?: number;
   /** Log every decision to the console (also on when localStorage.sync_debug === "true"). */
   debug?: boolean;
+}
+
+/** The credit `getGrant` is asked to grant again: the same op, data type and amounts. */
+export interface GrantRequest {
+  opId: string;
+  dataType: "balance" | "points";
+  delta: { coins: number } | { points: number };
+  reason: string | null;
 }
 
 /** What a data listener learns besides the data. */
@@ -121,16 +133,19 @@ impl SyncManager {
     }
 
     /// Adds to balance or points: shown at once, stored, then sent until the hub confirms it
-    /// exactly once. `delta` is `{coins: 10}` (or `{points: 10}`) or a plain number. Returns
-    /// the write's op id; throws if the write is invalid or would go below zero.
+    /// exactly once. `delta` is `{coins: 10}` (or `{points: 10}`) or a plain number; a credit
+    /// carries the grant the site's backend signed for it (`options.grant`), whose op id the
+    /// write takes. Returns the write's op id; throws if the write is invalid, would go below
+    /// zero, or its grant's op is already pending or done.
     #[wasm_bindgen(js_name = applyDelta)]
     pub fn apply_delta(
         &self,
         data_type: &str,
         delta: JsValue,
         reason: Option<String>,
+        options: JsValue,
     ) -> Result<String, JsValue> {
-        Ok(self.shell.apply_delta(data_type, &delta, reason)?)
+        Ok(self.shell.apply_delta(data_type, &delta, reason, &options)?)
     }
 
     /// Merges `changes` into a record (profile fields, settings, this site's roles) without
@@ -168,7 +183,7 @@ export class SyncManager {
   login(): Promise<boolean>;
   ensureFresh(dataType?: DataType): Promise<boolean>;
   forceSync(): Promise<boolean>;
-  applyDelta(dataType: "balance" | "points", delta: { coins: number } | { points: number } | number, reason?: string): string;
+  applyDelta(dataType: "balance" | "points", delta: { coins: number } | { points: number } | number, reason?: string, options?: { grant?: string }): string;
   pushChanges(dataType: DataType, changes: Record<string, unknown>): string;
   get(dataType: DataType): any;
   readonly status: SyncStatus;

@@ -11,6 +11,8 @@ pub(crate) struct Options {
     pub site_id: String,
     pub user_id: String,
     pub get_token: Option<Function>,
+    /// Mints a fresh grant for a credit whose grant expired while it waited to be sent.
+    pub get_grant: Option<Function>,
     pub data_types: Vec<DataType>,
     /// `false`, the page's callback, or the built-in element's options (undefined for the
     /// defaults); the shell's JavaScript draws it.
@@ -96,6 +98,7 @@ impl Options {
             site_id,
             user_id,
             get_token: function(options, "getToken")?,
+            get_grant: function(options, "getGrant")?,
             data_types,
             spinner,
             spinner_delay_ms: millis(options, "spinnerDelayMs")?,

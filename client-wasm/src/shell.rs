@@ -2,8 +2,8 @@
 //! time, then [`Shell::drive`] drains the engine's outputs in the documented order.
 //!
 //! The page's side of the wiring is one small JavaScript object (`connect`, at the end of
-//! this file): the page events, the tabs' `BroadcastChannel`, `fetch`, the page's `getToken`,
-//! the one timer, the listeners, the promises `login` and friends return, and
+//! this file): the page events, the tabs' `BroadcastChannel`, `fetch`, the page's `getToken`
+//! and `getGrant`, the one timer, the listeners, the promises `login` and friends return, and
 //! the indicator element. Every asynchronous answer comes back into Rust through one callback.
 //! Written in Rust with web-sys, futures and a closure per call, the same wiring cost the
 //! package several kilobytes more than these lines. The JavaScript makes no decision either:
@@ -15,7 +15,7 @@ use std::rc::{Rc, Weak};
 use js_sys::{Function, Promise};
 use protocol::Refusal;
 use sync_core::{
-    Config, DataType, Engine, Event, Json, Method, Persisted, Reply, Request, Shared, Source, Trigger,
+    Config, DataType, Engine, Event, Grant, Json, Method, Persisted, Reply, Request, Shared, Source, Trigger,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
@@ -124,7 +124,8 @@ const SHARED: u32 = 7;
 /// The answer to request `id`: `status` (0 when none came), the body's text (`value`) and
 /// `Retry-After` (`extra`).
 const REPLY: u32 = 8;
-/// What `getToken` gave (`value`, empty when nothing usable).
+/// What `getToken` or `getGrant` gave (`value`, empty when nothing usable); `extra` is the
+/// op id a grant was asked for, `undefined` for a token.
 const ANSWER: u32 = 9;
 /// The timer armed with `arm` fired.
 const TIMER: u32 = 10;
@@ -134,6 +135,7 @@ pub(crate) struct Shell {
     endpoint: String,
     storage_key: String,
     get_token: Option<Function>,
+    get_grant: Option<Function>,
     /// The page's side of the wiring (see `connect` below).
     host: Host,
     /// The callback `host` calls; kept alive as long as the shell.
@@ -148,6 +150,7 @@ impl Shell {
         let channel = [storage_key.as_str(), ":", &options.site_id].concat();
         let mut config = Config::new(options.site_id, options.user_id, options.data_types);
         config.needs_token = options.get_token.is_some();
+        config.asks_for_grants = options.get_grant.is_some();
         config.debug = options.debug || load("sync_debug").as_deref() == Some("true");
         config.seed = (js_sys::Math::random() * 9.007_199_254_740_991e15) as u64 ^ now();
         if let Some(ms) = options.spinner_delay_ms {
@@ -173,6 +176,7 @@ impl Shell {
                 endpoint,
                 storage_key,
                 get_token: options.get_token,
+                get_grant: options.get_grant,
                 host: connect(&channel, &options.spinner, input.as_ref()),
                 _input: input,
                 destroyed: Cell::new(false),
@@ -215,7 +219,13 @@ impl Shell {
                 };
                 engine.handle_reply(now, id as u64, reply);
             }
-            ANSWER => engine.handle_token(now, value.as_string().filter(|text| !text.is_empty())),
+            ANSWER => {
+                let answer = value.as_string().filter(|text| !text.is_empty());
+                match extra.as_string() {
+                    Some(op_id) => engine.handle_grant(now, &op_id, answer),
+                    None => engine.handle_token(now, answer),
+                }
+            }
             TIMER => engine.handle_timeout(now),
             _ => {}
         }
@@ -266,7 +276,19 @@ impl Shell {
             }
             Event::NeedToken => {
                 if let Some(get_token) = &self.get_token {
-                    self.host.ask(get_token);
+                    self.host.ask(get_token, &JsValue::UNDEFINED, &JsValue::UNDEFINED);
+                }
+            }
+            Event::NeedGrant { op_id, data_type, amount, reason } => {
+                // The same op, data type and amounts: the grant must name them exactly.
+                if let Some(get_grant) = &self.get_grant {
+                    let field = protocol::amount_field(data_type).unwrap_or("coins");
+                    let request = Json::object()
+                        .with("opId", op_id.as_str())
+                        .with("dataType", data_type.as_str())
+                        .with("delta", Json::object().with(field, amount))
+                        .with("reason", reason);
+                    self.host.ask(get_grant, &to_js(&request), &op_id.into());
                 }
             }
             Event::Persist => self.persist(),
@@ -338,6 +360,7 @@ impl Shell {
         data_type: &str,
         delta: &JsValue,
         reason: Option<String>,
+        options: &JsValue,
     ) -> Result<String, SyncError> {
         let data_type = data_type_of(data_type)?;
         let amount = match delta.as_f64() {
@@ -348,7 +371,22 @@ impl Shell {
             amount.filter(|n| n.fract() == 0.0 && n.abs() <= protocol::MAX_AMOUNT as f64).ok_or_else(
                 || SyncError::new("not_an_integer", "the delta must be a whole number, e.g. {coins: 10}"),
             )? as i64;
-        let op_id = self.engine.borrow_mut().apply_delta(now(), data_type, amount, reason)?;
+        let grant = field(options, "grant");
+        let grant = if grant.is_undefined() || grant.is_null() {
+            None
+        } else {
+            let jwt = grant.as_string().unwrap_or_default();
+            let op_id = grant_op_id(&jwt).as_string().filter(|id| !id.is_empty()).ok_or_else(|| {
+                SyncError::new("grant_invalid", "the grant must be a JWT whose payload names an op_id")
+            })?;
+            Some(Grant::new(jwt, op_id))
+        };
+        let mut engine = self.engine.borrow_mut();
+        let op_id = match grant {
+            Some(grant) => engine.apply_delta_with_grant(now(), data_type, amount, reason, grant),
+            None => engine.apply_delta(now(), data_type, amount, reason),
+        }?;
+        drop(engine);
         self.drive();
         Ok(op_id)
     }
@@ -448,10 +486,10 @@ export function connect(channelName, spinner, input) {
         .then((r) => r.text().then((t) => input(8, id, r.status, t, r.headers.get("Retry-After"))))
         .catch(() => input(8, id, 0));
     },
-    ask(callback) {
+    ask(callback, request, opId) {
       Promise.resolve()
-        .then(() => callback())
-        .then((t) => input(9, 0, 0, typeof t === "string" ? t : ""), () => input(9, 0, 0, ""));
+        .then(() => callback(request))
+        .then((t) => input(9, 0, 0, typeof t === "string" ? t : "", opId), () => input(9, 0, 0, "", opId));
     },
     arm(ms) {
       clearTimeout(timer);
@@ -516,6 +554,11 @@ export function save(key, value) {
     localStorage.setItem(key, value);
   } catch (e) {}
 }
+export function grantOpId(grant) {
+  try {
+    return JSON.parse(atob(grant.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).op_id;
+  } catch (e) {}
+}
 "#)]
 extern "C" {
     /// The page's side of the wiring, calling `input` back (see [`Callback`]).
@@ -536,9 +579,10 @@ extern "C" {
         id: f64,
     );
 
-    /// Calls the page's `getToken` (sync or async); answers with [`ANSWER`].
+    /// Calls the page's `getToken` or `getGrant` (sync or async) with `request`; answers with
+    /// [`ANSWER`], naming `op_id` for a grant.
     #[wasm_bindgen(method)]
-    fn ask(this: &Host, callback: &Function);
+    fn ask(this: &Host, callback: &Function, request: &JsValue, op_id: &JsValue);
 
     /// Replaces the timer: [`TIMER`] after `ms` milliseconds, none when `ms` is negative.
     #[wasm_bindgen(method)]
@@ -582,6 +626,11 @@ extern "C" {
 
     /// `localStorage.setItem`; a full or unavailable storage is ignored.
     fn save(key: &str, value: &str);
+
+    /// The `op_id` claim of a grant's payload (base64url JSON), read without checking the
+    /// signature (the hub does); `undefined` when there is none.
+    #[wasm_bindgen(js_name = grantOpId)]
+    fn grant_op_id(grant: &str) -> JsValue;
 }
 
 #[wasm_bindgen]

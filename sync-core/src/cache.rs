@@ -127,7 +127,12 @@ mod tests {
                 Op {
                     op_id: "a".into(),
                     data_type: DataType::Balance,
-                    kind: OpKind::Delta { amount: -5, reason: Some("game".into()) },
+                    kind: OpKind::Delta { amount: -5, reason: Some("game".into()), grant: None },
+                },
+                Op {
+                    op_id: "claim-1".into(),
+                    data_type: DataType::Balance,
+                    kind: OpKind::Delta { amount: 10, reason: None, grant: Some("h.p.s".into()) },
                 },
                 Op {
                     op_id: "b".into(),
@@ -138,5 +143,21 @@ mod tests {
         };
         let text = state.to_json().to_text();
         assert_eq!(Persisted::from_json(&Json::parse(&text).unwrap()), state);
+    }
+
+    #[test]
+    fn an_outbox_stored_before_grants_existed_still_reads() {
+        let text = r#"{"epoch":"e1","records":{},"outbox":[
+            {"op_id":"a","data_type":"balance","delta":-5,"reason":"game"},
+            {"op_id":"b","data_type":"points","delta":3,"reason":null}]}"#;
+        let outbox = Persisted::from_json(&Json::parse(text).unwrap()).outbox;
+        let kinds: Vec<OpKind> = outbox.into_iter().map(|op| op.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                OpKind::Delta { amount: -5, reason: Some("game".into()), grant: None },
+                OpKind::Delta { amount: 3, reason: None, grant: None },
+            ]
+        );
     }
 }

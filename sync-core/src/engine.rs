@@ -5,7 +5,7 @@ use protocol::{DataType, Refusal};
 
 use crate::cache::{CachedRecord, PerType, Persisted};
 use crate::outbox::{Op, OpKind, backoff_ms};
-use crate::{Event, Json, Method, Reply, Request, RequestId, Shared, Source, Status, Trigger};
+use crate::{Event, Grant, Json, Method, Reply, Request, RequestId, Shared, Source, Status, Trigger};
 
 /// How a client behaves; [`Config::new`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,10 @@ pub struct Config {
     pub data_types: Vec<DataType>,
     /// False when the hub runs without auth (development): no token is ever asked for.
     pub needs_token: bool,
+    /// The page can get a fresh grant from its site's backend (`getGrant`): a credit whose
+    /// grant expired before the hub ever applied it asks for one ([`Event::NeedGrant`])
+    /// instead of being refused and rolled back.
+    pub asks_for_grants: bool,
     /// A check shorter than this never shows the spinner (no flicker).
     pub spinner_delay_ms: u64,
     /// While the tab is visible, check after this long without a check.
@@ -38,6 +42,7 @@ impl Config {
             user_id: user_id.into(),
             data_types,
             needs_token: true,
+            asks_for_grants: false,
             spinner_delay_ms: 150,
             inactivity_ms: 5 * 60 * 1000,
             request_timeout_ms: 15_000,
@@ -120,6 +125,9 @@ pub struct Engine {
     online: bool,
     visible: bool,
     write_in_flight: Option<String>,
+    /// The credit waiting for the page's fresh grant ([`Event::NeedGrant`]); the writes
+    /// behind it wait too, so the outbox keeps its order.
+    awaiting_grant: Option<String>,
     /// The hub asked (429 with `Retry-After`) that nothing be sent before this; checks
     /// triggered meanwhile end at once with cached data.
     hold_until_ms: u64,
@@ -161,6 +169,7 @@ impl Engine {
             online: true,
             visible: true,
             write_in_flight: None,
+            awaiting_grant: None,
             hold_until_ms: 0,
             check_after_hold: false,
             write_attempts: 0,
@@ -238,6 +247,35 @@ impl Engine {
         self.pump(now);
     }
 
+    /// The answer to [`Event::NeedGrant`]: a fresh grant is stored with the op (persisted
+    /// before the resend) and sent; `None` (the page has none) refuses the write and rolls it
+    /// back, with code `grant_expired`.
+    pub fn handle_grant(&mut self, now: u64, op_id: &str, grant: Option<String>) {
+        self.now_ms = now;
+        if self.awaiting_grant.as_deref() == Some(op_id) {
+            self.awaiting_grant = None;
+        }
+        if let Some(index) = self.outbox.iter().position(|op| op.op_id == op_id) {
+            match grant {
+                Some(fresh) => {
+                    if let OpKind::Delta { grant, .. } = &mut self.outbox[index].kind {
+                        *grant = Some(fresh);
+                    }
+                    self.log(&["fresh grant for ", op_id, " → resend"]);
+                    self.next_write_ms = now;
+                    self.events.push(Event::Persist);
+                }
+                None => self.refuse(
+                    index,
+                    "grant_expired".into(),
+                    "the grant expired and no fresh one came".into(),
+                    None,
+                ),
+            }
+        }
+        self.pump(now);
+    }
+
     /// What came back for request `id`. Unknown, late and duplicated replies are ignored.
     pub fn handle_reply(&mut self, now: u64, id: RequestId, reply: Reply) {
         self.now_ms = now;
@@ -274,8 +312,7 @@ impl Engine {
         if let Some(op_id) = &shared.finished
             && let Some(index) = self.outbox.iter().position(|op| op.op_id == *op_id)
         {
-            let op = self.outbox.remove(index);
-            self.remember_done(op.op_id);
+            self.finish(index);
             changed = true;
         }
         if self.store(shared.data_type, shared.record) || changed {
@@ -291,8 +328,7 @@ impl Engine {
         self.now_ms = now;
         let mut adopted = false;
         for op in ops {
-            let known = self.outbox.iter().any(|o| o.op_id == op.op_id) || self.done.contains(&op.op_id);
-            if !known {
+            if !self.knows(&op.op_id) {
                 self.log(&["adopted pending write ", &op.op_id, " for ", op.data_type.as_str()]);
                 self.outbox.push(op);
                 adopted = true;
@@ -304,26 +340,56 @@ impl Engine {
         }
     }
 
-    /// The page is going away: send every pending write now, with `keepalive`. They stay in
-    /// the outbox; the next page resends what was not confirmed, and the hub applies each once.
+    /// The page is going away: send every pending write now, with `keepalive` (but a credit
+    /// whose grant is known to have expired). They stay in the outbox; the next page resends
+    /// what was not confirmed, and the hub applies each once.
     pub fn handle_unload(&mut self, now: u64) {
         self.now_ms = now;
         let ops: Vec<Op> = self.outbox.clone();
         for op in ops {
-            self.send_write(now, &op, true);
+            if self.awaiting_grant.as_ref() != Some(&op.op_id) {
+                self.send_write(now, &op, true);
+            }
         }
     }
 
     // ---- local writes ----
 
     /// Adds `amount` to balance or points: shown at once, stored in the outbox before it is
-    /// first sent, retried until the hub answers. Returns the op id.
+    /// first sent, retried until the hub answers. Returns the op id. Without a grant, the hub
+    /// takes a spend from a page's token, and a credit only from a server's token with
+    /// `amounts:credit`.
     pub fn apply_delta(
         &mut self,
         now: u64,
         data_type: DataType,
         amount: i64,
         reason: Option<String>,
+    ) -> Result<String, Refusal> {
+        self.delta(now, data_type, amount, reason, None)
+    }
+
+    /// [`Engine::apply_delta`] for a credit the site's backend granted: the op takes the
+    /// grant's op id and carries the grant to the hub. A grant whose op is already pending or
+    /// done is refused (`duplicate_op`), so re-applying one never counts twice on the page.
+    pub fn apply_delta_with_grant(
+        &mut self,
+        now: u64,
+        data_type: DataType,
+        amount: i64,
+        reason: Option<String>,
+        grant: Grant,
+    ) -> Result<String, Refusal> {
+        self.delta(now, data_type, amount, reason, Some(grant))
+    }
+
+    fn delta(
+        &mut self,
+        now: u64,
+        data_type: DataType,
+        amount: i64,
+        reason: Option<String>,
+        grant: Option<Grant>,
     ) -> Result<String, Refusal> {
         self.now_ms = now;
         let field = protocol::amount_field(data_type).ok_or_else(|| {
@@ -346,7 +412,14 @@ impl Engine {
         if current + amount < 0 {
             return Err(Refusal::invalid("insufficient_funds", [field, " would go below zero"].concat()));
         }
-        let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Delta { amount, reason } };
+        let (op_id, grant) = match grant {
+            Some(Grant { jwt, op_id }) if !self.knows(&op_id) => (op_id, Some(jwt)),
+            Some(_) => {
+                return Err(Refusal::invalid("duplicate_op", "this grant's op is already pending or done"));
+            }
+            None => (self.new_op_id(), None),
+        };
+        let op = Op { op_id, data_type, kind: OpKind::Delta { amount, reason, grant } };
         self.log(&[data_type.as_str(), ": delta ", &signed(amount), " queued (", &op.op_id, ")"]);
         Ok(self.enqueue(now, op))
     }
@@ -389,12 +462,7 @@ impl Engine {
         for (_, flight) in &self.in_flight {
             consider(flight.deadline_ms);
         }
-        if !self.outbox.is_empty()
-            && self.write_in_flight.is_none()
-            && self.online
-            && !self.auth_failed
-            && !self.token_requested
-        {
+        if self.writes_may_go() && !self.token_requested {
             consider(self.next_write_ms);
         }
         if let Some(at) = self.inactivity_due() {
@@ -636,8 +704,7 @@ impl Engine {
                 self.write_attempts = 0;
                 self.next_write_ms = now;
                 self.token_refreshed = false;
-                let op = self.outbox.remove(index);
-                self.remember_done(op.op_id);
+                self.finish(index);
                 let replayed = body.get("replayed").and_then(Json::as_bool).unwrap_or(false);
                 if let Some(record) = CachedRecord::from_json(&body) {
                     let outcome = if replayed { " replayed v" } else { " applied v" };
@@ -660,24 +727,75 @@ impl Engine {
                 self.retry_later(now, retry_after, "hub busy");
             }
             _ => {
-                let code = body.get("code").and_then(Json::as_str).unwrap_or("refused").to_owned();
-                let message = body
-                    .get("error")
-                    .and_then(Json::as_str)
-                    .unwrap_or("the hub refused the write")
-                    .to_owned();
-                self.log(&[data_type.as_str(), ": write ", op_id, " refused: ", &code, " → ROLLBACK"]);
-                let op = self.outbox.remove(index);
-                self.remember_done(op.op_id.clone());
-                if let Some(current) = body.get("current").and_then(CachedRecord::from_json) {
-                    self.store(data_type, current.clone());
-                    self.share(data_type, current, Some(op.op_id.clone()));
+                let code = body.get("code").and_then(Json::as_str).unwrap_or("refused");
+                // The hub never applied the op: with a fresh grant for the same op id, the
+                // next attempt is still a retry.
+                if code == "grant_expired"
+                    && self.config.asks_for_grants
+                    && let OpKind::Delta { amount, reason, .. } = &self.outbox[index].kind
+                {
+                    if self.awaiting_grant.as_deref() != Some(op_id) {
+                        let need = Event::NeedGrant {
+                            op_id: op_id.into(),
+                            data_type,
+                            amount: *amount,
+                            reason: reason.clone(),
+                        };
+                        self.log(&[
+                            data_type.as_str(),
+                            ": grant of ",
+                            op_id,
+                            " expired → asking for a fresh one",
+                        ]);
+                        self.awaiting_grant = Some(op_id.into());
+                        self.events.push(need);
+                    }
+                    return;
                 }
-                self.events.push(Event::Refused { data_type, op_id: op.op_id, code, message });
-                self.events.push(Event::Persist);
-                self.announce(Source::Hub);
+                let message = body.get("error").and_then(Json::as_str).unwrap_or("the hub refused the write");
+                let current = body.get("current").and_then(CachedRecord::from_json);
+                self.refuse(index, code.into(), message.into(), current);
             }
         }
+    }
+
+    /// Rolls back the write at `index` after a final refusal, and adopts the record the hub
+    /// sent with it.
+    fn refuse(&mut self, index: usize, code: String, message: String, current: Option<CachedRecord>) {
+        let op = self.finish(index);
+        let data_type = op.data_type;
+        self.log(&[data_type.as_str(), ": write ", &op.op_id, " refused: ", &code, " → ROLLBACK"]);
+        if let Some(current) = current {
+            self.store(data_type, current.clone());
+            self.share(data_type, current, Some(op.op_id.clone()));
+        }
+        self.events.push(Event::Refused { data_type, op_id: op.op_id, code, message });
+        self.events.push(Event::Persist);
+        self.announce(Source::Hub);
+    }
+
+    /// Takes the write at `index` out of the outbox for good (confirmed or refused).
+    fn finish(&mut self, index: usize) -> Op {
+        let op = self.outbox.remove(index);
+        if self.awaiting_grant.as_ref() == Some(&op.op_id) {
+            self.awaiting_grant = None;
+        }
+        self.remember_done(op.op_id.clone());
+        op
+    }
+
+    /// Whether `op_id` is pending here or was finished lately.
+    fn knows(&self, op_id: &str) -> bool {
+        self.outbox.iter().any(|op| op.op_id == op_id) || self.done.iter().any(|done| done == op_id)
+    }
+
+    /// Whether the next write may be sent once its time comes.
+    fn writes_may_go(&self) -> bool {
+        self.online
+            && !self.auth_failed
+            && self.write_in_flight.is_none()
+            && self.awaiting_grant.is_none()
+            && !self.outbox.is_empty()
     }
 
     fn retry_later(&mut self, now: u64, retry_after_ms: u64, why: &str) {
@@ -749,11 +867,7 @@ impl Engine {
             self.finish_check(now, false);
         }
         let check_pending = self.check.as_ref().is_some_and(|c| c.stage == Stage::Pending);
-        let write_due = self.online
-            && !self.auth_failed
-            && self.write_in_flight.is_none()
-            && !self.outbox.is_empty()
-            && now >= self.next_write_ms;
+        let write_due = self.writes_may_go() && now >= self.next_write_ms;
         if (check_pending || write_due) && self.config.needs_token && self.token.is_none() {
             if !self.token_requested && !self.auth_failed {
                 self.token_requested = true;

@@ -14,11 +14,13 @@
 
 mod cache;
 mod engine;
+mod grant;
 mod json;
 mod outbox;
 
 pub use cache::{CachedRecord, PerType, Persisted};
 pub use engine::{Config, Engine};
+pub use grant::Grant;
 pub use json::Json;
 pub use outbox::{Op, OpKind};
 pub use protocol::DataType;
@@ -188,6 +190,15 @@ pub enum Event {
     },
     /// The engine needs a (fresh) token: answer with [`Engine::handle_token`].
     NeedToken,
+    /// The hub found the grant of this credit expired before it ever applied it (only with
+    /// [`Config::asks_for_grants`]): answer with [`Engine::handle_grant`]. The writes queued
+    /// behind it wait for the answer, as they wait for a write in flight.
+    NeedGrant {
+        op_id: String,
+        data_type: DataType,
+        amount: i64,
+        reason: Option<String>,
+    },
     /// The cache or the outbox changed: store [`Engine::persisted`] now.
     Persist,
     /// Fresh data to share with the site's other tabs.

@@ -16,7 +16,14 @@ pub struct Op {
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpKind {
     /// Add `amount` to balance or points.
-    Delta { amount: i64, reason: Option<String> },
+    Delta {
+        amount: i64,
+        reason: Option<String>,
+        /// The site backend's grant for a credit (a JWT naming this op's id), sent with every
+        /// attempt: the hub applies a page's credit only with one. Replaced by a fresh one
+        /// when the hub finds it expired before the op was ever applied.
+        grant: Option<String>,
+    },
     /// Merge `patch` into the record (or set the amount of balance or points).
     Push { patch: Json },
 }
@@ -43,24 +50,30 @@ impl Op {
             .with("data_type", self.data_type.as_str())
             .with("op_id", self.op_id.as_str());
         match &self.kind {
-            OpKind::Delta { amount, reason } => {
+            OpKind::Delta { amount, reason, grant } => {
                 let field = protocol::amount_field(self.data_type).unwrap_or("coins");
-                let body = base.with("action", "delta").with("delta", Json::object().with(field, *amount));
-                match reason {
-                    Some(reason) => body.with("reason", reason.as_str()),
-                    None => body,
+                let mut body =
+                    base.with("action", "delta").with("delta", Json::object().with(field, *amount));
+                for (key, value) in [("reason", reason), ("grant", grant)] {
+                    if let Some(value) = value {
+                        body.set(key, Json::from(value.as_str()));
+                    }
                 }
+                body
             }
             OpKind::Push { patch } => base.with("action", "push").with("data", patch.clone()),
         }
     }
 
-    /// The storage format: `{"op_id", "data_type", "delta", "reason"}` or `{…, "patch"}`.
+    /// The storage format: `{"op_id", "data_type", "delta", "reason", "grant"}` or
+    /// `{…, "patch"}`. Ops stored before grants existed have no `"grant"` and read as none.
     pub fn to_json(&self) -> Json {
         let base =
             Json::object().with("op_id", self.op_id.as_str()).with("data_type", self.data_type.as_str());
         match &self.kind {
-            OpKind::Delta { amount, reason } => base.with("delta", *amount).with("reason", reason.clone()),
+            OpKind::Delta { amount, reason, grant } => {
+                base.with("delta", *amount).with("reason", reason.clone()).with("grant", grant.clone())
+            }
             OpKind::Push { patch } => base.with("patch", patch.clone()),
         }
     }
@@ -68,11 +81,11 @@ impl Op {
     pub fn from_json(json: &Json) -> Option<Op> {
         let op_id = json.get("op_id")?.as_str()?.to_owned();
         let data_type = crate::data_type_named(json.get("data_type")?.as_str()?)?;
+        let text = |key| json.get(key).and_then(Json::as_str).map(str::to_owned);
         let kind = match (json.get("delta"), json.get("patch")) {
-            (Some(delta), None) => OpKind::Delta {
-                amount: delta.as_i64()?,
-                reason: json.get("reason").and_then(Json::as_str).map(str::to_owned),
-            },
+            (Some(delta), None) => {
+                OpKind::Delta { amount: delta.as_i64()?, reason: text("reason"), grant: text("grant") }
+            }
             (None, Some(patch)) => OpKind::Push { patch: patch.clone() },
             _ => return None,
         };

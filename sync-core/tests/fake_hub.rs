@@ -1,10 +1,10 @@
 //! The fake hub answers as the real hub does: these pin the semantics the engine's tests
-//! rely on (replays, op id reuse, refusals kept for good, ETag/304, tokens).
+//! rely on (replays, op id reuse, refusals kept for good, ETag/304, tokens, grants).
 
 mod support;
 
 use serde_json::{Value, json};
-use support::hub::{FakeHub, Mode, rfc3339_ms};
+use support::hub::{FakeHub, GRANT_TTL_MS, Mode, rfc3339_ms};
 use support::{START_MS, USER};
 use sync_core::{DataType, Json, Method, Reply, Request};
 
@@ -37,6 +37,17 @@ fn delta(op_id: &str, coins: i64) -> Value {
            "delta":{"coins":coins},"op_id":op_id,"reason":"game"})
 }
 
+/// A credit with a grant the site minted for it at `now`.
+fn credit(hub: &mut FakeHub, now: u64, op_id: &str, coins: i64) -> Value {
+    let grant = hub.mint_grant(now, "roflfaucet", USER, op_id, DataType::Balance, coins);
+    with_grant(delta(op_id, coins), &grant)
+}
+
+fn with_grant(mut body: Value, grant: &str) -> Value {
+    body["grant"] = json!(grant);
+    body
+}
+
 fn answer(reply: Reply) -> (u16, Value) {
     match reply {
         Reply::Answer { status, body, .. } => (status, Value::from(&body)),
@@ -60,30 +71,35 @@ fn last_updated_is_rfc_3339_with_milliseconds() {
 #[test]
 fn a_repeated_delta_answers_the_first_result_again_and_applies_once() {
     let (mut hub, token) = hub_with_token();
-    let (status, first) = answer(hub.handle(START_MS, &post(1, Some(&token), delta("op-1", 10))));
+    let body = credit(&mut hub, START_MS, "op-1", 10);
+    let (status, first) = answer(hub.handle(START_MS, &post(1, Some(&token), body.clone())));
     assert_eq!(
         (status, first["data"]["coins"].as_i64(), first["version"].as_u64()),
         (200, Some(10), Some(1))
     );
-    answer(hub.handle(START_MS + 1, &post(2, Some(&token), delta("op-2", 5))));
-    let (status, again) = answer(hub.handle(START_MS + 2, &post(3, Some(&token), delta("op-1", 10))));
+    let other = credit(&mut hub, START_MS, "op-2", 5);
+    answer(hub.handle(START_MS + 1, &post(2, Some(&token), other)));
+    let (status, again) = answer(hub.handle(START_MS + 2, &post(3, Some(&token), body)));
     assert_eq!(status, 200);
     assert_eq!(again["replayed"], json!(true));
     assert_eq!((again["data"]["coins"].as_i64(), again["version"].as_u64()), (Some(10), Some(1)));
     assert_eq!(hub.applied("op-1"), 1);
     assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 15}));
-    let (status, reused) = answer(hub.handle(START_MS + 3, &post(4, Some(&token), delta("op-1", 11))));
+    let changed = credit(&mut hub, START_MS, "op-1", 11);
+    let (status, reused) = answer(hub.handle(START_MS + 3, &post(4, Some(&token), changed)));
     assert_eq!((status, reused["code"].as_str()), (422, Some("op_id_reused")));
 }
 
 #[test]
 fn a_refused_delta_carries_the_current_record_and_stays_refused() {
     let (mut hub, token) = hub_with_token();
-    answer(hub.handle(START_MS, &post(1, Some(&token), delta("op-1", 10))));
+    let body = credit(&mut hub, START_MS, "op-1", 10);
+    answer(hub.handle(START_MS, &post(1, Some(&token), body)));
     let (status, refused) = answer(hub.handle(START_MS, &post(2, Some(&token), delta("op-2", -20))));
     assert_eq!((status, refused["code"].as_str()), (409, Some("insufficient_funds")));
     assert_eq!(refused["current"]["data"], json!({"coins": 10}));
-    answer(hub.handle(START_MS, &post(3, Some(&token), delta("op-3", 10))));
+    let body = credit(&mut hub, START_MS, "op-3", 10);
+    answer(hub.handle(START_MS, &post(3, Some(&token), body)));
     let (status, later) = answer(hub.handle(START_MS, &post(4, Some(&token), delta("op-2", -20))));
     assert_eq!((status, later["code"].as_str()), (409, Some("insufficient_funds")));
     assert_eq!(later["current"]["data"], json!({"coins": 10}));
@@ -143,4 +159,72 @@ fn tokens_modes_and_merge_patches() {
     assert_eq!((status, replayed["replayed"].clone()), (200, json!(true)));
     hub.expire_tokens();
     assert_eq!(answer(hub.handle(START_MS, &post(9, Some(&token), push(json!("Hi"))))).0, 401);
+}
+
+#[test]
+fn a_credit_without_a_grant_is_refused_for_insufficient_scope_and_a_spend_needs_none() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 10}));
+    let (status, refused) = answer(hub.handle(START_MS, &post(1, Some(&token), delta("op-1", 10))));
+    assert_eq!((status, refused["code"].as_str()), (403, Some("insufficient_scope")));
+    assert_eq!(hub.applied("op-1"), 0);
+    assert_eq!(answer(hub.handle(START_MS, &post(2, Some(&token), delta("op-2", -3)))).0, 200);
+    assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 7}));
+}
+
+#[test]
+fn a_grant_credits_only_its_own_site_user_op_data_type_and_amount() {
+    let (mut hub, token) = hub_with_token();
+    let code = |hub: &mut FakeHub, body: Value| {
+        answer(hub.handle(START_MS, &post(1, Some(&token), body))).1["code"].clone()
+    };
+    let mut other_user =
+        hub.mint_grant(START_MS, "roflfaucet", "someone-else", "op-1", DataType::Balance, 10);
+    assert_eq!(code(&mut hub, with_grant(delta("op-1", 10), &other_user)), json!("grant_invalid"));
+    for grant in [
+        hub.mint_grant(START_MS, "clickforcharity", USER, "op-1", DataType::Balance, 10),
+        hub.mint_grant(START_MS, "roflfaucet", USER, "op-0", DataType::Balance, 10),
+        hub.mint_grant(START_MS, "roflfaucet", USER, "op-1", DataType::Points, 10),
+        hub.mint_grant(START_MS, "roflfaucet", USER, "op-1", DataType::Balance, 11),
+    ] {
+        assert_eq!(code(&mut hub, with_grant(delta("op-1", 10), &grant)), json!("grant_invalid"), "{grant}");
+    }
+    other_user.push('x');
+    assert_eq!(code(&mut hub, with_grant(delta("op-1", 10), &other_user)), json!("grant_invalid"), "forged");
+    hub.set_max_credit_per_op(5);
+    let body = credit(&mut hub, START_MS, "op-1", 10);
+    assert_eq!(code(&mut hub, body), json!("credit_limit"));
+    assert_eq!(hub.applied("op-1"), 0);
+    assert_eq!(hub.record(USER, DataType::Balance).version, 0);
+}
+
+#[test]
+fn a_grant_is_not_a_token() {
+    let (mut hub, token) = hub_with_token();
+    let grant = hub.mint_grant(START_MS, "roflfaucet", USER, "op-1", DataType::Balance, 10);
+    let body = with_grant(delta("op-1", 10), &grant);
+    assert_eq!(answer(hub.handle(START_MS, &post(1, Some(&grant), body.clone()))).0, 401);
+    assert_eq!(
+        answer(hub.handle(START_MS, &post(2, Some(&token), with_grant(delta("op-1", 10), &token)))).0,
+        403
+    );
+    assert_eq!(answer(hub.handle(START_MS, &post(3, Some(&token), body))).0, 200);
+}
+
+#[test]
+fn an_expired_grant_refuses_a_new_op_but_not_the_replay_of_an_applied_one() {
+    let (mut hub, token) = hub_with_token();
+    let applied = credit(&mut hub, START_MS, "op-1", 10);
+    let late = credit(&mut hub, START_MS, "op-2", 5);
+    assert_eq!(answer(hub.handle(START_MS, &post(1, Some(&token), applied.clone()))).0, 200);
+    let expired = START_MS + GRANT_TTL_MS;
+    let (status, refused) = answer(hub.handle(expired, &post(2, Some(&token), late)));
+    assert_eq!((status, refused["code"].as_str()), (403, Some("grant_expired")));
+    let (status, replayed) = answer(hub.handle(expired, &post(3, Some(&token), applied)));
+    assert_eq!((status, replayed["replayed"].clone()), (200, json!(true)));
+    // A grant minted again for the never-applied op is a retry, not a reuse of its op id.
+    let regranted = credit(&mut hub, expired, "op-2", 5);
+    assert_eq!(answer(hub.handle(expired, &post(4, Some(&token), regranted))).0, 200);
+    assert_eq!((hub.applied("op-1"), hub.applied("op-2")), (1, 1));
+    assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 15}));
 }

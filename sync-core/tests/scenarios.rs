@@ -12,8 +12,10 @@ use std::collections::BTreeSet;
 use serde_json::json;
 use support::hub::Mode;
 use support::net::{Faults, Packet};
-use support::{START_MS, Sim, Tab, TokenAnswer, USER, action_of, data_type_of, op_id_of};
-use sync_core::{Config, DataType, Engine, Event, Json, Method, Request, Source, Status, Trigger};
+use support::{GrantAnswer, START_MS, Sim, Tab, TokenAnswer, USER, action_of, data_type_of, op_id_of};
+use sync_core::{
+    Config, DataType, Engine, Event, Grant, Json, Method, OpKind, Request, Source, Status, Trigger,
+};
 
 const SITE_A: &str = "roflfaucet";
 const SITE_B: &str = "clickforcharity";
@@ -883,4 +885,249 @@ fn checks_wait_out_a_retry_after_and_use_the_cache_meanwhile() {
     assert_eq!(actions(&sent), ["timestamp", "get"], "the skipped check runs when the wait ends");
     assert!(sent[0].0 >= busy_at + 30_000, "asked again {} ms after the 429", sent[0].0 - busy_at);
     assert_eq!(tab.coins(), 70);
+}
+
+// ---- credits and their grants ----
+
+/// The grant the outbox `persisted` holds for `op_id`.
+fn stored_grant(persisted: &sync_core::Persisted, op_id: &str) -> Option<String> {
+    persisted.outbox.iter().find(|op| op.op_id == op_id).and_then(|op| match &op.kind {
+        OpKind::Delta { grant, .. } => grant.clone(),
+        OpKind::Push { .. } => None,
+    })
+}
+
+/// The grants the hub received with `op_id`, in order, with the status each got.
+fn grants_seen(sim: &Sim, op_id: &str) -> Vec<(Option<String>, Option<u16>)> {
+    sim.hub()
+        .seen()
+        .iter()
+        .filter(|s| s.op_id.as_deref() == Some(op_id))
+        .map(|s| (s.grant.clone(), s.status))
+        .collect()
+}
+
+#[test]
+fn a_credit_takes_its_grants_op_id_and_carries_the_grant_to_the_hub() {
+    let (sim, tab) = signed_in();
+    let grant = tab.grant(DataType::Balance, 10);
+    let op_id = tab.apply_with_grant(DataType::Balance, 10, &grant).unwrap();
+    assert_eq!(Some(op_id.as_str()), Grant::from_jwt(&grant).as_ref().map(Grant::op_id));
+    assert_eq!(tab.coins(), 110, "shown at once");
+    assert_eq!(
+        stored_grant(&sim.storage(SITE_A).unwrap(), &op_id),
+        Some(grant.clone()),
+        "stored with its op"
+    );
+    sim.drive();
+    assert_eq!(grants_seen(&sim, &op_id), [(Some(grant), Some(200))]);
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub_coins(), 110);
+    assert!(tab.pending().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_granted_credit_lands_exactly_once_across_lost_answers_and_a_reload() {
+    let (sim, tab) = signed_in();
+    sim.net().hold_when(|p| p.is_reply() && p.request().method == Method::Post);
+    let op_id = tab.apply_delta(10).unwrap();
+    sim.run_for(100);
+    assert_eq!(sim.hub().applied(&op_id), 1, "the hub applied it; the answer is lost");
+    // The request times out and is sent again, its answer lost too; then the page reloads.
+    sim.run_for(16_000);
+    sim.net().drop_held();
+    tab.reload();
+    assert_eq!(tab.coins(), 110, "the next page shows the credit from storage");
+    sim.drive();
+    let seen = grants_seen(&sim, &op_id);
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(seen.iter().all(|(grant, status)| grant.is_some() && *status == Some(200)), "{seen:?}");
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub_coins(), 110);
+    assert_eq!(tab.coins(), 110);
+    assert!(tab.pending().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_credit_queued_offline_past_its_grants_life_is_granted_again_and_lands_once() {
+    let (sim, tab) = signed_in();
+    tab.go_offline();
+    let op_id = tab.apply_delta(10).unwrap();
+    let first = stored_grant(&tab.persisted(), &op_id).expect("the credit carries its grant");
+    // A spend queued behind the credit waits for it, in order.
+    let spend = tab.apply_delta(-5).unwrap();
+    sim.run_for(15 * 60 * 1000);
+    let mark = tab.mark();
+    tab.come_online();
+    sim.drive();
+    assert_eq!(tab.grant_asks(), std::slice::from_ref(&op_id), "asked once, for the same op");
+    let fresh = stored_grant(&sim.storage(SITE_A).unwrap_or_default(), &op_id);
+    assert_eq!(fresh, None, "confirmed: no longer stored");
+    let seen = grants_seen(&sim, &op_id);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], (Some(first.clone()), Some(403)), "the expired grant is refused");
+    assert!(seen[1].0.as_ref().is_some_and(|g| *g != first) && seen[1].1 == Some(200), "{seen:?}");
+    assert!(sim.unstored_sends().is_empty(), "the fresh grant was stored before it was sent");
+    let posts: Vec<String> = tab.requests_since(mark).iter().filter_map(|(_, r)| op_id_of(r)).collect();
+    assert_eq!(posts, [op_id.clone(), op_id.clone(), spend.clone()], "the spend waited behind the credit");
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub().applied(&spend), 1);
+    assert_eq!(sim.hub_coins(), 105);
+    assert!(tab.refused().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn without_get_grant_a_credit_whose_grant_expired_is_refused_and_rolled_back() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let tab = sim.open_with(SITE_A, |config| config.asks_for_grants = false);
+    tab.login();
+    sim.hub().down();
+    let op_id = tab.apply_delta(10).unwrap();
+    let spend = tab.apply_delta(-5).unwrap();
+    sim.run_for(11 * 60 * 1000);
+    sim.hub().up();
+    sim.drive();
+    assert!(tab.grant_asks().is_empty());
+    assert_eq!(tab.refused(), [(op_id.clone(), "grant_expired".to_owned())]);
+    assert_eq!(sim.hub().applied(&op_id), 0);
+    assert_eq!(sim.hub().applied(&spend), 1, "the writes behind it go on");
+    assert_eq!(tab.coins(), 95, "the credit is rolled back");
+    assert!(tab.pending().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn get_grant_answering_null_rolls_the_credit_back() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_grant_ttl(1_000);
+    sim.hub().down();
+    let op_id = tab.apply_delta(10).unwrap();
+    tab.script_grants([GrantAnswer::Declined]);
+    sim.run_for(5_000);
+    sim.hub().up();
+    sim.drive();
+    assert_eq!(tab.grant_asks(), std::slice::from_ref(&op_id));
+    assert_eq!(tab.refused(), [(op_id.clone(), "grant_expired".to_owned())]);
+    assert_eq!(sim.hub().applied(&op_id), 0);
+    assert_eq!(tab.coins(), 100);
+    assert!(tab.pending().is_empty());
+    assert!(sim.storage(SITE_A).unwrap().outbox.is_empty(), "the refusal is stored too");
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_credit_applied_before_its_grant_expired_is_replayed_not_granted_again() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_grant_ttl(1_000);
+    sim.net().hold_when(|p| p.is_reply() && p.request().method == Method::Post);
+    let op_id = tab.apply_delta(10).unwrap();
+    sim.run_for(100);
+    sim.net().drop_held();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    sim.drive();
+    assert!(tab.grant_asks().is_empty(), "the hub replays the applied op whatever its grant's age");
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(tab.coins(), 110);
+    assert!(tab.pending().is_empty());
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_spend_needs_no_grant_works_offline_and_syncs_later() {
+    let (sim, tab) = signed_in();
+    tab.go_offline();
+    let op_id = tab.apply_delta(-30).unwrap();
+    assert_eq!(tab.coins(), 70, "shown at once, offline");
+    sim.run_for(30 * 60 * 1000);
+    tab.come_online();
+    sim.drive();
+    assert_eq!(grants_seen(&sim, &op_id), [(None, Some(200))]);
+    assert!(tab.grant_asks().is_empty());
+    assert_eq!(sim.hub_coins(), 70);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn credits_the_hub_refuses_for_scope_limit_or_grant_roll_back_without_refreshing_the_token() {
+    type Credit = fn(&Sim, &Tab) -> String;
+    let cases: [(&str, Credit); 4] = [
+        ("insufficient_scope", |_, tab| tab.apply_ungranted(DataType::Balance, 10).unwrap()),
+        ("credit_limit", |sim, tab| {
+            sim.hub().set_max_credit_per_op(5);
+            tab.apply_delta(10).unwrap()
+        }),
+        ("grant_invalid", |_, tab| {
+            let other_amount = tab.grant(DataType::Balance, 11);
+            tab.apply_with_grant(DataType::Balance, 10, &other_amount).unwrap()
+        }),
+        ("grant_invalid", |sim, tab| {
+            let now = sim.now();
+            let other_user =
+                sim.hub().mint_grant(now, SITE_A, "someone-else", "claim-9", DataType::Balance, 10);
+            tab.apply_with_grant(DataType::Balance, 10, &other_user).unwrap()
+        }),
+    ];
+    for (code, credit) in cases {
+        let (sim, tab) = signed_in();
+        let asks = tab.token_asks();
+        let mark = tab.mark();
+        let op_id = credit(&sim, &tab);
+        assert_eq!(tab.coins(), 110);
+        sim.drive();
+        assert_eq!(tab.refused(), [(op_id.clone(), code.to_owned())]);
+        assert_eq!(tab.token_asks(), asks, "{code}: a 403 is no reason for a fresh token");
+        assert_eq!(sends_of(&tab.requests_since(mark), &op_id).len(), 1, "{code}: final, never retried");
+        assert!(tab.grant_asks().is_empty(), "{code}: only an expired grant is asked again");
+        assert_eq!(sim.hub().applied(&op_id), 0);
+        assert_eq!(tab.coins(), 100, "{code}: rolled back");
+        assert_ne!(tab.status(), Status::Error, "{code}: the token is fine");
+        assert!(tab.pending().is_empty());
+    }
+}
+
+#[test]
+fn a_grant_already_pending_or_done_is_refused_locally_as_a_duplicate() {
+    let (sim, tab) = signed_in();
+    let grant = tab.grant(DataType::Balance, 10);
+    let mark = tab.mark();
+    tab.apply_with_grant(DataType::Balance, 10, &grant).unwrap();
+    assert_eq!(tab.apply_with_grant(DataType::Balance, 10, &grant).unwrap_err().code, "duplicate_op");
+    assert_eq!(tab.coins(), 110, "pending: counted once");
+    sim.drive();
+    assert_eq!(tab.apply_with_grant(DataType::Balance, 10, &grant).unwrap_err().code, "duplicate_op");
+    assert_eq!(tab.coins(), 110, "done: counted once");
+    assert_eq!(tab.requests_since(mark).iter().filter(|(_, r)| r.method == Method::Post).count(), 1);
+    assert_eq!(sim.hub_coins(), 110);
+}
+
+#[test]
+fn writes_behind_a_credit_waiting_for_its_fresh_grant_wait_and_unload_leaves_the_credit_out() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_grant_ttl(1_000);
+    tab.go_offline();
+    let op_id = tab.apply_delta(10).unwrap();
+    let spend = tab.apply_delta(-5).unwrap();
+    sim.run_for(5_000);
+    // The site's backend is slow to answer getGrant.
+    tab.script_grants([GrantAnswer::Later]);
+    tab.come_online();
+    sim.drive();
+    assert_eq!(tab.grant_asks(), std::slice::from_ref(&op_id));
+    assert_eq!(sim.hub().applied(&spend), 0, "the spend waits behind the credit");
+    assert_eq!(tab.coins(), 105, "both still shown");
+    let mark = tab.mark();
+    tab.unload();
+    let sent: Vec<String> = tab.requests_since(mark).iter().filter_map(|(_, r)| op_id_of(r)).collect();
+    assert_eq!(sent, std::slice::from_ref(&spend), "the credit's grant is known to have expired");
+    tab.answer_grant(&op_id, Some(10));
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(sim.hub().applied(&spend), 1);
+    assert_eq!(tab.grant_asks().len(), 1);
+    assert_eq!(sim.hub_coins(), 105);
+    assert_in_step(&sim, &tab);
 }

@@ -33,3 +33,25 @@ test("a call that breaks the API is a type error", () => {
   const result = check(join(dir, "bad.ts"));
   assert.notEqual(result.status, 0, "tsc accepted applyDelta on profile with a string");
 });
+
+test("a credit's grant and getGrant are typed, and a wrong one is a type error", () => {
+  const dir = mkdtempSync(join(tmpdir(), "typings-"));
+  const pkg = JSON.stringify(join(here, "..", "..", "pkg", "unified_balance.js"));
+  const page = (getGrant, grant) => `import init, { SyncManager, type GrantRequest } from ${pkg};
+async function main() {
+  await init();
+  const sync = new SyncManager({ hubUrl: "https://hub", siteId: "roflfaucet", userId: "8-evans", getGrant: ${getGrant} });
+  const opId: string = sync.applyDelta("balance", { coins: 10 }, "claim", { grant: ${grant} });
+}
+main();
+`;
+  const good = join(dir, "good.ts");
+  writeFileSync(good, page('async (r: GrantRequest) => ("coins" in r.delta ? r.opId : null)', '"a.b.c"'));
+  const result = check(good);
+  assert.equal(result.status, 0, result.stdout + result.stderr);
+  for (const [getGrant, grant] of [["() => 42", '"a.b.c"'], ["() => null", "42"]]) {
+    const bad = join(dir, "bad.ts");
+    writeFileSync(bad, page(getGrant, grant));
+    assert.notEqual(check(bad).status, 0, `tsc accepted getGrant: ${getGrant} with grant: ${grant}`);
+  }
+});

@@ -1,11 +1,19 @@
 //! An in-memory hub with the real hub's rules (hub/src/domain.rs and hub/src/http): records
 //! with version, last_updated and epoch, merge-patch pushes, deltas applied once per op id,
-//! ETag/304, bearer tokens. It parses requests and validates data with the `protocol` crate
-//! and answers with `protocol`'s answer types, so the engine sees the real shapes. It can be
-//! switched down (no answer), busy (429 with Retry-After) or unavailable (503), and it counts
-//! how many times each op id was applied. Does no I/O and reads no clock.
+//! ETag/304, bearer tokens (a page's: its credits need a grant), grants for credits. It parses
+//! requests and validates data with the `protocol` crate and answers with `protocol`'s answer
+//! types, so the engine sees the real shapes. It can be switched down (no answer), busy (429
+//! with Retry-After) or unavailable (503), and it counts how many times each op id was
+//! applied. Does no I/O and reads no clock.
+//!
+//! It cannot check signatures: a grant is valid when this hub minted it (standing in for the
+//! site's backend signing it with the site's key), and is then checked as the real hub checks
+//! one: bound to its site, user, op id, data type and amounts, and to its expiry on the fake
+//! clock.
 
 use std::collections::{BTreeMap, VecDeque};
+
+use base64::Engine as _;
 
 use protocol::{
     DataType, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, Limits, MAX_AMOUNT, OpId, PostRequest,
@@ -61,6 +69,8 @@ pub struct Seen {
     /// The `data_type` of the query or body, as sent (`balance,profile` for a check).
     pub data_type: String,
     pub op_id: Option<String>,
+    /// The grant a delta carried.
+    pub grant: Option<String>,
     pub keepalive: bool,
     /// The status answered, or `None` when the hub was down.
     pub status: Option<u16>,
@@ -87,6 +97,22 @@ struct SeenOp {
     refusal: Option<(&'static str, &'static str)>,
 }
 
+/// What a grant says, as the site's backend signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantClaims {
+    pub site: String,
+    pub user: String,
+    pub op_id: String,
+    pub data_type: DataType,
+    pub amount: i64,
+    /// `exp` on the fake clock, in milliseconds.
+    pub expires_ms: u64,
+}
+
+/// How long the grants a site's backend mints live, unless a test says otherwise: the
+/// longest the real hub accepts.
+pub const GRANT_TTL_MS: u64 = 10 * 60 * 1000;
+
 /// The fake hub. Starts up, with auth on and one epoch.
 #[derive(Debug)]
 pub struct FakeHub {
@@ -104,6 +130,11 @@ pub struct FakeHub {
     /// Valid tokens and whom they speak for: (site, user).
     tokens: BTreeMap<String, (String, String)>,
     minted: u64,
+    /// Grants the sites' backends minted (this hub's stand-in for their signatures).
+    grants: BTreeMap<String, GrantClaims>,
+    grant_ttl_ms: u64,
+    /// The site's `max_credit_per_op`.
+    max_credit_per_op: Option<i64>,
     seen: Vec<Seen>,
 }
 
@@ -120,6 +151,9 @@ impl FakeHub {
             tokens_required: true,
             tokens: BTreeMap::new(),
             minted: 0,
+            grants: BTreeMap::new(),
+            grant_ttl_ms: GRANT_TTL_MS,
+            max_credit_per_op: None,
             seen: Vec::new(),
         }
     }
@@ -162,6 +196,51 @@ impl FakeHub {
         let token = format!("jwt-{site}-{user}-{}", self.minted);
         self.tokens.insert(token.clone(), (site.into(), user.into()));
         token
+    }
+
+    /// A grant as `site`'s backend mints it for one credit of `user`: a compact JWS whose
+    /// payload names the op, the data type and the exact amounts, living
+    /// [`FakeHub::set_grant_ttl`] from `now`.
+    pub fn mint_grant(
+        &mut self,
+        now: u64,
+        site: &str,
+        user: &str,
+        op_id: &str,
+        data_type: DataType,
+        amount: i64,
+    ) -> String {
+        self.minted += 1;
+        let field = amount_field(data_type).expect("grants are for amounts");
+        let expires_ms = now + self.grant_ttl_ms;
+        let claims = json!({
+            "iss": site, "sub": user, "aud": "fake-hub", "exp": expires_ms / 1000,
+            "op_id": op_id, "data_type": data_type, "delta": { field: amount },
+        });
+        let encode =
+            |value: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string());
+        let header = encode(&json!({"alg": "HS256", "typ": "grant+jwt"}));
+        let grant = format!("{header}.{}.sig{}", encode(&claims), self.minted);
+        let claims = GrantClaims {
+            site: site.into(),
+            user: user.into(),
+            op_id: op_id.into(),
+            data_type,
+            amount,
+            expires_ms,
+        };
+        self.grants.insert(grant.clone(), claims);
+        grant
+    }
+
+    /// How long grants minted from now on live.
+    pub fn set_grant_ttl(&mut self, ms: u64) {
+        self.grant_ttl_ms = ms;
+    }
+
+    /// The sites' `max_credit_per_op`: a larger credit is `403 credit_limit`.
+    pub fn set_max_credit_per_op(&mut self, max: i64) {
+        self.max_credit_per_op = Some(max);
     }
 
     /// Every token minted so far expires.
@@ -336,7 +415,7 @@ impl FakeHub {
     }
 
     fn post(&mut self, now: u64, request: &Request) -> Reply {
-        let parsed = match parse_post(request.body.as_ref()) {
+        let (parsed, grant) = match parse_post(request.body.as_ref()) {
             Ok(parsed) => parsed,
             Err((code, message)) => return error(400, code, &message),
         };
@@ -413,10 +492,26 @@ impl FakeHub {
                     Ok(reason) => reason,
                     Err(refusal) => return error(400, refusal.code, &refusal.message),
                 };
+                // The grant is no part of the fingerprint: the same op with a re-minted grant is a
+                // retry.
                 let fingerprint = json!(["delta", data_type, site.as_str(), change, reason]).to_string();
                 if let Some(reply) = self.replay(&user, &op_id, &fingerprint, |record, data_type| {
                     delta_answer(data_type, record, true)
                 }) {
+                    return reply;
+                }
+                if caller.is_some()
+                    && change > 0
+                    && let Err(reply) = self.check_grant(
+                        now,
+                        grant.as_deref(),
+                        site.as_str(),
+                        &user,
+                        &op_id,
+                        data_type,
+                        change,
+                    )
+                {
                     return reply;
                 }
                 let field = amount_field(data_type).expect("validate_delta accepts amounts only");
@@ -442,6 +537,49 @@ impl FakeHub {
                 delta_answer(data_type, &record, false)
             }
         }
+    }
+
+    /// A page's credit (a positive delta under a token without `amounts:credit`): allowed only
+    /// with a grant of the op's own site naming exactly this op, within its life and the
+    /// site's ceiling. Every refusal is final for the grant, and leaves the op id unused.
+    #[allow(clippy::too_many_arguments)]
+    fn check_grant(
+        &self,
+        now: u64,
+        grant: Option<&str>,
+        site: &str,
+        user: &str,
+        op_id: &str,
+        data_type: DataType,
+        change: i64,
+    ) -> Result<(), Reply> {
+        let Some(grant) = grant else {
+            return Err(error(
+                403,
+                "insufficient_scope",
+                "a credit needs the scope amounts:credit or a grant",
+            ));
+        };
+        let Some(claims) = self.grants.get(grant) else {
+            return Err(error(403, "grant_invalid", "the grant is not signed by the site"));
+        };
+        let bound = (
+            claims.site.as_str(),
+            claims.user.as_str(),
+            claims.op_id.as_str(),
+            claims.data_type,
+            claims.amount,
+        );
+        if bound != (site, user, op_id, data_type, change) {
+            return Err(error(403, "grant_invalid", "the grant is for another op"));
+        }
+        if now >= claims.expires_ms {
+            return Err(error(403, "grant_expired", "the grant expired; ask the site for a fresh one"));
+        }
+        if self.max_credit_per_op.is_some_and(|max| change > max) {
+            return Err(error(403, "credit_limit", "the credit is larger than the site may grant"));
+        }
+        Ok(())
     }
 
     /// The first answer again for an op id seen with the same body, `422 op_id_reused` for
@@ -518,6 +656,7 @@ fn describe(request: &Request) -> Seen {
         action: "?".into(),
         data_type: String::new(),
         op_id: None,
+        grant: None,
         keepalive: request.keepalive,
         status: None,
     };
@@ -531,15 +670,21 @@ fn describe(request: &Request) -> Seen {
         seen.action = field("action").unwrap_or_default();
         seen.data_type = field("data_type").unwrap_or_default();
         seen.op_id = field("op_id");
+        seen.grant = field("grant");
     }
     seen
 }
 
 /// Reads a POST body as [`PostRequest::parse`] does (which takes bytes; this skips the
-/// round trip through text, as the body is already parsed).
-fn parse_post(body: Option<&Json>) -> Result<PostRequest, (&'static str, String)> {
+/// round trip through text, as the body is already parsed), and a delta's grant.
+fn parse_post(body: Option<&Json>) -> Result<(PostRequest, Option<String>), (&'static str, String)> {
     let Some(Value::Object(mut fields)) = body.map(Value::from) else {
         return Err(("invalid_request", "the body must be a JSON object".into()));
+    };
+    let grant = match fields.remove("grant") {
+        None => None,
+        Some(Value::String(grant)) => Some(grant),
+        Some(_) => return Err(("invalid_request", "grant must be a string".into())),
     };
     let action = match fields.remove("action") {
         Some(Value::String(action)) => action,
@@ -551,8 +696,13 @@ fn parse_post(body: Option<&Json>) -> Result<PostRequest, (&'static str, String)
         (code, format!("{action}: {message}"))
     };
     match action.as_str() {
-        "push" => Ok(PostRequest::Push(serde_json::from_value(Value::Object(fields)).map_err(shape)?)),
-        "delta" => Ok(PostRequest::Delta(serde_json::from_value(Value::Object(fields)).map_err(shape)?)),
+        "push" if grant.is_none() => {
+            Ok((PostRequest::Push(serde_json::from_value(Value::Object(fields)).map_err(shape)?), None))
+        }
+        "delta" => {
+            Ok((PostRequest::Delta(serde_json::from_value(Value::Object(fields)).map_err(shape)?), grant))
+        }
+        "push" => Err(("invalid_request", "push: unknown field `grant`".into())),
         _ => Err(("unknown_action", format!("unknown action {action:?}"))),
     }
 }

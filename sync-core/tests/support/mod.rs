@@ -15,11 +15,13 @@
 //!
 //! A tab follows the call order of the crate docs after every input: it drains events
 //! (storing [`Engine::persisted`] on `Persist` into its site's "localStorage", answering
-//! `NeedToken` with a token the hub minted or a scripted bad one, passing `Share` and the
-//! storage change on to the site's other tabs), then sends the polled requests through the
+//! `NeedToken` with a token the hub minted or a scripted bad one, `NeedGrant` with a grant the
+//! site's backend minted again for the same op or with none, passing `Share` and the storage
+//! change on to the site's other tabs), then sends the polled requests through the
 //! network, then arms the timer [`Engine::poll_timeout`] asks for. Nothing happens between
 //! inputs: time passes only in [`Sim::drive`], [`Sim::run_for`] and the story helpers that
-//! call them. Messages between tabs of one site (`storage` events and `BroadcastChannel`)
+//! call them. A tab's credit carries a grant its site's backend minted, as a page's must; its
+//! pages give `getGrant` ([`Config::asks_for_grants`]) unless a test turns it off. Messages between tabs of one site (`storage` events and `BroadcastChannel`)
 //! arrive at the same instant, before anything else happens.
 
 // Each test binary uses a part of this module.
@@ -35,8 +37,8 @@ use std::rc::Rc;
 use protocol::Refusal;
 use serde_json::Value;
 use sync_core::{
-    CachedRecord, Config, DataType, Engine, Event, Json, Method, Op, Persisted, Request, Shared, Status,
-    Trigger,
+    CachedRecord, Config, DataType, Engine, Event, Grant, Json, Method, Op, OpKind, Persisted, Request,
+    Shared, Status, Trigger,
 };
 
 pub use hub::{FakeHub, HubRecord};
@@ -66,6 +68,17 @@ pub enum TokenAnswer {
     Unavailable,
 }
 
+/// What a tab's page answers to [`Event::NeedGrant`] (its `getGrant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantAnswer {
+    /// The site's backend grants the same op again.
+    Valid,
+    /// The site's backend declines (`getGrant` returns null).
+    Declined,
+    /// The site's backend has not answered yet: [`Tab::answer_grant`] answers later.
+    Later,
+}
+
 /// An event as a tab saw it.
 #[derive(Debug, Clone)]
 pub struct Logged {
@@ -93,6 +106,7 @@ struct TabState {
     /// When to call `handle_timeout` next, as `poll_timeout` last said.
     timer: Option<u64>,
     tokens: VecDeque<TokenAnswer>,
+    grants: VecDeque<GrantAnswer>,
     events: Vec<Logged>,
     requests: Vec<(u64, Request)>,
     /// Op ids this tab's engines made.
@@ -119,12 +133,15 @@ struct World {
     tabs: Vec<TabState>,
     /// localStorage per site (origin): what the last tab to persist stored.
     storage: BTreeMap<String, Persisted>,
-    /// Every op id ever stored per site, to tell whether a write was stored before it was sent.
+    /// Every op id and grant ever stored per site, to tell whether a write (and the grant it
+    /// carries) was stored before it was sent.
     ever_stored: BTreeMap<String, BTreeSet<String>>,
     /// Writes sent before they were ever stored.
     unstored_sends: Vec<String>,
     /// Messages between tabs of one site, delivered before anything else happens.
     local: VecDeque<(Page, Local)>,
+    /// Credits the sites' backends granted so far (their op ids count them).
+    granted: u64,
     debug: bool,
 }
 
@@ -164,6 +181,7 @@ impl Sim {
             ever_stored: BTreeMap::new(),
             unstored_sends: Vec::new(),
             local: VecDeque::new(),
+            granted: 0,
             debug: true,
         };
         Sim { world: Rc::new(RefCell::new(world)) }
@@ -186,6 +204,7 @@ impl Sim {
         let mut config = Config::new(site, USER, DATA_TYPES.to_vec());
         config.debug = world.debug;
         config.needs_token = world.hub.tokens_required();
+        config.asks_for_grants = true;
         adjust(&mut config);
         let id = world.tabs.len();
         let name = format!("{site}#{id}");
@@ -199,6 +218,7 @@ impl Sim {
             open: true,
             timer: None,
             tokens: VecDeque::new(),
+            grants: VecDeque::new(),
             events: Vec::new(),
             requests: Vec::new(),
             ops: Vec::new(),
@@ -326,10 +346,42 @@ impl Tab {
         self.apply(DataType::Balance, amount)
     }
 
-    /// `apply_delta` on `data_type`.
+    /// `apply_delta` on `data_type`; a credit first gets a grant from the site's backend, as a
+    /// page's must, and takes its op id.
     pub fn apply(&self, data_type: DataType, amount: i64) -> Result<String, Refusal> {
-        let result =
-            self.input(|engine, now| engine.apply_delta(now, data_type, amount, Some("game".into())));
+        if amount <= 0 {
+            return self.apply_ungranted(data_type, amount);
+        }
+        let grant = self.grant(data_type, amount);
+        self.apply_with_grant(data_type, amount, &grant)
+    }
+
+    /// A grant for a new credit, as the site's backend mints it (with an op id of its own).
+    pub fn grant(&self, data_type: DataType, amount: i64) -> String {
+        self.with(|w, id| {
+            let (now, site) = (w.now, w.tabs[id].site.clone());
+            w.granted += 1;
+            let op_id = format!("{site}-claim-{}", w.granted);
+            w.hub.mint_grant(now, &site, USER, &op_id, data_type, amount)
+        })
+    }
+
+    /// `apply_delta_with_grant` with `grant` (its op id read from its payload).
+    pub fn apply_with_grant(&self, data_type: DataType, amount: i64, grant: &str) -> Result<String, Refusal> {
+        let grant = Grant::from_jwt(grant).expect("a grant names its op id");
+        self.record_op(self.input(|engine, now| {
+            engine.apply_delta_with_grant(now, data_type, amount, Some("claim".into()), grant)
+        }))
+    }
+
+    /// `apply_delta` without a grant: a spend, or a credit the hub refuses from a page.
+    pub fn apply_ungranted(&self, data_type: DataType, amount: i64) -> Result<String, Refusal> {
+        self.record_op(
+            self.input(|engine, now| engine.apply_delta(now, data_type, amount, Some("game".into()))),
+        )
+    }
+
+    fn record_op(&self, result: Result<String, Refusal>) -> Result<String, Refusal> {
         if let Ok(op_id) = &result {
             self.with(|w, id| w.tabs[id].ops.push(op_id.clone()));
         }
@@ -391,6 +443,23 @@ impl Tab {
     /// What the page answers to the next `NeedToken`s, before valid tokens again.
     pub fn script_tokens(&self, answers: impl IntoIterator<Item = TokenAnswer>) {
         self.with(|w, id| w.tabs[id].tokens.extend(answers));
+    }
+
+    /// What the page's `getGrant` answers to the next `NeedGrant`s, before valid grants again.
+    pub fn script_grants(&self, answers: impl IntoIterator<Item = GrantAnswer>) {
+        self.with(|w, id| w.tabs[id].grants.extend(answers));
+    }
+
+    /// The page's `getGrant` answers now for `op_id`, asked earlier ([`GrantAnswer::Later`]):
+    /// a grant for `amount` balance, or none.
+    pub fn answer_grant(&self, op_id: &str, amount: Option<i64>) {
+        let grant = amount.map(|amount| {
+            self.with(|w, id| {
+                let (now, site) = (w.now, w.tabs[id].site.clone());
+                w.hub.mint_grant(now, &site, USER, op_id, DataType::Balance, amount)
+            })
+        });
+        self.input(|engine, now| engine.handle_grant(now, op_id, grant));
     }
 
     // ---- stories: the input, then the world runs until quiescent ----
@@ -565,6 +634,20 @@ impl Tab {
         self.with(|w, id| w.tabs[id].events.iter().filter(|l| matches!(l.event, Event::NeedToken)).count())
     }
 
+    /// The op ids the engine asked fresh grants for, in order.
+    pub fn grant_asks(&self) -> Vec<String> {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match &l.event {
+                    Event::NeedGrant { op_id, .. } => Some(op_id.clone()),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
     /// Op ids this tab's engines made.
     pub fn ops(&self) -> Vec<String> {
         self.with(|w, id| w.tabs[id].ops.clone())
@@ -603,6 +686,11 @@ pub fn body_of(request: &Request) -> Option<Value> {
 /// The op id of a write request.
 pub fn op_id_of(request: &Request) -> Option<String> {
     request.body.as_ref()?.get("op_id").and_then(Json::as_str).map(str::to_owned)
+}
+
+/// The grant a delta request carries.
+pub fn grant_of(request: &Request) -> Option<String> {
+    request.body.as_ref()?.get("grant").and_then(Json::as_str).map(str::to_owned)
 }
 
 /// The `action` of a request (`timestamp`, `get`, `push`, `delta`).
@@ -699,10 +787,12 @@ impl World {
             Event::Persist => {
                 let persisted = self.tabs[id].engine.persisted();
                 let ops = persisted.outbox.clone();
-                self.ever_stored
-                    .entry(site.clone())
-                    .or_default()
-                    .extend(ops.iter().map(|op| op.op_id.clone()));
+                let grants = ops.iter().filter_map(|op| match &op.kind {
+                    OpKind::Delta { grant, .. } => grant.clone(),
+                    OpKind::Push { .. } => None,
+                });
+                let stored = self.ever_stored.entry(site.clone()).or_default();
+                stored.extend(ops.iter().map(|op| op.op_id.clone()).chain(grants));
                 self.storage.insert(site.clone(), persisted);
                 for other in self.same_site(id) {
                     self.local.push_back((self.page(other), Local::StoredOps(ops.clone())));
@@ -716,6 +806,14 @@ impl World {
                     TokenAnswer::Unavailable => None,
                 };
                 self.tabs[id].engine.handle_token(now, token);
+            }
+            Event::NeedGrant { op_id, data_type, amount, .. } => {
+                let answer = self.tabs[id].grants.pop_front().unwrap_or(GrantAnswer::Valid);
+                if answer != GrantAnswer::Later {
+                    let grant = (answer == GrantAnswer::Valid)
+                        .then(|| self.hub.mint_grant(now, &site, USER, &op_id, data_type, amount));
+                    self.tabs[id].engine.handle_grant(now, &op_id, grant);
+                }
             }
             Event::Share(shared) => {
                 for other in self.same_site(id) {
@@ -734,10 +832,16 @@ impl World {
 
     fn send(&mut self, id: usize, request: Request) {
         let site = &self.tabs[id].site;
+        let stored = |key: &str| self.ever_stored.get(site).is_some_and(|stored| stored.contains(key));
         if let Some(op_id) = op_id_of(&request)
-            && !self.ever_stored.get(site).is_some_and(|ops| ops.contains(&op_id))
+            && !stored(&op_id)
         {
             self.unstored_sends.push(op_id);
+        }
+        if let Some(grant) = grant_of(&request)
+            && !stored(&grant)
+        {
+            self.unstored_sends.push(format!("the grant of {}", op_id_of(&request).unwrap_or_default()));
         }
         let now = self.now;
         self.tabs[id].requests.push((now, request.clone()));
