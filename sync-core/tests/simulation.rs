@@ -1,7 +1,9 @@
 //! A randomized simulation, property style: for each seed, two or three tabs on one or two
-//! sites make deltas (mostly small gains, some spends) and pushes, come back to view, reload
-//! (with or without a keepalive flush), go offline; the hub goes down, restarts in place,
-//! answers 429 and 503, lets tokens expire; the network drops, duplicates, delays and
+//! sites make deltas (mostly small gains, each with a grant from its site's backend, some
+//! spends) and pushes, come back to view, reload (with or without a keepalive flush), go
+//! offline; the hub goes down, restarts in place, answers 429 and 503, lets tokens expire and
+//! refuses grants that expired (the world's grants live 10 minutes, a minute or 5 seconds),
+//! and the pages get fresh ones for the same ops; the network drops, duplicates, delays and
 //! reorders packets. At the end the hub is up, the network heals, every tab gets a forced
 //! check, and the world runs until quiescent. Then:
 //!
@@ -19,7 +21,8 @@
 //! `SYNC_SIM_SEED=S` runs seed S alone, with the engines' debug lines. A failure prints the
 //! story of its world and the exact command that replays it. A run of 100 seeds or more also
 //! checks that it exercised every kind of fault: dropped, duplicated and reordered packets,
-//! requests the hub left unanswered or refused while down, and page reloads.
+//! requests the hub left unanswered or refused while down, page reloads, and credits granted
+//! again after their grants expired.
 //!
 //! The simulation proves properties of the engine against a fake hub with the real hub's
 //! rules; it says nothing about the real hub's own storage or HTTP (see `hub/tests`).
@@ -34,7 +37,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::json;
-use support::hub::Mode;
+use support::hub::{GRANT_TTL_MS, Mode};
 use support::net::Faults;
 use support::{Sim, Tab, USER};
 use sync_core::{DataType, Trigger};
@@ -54,6 +57,8 @@ struct Exercised {
     outages: u64,
     /// Page loads after the first: engines rebuilt from what the previous page stored.
     reloads: u64,
+    /// Fresh grants the engines asked for, for credits whose grants expired unapplied.
+    regrants: u64,
 }
 
 impl Exercised {
@@ -63,6 +68,7 @@ impl Exercised {
         self.reordered += other.reordered;
         self.outages += other.outages;
         self.reloads += other.reloads;
+        self.regrants += other.regrants;
     }
 }
 
@@ -135,13 +141,14 @@ fn random_worlds_apply_every_delta_once_and_converge() {
     let exercised = exercised.into_inner().unwrap();
     eprintln!("simulation: {exercised:?}");
     if seeds.len() >= SEEDS_FOR_COVERAGE {
-        let Exercised { dropped, duplicated, reordered, outages, reloads } = exercised;
+        let Exercised { dropped, duplicated, reordered, outages, reloads, regrants } = exercised;
         for (kind, count) in [
             ("dropped packets", dropped),
             ("duplicated packets", duplicated),
             ("reordered packets", reordered),
             ("requests during hub outages", outages),
             ("page reloads", reloads),
+            ("credits granted again", regrants),
         ] {
             assert!(count > 0, "{} seeds never exercised {kind}; to run them again: {again}", seeds.len());
         }
@@ -167,7 +174,12 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     };
     sim.net().latency_ms = rng.u64(1..=30);
     sim.net().faults = faults;
-    tell(format!("{initial} coins; tabs {:?}; {faults:?}", tabs.iter().map(Tab::name).collect::<Vec<_>>()));
+    let grant_ttl_ms = *rng.choice(&[GRANT_TTL_MS, 60_000, 5_000]).unwrap();
+    sim.hub().set_grant_ttl(grant_ttl_ms);
+    tell(format!(
+        "{initial} coins; tabs {:?}; {faults:?}; grants live {grant_ttl_ms} ms",
+        tabs.iter().map(Tab::name).collect::<Vec<_>>()
+    ));
     // Tickets the pages wait for, with the page load that asked.
     let mut tickets: Vec<(usize, u32, u64)> = Vec::new();
     let mut ask =
@@ -308,7 +320,8 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     let outages =
         sim.hub().seen().iter().filter(|s| s.status.is_none_or(|status| status == 503)).count() as u64;
     let reloads = tabs.iter().map(|t| u64::from(t.generation())).sum();
-    Exercised { dropped, duplicated, reordered, outages, reloads }
+    let regrants = tabs.iter().map(|t| t.grant_asks().len() as u64).sum();
+    Exercised { dropped, duplicated, reordered, outages, reloads, regrants }
 }
 
 /// Checks the run's outcome.
