@@ -191,11 +191,21 @@ fn a_grant_credits_only_its_own_site_user_op_data_type_and_amount() {
     }
     other_user.push('x');
     assert_eq!(code(&mut hub, with_grant(delta("op-1", 10), &other_user)), json!("grant_invalid"), "forged");
-    hub.set_max_credit_per_op(5);
-    let body = credit(&mut hub, START_MS, "op-1", 10);
-    assert_eq!(code(&mut hub, body), json!("credit_limit"));
     assert_eq!(hub.applied("op-1"), 0);
     assert_eq!(hub.record(USER, DataType::Balance).version, 0);
+}
+
+#[test]
+fn a_credit_over_the_sites_ceiling_stays_refused_with_the_current_record() {
+    let (mut hub, token) = hub_with_token();
+    hub.set_max_credit_per_op(5);
+    let body = credit(&mut hub, START_MS, "op-1", 10);
+    for id in 1..=2 {
+        let (status, refused) = answer(hub.handle(START_MS, &post(id, Some(&token), body.clone())));
+        assert_eq!((status, refused["code"].as_str()), (403, Some("credit_limit")));
+        assert_eq!(refused["current"]["version"], json!(0));
+    }
+    assert_eq!(hub.applied("op-1"), 0);
 }
 
 #[test]

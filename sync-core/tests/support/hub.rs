@@ -93,8 +93,9 @@ struct SeenOp {
     /// what a replay answers.
     answer: HubRecord,
     data_type: DataType,
-    /// The refusal the op got (`insufficient_funds`, `version_conflict`), kept for good.
-    refusal: Option<(&'static str, &'static str)>,
+    /// The refusal the op got (`insufficient_funds`, `version_conflict`, `credit_limit`), with
+    /// its status, kept for good.
+    refusal: Option<Refused>,
 }
 
 /// What a grant says, as the site's backend signed it.
@@ -112,6 +113,9 @@ pub struct GrantClaims {
 /// How long the grants a site's backend mints live, unless a test says otherwise: the
 /// longest the real hub accepts.
 pub const GRANT_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// A refusal for a reason of the record's state: status, code, message.
+type Refused = (u16, &'static str, &'static str);
 
 /// The fake hub. Starts up, with auth on and one epoch.
 #[derive(Debug)]
@@ -464,7 +468,8 @@ impl FakeHub {
                 }
                 let current = self.record(&user, data_type);
                 if push.base_version.is_some_and(|base| base != current.version) {
-                    let refusal = ("version_conflict", "the record is at another version than base_version");
+                    let refusal =
+                        (409, "version_conflict", "the record is at another version than base_version");
                     return self.refuse(&user, data_type, op_id, fingerprint, refusal);
                 }
                 let mut data = current.data.clone();
@@ -514,11 +519,15 @@ impl FakeHub {
                 {
                     return reply;
                 }
+                if self.max_credit_per_op.is_some_and(|max| change > max) {
+                    let refusal = (403, "credit_limit", "the credit is larger than the site may grant");
+                    return self.refuse(&user, data_type, Some(op_id), fingerprint, refusal);
+                }
                 let field = amount_field(data_type).expect("validate_delta accepts amounts only");
                 let current = self.record(&user, data_type);
                 let result = current.data.get(field).and_then(Value::as_i64).unwrap_or(0) + change;
                 if result < 0 {
-                    let refusal = ("insufficient_funds", "the balance would go below zero");
+                    let refusal = (409, "insufficient_funds", "the balance would go below zero");
                     return self.refuse(&user, data_type, Some(op_id), fingerprint, refusal);
                 }
                 if result > MAX_AMOUNT {
@@ -540,8 +549,8 @@ impl FakeHub {
     }
 
     /// A page's credit (a positive delta under a token without `amounts:credit`): allowed only
-    /// with a grant of the op's own site naming exactly this op, within its life and the
-    /// site's ceiling. Every refusal is final for the grant, and leaves the op id unused.
+    /// with a grant of the op's own site naming exactly this op, within its life. Every
+    /// refusal is final for the grant, and leaves the op id unused.
     #[allow(clippy::too_many_arguments)]
     fn check_grant(
         &self,
@@ -576,9 +585,6 @@ impl FakeHub {
         if now >= claims.expires_ms {
             return Err(error(403, "grant_expired", "the grant expired; ask the site for a fresh one"));
         }
-        if self.max_credit_per_op.is_some_and(|max| change > max) {
-            return Err(error(403, "credit_limit", "the credit is larger than the site may grant"));
-        }
         Ok(())
     }
 
@@ -594,8 +600,8 @@ impl FakeHub {
         let seen = self.ops.get(user)?.get(op_id)?;
         Some(if seen.fingerprint != fingerprint {
             error(422, "op_id_reused", "this op_id was already used for a different request")
-        } else if let Some((code, message)) = seen.refusal {
-            error_with(409, code, message, Some(&seen.answer), None)
+        } else if let Some((status, code, message)) = seen.refusal {
+            error_with(status, code, message, Some(&seen.answer), None)
         } else {
             answer(&seen.answer, seen.data_type)
         })
@@ -608,15 +614,15 @@ impl FakeHub {
         data_type: DataType,
         op_id: Option<String>,
         fingerprint: String,
-        (code, message): (&'static str, &'static str),
+        refusal: Refused,
     ) -> Reply {
         let current = self.record(user, data_type);
         if let Some(op_id) = op_id {
-            let seen =
-                SeenOp { fingerprint, answer: current.clone(), data_type, refusal: Some((code, message)) };
+            let seen = SeenOp { fingerprint, answer: current.clone(), data_type, refusal: Some(refusal) };
             self.ops.entry(user.into()).or_default().insert(op_id, seen);
         }
-        error_with(409, code, message, Some(&current), None)
+        let (status, code, message) = refusal;
+        error_with(status, code, message, Some(&current), None)
     }
 
     /// Stores `data` (a new version only if it differs) and remembers the op id.
