@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: builds the package and the hub (release), starts the hub with the
 //! development sites and its data in `./hub-data`, and serves the two demo sites — ROFLFaucet
 //! from `www/faucet/` and Click for Charity from `www/charity/` — on their own origins with
-//! their own small backends (see `sites`). Runs until Ctrl-C (or SIGTERM, SIGHUP), then stops
+//! their own small backends (see `sites`), which sign the pages' tokens and decide their
+//! credits. Runs until Ctrl-C (or SIGTERM, SIGHUP), then stops
 //! the sites and the hub and waits for the hub to finish; stops everything if the hub exits.
 
 use std::net::SocketAddr;
@@ -12,9 +13,11 @@ use anyhow::{Context, bail};
 use tokio::process::Child;
 
 use crate::process::{command, root, shown, step, target_dir};
-use crate::sites::{self, Site};
+use crate::sites::{self, Secret, Setup, Site, SiteKind};
 
 const USER: &str = "8-evans";
+/// The sites' backends' own secret, beside the hub's development keys in the data dir.
+const BACKENDS_SECRET_FILE: &str = "demo-backends.key";
 /// How long the hub may take to accept connections after it starts.
 const HUB_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -33,6 +36,9 @@ pub struct Args {
     /// The hub's data directory (database and development keys), relative to the workspace.
     #[arg(long, env = "DEMO_DATA_DIR", default_value = "./hub-data")]
     data_dir: String,
+    /// How often a user may claim free coins on the faucet, in seconds.
+    #[arg(long, env = "DEMO_CLAIM_EVERY_SECS", default_value_t = 30)]
+    claim_every_secs: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -47,15 +53,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     config.data_dir = root().join(&args.data_dir);
     let config = config.with_dev_sites()?;
     let keys = Arc::new(hub::auth::Keys::from_config(&config)?);
+    let secret = Secret::load_or_create(&config.data_dir.join(BACKENDS_SECRET_FILE))?;
 
     let sites = [
-        Site { id: "roflfaucet", name: "ROFLFaucet", folder: "faucet", port: args.faucet_port },
-        Site { id: "clickforcharity", name: "Click for Charity", folder: "charity", port: args.charity_port },
+        Site {
+            id: "roflfaucet",
+            name: "ROFLFaucet",
+            folder: "faucet",
+            port: args.faucet_port,
+            kind: SiteKind::Faucet,
+        },
+        Site {
+            id: "clickforcharity",
+            name: "Click for Charity",
+            folder: "charity",
+            port: args.charity_port,
+            kind: SiteKind::Charity,
+        },
     ];
     let hub_addr = SocketAddr::from(([127, 0, 0, 1], args.hub_port));
+    let setup = Setup {
+        hub_url: format!("http://{hub_addr}"),
+        keys: Arc::clone(&keys),
+        secret,
+        claim_every_secs: args.claim_every_secs,
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let running = sites::start(&sites, &format!("http://{hub_addr}"), Arc::clone(&keys)).await?;
+        let running = sites::start(&sites, &setup).await?;
         let outcome = run_hub(&args, hub_addr, &sites, &keys).await;
         running.stop().await?;
         outcome
@@ -150,7 +175,6 @@ fn print_guide(
     keys: &hub::auth::Keys,
 ) -> anyhow::Result<()> {
     let url = format!("http://{hub}");
-    // The site's backend's own token: a page's could not credit.
     let scopes = keys.signable(sites[0].id).context("the demo's sites are configured")?;
     let token = keys.mint_scoped(sites[0].id, USER, 3600, scopes, false)?;
     let op_id = format!(
@@ -168,9 +192,14 @@ The demo is running:
 {site_lines}
 Open both sites, earn coins on one, then come back to the other tab: it shows them. Each
 site's backend signs a token for the signed-in user at /api/token?user=ID with the site's key
-from {data_dir}/dev-sites.toml; the browser never sees a key.
+from {data_dir}/dev-sites.toml; the browser never sees a key. What a user earns, its backend
+decides and grants (claims and dice at {faucet}/api/claim, /api/stake and /api/roll; clicks at
+{charity}/api/click); the page only passes the grant on. A grant for {USER}'s free claim:
 
-Or talk to the hub directly, as {USER} on {site} (the token is valid for an hour):
+  curl -s -X POST '{faucet}/api/claim?user={USER}'
+
+Or talk to the hub directly, as {site}'s backend for {USER} (the token is valid for an hour
+and holds every scope the site may sign; a page's token could not credit):
 
   curl -s -H 'Authorization: Bearer {token}' '{url}/api/sync?action=timestamp&user_id={USER}&data_type=balance,profile,roles'
 
@@ -179,6 +208,8 @@ Or talk to the hub directly, as {USER} on {site} (the token is valid for an hour
 Ctrl-C stops everything.
 "#,
         site = sites[0].id,
+        faucet = sites[0].url(),
+        charity = sites[1].url(),
     );
     Ok(())
 }
