@@ -1,42 +1,122 @@
 <?php
-// The site's token endpoint for unified-sync: an HS256 JWT that lets the signed-in user's
-// page talk to the hub, signed with this site's hub secret. The browser never sees the
-// secret, only tokens.
+// The site's endpoint for unified-sync. The signed-in user's page asks it for a token (an
+// HS256 JWT that lets the page read, edit the profile and spend at the hub) and for grants
+// (a JWT that lets exactly one credit through), both signed with this site's hub secret.
+// The browser never sees the secret and never names an amount: what a user earns is decided
+// here, by the site's own rule (site_credit below).
 //
 // Settings come from the environment, never from a file under the document root:
-//   SYNC_SITE_ID  this site's id in the hub's [[sites]] (the token's `iss`)
-//   SYNC_HUB_ID   the hub's `hub_id` (the token's `aud`)
+//   SYNC_SITE_ID  this site's id in the hub's [[sites]] (the `iss` of tokens and grants)
+//   SYNC_HUB_ID   the hub's `hub_id` (their `aud`)
 //   SYNC_SECRET   the site's HS256 secret, the same value the hub reads from `secret_env`
 //
-// Served as /api/sync-token.php, it answers {"token":"…"} for the user of the PHP session
-// ($_SESSION['user_id']), or 401 when nobody is signed in.
-// From the command line, it prints a token for the user named as the argument:
+// Served as /api/sync-token.php, for the user of the PHP session ($_SESSION['user_id']), or
+// 401 when nobody is signed in:
+//   GET                    {"token":"…"}
+//   POST ?credit=NAME      a credit the user asks for, if the site's rule says they earned it:
+//                          {"grant":"…","op_id":"…","data_type":"balance","delta":{"coins":10},
+//                          "reason":"…"}; 403 otherwise
+//   POST ?op_id=ID         a fresh grant for that same op, if the site would grant it now (the
+//                          package's getGrant, when a grant expired before the hub got it)
+// From the command line, it prints a token for the user named as the argument, or the answer
+// to a credit or a fresh grant (exiting with 1 when there is none):
 //   SYNC_SITE_ID=roflfaucet SYNC_HUB_ID=unified-sync-hub SYNC_SECRET=… php sync-token.php 8-evans
+//   … php sync-token.php 8-evans credit daily
+//   … php sync-token.php 8-evans again daily-2026-12-06
 
 declare(strict_types=1);
 
 // Seconds a token stays valid; the page asks for a new one when the hub answers 401.
 const SYNC_TOKEN_TTL = 600;
+// Seconds a grant stays valid, at most 600: the page passes it on at once; one that expired
+// before it reached the hub (the page was offline) is granted again through ?op_id=.
+const SYNC_GRANT_TTL = 600;
+// The example rule's daily bonus.
+const DAILY_BONUS_COINS = 10;
 
 function base64url(string $bytes): string
 {
     return rtrim(strtr(base64_encode($bytes), '+/', '-_'), '=');
 }
 
+/** A compact HS256 JWS of `$claims` under `$header`. */
+function sync_jwt(string $secret, array $header, array $claims): string
+{
+    $json = JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES;
+    $signed = base64url(json_encode($header, $json)) . '.' . base64url(json_encode($claims, $json));
+    return $signed . '.' . base64url(hash_hmac('sha256', $signed, $secret, true));
+}
+
+/** A page's token: no `scope`, so the page set (read, profile, settings, spend). */
 function sync_token(string $secret, string $site, string $hub, string $user): string
 {
     $now = time();
-    $json = JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES;
-    $header = base64url(json_encode(['alg' => 'HS256', 'typ' => 'JWT'], $json));
-    $claims = base64url(json_encode([
+    return sync_jwt($secret, ['alg' => 'HS256', 'typ' => 'JWT'], [
         'iss' => $site,
         'sub' => $user,
         'aud' => $hub,
         'iat' => $now,
         'exp' => $now + SYNC_TOKEN_TTL,
-    ], $json));
-    $signature = base64url(hash_hmac('sha256', "$header.$claims", $secret, true));
-    return "$header.$claims.$signature";
+    ]);
+}
+
+/**
+ * A grant: the site's yes to one credit. The hub applies a page's positive delta only with a
+ * grant that names exactly its user, op id, data type and amounts, once.
+ */
+function sync_grant(
+    string $secret,
+    string $site,
+    string $hub,
+    string $user,
+    string $op_id,
+    string $data_type,
+    array $delta
+): string {
+    $now = time();
+    return sync_jwt($secret, ['alg' => 'HS256', 'typ' => 'grant+jwt'], [
+        'iss' => $site,
+        'sub' => $user,
+        'aud' => $hub,
+        'iat' => $now,
+        'exp' => $now + SYNC_GRANT_TTL,
+        'op_id' => $op_id,
+        'data_type' => $data_type,
+        'delta' => $delta,
+    ]);
+}
+
+/**
+ * YOUR SITE'S RULE: what `$user` earned as the credit named `$credit` — the op's id, data
+ * type, amounts and reason — or null when they earned nothing. The page only names the
+ * credit; the amount, the reason and the op id are decided here.
+ *
+ * The example is a daily bonus of DAILY_BONUS_COINS. Its op id is the UTC day's, so the hub
+ * credits it once a day however often the page asks. A rule that pays per event (a won game,
+ * a click) makes a new op id each time it says yes, e.g. a UUIDv7.
+ */
+function site_credit(string $user, string $credit): ?array
+{
+    if ($credit !== 'daily') {
+        return null;
+    }
+    return [
+        'op_id' => 'daily-' . gmdate('Y-m-d'),
+        'data_type' => 'balance',
+        'delta' => ['coins' => DAILY_BONUS_COINS],
+        'reason' => 'daily bonus',
+    ];
+}
+
+/**
+ * YOUR SITE'S RULE, asked again: the credit whose op is `$op_id`, if the site would grant it
+ * now — never an op it did not grant. Here: today's daily bonus only. A site whose op ids are
+ * new for each credit keeps the ones it granted (or signs them) to recognize them.
+ */
+function site_credit_again(string $user, string $op_id): ?array
+{
+    $today = site_credit($user, 'daily');
+    return $today !== null && hash_equals($today['op_id'], $op_id) ? $today : null;
 }
 
 function sync_setting(string $name): string
@@ -53,13 +133,40 @@ function sync_token_for(string $user): string
     return sync_token(sync_setting('SYNC_SECRET'), sync_setting('SYNC_SITE_ID'), sync_setting('SYNC_HUB_ID'), $user);
 }
 
+/** What the rule decided, with its grant; null when it decided nothing. */
+function sync_grant_for(string $user, ?array $decided): ?array
+{
+    if ($decided === null) {
+        return null;
+    }
+    $decided['grant'] = sync_grant(
+        sync_setting('SYNC_SECRET'),
+        sync_setting('SYNC_SITE_ID'),
+        sync_setting('SYNC_HUB_ID'),
+        $user,
+        $decided['op_id'],
+        $decided['data_type'],
+        $decided['delta']
+    );
+    return $decided;
+}
+
 if (PHP_SAPI === 'cli') {
-    $user = $argv[1] ?? '';
-    if ($user === '') {
-        fwrite(STDERR, "usage: SYNC_SITE_ID=… SYNC_HUB_ID=… SYNC_SECRET=… php sync-token.php USER_ID\n");
+    [$user, $what, $name] = [$argv[1] ?? '', $argv[2] ?? null, $argv[3] ?? ''];
+    if ($user === '' || ($what !== null && !in_array($what, ['credit', 'again'], true))) {
+        fwrite(STDERR, "usage: SYNC_SITE_ID=… SYNC_HUB_ID=… SYNC_SECRET=… php sync-token.php USER_ID [credit NAME | again OP_ID]\n");
         exit(2);
     }
-    echo sync_token_for($user), "\n";
+    if ($what === null) {
+        echo sync_token_for($user), "\n";
+        exit(0);
+    }
+    $answer = sync_grant_for($user, $what === 'credit' ? site_credit($user, $name) : site_credit_again($user, $name));
+    if ($answer === null) {
+        fwrite(STDERR, "nothing to grant\n");
+        exit(1);
+    }
+    echo json_encode($answer, JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES), "\n";
     exit(0);
 }
 
@@ -73,4 +180,21 @@ if (!is_string($user) || $user === '') {
     echo json_encode(['error' => 'not signed in']);
     exit;
 }
-echo json_encode(['token' => sync_token_for($user)]);
+$credit = $_GET['credit'] ?? null;
+$op_id = $_GET['op_id'] ?? null;
+if ($credit === null && $op_id === null) {
+    echo json_encode(['token' => sync_token_for($user)]);
+    exit;
+}
+if ($_SERVER['REQUEST_METHOD'] !== 'POST' || !is_string($credit ?? $op_id)) {
+    http_response_code(405);
+    echo json_encode(['error' => 'ask for a credit with POST ?credit=NAME, or again with POST ?op_id=ID']);
+    exit;
+}
+$answer = sync_grant_for($user, is_string($credit) ? site_credit($user, $credit) : site_credit_again($user, $op_id));
+if ($answer === null) {
+    http_response_code(403);
+    echo json_encode(['error' => 'nothing to grant']);
+    exit;
+}
+echo json_encode($answer, JSON_UNESCAPED_SLASHES);
