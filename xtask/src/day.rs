@@ -28,8 +28,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::ops::RangeInclusive;
 
 use anyhow::{Context, bail};
+use hub::auth::Keys;
 use reqwest::header::{CONTENT_TYPE, IF_NONE_MATCH};
-use sync_core::{Config, DataType, Engine, Event, Json, Method, Persisted, Reply, Request, Trigger};
+use sync_core::{Config, DataType, Engine, Event, Grant, Json, Method, Persisted, Reply, Request, Trigger};
 
 /// The seed's old system: a check every 10 seconds while a page is open.
 pub const POLLING_PER_HOUR: u64 = 360;
@@ -252,9 +253,9 @@ impl fmt::Display for DayReport {
 }
 
 /// Runs the day against the hub at `hub_url` (its origin, or its `/api/sync` endpoint).
-/// `mint_token(site, user)` returns a token the hub accepts, as the site's backend mints it.
-pub async fn simulate(hub_url: &str, mint_token: impl Fn(&str, &str) -> String) -> anyhow::Result<DayReport> {
-    let mut day = Day::new(hub_url, mint_token);
+/// `keys` sign what the sites' backends give their pages: tokens, and a grant for each credit.
+pub async fn simulate(hub_url: &str, keys: &Keys) -> anyhow::Result<DayReport> {
+    let mut day = Day::new(hub_url, keys);
     day.advance_to(MIDNIGHT + OPEN_AT * HOUR_MS).await?;
     day.open_browser().await?;
     for hour in OPEN_AT..CLOSE_AT {
@@ -278,6 +279,11 @@ pub async fn simulate(hub_url: &str, mint_token: impl Fn(&str, &str) -> String) 
     day.report().await
 }
 
+/// A page's token of `site`, as its backend mints it.
+fn page_token(keys: &Keys, site: Site) -> String {
+    keys.mint(site.id(), USER, 3600).expect("the day's sites are configured")
+}
+
 /// A tab: the site's engine while a page of it is open.
 struct Tab {
     engine: Option<Engine>,
@@ -288,10 +294,11 @@ struct Tab {
 }
 
 /// The browser, the clock and the counters.
-struct Day<F> {
+struct Day<'k> {
     http: reqwest::Client,
     endpoint: String,
-    mint_token: F,
+    /// The sites' keys, as their backends hold them.
+    keys: &'k Keys,
     now: u64,
     tabs: [Tab; 2],
     /// localStorage per site (origin): the engine's storage format as text.
@@ -310,8 +317,8 @@ struct Day<F> {
     changed_returns: Returns,
 }
 
-impl<F: Fn(&str, &str) -> String> Day<F> {
-    fn new(hub_url: &str, mint_token: F) -> Day<F> {
+impl<'k> Day<'k> {
+    fn new(hub_url: &str, keys: &'k Keys) -> Day<'k> {
         let url = hub_url.trim_end_matches('/');
         let endpoint = if url.ends_with("/api/sync") || url.ends_with("/api/sync.php") {
             url.to_owned()
@@ -321,7 +328,7 @@ impl<F: Fn(&str, &str) -> String> Day<F> {
         Day {
             http: reqwest::Client::new(),
             endpoint,
-            mint_token,
+            keys,
             now: MIDNIGHT,
             tabs: Site::ALL.map(|_| Tab { engine: None, checks_done: Vec::new(), last_coins: None }),
             storage: BTreeMap::new(),
@@ -398,15 +405,28 @@ impl<F: Fn(&str, &str) -> String> Day<F> {
         Ok(())
     }
 
-    /// A balance-changing operation: a pull first, then the delta.
+    /// A balance-changing operation: a pull first, then the delta — a credit with a grant
+    /// from the site's backend, as a page's must.
     async fn operation(&mut self, site: Site, amount: i64, reason: &str) -> anyhow::Result<()> {
         self.check(site, Trigger::EnsureFresh).await?;
         let reason = reason.to_owned();
-        self.input(site, |engine, now| engine.apply_delta(now, DataType::Balance, amount, Some(reason)))
-            .await?
-            .map_err(|refusal| anyhow::anyhow!("{}: the engine refused {amount:+}: {refusal}", site.id()))?;
+        let grant = (amount > 0).then(|| self.grant(site, amount)).transpose()?;
+        self.input(site, |engine, now| match grant {
+            Some(grant) => engine.apply_delta_with_grant(now, DataType::Balance, amount, Some(reason), grant),
+            None => engine.apply_delta(now, DataType::Balance, amount, Some(reason)),
+        })
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("{}: the engine refused {amount:+}: {refusal}", site.id()))?;
         self.operations += 1;
         Ok(())
+    }
+
+    /// The grant `site`'s backend gives a credit of `amount` coins, under an op id it makes.
+    fn grant(&self, site: Site, amount: i64) -> anyhow::Result<Grant> {
+        let op_id = format!("{}-grant-{:016x}", site.id(), self.random.hash_one((self.now, amount)));
+        let delta = serde_json::Map::from_iter([("coins".to_owned(), serde_json::Value::from(amount))]);
+        let jwt = self.keys.mint_grant(site.id(), USER, &op_id, "balance", delta, 600)?;
+        Ok(Grant::new(jwt, op_id))
     }
 
     /// Triggers a check and makes sure it ended with the hub's answer.
@@ -442,7 +462,7 @@ impl<F: Fn(&str, &str) -> String> Day<F> {
                     Event::Persist => {
                         self.storage.insert(site.id(), engine.persisted().to_json().to_text());
                     }
-                    Event::NeedToken => engine.handle_token(now, Some((self.mint_token)(site.id(), USER))),
+                    Event::NeedToken => engine.handle_token(now, Some(page_token(self.keys, site))),
                     Event::CheckDone { ticket, fresh } => tab.checks_done.push((ticket, fresh)),
                     Event::Refused { code, message, .. } => {
                         bail!("{}: the hub refused a write: {code}: {message}", site.id())
@@ -537,7 +557,7 @@ impl<F: Fn(&str, &str) -> String> Day<F> {
 
     /// A GET outside the day's count: what the hub holds, to check the engines against.
     async fn reference_read(&self, site: Site, query: &str) -> anyhow::Result<serde_json::Value> {
-        let token = (self.mint_token)(site.id(), USER);
+        let token = page_token(self.keys, site);
         let response = self.http.get(format!("{}?{query}", self.endpoint)).bearer_auth(token).send().await?;
         let status = response.status();
         let text = response.text().await?;
@@ -603,8 +623,7 @@ mod tests {
             let _ = stopped.await;
         }));
         let sites = app.sites();
-        let keys = sites.keys().expect("auth is on");
-        let report = simulate(&url, |site, user| keys.mint(site, user, 3600).unwrap()).await;
+        let report = simulate(&url, sites.keys().expect("auth is on")).await;
         let _ = stop.send(());
         server.await.unwrap().unwrap();
         report.unwrap()
