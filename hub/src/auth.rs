@@ -27,6 +27,9 @@ const REMEMBERED_TOKENS: usize = 65_536;
 pub const GRANT_TYP: &str = "grant+jwt";
 /// Longest life of a grant: a page asks its backend for one just before it credits.
 pub const MAX_GRANT_TTL_SECS: u64 = 600;
+/// Longest token or grant read. Real ones are a few hundred bytes; a longer one is refused
+/// before it is decoded, and never remembered.
+const MAX_JWT_BYTES: usize = 8 * 1024;
 
 /// The claims of a token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +101,8 @@ pub enum AuthError {
     Missing,
     #[error("the token is malformed")]
     Malformed,
+    #[error("the token is longer than 8 KiB")]
+    TooLong,
     #[error("the token's issuer is not a configured site")]
     UnknownIssuer,
     #[error("the token was refused: {0}")]
@@ -124,7 +129,9 @@ impl AuthError {
             AuthError::AdminNotAllowed => "admin_not_allowed",
             AuthError::Lifetime(_) => "token_lifetime",
             AuthError::Revoked(_) => "token_revoked",
-            AuthError::Malformed | AuthError::UnknownIssuer | AuthError::Invalid(_) => "invalid_token",
+            AuthError::Malformed | AuthError::TooLong | AuthError::UnknownIssuer | AuthError::Invalid(_) => {
+                "invalid_token"
+            }
         }
     }
 }
@@ -210,8 +217,20 @@ fn now() -> u64 {
 impl Keys {
     pub fn from_config(config: &Config) -> anyhow::Result<Keys> {
         let mut sites = HashMap::new();
+        let mut owners: HashMap<String, &str> = HashMap::new();
         for site in &config.sites {
-            let keys = site_keys(site, &config.hub_id).with_context(|| format!("site {}", site.id))?;
+            let (keys, materials) =
+                site_keys(site, &config.hub_id).with_context(|| format!("site {}", site.id))?;
+            for material in materials {
+                match owners.insert(material, &site.id) {
+                    Some(other) if other != site.id => bail!(
+                        "sites {other} and {} share a key: either could sign as the other, with its \
+                         scopes and ceilings; give each site its own",
+                        site.id
+                    ),
+                    _ => {}
+                }
+            }
             sites.insert(site.id.clone(), keys);
         }
         Ok(Keys { hub_id: config.hub_id.clone(), sites, recent: BoundedMap::new(REMEMBERED_TOKENS) })
@@ -240,6 +259,9 @@ impl Keys {
 
     /// Every check of a token, returning what it may do and its `exp`.
     fn verify_fully(&self, token: &str) -> Result<(Verified, u64), AuthError> {
+        if token.len() > MAX_JWT_BYTES {
+            return Err(AuthError::TooLong);
+        }
         let unverified =
             jsonwebtoken::dangerous::insecure_decode::<Issuer>(token).map_err(|_| AuthError::Malformed)?;
         if is_grant(&unverified.header) {
@@ -252,12 +274,13 @@ impl Keys {
             .map_err(|e| AuthError::Invalid(e.to_string()))?
             .claims;
         let now = now();
-        if claims.iat.is_some_and(|iat| iat > now + LEEWAY_SECS) {
+        if claims.iat.is_some_and(|iat| iat > now.saturating_add(LEEWAY_SECS)) {
             return Err(AuthError::Invalid("issued in the future".into()));
         }
         let policy = &site.policy;
         let lifetime = claims.exp.saturating_sub(claims.iat.unwrap_or(now));
-        if lifetime > policy.max_token_ttl_secs + if claims.iat.is_some() { 0 } else { LEEWAY_SECS } {
+        let slack = if claims.iat.is_some() { 0 } else { LEEWAY_SECS };
+        if lifetime > policy.max_token_ttl_secs.saturating_add(slack) {
             return Err(AuthError::Lifetime(format!(
                 "the token lives {lifetime} s; {site_id}'s tokens live at most {} s",
                 policy.max_token_ttl_secs
@@ -313,6 +336,9 @@ impl Keys {
     /// names, our audience, a life of at most [`MAX_GRANT_TTL_SECS`].
     pub fn verify_grant(&self, grant: &str) -> Result<VerifiedGrant, GrantError> {
         let invalid = |why: String| GrantError(format!("the grant is refused: {why}"));
+        if grant.len() > MAX_JWT_BYTES {
+            return Err(invalid("it is longer than 8 KiB".into()));
+        }
         let unverified = jsonwebtoken::dangerous::insecure_decode::<Issuer>(grant)
             .map_err(|_| invalid("it is not a JWT with an iss".into()))?;
         if !is_grant(&unverified.header) {
@@ -329,6 +355,9 @@ impl Keys {
             .map_err(|e| invalid(e.to_string()))?
             .claims;
         let now = now();
+        if claims.iat.is_some_and(|iat| iat > now.saturating_add(LEEWAY_SECS)) {
+            return Err(invalid("it was issued in the future".into()));
+        }
         let lifetime = claims.exp.saturating_sub(claims.iat.unwrap_or(now).min(now));
         if lifetime > MAX_GRANT_TTL_SECS + LEEWAY_SECS {
             return Err(invalid(format!(
@@ -388,7 +417,7 @@ impl Keys {
             iss: site.into(),
             sub: user.into(),
             aud: self.hub_id.clone(),
-            exp: now + ttl_secs,
+            exp: now.saturating_add(ttl_secs),
             iat: Some(now),
             nbf: None,
             adm: admin,
@@ -470,9 +499,10 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<SiteKeys> {
+/// A site's keys and policies, and each key's material (see [`load_key`]).
+fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<(SiteKeys, Vec<String>)> {
     let materials = site.key_materials();
-    let keys = materials
+    let (keys, materials): (Vec<Key>, Vec<String>) = materials
         .iter()
         .map(|m| {
             load_key(m, &site.id, hub_id).with_context(|| match m.kid {
@@ -480,7 +510,9 @@ fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<SiteKeys> {
                 None => "its key".into(),
             })
         })
-        .collect::<anyhow::Result<Vec<Key>>>()?;
+        .collect::<anyhow::Result<Vec<(Key, String)>>>()?
+        .into_iter()
+        .unzip();
     let policy = Policy {
         scopes: site.signable_scopes()?,
         admin: site.admin,
@@ -491,17 +523,35 @@ fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<SiteKeys> {
             per_user_per_day: site.max_credits_per_user_per_day,
         },
     };
-    Ok(SiteKeys { keys, policy })
+    Ok((SiteKeys { keys, policy }, materials))
 }
 
-fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<Key> {
-    let secret = match (m.secret, m.secret_env) {
-        (Some(secret), None) => Some(secret.to_owned()),
-        (None, Some(var)) => {
+/// The HS256 secret a key names, from wherever it is kept: the file, the environment (read
+/// at start only: a running process keeps the environment it started with), or a file
+/// (reread on every SIGHUP).
+fn secret_of(m: &KeyMaterial<'_>) -> anyhow::Result<Option<String>> {
+    Ok(match (m.secret, m.secret_env, m.secret_file) {
+        (Some(secret), None, None) => Some(secret.to_owned()),
+        (None, Some(var), None) => {
             Some(std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?)
         }
-        (None, None) => None,
-        (Some(_), Some(_)) => bail!("give either secret or secret_env, not both"),
+        (None, None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read secret_file {}", path.display()))?;
+            Some(text.trim_end_matches(['\n', '\r']).to_owned())
+        }
+        (None, None, None) => None,
+        _ => bail!("give one of secret, secret_env and secret_file"),
+    })
+}
+
+fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<(Key, String)> {
+    let secret = secret_of(m)?;
+    // What two sites must never share: with one key, either site could speak as the other.
+    let material = match (&secret, m.public_key_pem) {
+        (Some(secret), _) => format!("secret {secret}"),
+        (None, Some(public)) => format!("public {}", public.split_whitespace().collect::<String>()),
+        (None, None) => String::new(),
     };
     let (algorithm, decoding, encoding) = match (secret, m.public_key_pem) {
         (Some(secret), None) => {
@@ -522,7 +572,7 @@ fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<Key
             (Algorithm::EdDSA, decoding, encoding)
         }
         (Some(_), Some(_)) => bail!("give either an HS256 secret or an EdDSA public key, not both"),
-        (None, None) => bail!("no key: give secret, secret_env or public_key_pem"),
+        (None, None) => bail!("no key: give secret, secret_env, secret_file or public_key_pem"),
     };
     let mut tokens = Validation::new(algorithm);
     tokens.set_issuer(&[site]);
@@ -532,6 +582,5 @@ fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<Key
     tokens.leeway = LEEWAY_SECS;
     let mut grants = tokens.clone();
     grants.validate_exp = false;
-    grants.validate_nbf = false;
-    Ok(Key { kid: m.kid.map(str::to_owned), algorithm, decoding, encoding, tokens, grants })
+    Ok((Key { kid: m.kid.map(str::to_owned), algorithm, decoding, encoding, tokens, grants }, material))
 }

@@ -135,9 +135,13 @@ pub struct Site {
     /// without a `kid`: it verifies tokens whose header names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
-    /// Name of an environment variable holding the HS256 secret.
+    /// Name of an environment variable holding the HS256 secret (read at start only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
+    /// A file holding the HS256 secret, reread on every SIGHUP: a new key can be added
+    /// without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
     /// Ed25519 public key (PEM): the site signs its tokens with EdDSA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
@@ -175,7 +179,7 @@ pub struct Site {
 }
 
 /// One of a site's keys, named by a `kid`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteKey {
     /// What tokens signed with this key name in their header's `kid`.
@@ -183,9 +187,12 @@ pub struct SiteKey {
     /// HS256 secret, at least 32 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
-    /// Name of an environment variable holding the HS256 secret.
+    /// Name of an environment variable holding the HS256 secret (read at start only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
+    /// A file holding the HS256 secret, reread on every SIGHUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
     /// Ed25519 public key (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
@@ -201,6 +208,7 @@ pub struct KeyMaterial<'a> {
     pub kid: Option<&'a str>,
     pub secret: Option<&'a str>,
     pub secret_env: Option<&'a str>,
+    pub secret_file: Option<&'a Path>,
     pub public_key_pem: Option<&'a str>,
     pub private_key_pem: Option<&'a str>,
 }
@@ -229,6 +237,7 @@ impl Site {
             origins: Vec::new(),
             secret: None,
             secret_env: None,
+            secret_file: None,
             public_key_pem: None,
             private_key_pem: None,
             keys: Vec::new(),
@@ -247,11 +256,13 @@ impl Site {
             kid: None,
             secret: self.secret.as_deref(),
             secret_env: self.secret_env.as_deref(),
+            secret_file: self.secret_file.as_deref(),
             public_key_pem: self.public_key_pem.as_deref(),
             private_key_pem: self.private_key_pem.as_deref(),
         };
         let given = top.secret.is_some()
             || top.secret_env.is_some()
+            || top.secret_file.is_some()
             || top.public_key_pem.is_some()
             || top.private_key_pem.is_some();
         let mut materials = Vec::new();
@@ -263,6 +274,7 @@ impl Site {
             kid: Some(k.kid.as_str()),
             secret: k.secret.as_deref(),
             secret_env: k.secret_env.as_deref(),
+            secret_file: k.secret_file.as_deref(),
             public_key_pem: k.public_key_pem.as_deref(),
             private_key_pem: k.private_key_pem.as_deref(),
         }));

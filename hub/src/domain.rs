@@ -10,7 +10,7 @@ use protocol::{
 };
 use serde_json::{Value, json};
 
-use crate::auth::{LEEWAY_SECS, VerifiedGrant};
+use crate::auth::{GrantError, LEEWAY_SECS, VerifiedGrant};
 use crate::store::{
     Change, Credits, Current, LedgerEntry, Mutation, OpKey, Record, Stamp, Store, StoreError, Write,
     WriteOutcome,
@@ -60,8 +60,9 @@ pub enum DomainError {
     OpIdReused,
     #[error("the grant has expired; ask the site's backend for a new one for the same op")]
     GrantExpired,
-    #[error("the credit would exceed the site's ceiling for this user (per op or per day)")]
-    CreditLimit(Record),
+    /// Over one of the site's credit ceilings; the message says which.
+    #[error("{1}")]
+    CreditLimit(Record, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -140,7 +141,11 @@ impl Domain {
     pub async fn push(&self, caller: &Caller, req: PushRequest) -> Result<Written, DomainError> {
         let (user, site) = authorize_write(caller, &req.user_id, &req.site_id)?;
         let data_type = DataType::parse(&req.data_type)?;
-        require(caller, write_scope(data_type))?;
+        // With an op id, told only to a push the hub has not seen (see `delta`).
+        let authorized = require(caller, write_scope(data_type));
+        if req.op_id.is_none() {
+            authorized.clone()?;
+        }
         let patch = validate_push(data_type, &req.data, &site, caller.admin)?;
         let op = req.op_id.as_deref().map(OpId::parse).transpose()?;
         let base_version = req.base_version;
@@ -151,6 +156,7 @@ impl Domain {
         let ceilings = caller.ceilings;
         let credit_site = site.clone();
         let mutation: Mutation = Box::new(move |current: Current<'_>| {
+            authorized?;
             let record = current.record;
             if base_version.is_some_and(|base| base != record.version) {
                 return Err(DomainError::VersionConflict(record.clone()));
@@ -181,7 +187,7 @@ impl Domain {
         &self,
         caller: &Caller,
         req: DeltaRequest,
-        grant: Option<VerifiedGrant>,
+        grant: Option<Result<VerifiedGrant, GrantError>>,
     ) -> Result<Written, DomainError> {
         let (user, site) = authorize_write(caller, &req.user_id, &req.site_id)?;
         let data_type = DataType::parse(&req.data_type)?;
@@ -189,20 +195,20 @@ impl Domain {
         let op_id = OpId::parse(&req.op_id)?;
         let reason = req.reason.as_deref().map(protocol::validate_reason).transpose()?;
         let field = amount_field(data_type).expect("validate_delta accepts balance-like types only");
-        let grant_exp = match &grant {
-            Some(grant) => Some(check_grant(grant, &user, &site, &op_id, data_type, change, self.limits)?),
-            None if change > 0 => {
-                require_for(
-                    caller,
-                    Scope::AmountsCredit,
-                    "a credit needs a grant from the site's backend, or",
-                )?;
-                None
+        // Decided now, told only to an op the hub has not seen: an applied op answers as it
+        // did even after its grant's key is revoked or its site loses the scope.
+        let authorized: Result<Option<u64>, Refusal> = match grant {
+            Some(Ok(grant)) => {
+                check_grant(&grant, &user, &site, &op_id, data_type, change, self.limits).map(Some)
             }
-            None => {
-                require(caller, Scope::AmountsSpend)?;
-                None
-            }
+            Some(Err(GrantError(why))) => Err(Refusal::forbidden("grant_invalid", why)),
+            None if change > 0 => require_for(
+                caller,
+                Scope::AmountsCredit,
+                "a credit needs a grant from the site's backend, or",
+            )
+            .map(|()| None),
+            None => require(caller, Scope::AmountsSpend).map(|()| None),
         };
         let ceilings = caller.ceilings;
         let op = Some(OpKey {
@@ -211,7 +217,7 @@ impl Domain {
         });
         let credit_site = site.clone();
         let mutation: Mutation = Box::new(move |current: Current<'_>| {
-            if grant_exp.is_some_and(|exp| current.now_ms.div_euclid(1000) > last_second(exp)) {
+            if authorized?.is_some_and(|exp| current.now_ms.div_euclid(1000) > last_second(exp)) {
                 return Err(DomainError::GrantExpired);
             }
             let record = current.record;
@@ -307,14 +313,22 @@ fn credit(
     ceilings: Ceilings,
 ) -> Result<Credits, DomainError> {
     if amount > ceilings.per_op {
-        return Err(DomainError::CreditLimit(current.record.clone()));
+        let why = format!("{site} credits at most {} per op (max_credit_per_op)", ceilings.per_op);
+        return Err(DomainError::CreditLimit(current.record.clone(), why));
     }
-    let day = current.now_ms.div_euclid(DAY_MS);
+    // A clock set back keeps the count of the day it had reached.
+    let day = current.now_ms.div_euclid(DAY_MS).max(current.credits.day);
     let mut credits = if current.credits.day == day { current.credits.clone() } else { Credits::on(day) };
     let total = credits.by_site.entry(site.as_str().to_owned()).or_insert(0);
+    let before = *total;
     *total = total.saturating_add(amount);
     if *total > ceilings.per_user_per_day {
-        return Err(DomainError::CreditLimit(current.record.clone()));
+        let why = format!(
+            "{site} may credit this user {} more today (max_credits_per_user_per_day {})",
+            ceilings.per_user_per_day.saturating_sub(before).max(0),
+            ceilings.per_user_per_day
+        );
+        return Err(DomainError::CreditLimit(current.record.clone(), why));
     }
     Ok(credits)
 }

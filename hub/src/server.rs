@@ -147,8 +147,8 @@ impl App {
     /// current sites, if `config` would not start a hub.
     pub fn reload_sites(&self, config: &Config) -> anyhow::Result<()> {
         config.validate()?;
-        if config.auth != self.inner.config.auth {
-            anyhow::bail!("auth can only change with a restart");
+        if config.auth != self.inner.config.auth || config.hub_id != self.inner.config.hub_id {
+            anyhow::bail!("auth and hub_id change only with a restart");
         }
         let sites = Sites::from_config(config)?;
         let unlabelled: Vec<&str> = config

@@ -374,13 +374,7 @@ fn with_kids(config: &mut Config, kids: &[&str]) {
     let faucet = config.sites.iter_mut().find(|s| s.id == FAUCET).unwrap();
     faucet.keys = kids
         .iter()
-        .map(|kid| SiteKey {
-            kid: (*kid).into(),
-            secret: Some(kid_secret(kid)),
-            secret_env: None,
-            public_key_pem: None,
-            private_key_pem: None,
-        })
+        .map(|kid| SiteKey { kid: (*kid).into(), secret: Some(kid_secret(kid)), ..SiteKey::default() })
         .collect();
 }
 

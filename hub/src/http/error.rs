@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use protocol::{ErrorAnswer, Refusal, RefusalKind};
 
 use super::{json, record_state};
-use crate::auth::{AuthError, GrantError};
+use crate::auth::AuthError;
 use crate::domain::DomainError;
 use crate::limit::RetryAfter;
 use crate::store::{Record, StoreError};
@@ -47,12 +47,6 @@ impl From<Refusal> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
-    }
-}
-
-impl From<GrantError> for ApiError {
-    fn from(GrantError(message): GrantError) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "grant_invalid", message)
     }
 }
 
@@ -106,7 +100,7 @@ impl From<DomainError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "op_id_reused", message)
             }
             DomainError::GrantExpired => ApiError::new(StatusCode::FORBIDDEN, "grant_expired", message),
-            DomainError::CreditLimit(current) => {
+            DomainError::CreditLimit(current, _) => {
                 ApiError::new(StatusCode::FORBIDDEN, "credit_limit", message).with_current(current)
             }
             DomainError::Store(s) => s.into(),

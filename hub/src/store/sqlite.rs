@@ -723,7 +723,11 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
             None => Ok(WriteOutcome::Replayed(record)),
             Some(INSUFFICIENT_FUNDS) => Ok(WriteOutcome::Rejected(DomainError::InsufficientFunds(record))),
             Some(VERSION_CONFLICT) => Ok(WriteOutcome::Rejected(DomainError::VersionConflict(record))),
-            Some(CREDIT_LIMIT) => Ok(WriteOutcome::Rejected(DomainError::CreditLimit(record))),
+            Some(CREDIT_LIMIT) => Ok(WriteOutcome::Rejected(DomainError::CreditLimit(
+                record,
+                "this op was refused for a credit ceiling of its site, for good; a new credit is a new op"
+                    .into(),
+            ))),
             Some(other) => Err(StoreError::Malformed(format!("unknown refusal {other:?} in ops"))),
         };
     }
@@ -736,7 +740,7 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
             let remembered = match &refusal {
                 DomainError::InsufficientFunds(_) => Some(INSUFFICIENT_FUNDS),
                 DomainError::VersionConflict(_) => Some(VERSION_CONFLICT),
-                DomainError::CreditLimit(_) => Some(CREDIT_LIMIT),
+                DomainError::CreditLimit(..) => Some(CREDIT_LIMIT),
                 _ => None,
             };
             if let (Some(op), Some(code)) = (&write.op, remembered) {
