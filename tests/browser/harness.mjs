@@ -68,9 +68,9 @@ function describe(value) {
 }
 
 /** An HS256 JWT, signed with node:crypto exactly as a site's backend would sign it. */
-export function signJwt(secret, claims) {
+export function signJwt(secret, claims, typ = "JWT") {
   const part = (object) => Buffer.from(JSON.stringify(object)).toString("base64url");
-  const unsigned = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  const unsigned = `${part({ alg: "HS256", typ })}.${part(claims)}`;
   const signature = createHmac("sha256", secret).update(unsigned).digest("base64url");
   return `${unsigned}.${signature}`;
 }
@@ -79,6 +79,15 @@ function claimsFor(site, user, ttlSeconds = 600) {
   const iat = Math.floor(Date.now() / 1000);
   return { iss: site, sub: user, aud: HUB_ID, iat, exp: iat + ttlSeconds };
 }
+
+/**
+ * The scopes of a site's backend talking to the hub for itself (another client in these
+ * tests): a page's token could neither credit nor write roles.
+ */
+const BACKEND_SCOPE = "sync:read profile:write settings:write amounts:spend amounts:credit roles:write";
+
+/** Seconds past its `exp` until the hub takes a grant for expired (its clock leeway). */
+const HUB_LEEWAY_SECS = 30;
 
 // ---------------------------------------------------------------------------------------
 // The hub
@@ -240,14 +249,14 @@ ${sites}`,
     rmSync(this.dir, { recursive: true, force: true });
   }
 
-  /** A token for `user`, minted the way `site`'s backend mints it. */
-  token(user, site = SITES[0]) {
-    return signJwt(this.secrets[site], claimsFor(site, user));
+  /** A token for `user`, minted the way `site`'s backend mints it: a page's, or with `scope`. */
+  token(user, site = SITES[0], scope = undefined) {
+    return signJwt(this.secrets[site], { ...claimsFor(site, user), ...(scope ? { scope } : {}) });
   }
 
-  /** One call to the sync API as another client (a site's backend, another device). */
+  /** One call to the sync API as another client: a site's backend, with its own scopes. */
   async call(user, { query, body, site = SITES[0] }) {
-    const headers = { authorization: `Bearer ${this.token(user, site)}` };
+    const headers = { authorization: `Bearer ${this.token(user, site, BACKEND_SCOPE)}` };
     let response;
     if (body) {
       headers["content-type"] = "application/json";
@@ -304,7 +313,11 @@ const MIME = {
   ".md": "text/plain; charset=utf-8",
 };
 
-/** One website on its own origin: the test page, the package, and a token endpoint. */
+/**
+ * One website on its own origin: the test page, the package, and its backend's endpoints —
+ * `/token` and `/regrant` (a fresh grant for an op this backend granted) — with `grant()`,
+ * what the backend does when it decides a user earned a credit.
+ */
 export class Site {
   constructor(harness, id) {
     this.harness = harness;
@@ -315,6 +328,10 @@ export class Site {
     this.badTokensLeft = 0;
     /** While true, the token endpoint fails (500), as a backend that is down would. */
     this.tokenEndpointDown = false;
+    /** Every op this backend granted, by op id: `{user, dataType, delta}`. */
+    this.granted = new Map();
+    /** The ops the page asked to be granted again (`/regrant`), in order. */
+    this.regrants = [];
     /** Extra folders this site serves, by URL prefix (`/pkg/` is always served). */
     this.folders = new Map([["/pkg/", pkgDir]]);
     this.server = createServer((req, res) => this.serve(req, res).catch((e) => fail(res, 500, e.message)));
@@ -349,6 +366,27 @@ export class Site {
     return this.tokenRequests.get(user) ?? 0;
   }
 
+  /**
+   * The backend decides `user` earned `amount`: a grant for a new op, `{grant, opId}`. With
+   * `expiredSecsAgo`, the grant's life ended that long ago as the hub counts it (a page that
+   * held it offline too long).
+   */
+  grant(user, amount, { dataType = "balance", expiredSecsAgo } = {}) {
+    const opId = `${this.id}-grant-${randomBytes(8).toString("hex")}`;
+    const delta = { [dataType === "points" ? "points" : "coins"]: amount };
+    this.granted.set(opId, { user, dataType, delta });
+    return { grant: this.signGrant(user, opId, dataType, delta, expiredSecsAgo), opId };
+  }
+
+  signGrant(user, opId, dataType, delta, expiredSecsAgo) {
+    const claims = { ...claimsFor(this.id, user), op_id: opId, data_type: dataType, delta };
+    if (expiredSecsAgo !== undefined) {
+      claims.exp = claims.iat - HUB_LEEWAY_SECS - expiredSecsAgo;
+      claims.iat = claims.exp - 600;
+    }
+    return signJwt(this.harness.hub.secrets[this.id], claims, "grant+jwt");
+  }
+
   async serve(req, res) {
     const url = new URL(req.url, this.origin);
     if (url.pathname === "/" || url.pathname === "/index.html") {
@@ -369,6 +407,15 @@ export class Site {
       if (this.badTokensLeft > 0) this.badTokensLeft -= 1;
       const secret = bad ? randomBytes(32).toString("hex") : this.harness.hub.secrets[this.id];
       return send(res, 200, "text/plain; charset=utf-8", signJwt(secret, claimsFor(this.id, user)));
+    }
+    if (url.pathname === "/regrant") {
+      // Only an op this backend granted, to that user: the same op, amount and data type.
+      const user = url.searchParams.get("user") ?? "";
+      const opId = url.searchParams.get("op") ?? "";
+      this.regrants.push(opId);
+      const op = this.granted.get(opId);
+      if (op?.user !== user) return fail(res, 403, "this site granted no such op");
+      return send(res, 200, "text/plain; charset=utf-8", this.signGrant(user, opId, op.dataType, op.delta));
     }
     for (const [prefix, dir] of this.folders) {
       if (!url.pathname.startsWith(prefix)) continue;
@@ -569,14 +616,20 @@ export class SitePage {
     await until(async () => (await this.status()) !== "syncing" && this.inFlight === 0, "the check to end");
   }
 
-  /** Applies a delta from the page; returns its op id and the coins shown right after. */
-  applyDelta(amount, reason = "game") {
+  /**
+   * Applies a delta from the page; returns its op id and the coins shown right after. A
+   * credit carries a grant, as a real page's does: `grant` if given, else one the site's
+   * backend grants now.
+   */
+  applyDelta(amount, reason = "game", { grant } = {}) {
+    const granted = grant ?? (amount > 0 ? this.site.grant(this.userId, amount).grant : undefined);
     return this.evaluate(
-      ([amount, reason]) => {
-        const opId = window.sync.applyDelta("balance", { coins: amount }, reason);
+      ([amount, reason, grant]) => {
+        const options = grant ? { grant } : undefined;
+        const opId = window.sync.applyDelta("balance", { coins: amount }, reason, options);
         return { opId, shownRightAfter: Number(document.getElementById("coins").textContent) };
       },
-      [amount, reason],
+      [amount, reason, granted],
     );
   }
 

@@ -4,6 +4,7 @@
 //   types=balance,points    dataTypes (default: the package's default)
 //   spinner=builtin|count|off, spinnerDelayMs=N, inactivityMs=N, requestTimeoutMs=N
 //   login=0                 construct the SyncManager but do not call login()
+//   getGrant=0              no getGrant option: a credit whose grant expired is refused
 import init, { SyncManager } from "/pkg/unified_balance.js";
 
 const site = JSON.parse(document.getElementById("site-config").textContent);
@@ -18,6 +19,8 @@ const seen = {
   spinner: [],
   pageshows: [],
   tokenCalls: 0,
+  /** What the package asked `getGrant` for. */
+  grantAsks: [],
 };
 window.seen = seen;
 
@@ -37,6 +40,16 @@ const options = {
     return response.text();
   },
 };
+if (params.get("getGrant") !== "0") {
+  // A credit whose grant expired before the hub got it: the site's backend grants the same
+  // op again (if it granted it), or the page gives it up.
+  options.getGrant = async (request) => {
+    seen.grantAsks.push(JSON.parse(JSON.stringify(request)));
+    const query = new URLSearchParams({ user: userId, op: request.opId });
+    const response = await fetch(`/regrant?${query}`);
+    return response.ok ? response.text() : null;
+  };
+}
 if (params.has("types")) options.dataTypes = params.get("types").split(",");
 for (const name of ["spinnerDelayMs", "inactivityMs", "requestTimeoutMs"]) {
   if (params.has(name)) options[name] = Number(params.get(name));
