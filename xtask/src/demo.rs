@@ -192,9 +192,9 @@ The demo is running:
 {site_lines}
 Open both sites, earn coins on one, then come back to the other tab: it shows them. Each
 site's backend signs a token for the signed-in user at /api/token?user=ID with the site's key
-from {data_dir}/dev-sites.toml; the browser never sees a key. What a user earns, its backend
-decides and grants (claims and dice at {faucet}/api/claim, /api/stake and /api/roll; clicks at
-{charity}/api/click); the page only passes the grant on. A grant for {USER}'s free claim:
+from {data_dir}/dev-sites.toml; the browser never sees a key. What a user earns, the site's
+backend decides and grants (the faucet's claims and dice, the charity's clicks); the page
+only passes the grant on. {faucet_name}'s grant for {USER}'s free claim:
 
   curl -s -X POST '{faucet}/api/claim?user={USER}'
 
@@ -209,7 +209,7 @@ Ctrl-C stops everything.
 "#,
         site = sites[0].id,
         faucet = sites[0].url(),
-        charity = sites[1].url(),
+        faucet_name = sites[0].name,
     );
     Ok(())
 }
