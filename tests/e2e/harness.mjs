@@ -8,10 +8,11 @@
 //   assert.equal(await faucet.coins(), await demo.hubCoins(user));
 //   await demo.close();                          // SIGINT, and checks that the demo exited
 //
-// The caller builds first: `cargo xtask build-pkg && cargo build -p hub -p xtask`.
+// The caller builds first: `cargo xtask build-pkg && cargo build -p hub -p xtask`; the demo
+// builds the release hub, whose `hub token` signs the backends' own tokens here.
 // Nothing here sleeps to let time pass: every wait is a bounded poll for a condition.
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
@@ -30,6 +31,13 @@ export const WAIT_MS = 15_000;
 const START_MS = 180_000;
 /** The client gives up on a hub request after 15 s; allow for that plus a margin. */
 export const OFFLINE_MS = 40_000;
+/**
+ * How often the faucet grants a claim here: a day, so that two claims of one test always
+ * fall in one period (the demo's own default is 30 s).
+ */
+export const CLAIM_EVERY_SECS = 86_400;
+/** What the sites' backends may sign for themselves (`hub token --scope`): a page's cannot credit. */
+const BACKEND_SCOPE = "sync:read profile:write settings:write amounts:spend amounts:credit roles:write";
 
 export const SITES = {
   faucet: { id: "roflfaucet", name: "ROFLFaucet" },
@@ -162,6 +170,7 @@ export class Demo {
       "--faucet-port", String(this.ports.faucet),
       "--charity-port", String(this.ports.charity),
       "--data-dir", this.dataDir,
+      "--claim-every-secs", String(CLAIM_EVERY_SECS),
     ];
     const child = spawn(this.bin, args, { cwd: repoRoot, env, stdio: ["ignore", "pipe", "pipe"] });
     this.child = child;
@@ -277,8 +286,20 @@ export class Demo {
     return response.text();
   }
 
+  /**
+   * A token of `site`'s backend itself, with the scopes it may sign: what `hub token --scope`
+   * prints with the demo's development keys.
+   */
+  backendToken(user, site = "faucet") {
+    const hub = join(repoRoot, "target/release/hub");
+    const args = ["token", "--dev", "--data-dir", this.dataDir, "--site", SITES[site].id, "--user", user];
+    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("HUB_")));
+    return execFileSync(hub, [...args, "--scope", BACKEND_SCOPE], { env, encoding: "utf8" }).trim();
+  }
+
+  /** One call to the sync API as `site`'s backend. */
   async hubCall(user, { query, body, site = "faucet" }) {
-    const headers = { authorization: `Bearer ${await this.token(user, site)}` };
+    const headers = { authorization: `Bearer ${this.backendToken(user, site)}` };
     let response;
     if (body) {
       headers["content-type"] = "application/json";
@@ -306,7 +327,7 @@ export class Demo {
     }
   }
 
-  /** Adds `amount` coins at the hub, as a site's backend would (to set up a test). */
+  /** Adds `amount` coins at the hub, as a site's backend would with its own token (to set up a test). */
   hubDelta(user, amount, site = "charity") {
     const siteId = SITES[site].id;
     const op_id = `e2e-${randomBytes(8).toString("hex")}`;
@@ -473,12 +494,44 @@ export class Tab {
     );
   }
 
-  /** Charity: one click on "Click to earn". */
+  /**
+   * Charity: one paid click on "Click to earn". The backend pays one click a second per user
+   * (across tabs too): a click it refused is made again once the button is enabled.
+   */
   async earn() {
-    await this.page.click("#earn");
+    const count = async () => Number(await this.page.getAttribute("#earned", "data-count"));
+    const before = await count();
+    await until(async () => {
+      if ((await count()) > before) return true;
+      if (await this.page.isEnabled("#earn")) await this.page.click("#earn");
+      return false;
+    }, "a paid click");
   }
 
-  /** Faucet: one roll; returns the coins it changed by (+10, −5), or 0 if it was not made. */
+  /** Charity: one donation (a spend of 5 coins, the page's own). */
+  async donate() {
+    await this.page.click("#donate");
+  }
+
+  /** Faucet: the claim's outcome (`claimed`, `wait`, `already`, `unreachable`, …). */
+  async claim() {
+    await this.page.evaluate(() => delete document.getElementById("claim-result").dataset.outcome);
+    await this.page.click("#claim");
+    return until(async () => {
+      const outcome = await this.page.getAttribute("#claim-result", "data-outcome");
+      return outcome && outcome !== "asking" ? outcome : null;
+    }, "the claim's outcome");
+  }
+
+  /** Faucet: the game's `data-outcome`. */
+  outcome() {
+    return this.page.getAttribute("#game-result", "data-outcome");
+  }
+
+  /**
+   * Faucet: one roll. Returns the coins it changed by (+10, −5), 0 if no roll was made, or
+   * null while its stake waits for the hub (the roll is made once it is back: `rolled()`).
+   */
   async play() {
     await this.page.evaluate(() => {
       const result = document.getElementById("game-result");
@@ -486,11 +539,28 @@ export class Tab {
       delete result.dataset.roll;
     });
     await this.page.click("#play");
-    const outcome = await until(async () => {
-      const o = await this.page.getAttribute("#game-result", "data-outcome");
-      return o && o !== "checking" ? o : null;
-    }, "the roll's outcome");
-    return { win: 10, lose: -5 }[outcome] ?? 0;
+    const outcome = await until(
+      async () => {
+        const o = await this.outcome();
+        return o && o !== "checking" && o !== "rolling" ? o : null;
+      },
+      "the roll's outcome",
+      OFFLINE_MS,
+    );
+    return outcome === "pending" ? null : ({ win: 10, lose: -5 }[outcome] ?? 0);
+  }
+
+  /** Faucet: waits for a pending roll to be made; the coins it changed by. */
+  async rolled(timeoutMs = OFFLINE_MS) {
+    const outcome = await until(
+      async () => {
+        const o = await this.outcome();
+        return o === "win" || o === "lose" ? o : null;
+      },
+      "the pending roll",
+      timeoutMs,
+    );
+    return { win: 10, lose: -5 }[outcome];
   }
 
   dispose() {}

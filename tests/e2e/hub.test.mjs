@@ -1,5 +1,6 @@
 // The seed's Phase 3 list, items 5–7: the hub stopped (frozen with SIGSTOP, and killed and
-// started again), a slow hub and a fast one, and the documented debug lines.
+// started again), a slow hub and a fast one, and the documented debug lines; and a claim
+// granted by the faucet's backend across a restart of everything.
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
@@ -39,9 +40,10 @@ test("5. with the hub stopped both sites keep working from their cache and show 
 
     await faucet.tabReturns({ wait: false });
     await offline(faucet);
-    const change = await faucet.play(); // ensureFresh fails: the roll uses the cached balance
-    assert.notEqual(change, 0, "the game still plays from the cache");
-    expected += change;
+    // ensureFresh fails, the cached balance allows the stake, and the faucet's backend names
+    // it; but it rolls only a paid stake, and the hub cannot say yet.
+    assert.equal(await faucet.play(), null, "the stake is made and its roll waits");
+    assert.equal(await faucet.outcome(), "pending");
 
     // The charity page is reloaded while the hub is still down: its clicks survive.
     await charity.reload();
@@ -55,42 +57,85 @@ test("5. with the hub stopped both sites keep working from their cache and show 
     await tab.tabReturns({ wait: false });
     await tab.settled(OFFLINE_MS);
   }
-  assert.equal(await demo.hubCoins(user), expected, "each click and the roll counted exactly once");
+  expected += await faucet.rolled(); // back in step with the hub, the page asks for its roll
+  await faucet.settled();
+  assert.equal(await demo.hubCoins(user), expected, "each click, the stake and any prize counted exactly once");
   for (const tab of [faucet, charity]) {
     await tab.tabReturns();
     assert.equal(await tab.coins(), expected, `${tab.site} ends on the hub's value`);
   }
 });
 
-test("5b. with the whole demo stopped and started again on the same data, the pages' offline clicks reach the hub exactly once", async () => {
+test("5b. with the whole demo stopped and started again on the same data, the pages' offline donations reach the hub exactly once; a click waits for its site's backend", async () => {
   const user = demo.user("hub-restart");
-  await demo.hubDelta(user, 10);
+  await demo.hubDelta(user, 20);
   const charity = await demo.open("charity", user);
   const faucet = await demo.open("faucet", user);
   await charity.settled();
   await faucet.settled();
 
-  const exit = await demo.stop(); // Ctrl-C: the hub (and the sites' backends) are gone
+  const exit = await demo.stop(); // Ctrl-C: the hub and the sites' backends are gone
   assert.deepEqual([exit.code, exit.signal], [0, null]);
-  for (let i = 0; i < 3; i++) await charity.earn();
-  await charity.shows(13);
+  for (let i = 0; i < 3; i++) await charity.donate();
+  await charity.shows(5);
   await offline(charity);
+  assert.equal(await charity.pending(), 3, "the donations wait in this browser");
+  // A click's coin is the backend's to grant: without it, nothing is counted.
+  await charity.page.click("#earn");
+  await until(async () => (await charity.page.getAttribute("#earned", "data-outcome")) === "unreachable", "the refused click");
+  assert.equal(await charity.coins(), 5);
   await faucet.tabReturns({ wait: false });
   await offline(faucet);
-  assert.equal(await faucet.coins(), 10, "the faucet still shows its cached balance");
+  assert.equal(await faucet.coins(), 20, "the faucet still shows its cached balance");
 
   await demo.start();
   for (const tab of [charity, faucet]) {
     await tab.tabReturns({ wait: false });
     await tab.settled(OFFLINE_MS);
   }
-  assert.equal(await demo.hubCoins(user), 13, "the three clicks counted exactly once");
+  assert.equal(await demo.hubCoins(user), 5, "the three donations counted exactly once");
   await faucet.tabReturns();
-  assert.equal(await faucet.coins(), 13);
+  assert.equal(await faucet.coins(), 5);
   await charity.reload();
   await charity.settled();
-  assert.equal(await charity.coins(), 13, "a reload delivers nothing twice");
-  assert.equal(await demo.hubCoins(user), 13);
+  assert.equal(await charity.coins(), 5, "a reload delivers nothing twice");
+  assert.equal(await demo.hubCoins(user), 5);
+});
+
+test("5c. a claim granted by the faucet's backend lands exactly once across a restart of the hub and a reload of the page", async () => {
+  const user = demo.user("claim");
+  const faucet = await demo.open("faucet", user);
+  await faucet.settled();
+  const hubApi = `${demo.hubUrl}/api/**`;
+
+  // The page cannot reach the hub (its requests fail); its site's backend it can.
+  await faucet.page.route(hubApi, (route) => route.abort());
+  assert.equal(await faucet.claim(), "claimed");
+  await faucet.shows(10);
+  await offline(faucet);
+  assert.equal(await faucet.pending(), 1, "the claim waits in this browser");
+  assert.equal(await faucet.claim(), "wait", "one claim a period");
+  assert.equal(await faucet.coins(), 10);
+
+  const exit = await demo.stop();
+  assert.deepEqual([exit.code, exit.signal], [0, null]);
+  await demo.start();
+  assert.equal(await demo.hubCoins(user), 0, "the hub has not had it yet");
+
+  // Reloaded once the hub is in reach: the leaving page's flush and the new page's resend
+  // may both carry it.
+  await faucet.page.unroute(hubApi);
+  await faucet.reload();
+  await faucet.settled(OFFLINE_MS);
+  assert.equal(await demo.hubCoins(user), 10, "the claim counted once");
+
+  // The restarted backend no longer knows the claim was made, and grants the period's op
+  // again: the hub replays it.
+  await faucet.claim();
+  await faucet.settled();
+  await faucet.tabReturns();
+  assert.equal(await demo.hubCoins(user), 10, "a claim asked again in its period counts nothing");
+  assert.equal(await faucet.coins(), 10);
 });
 
 /** Starts recording, in the page, every moment the package's spinner is visible. */

@@ -1,5 +1,6 @@
 // The seed's Phase 3 list, items 1–4 and 8: coins and profile travel between the two real
-// demo sites on their two origins, through the real hub started by `xtask demo`.
+// demo sites on their two origins, through the real hub started by `xtask demo`; every coin
+// earned is granted by the site's backend.
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
@@ -82,6 +83,22 @@ test("3. rapid switching between two charity tabs and a faucet tab: every tab en
   for (const tab of tabs) {
     await tab.settled();
     assert.equal(await tab.coins(), hub, `the ${tab.site} tab ends on the hub's value`);
+  }
+});
+
+test("Force Sync, beside the sync status, brings what another site's backend changed", async () => {
+  const user = demo.user("force-sync");
+  const faucet = await demo.open("faucet", user);
+  const charity = await demo.open("charity", user);
+  await faucet.settled();
+  await charity.settled();
+  await demo.hubDelta(user, 30);
+  for (const tab of [faucet, charity]) {
+    assert.equal(await tab.coins(), 0, `${tab.site} has not checked yet`);
+    await tab.page.click("#force-sync");
+    await tab.shows(30);
+    await tab.settled();
+    assert.ok(await tab.page.isEnabled("#force-sync"), "the button is back once the check ended");
   }
 });
 
