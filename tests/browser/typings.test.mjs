@@ -27,7 +27,7 @@ test("a call that breaks the API is a type error", () => {
     /"\.\.\/\.\.\/\.\.\/pkg\/unified_balance\.js"/,
     JSON.stringify(join(here, "..", "..", "pkg", "unified_balance.js")),
   );
-  const bad = good.replace('sync.applyDelta("balance", { coins: 10 }, "game");', 'sync.applyDelta("profile", "ten");');
+  const bad = good.replace('sync.applyDelta("balance", { coins: -5 }, "game");', 'sync.applyDelta("profile", "ten");');
   assert.notEqual(bad, good);
   writeFileSync(join(dir, "bad.ts"), bad);
   const result = check(join(dir, "bad.ts"));

@@ -5,7 +5,7 @@ async function main() {
   sync.on("balance", (data: any, meta: RecordMeta) => console.log(data.coins, meta.version));
   sync.on("status", (s: SyncStatus) => console.log(s));
   const fresh: boolean = await sync.login();
-  sync.applyDelta("balance", { coins: 10 }, "game");
+  sync.applyDelta("balance", { coins: -5 }, "game");
   sync.pushChanges("profile", { bio: "x" });
   const st: SyncStatus = sync.status;
   sync.destroy();
