@@ -8,93 +8,11 @@ mod support;
 
 use std::time::Duration;
 
-use hub::config::{Config, Site, SiteKey};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+use hub::config::Config;
 use protocol::{Scope, Scopes};
-use serde_json::{Value, json};
+use serde_json::json;
+use support::authority::*;
 use support::{Deployment, Reply, SiteClient, TestHub, site_secret};
-
-/// The test hub's id: every token's and grant's `aud`.
-const HUB_ID: &str = "test-hub";
-/// A faucet with every default policy: its pages spend, its backend grants credits.
-const FAUCET: &str = "roflfaucet";
-/// Another site with every default policy.
-const CHARITY: &str = "clickforcharity";
-/// The site whose backend runs the agent and the network's admin tools: given
-/// `amounts:set` and `admin`, with small ceilings.
-const OFFICE: &str = "wrc";
-/// A site configured to sign reads and sets only, like an agent-only site.
-const READER: &str = "ledger-reader";
-const USER: &str = "8-evans";
-const VICTIM: &str = "13-alice";
-
-fn now() -> u64 {
-    get_current_timestamp()
-}
-
-/// The deployment: default policies for the faucet and the charity, a trusted office with
-/// small ceilings, and a narrow reader; rate limits out of the way of the catalogue.
-fn deployment(config: &mut Config) {
-    let site = |id: &str| Site {
-        origins: vec![format!("https://{id}.example")],
-        secret: Some(site_secret(id)),
-        ..Site::new(id)
-    };
-    let mut office = site(OFFICE);
-    office.scopes.push(Scope::AmountsSet.as_str().into());
-    office.admin = true;
-    office.max_credit_per_op = 1_000;
-    office.max_credits_per_user_per_day = 1_500;
-    let mut reader = site(READER);
-    reader.scopes = vec!["sync:read".into(), "amounts:set".into()];
-    config.sites = vec![site(FAUCET), site(CHARITY), office, reader];
-    config.limits.requests_per_minute = 10_000;
-    config.limits.unauthenticated_requests_per_minute = 10_000;
-}
-
-/// Signs `claims` with HS256 and `secret`, with a header naming `kid` and `typ` if given.
-fn sign(secret: &str, kid: Option<&str>, typ: Option<&str>, claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = kid.map(str::to_owned);
-    if let Some(typ) = typ {
-        header.typ = Some(typ.to_owned());
-    }
-    encode(&header, claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
-}
-
-/// What `site`'s backend puts in a fresh token for `user`.
-fn token_claims(site: &str, user: &str) -> Value {
-    json!({"iss": site, "sub": user, "aud": HUB_ID, "iat": now(), "exp": now() + 600})
-}
-
-/// What `site`'s backend puts in a fresh grant of `amount` coins for `user`'s op.
-fn grant_claims(site: &str, user: &str, op_id: &str, amount: i64) -> Value {
-    json!({
-        "iss": site, "sub": user, "aud": HUB_ID, "iat": now(), "exp": now() + 300,
-        "op_id": op_id, "data_type": "balance", "delta": {"coins": amount},
-    })
-}
-
-/// A grant signed with `site`'s secret.
-fn grant(site: &str, claims: &Value) -> String {
-    sign(&site_secret(site), None, Some("grant+jwt"), claims)
-}
-
-/// A token signed with `site`'s secret.
-fn token(site: &str, claims: &Value) -> String {
-    sign(&site_secret(site), None, None, claims)
-}
-
-/// A client of `site` acting for `user` with `token`.
-fn client(hub: &TestHub, site: &str, user: &str, token: String) -> SiteClient {
-    SiteClient {
-        url: hub.url.clone(),
-        client: support::client(),
-        token: Some(token),
-        site: site.into(),
-        user: user.into(),
-    }
-}
 
 /// A hub configured by [`deployment`] (and `tweak`), holding records of [`USER`] and
 /// [`VICTIM`] — 100 coins each, credited by the faucet's backend — and a snapshot of its
@@ -211,10 +129,10 @@ async fn a_grant_that_does_not_name_its_op_exactly_is_refused() {
         ("for another amount", grant(FAUCET, &grant_claims(FAUCET, USER, op, 9))),
         ("a token as a grant", g.hub.token(FAUCET, USER)),
         ("a server token as a grant", g.hub.backend_token(FAUCET, USER)),
-        ("without the grant+jwt header", sign(&site_secret(FAUCET), None, None, &untyped)),
+        ("without the grant+jwt header", hs256(&site_secret(FAUCET), None, None, &untyped)),
         (
             "signed with another secret",
-            sign(&site_secret(CHARITY), None, Some("grant+jwt"), &grant_claims(FAUCET, USER, op, 10)),
+            hs256(&site_secret(CHARITY), None, Some("grant+jwt"), &grant_claims(FAUCET, USER, op, 10)),
         ),
         ("living an hour", grant(FAUCET, &longer)),
         ("of a site the hub does not know", grant(FAUCET, &grant_claims("evil", USER, op, 10))),
@@ -369,34 +287,18 @@ async fn tokens_living_longer_than_their_sites_cap_are_refused() {
     client(&g.hub, FAUCET, USER, token(FAUCET, &within)).timestamp("balance").await.assert_ok();
 }
 
-/// The faucet with two keys named by kid beside its key without one.
+/// The faucet with keys named by `kids` beside its key without one.
 fn with_kids(config: &mut Config, kids: &[&str]) {
-    let faucet = config.sites.iter_mut().find(|s| s.id == FAUCET).unwrap();
-    faucet.keys = kids
-        .iter()
-        .map(|kid| SiteKey { kid: (*kid).into(), secret: Some(kid_secret(kid)), ..SiteKey::default() })
-        .collect();
-}
-
-fn kid_secret(kid: &str) -> String {
-    format!("{kid}-a-secret-of-at-least-thirty-two-bytes")
-}
-
-/// The configuration a hub started with [`deployment`] and `tweak` has, read again.
-fn config_of(hub: &TestHub, tweak: impl FnOnce(&mut Config)) -> Config {
-    let mut config = support::test_config(hub.dir.path());
-    deployment(&mut config);
-    tweak(&mut config);
-    config
+    site_mut(config, FAUCET).keys = kids.iter().map(|kid| hs_key(kid)).collect();
 }
 
 #[tokio::test]
 async fn keys_rotate_by_kid_and_a_removed_kid_is_refused_at_once() {
     let mut g = Guarded::start_with(|c| with_kids(c, &["2026-old", "2026-new"])).await;
-    let signed = |kid: &str, secret: &str| sign(secret, Some(kid), None, &token_claims(FAUCET, USER));
+    let signed = |kid: &str, secret: &str| hs256(secret, Some(kid), None, &token_claims(FAUCET, USER));
     let old = client(&g.hub, FAUCET, USER, signed("2026-old", &kid_secret("2026-old")));
     let new = client(&g.hub, FAUCET, USER, signed("2026-new", &kid_secret("2026-new")));
-    let old_grant = sign(
+    let old_grant = hs256(
         &kid_secret("2026-old"),
         Some("2026-old"),
         Some("grant+jwt"),
@@ -559,7 +461,7 @@ async fn the_seed_calls_work_with_a_server_token() {
 async fn sighup_rereads_the_sites_keys_without_dropping_connections_and_keeps_them_after_a_bad_file() {
     let deployment = Deployment::new(|config| with_kids(config, &["2026-old", "2026-new"]));
     let hub = deployment.start().await;
-    let signed = |kid: &str| sign(&kid_secret(kid), Some(kid), None, &token_claims(FAUCET, USER));
+    let signed = |kid: &str| hs256(&kid_secret(kid), Some(kid), None, &token_claims(FAUCET, USER));
     // One connection, kept alive across the reload.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1)

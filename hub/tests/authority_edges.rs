@@ -9,86 +9,12 @@ mod support;
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
-use hub::config::{Config, Site, SiteKey};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
-use protocol::Scope;
+use hub::config::{Config, SiteKey};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use rand_core::OsRng;
 use serde_json::{Value, json};
-use support::{Reply, SiteClient, TestHub, site_secret};
-
-const HUB_ID: &str = "test-hub";
-const FAUCET: &str = "roflfaucet";
-const CHARITY: &str = "clickforcharity";
-/// Trusted: `amounts:set` and `admin`.
-const OFFICE: &str = "wrc";
-const USER: &str = "8-evans";
-const VICTIM: &str = "13-alice";
-
-fn now() -> u64 {
-    get_current_timestamp()
-}
-
-/// The catalogue's deployment: default policies for the faucet and the charity, an admin
-/// office given `amounts:set`; rate limits out of the way.
-fn deployment(config: &mut Config) {
-    let site = |id: &str| Site {
-        origins: vec![format!("https://{id}.example")],
-        secret: Some(site_secret(id)),
-        ..Site::new(id)
-    };
-    let mut office = site(OFFICE);
-    office.scopes.push(Scope::AmountsSet.as_str().into());
-    office.admin = true;
-    config.sites = vec![site(FAUCET), site(CHARITY), office];
-    config.limits.requests_per_minute = 100_000;
-    config.limits.unauthenticated_requests_per_minute = 100_000;
-}
-
-fn sign_with(
-    algorithm: Algorithm,
-    key: &EncodingKey,
-    kid: Option<&str>,
-    typ: Option<&str>,
-    claims: &Value,
-) -> String {
-    let mut header = Header::new(algorithm);
-    header.kid = kid.map(str::to_owned);
-    header.typ = typ.map(str::to_owned);
-    encode(&header, claims, key).unwrap()
-}
-
-fn hs256(secret: &str, kid: Option<&str>, typ: Option<&str>, claims: &Value) -> String {
-    sign_with(Algorithm::HS256, &EncodingKey::from_secret(secret.as_bytes()), kid, typ, claims)
-}
-
-fn token_claims(site: &str, user: &str) -> Value {
-    json!({"iss": site, "sub": user, "aud": HUB_ID, "iat": now(), "exp": now() + 600})
-}
-
-fn grant_claims(site: &str, user: &str, op_id: &str, amount: i64) -> Value {
-    json!({
-        "iss": site, "sub": user, "aud": HUB_ID, "iat": now(), "exp": now() + 300,
-        "op_id": op_id, "data_type": "balance", "delta": {"coins": amount},
-    })
-}
-
-fn token(site: &str, claims: &Value) -> String {
-    hs256(&site_secret(site), None, None, claims)
-}
-
-fn grant(site: &str, claims: &Value) -> String {
-    hs256(&site_secret(site), None, Some("grant+jwt"), claims)
-}
-
-fn client(hub: &TestHub, site: &str, user: &str, token: String) -> SiteClient {
-    SiteClient {
-        url: hub.url.clone(),
-        client: support::client(),
-        token: Some(token),
-        site: site.into(),
-        user: user.into(),
-    }
-}
+use support::authority::*;
+use support::{Reply, TestHub, site_secret};
 
 /// A hub with [`deployment`] (then `tweak`), 100 coins credited to [`USER`] and
 /// [`VICTIM`] by the faucet's backend.
@@ -102,26 +28,6 @@ async fn hub_with(tweak: impl FnOnce(&mut Config)) -> TestHub {
         hub.site(FAUCET, user).delta("balance", 100, &format!("seed-{user}")).await.assert_ok();
     }
     hub
-}
-
-/// The configuration `hub` started with, `tweak`ed, for `reload_sites` (SIGHUP).
-fn config_of(hub: &TestHub, tweak: impl FnOnce(&mut Config)) -> Config {
-    let mut config = support::test_config(hub.dir.path());
-    deployment(&mut config);
-    tweak(&mut config);
-    config
-}
-
-fn site_mut<'a>(config: &'a mut Config, id: &str) -> &'a mut Site {
-    config.sites.iter_mut().find(|s| s.id == id).unwrap()
-}
-
-fn kid_secret(kid: &str) -> String {
-    format!("{kid}-a-secret-of-at-least-thirty-two-bytes")
-}
-
-fn hs_key(kid: &str) -> SiteKey {
-    SiteKey { kid: kid.into(), secret: Some(kid_secret(kid)), ..SiteKey::default() }
 }
 
 #[track_caller]

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod authority;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
