@@ -6,6 +6,7 @@
 mod bare;
 mod load;
 mod scenario;
+mod user_day;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +65,16 @@ enum Command {
         #[arg(long)]
         pid: u32,
     },
+    /// Drive the client engine through a simulated day of one user against the hub, and
+    /// print what it cost (the report on stderr).
+    UserDay {
+        /// The hub, `host:port`.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The hub's config file: its sites' keys sign the pages' tokens and grants.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -86,6 +97,10 @@ impl Target {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The day is plain blocking code around an HTTP connection with a runtime of its own.
+    if let Command::UserDay { addr, config } = &cli.command {
+        return user_day::run(*addr, config);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))
         .enable_all()
@@ -106,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Idle { target, connections, pid } => idle(&target, connections, pid).await,
+            Command::UserDay { .. } => unreachable!("run before the runtime starts"),
         }
     })
 }

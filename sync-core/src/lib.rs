@@ -10,15 +10,18 @@
 //!    [`Engine::handle_reply`];
 //! 3. arm a timer for [`Engine::poll_timeout`].
 //!
-//! The same engine drives the wasm `SyncManager` and native Rust users alike.
+//! The same engine drives the wasm `SyncManager` and native Rust users alike; native callers
+//! can leave the call order to [`Engine::drive`] and answer through a [`Host`].
 
 mod cache;
+mod drive;
 mod engine;
 mod grant;
 mod json;
 mod outbox;
 
 pub use cache::{CachedRecord, PerType, Persisted};
+pub use drive::{Answer, Host};
 pub use engine::{Config, Engine};
 pub use grant::Grant;
 pub use json::Json;

@@ -5,7 +5,8 @@
 //! generator (`bench load`), and reports every hub result as a fraction of the bare
 //! server's, next to the targets of SPEC §6. Also measures the hub's memory with 10,000
 //! idle keep-alive connections, the package's gzipped size, and the requests of a simulated
-//! day of one user (`day`). Writes the table to `BENCHMARKS.md` with the machine it ran on.
+//! day of one user (`bench user-day`). Writes the table to `BENCHMARKS.md` with the machine it
+//! ran on.
 //!
 //! Every request is authenticated and rate-limited as in production: the benchmark users
 //! get a high limit through the config file, like any operator would set it.
@@ -19,7 +20,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::day;
 use crate::process::{command, root, step, target_dir};
 
 /// Connections of every throughput scenario.
@@ -57,6 +57,23 @@ struct Outcome {
 struct Memory {
     connections: usize,
     vm_hwm_kib: u64,
+}
+
+/// What `bench user-day` prints: the simulated day of one user, against the seed's figures.
+#[derive(Debug, Deserialize)]
+struct Day {
+    requests_per_active_hour: f64,
+    peak_hour_requests: u64,
+    polling_per_hour: u64,
+    seed_estimate_per_hour: (u64, u64),
+    unchanged_returns: Returns,
+}
+
+/// Tab returns when nothing had changed, in the day.
+#[derive(Debug, Deserialize)]
+struct Returns {
+    max_requests: u64,
+    max_response_bytes: u64,
 }
 
 /// One measured line of the report.
@@ -116,10 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         expect: 200,
     });
 
-    let runtime = tokio::runtime::Runtime::new()?;
-    let keys = hub::auth::Keys::from_config(&hub::config::Config::load(Some(&grouped.config))?)?;
-    let day = runtime.block_on(day::simulate(&format!("http://{}", grouped.addr), &keys))?;
-    println!("{day}");
+    let day = tools.user_day(grouped.addr, &grouped.config)?;
     grouped.stop()?;
 
     let single = tools.start_hub("single", false)?;
@@ -128,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     single.stop()?;
 
     // Memory on a fresh process, so that its peak is the idle connections' and not the load's.
+    let runtime = tokio::runtime::Runtime::new()?;
     let idle_hub = tools.start_hub("group", true)?;
     let op_log_ids = runtime.block_on(op_log_ids(idle_hub.addr))?;
     let hub_memory = tools.idle(idle_hub.addr, &idle_hub.config, idle_hub.pid())?;
@@ -325,6 +340,13 @@ impl Tools {
         Ok(memory)
     }
 
+    /// The simulated day of one user against the hub at `addr` (its report goes to stderr).
+    fn user_day(&self, addr: SocketAddr, config: &Path) -> anyhow::Result<Day> {
+        let printed =
+            self.run_bench(&["user-day", "--addr", &addr.to_string(), "--config", path(config)?])?;
+        serde_json::from_str(&printed).with_context(|| format!("bench user-day printed {printed:?}"))
+    }
+
     fn run_bench(&self, args: &[&str]) -> anyhow::Result<String> {
         println!("==> bench {}", args.join(" "));
         let out = self.bench().args(args).stderr(Stdio::inherit()).output().context("cannot start bench")?;
@@ -381,7 +403,7 @@ struct Report {
     op_log_ids: u64,
     bare_memory: Memory,
     package_bytes: u64,
-    day: day::DayReport,
+    day: Day,
     /// How long one write and fsync of a page takes on the disk of the data dir.
     fsync: Duration,
     secs: f64,
@@ -490,24 +512,19 @@ impl Report {
         writeln!(out, "\n## A simulated day of one user\n")?;
         writeln!(
             out,
-            "`sync-core` driven natively through the seed's typical usage (`xtask/src/day.rs`: two sites in \
-             two tabs, claims, dice, clicks and donations, tab returns, a lunch break) against the real hub.\n"
+            "`sync-core` driven natively through the seed's typical usage (`bench user-day`, \
+             `bench/src/user_day.rs`: two sites in two tabs, claims, dice, clicks and donations, tab returns, a lunch break) against the real hub.\n"
         )?;
         writeln!(out, "| | requests per active hour |")?;
         writeln!(out, "| --- | ---: |")?;
         writeln!(
             out,
             "| this client | {:.1} (busiest hour {}) |",
-            day.requests_per_active_hour(),
-            day.peak_hour_requests()
+            day.requests_per_active_hour, day.peak_hour_requests
         )?;
-        writeln!(out, "| the seed's 10-second polling | {} |", day::POLLING_PER_HOUR)?;
-        writeln!(
-            out,
-            "| the seed's claim for its design | {}–{} |",
-            day::SEED_ESTIMATE_PER_HOUR.start(),
-            day::SEED_ESTIMATE_PER_HOUR.end()
-        )?;
+        writeln!(out, "| the seed's 10-second polling | {} |", day.polling_per_hour)?;
+        let (low, high) = day.seed_estimate_per_hour;
+        writeln!(out, "| the seed's claim for its design | {low}–{high} |")?;
         writeln!(out, "\n## Reproduce\n")?;
         writeln!(
             out,

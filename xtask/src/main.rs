@@ -5,7 +5,6 @@
 
 mod bench;
 mod build_pkg;
-mod day;
 mod demo;
 mod fuzz;
 mod prereq;

@@ -32,13 +32,14 @@ pub mod net;
 
 use std::cell::{RefCell, RefMut};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::convert::Infallible;
 use std::rc::Rc;
 
 use protocol::Refusal;
 use serde_json::Value;
 use sync_core::{
-    CachedRecord, Config, DataType, Engine, Event, Grant, Json, Method, Op, OpKind, Persisted, Request,
-    Shared, Status, Trigger,
+    Answer, CachedRecord, Config, DataType, Engine, Event, Grant, Host, Json, Method, Op, OpKind, Persisted,
+    Reply, Request, Shared, Status, Trigger,
 };
 
 pub use hub::{FakeHub, HubRecord};
@@ -751,76 +752,42 @@ impl World {
         self.settle();
     }
 
-    /// Drains tab `id`'s events, then its requests, until both are empty; arms its timer.
+    /// Drives tab `id`'s engine ([`Engine::drive`]) until it has nothing more to say; arms its
+    /// timer.
     fn flush(&mut self, id: usize) {
         if !self.tabs[id].open {
             return;
         }
-        loop {
-            if let Some(event) = self.tabs[id].engine.poll_event() {
-                self.on_event(id, event);
-                continue;
-            }
-            if let Some(request) = self.tabs[id].engine.poll_request() {
-                self.send(id, request);
-                continue;
-            }
-            break;
-        }
-        let tab = &mut self.tabs[id];
-        tab.timer = tab.engine.poll_timeout();
+        let others: Vec<Page> = self.same_site(id).into_iter().map(|other| self.page(other)).collect();
+        let page = self.page(id);
+        let World { now, rng, hub, net, tabs, storage, ever_stored, unstored_sends, local, .. } = self;
+        let tab = &mut tabs[id];
+        let mut host = TabHost {
+            now: *now,
+            page,
+            site: &tab.site,
+            others,
+            events: &mut tab.events,
+            tokens: &mut tab.tokens,
+            grants: &mut tab.grants,
+            requests: &mut tab.requests,
+            hub,
+            net,
+            rng,
+            storage,
+            ever_stored,
+            unstored_sends,
+            local,
+        };
+        let Ok(timer) = tab.engine.drive(*now, &mut host);
+        tab.timer = timer;
         for data_type in DataType::ALL {
             let Some(version) = tab.engine.record(data_type).map(|r| r.version) else { continue };
             let highest = tab.versions.entry(data_type).or_insert(version);
             if version < *highest {
-                tab.version_regressions.push(format!("{data_type} v{highest} → v{version} at {}", self.now));
+                tab.version_regressions.push(format!("{data_type} v{highest} → v{version} at {now}"));
             }
             *highest = version.max(*highest);
-        }
-    }
-
-    fn on_event(&mut self, id: usize, event: Event) {
-        let (now, page) = (self.now, self.page(id));
-        let site = self.tabs[id].site.clone();
-        self.tabs[id].events.push(Logged { at: now, generation: page.generation, event: event.clone() });
-        match event {
-            Event::Persist => {
-                let persisted = self.tabs[id].engine.persisted();
-                let ops = persisted.outbox.clone();
-                let grants = ops.iter().filter_map(|op| match &op.kind {
-                    OpKind::Delta { grant, .. } => grant.clone(),
-                    OpKind::Push { .. } => None,
-                });
-                let stored = self.ever_stored.entry(site.clone()).or_default();
-                stored.extend(ops.iter().map(|op| op.op_id.clone()).chain(grants));
-                self.storage.insert(site.clone(), persisted);
-                for other in self.same_site(id) {
-                    self.local.push_back((self.page(other), Local::StoredOps(ops.clone())));
-                }
-            }
-            Event::NeedToken => {
-                let answer = self.tabs[id].tokens.pop_front().unwrap_or(TokenAnswer::Valid);
-                let token = match answer {
-                    TokenAnswer::Valid => Some(self.hub.mint_token(&site, USER)),
-                    TokenAnswer::Bad => Some("expired-token".to_owned()),
-                    TokenAnswer::Unavailable => None,
-                };
-                self.tabs[id].engine.handle_token(now, token);
-            }
-            Event::NeedGrant { op_id, data_type, amount, .. } => {
-                let answer = self.tabs[id].grants.pop_front().unwrap_or(GrantAnswer::Valid);
-                if answer != GrantAnswer::Later {
-                    let grant = (answer == GrantAnswer::Valid)
-                        .then(|| self.hub.mint_grant(now, &site, USER, &op_id, data_type, amount));
-                    self.tabs[id].engine.handle_grant(now, &op_id, grant);
-                }
-            }
-            Event::Share(shared) => {
-                for other in self.same_site(id) {
-                    self.local.push_back((self.page(other), Local::Shared(shared.clone())));
-                }
-            }
-            _ => {}
         }
     }
 
@@ -828,25 +795,6 @@ impl World {
     fn same_site(&self, id: usize) -> Vec<usize> {
         let site = &self.tabs[id].site;
         (0..self.tabs.len()).filter(|&o| o != id && self.tabs[o].open && self.tabs[o].site == *site).collect()
-    }
-
-    fn send(&mut self, id: usize, request: Request) {
-        let site = &self.tabs[id].site;
-        let stored = |key: &str| self.ever_stored.get(site).is_some_and(|stored| stored.contains(key));
-        if let Some(op_id) = op_id_of(&request)
-            && !stored(&op_id)
-        {
-            self.unstored_sends.push(op_id);
-        }
-        if let Some(grant) = grant_of(&request)
-            && !stored(&grant)
-        {
-            self.unstored_sends.push(format!("the grant of {}", op_id_of(&request).unwrap_or_default()));
-        }
-        let now = self.now;
-        self.tabs[id].requests.push((now, request.clone()));
-        let packet = Packet::Request { from: self.page(id), request };
-        self.net.send(now, packet, &mut self.rng);
     }
 
     /// Delivers the messages between tabs, and what their reactions send on.
@@ -964,5 +912,91 @@ impl World {
             self.net,
             tabs.join("; ")
         )
+    }
+}
+
+/// The page's side of one tab while its engine is driven: the world around the engine.
+struct TabHost<'w> {
+    now: u64,
+    page: Page,
+    site: &'w str,
+    /// The site's other open tabs, which hear of this one's storage and shared records.
+    others: Vec<Page>,
+    events: &'w mut Vec<Logged>,
+    tokens: &'w mut VecDeque<TokenAnswer>,
+    grants: &'w mut VecDeque<GrantAnswer>,
+    requests: &'w mut Vec<(u64, Request)>,
+    hub: &'w mut FakeHub,
+    net: &'w mut Network,
+    rng: &'w mut fastrand::Rng,
+    storage: &'w mut BTreeMap<String, Persisted>,
+    ever_stored: &'w mut BTreeMap<String, BTreeSet<String>>,
+    unstored_sends: &'w mut Vec<String>,
+    local: &'w mut VecDeque<(Page, Local)>,
+}
+
+impl Host for TabHost<'_> {
+    type Error = Infallible;
+
+    fn event(&mut self, event: &Event) -> Result<(), Infallible> {
+        self.events.push(Logged { at: self.now, generation: self.page.generation, event: event.clone() });
+        if let Event::Share(shared) = event {
+            for &other in &self.others {
+                self.local.push_back((other, Local::Shared(shared.clone())));
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(&mut self, persisted: Persisted) -> Result<(), Infallible> {
+        let ops = persisted.outbox.clone();
+        let grants = ops.iter().filter_map(|op| match &op.kind {
+            OpKind::Delta { grant, .. } => grant.clone(),
+            OpKind::Push { .. } => None,
+        });
+        let stored = self.ever_stored.entry(self.site.to_owned()).or_default();
+        stored.extend(ops.iter().map(|op| op.op_id.clone()).chain(grants));
+        self.storage.insert(self.site.to_owned(), persisted);
+        for &other in &self.others {
+            self.local.push_back((other, Local::StoredOps(ops.clone())));
+        }
+        Ok(())
+    }
+
+    fn token(&mut self) -> Answer<Option<String>> {
+        Answer::Now(match self.tokens.pop_front().unwrap_or(TokenAnswer::Valid) {
+            TokenAnswer::Valid => Some(self.hub.mint_token(self.site, USER)),
+            TokenAnswer::Bad => Some("expired-token".to_owned()),
+            TokenAnswer::Unavailable => None,
+        })
+    }
+
+    fn grant(&mut self, op_id: &str, data_type: DataType, amount: i64) -> Answer<Option<String>> {
+        match self.grants.pop_front().unwrap_or(GrantAnswer::Valid) {
+            GrantAnswer::Valid => {
+                Answer::Now(Some(self.hub.mint_grant(self.now, self.site, USER, op_id, data_type, amount)))
+            }
+            GrantAnswer::Declined => Answer::Now(None),
+            GrantAnswer::Later => Answer::Later,
+        }
+    }
+
+    fn send(&mut self, request: Request) -> Result<Answer<Reply>, Infallible> {
+        let stored = self.ever_stored.get(self.site);
+        let stored = |key: &str| stored.is_some_and(|stored| stored.contains(key));
+        if let Some(op_id) = op_id_of(&request)
+            && !stored(&op_id)
+        {
+            self.unstored_sends.push(op_id);
+        }
+        if let Some(grant) = grant_of(&request)
+            && !stored(&grant)
+        {
+            self.unstored_sends.push(format!("the grant of {}", op_id_of(&request).unwrap_or_default()));
+        }
+        self.requests.push((self.now, request.clone()));
+        let packet = Packet::Request { from: self.page, request };
+        self.net.send(self.now, packet, self.rng);
+        Ok(Answer::Later)
     }
 }
