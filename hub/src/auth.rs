@@ -11,16 +11,16 @@ use std::collections::HashMap;
 
 use anyhow::{Context, bail};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use protocol::{Scope, Scopes, SiteId, UserId};
+use protocol::{Refusal, Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::bounded::BoundedMap;
 use crate::config::{Config, KeyMaterial, Site};
-use crate::domain::Ceilings;
+use crate::domain::{Ceilings, Grant};
 
 /// Seconds of clock difference tolerated between a site and the hub.
-pub const LEEWAY_SECS: u64 = 30;
+const LEEWAY_SECS: u64 = 30;
 /// Verified tokens remembered at most (a few hundred bytes each).
 const REMEMBERED_TOKENS: usize = 65_536;
 /// The header `typ` of a grant. A token with it is no token, and a grant without it no grant.
@@ -80,19 +80,6 @@ pub struct Verified {
     pub ceilings: Ceilings,
 }
 
-/// A grant whose signature and claims hold; whether it fits the op is the domain's check,
-/// and so is its expiry, which matters only for an op the hub has not applied yet.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifiedGrant {
-    pub site: SiteId,
-    pub user: String,
-    pub op_id: String,
-    pub data_type: String,
-    pub delta: Map<String, Value>,
-    /// Seconds since the Unix epoch after which (and the leeway) the grant is expired.
-    pub exp: u64,
-}
-
 /// Why a token was refused. Every variant becomes a 401: it is about the token itself. The
 /// message helps the site's developer without telling an attacker more than that.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -135,11 +122,6 @@ impl AuthError {
         }
     }
 }
-
-/// Why a grant was refused (403 `grant_invalid`).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct GrantError(pub String);
 
 /// One key of a site.
 struct Key {
@@ -331,11 +313,12 @@ impl Keys {
         Ok((verified, claims.exp))
     }
 
-    /// Verifies a grant's signature and claims (but its expiry, see [`VerifiedGrant`]): a
+    /// Verifies a grant's signature and claims (but its expiry, see [`Grant`]): a
     /// `grant+jwt` header, a configured issuer that may sign credits, the key its header
     /// names, our audience, a life of at most [`MAX_GRANT_TTL_SECS`].
-    pub fn verify_grant(&self, grant: &str) -> Result<VerifiedGrant, GrantError> {
-        let invalid = |why: String| GrantError(format!("the grant is refused: {why}"));
+    pub fn verify_grant(&self, grant: &str) -> Result<Grant, Refusal> {
+        let invalid =
+            |why: String| Refusal::forbidden("grant_invalid", format!("the grant is refused: {why}"));
         if grant.len() > MAX_JWT_BYTES {
             return Err(invalid("it is longer than 8 KiB".into()));
         }
@@ -365,13 +348,13 @@ impl Keys {
             )));
         }
         let site_id = SiteId::parse(&site_id).map_err(|e| invalid(e.message))?;
-        Ok(VerifiedGrant {
+        Ok(Grant {
             site: site_id,
             user: claims.sub,
             op_id: claims.op_id,
             data_type: claims.data_type,
             delta: claims.delta,
-            exp: claims.exp,
+            valid_until: claims.exp.saturating_add(LEEWAY_SECS),
         })
     }
 

@@ -61,6 +61,13 @@ impl<V> BoundedMap<V> {
         }
     }
 
+    /// Forgets every key.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().expect("bounded map shard").clear();
+        }
+    }
+
     /// Adds a key `shard` does not hold, emptying the shard first if it is full.
     fn add(&self, shard: &mut Shard<V>, key: &str, value: V) {
         if shard.len() >= self.per_shard {

@@ -375,6 +375,10 @@ impl Limits {
     }
 }
 
+/// The site id the ledger names for balances brought in by `hub import`; no configured site
+/// may take it.
+pub const IMPORT_SITE: &str = "import";
+
 /// The sites `--dev` adds when the config names none.
 pub const DEV_SITES: [&str; 3] = ["roflfaucet", "clickforcharity", "wrc"];
 const DEV_ORIGINS: [&str; 2] = ["http://localhost:*", "http://127.0.0.1:*"];
@@ -455,7 +459,7 @@ impl Config {
         }
         self.metrics.token()?;
         for site in &self.sites {
-            if site.id == crate::domain::IMPORT_SITE {
+            if site.id == IMPORT_SITE {
                 bail!("site id {:?} is reserved for balances brought in by `hub import`", site.id);
             }
             protocol::SiteId::parse(&site.id)

@@ -10,10 +10,10 @@ use protocol::{
 };
 use serde_json::{Value, json};
 
-use crate::auth::{GrantError, LEEWAY_SECS, VerifiedGrant};
+use crate::config::IMPORT_SITE;
 use crate::store::{
-    Change, Credits, Current, LedgerEntry, Mutation, OpKey, Record, Stamp, Store, StoreError, Write,
-    WriteOutcome,
+    Change, Credits, Current, LedgerEntry, Mutation, OpKey, Record, Rejection, Stamp, Store, StoreError,
+    Write, WriteOutcome,
 };
 use crate::time::rfc3339_ms;
 
@@ -44,32 +44,38 @@ impl Ceilings {
     pub const NONE: Ceilings = Ceilings { per_op: MAX_AMOUNT, per_user_per_day: MAX_AMOUNT };
 }
 
+/// A grant whose signature and claims its site's key vouches for: one credit the site's
+/// backend allows. Whether it fits the op is [`Domain::delta`]'s check, and so is its
+/// expiry, which matters only for an op the hub has not applied yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub site: SiteId,
+    pub user: String,
+    pub op_id: String,
+    pub data_type: String,
+    pub delta: serde_json::Map<String, Value>,
+    /// The last second (since the Unix epoch) at which it still credits a new op.
+    pub valid_until: u64,
+}
+
 /// Milliseconds in a day: credits are counted per UTC day.
 const DAY_MS: i64 = 86_400_000;
 
 /// Why the domain refused or failed a request.
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
-    #[error("{0}")]
-    Refused(Refusal),
-    #[error("the record is at version {}, not the base_version given", .0.version)]
-    VersionConflict(Record),
-    #[error("the balance would go below zero")]
-    InsufficientFunds(Record),
+    /// Refused before or by the write: a rule, the record's state, a grant.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
     #[error("this op_id was already used for a different request")]
     OpIdReused,
-    #[error("the grant has expired; ask the site's backend for a new one for the same op")]
-    GrantExpired,
-    /// Over one of the site's credit ceilings; the message says which.
-    #[error("{1}")]
-    CreditLimit(Record, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl From<Refusal> for DomainError {
     fn from(r: Refusal) -> Self {
-        DomainError::Refused(r)
+        DomainError::Rejected(Rejection::Refused(r))
     }
 }
 
@@ -81,9 +87,6 @@ pub struct Written {
     /// True when the op id was seen before and this is the first answer again.
     pub replayed: bool,
 }
-
-/// The site id the ledger names for balances brought in by `hub import`.
-pub const IMPORT_SITE: &str = "import";
 
 /// The sync API's rules over a store.
 #[derive(Clone)]
@@ -116,9 +119,10 @@ impl Domain {
         &self,
         caller: &Caller,
         user: &UserId,
+        site: Option<&str>,
         types: &[DataType],
     ) -> Result<Vec<Stamp>, DomainError> {
-        authorize_user(caller, user)?;
+        authorize(caller, user, site)?;
         require(caller, Scope::SyncRead)?;
         Ok(self.store.stamps(user, types).await?)
     }
@@ -128,9 +132,10 @@ impl Domain {
         &self,
         caller: &Caller,
         user: &UserId,
+        site: Option<&str>,
         types: &[DataType],
     ) -> Result<Vec<Record>, DomainError> {
-        authorize_user(caller, user)?;
+        authorize(caller, user, site)?;
         require(caller, Scope::SyncRead)?;
         Ok(self.store.records(user, types).await?)
     }
@@ -159,7 +164,7 @@ impl Domain {
             authorized?;
             let record = current.record;
             if base_version.is_some_and(|base| base != record.version) {
-                return Err(DomainError::VersionConflict(record.clone()));
+                return Err(Rejection::VersionConflict(record.clone()));
             }
             let mut data = record.data.clone();
             merge_patch(&mut data, &patch);
@@ -187,7 +192,7 @@ impl Domain {
         &self,
         caller: &Caller,
         req: DeltaRequest,
-        grant: Option<Result<VerifiedGrant, GrantError>>,
+        grant: Option<Result<Grant, Refusal>>,
     ) -> Result<Written, DomainError> {
         let (user, site) = authorize_write(caller, &req.user_id, &req.site_id)?;
         let data_type = DataType::parse(&req.data_type)?;
@@ -201,7 +206,7 @@ impl Domain {
             Some(Ok(grant)) => {
                 check_grant(&grant, &user, &site, &op_id, data_type, change, self.limits).map(Some)
             }
-            Some(Err(GrantError(why))) => Err(Refusal::forbidden("grant_invalid", why)),
+            Some(Err(refusal)) => Err(refusal),
             None if change > 0 => require_for(
                 caller,
                 Scope::AmountsCredit,
@@ -217,13 +222,15 @@ impl Domain {
         });
         let credit_site = site.clone();
         let mutation: Mutation = Box::new(move |current: Current<'_>| {
-            if authorized?.is_some_and(|exp| current.now_ms.div_euclid(1000) > last_second(exp)) {
-                return Err(DomainError::GrantExpired);
+            if authorized?.is_some_and(|until| {
+                current.now_ms.div_euclid(1000) > i64::try_from(until).unwrap_or(i64::MAX)
+            }) {
+                return Err(Rejection::GrantExpired);
             }
             let record = current.record;
             let result = amount(&record.data, field) + change;
             if result < 0 {
-                return Err(DomainError::InsufficientFunds(record.clone()));
+                return Err(Rejection::InsufficientFunds(record.clone()));
             }
             if result > MAX_AMOUNT {
                 return Err(Refusal::invalid(
@@ -252,7 +259,7 @@ impl Domain {
         let site = SiteId::parse(IMPORT_SITE)?;
         let mutation: Mutation = Box::new(move |current: Current<'_>| {
             if current.record.version != 0 {
-                return Err(DomainError::VersionConflict(current.record.clone()));
+                return Err(Rejection::VersionConflict(current.record.clone()));
             }
             let ledger = Some(LedgerEntry { delta: coins, result: coins, reason: Some("import".into()) });
             Ok(Change { data, ledger, credits: None })
@@ -288,7 +295,7 @@ impl Domain {
                 Ok(Written { data_type, record, replayed: true })
             }
             WriteOutcome::OpIdReused => Err(DomainError::OpIdReused),
-            WriteOutcome::Rejected(e) => Err(e),
+            WriteOutcome::Rejected(e) => Err(e.into()),
         }
     }
 }
@@ -296,11 +303,6 @@ impl Domain {
 /// A balance-like record's amount; records only ever hold integers here.
 fn amount(data: &Value, field: &str) -> i64 {
     data.get(field).and_then(Value::as_i64).unwrap_or(0)
-}
-
-/// The last second, since the Unix epoch, at which a grant with this `exp` still credits.
-fn last_second(exp: u64) -> i64 {
-    i64::try_from(exp.saturating_add(LEEWAY_SECS)).unwrap_or(i64::MAX)
 }
 
 /// Checks a credit of `amount` by `site` against the site's ceilings and counts it: the
@@ -311,10 +313,10 @@ fn credit(
     site: &SiteId,
     amount: i64,
     ceilings: Ceilings,
-) -> Result<Credits, DomainError> {
+) -> Result<Credits, Rejection> {
     if amount > ceilings.per_op {
         let why = format!("{site} credits at most {} per op (max_credit_per_op)", ceilings.per_op);
-        return Err(DomainError::CreditLimit(current.record.clone(), why));
+        return Err(Rejection::CreditLimit(current.record.clone(), why));
     }
     // A clock set back keeps the count of the day it had reached.
     let day = current.now_ms.div_euclid(DAY_MS).max(current.credits.day);
@@ -328,7 +330,7 @@ fn credit(
             ceilings.per_user_per_day.saturating_sub(before).max(0),
             ceilings.per_user_per_day
         );
-        return Err(DomainError::CreditLimit(current.record.clone(), why));
+        return Err(Rejection::CreditLimit(current.record.clone(), why));
     }
     Ok(credits)
 }
@@ -359,9 +361,9 @@ fn require_for(caller: &Caller, scope: Scope, what: &str) -> Result<(), Refusal>
 }
 
 /// Checks that `grant` is for exactly this op: its user, site, op id, data type and amount.
-/// Returns its `exp`, which only an op the hub has not applied yet must be within.
+/// Returns its `valid_until`, which only an op the hub has not applied yet must be within.
 fn check_grant(
-    grant: &VerifiedGrant,
+    grant: &Grant,
     user: &UserId,
     site: &SiteId,
     op_id: &OpId,
@@ -387,23 +389,24 @@ fn check_grant(
     if validate_delta(data_type, &grant.delta, limits).ok() != Some(change) {
         return Err(mismatch("amount"));
     }
-    Ok(grant.exp)
+    Ok(grant.valid_until)
 }
 
-fn authorize_user(caller: &Caller, user: &UserId) -> Result<(), Refusal> {
-    if &caller.user == user {
-        Ok(())
-    } else {
-        Err(Refusal::forbidden("wrong_user", "the token does not speak for this user_id"))
+/// A caller reads and writes only its token's user, and names no site but its token's:
+/// `site_id` in a body, or in a query as some seed scripts send it.
+fn authorize(caller: &Caller, user: &UserId, site: Option<&str>) -> Result<(), Refusal> {
+    if &caller.user != user {
+        return Err(Refusal::forbidden("wrong_user", "the token does not speak for this user_id"));
     }
+    if site.is_some_and(|site| site != caller.site.as_str()) {
+        return Err(Refusal::forbidden("wrong_site", "site_id must be the site that issued the token"));
+    }
+    Ok(())
 }
 
 fn authorize_write(caller: &Caller, user_id: &str, site_id: &str) -> Result<(UserId, SiteId), Refusal> {
     let user = UserId::parse(user_id)?;
     let site = SiteId::parse(site_id)?;
-    authorize_user(caller, &user)?;
-    if site != caller.site {
-        return Err(Refusal::forbidden("wrong_site", "site_id must be the site that issued the token"));
-    }
+    authorize(caller, &user, Some(site.as_str()))?;
     Ok((user, site))
 }

@@ -3,7 +3,6 @@
 //! `server` (connections, TLS) → `http` (routes, CORS, limits, errors) → `domain` (every rule)
 //! → `store` (durable records behind a trait).
 
-pub mod agent;
 pub mod auth;
 pub mod bounded;
 pub mod config;
@@ -17,4 +16,5 @@ pub mod store;
 pub mod time;
 pub mod tls;
 
-pub use server::{App, serve};
+pub use http::App;
+pub use server::serve;

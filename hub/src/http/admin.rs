@@ -3,17 +3,16 @@
 //! files hold no data and are served to anyone, so an admin on another machine can open it
 //! and paste the token. Nothing here reads or writes a user's records.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use subtle::ConstantTimeEq;
 
-use super::{ApiError, bearer, json, seen};
-use crate::App;
+use super::App;
+use super::{json, seen};
 use crate::metrics::{Action, Seen};
 use crate::time::now_ms;
 
@@ -84,32 +83,4 @@ async fn data(
         Err(e) => e.into_response(),
     };
     admin(response)
-}
-
-impl App {
-    /// Lets in the metrics token from anywhere, and loopback callers unless the
-    /// configuration says otherwise. Failed attempts count against the address's rate limit.
-    fn admit_admin(&self, headers: &HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
-        let presented = bearer(headers);
-        let expected = self.metrics_token();
-        if let (Some(presented), Some(expected)) = (presented, expected)
-            && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
-        {
-            return Ok(());
-        }
-        if presented.is_none() && self.config().metrics.allow_loopback && ip.to_canonical().is_loopback() {
-            return Ok(());
-        }
-        self.check_address(ip)?;
-        Err(match presented {
-            Some(_) => {
-                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "that is not the metrics token")
-            }
-            None => ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing_token",
-                "metrics are for the hub's operator: send the metrics token as Authorization: Bearer",
-            ),
-        })
-    }
 }

@@ -9,7 +9,7 @@ use super::{json, record_state};
 use crate::auth::AuthError;
 use crate::domain::DomainError;
 use crate::limit::RetryAfter;
-use crate::store::{Record, StoreError};
+use crate::store::{Record, Rejection, StoreError};
 
 /// A refused or failed request, ready to be answered.
 #[derive(Debug)]
@@ -87,23 +87,31 @@ impl From<StoreError> for ApiError {
 
 impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> ApiError {
-        let message = e.to_string();
         match e {
-            DomainError::Refused(r) => r.into(),
-            DomainError::VersionConflict(current) => {
-                ApiError::new(StatusCode::CONFLICT, "version_conflict", message).with_current(current)
-            }
-            DomainError::InsufficientFunds(current) => {
-                ApiError::new(StatusCode::CONFLICT, "insufficient_funds", message).with_current(current)
-            }
+            DomainError::Rejected(r) => r.into(),
             DomainError::OpIdReused => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "op_id_reused", message)
-            }
-            DomainError::GrantExpired => ApiError::new(StatusCode::FORBIDDEN, "grant_expired", message),
-            DomainError::CreditLimit(current, _) => {
-                ApiError::new(StatusCode::FORBIDDEN, "credit_limit", message).with_current(current)
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "op_id_reused", e.to_string())
             }
             DomainError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> ApiError {
+        let message = r.to_string();
+        match r {
+            Rejection::Refused(r) => r.into(),
+            Rejection::VersionConflict(current) => {
+                ApiError::new(StatusCode::CONFLICT, "version_conflict", message).with_current(current)
+            }
+            Rejection::InsufficientFunds(current) => {
+                ApiError::new(StatusCode::CONFLICT, "insufficient_funds", message).with_current(current)
+            }
+            Rejection::CreditLimit(current, _) => {
+                ApiError::new(StatusCode::FORBIDDEN, "credit_limit", message).with_current(current)
+            }
+            Rejection::GrantExpired => ApiError::new(StatusCode::FORBIDDEN, "grant_expired", message),
         }
     }
 }

@@ -3,39 +3,39 @@
 //! the data itself lives in the domain.
 
 mod admin;
+mod answer;
+mod app;
 mod error;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use protocol::{
-    DataType, DeltaAnswer, GetAnswer, GetManyAnswer, GetQuery, PostRequest, PushAnswer, QueryAction,
-    RecordState, Refusal, Scopes, SiteId, TimestampAnswer, TimestampsAnswer, UserId, parse_data_types,
+    DataType, DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction, Refusal, UserId,
+    parse_data_types,
 };
-use serde::Serialize;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
+pub(crate) use answer::{json, record_state};
+pub use app::{App, Sites};
 pub use error::ApiError;
 
-use crate::App;
-use crate::domain::{Caller, Ceilings, Written};
-use crate::metrics::{Action, LimitScope, Seen, TypeSet};
-use crate::store::Record;
-use crate::time::rfc3339_ms;
+use crate::domain::{Caller, DomainError, Written};
+use crate::metrics::{Action, Seen, TypeSet};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -46,11 +46,11 @@ const HSTS: &str = "max-age=31536000";
 
 /// The hub's routes with every layer applied.
 pub fn router(app: App) -> Router {
-    let sync = get(sync_get).post(sync_post).fallback(method_not_allowed);
+    let sync = routing::get(sync_get).post(sync_post).fallback(method_not_allowed);
     let router = Router::new()
         .route("/api/sync.php", sync.clone())
         .route("/api/sync", sync)
-        .route("/healthz", get(healthz))
+        .route("/healthz", routing::get(healthz))
         .merge(admin::routes())
         .fallback(not_found)
         .with_state(app.clone())
@@ -130,24 +130,6 @@ fn cors(app: App) -> CorsLayer {
         .max_age(Duration::from_secs(7200))
 }
 
-/// A JSON answer that no cache stores.
-pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    let bytes = serde_json::to_vec(body).expect("answers serialize");
-    let mut response = (status, Bytes::from(bytes)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-pub(crate) fn record_state(record: &Record) -> RecordState {
-    RecordState {
-        data: record.data.clone(),
-        last_updated: record.updated_ms.map(rfc3339_ms),
-        version: record.version,
-    }
-}
-
 /// Runs a handler within the request timeout.
 async fn timed(app: &App, work: impl Future<Output = Result<Response, ApiError>>) -> Response {
     match tokio::time::timeout(app.config().limits.request_timeout(), work).await {
@@ -168,111 +150,56 @@ async fn sync_get(
 ) -> Response {
     let mut saw = Seen::default();
     let response = timed(&app, async {
-        let (action, user, types, single, site) = parse_get(query.as_deref().unwrap_or(""))
+        let query = parse_get(query.as_deref().unwrap_or(""))
             .map_err(|e| app.refuse_unauthenticated(peer.ip(), e))?;
-        saw.action = match action {
+        saw.action = match query.action {
             QueryAction::Timestamp => Action::Timestamp,
             QueryAction::Get => Action::Get,
         };
-        saw.types = TypeSet::of(&types);
-        let caller = app.admit(&headers, None, peer.ip(), &user, site.as_deref(), &mut saw)?;
-        let domain = app.domain();
-        match action {
-            QueryAction::Timestamp => {
-                let stamps = domain.stamps(&caller, &user, &types).await?;
-                let epoch = domain.epoch().to_owned();
-                if single {
-                    let stamp = stamps[0];
-                    Ok(json(
-                        StatusCode::OK,
-                        &TimestampAnswer {
-                            success: true,
-                            data_type: types[0],
-                            last_updated: stamp.updated_ms.map(rfc3339_ms),
-                            version: stamp.version,
-                            epoch,
-                        },
-                    ))
-                } else {
-                    let timestamps = types
-                        .iter()
-                        .zip(stamps)
-                        .map(|(t, s)| {
-                            (
-                                *t,
-                                protocol::Stamp {
-                                    last_updated: s.updated_ms.map(rfc3339_ms),
-                                    version: s.version,
-                                },
-                            )
-                        })
-                        .collect();
-                    Ok(json(StatusCode::OK, &TimestampsAnswer { success: true, timestamps, epoch }))
-                }
-            }
-            QueryAction::Get => {
-                let records = domain.records(&caller, &user, &types).await?;
-                let epoch = domain.epoch().to_owned();
-                if single {
-                    let record = &records[0];
-                    let etag = HeaderValue::from_str(&format!("\"{}\"", record.version))
-                        .expect("a quoted number is a header value");
-                    if if_none_match(&headers, &etag) {
-                        let mut response = StatusCode::NOT_MODIFIED.into_response();
-                        response.headers_mut().insert(header::ETAG, etag);
-                        return Ok(response);
-                    }
-                    let state = record_state(record);
-                    let mut response = json(
-                        StatusCode::OK,
-                        &GetAnswer {
-                            success: true,
-                            data_type: types[0],
-                            data: state.data,
-                            last_updated: state.last_updated,
-                            version: state.version,
-                            epoch,
-                        },
-                    );
-                    let headers = response.headers_mut();
-                    headers.insert(header::ETAG, etag);
-                    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
-                    Ok(response)
-                } else {
-                    let records = types.iter().copied().zip(records.iter().map(record_state)).collect();
-                    Ok(json(StatusCode::OK, &GetManyAnswer { success: true, records, epoch }))
-                }
-            }
+        saw.types = TypeSet::of(&query.types);
+        let caller = app.admit(&headers, None, peer.ip(), &query.user, query.site.as_deref(), &mut saw)?;
+        match query.action {
+            QueryAction::Timestamp => timestamp(&app, &caller, query).await,
+            QueryAction::Get => get(&app, &caller, query, &headers).await,
         }
     })
     .await;
     seen(response, saw)
 }
 
-type ParsedGet = (QueryAction, UserId, Vec<DataType>, bool, Option<String>);
+/// `action=timestamp`: the versions of the caller's records.
+async fn timestamp(app: &App, caller: &Caller, query: Query) -> Result<Response, ApiError> {
+    let domain = app.domain();
+    let stamps = domain.stamps(caller, &query.user, query.site.as_deref(), &query.types).await?;
+    Ok(answer::timestamps(&query.types, stamps, query.single, domain.epoch().to_owned()))
+}
 
-fn parse_get(raw: &str) -> Result<ParsedGet, ApiError> {
+/// `action=get`: the caller's records.
+async fn get(app: &App, caller: &Caller, query: Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let domain = app.domain();
+    let records = domain.records(caller, &query.user, query.site.as_deref(), &query.types).await?;
+    Ok(answer::records(&query.types, records, query.single, domain.epoch().to_owned(), headers))
+}
+
+/// A GET query, read.
+struct Query {
+    action: QueryAction,
+    user: UserId,
+    types: Vec<DataType>,
+    /// One data type was asked for (the answer is flat), not a comma list.
+    single: bool,
+    /// The `site_id` some seed scripts send.
+    site: Option<String>,
+}
+
+fn parse_get(raw: &str) -> Result<Query, ApiError> {
     let query: GetQuery = serde_urlencoded::from_str(raw)
         .map_err(|e| Refusal::invalid("invalid_query", format!("the query string is malformed: {e}")))?;
     let action = query.action()?;
     let user = UserId::parse(query.required("user_id", &query.user_id)?)?;
     let list = query.required("data_type", &query.data_type)?;
     let types = parse_data_types(list)?;
-    Ok((action, user, types, !list.contains(','), query.site_id))
-}
-
-/// Whether `If-None-Match` names `etag` (or `*`); weak tags compare equal too.
-fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
-    let etag = etag.to_str().unwrap_or_default();
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|tag| {
-            let tag = tag.trim();
-            tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag
-        })
+    Ok(Query { action, user, types, single: !list.contains(','), site: query.site_id })
 }
 
 async fn sync_post(
@@ -292,50 +219,36 @@ async fn sync_post(
         saw.action = action;
         saw.types = TypeSet::of(DataType::parse(data_type).ok().as_slice());
         let caller = app.admit(&headers, request.token(), peer.ip(), &user, Some(site), &mut saw)?;
-        let domain = app.domain();
         match request {
-            PostRequest::Push(push) => {
-                let Written { data_type, record, replayed } = domain.push(&caller, push).await?;
-                saw.replayed = replayed;
-                let state = record_state(&record);
-                Ok(json(
-                    StatusCode::OK,
-                    &PushAnswer {
-                        success: true,
-                        data_type,
-                        timestamp: state.last_updated.clone(),
-                        last_updated: state.last_updated,
-                        version: state.version,
-                        data: state.data,
-                        replayed,
-                    },
-                ))
+            PostRequest::Push(request) => {
+                let written = push(&app, &caller, request).await?;
+                saw.replayed = written.replayed;
+                Ok(answer::pushed(written))
             }
-            PostRequest::Delta(mut delta) => {
-                let grant = match (delta.grant.take(), app.sites().keys()) {
-                    (Some(grant), Some(keys)) => Some(keys.verify_grant(&grant)),
-                    // Without auth anyone may credit anyway: a grant has nothing to add.
-                    _ => None,
-                };
-                let Written { data_type, record, replayed } = domain.delta(&caller, delta, grant).await?;
-                saw.replayed = replayed;
-                let state = record_state(&record);
-                Ok(json(
-                    StatusCode::OK,
-                    &DeltaAnswer {
-                        success: true,
-                        data_type,
-                        version: state.version,
-                        data: state.data,
-                        last_updated: state.last_updated,
-                        replayed,
-                    },
-                ))
+            PostRequest::Delta(request) => {
+                let written = delta(&app, &caller, request).await?;
+                saw.replayed = written.replayed;
+                Ok(answer::delta(written))
             }
         }
     })
     .await;
     seen(response, saw)
+}
+
+/// `action=push`.
+async fn push(app: &App, caller: &Caller, request: PushRequest) -> Result<Written, DomainError> {
+    app.domain().push(caller, request).await
+}
+
+/// `action=delta`, its grant (if any) checked against the sites' keys first.
+async fn delta(app: &App, caller: &Caller, mut request: DeltaRequest) -> Result<Written, DomainError> {
+    let grant = match (request.grant.take(), app.sites().keys()) {
+        (Some(grant), Some(keys)) => Some(keys.verify_grant(&grant)),
+        // Without auth anyone may credit anyway: a grant has nothing to add.
+        _ => None,
+    };
+    app.domain().delta(caller, request, grant).await
 }
 
 /// Reads and parses a POST body: JSON only (415), at most [`MAX_BODY`] bytes (413).
@@ -396,95 +309,6 @@ async fn method_not_allowed() -> ApiError {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; the sync API is at /api/sync.php")
-}
-
-impl App {
-    /// Who the request speaks for, after checking its token and the rate limits.
-    /// `claimed_site` is the `site_id` the request names, if any; `saw` learns the token's
-    /// site as soon as it is verified, so that later refusals are counted under it.
-    fn admit(
-        &self,
-        headers: &HeaderMap,
-        body_token: Option<&str>,
-        ip: IpAddr,
-        user: &UserId,
-        claimed_site: Option<&str>,
-        saw: &mut Seen,
-    ) -> Result<Caller, ApiError> {
-        let sites = self.sites();
-        let Some(keys) = sites.keys() else {
-            self.check_user(user.as_str())?;
-            let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
-            return Ok(Caller {
-                site,
-                user: user.clone(),
-                admin: true,
-                scopes: Scopes::ALL,
-                ceilings: Ceilings::NONE,
-            });
-        };
-        let token = bearer(headers).or(body_token);
-        let verified = match token {
-            Some(token) => keys.verify(token),
-            None => Err(crate::auth::AuthError::Missing),
-        };
-        match verified {
-            Ok(v) => {
-                saw.site = self.metrics().site_index(v.site.as_str());
-                self.check_user(v.user.as_str())?;
-                if claimed_site.is_some_and(|s| s != v.site.as_str()) {
-                    return Err(Refusal::forbidden(
-                        "wrong_site",
-                        "site_id must be the site that issued the token",
-                    )
-                    .into());
-                }
-                let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
-                if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {
-                    return Err(Refusal::forbidden(
-                        "origin_not_allowed",
-                        format!("{}'s tokens are not accepted from this page's origin", v.site),
-                    )
-                    .into());
-                }
-                Ok(Caller {
-                    site: v.site,
-                    user: v.user,
-                    admin: v.admin,
-                    scopes: v.scopes,
-                    ceilings: v.ceilings,
-                })
-            }
-            Err(e) => {
-                self.check_address(ip)?;
-                Err(e.into())
-            }
-        }
-    }
-
-    /// A request refused before its token was read still counts against its address.
-    fn refuse_unauthenticated(&self, ip: IpAddr, error: ApiError) -> ApiError {
-        match self.check_address(ip) {
-            Ok(()) => error,
-            Err(wait) => wait,
-        }
-    }
-
-    /// Charges a verified user's rate limit.
-    fn check_user(&self, user: &str) -> Result<(), ApiError> {
-        self.rate_limits().check_user(user).map_err(|wait| {
-            self.metrics().rate_limited(LimitScope::User);
-            wait.into()
-        })
-    }
-
-    /// Charges the rate limit of an address whose request carries no valid token.
-    fn check_address(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.rate_limits().check_address(ip).map_err(|wait| {
-            self.metrics().rate_limited(LimitScope::Address);
-            wait.into()
-        })
-    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

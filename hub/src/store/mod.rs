@@ -13,10 +13,8 @@ pub mod stamps;
 use async_trait::async_trait;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use protocol::{DataType, OpId, SiteId, UserId};
+use protocol::{DataType, OpId, Refusal, SiteId, UserId};
 use serde_json::Value;
-
-use crate::domain::DomainError;
 
 /// One `(user, data_type)` record.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,9 +89,61 @@ pub struct LedgerEntry {
     pub reason: Option<String>,
 }
 
+/// Why a mutation declined to write. The three that depend on the record's state are the
+/// op's answer for good: the store remembers them with the op id ([`Rejection::code`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The write breaks a rule: a data rule, a scope, its grant.
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("the record is at version {}, not the base_version given", .0.version)]
+    VersionConflict(Record),
+    #[error("the balance would go below zero")]
+    InsufficientFunds(Record),
+    /// Over one of the site's credit ceilings; the message says which.
+    #[error("{1}")]
+    CreditLimit(Record, String),
+    #[error("the grant has expired; ask the site's backend for a new one for the same op")]
+    GrantExpired,
+}
+
+impl From<Refusal> for Rejection {
+    fn from(r: Refusal) -> Self {
+        Rejection::Refused(r)
+    }
+}
+
+impl Rejection {
+    /// The code an op id keeps for good, for a rejection that depends on the record's state:
+    /// a copy of the op still on its way must not be applied after its client was told no.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Rejection::InsufficientFunds(_) => Some("insufficient_funds"),
+            Rejection::VersionConflict(_) => Some("version_conflict"),
+            Rejection::CreditLimit(..) => Some("credit_limit"),
+            Rejection::Refused(_) | Rejection::GrantExpired => None,
+        }
+    }
+
+    /// The rejection an op id kept for good, rebuilt from its code, with the record as it
+    /// stood then.
+    pub fn kept(code: &str, record: Record) -> Option<Rejection> {
+        Some(match code {
+            "insufficient_funds" => Rejection::InsufficientFunds(record),
+            "version_conflict" => Rejection::VersionConflict(record),
+            "credit_limit" => Rejection::CreditLimit(
+                record,
+                "this op was refused for a credit ceiling of its site, for good; a new credit is a new op"
+                    .into(),
+            ),
+            _ => return None,
+        })
+    }
+}
+
 /// The domain's decision, run by the store against the current record inside its
 /// transaction, so that no other write can come between reading and writing.
-pub type Mutation = Box<dyn FnOnce(Current<'_>) -> Result<Change, DomainError> + Send>;
+pub type Mutation = Box<dyn FnOnce(Current<'_>) -> Result<Change, Rejection> + Send>;
 
 /// A write to one record.
 pub struct Write {
@@ -134,7 +184,7 @@ pub enum WriteOutcome {
     /// The op id was seen before with another fingerprint.
     OpIdReused,
     /// The mutation refused the write.
-    Rejected(DomainError),
+    Rejected(Rejection),
 }
 
 /// What a store reports about its commits, for `/metrics`. Clones record into the same

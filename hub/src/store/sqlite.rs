@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::op_index::OpIndex;
 use super::stamps::StampCache;
-use super::{Credits, Current, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
-use crate::domain::DomainError;
+use super::{
+    Credits, Current, OpKey, Record, Rejection, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
+};
 use crate::time::now_ms;
 
 /// The database file inside the data dir.
@@ -31,10 +32,6 @@ const LOCK_FILE: &str = "hub.lock";
 pub const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer at most; senders beyond it wait (backpressure).
 const QUEUE: usize = 8192;
-/// The refusals an op id keeps (column `ops.refusal`).
-const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
-const VERSION_CONFLICT: &str = "version_conflict";
-const CREDIT_LIMIT: &str = "credit_limit";
 /// Users whose stamps are kept in memory (about 200 bytes each).
 const CACHED_USERS: usize = 200_000;
 /// Idle read connections kept open.
@@ -293,6 +290,7 @@ impl Store for SqliteStore {
         if let Some(stamps) = self.inner.stamps.get(user.as_str(), types) {
             return Ok(stamps);
         }
+        let ticket = self.inner.stamps.ticket(user.as_str());
         let owned = user.as_str().to_owned();
         let stored = self
             .read(move |conn| {
@@ -311,11 +309,12 @@ impl Store for SqliteStore {
                 Ok(stored)
             })
             .await?;
-        self.inner.stamps.merge(user.as_str(), stored);
-        self.inner
-            .stamps
-            .get(user.as_str(), types)
-            .ok_or_else(|| StoreError::Malformed("stamps just loaded are missing from the cache".into()))
+        self.inner.stamps.merge_loaded(ticket, user.as_str(), stored);
+        // What was read answers this check, whether the cache kept it or not.
+        Ok(types
+            .iter()
+            .map(|t| stored.iter().find(|(s, _)| s == t).expect("every data type is read").1)
+            .collect())
     }
 
     async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError> {
@@ -439,7 +438,7 @@ impl Writer {
             for ((user, data_type), result) in changed.iter().zip(&results) {
                 if let Ok(WriteOutcome::Applied(record)) = result {
                     let stamp = Stamp { version: record.version, updated_ms: record.updated_ms };
-                    self.stamps.merge(user.as_str(), [(*data_type, stamp)]);
+                    self.stamps.merge_written(user.as_str(), [(*data_type, stamp)]);
                 }
             }
             tracing::trace!(batch = count, "store batch committed");
@@ -721,29 +720,16 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
         };
         return match seen.refusal.as_deref() {
             None => Ok(WriteOutcome::Replayed(record)),
-            Some(INSUFFICIENT_FUNDS) => Ok(WriteOutcome::Rejected(DomainError::InsufficientFunds(record))),
-            Some(VERSION_CONFLICT) => Ok(WriteOutcome::Rejected(DomainError::VersionConflict(record))),
-            Some(CREDIT_LIMIT) => Ok(WriteOutcome::Rejected(DomainError::CreditLimit(
-                record,
-                "this op was refused for a credit ceiling of its site, for good; a new credit is a new op"
-                    .into(),
-            ))),
-            Some(other) => Err(StoreError::Malformed(format!("unknown refusal {other:?} in ops"))),
+            Some(code) => Rejection::kept(code, record)
+                .map(WriteOutcome::Rejected)
+                .ok_or_else(|| StoreError::Malformed(format!("unknown refusal {code:?} in ops"))),
         };
     }
     let (current, credits) = read_for_write(conn, user, write.data_type)?;
     let change = match (write.mutation)(Current { record: &current, credits: &credits, now_ms: now }) {
         Ok(change) => change,
         Err(refusal) => {
-            // A refusal that depends on the record's state is the op's answer for good: a copy
-            // of the op still on its way must not be applied after the client was told no.
-            let remembered = match &refusal {
-                DomainError::InsufficientFunds(_) => Some(INSUFFICIENT_FUNDS),
-                DomainError::VersionConflict(_) => Some(VERSION_CONFLICT),
-                DomainError::CreditLimit(..) => Some(CREDIT_LIMIT),
-                _ => None,
-            };
-            if let (Some(op), Some(code)) = (&write.op, remembered) {
+            if let (Some(op), Some(code)) = (&write.op, refusal.code()) {
                 ops.remember(conn, op_hash, user, op, &current, Some(code), now)?;
             }
             return Ok(WriteOutcome::Rejected(refusal));

@@ -1,0 +1,148 @@
+//! Every answer the sync API gives, shaped in one place from what the domain returns: the
+//! protocol's answer types as JSON that no cache stores, with `ETag` and `304` for a `get`.
+//! Decides nothing about the data.
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use protocol::{
+    DataType, DeltaAnswer, GetAnswer, GetManyAnswer, PushAnswer, RecordState, TimestampAnswer,
+    TimestampsAnswer,
+};
+use serde::Serialize;
+
+use crate::domain::Written;
+use crate::store::{Record, Stamp};
+use crate::time::rfc3339_ms;
+
+/// A JSON answer that no cache stores.
+pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).expect("answers serialize");
+    let mut response = (status, Bytes::from(bytes)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+pub(crate) fn record_state(record: &Record) -> RecordState {
+    RecordState {
+        data: record.data.clone(),
+        last_updated: record.updated_ms.map(rfc3339_ms),
+        version: record.version,
+    }
+}
+
+/// `action=timestamp`: flat for one data type (`single`), a `timestamps` map for a list.
+pub(super) fn timestamps(types: &[DataType], stamps: Vec<Stamp>, single: bool, epoch: String) -> Response {
+    if single {
+        let stamp = stamps[0];
+        return json(
+            StatusCode::OK,
+            &TimestampAnswer {
+                success: true,
+                data_type: types[0],
+                last_updated: stamp.updated_ms.map(rfc3339_ms),
+                version: stamp.version,
+                epoch,
+            },
+        );
+    }
+    let timestamps = types
+        .iter()
+        .zip(stamps)
+        .map(|(t, s)| {
+            (*t, protocol::Stamp { last_updated: s.updated_ms.map(rfc3339_ms), version: s.version })
+        })
+        .collect();
+    json(StatusCode::OK, &TimestampsAnswer { success: true, timestamps, epoch })
+}
+
+/// `action=get`: flat for one data type (`single`), with its version as the `ETag` and a
+/// `304` when `If-None-Match` names it; a `records` map for a list.
+pub(super) fn records(
+    types: &[DataType],
+    records: Vec<Record>,
+    single: bool,
+    epoch: String,
+    request: &HeaderMap,
+) -> Response {
+    if !single {
+        let records = types.iter().copied().zip(records.iter().map(record_state)).collect();
+        return json(StatusCode::OK, &GetManyAnswer { success: true, records, epoch });
+    }
+    let record = &records[0];
+    let etag =
+        HeaderValue::from_str(&format!("\"{}\"", record.version)).expect("a quoted number is a header value");
+    if if_none_match(request, &etag) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        response.headers_mut().insert(header::ETAG, etag);
+        return response;
+    }
+    let state = record_state(record);
+    let mut response = json(
+        StatusCode::OK,
+        &GetAnswer {
+            success: true,
+            data_type: types[0],
+            data: state.data,
+            last_updated: state.last_updated,
+            version: state.version,
+            epoch,
+        },
+    );
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
+    response
+}
+
+/// Whether `If-None-Match` names `etag` (or `*`); weak tags compare equal too.
+fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let etag = etag.to_str().unwrap_or_default();
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| {
+            let tag = tag.trim();
+            tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag
+        })
+}
+
+/// `action=push`: the record as the write left it (`timestamp` is the seed's name for
+/// `last_updated`).
+pub(super) fn pushed(written: Written) -> Response {
+    let Written { data_type, record, replayed } = written;
+    let state = record_state(&record);
+    json(
+        StatusCode::OK,
+        &PushAnswer {
+            success: true,
+            data_type,
+            timestamp: state.last_updated.clone(),
+            last_updated: state.last_updated,
+            version: state.version,
+            data: state.data,
+            replayed,
+        },
+    )
+}
+
+/// `action=delta`: the amount as the write left it.
+pub(super) fn delta(written: Written) -> Response {
+    let Written { data_type, record, replayed } = written;
+    let state = record_state(&record);
+    json(
+        StatusCode::OK,
+        &DeltaAnswer {
+            success: true,
+            data_type,
+            version: state.version,
+            data: state.data,
+            last_updated: state.last_updated,
+            replayed,
+        },
+    )
+}

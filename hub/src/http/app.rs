@@ -1,0 +1,297 @@
+//! `App`: what every request handler shares — the configuration, the domain, the sites (keys,
+//! policies, origins; SIGHUP replaces them whole), the rate limits, the metrics, the TLS
+//! certificate — and the gates every request passes before a handler does its work: its
+//! token, its site's origin and the rate limits, or, for the operator's pages, the metrics
+//! token. Serves nothing itself; `server` accepts connections and `http` routes them.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::http::{HeaderMap, StatusCode, header};
+use protocol::{Refusal, Scopes, SiteId, UserId};
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, bearer};
+use crate::auth::Keys;
+use crate::config::{Config, OriginPattern};
+use crate::domain::{Caller, Ceilings, Domain};
+use crate::limit::RateLimits;
+use crate::metrics::{LimitScope, Metrics, Seen};
+use crate::store::Store;
+use crate::store::sqlite::{MAX_BATCH, SqliteOptions, SqliteStore};
+use crate::time::now_ms;
+use crate::tls::Tls;
+
+/// Everything a request handler needs: the domain, the sites, limits and configuration.
+#[derive(Clone, Debug)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    domain: Domain,
+    /// The sites' keys, policies and origins; SIGHUP replaces them whole.
+    sites: ArcSwap<Sites>,
+    rate_limits: RateLimits,
+    metrics: Metrics,
+    /// Lets callers from any address read the metrics; see `MetricsConfig`.
+    metrics_token: Option<String>,
+    /// `None` when the hub serves plain HTTP.
+    tls: Option<Tls>,
+}
+
+/// What the hub knows of its sites, read from the configuration at start and again on SIGHUP.
+#[derive(Debug)]
+pub struct Sites {
+    /// `None` when auth is off (development on loopback only).
+    keys: Option<Keys>,
+    /// Every configured origin: what CORS answers for before a token is read.
+    origins: Vec<OriginPattern>,
+    /// Each site's own origins: a site's token is refused from any other page.
+    site_origins: HashMap<String, Vec<OriginPattern>>,
+}
+
+impl Sites {
+    fn from_config(config: &Config) -> anyhow::Result<Sites> {
+        let keys = if config.auth { Some(Keys::from_config(config)?) } else { None };
+        let site_origins = config
+            .sites
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.id.clone(),
+                    s.origins.iter().map(|o| OriginPattern::parse(o)).collect::<anyhow::Result<_>>()?,
+                ))
+            })
+            .collect::<anyhow::Result<HashMap<String, Vec<OriginPattern>>>>()?;
+        let origins = site_origins.values().flatten().cloned().collect();
+        Ok(Sites { keys, origins, site_origins })
+    }
+
+    /// The sites' keys, or `None` when auth is off.
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    /// Whether any site has pages on `origin`.
+    pub(crate) fn allows_origin(&self, origin: &str) -> bool {
+        self.origins.iter().any(|p| p.matches(origin))
+    }
+
+    /// Whether a page on `origin` may use `site`'s tokens.
+    pub(crate) fn site_allows_origin(&self, site: &str, origin: &str) -> bool {
+        self.site_origins.get(site).is_some_and(|patterns| patterns.iter().any(|p| p.matches(origin)))
+    }
+}
+
+impl App {
+    /// Checks the configuration and opens the store in its data dir.
+    pub fn open(config: Config) -> anyhow::Result<App> {
+        config.validate()?;
+        let metrics = Metrics::new(config.sites.iter().map(|s| s.id.as_str()), now_ms());
+        let store = SqliteStore::open(
+            &config.data_dir,
+            SqliteOptions {
+                op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
+                max_batch: if config.store.group_commit { MAX_BATCH } else { 1 },
+                op_log_capacity: config.store.op_ids_in_memory,
+                metrics: metrics.store().clone(),
+            },
+        )?;
+        Self::with_store(config, Arc::new(store), metrics)
+    }
+
+    /// Builds the app over any store, reading the TLS certificate if one is configured;
+    /// `metrics` is where that store records its commits.
+    pub fn with_store(config: Config, store: Arc<dyn Store>, metrics: Metrics) -> anyhow::Result<App> {
+        config.validate()?;
+        let metrics_token = config.metrics.token()?;
+        let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
+        let sites = Sites::from_config(&config)?;
+        let limits = &config.limits;
+        let rate_limits =
+            RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute);
+        let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
+        Ok(App {
+            inner: Arc::new(Inner {
+                config,
+                domain,
+                sites: ArcSwap::from_pointee(sites),
+                rate_limits,
+                metrics,
+                metrics_token,
+                tls,
+            }),
+        })
+    }
+
+    /// Replaces the sites' keys, scopes, ceilings and origins with those of `config` (SIGHUP).
+    /// Requests in flight finish with the sites they started with; tokens verified before are
+    /// verified again. Everything else in `config` is read only at start. Fails, keeping the
+    /// current sites, if `config` would not start a hub.
+    pub fn reload_sites(&self, config: &Config) -> anyhow::Result<()> {
+        config.validate()?;
+        if config.auth != self.inner.config.auth || config.hub_id != self.inner.config.hub_id {
+            anyhow::bail!("auth and hub_id change only with a restart");
+        }
+        let sites = Sites::from_config(config)?;
+        let unlabelled: Vec<&str> = config
+            .sites
+            .iter()
+            .map(|s| s.id.as_str())
+            .filter(|id| self.metrics().site_index(id).is_none())
+            .collect();
+        if !unlabelled.is_empty() {
+            tracing::warn!(
+                "new sites {} are served; /metrics counts them without a site label until a restart",
+                unlabelled.join(", ")
+            );
+        }
+        self.inner.sites.store(Arc::new(sites));
+        Ok(())
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn domain(&self) -> &Domain {
+        &self.inner.domain
+    }
+
+    /// The sites as they stand now; hold the guard for one request at most.
+    pub fn sites(&self) -> arc_swap::Guard<Arc<Sites>> {
+        self.inner.sites.load()
+    }
+
+    /// The certificate HTTPS is served with, or `None` for plain HTTP. Reload it after
+    /// renewing its files.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.inner.tls.as_ref()
+    }
+
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.inner.rate_limits
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn metrics_token(&self) -> Option<&str> {
+        self.inner.metrics_token.as_deref()
+    }
+
+    /// Who the request speaks for, after checking its token, its page's origin and the rate
+    /// limits; whether it may do what it asks is the domain's to say. `claimed_site` is the
+    /// `site_id` the request names, if any: with auth off (development) the caller is that
+    /// site. `saw` learns the token's site as soon as it is verified, so that later refusals
+    /// are counted under it.
+    pub(super) fn admit(
+        &self,
+        headers: &HeaderMap,
+        body_token: Option<&str>,
+        ip: IpAddr,
+        user: &UserId,
+        claimed_site: Option<&str>,
+        saw: &mut Seen,
+    ) -> Result<Caller, ApiError> {
+        let sites = self.sites();
+        let Some(keys) = sites.keys() else {
+            self.check_user(user.as_str())?;
+            let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
+            return Ok(Caller {
+                site,
+                user: user.clone(),
+                admin: true,
+                scopes: Scopes::ALL,
+                ceilings: Ceilings::NONE,
+            });
+        };
+        let token = bearer(headers).or(body_token);
+        let verified = match token {
+            Some(token) => keys.verify(token),
+            None => Err(crate::auth::AuthError::Missing),
+        };
+        match verified {
+            Ok(v) => {
+                saw.site = self.metrics().site_index(v.site.as_str());
+                self.check_user(v.user.as_str())?;
+                let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
+                if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {
+                    return Err(Refusal::forbidden(
+                        "origin_not_allowed",
+                        format!("{}'s tokens are not accepted from this page's origin", v.site),
+                    )
+                    .into());
+                }
+                Ok(Caller {
+                    site: v.site,
+                    user: v.user,
+                    admin: v.admin,
+                    scopes: v.scopes,
+                    ceilings: v.ceilings,
+                })
+            }
+            Err(e) => {
+                self.check_address(ip)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A request refused before its token was read still counts against its address.
+    pub(super) fn refuse_unauthenticated(&self, ip: IpAddr, error: ApiError) -> ApiError {
+        match self.check_address(ip) {
+            Ok(()) => error,
+            Err(wait) => wait,
+        }
+    }
+
+    /// Charges a verified user's rate limit.
+    fn check_user(&self, user: &str) -> Result<(), ApiError> {
+        self.rate_limits().check_user(user).map_err(|wait| {
+            self.metrics().rate_limited(LimitScope::User);
+            wait.into()
+        })
+    }
+
+    /// Charges the rate limit of an address whose request carries no valid token.
+    pub(super) fn check_address(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.rate_limits().check_address(ip).map_err(|wait| {
+            self.metrics().rate_limited(LimitScope::Address);
+            wait.into()
+        })
+    }
+
+    /// Lets in the metrics token from anywhere, and loopback callers unless the
+    /// configuration says otherwise. Failed attempts count against the address's rate limit.
+    pub(super) fn admit_admin(&self, headers: &HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+        let presented = bearer(headers);
+        let expected = self.metrics_token();
+        if let (Some(presented), Some(expected)) = (presented, expected)
+            && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+        {
+            return Ok(());
+        }
+        if presented.is_none() && self.config().metrics.allow_loopback && ip.to_canonical().is_loopback() {
+            return Ok(());
+        }
+        self.check_address(ip)?;
+        Err(match presented {
+            Some(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "that is not the metrics token")
+            }
+            None => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "metrics are for the hub's operator: send the metrics token as Authorization: Bearer",
+            ),
+        })
+    }
+}
