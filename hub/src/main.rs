@@ -136,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent { config, watch, site, hub, state } => {
             let config = config.load()?;
             let _logs = init_logging();
-            agent(config, hub::agent::Options { dir: watch, site, hub_url: hub, state })
+            agent(&config, hub_agent::Options { dir: watch, site, hub_url: hub, state })
         }
         Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
         Command::Token { config, site, user, ttl, scope, admin } => {
@@ -195,9 +195,12 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
+/// Runs the agent with what it reads of the configuration: the hub's id and the site's key.
 #[tokio::main]
-async fn agent(config: Config, options: hub::agent::Options) -> anyhow::Result<()> {
-    hub::agent::run(&config, options, shutdown_signal()).await
+async fn agent(config: &Config, options: hub_agent::Options) -> anyhow::Result<()> {
+    let config: hub_agent::Config = serde_json::from_value(serde_json::to_value(config)?)
+        .context("the configuration does not hold what the agent reads")?;
+    hub_agent::run(&config, options, shutdown_signal()).await
 }
 
 #[tokio::main]

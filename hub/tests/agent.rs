@@ -3,7 +3,8 @@
 //! skipped; a change made while the hub is down arrives when it is back; a change another
 //! site made meanwhile is kept and the local change added to it; a restarted agent pushes
 //! nothing again and applies nothing twice; at first sight the hub's balance is canonical;
-//! a hub on a new database gets every file again.
+//! a hub on a new database gets every file again; the hub accepts the agent's tokens however
+//! the site's key is configured.
 
 mod support;
 
@@ -11,9 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use hub::config::Site;
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use hub::auth::Keys;
+use hub::config::{Site, SiteKey};
+use protocol::{SiteId, UserId};
+use rand_core::OsRng;
 use serde_json::{Value, json};
-use support::{Deployment, SiteClient, TestHub, test_config};
+use support::{Deployment, SiteClient, TestHub, site_secret, test_config, trusted_site};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
@@ -58,7 +65,7 @@ impl Files {
     }
 
     fn state_file(&self) -> PathBuf {
-        self.path(hub::agent::STATE_FILE)
+        self.path(hub_agent::STATE_FILE)
     }
 }
 
@@ -460,4 +467,66 @@ fn the_agent_refuses_to_start_for_a_site_that_may_not_set_balances() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("may not sign amounts:set"), "{err}");
     assert!(!files.state_file().exists(), "a refused start writes nothing");
+}
+
+/// The agent reads its site's key as the hub does, from the same configuration, whichever
+/// way it is given and whatever else the configuration holds: the hub accepts its tokens,
+/// with the agent's scopes, signed by the key the hub would sign with.
+#[test]
+// figment's `Jail`, which sets the secret's variable for this test alone, fixes the closure's
+// error type to its own large `figment::Error`.
+#[allow(clippy::result_large_err)]
+fn the_hub_accepts_the_agents_tokens_however_the_sites_key_is_configured() {
+    const SECRET_VAR: &str = "AGENT_TEST_ROFLFAUCET_SECRET";
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("roflfaucet.secret");
+    std::fs::write(&secret_file, format!("{}\n", site_secret(SITE))).unwrap();
+    let key = SigningKey::generate(&mut OsRng);
+    let private = key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
+    let public = key.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+    let trusted = || Site { secret: None, ..trusted_site(SITE, "https://roflfaucet.com") };
+    let rotated =
+        SiteKey { kid: "2026-12".into(), secret: Some(site_secret("rotated")), ..SiteKey::default() };
+    let public_only =
+        SiteKey { kid: "verify-only".into(), public_key_pem: Some(public.clone()), ..SiteKey::default() };
+    let sites = [
+        ("secret", None, Site { secret: Some(site_secret(SITE)), ..trusted() }),
+        ("secret_env", None, Site { secret_env: Some(SECRET_VAR.into()), ..trusted() }),
+        ("secret_file", None, Site { secret_file: Some(secret_file), ..trusted() }),
+        (
+            "an EdDSA key pair",
+            None,
+            Site { public_key_pem: Some(public), private_key_pem: Some(private), ..trusted() },
+        ),
+        ("[[sites.keys]]", Some("2026-12"), Site { keys: vec![rotated.clone()], ..trusted() }),
+        ("a public key first", Some("2026-12"), Site { keys: vec![public_only, rotated], ..trusted() }),
+    ];
+    figment::Jail::expect_with(|jail| {
+        jail.set_env(SECRET_VAR, site_secret(SITE));
+        for (given, kid, site) in sites {
+            let mut config = test_config(&dir.path().join("unused"));
+            config.sites.retain(|s| s.id != SITE);
+            config.sites.push(site);
+            let keys = Keys::from_config(&config).unwrap();
+            let text = toml::to_string(&config).unwrap();
+            let read: [hub_agent::Config; 2] = [
+                toml::from_str(&text).unwrap(),
+                serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap(),
+            ];
+            for agent_config in read {
+                let site = SiteId::parse(SITE).unwrap();
+                let signer = hub_agent::Signer::new(&agent_config, site, hub_agent::SCOPES, 120).unwrap();
+                let token = signer.mint(&UserId::parse(USER).unwrap()).unwrap();
+                let verified = keys.verify(&token).unwrap_or_else(|e| panic!("{given}: {e}"));
+                assert_eq!(
+                    (verified.site.as_str(), verified.user.as_str(), verified.scopes, verified.admin),
+                    (SITE, USER, hub_agent::SCOPES, false),
+                    "{given}"
+                );
+                let header = jsonwebtoken::decode_header(&token).unwrap();
+                assert_eq!(header.kid.as_deref(), kid, "{given}");
+            }
+        }
+        Ok(())
+    });
 }

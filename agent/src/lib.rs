@@ -1,7 +1,12 @@
 //! `hub agent`: runs beside a site that keeps its users' balances in files
-//! (`<user_id>.json` holding `coins` or `balance`, read as `hub import` reads them), and
-//! pushes every change of such a file to the hub, signing its own short-lived tokens with
-//! the site's key.
+//! (`<user_id>.json` holding `coins` or `balance`, read by [`balance_file`]), and pushes
+//! every change of such a file to the hub, signing its own short-lived tokens with the site's
+//! key ([`Signer`]).
+//!
+//! A client of the hub's public sync API, in a crate of its own: it depends on `protocol`
+//! and not on the hub, so it cannot reach the hub's database or domain. The `hub` binary
+//! runs it as `hub agent`, reading the site's key and the hub's id from the hub's
+//! configuration format ([`Config`]).
 //!
 //! It watches the folder (inotify on Linux), lets a burst of events settle, reads each
 //! changed file and reconciles it with the hub as [`reconcile`] decides. Requests that fail
@@ -15,7 +20,11 @@
 //! It will not write balance files, delete anything, follow subfolders, or push anything
 //! but balances; a removed file pushes nothing.
 
+mod api;
+pub mod balance_file;
+mod config;
 pub mod reconcile;
+mod token;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,14 +33,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, Scope, Scopes, SiteId, UserId};
+use protocol::{Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use self::reconcile::{Agreed, HubBalance, Outcome, Reconcile, Reply, Request};
-use crate::auth::Keys;
-use crate::config::Config;
+use self::api::Hub;
+pub use self::config::Config;
+use self::reconcile::{Agreed, Outcome, Reconcile, Request};
+pub use self::token::Signer;
 
 /// The state file's name in the watched folder, unless `--state` names another.
 pub const STATE_FILE: &str = ".hub-agent-state.json";
@@ -39,17 +48,13 @@ pub const STATE_FILE: &str = ".hub-agent-state.json";
 /// How long a burst of file events may go on before the files are read: a writer that
 /// writes in several steps, or writes a temporary file and renames it, is then read once.
 const SETTLE: Duration = Duration::from_millis(150);
-/// The first pause before sending a request again; it doubles up to [`MAX_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_millis(500);
-const MAX_RETRY: Duration = Duration::from_secs(30);
-/// Each request carries a token minted for it, valid this long.
+/// Each request carries a token minted for it, valid this long (or the site's
+/// `max_token_ttl_secs`, if shorter).
 const TOKEN_TTL_SECS: u64 = 120;
 /// What the agent's tokens may do: read balances, set them, and add or take the local
 /// change. Its site must be allowed to sign them all, `amounts:set` included.
 pub const SCOPES: Scopes =
     Scopes::of(&[Scope::SyncRead, Scope::AmountsSet, Scope::AmountsCredit, Scope::AmountsSpend]);
-/// The longest a request may take before it counts as failed and is sent again.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Remembered agreements are written at least this often while files keep changing (and
 /// whenever the agent has nothing left to do).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
@@ -148,9 +153,8 @@ struct Agent {
 impl Agent {
     fn new(config: &Config, options: Options) -> anyhow::Result<Agent> {
         let site = SiteId::parse(&options.site).map_err(|e| anyhow::anyhow!("--site: {}", e.message))?;
-        let keys = Keys::from_config(config)?;
-        keys.check_can_mint(site.as_str(), SCOPES)?;
-        let hub = Hub::new(&options.hub_url, keys, site.clone())?;
+        let signer = Signer::new(config, site.clone(), SCOPES, TOKEN_TTL_SECS)?;
+        let hub = Hub::new(&options.hub_url, signer, site.clone())?;
         let dir =
             options.dir.canonicalize().with_context(|| format!("cannot watch {}", options.dir.display()))?;
         if !dir.is_dir() {
@@ -302,7 +306,7 @@ impl Agent {
                 return Ok(Flow::Done);
             }
         };
-        match crate::import::parse(&name, &bytes) {
+        match balance_file::parse(&name, &bytes) {
             Ok((_, coins)) => {
                 let from = self.state.users.get(user.as_str()).copied();
                 self.reconcile(user, from, coins).await
@@ -479,155 +483,4 @@ fn changes_content(kind: EventKind) -> bool {
         EventKind::Access(access) => access == AccessKind::Close(AccessMode::Write),
         EventKind::Remove(_) => false,
     }
-}
-
-/// The hub's sync API as the agent uses it: one user's balance at a time.
-struct Hub {
-    http: reqwest::Client,
-    api: reqwest::Url,
-    keys: Keys,
-    site: SiteId,
-}
-
-/// The hub's answer to a request, and its epoch when the answer names it (a get's does).
-struct Answer {
-    reply: Reply,
-    epoch: Option<String>,
-}
-
-/// Why a request must be sent again, and how long the hub asked to wait first.
-struct Retry {
-    why: String,
-    after: Option<Duration>,
-}
-
-impl Retry {
-    fn because(why: impl Into<String>) -> Retry {
-        Retry { why: why.into(), after: None }
-    }
-}
-
-impl Hub {
-    fn new(url: &str, keys: Keys, site: SiteId) -> anyhow::Result<Hub> {
-        let mut base = reqwest::Url::parse(url).with_context(|| format!("--hub {url:?} is not a URL"))?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            bail!("--hub {url:?} must be an http:// or https:// URL");
-        }
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
-        let api = base.join("api/sync")?;
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("hub-agent/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Hub { http, api, keys, site })
-    }
-
-    /// Sends `request` until the hub answers it, pausing longer after each failure (up to
-    /// [`MAX_RETRY`], or what the hub asks for).
-    async fn send_until_answered(&self, user: &UserId, request: &Request) -> Answer {
-        let mut pause = FIRST_RETRY;
-        loop {
-            match self.send(user, request).await {
-                Ok(answer) => return answer,
-                Err(retry) => {
-                    let wait =
-                        retry.after.unwrap_or(pause).min(MAX_RETRY).mul_f64(rand::random_range(0.8..1.2));
-                    tracing::warn!(
-                        "{user}: no answer from the hub ({}); trying again in {:.1} s",
-                        retry.why,
-                        wait.as_secs_f64()
-                    );
-                    tokio::time::sleep(wait).await;
-                    pause = (pause * 2).min(MAX_RETRY);
-                }
-            }
-        }
-    }
-
-    async fn send(&self, user: &UserId, request: &Request) -> Result<Answer, Retry> {
-        let token = self
-            .keys
-            .mint_scoped(self.site.as_str(), user.as_str(), TOKEN_TTL_SECS, SCOPES, false)
-            .map_err(|e| Retry::because(format!("cannot sign a token: {e:#}")))?;
-        let post = |body: PostRequest| self.http.post(self.api.clone()).json(&body.to_json());
-        let (user_id, site_id, data_type) = (user.to_string(), self.site.to_string(), "balance".to_owned());
-        let builder = match request {
-            Request::Get => self.http.get(self.api.clone()).query(&[
-                ("action", "get"),
-                ("user_id", user.as_str()),
-                ("data_type", "balance"),
-            ]),
-            Request::Push { coins, base_version, op_id } => post(PostRequest::Push(PushRequest {
-                user_id,
-                site_id,
-                data_type,
-                data: json!({ "coins": coins }),
-                base_version: Some(*base_version),
-                op_id: Some(op_id.clone()),
-                token: None,
-            })),
-            Request::Delta { coins, op_id } => post(PostRequest::Delta(DeltaRequest {
-                user_id,
-                site_id,
-                data_type,
-                delta: serde_json::Map::from_iter([("coins".to_owned(), Value::from(*coins))]),
-                op_id: op_id.clone(),
-                reason: Some("file changed on the site".into()),
-                grant: None,
-                token: None,
-            })),
-        };
-        let response = builder
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
-        let status = response.status();
-        let after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .map(Duration::from_secs);
-        let body =
-            response.bytes().await.map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
-        if status.is_success() {
-            return answer(&body)
-                .ok_or_else(|| Retry::because(format!("{status} with a body that is not the hub's")));
-        }
-        let Ok(error) = serde_json::from_slice::<ErrorAnswer>(&body) else {
-            return Err(Retry { why: format!("{status} with a body that is not the hub's"), after });
-        };
-        // A refused token may be a clock or key being fixed; an overloaded or restarting hub
-        // answers 5xx, 408 or 429. Any other refusal is the hub's answer to this request.
-        if status.is_server_error() || matches!(status.as_u16(), 401 | 408 | 429) {
-            return Err(Retry { why: format!("{status} {}: {}", error.code, error.error), after });
-        }
-        let current = error.current.map(|c| HubBalance { coins: coins_of(&c.data), version: c.version });
-        let reply = match (error.code.as_str(), current) {
-            ("version_conflict", Some(hub)) => Reply::Conflict(hub),
-            ("insufficient_funds", Some(hub)) => Reply::InsufficientFunds(hub),
-            _ => Reply::Refused { code: error.code, message: error.error },
-        };
-        Ok(Answer { reply, epoch: None })
-    }
-}
-
-/// A successful answer (get, push or delta): the balance, and the epoch if named.
-fn answer(body: &[u8]) -> Option<Answer> {
-    #[derive(Deserialize)]
-    struct Success {
-        success: bool,
-        data: Value,
-        version: u64,
-        epoch: Option<String>,
-    }
-    let success: Success = serde_json::from_slice(body).ok().filter(|s: &Success| s.success)?;
-    let hub = HubBalance { coins: coins_of(&success.data), version: success.version };
-    Some(Answer { reply: Reply::Balance(hub), epoch: success.epoch })
-}
-
-fn coins_of(data: &Value) -> i64 {
-    data.get("coins").and_then(Value::as_i64).unwrap_or(0)
 }

@@ -1,0 +1,169 @@
+//! The hub's sync API as the agent uses it: one user's balance at a time, over HTTP
+//! (reqwest), each request with a token of its own, sent again with backoff until the hub
+//! answers. Decides nothing about balances: that is [`crate::reconcile`]'s.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, SiteId, UserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::reconcile::{HubBalance, Reply, Request};
+use crate::token::Signer;
+
+/// The first pause before sending a request again; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The longest a request may take before it counts as failed and is sent again.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The hub's sync API as the agent uses it: one user's balance at a time.
+pub(crate) struct Hub {
+    http: reqwest::Client,
+    /// `<hub URL>/api/sync`.
+    pub(crate) api: reqwest::Url,
+    signer: Signer,
+    site: SiteId,
+}
+
+/// The hub's answer to a request, and its epoch when the answer names it (a get's does).
+pub(crate) struct Answer {
+    pub(crate) reply: Reply,
+    pub(crate) epoch: Option<String>,
+}
+
+/// Why a request must be sent again, and how long the hub asked to wait first.
+struct Retry {
+    why: String,
+    after: Option<Duration>,
+}
+
+impl Retry {
+    fn because(why: impl Into<String>) -> Retry {
+        Retry { why: why.into(), after: None }
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(url: &str, signer: Signer, site: SiteId) -> anyhow::Result<Hub> {
+        let mut base = reqwest::Url::parse(url).with_context(|| format!("--hub {url:?} is not a URL"))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            bail!("--hub {url:?} must be an http:// or https:// URL");
+        }
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let api = base.join("api/sync")?;
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("hub-agent/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Hub { http, api, signer, site })
+    }
+
+    /// Sends `request` until the hub answers it, pausing longer after each failure (up to
+    /// [`MAX_RETRY`], or what the hub asks for).
+    pub(crate) async fn send_until_answered(&self, user: &UserId, request: &Request) -> Answer {
+        let mut pause = FIRST_RETRY;
+        loop {
+            match self.send(user, request).await {
+                Ok(answer) => return answer,
+                Err(retry) => {
+                    let wait =
+                        retry.after.unwrap_or(pause).min(MAX_RETRY).mul_f64(rand::random_range(0.8..1.2));
+                    tracing::warn!(
+                        "{user}: no answer from the hub ({}); trying again in {:.1} s",
+                        retry.why,
+                        wait.as_secs_f64()
+                    );
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    async fn send(&self, user: &UserId, request: &Request) -> Result<Answer, Retry> {
+        let token =
+            self.signer.mint(user).map_err(|e| Retry::because(format!("cannot sign a token: {e:#}")))?;
+        let post = |body: PostRequest| self.http.post(self.api.clone()).json(&body.to_json());
+        let (user_id, site_id, data_type) = (user.to_string(), self.site.to_string(), "balance".to_owned());
+        let builder = match request {
+            Request::Get => self.http.get(self.api.clone()).query(&[
+                ("action", "get"),
+                ("user_id", user.as_str()),
+                ("data_type", "balance"),
+            ]),
+            Request::Push { coins, base_version, op_id } => post(PostRequest::Push(PushRequest {
+                user_id,
+                site_id,
+                data_type,
+                data: json!({ "coins": coins }),
+                base_version: Some(*base_version),
+                op_id: Some(op_id.clone()),
+                token: None,
+            })),
+            Request::Delta { coins, op_id } => post(PostRequest::Delta(DeltaRequest {
+                user_id,
+                site_id,
+                data_type,
+                delta: serde_json::Map::from_iter([("coins".to_owned(), Value::from(*coins))]),
+                op_id: op_id.clone(),
+                reason: Some("file changed on the site".into()),
+                grant: None,
+                token: None,
+            })),
+        };
+        let response = builder
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
+        let status = response.status();
+        let after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(Duration::from_secs);
+        let body =
+            response.bytes().await.map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
+        if status.is_success() {
+            return answer(&body)
+                .ok_or_else(|| Retry::because(format!("{status} with a body that is not the hub's")));
+        }
+        let Ok(error) = serde_json::from_slice::<ErrorAnswer>(&body) else {
+            return Err(Retry { why: format!("{status} with a body that is not the hub's"), after });
+        };
+        // A refused token may be a clock or key being fixed; an overloaded or restarting hub
+        // answers 5xx, 408 or 429. Any other refusal is the hub's answer to this request.
+        if status.is_server_error() || matches!(status.as_u16(), 401 | 408 | 429) {
+            return Err(Retry { why: format!("{status} {}: {}", error.code, error.error), after });
+        }
+        let current = error.current.map(|c| HubBalance { coins: coins_of(&c.data), version: c.version });
+        let reply = match (error.code.as_str(), current) {
+            ("version_conflict", Some(hub)) => Reply::Conflict(hub),
+            ("insufficient_funds", Some(hub)) => Reply::InsufficientFunds(hub),
+            _ => Reply::Refused { code: error.code, message: error.error },
+        };
+        Ok(Answer { reply, epoch: None })
+    }
+}
+
+/// A successful answer (get, push or delta): the balance, and the epoch if named.
+fn answer(body: &[u8]) -> Option<Answer> {
+    #[derive(Deserialize)]
+    struct Success {
+        success: bool,
+        data: Value,
+        version: u64,
+        epoch: Option<String>,
+    }
+    let success: Success = serde_json::from_slice(body).ok().filter(|s: &Success| s.success)?;
+    let hub = HubBalance { coins: coins_of(&success.data), version: success.version };
+    Some(Answer { reply: Reply::Balance(hub), epoch: success.epoch })
+}
+
+fn coins_of(data: &Value) -> i64 {
+    data.get("coins").and_then(Value::as_i64).unwrap_or(0)
+}
