@@ -5,6 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::Refusal;
+use crate::wire::JsonWrite;
 
 /// One kind of user record; each `(user, data_type)` pair is one versioned record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -21,8 +22,15 @@ impl DataType {
     pub const ALL: [DataType; 5] =
         [DataType::Balance, DataType::Points, DataType::Profile, DataType::Roles, DataType::Settings];
 
+    /// The type called `name`, if there is one. Builds no message, unlike [`DataType::parse`]:
+    /// the browser build carries no formatting machinery for one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        DataType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// The type called `s`, or a refusal naming the valid ones.
     pub fn parse(s: &str) -> Result<Self, Refusal> {
-        DataType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+        DataType::from_name(s).ok_or_else(|| {
             Refusal::invalid(
                 "invalid_data_type",
                 format!(
@@ -43,13 +51,24 @@ impl DataType {
         }
     }
 
+    /// This type's position in [`DataType::ALL`]: the one way to keep something per type in
+    /// an array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The data a record holds before its first write.
     pub fn empty_data(self) -> serde_json::Value {
+        self.empty()
+    }
+
+    /// [`DataType::empty_data`] in any JSON value type.
+    pub fn empty<J: JsonWrite>(self) -> J {
         match self {
-            DataType::Balance => serde_json::json!({ "coins": 0 }),
-            DataType::Points => serde_json::json!({ "points": 0 }),
-            DataType::Roles => serde_json::json!({ "global_roles": [], "site_roles": {} }),
-            DataType::Profile | DataType::Settings => serde_json::json!({}),
+            DataType::Balance => J::object().with("coins", J::integer(0)),
+            DataType::Points => J::object().with("points", J::integer(0)),
+            DataType::Roles => J::object().with("global_roles", J::array()).with("site_roles", J::object()),
+            DataType::Profile | DataType::Settings => J::object(),
         }
     }
 }
@@ -87,6 +106,16 @@ mod tests {
             parse_data_types("roles,balance, roles").unwrap(),
             vec![DataType::Roles, DataType::Balance]
         );
+    }
+
+    #[test]
+    fn every_type_is_found_by_its_name_and_indexed_by_its_place() {
+        for (i, t) in DataType::ALL.into_iter().enumerate() {
+            assert_eq!(DataType::from_name(t.as_str()), Some(t));
+            assert_eq!(t.index(), i);
+        }
+        assert_eq!(DataType::from_name("Balance"), None);
+        assert_eq!(DataType::Roles.empty_data(), serde_json::json!({"global_roles": [], "site_roles": {}}));
     }
 
     #[test]

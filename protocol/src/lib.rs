@@ -1,6 +1,8 @@
 //! Wire types and validation rules of the unified-sync protocol, shared by the hub and the
 //! client. Does no I/O, reads no clock and knows nothing of HTTP beyond the status class a
-//! refusal belongs to; builds for native targets and for wasm32.
+//! refusal belongs to and the query strings and entity tags of its requests; builds for
+//! native targets and for wasm32. The hub reads and writes the serde types; the client writes
+//! and reads through [`wire`], which needs no JSON library.
 
 mod answer;
 mod data_type;
@@ -11,6 +13,7 @@ mod request;
 mod scope;
 mod text;
 mod validate;
+pub mod wire;
 
 pub use answer::{
     DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, PushAnswer, RecordState, Stamp, TimestampAnswer,
@@ -23,5 +26,6 @@ pub use merge::merge_patch;
 pub use request::{DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
 pub use scope::{Scope, Scopes};
 pub use validate::{
-    Limits, MAX_AMOUNT, amount_field, validate_delta, validate_push, validate_reason, validate_record,
+    Limits, MAX_AMOUNT, amount_field, normalize_reason, validate_delta, validate_push, validate_reason,
+    validate_record,
 };

@@ -11,11 +11,33 @@ pub(crate) enum Lines {
     Multi,
 }
 
+/// Why [`clean`] refused a text; [`normalize`] says it in a refusal's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unclean {
+    ControlCharacter(char),
+    /// The text's length in characters, after normalization.
+    TooLong(usize),
+}
+
 /// Normalizes user text: CRLF, CR and the Unicode line and paragraph separators become LF
 /// (multi-line fields only; single-line fields refuse them), tabs become spaces, direction
 /// marks and overrides and byte-order marks are dropped, surrounding whitespace is trimmed.
 /// Other control characters are refused, as is text over `max_chars` characters.
 pub(crate) fn normalize(field: &str, s: &str, max_chars: usize, lines: Lines) -> Result<String, Refusal> {
+    clean(s, max_chars, lines).map_err(|unclean| match unclean {
+        Unclean::ControlCharacter(c) => Refusal::invalid(
+            "control_characters",
+            format!("{field} contains a control character (U+{:04X})", c as u32),
+        ),
+        Unclean::TooLong(count) => Refusal::invalid(
+            "text_too_long",
+            format!("{field} is {count} characters long; at most {max_chars} are allowed"),
+        ),
+    })
+}
+
+/// [`normalize`]'s rule, without the message.
+pub(crate) fn clean(s: &str, max_chars: usize, lines: Lines) -> Result<String, Unclean> {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -34,10 +56,7 @@ pub(crate) fn normalize(field: &str, s: &str, max_chars: usize, lines: Lines) ->
             | '\u{2066}'..='\u{2069}'
             | '\u{FEFF}' => {}
             c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                return Err(Refusal::invalid(
-                    "control_characters",
-                    format!("{field} contains a control character (U+{:04X})", c as u32),
-                ));
+                return Err(Unclean::ControlCharacter(c));
             }
             c => out.push(c),
         }
@@ -45,10 +64,7 @@ pub(crate) fn normalize(field: &str, s: &str, max_chars: usize, lines: Lines) ->
     let trimmed = out.trim();
     let count = trimmed.chars().count();
     if count > max_chars {
-        return Err(Refusal::invalid(
-            "text_too_long",
-            format!("{field} is {count} characters long; at most {max_chars} are allowed"),
-        ));
+        return Err(Unclean::TooLong(count));
     }
     Ok(if trimmed.len() == out.len() { out } else { trimmed.to_owned() })
 }

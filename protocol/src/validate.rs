@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::data_type::truncate;
 use crate::ids::is_name;
-use crate::text::{Lines, normalize};
+use crate::text::{Lines, clean, normalize};
 use crate::{DataType, Refusal, SiteId};
 
 /// The largest balance or points value: 2^53 - 1, the largest integer a JavaScript number
@@ -15,6 +15,8 @@ pub const MAX_AMOUNT: i64 = 9_007_199_254_740_991;
 
 /// Most role names one list may hold (global, or one site's).
 const MAX_ROLES: usize = 16;
+/// Longest reason of a delta, in characters.
+const MAX_REASON_CHARS: usize = 100;
 /// Serialized size limit of a settings record.
 const MAX_SETTINGS_BYTES: usize = 4096;
 /// Longest string value inside settings.
@@ -33,9 +35,29 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The rule for a delta's amount, without the message: the code it is refused with
+    /// (`zero_delta`, `delta_too_large`), if it is.
+    pub fn check_amount(self, change: i64) -> Result<(), &'static str> {
+        if change == 0 {
+            Err("zero_delta")
+        } else if change.unsigned_abs() > self.max_delta.unsigned_abs() {
+            Err("delta_too_large")
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Checks the optional `reason` of a delta, kept in the audit ledger.
 pub fn validate_reason(reason: &str) -> Result<String, Refusal> {
-    normalize("reason", reason, 100, Lines::Single)
+    normalize("reason", reason, MAX_REASON_CHARS, Lines::Single)
+}
+
+/// [`validate_reason`]'s rule without the message (the browser build carries no formatting
+/// machinery): the reason as the hub will keep it, or `None` if the hub refuses it.
+pub fn normalize_reason(reason: &str) -> Option<String> {
+    clean(reason, MAX_REASON_CHARS, Lines::Single).ok()
 }
 
 /// The one field of a balance-like record: `coins` for balance, `points` for points.
@@ -118,16 +140,13 @@ pub fn validate_delta(
         return Err(unknown_field(data_type, other));
     }
     let change = integer(field, value)?;
-    if change == 0 {
-        return Err(Refusal::invalid("zero_delta", "a delta of 0 changes nothing"));
+    match limits.check_amount(change) {
+        Ok(()) => Ok(change),
+        Err(code @ "zero_delta") => Err(Refusal::invalid(code, "a delta of 0 changes nothing")),
+        Err(code) => {
+            Err(Refusal::invalid(code, format!("|{field}| is at most {} per delta", limits.max_delta)))
+        }
     }
-    if change.unsigned_abs() > limits.max_delta.unsigned_abs() {
-        return Err(Refusal::invalid(
-            "delta_too_large",
-            format!("|{field}| is at most {} per delta", limits.max_delta),
-        ));
-    }
-    Ok(change)
 }
 
 fn amount_patch(data_type: DataType, data: &Map<String, Value>) -> Result<Map<String, Value>, Refusal> {
@@ -425,5 +444,17 @@ mod tests {
         );
         assert_eq!(delta(DataType::Balance, json!({"points": 1})).unwrap_err().code, "invalid_data");
         assert_eq!(delta(DataType::Profile, json!({"coins": 1})).unwrap_err().code, "invalid_data_type");
+    }
+
+    #[test]
+    fn a_reason_is_normalized_and_refused_by_one_rule_with_or_without_a_message() {
+        for reason in ["game", " claim\t", "a\u{202E}b", "", &"é".repeat(100)] {
+            assert_eq!(normalize_reason(reason), validate_reason(reason).ok(), "{reason:?}");
+        }
+        for reason in ["a\nb", "\u{7}", &"x".repeat(101)] {
+            assert_eq!(normalize_reason(reason), None, "{reason:?}");
+            assert!(validate_reason(reason).is_err(), "{reason:?}");
+        }
+        assert_eq!(normalize_reason(" claim\t").as_deref(), Some("claim"));
     }
 }

@@ -1,0 +1,379 @@
+//! The wire as both sides spell it, without serde: the field names, the requests a client
+//! sends and the answers it reads. Requests are written and answers read through two small
+//! traits that any JSON value can implement — `serde_json::Value` here, the client's own
+//! small value in `sync-core` — so that the browser build of the client carries no JSON
+//! library. Builds and reads only: validates nothing (the `validate_*` rules do, on the hub),
+//! formats no message, and allocates only what it returns.
+
+use crate::DataType;
+
+/// The names of the fields of requests and answers, as the hub's serde types spell them.
+pub mod field {
+    pub const ACTION: &str = "action";
+    pub const USER_ID: &str = "user_id";
+    pub const SITE_ID: &str = "site_id";
+    pub const DATA_TYPE: &str = "data_type";
+    pub const OP_ID: &str = "op_id";
+    /// A push's merge patch; a record's data in an answer.
+    pub const DATA: &str = "data";
+    pub const DELTA: &str = "delta";
+    pub const REASON: &str = "reason";
+    pub const GRANT: &str = "grant";
+    pub const EPOCH: &str = "epoch";
+    pub const VERSION: &str = "version";
+    pub const LAST_UPDATED: &str = "last_updated";
+    /// A timestamp answer's versions per type, for a comma list of types.
+    pub const TIMESTAMPS: &str = "timestamps";
+    pub const REPLAYED: &str = "replayed";
+    /// A refusal's stable code, its message, and the record as it stands.
+    pub const CODE: &str = "code";
+    pub const ERROR: &str = "error";
+    pub const CURRENT: &str = "current";
+}
+
+/// A JSON value requests can be written into.
+pub trait JsonWrite: Sized {
+    /// An empty object.
+    fn object() -> Self;
+    /// An empty array.
+    fn array() -> Self;
+    fn text(value: &str) -> Self;
+    fn integer(value: i64) -> Self;
+    /// This object with `key` set to `value`.
+    fn with(self, key: &str, value: Self) -> Self;
+}
+
+/// A JSON value answers can be read from.
+pub trait JsonRead {
+    /// The value under `key`, if this is an object holding it.
+    fn get(&self, key: &str) -> Option<&Self>;
+    fn as_str(&self) -> Option<&str>;
+    /// A non-negative integer.
+    fn as_u64(&self) -> Option<u64>;
+    fn as_bool(&self) -> Option<bool>;
+    fn is_object(&self) -> bool;
+}
+
+/// The query string (without `?`) of `action=timestamp` for `data_types`: one request per
+/// check. A valid user id needs no escaping in a URL.
+pub fn timestamp_query(user_id: &str, data_types: &[DataType]) -> String {
+    let mut query = ["action=timestamp&user_id=", user_id, "&data_type="].concat();
+    for (i, data_type) in data_types.iter().enumerate() {
+        if i > 0 {
+            query.push(',');
+        }
+        query.push_str(data_type.as_str());
+    }
+    query
+}
+
+/// The query string (without `?`) of `action=get` for one data type.
+pub fn get_query(user_id: &str, data_type: DataType) -> String {
+    ["action=get&user_id=", user_id, "&data_type=", data_type.as_str()].concat()
+}
+
+/// The entity tag of a record at `version` (`"7"`): what `If-None-Match` names to be
+/// answered `304 Not Modified` while the record stays at that version.
+pub fn etag(mut version: u64) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(b'0' + (version % 10) as u8);
+        version /= 10;
+        if version == 0 {
+            break;
+        }
+    }
+    let mut tag = String::from("\"");
+    tag.extend(digits.iter().rev().map(|&d| char::from(d)));
+    tag.push('"');
+    tag
+}
+
+/// What every write request carries: who writes, from which site, which record, and the op
+/// id that makes a resend the same write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteRequest<'a> {
+    pub user_id: &'a str,
+    pub site_id: &'a str,
+    pub data_type: DataType,
+    pub op_id: &'a str,
+}
+
+impl WriteRequest<'_> {
+    /// The body of `action=delta`: add `amount` to the record's amount field, with the reason
+    /// and the grant when there are some.
+    pub fn delta<J: JsonWrite>(&self, amount: i64, reason: Option<&str>, grant: Option<&str>) -> J {
+        let field = crate::amount_field(self.data_type).unwrap_or("coins");
+        let mut body =
+            self.body::<J>("delta").with(field::DELTA, J::object().with(field, J::integer(amount)));
+        for (key, value) in [(field::REASON, reason), (field::GRANT, grant)] {
+            if let Some(value) = value {
+                body = body.with(key, J::text(value));
+            }
+        }
+        body
+    }
+
+    /// The body of `action=push`: merge `patch` into the record.
+    pub fn push<J: JsonWrite>(&self, patch: J) -> J {
+        self.body::<J>("push").with(field::DATA, patch)
+    }
+
+    fn body<J: JsonWrite>(&self, action: &str) -> J {
+        J::object()
+            .with(field::ACTION, J::text(action))
+            .with(field::USER_ID, J::text(self.user_id))
+            .with(field::SITE_ID, J::text(self.site_id))
+            .with(field::DATA_TYPE, J::text(self.data_type.as_str()))
+            .with(field::OP_ID, J::text(self.op_id))
+    }
+}
+
+/// The version a timestamp answer gives for `data_type`: from its `timestamps` when it
+/// answers a comma list, else from the answer itself when it names that type.
+pub fn stamp_version<J: JsonRead>(answer: &J, data_type: DataType) -> Option<u64> {
+    match answer.get(field::TIMESTAMPS) {
+        Some(list) => list.get(data_type.as_str())?.get(field::VERSION)?.as_u64(),
+        None if answer.get(field::DATA_TYPE)?.as_str() == Some(data_type.as_str()) => {
+            answer.get(field::VERSION)?.as_u64()
+        }
+        None => None,
+    }
+}
+
+/// The id of the hub's database an answer names; a client that sees it change drops its cache.
+pub fn epoch<J: JsonRead>(answer: &J) -> Option<&str> {
+    answer.get(field::EPOCH)?.as_str()
+}
+
+/// A record as an answer carries it.
+#[derive(Debug, PartialEq)]
+pub struct RecordRef<'a, J> {
+    /// Always an object.
+    pub data: &'a J,
+    pub version: u64,
+    pub last_updated: Option<&'a str>,
+}
+
+/// The record a `get`, `push` or `delta` answer carries (a refusal's is its `current`).
+pub fn record<J: JsonRead>(answer: &J) -> Option<RecordRef<'_, J>> {
+    Some(RecordRef {
+        data: answer.get(field::DATA).filter(|data| data.is_object())?,
+        version: answer.get(field::VERSION)?.as_u64()?,
+        last_updated: answer.get(field::LAST_UPDATED).and_then(J::as_str),
+    })
+}
+
+/// Whether a write's answer repeats the first answer to its op id (nothing applied again).
+pub fn replayed<J: JsonRead>(answer: &J) -> bool {
+    answer.get(field::REPLAYED).and_then(J::as_bool).unwrap_or(false)
+}
+
+/// What a refusal (`{"success":false,"code","error"}`) says.
+#[derive(Debug, PartialEq)]
+pub struct RefusalRef<'a, J> {
+    pub code: Option<&'a str>,
+    pub message: Option<&'a str>,
+    /// The record as it stands, for refusals caused by its state.
+    pub current: Option<RecordRef<'a, J>>,
+}
+
+pub fn refusal<J: JsonRead>(answer: &J) -> RefusalRef<'_, J> {
+    RefusalRef {
+        code: answer.get(field::CODE).and_then(J::as_str),
+        message: answer.get(field::ERROR).and_then(J::as_str),
+        current: answer.get(field::CURRENT).and_then(record),
+    }
+}
+
+impl JsonWrite for serde_json::Value {
+    fn object() -> Self {
+        serde_json::Value::Object(serde_json::Map::new())
+    }
+
+    fn array() -> Self {
+        serde_json::Value::Array(Vec::new())
+    }
+
+    fn text(value: &str) -> Self {
+        serde_json::Value::from(value)
+    }
+
+    fn integer(value: i64) -> Self {
+        serde_json::Value::from(value)
+    }
+
+    fn with(mut self, key: &str, value: Self) -> Self {
+        if let serde_json::Value::Object(fields) = &mut self {
+            fields.insert(key.to_owned(), value);
+        }
+        self
+    }
+}
+
+impl JsonRead for serde_json::Value {
+    fn get(&self, key: &str) -> Option<&Self> {
+        serde_json::Value::get(self, key)
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        serde_json::Value::as_str(self)
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        serde_json::Value::as_u64(self)
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        serde_json::Value::as_bool(self)
+    }
+
+    fn is_object(&self) -> bool {
+        serde_json::Value::is_object(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        DeltaAnswer, ErrorAnswer, GetAnswer, PostRequest, PushAnswer, RecordState, Stamp, TimestampAnswer,
+        TimestampsAnswer,
+    };
+
+    const WRITE: WriteRequest<'static> = WriteRequest {
+        user_id: "8-evans",
+        site_id: "roflfaucet",
+        data_type: DataType::Balance,
+        op_id: "op-1",
+    };
+
+    #[test]
+    fn written_requests_parse_as_the_hub_reads_them() {
+        let delta: Value = WRITE.delta(-5, Some("game"), Some("h.p.s"));
+        let PostRequest::Delta(parsed) = PostRequest::parse(delta.to_string().as_bytes()).unwrap() else {
+            panic!("not a delta: {delta}")
+        };
+        assert_eq!(
+            (
+                parsed.user_id.as_str(),
+                parsed.site_id.as_str(),
+                parsed.data_type.as_str(),
+                parsed.op_id.as_str()
+            ),
+            ("8-evans", "roflfaucet", "balance", "op-1")
+        );
+        assert_eq!(Value::Object(parsed.delta), json!({"coins": -5}));
+        assert_eq!((parsed.reason.as_deref(), parsed.grant.as_deref()), (Some("game"), Some("h.p.s")));
+
+        let points = WriteRequest { data_type: DataType::Points, ..WRITE };
+        let bare: Value = points.delta(3, None, None);
+        assert_eq!(
+            bare,
+            json!({"action": "delta", "user_id": "8-evans", "site_id": "roflfaucet",
+            "data_type": "points", "op_id": "op-1", "delta": {"points": 3}})
+        );
+
+        let profile = WriteRequest { data_type: DataType::Profile, ..WRITE };
+        let push: Value = profile.push(json!({"bio": "hi"}));
+        let PostRequest::Push(parsed) = PostRequest::parse(push.to_string().as_bytes()).unwrap() else {
+            panic!("not a push: {push}")
+        };
+        assert_eq!((parsed.data, parsed.op_id.as_deref()), (json!({"bio": "hi"}), Some("op-1")));
+    }
+
+    #[test]
+    fn queries_name_the_action_the_user_and_the_types() {
+        assert_eq!(
+            timestamp_query("8-evans", &[DataType::Balance, DataType::Roles]),
+            "action=timestamp&user_id=8-evans&data_type=balance,roles"
+        );
+        assert_eq!(get_query("8-evans", DataType::Profile), "action=get&user_id=8-evans&data_type=profile");
+        for version in [0, 7, 10, 1_000_000, u64::MAX] {
+            assert_eq!(etag(version), format!("\"{version}\""));
+        }
+    }
+
+    #[test]
+    fn answers_the_hub_writes_read_back() {
+        let stamp = |version| Stamp { last_updated: None, version };
+        let list = serde_json::to_value(TimestampsAnswer {
+            success: true,
+            timestamps: [(DataType::Balance, stamp(7)), (DataType::Profile, stamp(0))].into(),
+            epoch: "e1".into(),
+        })
+        .unwrap();
+        assert_eq!(stamp_version(&list, DataType::Balance), Some(7));
+        assert_eq!(stamp_version(&list, DataType::Profile), Some(0));
+        assert_eq!(stamp_version(&list, DataType::Roles), None);
+        assert_eq!(epoch(&list), Some("e1"));
+        let one = serde_json::to_value(TimestampAnswer {
+            success: true,
+            data_type: DataType::Points,
+            last_updated: None,
+            version: 3,
+            epoch: "e1".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            (stamp_version(&one, DataType::Points), stamp_version(&one, DataType::Balance)),
+            (Some(3), None)
+        );
+
+        let data = json!({"coins": 12});
+        let get = serde_json::to_value(GetAnswer {
+            success: true,
+            data_type: DataType::Balance,
+            data: data.clone(),
+            last_updated: Some("t".into()),
+            version: 4,
+            epoch: "e1".into(),
+        })
+        .unwrap();
+        assert_eq!(record(&get), Some(RecordRef { data: &data, version: 4, last_updated: Some("t") }));
+        let delta = serde_json::to_value(DeltaAnswer {
+            success: true,
+            data_type: DataType::Balance,
+            version: 5,
+            data: data.clone(),
+            last_updated: None,
+            replayed: true,
+        })
+        .unwrap();
+        assert!(replayed(&delta));
+        assert_eq!(record(&delta).map(|r| r.version), Some(5));
+        let push = serde_json::to_value(PushAnswer {
+            success: true,
+            data_type: DataType::Balance,
+            timestamp: None,
+            last_updated: None,
+            version: 6,
+            data: data.clone(),
+            replayed: false,
+        })
+        .unwrap();
+        assert!(!replayed(&push));
+        assert_eq!(record(&push).map(|r| r.version), Some(6));
+
+        let refused = serde_json::to_value(ErrorAnswer {
+            success: false,
+            code: "insufficient_funds".into(),
+            error: "coins would go below zero".into(),
+            current: Some(RecordState { data: data.clone(), last_updated: None, version: 5 }),
+        })
+        .unwrap();
+        let refusal = refusal(&refused);
+        assert_eq!(
+            (refusal.code, refusal.message, refusal.current.map(|r| r.version)),
+            (Some("insufficient_funds"), Some("coins would go below zero"), Some(5))
+        );
+    }
+
+    #[test]
+    fn a_record_without_object_data_is_no_record() {
+        assert_eq!(record(&json!({"data": 5, "version": 1})), None);
+        assert_eq!(record(&json!({"data": {}})), None);
+    }
+}
