@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use backon::{ExponentialBuilder, Retryable};
 use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, SiteId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -12,9 +13,14 @@ use serde_json::{Value, json};
 use crate::reconcile::{HubBalance, Reply, Request};
 use crate::token::Signer;
 
-/// The first pause before sending a request again; it doubles up to [`MAX_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// The longest pause between two attempts at a request.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The pauses before each new attempt: 0.5 s, doubling up to [`MAX_RETRY`], for as long as
+/// it takes.
+const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(500))
+    .with_max_delay(MAX_RETRY)
+    .without_max_times();
 /// The longest a request may take before it counts as failed and is sent again.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -65,22 +71,24 @@ impl Hub {
     /// Sends `request` until the hub answers it, pausing longer after each failure (up to
     /// [`MAX_RETRY`], or what the hub asks for).
     pub(crate) async fn send_until_answered(&self, user: &UserId, request: &Request) -> Answer {
-        let mut pause = FIRST_RETRY;
-        loop {
-            match self.send(user, request).await {
-                Ok(answer) => return answer,
-                Err(retry) => {
-                    let wait =
-                        retry.after.unwrap_or(pause).min(MAX_RETRY).mul_f64(rand::random_range(0.8..1.2));
-                    tracing::warn!(
-                        "{user}: no answer from the hub ({}); trying again in {:.1} s",
-                        retry.why,
-                        wait.as_secs_f64()
-                    );
-                    tokio::time::sleep(wait).await;
-                    pause = (pause * 2).min(MAX_RETRY);
-                }
-            }
+        let answered = (|| self.send(user, request))
+            .retry(BACKOFF)
+            // The hub's `Retry-After` stands in for the next pause, and either is spread by
+            // ±20 %, so that agents that failed together do not all come back together.
+            .adjust(|retry: &Retry, pause| {
+                Some(retry.after.or(pause)?.min(MAX_RETRY).mul_f64(rand::random_range(0.8..1.2)))
+            })
+            .notify(|retry, wait| {
+                tracing::warn!(
+                    "{user}: no answer from the hub ({}); trying again in {:.1} s",
+                    retry.why,
+                    wait.as_secs_f64()
+                );
+            })
+            .await;
+        match answered {
+            Ok(answer) => answer,
+            Err(_) => unreachable!("the backoff has no last attempt"),
         }
     }
 

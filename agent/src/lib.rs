@@ -8,8 +8,8 @@
 //! runs it as `hub agent`, reading the site's key and the hub's id from the hub's
 //! configuration format ([`Config`]).
 //!
-//! It watches the folder (inotify on Linux), lets a burst of events settle, reads each
-//! changed file and reconciles it with the hub as [`reconcile`] decides. Requests that fail
+//! It watches the folder (inotify on Linux), lets each event settle (notify-debouncer-full),
+//! reads each changed file and reconciles it with the hub as [`reconcile`] decides. Requests that fail
 //! for a reason that may pass (no connection, 5xx, 429, a refused token) are sent again with
 //! backoff until answered; the file is read anew each time a user is reconciled, so only its
 //! latest value is pushed. What the file and the hub last agreed on is kept in a state file
@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use protocol::{Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -45,8 +46,8 @@ pub use self::token::Signer;
 /// The state file's name in the watched folder, unless `--state` names another.
 pub const STATE_FILE: &str = ".hub-agent-state.json";
 
-/// How long a burst of file events may go on before the files are read: a writer that
-/// writes in several steps, or writes a temporary file and renames it, is then read once.
+/// How long each file event is held before its file is read: a writer that writes in several
+/// steps, or writes a temporary file and renames it, is then read once.
 const SETTLE: Duration = Duration::from_millis(150);
 /// Each request carries a token minted for it, valid this long (or the site's
 /// `max_token_ttl_secs`, if shorter).
@@ -147,7 +148,7 @@ struct Agent {
     misnamed: HashSet<String>,
     events: mpsc::UnboundedReceiver<Signal>,
     /// Keeps the watcher running.
-    _watcher: RecommendedWatcher,
+    _watcher: Watcher,
 }
 
 impl Agent {
@@ -238,7 +239,6 @@ impl Agent {
             }
             let signal = self.events.recv().await.context("the file watcher stopped")?;
             self.note(signal, &mut pending)?;
-            tokio::time::sleep(SETTLE).await;
         }
     }
 
@@ -455,18 +455,40 @@ fn load(path: &Path) -> anyhow::Result<State> {
     Ok(state)
 }
 
-/// Starts watching `dir`; events arrive on the receiver.
-fn watch(dir: &Path) -> anyhow::Result<(RecommendedWatcher, mpsc::UnboundedReceiver<Signal>)> {
+/// The file watcher, behind the debouncer that holds each event for [`SETTLE`].
+type Watcher = Debouncer<RecommendedWatcher, RecommendedCache>;
+
+/// Starts watching `dir`; events arrive on the receiver, each once it is [`SETTLE`] old.
+///
+/// The debouncer's thread wakes every [`SETTLE`] / 3 to hand over the events that have
+/// settled, also while nothing happens: a few wakeups a second, in exchange for every event
+/// settling the same way, those that arrive during a reconciliation too.
+fn watch(dir: &Path) -> anyhow::Result<(Watcher, mpsc::UnboundedReceiver<Signal>)> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let signal = match event {
-            Ok(event) if event.need_rescan() => Signal::Lost("the event queue overflowed".into()),
-            Ok(event) if changes_content(event.kind) => Signal::Changed(event.paths),
-            Ok(_) => return,
-            Err(e) => Signal::Lost(e.to_string()),
+    let mut watcher = new_debouncer(SETTLE, Some(SETTLE / 3), move |events: DebounceEventResult| {
+        let signals = match events {
+            Ok(events) => events
+                .into_iter()
+                .filter_map(|debounced| {
+                    let event = debounced.event;
+                    if event.need_rescan() {
+                        Some(Signal::Lost("the event queue overflowed".into()))
+                    } else if changes_content(event.kind) {
+                        Some(Signal::Changed(event.paths))
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            Err(errors) => {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                vec![Signal::Lost(errors.join("; "))]
+            }
         };
         // The receiver is gone only when the agent stops.
-        let _ = tx.send(signal);
+        for signal in signals {
+            let _ = tx.send(signal);
+        }
     })
     .context("cannot start the file watcher")?;
     watcher
