@@ -448,14 +448,9 @@ impl Config {
         if self.auth && self.sites.is_empty() {
             bail!("no [[sites]] configured: add one, or start with --dev");
         }
-        if self.limits.op_retention_days < 7 {
-            bail!("limits.op_retention_days must be at least 7");
-        }
+        self.validate_records()?;
         if self.limits.requests_per_minute == 0 || self.limits.unauthenticated_requests_per_minute == 0 {
             bail!("request limits must be at least 1 per minute");
-        }
-        if self.limits.max_delta <= 0 {
-            bail!("limits.max_delta must be positive");
         }
         self.metrics.token()?;
         for site in &self.sites {
@@ -473,6 +468,18 @@ impl Config {
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             bail!("site {} is configured twice", w[0]);
+        }
+        Ok(())
+    }
+
+    /// Checks the settings that decide how records are kept and changed: all that `hub
+    /// import` reads, which needs no site, key or certificate.
+    pub fn validate_records(&self) -> anyhow::Result<()> {
+        if self.limits.op_retention_days < 7 {
+            bail!("limits.op_retention_days must be at least 7");
+        }
+        if self.limits.max_delta <= 0 {
+            bail!("limits.max_delta must be positive");
         }
         Ok(())
     }

@@ -7,6 +7,10 @@
 //! second run, or a run after the sites have moved a balance, changes nothing. The file's
 //! `last_updated` is not kept: the hub stamps records with its own clock. Subfolders and files
 //! not named `*.json` are left alone.
+//!
+//! An import opens the store and the domain over it ([`open`]) and nothing else of the hub:
+//! no site, key, certificate or metrics token is read, so it runs from an operator's shell
+//! that lacks the hub's secrets.
 
 use std::path::Path;
 
@@ -15,8 +19,9 @@ use hub_agent::balance_file;
 use protocol::UserId;
 use serde_json::Value;
 
+use crate::config::Config;
 use crate::domain::{Domain, DomainError};
-use crate::store::Rejection;
+use crate::store::{Rejection, StoreMetrics};
 
 /// A file that holds a balance the hub can take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +54,14 @@ pub enum Outcome {
         version: u64,
         coins: i64,
     },
+}
+
+/// The domain over the store `config` names, for an import: the settings that decide how
+/// records are kept are checked, and nothing else is read.
+pub fn open(config: &Config) -> anyhow::Result<Domain> {
+    config.validate_records()?;
+    let store = crate::store::open(config, StoreMetrics::default())?;
+    Ok(Domain::new(store, protocol::Limits { max_delta: config.limits.max_delta }))
 }
 
 /// Reads every `*.json` file of `dir`.

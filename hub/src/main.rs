@@ -243,12 +243,11 @@ async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow
     let outcomes = if dry_run && fresh {
         vec![Outcome::Imported; scan.balances.len()]
     } else {
-        let app = App::open(config)?;
-        let domain = app.domain();
+        let domain = import::open(&config)?;
         let outcomes = if dry_run {
-            import::preview(domain, &scan.balances).await
+            import::preview(&domain, &scan.balances).await
         } else {
-            import::apply(domain, &scan.balances).await
+            import::apply(&domain, &scan.balances).await
         };
         domain.store().close().await;
         outcomes?

@@ -1,14 +1,14 @@
 //! `hub import`, run as an operator moving from per-user balance files: it takes the seed's
 //! file shapes, refuses unusable files by name and reason, writes nothing on a dry run, is
-//! safe to run twice, never overwrites a balance the hub already has, and will not run
-//! while a hub serves the same data dir.
+//! safe to run twice, never overwrites a balance the hub already has, will not run while a
+//! hub serves the same data dir, and needs none of the hub's secrets.
 
 mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use support::{Deployment, snapshot};
+use support::{Deployment, snapshot, test_config};
 
 fn hub_import(config: &Path, data_dir: &Path, from: &Path, dry_run: bool) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
@@ -137,4 +137,30 @@ async fn an_import_will_not_run_while_a_hub_serves_the_data_dir() {
     assert_eq!(balances(&deployment.data_dir).0, vec![]);
     // Once the hub is gone, the same import goes through.
     assert!(hub_import(&config, &deployment.data_dir, from.path(), false).status.success());
+}
+
+#[test]
+fn an_import_reads_no_site_key_certificate_or_metrics_token() {
+    // The hub's configuration as an operator's shell sees it: the secrets it names live in
+    // the service's environment and files, which the shell has not.
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut config = test_config(&data_dir);
+    for site in &mut config.sites {
+        site.secret = None;
+        site.secret_env = Some(format!("IMPORT_TEST_UNSET_{}_SECRET", site.id.to_uppercase()));
+    }
+    config.tls_cert = Some(dir.path().join("missing-cert.pem"));
+    config.tls_key = Some(dir.path().join("missing-key.pem"));
+    config.metrics.token_env = Some("IMPORT_TEST_UNSET_METRICS_TOKEN".into());
+    let path = dir.path().join("hub.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let from = tempfile::tempdir().unwrap();
+    std::fs::write(from.path().join("8-evans.json"), r#"{"coins": 150}"#).unwrap();
+
+    let out = hub_import(&path, &data_dir, from.path(), false);
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("imported 8-evans.json: 150 coins"), "{report}");
+    assert_eq!(balances(&data_dir).0, vec![("8-evans".to_owned(), r#"{"coins":150}"#.to_owned(), 1)]);
 }

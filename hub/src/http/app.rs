@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -21,7 +20,6 @@ use crate::domain::{Caller, Ceilings, Domain};
 use crate::limit::RateLimits;
 use crate::metrics::{LimitScope, Metrics, Seen};
 use crate::store::Store;
-use crate::store::sqlite::{MAX_BATCH, SqliteOptions, SqliteStore};
 use crate::time::now_ms;
 use crate::tls::Tls;
 
@@ -94,16 +92,8 @@ impl App {
     pub fn open(config: Config) -> anyhow::Result<App> {
         config.validate()?;
         let metrics = Metrics::new(config.sites.iter().map(|s| s.id.as_str()), now_ms());
-        let store = SqliteStore::open(
-            &config.data_dir,
-            SqliteOptions {
-                op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
-                max_batch: if config.store.group_commit { MAX_BATCH } else { 1 },
-                op_log_capacity: config.store.op_ids_in_memory,
-                metrics: metrics.store().clone(),
-            },
-        )?;
-        Self::with_store(config, Arc::new(store), metrics)
+        let store = crate::store::open(&config, metrics.store().clone())?;
+        Self::with_store(config, store, metrics)
     }
 
     /// Builds the app over any store, reading the TLS certificate if one is configured;

@@ -10,11 +10,28 @@ mod op_index;
 pub mod sqlite;
 pub mod stamps;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use protocol::{DataType, OpId, Refusal, SiteId, UserId};
 use serde_json::Value;
+
+use crate::config::Config;
+
+/// Opens the store `config` names, in its data dir — SQLite, the one backend so far — with
+/// its settings; it records its commits in `metrics`.
+pub fn open(config: &Config, metrics: StoreMetrics) -> anyhow::Result<Arc<dyn Store>> {
+    let options = sqlite::SqliteOptions {
+        op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
+        max_batch: if config.store.group_commit { sqlite::MAX_BATCH } else { 1 },
+        op_log_capacity: config.store.op_ids_in_memory,
+        metrics,
+    };
+    Ok(Arc::new(sqlite::SqliteStore::open(&config.data_dir, options)?))
+}
 
 /// One `(user, data_type)` record.
 #[derive(Debug, Clone, PartialEq)]
