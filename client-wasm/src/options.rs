@@ -1,6 +1,7 @@
 //! `SyncOptions` as the page passes them, read once at construction.
 
 use js_sys::{Function, Reflect};
+use protocol::compact::concat;
 use sync_core::DataType;
 use wasm_bindgen::{JsCast, JsValue};
 
@@ -29,7 +30,7 @@ pub(crate) fn field(options: &JsValue, name: &str) -> JsValue {
 
 fn required_string(options: &JsValue, name: &str) -> Result<String, SyncError> {
     field(options, name).as_string().filter(|s| !s.is_empty()).ok_or_else(|| {
-        SyncError::new("invalid_options", ["SyncManager needs ", name, " (a string)"].concat())
+        SyncError::new("invalid_options", concat(&["SyncManager needs ", name, " (a string)"]))
     })
 }
 
@@ -41,7 +42,7 @@ fn function(options: &JsValue, name: &str) -> Result<Option<Function>, SyncError
     }
     match value.dyn_into::<Function>() {
         Ok(f) => Ok(Some(f)),
-        Err(_) => Err(SyncError::new("invalid_options", [name, " must be a function"].concat())),
+        Err(_) => Err(SyncError::new("invalid_options", concat(&[name, " must be a function"]))),
     }
 }
 
@@ -52,7 +53,7 @@ fn millis(options: &JsValue, name: &str) -> Result<Option<u64>, SyncError> {
     }
     match value.as_f64() {
         Some(n) if n >= 0.0 && n.is_finite() => Ok(Some(n as u64)),
-        _ => Err(SyncError::new("invalid_options", [name, " must be a number of milliseconds"].concat())),
+        _ => Err(SyncError::new("invalid_options", concat(&[name, " must be a number of milliseconds"]))),
     }
 }
 
@@ -114,7 +115,7 @@ impl Options {
         if url.ends_with("/api/sync.php") || url.ends_with("/api/sync") {
             url.to_owned()
         } else {
-            [url, "/api/sync"].concat()
+            concat(&[url, "/api/sync"])
         }
     }
 }

@@ -14,6 +14,7 @@ use std::rc::{Rc, Weak};
 
 use js_sys::{Function, Promise};
 use protocol::Refusal;
+use protocol::compact::concat;
 use sync_core::{
     Config, DataType, Engine, Event, Grant, Json, Method, Persisted, Reply, Request, Shared, Source, Trigger,
 };
@@ -146,8 +147,8 @@ pub(crate) struct Shell {
 impl Shell {
     pub(crate) fn start(options: Options) -> Result<Rc<Shell>, SyncError> {
         let endpoint = options.endpoint();
-        let storage_key = ["unified-sync:", &endpoint, ":", &options.user_id].concat();
-        let channel = [storage_key.as_str(), ":", &options.site_id].concat();
+        let storage_key = concat(&["unified-sync:", &endpoint, ":", &options.user_id]);
+        let channel = concat(&[storage_key.as_str(), ":", &options.site_id]);
         let mut config = Config::new(options.site_id, options.user_id, options.data_types);
         config.needs_token = options.get_token.is_some();
         config.asks_for_grants = options.get_grant.is_some();
@@ -310,7 +311,7 @@ impl Shell {
 
     fn send(&self, request: Request) {
         let (url, method) = match (&request.method, &request.query) {
-            (Method::Get, Some(query)) => ([self.endpoint.as_str(), "?", query].concat(), "GET"),
+            (Method::Get, Some(query)) => (concat(&[self.endpoint.as_str(), "?", query]), "GET"),
             _ => (self.endpoint.clone(), "POST"),
         };
         self.host.send(
@@ -329,7 +330,7 @@ impl Shell {
     /// Registers `listener`; a data listener hears at once what is already known.
     pub(crate) fn on(&self, event: &str, listener: &Function) {
         let engine = self.engine.borrow();
-        let known = sync_core::data_type_named(event).and_then(|data_type| {
+        let known = DataType::from_name(event).and_then(|data_type| {
             let view = engine.view(data_type)?;
             let (version, last_updated) =
                 engine.record(data_type).map_or((0, None), |r| (r.version, r.last_updated.clone()));
@@ -422,7 +423,7 @@ impl Shell {
 
 /// The data type a page names, or an error listing the valid ones.
 pub(crate) fn data_type_of(name: &str) -> Result<DataType, SyncError> {
-    sync_core::data_type_named(name).ok_or_else(|| {
+    DataType::from_name(name).ok_or_else(|| {
         SyncError::new(
             "invalid_data_type",
             "the data type must be balance, points, profile, roles or settings",

@@ -64,11 +64,12 @@ impl DataType {
 
     /// [`DataType::empty_data`] in any JSON value type.
     pub fn empty<J: JsonWrite>(self) -> J {
-        match self {
-            DataType::Balance => J::object().with("coins", J::integer(0)),
-            DataType::Points => J::object().with("points", J::integer(0)),
-            DataType::Roles => J::object().with("global_roles", J::array()).with("site_roles", J::object()),
-            DataType::Profile | DataType::Settings => J::object(),
+        match (crate::amount_field(self), self) {
+            (Some(amount), _) => J::object().with(amount, J::integer(0)),
+            (None, DataType::Roles) => {
+                J::object().with("global_roles", J::array()).with("site_roles", J::object())
+            }
+            (None, _) => J::object(),
         }
     }
 }

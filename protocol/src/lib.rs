@@ -5,6 +5,7 @@
 //! and reads through [`wire`], which needs no JSON library.
 
 mod answer;
+pub mod compact;
 mod data_type;
 mod error;
 mod ids;
@@ -26,6 +27,6 @@ pub use merge::merge_patch;
 pub use request::{DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
 pub use scope::{Scope, Scopes};
 pub use validate::{
-    Limits, MAX_AMOUNT, amount_field, normalize_reason, validate_delta, validate_push, validate_reason,
+    Limits, MAX_AMOUNT, amount_field, is_valid_reason, validate_delta, validate_push, validate_reason,
     validate_record,
 };

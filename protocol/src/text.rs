@@ -11,9 +11,9 @@ pub(crate) enum Lines {
     Multi,
 }
 
-/// Why [`clean`] refused a text; [`normalize`] says it in a refusal's words.
+/// Why [`walk`] refused a text; [`normalize`] says it in a refusal's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Unclean {
+enum Unclean {
     ControlCharacter(char),
     /// The text's length in characters, after normalization.
     TooLong(usize),
@@ -24,7 +24,8 @@ pub(crate) enum Unclean {
 /// marks and overrides and byte-order marks are dropped, surrounding whitespace is trimmed.
 /// Other control characters are refused, as is text over `max_chars` characters.
 pub(crate) fn normalize(field: &str, s: &str, max_chars: usize, lines: Lines) -> Result<String, Refusal> {
-    clean(s, max_chars, lines).map_err(|unclean| match unclean {
+    let mut out = String::with_capacity(s.len());
+    walk(s, max_chars, lines, |c| out.push(c)).map_err(|unclean| match unclean {
         Unclean::ControlCharacter(c) => Refusal::invalid(
             "control_characters",
             format!("{field} contains a control character (U+{:04X})", c as u32),
@@ -33,40 +34,54 @@ pub(crate) fn normalize(field: &str, s: &str, max_chars: usize, lines: Lines) ->
             "text_too_long",
             format!("{field} is {count} characters long; at most {max_chars} are allowed"),
         ),
-    })
+    })?;
+    let trimmed = out.trim();
+    Ok(if trimmed.len() == out.len() { out } else { trimmed.to_owned() })
 }
 
-/// [`normalize`]'s rule, without the message.
-pub(crate) fn clean(s: &str, max_chars: usize, lines: Lines) -> Result<String, Unclean> {
-    let mut out = String::with_capacity(s.len());
+/// Whether [`normalize`] accepts `s`: its rule, without a message or the normalized text.
+pub(crate) fn acceptable(s: &str, max_chars: usize, lines: Lines) -> bool {
+    walk(s, max_chars, lines, |_| {}).is_ok()
+}
+
+/// Reads `s` as [`normalize`] rewrites it, handing each character it keeps to `keep` (before
+/// the trim), and refuses what it refuses.
+fn walk(s: &str, max_chars: usize, lines: Lines, mut keep: impl FnMut(char)) -> Result<(), Unclean> {
+    // Characters kept so far, and the places (1-based) of the first and the last that are
+    // not whitespace: between them lies what the trim leaves.
+    let (mut kept, mut first, mut last) = (0, 0, 0);
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
-        match c {
-            '\t' => out.push(' '),
+        let c = match c {
+            '\t' => ' ',
             '\r' | '\n' | '\u{2028}' | '\u{2029}' if lines == Lines::Multi => {
                 if c == '\r' && chars.peek() == Some(&'\n') {
                     chars.next();
                 }
-                out.push('\n');
+                '\n'
             }
             '\u{200E}'
             | '\u{200F}'
             | '\u{061C}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2066}'..='\u{2069}'
-            | '\u{FEFF}' => {}
+            | '\u{FEFF}' => continue,
             c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
                 return Err(Unclean::ControlCharacter(c));
             }
-            c => out.push(c),
+            c => c,
+        };
+        keep(c);
+        kept += 1;
+        if !c.is_whitespace() {
+            if first == 0 {
+                first = kept;
+            }
+            last = kept;
         }
     }
-    let trimmed = out.trim();
-    let count = trimmed.chars().count();
-    if count > max_chars {
-        return Err(Unclean::TooLong(count));
-    }
-    Ok(if trimmed.len() == out.len() { out } else { trimmed.to_owned() })
+    let count = if first == 0 { 0 } else { last - first + 1 };
+    if count > max_chars { Err(Unclean::TooLong(count)) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -106,6 +121,21 @@ mod tests {
         assert_eq!(normalize("display_name", "a\u{200F}b\u{202E}cd", 64, Lines::Single).unwrap(), "abcd");
         let family = "👨\u{200D}👩\u{200D}👧";
         assert_eq!(normalize("avatar", family, 16, Lines::Single).unwrap(), family);
+    }
+
+    #[test]
+    fn what_is_acceptable_is_what_normalizes() {
+        for (s, max) in [("  a\u{200E} ", 1), ("\u{200E} \t", 0), ("a\tb", 3), ("a\r\nb", 3), ("a\u{7}", 9)] {
+            for lines in [Lines::Single, Lines::Multi] {
+                assert_eq!(
+                    acceptable(s, max, lines),
+                    normalize("f", s, max, lines).is_ok(),
+                    "{s:?} {lines:?}"
+                );
+            }
+        }
+        assert!(acceptable("  a\u{200E} ", 1, Lines::Single));
+        assert!(!acceptable("a\tb", 2, Lines::Single));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::data_type::truncate;
 use crate::ids::is_name;
-use crate::text::{Lines, clean, normalize};
+use crate::text::{Lines, acceptable, normalize};
 use crate::{DataType, Refusal, SiteId};
 
 /// The largest balance or points value: 2^53 - 1, the largest integer a JavaScript number
@@ -54,10 +54,10 @@ pub fn validate_reason(reason: &str) -> Result<String, Refusal> {
     normalize("reason", reason, MAX_REASON_CHARS, Lines::Single)
 }
 
-/// [`validate_reason`]'s rule without the message (the browser build carries no formatting
-/// machinery): the reason as the hub will keep it, or `None` if the hub refuses it.
-pub fn normalize_reason(reason: &str) -> Option<String> {
-    clean(reason, MAX_REASON_CHARS, Lines::Single).ok()
+/// Whether the hub accepts `reason`: [`validate_reason`]'s rule, without a message (the
+/// browser build carries no formatting machinery) or the normalized text (the hub normalizes).
+pub fn is_valid_reason(reason: &str) -> bool {
+    acceptable(reason, MAX_REASON_CHARS, Lines::Single)
 }
 
 /// The one field of a balance-like record: `coins` for balance, `points` for points.
@@ -447,14 +447,16 @@ mod tests {
     }
 
     #[test]
-    fn a_reason_is_normalized_and_refused_by_one_rule_with_or_without_a_message() {
-        for reason in ["game", " claim\t", "a\u{202E}b", "", &"é".repeat(100)] {
-            assert_eq!(normalize_reason(reason), validate_reason(reason).ok(), "{reason:?}");
+    fn a_reason_is_judged_by_one_rule_with_or_without_a_message() {
+        for reason in
+            ["game", " claim\t", "a\u{202E}b", "", &"é".repeat(100), &format!(" {} ", "x".repeat(100))]
+        {
+            assert!(is_valid_reason(reason), "{reason:?}");
+            assert!(validate_reason(reason).is_ok(), "{reason:?}");
         }
         for reason in ["a\nb", "\u{7}", &"x".repeat(101)] {
-            assert_eq!(normalize_reason(reason), None, "{reason:?}");
+            assert!(!is_valid_reason(reason), "{reason:?}");
             assert!(validate_reason(reason).is_err(), "{reason:?}");
         }
-        assert_eq!(normalize_reason(" claim\t").as_deref(), Some("claim"));
     }
 }

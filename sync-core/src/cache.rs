@@ -2,6 +2,7 @@
 //! with its storage format.
 
 use protocol::DataType;
+use protocol::wire::{self, RecordRef};
 
 use crate::{Json, Op};
 
@@ -17,24 +18,30 @@ pub struct CachedRecord {
 impl CachedRecord {
     pub fn to_json(&self) -> Json {
         Json::object()
-            .with("data", self.data.clone())
-            .with("version", self.version)
-            .with("last_updated", self.last_updated.clone())
+            .with(wire::field::DATA, self.data.clone())
+            .with(wire::field::VERSION, self.version)
+            .with(wire::field::LAST_UPDATED, self.last_updated.clone())
     }
 
-    /// Reads a record from storage or from a hub answer (`data`, `version`, `last_updated`).
+    /// Reads a record from storage or from a hub answer: storage keeps the answers' shape.
     pub fn from_json(json: &Json) -> Option<CachedRecord> {
-        Some(CachedRecord {
-            data: json.get("data").filter(|d| d.is_object())?.clone(),
-            version: json.get("version")?.as_u64()?,
-            last_updated: json.get("last_updated").and_then(Json::as_str).map(str::to_owned),
-        })
+        wire::record(json).map(CachedRecord::from)
+    }
+}
+
+impl From<RecordRef<'_, Json>> for CachedRecord {
+    fn from(record: RecordRef<'_, Json>) -> CachedRecord {
+        CachedRecord {
+            data: record.data.clone(),
+            version: record.version,
+            last_updated: record.last_updated.map(str::to_owned),
+        }
     }
 }
 
 /// One slot per data type: the five types are few enough that a map would only cost size.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PerType<T>([Option<T>; 5]);
+pub struct PerType<T>([Option<T>; DataType::ALL.len()]);
 
 impl<T> Default for PerType<T> {
     fn default() -> Self {
@@ -44,11 +51,11 @@ impl<T> Default for PerType<T> {
 
 impl<T> PerType<T> {
     pub fn get(&self, t: DataType) -> Option<&T> {
-        self.0[t as usize].as_ref()
+        self.0[t.index()].as_ref()
     }
 
     pub fn insert(&mut self, t: DataType, value: T) {
-        self.0[t as usize] = Some(value);
+        self.0[t.index()] = Some(value);
     }
 
     pub fn clear(&mut self) {
@@ -89,8 +96,7 @@ impl Persisted {
         let mut records = PerType::default();
         if let Some(Json::Object(pairs)) = json.get("records") {
             for (name, record) in pairs {
-                if let (Some(t), Some(record)) =
-                    (crate::data_type_named(name), CachedRecord::from_json(record))
+                if let (Some(t), Some(record)) = (DataType::from_name(name), CachedRecord::from_json(record))
                 {
                     records.insert(t, record);
                 }

@@ -1,7 +1,9 @@
 //! The sync state machine: when to check, what to fetch, what to send and resend, and what
 //! to tell the page. See the crate docs for the call order.
 
-use protocol::{DataType, Refusal};
+use protocol::compact::{concat, decimal};
+use protocol::wire;
+use protocol::{DataType, Limits, Refusal};
 
 use crate::cache::{CachedRecord, PerType, Persisted};
 use crate::outbox::{Op, OpKind, backoff_ms};
@@ -24,6 +26,11 @@ pub struct Config {
     pub spinner_delay_ms: u64,
     /// While the tab is visible, check after this long without a check.
     pub inactivity_ms: u64,
+    /// The hub's limits, which a delta is checked against before it is queued. The hub does
+    /// not tell its clients its configured `limits.max_delta`, so this is the hub's default; a
+    /// caller that knows its hub's configuration sets it. A delta the hub finds too large is
+    /// refused there (`delta_too_large`) and rolled back.
+    pub limits: Limits,
     /// A request unanswered after this long counts as a network failure.
     pub request_timeout_ms: u64,
     /// First retry delay of a failed write; doubles per attempt up to `retry_max_ms`.
@@ -45,6 +52,7 @@ impl Config {
             asks_for_grants: false,
             spinner_delay_ms: 150,
             inactivity_ms: 5 * 60 * 1000,
+            limits: Limits::default(),
             request_timeout_ms: 15_000,
             retry_base_ms: 1_000,
             retry_max_ms: 60_000,
@@ -395,14 +403,17 @@ impl Engine {
         let field = protocol::amount_field(data_type).ok_or_else(|| {
             Refusal::invalid("invalid_data_type", "a delta applies to balance and points only")
         })?;
-        if amount == 0 {
-            return Err(Refusal::invalid("zero_delta", "a delta of 0 changes nothing"));
-        }
-        if amount.unsigned_abs() > protocol::Limits::default().max_delta.unsigned_abs() {
-            return Err(Refusal::invalid("delta_too_large", "the delta is larger than the hub accepts"));
-        }
+        self.config.limits.check_amount(amount).map_err(|code| {
+            let message = if code == "zero_delta" {
+                "a delta of 0 changes nothing"
+            } else {
+                "the delta is larger than the hub accepts"
+            };
+            Refusal::invalid(code, message)
+        })?;
+        // Judged by the hub's own rule; the hub normalizes what it keeps.
         let reason = reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
-        if reason.as_ref().is_some_and(|r| r.chars().count() > 100 || r.chars().any(char::is_control)) {
+        if reason.as_deref().is_some_and(|r| !protocol::is_valid_reason(r)) {
             return Err(Refusal::invalid(
                 "invalid_reason",
                 "the reason must be at most 100 characters of plain text",
@@ -410,7 +421,7 @@ impl Engine {
         }
         let current = self.view(data_type).and_then(|v| v.get(field).and_then(Json::as_i64)).unwrap_or(0);
         if current + amount < 0 {
-            return Err(Refusal::invalid("insufficient_funds", [field, " would go below zero"].concat()));
+            return Err(Refusal::invalid("insufficient_funds", concat(&[field, " would go below zero"])));
         }
         let (op_id, grant) = match grant {
             Some(Grant { jwt, op_id }) if !self.knows(&op_id) => (op_id, Some(jwt)),
@@ -488,7 +499,7 @@ impl Engine {
         if base.is_none() && pending.clone().next().is_none() {
             return None;
         }
-        let mut data = base.map_or_else(|| empty_data(data_type), |r| r.data.clone());
+        let mut data = base.map_or_else(|| data_type.empty(), |r| r.data.clone());
         for op in pending {
             op.apply(&mut data);
         }
@@ -571,7 +582,7 @@ impl Engine {
                 return;
             }
         };
-        let Some(epoch) = body.get("epoch").and_then(Json::as_str).map(str::to_owned) else {
+        let Some(epoch) = wire::epoch(&body).map(str::to_owned) else {
             self.log(&["timestamp answer without epoch → ERROR"]);
             self.finish_check(now, false);
             return;
@@ -584,10 +595,10 @@ impl Engine {
         self.epoch = Some(epoch);
         let mut fetch = Vec::new();
         for data_type in self.config.data_types.clone() {
-            let server = stamp_version(&body, data_type);
+            let server = wire::stamp_version(&body, data_type);
             let local = self.records.get(data_type).map(|r| r.version);
             let changed = local.is_none() || server != local;
-            let show = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| ["v", &decimal(v)].concat());
+            let show = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |v| concat(&["v", &decimal(v)]));
             let decision = if changed { "FETCH" } else { "SKIP" };
             self.log(&[
                 data_type.as_str(),
@@ -607,9 +618,8 @@ impl Engine {
             return;
         }
         for data_type in &fetch {
-            let etag = self.records.get(*data_type).map(|r| ["\"", &decimal(r.version), "\""].concat());
-            let query =
-                ["action=get&user_id=", &self.config.user_id, "&data_type=", data_type.as_str()].concat();
+            let etag = self.records.get(*data_type).map(|r| wire::etag(r.version));
+            let query = wire::get_query(&self.config.user_id, *data_type);
             let check_id = self.check.as_ref().map_or(0, |c| c.id);
             self.send(now, Purpose::Fetch(*data_type, check_id), Method::Get, Some(query), None, etag, false);
         }
@@ -705,9 +715,8 @@ impl Engine {
                 self.next_write_ms = now;
                 self.token_refreshed = false;
                 self.finish(index);
-                let replayed = body.get("replayed").and_then(Json::as_bool).unwrap_or(false);
                 if let Some(record) = CachedRecord::from_json(&body) {
-                    let outcome = if replayed { " replayed v" } else { " applied v" };
+                    let outcome = if wire::replayed(&body) { " replayed v" } else { " applied v" };
                     self.log(&[data_type.as_str(), ": write ", op_id, outcome, &decimal(record.version)]);
                     self.store(data_type, record.clone());
                     self.share(data_type, record, Some(op_id.to_owned()));
@@ -727,7 +736,8 @@ impl Engine {
                 self.retry_later(now, retry_after, "hub busy");
             }
             _ => {
-                let code = body.get("code").and_then(Json::as_str).unwrap_or("refused");
+                let refusal = wire::refusal(&body);
+                let code = refusal.code.unwrap_or("refused");
                 // The hub never applied the op: with a fresh grant for the same op id, the
                 // next attempt is still a retry.
                 if code == "grant_expired"
@@ -752,8 +762,8 @@ impl Engine {
                     }
                     return;
                 }
-                let message = body.get("error").and_then(Json::as_str).unwrap_or("the hub refused the write");
-                let current = body.get("current").and_then(CachedRecord::from_json);
+                let message = refusal.message.unwrap_or("the hub refused the write");
+                let current = refusal.current.map(CachedRecord::from);
                 self.refuse(index, code.into(), message.into(), current);
             }
         }
@@ -877,9 +887,7 @@ impl Engine {
             return;
         }
         if check_pending {
-            let types: Vec<&str> = self.config.data_types.iter().map(|t| t.as_str()).collect();
-            let query =
-                ["action=timestamp&user_id=", &self.config.user_id, "&data_type=", &types.join(",")].concat();
+            let query = wire::timestamp_query(&self.config.user_id, &self.config.data_types);
             self.send(now, Purpose::Stamps, Method::Get, Some(query), None, None, false);
             if let Some(check) = &mut self.check {
                 check.stage = Stage::Stamps;
@@ -1018,51 +1026,14 @@ impl Engine {
     /// A debug line made of `parts`, joined only when debugging is on.
     fn log(&mut self, parts: &[&str]) {
         if self.config.debug {
-            self.events.push(Event::Log(["[SYNC] ", &parts.concat()].concat()));
+            self.events.push(Event::Log(concat(&["[SYNC] ", &concat(parts)])));
         }
     }
-}
-
-/// The version a timestamp answer (list or single shaped) gives for `data_type`.
-fn stamp_version(body: &Json, data_type: DataType) -> Option<u64> {
-    match body.get("timestamps") {
-        Some(list) => list.get(data_type.as_str())?.get("version")?.as_u64(),
-        None if body.get("data_type").and_then(Json::as_str) == Some(data_type.as_str()) => {
-            body.get("version")?.as_u64()
-        }
-        None => None,
-    }
-}
-
-/// What a record holds before its first write (the hub's `DataType::empty_data`).
-fn empty_data(data_type: DataType) -> Json {
-    match data_type {
-        DataType::Balance => Json::object().with("coins", 0i64),
-        DataType::Points => Json::object().with("points", 0i64),
-        DataType::Roles => {
-            Json::object().with("global_roles", Json::Array(Vec::new())).with("site_roles", Json::object())
-        }
-        DataType::Profile | DataType::Settings => Json::object(),
-    }
-}
-
-/// Decimal digits of `n`. The engine formats numbers by hand: the formatting machinery would
-/// cost the browser build more than everything here.
-fn decimal(mut n: u64) -> String {
-    let mut digits = Vec::new();
-    loop {
-        digits.push(b'0' + (n % 10) as u8);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    digits.iter().rev().map(|&d| char::from(d)).collect()
 }
 
 /// `+5` or `-5`.
 fn signed(n: i64) -> String {
-    [if n < 0 { "-" } else { "+" }, &decimal(n.unsigned_abs())].concat()
+    concat(&[if n < 0 { "-" } else { "+" }, &decimal(n.unsigned_abs())])
 }
 
 #[cfg(test)]
@@ -1070,10 +1041,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn numbers_are_written_in_decimal() {
-        for n in [0, 7, 10, 99, 1_000_000, u64::MAX] {
-            assert_eq!(decimal(n), n.to_string());
-        }
+    fn signed_numbers_are_written_in_decimal() {
         assert_eq!(signed(-12), "-12");
         assert_eq!(signed(5), "+5");
     }

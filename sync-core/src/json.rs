@@ -123,6 +123,50 @@ impl Json {
     }
 }
 
+impl protocol::wire::JsonWrite for Json {
+    fn object() -> Json {
+        Json::object()
+    }
+
+    fn array() -> Json {
+        Json::Array(Vec::new())
+    }
+
+    fn text(value: &str) -> Json {
+        Json::from(value)
+    }
+
+    fn integer(value: i64) -> Json {
+        Json::from(value)
+    }
+
+    fn with(self, key: &str, value: Json) -> Json {
+        Json::with(self, key, value)
+    }
+}
+
+impl protocol::wire::JsonRead for Json {
+    fn get(&self, key: &str) -> Option<&Json> {
+        Json::get(self, key)
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        Json::as_str(self)
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        Json::as_u64(self)
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        Json::as_bool(self)
+    }
+
+    fn is_object(&self) -> bool {
+        Json::is_object(self)
+    }
+}
+
 impl From<&str> for Json {
     fn from(s: &str) -> Json {
         Json::String(s.to_owned())

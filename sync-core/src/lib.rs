@@ -28,12 +28,6 @@ pub use json::Json;
 pub use outbox::{Op, OpKind};
 pub use protocol::DataType;
 
-/// The data type called `name`, if there is one. (Unlike `DataType::parse`, builds no error
-/// message: the browser build carries no formatting machinery for it.)
-pub fn data_type_named(name: &str) -> Option<DataType> {
-    DataType::ALL.into_iter().find(|t| t.as_str() == name)
-}
-
 /// Identifies one request the engine asked to send.
 pub type RequestId = u64;
 
@@ -154,7 +148,7 @@ impl Shared {
     pub fn from_json(json: &Json) -> Option<Shared> {
         Some(Shared {
             epoch: json.get("epoch")?.as_str()?.to_owned(),
-            data_type: crate::data_type_named(json.get("data_type")?.as_str()?)?,
+            data_type: DataType::from_name(json.get("data_type")?.as_str()?)?,
             record: CachedRecord::from_json(json.get("record")?)?,
             finished: json.get("finished").and_then(Json::as_str).map(str::to_owned),
         })

@@ -2,6 +2,7 @@
 //! first send, so a resend after a lost answer is recognized by the hub and not applied twice.
 
 use protocol::DataType;
+use protocol::wire::WriteRequest;
 
 use crate::Json;
 
@@ -44,24 +45,12 @@ impl Op {
 
     /// The request body that sends this write to the hub.
     pub fn body(&self, user_id: &str, site_id: &str) -> Json {
-        let base = Json::object()
-            .with("user_id", user_id)
-            .with("site_id", site_id)
-            .with("data_type", self.data_type.as_str())
-            .with("op_id", self.op_id.as_str());
+        let request = WriteRequest { user_id, site_id, data_type: self.data_type, op_id: &self.op_id };
         match &self.kind {
             OpKind::Delta { amount, reason, grant } => {
-                let field = protocol::amount_field(self.data_type).unwrap_or("coins");
-                let mut body =
-                    base.with("action", "delta").with("delta", Json::object().with(field, *amount));
-                for (key, value) in [("reason", reason), ("grant", grant)] {
-                    if let Some(value) = value {
-                        body.set(key, Json::from(value.as_str()));
-                    }
-                }
-                body
+                request.delta(*amount, reason.as_deref(), grant.as_deref())
             }
-            OpKind::Push { patch } => base.with("action", "push").with("data", patch.clone()),
+            OpKind::Push { patch } => request.push(patch.clone()),
         }
     }
 
@@ -80,7 +69,7 @@ impl Op {
 
     pub fn from_json(json: &Json) -> Option<Op> {
         let op_id = json.get("op_id")?.as_str()?.to_owned();
-        let data_type = crate::data_type_named(json.get("data_type")?.as_str()?)?;
+        let data_type = DataType::from_name(json.get("data_type")?.as_str()?)?;
         let text = |key| json.get(key).and_then(Json::as_str).map(str::to_owned);
         let kind = match (json.get("delta"), json.get("patch")) {
             (Some(delta), None) => {
