@@ -9,7 +9,8 @@
 //   await demo.close();                          // SIGINT, and checks that the demo exited
 //
 // The caller builds first: `cargo xtask build-pkg && cargo build -p hub -p xtask`; the demo
-// builds the release hub, whose `hub token` signs the backends' own tokens here.
+// builds the release hub, whose `hub token` signs the backends' own tokens here, and the demo
+// sites (`demo-sites`), which xtask starts beside it.
 // Nothing here sleeps to let time pass: every wait is a bounded poll for a condition.
 
 import { execFileSync, spawn } from "node:child_process";
@@ -108,6 +109,15 @@ function childrenOf(pid) {
   return children;
 }
 
+/** SIGKILL to `pid`, unless it is gone already. */
+function killIfThere(pid) {
+  try {
+    process.kill(pid, "SIGKILL");
+  } catch {
+    // it exited meanwhile
+  }
+}
+
 function commandOf(pid) {
   try {
     return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
@@ -181,9 +191,9 @@ export class Demo {
       }),
     );
     const killOnExit = () => {
-      const hub = this.hubPid();
+      const servers = this.serverPids();
       child.kill("SIGKILL");
-      if (hub) process.kill(hub, "SIGKILL");
+      for (const pid of servers) killIfThere(pid);
     };
     process.once("exit", killOnExit);
     this.exited.then(() => process.removeListener("exit", killOnExit));
@@ -228,6 +238,15 @@ export class Demo {
     return null;
   }
 
+  /** The processes the demo started: the hub and the sites (`…/demo-sites`). */
+  serverPids() {
+    if (!this.child) return [];
+    return childrenOf(this.child.pid).filter((pid) => {
+      const command = commandOf(pid);
+      return (command[0]?.endsWith("/hub") && command[1] === "serve") || command[0]?.endsWith("/demo-sites");
+    });
+  }
+
   /**
    * Freezes the hub (SIGSTOP): the kernel still accepts connections, nothing answers. Waits
    * until every thread has stopped (one inside a system call stops only when it returns).
@@ -251,15 +270,17 @@ export class Demo {
     const child = this.child;
     if (!child) return { code: 0, signal: null, already: true };
     this.thawHub();
-    const hub = this.hubPid();
+    const servers = this.serverPids();
     child.kill("SIGINT");
     const timer = setTimeout(() => {
       child.kill("SIGKILL");
-      if (hub) process.kill(hub, "SIGKILL");
+      for (const pid of servers) killIfThere(pid);
     }, 15_000);
     const exit = await this.exited;
     clearTimeout(timer);
-    if (hub) await until(() => commandOf(hub).length === 0, "the hub process to be gone");
+    for (const pid of servers) {
+      await until(() => commandOf(pid).length === 0, `the demo's process ${pid} to be gone`);
+    }
     return exit;
   }
 

@@ -9,7 +9,6 @@ mod demo;
 mod fuzz;
 mod prereq;
 mod process;
-mod sites;
 mod soak;
 mod suite;
 mod tidy;

@@ -22,9 +22,9 @@ pub fn run() -> anyhow::Result<()> {
     step("npm", &["ci", "--prefix", "tests/browser", "--no-audit", "--no-fund"])?;
     step("npm", &["test", "--prefix", "tests/browser"])?;
     // The seed's own acceptance list, against the real `cargo xtask demo`, whose release
-    // build of the hub is made here so that no test waits for a compiler.
+    // builds of the hub and the demo sites are made here so that no test waits for a compiler.
     step("cargo", &["build", "-p", "xtask"])?;
-    step("cargo", &["build", "--release", "-p", "hub"])?;
+    step("cargo", &["build", "--release", "-p", "hub", "-p", "demo-sites"])?;
     step("npm", &["ci", "--prefix", "tests/e2e", "--no-audit", "--no-fund"])?;
     step("npm", &["test", "--prefix", "tests/e2e"])?;
     println!("==> all checks and tests passed");

@@ -17,6 +17,9 @@ const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("sync-core", &["tokio", "hyper", "axum", "rusqlite", "web-sys", "js-sys", "wasm-bindgen"]),
     // `hub agent` is a client of the public sync API: it cannot name the hub's domain or store.
     ("hub-agent", &["hub", "rusqlite"]),
+    // xtask runs the workspace's programs and compiles none of them, so that `cargo xtask`
+    // answers before the server would have built.
+    ("xtask", &["hub", "hub-agent", "demo-sites", "sync-core", "rusqlite", "axum"]),
 ];
 
 /// Layers of the hub that must not name what lies outside them. `cargo tree` cannot see

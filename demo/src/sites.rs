@@ -49,7 +49,7 @@ use tokio::task::JoinSet;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::process::root;
+use crate::root;
 
 /// How long a token stays valid; the package asks for a new one when the hub answers 401.
 const TOKEN_TTL_SECS: u64 = 600;
