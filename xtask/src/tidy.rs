@@ -1,6 +1,7 @@
 //! Architecture invariants that a machine can check, as ARCHITECTURE.md states them: which
 //! crates a crate must not depend on (read from `cargo tree`), which names a layer's source
-//! must not mention, and which files must never be tracked (read from `git ls-files`).
+//! must not mention, which way the hub's modules import each other, and which files must
+//! never be tracked (read from `git ls-files`).
 //! Reports every violation, not just the first. Compiles nothing.
 
 use std::path::{Path, PathBuf};
@@ -34,8 +35,21 @@ const FORBIDDEN_NAMES: &[(&str, &[&str])] = &[
     ("sync-core/src", &["Instant::now", "SystemTime"]),
 ];
 
+/// The hub's modules, outermost first: a module imports (`crate::…`) only modules of a later
+/// rank, so that requests travel one way, `server` → `http` → `domain` → `store`, with what
+/// several layers need below them all.
+const HUB_LAYERS: &[&[&str]] = &[
+    &["server"],
+    &["http"],
+    &["auth", "limit", "metrics", "tls", "import"],
+    &["domain"],
+    &["store"],
+    &["config", "time", "bounded"],
+];
+
 pub fn run() -> anyhow::Result<()> {
     let mut problems = Vec::new();
+    problems.extend(hub_imports_upward()?);
     for (krate, forbidden) in FORBIDDEN_DEPENDENCIES {
         problems.extend(forbidden_dependencies(krate, forbidden)?);
     }
@@ -87,6 +101,64 @@ fn forbidden_names(path: &str, forbidden: &[&str]) -> anyhow::Result<Vec<String>
         }
     }
     Ok(problems)
+}
+
+/// Every `crate::module` a hub module names that is not below it in [`HUB_LAYERS`].
+fn hub_imports_upward() -> anyhow::Result<Vec<String>> {
+    let rank = |module: &str| HUB_LAYERS.iter().position(|layer| layer.contains(&module));
+    let src = root().join("hub/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files).context("cannot read hub/src")?;
+    let mut problems = Vec::new();
+    for file in files {
+        let relative = file.strip_prefix(&src).unwrap_or(&file);
+        let Some(first) = relative.components().next().and_then(|c| c.as_os_str().to_str()) else { continue };
+        let module = first.trim_end_matches(".rs");
+        if matches!(module, "lib" | "main") {
+            continue;
+        }
+        let Some(own) = rank(module) else {
+            problems
+                .push(format!("hub/src/{} is in no layer of HUB_LAYERS in xtask's tidy", relative.display()));
+            continue;
+        };
+        let text =
+            std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            for named in crate_modules(line) {
+                if named != module && rank(named).is_none_or(|theirs| theirs <= own) {
+                    problems.push(format!(
+                        "hub/src/{}:{} ({module}) imports crate::{named}, which is not below it",
+                        relative.display(),
+                        number + 1
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// The top-level modules a line names as `crate::module` or `crate::{module, …}`.
+fn crate_modules(line: &str) -> Vec<&str> {
+    let ident =
+        |s: &str| -> usize { s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(s.len()) };
+    let mut found = Vec::new();
+    for (at, _) in line.match_indices("crate::") {
+        let rest = &line[at + "crate::".len()..];
+        if let Some(list) = rest.strip_prefix('{') {
+            let list = &list[..list.find('}').unwrap_or(list.len())];
+            found.extend(
+                list.split(',').map(str::trim).map(|item| &item[..ident(item)]).filter(|m| !m.is_empty()),
+            );
+        } else {
+            let name = &rest[..ident(rest)];
+            if !name.is_empty() && name.starts_with(|c: char| c.is_ascii_lowercase()) {
+                found.push(name);
+            }
+        }
+    }
+    found
 }
 
 /// `path` itself if it is a file, or every `.rs` file below it.
@@ -146,7 +218,15 @@ fn wasm_bindgen_pinned() -> anyhow::Result<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_build_output;
+    use super::{crate_modules, is_build_output};
+
+    #[test]
+    fn crate_paths_name_their_top_level_modules() {
+        assert_eq!(crate_modules("use crate::store::{Record, Stamp};"), ["store"]);
+        assert_eq!(crate_modules("use crate::{config, domain::Caller};"), ["config", "domain"]);
+        assert_eq!(crate_modules("if x == crate::config::IMPORT_SITE && crate::App::new()"), ["config"]);
+        assert!(crate_modules("use super::App; // not crate-wide").is_empty());
+    }
 
     #[test]
     fn build_outputs_are_recognized() {
