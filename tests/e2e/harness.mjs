@@ -162,6 +162,8 @@ export class Demo {
   /** Spawns `xtask demo` (on free ports the first time, on the same ports and data after). */
   async start() {
     if (this.child) throw new Error("the demo is already running");
+    // Only this start's lines: a restart must not take the last run's guide for its own.
+    this.log = [];
     if (!this.ports) {
       const taken = [];
       for (const name of ["hub", "faucet", "charity"]) taken.push(await freePort(taken));
