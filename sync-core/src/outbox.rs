@@ -81,17 +81,3 @@ impl Op {
         Some(Op { op_id, data_type, kind })
     }
 }
-
-/// Exponential backoff with equal jitter (between half and all of the doubled step): the
-/// delay before retry `attempt` (1-based), at least `retry_after_ms` when the hub asked for it.
-pub(crate) fn backoff_ms(
-    attempt: u32,
-    base_ms: u64,
-    max_ms: u64,
-    retry_after_ms: u64,
-    rng: &mut fastrand::Rng,
-) -> u64 {
-    let exponential = base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(max_ms);
-    let jittered = exponential / 2 + rng.u64(0..=exponential / 2);
-    jittered.max(retry_after_ms)
-}
