@@ -145,7 +145,7 @@ impl SyncManager {
         reason: Option<String>,
         options: JsValue,
     ) -> Result<String, JsValue> {
-        Ok(self.shell.apply_delta(data_type, &delta, reason, &options)?)
+        self.shell.apply_delta(data_type, &delta, reason, &options)
     }
 
     /// Merges `changes` into a record (profile fields, settings, this site's roles) without

@@ -1,6 +1,9 @@
-//! `SyncOptions` as the page passes them, read once at construction.
+//! `SyncOptions` as the page passes them, read once at construction. Their shapes (strings,
+//! callbacks, milliseconds, the spinner) are checked in JavaScript (`readOptions` in
+//! `shell.rs`), which says it in fewer bytes of the package than Rust reading the object one
+//! field at a time; the ids and data type names are checked here, by `protocol`'s rules.
 
-use js_sys::{Function, Reflect};
+use js_sys::{Array, Function};
 use protocol::compact::concat;
 use sync_core::DataType;
 use wasm_bindgen::{JsCast, JsValue};
@@ -24,88 +27,38 @@ pub(crate) struct Options {
     pub debug: bool,
 }
 
-pub(crate) fn field(options: &JsValue, name: &str) -> JsValue {
-    Reflect::get(options, &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED)
-}
-
-fn required_string(options: &JsValue, name: &str) -> Result<String, SyncError> {
-    field(options, name).as_string().filter(|s| !s.is_empty()).ok_or_else(|| {
-        SyncError::new("invalid_options", concat(&["SyncManager needs ", name, " (a string)"]))
-    })
-}
-
-/// An optional callback option.
-fn function(options: &JsValue, name: &str) -> Result<Option<Function>, SyncError> {
-    let value = field(options, name);
-    if value.is_undefined() || value.is_null() {
-        return Ok(None);
-    }
-    match value.dyn_into::<Function>() {
-        Ok(f) => Ok(Some(f)),
-        Err(_) => Err(SyncError::new("invalid_options", concat(&[name, " must be a function"]))),
-    }
-}
-
-fn millis(options: &JsValue, name: &str) -> Result<Option<u64>, SyncError> {
-    let value = field(options, name);
-    if value.is_undefined() {
-        return Ok(None);
-    }
-    match value.as_f64() {
-        Some(n) if n >= 0.0 && n.is_finite() => Ok(Some(n as u64)),
-        _ => Err(SyncError::new("invalid_options", concat(&[name, " must be a number of milliseconds"]))),
-    }
-}
-
 impl Options {
-    pub(crate) fn from_js(options: &JsValue) -> Result<Options, SyncError> {
-        if !options.is_object() {
-            return Err(SyncError::new("invalid_options", "SyncManager needs an options object"));
+    /// Reads the page's options, or the `Error` (with its `code`) that says what is wrong.
+    pub(crate) fn from_js(options: &JsValue) -> Result<Options, JsValue> {
+        let read = crate::shell::read_options(options)?;
+        let text = |i| read.get(i).as_string().unwrap_or_default();
+        let callback = |i| read.get(i).dyn_into::<Function>().ok();
+        let millis = |i| read.get(i).as_f64().filter(|ms| *ms >= 0.0).map(|ms| ms as u64);
+        let (user_id, site_id) = (text(0), text(1));
+        protocol::UserId::parse(&user_id).map_err(SyncError::from)?;
+        protocol::SiteId::parse(&site_id).map_err(SyncError::from)?;
+        let mut data_types = Vec::new();
+        for name in Array::from(&read.get(2)).iter() {
+            let data_type = crate::shell::data_type_of(&name.as_string().unwrap_or_default())?;
+            if !data_types.contains(&data_type) {
+                data_types.push(data_type);
+            }
         }
-        let user_id = required_string(options, "userId")?;
-        protocol::UserId::parse(&user_id)?;
-        let site_id = required_string(options, "siteId")?;
-        protocol::SiteId::parse(&site_id)?;
-        let types = field(options, "dataTypes");
-        let data_types = if types.is_undefined() {
-            vec![DataType::Balance, DataType::Profile, DataType::Roles]
-        } else {
-            let array: js_sys::Array = types
-                .dyn_into()
-                .map_err(|_| SyncError::new("invalid_options", "dataTypes must be an array"))?;
-            let mut list = Vec::new();
-            for item in array.iter() {
-                let name = item.as_string().unwrap_or_default();
-                let t = crate::shell::data_type_of(&name)?;
-                if !list.contains(&t) {
-                    list.push(t);
-                }
-            }
-            if list.is_empty() {
-                return Err(SyncError::new("invalid_options", "dataTypes must name at least one type"));
-            }
-            list
-        };
-        let spinner = field(options, "spinner");
-        if !(spinner.is_undefined()
-            || spinner.is_object()
-            || spinner.is_function()
-            || spinner.as_bool() == Some(false))
-        {
-            return Err(SyncError::new("invalid_options", "spinner must be false, a function or an object"));
+        if data_types.is_empty() {
+            return Err(SyncError::new("invalid_options", "dataTypes must name at least one type").into());
         }
         Ok(Options {
-            hub_url: required_string(options, "hubUrl")?,
+            hub_url: text(4),
             site_id,
             user_id,
-            get_token: function(options, "getToken")?,
-            get_grant: function(options, "getGrant")?,
+            get_token: callback(5),
+            get_grant: callback(6),
             data_types,
-            spinner,
-            spinner_delay_ms: millis(options, "spinnerDelayMs")?,
-            inactivity_ms: millis(options, "inactivityMs")?,
-            request_timeout_ms: millis(options, "requestTimeoutMs")?,
-            debug: field(options, "debug").as_bool().unwrap_or(false),
+            spinner: read.get(3),
+            spinner_delay_ms: millis(7),
+            inactivity_ms: millis(8),
+            request_timeout_ms: millis(9),
+            debug: read.get(10).as_bool() == Some(true),
         })
     }
 

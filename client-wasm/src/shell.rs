@@ -21,7 +21,7 @@ use sync_core::{
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
 
-use crate::options::{Options, field};
+use crate::options::Options;
 
 /// A refusal on the JavaScript side: an `Error` with a `code`.
 #[derive(Debug)]
@@ -44,9 +44,7 @@ impl From<Refusal> for SyncError {
 
 impl From<SyncError> for JsValue {
     fn from(e: SyncError) -> JsValue {
-        let error = js_sys::Error::new(&e.message);
-        let _ = js_sys::Reflect::set(&error, &"code".into(), &e.code.into());
-        error.into()
+        error(e.code, &e.message)
     }
 }
 
@@ -123,7 +121,7 @@ const LEAVING: u32 = 6;
 /// Another tab's message (`value`).
 const SHARED: u32 = 7;
 /// The answer to request `id`: `status` (0 when none came), the body's text (`value`) and
-/// `Retry-After` (`extra`).
+/// `Retry-After` in seconds (`extra`: a number, NaN when there is none or it is a date).
 const REPLY: u32 = 8;
 /// What `getToken` or `getGrant` gave (`value`, empty when nothing usable); `extra` is the
 /// op id a grant was asked for, `undefined` for a token.
@@ -215,7 +213,8 @@ impl Shell {
                 } else {
                     let text = value.as_string().unwrap_or_default();
                     let body = if text.is_empty() { Json::Null } else { parse(&text) };
-                    let retry_after = extra.as_string().and_then(|v| v.trim().parse().ok());
+                    let retry_after =
+                        extra.as_f64().filter(|s| *s >= 0.0 && s.fract() == 0.0).map(|s| s as u64);
                     Reply::Answer { status: status as u16, body, retry_after }
                 };
                 engine.handle_reply(now, id as u64, reply);
@@ -362,31 +361,24 @@ impl Shell {
         delta: &JsValue,
         reason: Option<String>,
         options: &JsValue,
-    ) -> Result<String, SyncError> {
+    ) -> Result<String, JsValue> {
         let data_type = data_type_of(data_type)?;
-        let amount = match delta.as_f64() {
-            Some(n) => Some(n),
-            None => protocol::amount_field(data_type).and_then(|name| field(delta, name).as_f64()),
-        };
-        let amount =
-            amount.filter(|n| n.fract() == 0.0 && n.abs() <= protocol::MAX_AMOUNT as f64).ok_or_else(
-                || SyncError::new("not_an_integer", "the delta must be a whole number, e.g. {coins: 10}"),
-            )? as i64;
-        let grant = field(options, "grant");
-        let grant = if grant.is_undefined() || grant.is_null() {
-            None
-        } else {
-            let jwt = grant.as_string().unwrap_or_default();
-            let op_id = grant_op_id(&jwt).as_string().filter(|id| !id.is_empty()).ok_or_else(|| {
-                SyncError::new("grant_invalid", "the grant must be a JWT whose payload names an op_id")
-            })?;
-            Some(Grant::new(jwt, op_id))
-        };
+        let field = protocol::amount_field(data_type).unwrap_or_default();
+        let credit = read_delta(delta, field, options);
+        if !js_sys::Array::is_array(&credit) {
+            return Err(credit);
+        }
+        let credit: js_sys::Array = credit.unchecked_into();
+        let amount = credit.get(0).as_f64().unwrap_or_default() as i64;
+        let grant = credit.get(1).as_string().zip(credit.get(2).as_string());
         let mut engine = self.engine.borrow_mut();
         let op_id = match grant {
-            Some(grant) => engine.apply_delta_with_grant(now(), data_type, amount, reason, grant),
+            Some((jwt, op_id)) => {
+                engine.apply_delta_with_grant(now(), data_type, amount, reason, Grant::new(jwt, op_id))
+            }
             None => engine.apply_delta(now(), data_type, amount, reason),
-        }?;
+        }
+        .map_err(SyncError::from)?;
         drop(engine);
         self.drive();
         Ok(op_id)
@@ -484,7 +476,7 @@ export function connect(channelName, spinner, input) {
       if (ifNoneMatch) headers["If-None-Match"] = ifNoneMatch;
       if (body != null) headers["Content-Type"] = "application/json";
       fetch(url, { method, headers, body, keepalive, mode: "cors" })
-        .then((r) => r.text().then((t) => input(8, id, r.status, t, r.headers.get("Retry-After"))))
+        .then((r) => r.text().then((t) => input(8, id, r.status, t, +(r.headers.get("Retry-After") ?? NaN))))
         .catch(() => input(8, id, 0));
     },
     ask(callback, request, opId) {
@@ -555,10 +547,41 @@ export function save(key, value) {
     localStorage.setItem(key, value);
   } catch (e) {}
 }
-export function grantOpId(grant) {
+export function error(code, message) {
+  return Object.assign(new Error(message), { code });
+}
+export function readOptions(o) {
+  const fail = (message) => {
+    throw error("invalid_options", message);
+  };
+  if (typeof o !== "object" || o === null) fail("SyncManager needs an options object");
+  const text = (name) => (typeof o[name] === "string" && o[name]) || fail("SyncManager needs " + name + " (a string)");
+  const callback = (name) => (o[name] == null || typeof o[name] === "function" ? o[name] : fail(name + " must be a function"));
+  const millis = (name) =>
+    o[name] === undefined
+      ? -1
+      : typeof o[name] === "number" && o[name] >= 0 && o[name] < Infinity
+        ? o[name]
+        : fail(name + " must be a number of milliseconds");
+  const user = text("userId"), site = text("siteId");
+  const types = o.dataTypes === undefined ? ["balance", "profile", "roles"] : o.dataTypes;
+  if (!Array.isArray(types)) fail("dataTypes must be an array");
+  const { spinner } = o;
+  if (!(spinner === undefined || spinner === false || typeof spinner === "function" || (typeof spinner === "object" && spinner !== null)))
+    fail("spinner must be false, a function or an object");
+  return [user, site, types, spinner, text("hubUrl"), callback("getToken"), callback("getGrant"),
+    millis("spinnerDelayMs"), millis("inactivityMs"), millis("requestTimeoutMs"), o.debug === true];
+}
+export function readDelta(delta, field, options) {
+  const amount = typeof delta === "number" ? delta : delta?.[field];
+  if (!Number.isSafeInteger(amount)) return error("not_an_integer", "the delta must be a whole number, e.g. {coins: 10}");
+  const grant = options?.grant;
+  if (grant == null) return [amount];
   try {
-    return JSON.parse(atob(grant.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).op_id;
+    const opId = JSON.parse(atob(grant.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).op_id;
+    if (typeof opId === "string" && opId) return [amount, grant, opId];
   } catch (e) {}
+  return error("grant_invalid", "the grant must be a JWT whose payload names an op_id");
 }
 "#)]
 extern "C" {
@@ -628,10 +651,22 @@ extern "C" {
     /// `localStorage.setItem`; a full or unavailable storage is ignored.
     fn save(key: &str, value: &str);
 
-    /// The `op_id` claim of a grant's payload (base64url JSON), read without checking the
-    /// signature (the hub does); `undefined` when there is none.
-    #[wasm_bindgen(js_name = grantOpId)]
-    fn grant_op_id(grant: &str) -> JsValue;
+    /// An `Error` with a `code`: how the package refuses what the page asked.
+    fn error(code: &str, message: &str) -> JsValue;
+
+    /// The page's `SyncOptions` in an array, in this order: userId, siteId, dataTypes,
+    /// spinner, hubUrl, getToken, getGrant, spinnerDelayMs, inactivityMs, requestTimeoutMs (-1
+    /// when not given), debug; or the `Error` (code `invalid_options`) naming the first that is
+    /// wrong.
+    #[wasm_bindgen(catch, js_name = readOptions)]
+    pub(crate) fn read_options(options: &JsValue) -> Result<js_sys::Array, JsValue>;
+
+    /// What `applyDelta` was given, as `[amount]` or `[amount, grant, its op id]`: the amount
+    /// (a number, or the `field` of an object) a safe integer, and the grant's payload
+    /// (base64url JSON, read without checking the signature: the hub does) naming an op id;
+    /// else the `Error` saying which is wrong.
+    #[wasm_bindgen(js_name = readDelta)]
+    fn read_delta(delta: &JsValue, field: &str, options: &JsValue) -> JsValue;
 }
 
 #[wasm_bindgen]
