@@ -12,6 +12,10 @@ use anyhow::Context;
 use crate::prereq::WASM_TARGET;
 use crate::process::{command, root, step, step_with, succeeds, target_dir};
 
+/// The package's budget, wasm and JS glue gzipped together: `cargo xtask test` fails above it,
+/// and `cargo xtask bench` reports against it.
+pub const MAX_BYTES: u64 = 40_000;
+
 /// The generated files, named after the package.
 const OUT_NAME: &str = "unified_balance";
 /// Features Rust's wasm output uses that binaryen must be told about.
@@ -70,11 +74,20 @@ pub fn run() -> anyhow::Result<u64> {
     let wasm_size = sizes(&built)?;
     let js_size = sizes(&pkg.join(format!("{OUT_NAME}.js")))?;
     println!(
-        "==> unified-balance: wasm + JS glue = {} bytes gzipped ({:.1} KiB; the target is at most 40 KB)",
+        "==> unified-balance: wasm + JS glue = {} bytes gzipped ({:.1} KiB; at most {MAX_BYTES} bytes)",
         wasm_size + js_size,
         (wasm_size + js_size) as f64 / 1024.0
     );
     Ok(wasm_size + js_size)
+}
+
+/// Fails when the package built at `bytes` (gzipped, as [`run`] returns it) is over its budget.
+pub fn check_size(bytes: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        bytes <= MAX_BYTES,
+        "the package is {bytes} bytes gzipped, over its budget of {MAX_BYTES}: see docs/performance.md for where its bytes go"
+    );
+    Ok(())
 }
 
 /// Prints a file's raw and gzipped size and returns the gzipped one.
@@ -114,4 +127,16 @@ pub fn check_contents() -> anyhow::Result<()> {
     anyhow::ensure!(files == expected, "npm pack would publish {files:?}, not {expected:?}");
     println!("npm pack: {}", files.join(", "));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_package_over_its_budget_fails_the_suite() {
+        assert!(check_size(MAX_BYTES).is_ok());
+        let error = check_size(MAX_BYTES + 1).unwrap_err().to_string();
+        assert!(error.contains("40001 bytes gzipped, over its budget of 40000"), "{error}");
+    }
 }

@@ -16,7 +16,7 @@ pub fn run() -> anyhow::Result<()> {
     step("cargo", &["test", "--workspace"])?;
     crate::fuzz::check()?;
     println!("==> cargo xtask build-pkg");
-    crate::build_pkg::run()?;
+    crate::build_pkg::check_size(crate::build_pkg::run()?)?;
     crate::build_pkg::check_contents()?;
     step("cargo", &["build", "-p", "hub"])?;
     step("npm", &["ci", "--prefix", "tests/browser", "--no-audit", "--no-fund"])?;
