@@ -45,15 +45,15 @@ impl Default for State {
 }
 
 #[derive(Debug)]
-pub(super) struct Check {
+struct Check {
     id: u64,
     /// Why it started, for the log.
-    pub(super) reason: &'static str,
-    pub(super) started_ms: u64,
+    reason: &'static str,
+    started_ms: u64,
     /// The triggers waiting for its end, each told by an [`Event::CheckDone`].
-    pub(super) tickets: Vec<u64>,
+    tickets: Vec<u64>,
     stage: Stage,
-    pub(super) spinner: Spinner,
+    spinner: Spinner,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -66,7 +66,7 @@ enum Stage {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Spinner {
+enum Spinner {
     /// Shown if the check still runs then.
     Due(u64),
     Shown,

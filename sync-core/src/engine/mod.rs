@@ -251,7 +251,7 @@ impl Engine {
         for op in ops {
             if !self.writes.knows(&op.op_id) {
                 self.log(&["adopted pending write ", &op.op_id, " for ", op.data_type.as_str()]);
-                self.writes.adopt(op);
+                self.writes.push(op);
                 adopted = true;
             }
         }

@@ -50,7 +50,7 @@ impl Writes {
         &self.outbox
     }
 
-    pub(super) fn pending(&self, data_type: DataType) -> impl Iterator<Item = &Op> + Clone {
+    pub(super) fn pending(&self, data_type: DataType) -> impl Iterator<Item = &Op> {
         self.outbox.iter().filter(move |op| op.data_type == data_type)
     }
 
@@ -63,8 +63,8 @@ impl Writes {
         self.position(op_id).is_some() || self.done.iter().any(|done| done == op_id)
     }
 
-    /// Another tab's write, sent from here too.
-    pub(super) fn adopt(&mut self, op: Op) {
+    /// A write to send after the others: made here, or another tab's, sent from here too.
+    pub(super) fn push(&mut self, op: Op) {
         self.outbox.push(op);
     }
 
@@ -97,6 +97,12 @@ impl Writes {
         }
         self.done.push(op.op_id.clone());
         op
+    }
+
+    /// The hub answered a write: the next goes at once, with no backoff.
+    fn succeeded(&mut self, now: u64) {
+        self.attempts = 0;
+        self.next_ms = now;
     }
 
     /// A failed attempt: the delay before the next, with jitter, at least `retry_after_ms`.
@@ -216,7 +222,7 @@ impl Engine {
     /// go. Returns its op id.
     fn enqueue(&mut self, now: u64, op: Op) -> String {
         let op_id = op.op_id.clone();
-        self.writes.outbox.push(op);
+        self.writes.push(op);
         self.events.push(Event::Persist);
         self.announce(Source::Local);
         self.pump(now);
@@ -258,8 +264,7 @@ impl Engine {
         };
         match status {
             200 => {
-                self.writes.attempts = 0;
-                self.writes.retry_now(now);
+                self.writes.succeeded(now);
                 self.token.accepted();
                 let record = CachedRecord::from_json(&body);
                 if let Some(record) = &record {
