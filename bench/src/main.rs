@@ -65,6 +65,15 @@ enum Command {
         #[arg(long)]
         pid: u32,
     },
+    /// Print the value of one sample of the server's `/metrics` (an unlabelled one).
+    Metric {
+        /// The server, `host:port`.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The sample's name, e.g. `hub_store_op_log_ids`.
+        #[arg(long)]
+        name: String,
+    },
     /// Drive the client engine through a simulated day of one user against the hub, and
     /// print what it cost (the report on stderr).
     UserDay {
@@ -121,9 +130,29 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Idle { target, connections, pid } => idle(&target, connections, pid).await,
+            Command::Metric { addr, name } => {
+                println!("{}", metric(addr, &name).await?);
+                Ok(())
+            }
             Command::UserDay { .. } => unreachable!("run before the runtime starts"),
         }
     })
+}
+
+/// The value of the unlabelled sample `name` in the `/metrics` of the server at `addr`.
+async fn metric(addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let mut sender = load::connect(addr).await?;
+    let request = hyper::Request::get("/metrics")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    if !response.status().is_success() {
+        bail!("{addr}/metrics answered {}", response.status());
+    }
+    let text = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("{addr}/metrics has no sample {name}"))
 }
 
 /// One balance push and one profile push per user, 32 users at a time.

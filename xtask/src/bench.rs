@@ -142,9 +142,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     single.stop()?;
 
     // Memory on a fresh process, so that its peak is the idle connections' and not the load's.
-    let runtime = tokio::runtime::Runtime::new()?;
     let idle_hub = tools.start_hub("group", true)?;
-    let op_log_ids = runtime.block_on(op_log_ids(idle_hub.addr))?;
+    let op_log_ids = tools.op_log_ids(idle_hub.addr)?;
     let hub_memory = tools.idle(idle_hub.addr, &idle_hub.config, idle_hub.pid())?;
     let bare_memory = tools.idle(bare.addr, &idle_hub.config, bare.pid())?;
     bare.stop()?;
@@ -340,6 +339,14 @@ impl Tools {
         Ok(memory)
     }
 
+    /// The op ids the hub at `addr` indexes in memory, from its `/metrics`.
+    fn op_log_ids(&self, addr: SocketAddr) -> anyhow::Result<u64> {
+        let printed =
+            self.run_bench(&["metric", "--addr", &addr.to_string(), "--name", "hub_store_op_log_ids"])?;
+        let value: f64 = printed.parse().with_context(|| format!("bench metric printed {printed:?}"))?;
+        Ok(value as u64)
+    }
+
     /// The simulated day of one user against the hub at `addr` (its report goes to stderr).
     fn user_day(&self, addr: SocketAddr, config: &Path) -> anyhow::Result<Day> {
         let printed =
@@ -355,14 +362,6 @@ impl Tools {
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
-}
-
-/// The op ids the hub at `addr` indexes in memory, from its `/metrics`.
-async fn op_log_ids(addr: SocketAddr) -> anyhow::Result<u64> {
-    let text = reqwest::get(format!("http://{addr}/metrics")).await?.error_for_status()?.text().await?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("hub_store_op_log_ids ")?.trim().parse().ok())
-        .context("the hub's /metrics has no hub_store_op_log_ids")
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {
