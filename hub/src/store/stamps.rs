@@ -5,7 +5,7 @@
 //! reply goes out; a check that misses loads the user's stamps from the database and merges
 //! them in. Versions only grow, so keeping the higher version of the two makes the order of a
 //! load and a concurrent update irrelevant — while the user's entry stays. An entry can go at
-//! any time (a shard that fills up is emptied), so a load that read the database before a
+//! any time (the cache makes room for new ones), so a load that read the database before a
 //! write committed must not be merged after that write's stamp went with its entry: each load
 //! holds a [`Ticket`] of its user's stripe, which every write to a user of that stripe
 //! punches, and a punched ticket's load is not kept. Knows nothing of SQLite.
@@ -106,7 +106,7 @@ impl StampCache {
         );
     }
 
-    /// Forgets every user, as a shard that fills up forgets its own.
+    /// Forgets every user, as the cache may forget any of them to make room.
     #[cfg(test)]
     fn forget_all(&self) {
         self.users.clear();
