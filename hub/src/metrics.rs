@@ -104,18 +104,14 @@ pub struct TypeSet(u8);
 
 impl TypeSet {
     pub fn of(types: &[DataType]) -> TypeSet {
-        TypeSet(types.iter().fold(0, |bits, t| bits | 1 << index_of(*t)))
+        TypeSet(types.iter().fold(0, |bits, t| bits | 1 << t.index()))
     }
-}
-
-fn index_of(t: DataType) -> usize {
-    DataType::ALL.iter().position(|x| *x == t).expect("every type is in ALL")
 }
 
 impl EncodeLabelValue for TypeSet {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
         let mut first = true;
-        for t in DataType::ALL.into_iter().filter(|t| self.0 & 1 << index_of(*t) != 0) {
+        for t in DataType::ALL.into_iter().filter(|t| self.0 & 1 << DataType::index(*t) != 0) {
             if !first {
                 encoder.write_char(',')?;
             }

@@ -72,8 +72,8 @@ pub(super) fn records(
         return json(StatusCode::OK, &GetManyAnswer { success: true, records, epoch });
     }
     let record = &records[0];
-    let etag =
-        HeaderValue::from_str(&format!("\"{}\"", record.version)).expect("a quoted number is a header value");
+    let etag = HeaderValue::from_str(&protocol::wire::etag(record.version))
+        .expect("a quoted number is a header value");
     if if_none_match(request, &etag) {
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         response.headers_mut().insert(header::ETAG, etag);

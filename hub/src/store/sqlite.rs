@@ -302,19 +302,14 @@ impl Store for SqliteStore {
                 while let Some(row) = rows.next()? {
                     let data_type = data_type_of(&row.get::<_, String>(0)?)?;
                     let stamp = Stamp { version: version_of(row.get(1)?), updated_ms: Some(row.get(2)?) };
-                    if let Some(slot) = stored.iter_mut().find(|(t, _)| *t == data_type) {
-                        slot.1 = stamp;
-                    }
+                    stored[data_type.index()].1 = stamp;
                 }
                 Ok(stored)
             })
             .await?;
         self.inner.stamps.merge_loaded(ticket, user.as_str(), stored);
         // What was read answers this check, whether the cache kept it or not.
-        Ok(types
-            .iter()
-            .map(|t| stored.iter().find(|(s, _)| s == t).expect("every data type is read").1)
-            .collect())
+        Ok(types.iter().map(|t| stored[t.index()].1).collect())
     }
 
     async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError> {

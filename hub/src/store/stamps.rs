@@ -39,10 +39,6 @@ pub struct Ticket {
     writes: u64,
 }
 
-fn slot(data_type: DataType) -> usize {
-    DataType::ALL.iter().position(|t| *t == data_type).expect("every data type is in ALL")
-}
-
 impl StampCache {
     /// A cache that holds about `users` users.
     pub fn new(users: usize) -> StampCache {
@@ -55,7 +51,7 @@ impl StampCache {
 
     /// The stamps of `types`, in order, if every one of them is known.
     pub fn get(&self, user: &str, types: &[DataType]) -> Option<Vec<Stamp>> {
-        self.users.get(user, |entry| types.iter().map(|t| entry[slot(*t)]).collect()).flatten()
+        self.users.get(user, |entry| types.iter().map(|t| entry[t.index()]).collect()).flatten()
     }
 
     fn stripe(&self, user: &str) -> (usize, MutexGuard<'_, u64>) {
@@ -97,7 +93,7 @@ impl StampCache {
             || [None; DataType::ALL.len()],
             |entry| {
                 for (data_type, stamp) in stamps {
-                    let known = &mut entry[slot(data_type)];
+                    let known = &mut entry[data_type.index()];
                     if known.is_none_or(|k| k.version < stamp.version) {
                         *known = Some(stamp);
                     }
