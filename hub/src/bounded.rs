@@ -2,19 +2,18 @@
 //! hub remembers only to save work (users' stamps, verified tokens): a forgotten entry is
 //! looked up again. quick_cache (S3-FIFO): entries go one at a time as new ones come, the
 //! ones read often last.
-//!
-//! An update is a read and an insert, not one step: callers whose updates of one key may
-//! race order them themselves (the stamp cache's stripes).
+
+use quick_cache::sync::{Cache, EntryAction, EntryResult};
 
 #[derive(Debug)]
 pub struct BoundedMap<V: Clone> {
-    cache: quick_cache::sync::Cache<Box<str>, V>,
+    cache: Cache<String, V>,
 }
 
 impl<V: Clone> BoundedMap<V> {
     /// A map that holds about `capacity` entries.
     pub fn new(capacity: usize) -> BoundedMap<V> {
-        BoundedMap { cache: quick_cache::sync::Cache::new(capacity.max(1)) }
+        BoundedMap { cache: Cache::new(capacity.max(1)) }
     }
 
     /// What `read` makes of the value at `key`, if there is one.
@@ -22,11 +21,22 @@ impl<V: Clone> BoundedMap<V> {
         self.cache.get(key).map(|value| read(&value))
     }
 
-    /// Changes the value at `key` with `update`, starting from `fresh()` when there is none.
+    /// Changes the value at `key` with `update`, in place, starting from `fresh()` when there
+    /// is none. A key already held is neither copied nor hashed twice.
     pub fn update(&self, key: &str, fresh: impl FnOnce() -> V, update: impl FnOnce(&mut V)) {
-        let mut value = self.cache.get(key).unwrap_or_else(fresh);
-        update(&mut value);
-        self.cache.insert(key.into(), value);
+        let mut update = Some(update);
+        let held = self.cache.entry(key, None, |_, value| {
+            if let Some(update) = update.take() {
+                update(value);
+            }
+            EntryAction::Retain(())
+        });
+        if let (EntryResult::Vacant(guard), Some(update)) = (held, update) {
+            let mut value = fresh();
+            update(&mut value);
+            // A plain `insert` of the key meanwhile (the guard holds off other updates) wins.
+            let _ = guard.insert(value);
+        }
     }
 
     /// Sets the value at `key`.
