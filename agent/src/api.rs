@@ -110,7 +110,6 @@ impl Hub {
                 data: json!({ "coins": coins }),
                 base_version: Some(*base_version),
                 op_id: Some(op_id.clone()),
-                token: None,
             })),
             Request::Delta { coins, op_id } => post(PostRequest::Delta(DeltaRequest {
                 user_id,
@@ -120,7 +119,6 @@ impl Hub {
                 op_id: op_id.clone(),
                 reason: Some("file changed on the site".into()),
                 grant: None,
-                token: None,
             })),
         };
         let response = builder

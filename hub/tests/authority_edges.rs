@@ -322,51 +322,6 @@ async fn concurrent_credits_never_pass_the_daily_ceiling_and_one_op_lands_once()
     assert_eq!(victim_page.coins().await, 110);
 }
 
-/// The `token` field of a POST body (for senders that cannot set headers): it never carries a
-/// grant, and it never widens a request whose header holds a narrower token.
-#[tokio::test]
-async fn a_body_token_neither_carries_a_grant_nor_widens_the_header_token() {
-    let hub = hub_with(|_| {}).await;
-    let before = hub.snapshot();
-    let post = |bearer: Option<String>, body: Value| {
-        let hub_url = hub.url.clone();
-        async move {
-            let mut request = support::client().post(format!("{hub_url}/api/sync.php")).json(&body);
-            if let Some(bearer) = bearer {
-                request = request.bearer_auth(bearer);
-            }
-            Reply::from(request.send().await.unwrap()).await
-        }
-    };
-    let delta = |op: &str, extra: Value| {
-        let mut body = json!({
-            "action": "delta", "user_id": USER, "site_id": FAUCET, "data_type": "balance",
-            "delta": {"coins": 10}, "op_id": op,
-        });
-        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-        body
-    };
-    let claim = grant(FAUCET, &grant_claims(FAUCET, USER, "claim-1", 10));
-    let reply = post(None, delta("claim-1", json!({"token": claim}))).await;
-    refused("a grant as the body token", &reply, 401, "invalid_token");
-    let reply = post(
-        Some(hub.token(FAUCET, USER)),
-        delta("mint-1", json!({"token": hub.backend_token(FAUCET, USER)})),
-    )
-    .await;
-    refused("a page token in the header, a server token in the body", &reply, 403, "insufficient_scope");
-    let reply = post(
-        Some(claim.clone()),
-        delta("claim-1", json!({"token": hub.token(FAUCET, USER), "grant": claim})),
-    )
-    .await;
-    refused("a grant in the header, a page token in the body", &reply, 401, "invalid_token");
-    assert_eq!(hub.snapshot(), before);
-    // sendBeacon's honest credit: the page token and the grant in the body.
-    let reply = post(None, delta("claim-1", json!({"token": hub.token(FAUCET, USER), "grant": claim}))).await;
-    assert_eq!(reply.assert_ok()["data"]["coins"], 110);
-}
-
 /// Grants that look right to a lax reader: another hub's, a spend's sign flipped, amounts
 /// written another way, the data type in another case, an op id in another case.
 #[tokio::test]

@@ -21,9 +21,6 @@ pub struct PushRequest {
     /// When set, a repeated push with the same id is answered from the first, not reapplied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub op_id: Option<String>,
-    /// The JWT, for senders that cannot set headers (`navigator.sendBeacon`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
 }
 
 /// `{"action":"delta", …}`: add a signed amount to balance or points, exactly once per `op_id`.
@@ -42,8 +39,6 @@ pub struct DeltaRequest {
     /// `op_id`, data type and amounts). Not part of what makes a retry the same op.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
 }
 
 /// A POST body.
@@ -96,13 +91,6 @@ impl PostRequest {
             fields.insert("action".into(), Value::from(action));
         }
         body
-    }
-
-    pub fn token(&self) -> Option<&str> {
-        match self {
-            PostRequest::Push(p) => p.token.as_deref(),
-            PostRequest::Delta(d) => d.token.as_deref(),
-        }
     }
 }
 

@@ -185,7 +185,6 @@ impl App {
     pub(super) fn admit(
         &self,
         headers: &HeaderMap,
-        body_token: Option<&str>,
         ip: IpAddr,
         user: &UserId,
         claimed_site: Option<&str>,
@@ -203,7 +202,7 @@ impl App {
                 ceilings: Ceilings::NONE,
             });
         };
-        let token = bearer(headers).or(body_token);
+        let token = bearer(headers);
         let verified = match token {
             Some(token) => keys.verify(token),
             None => Err(crate::auth::AuthError::Missing),

@@ -157,7 +157,7 @@ async fn sync_get(
             QueryAction::Get => Action::Get,
         };
         saw.types = TypeSet::of(&query.types);
-        let caller = app.admit(&headers, None, peer.ip(), &query.user, query.site.as_deref(), &mut saw)?;
+        let caller = app.admit(&headers, peer.ip(), &query.user, query.site.as_deref(), &mut saw)?;
         match query.action {
             QueryAction::Timestamp => timestamp(&app, &caller, query).await,
             QueryAction::Get => get(&app, &caller, query, &headers).await,
@@ -218,7 +218,7 @@ async fn sync_post(
         };
         saw.action = action;
         saw.types = TypeSet::of(DataType::parse(data_type).ok().as_slice());
-        let caller = app.admit(&headers, request.token(), peer.ip(), &user, Some(site), &mut saw)?;
+        let caller = app.admit(&headers, peer.ip(), &user, Some(site), &mut saw)?;
         match request {
             PostRequest::Push(request) => {
                 let written = push(&app, &caller, request).await?;
