@@ -423,7 +423,7 @@ impl FakeHub {
             Ok(parsed) => parsed,
             Err((code, message)) => return error(400, code, &message),
         };
-        let caller = match self.caller(request.token.as_deref().or(parsed.token())) {
+        let caller = match self.caller(request.token.as_deref()) {
             Ok(caller) => caller,
             Err(reply) => return reply,
         };
