@@ -173,10 +173,13 @@ impl Domain {
                 return Ok(Change { data, ledger: None, credits: None });
             };
             let (old, new) = (amount(&record.data, field), amount(&data, field));
-            let credits =
-                if new > old { Some(credit(&current, &credit_site, new - old, ceilings)?) } else { None };
+            let credits = if new > old {
+                Some(credit(&current, &credit_site, new.saturating_sub(old), ceilings)?)
+            } else {
+                None
+            };
             let ledger = (old != new).then(|| LedgerEntry {
-                delta: new - old,
+                delta: new.saturating_sub(old),
                 result: new,
                 reason: Some("push".into()),
             });
@@ -228,7 +231,8 @@ impl Domain {
                 return Err(Rejection::GrantExpired);
             }
             let record = current.record;
-            let result = amount(&record.data, field) + change;
+            // Saturating: a record the database holds, however it got there, cannot overflow this.
+            let result = amount(&record.data, field).saturating_add(change);
             if result < 0 {
                 return Err(Rejection::InsufficientFunds(record.clone()));
             }

@@ -41,6 +41,8 @@ async fn an_allowed_origin_gets_cors_headers() {
     assert_eq!(response.headers()["access-control-allow-origin"], "https://roflfaucet.com");
     let exposed = response.headers()["access-control-expose-headers"].to_str().unwrap().to_ascii_lowercase();
     assert!(exposed.contains("etag") && exposed.contains("retry-after"), "{exposed}");
+    // A page dates the op ids it makes with the hub's clock.
+    assert!(exposed.contains("date") && response.headers().contains_key("date"), "{exposed}");
 }
 
 #[tokio::test]

@@ -687,3 +687,31 @@ async fn ambiguous_bodies_and_invisible_line_breaks_are_refused() {
     s.push_refused("profile", json!({"display_name": "a\u{2028}b"}), 400, "control_characters").await;
     s.hub.stop().await;
 }
+
+#[tokio::test]
+async fn amounts_out_of_range_in_the_database_are_refused_and_never_stop_the_writer() {
+    let hub = TestHub::start().await;
+    let page = hub.site(SITE, USER);
+    page.push("balance", json!({"coins": 1})).await.assert_ok();
+    page.push("points", json!({"points": 1})).await.assert_ok();
+    // Records no write of the hub's makes, as a hand-edited or older database may hold them.
+    let conn = rusqlite::Connection::open(hub.dir.path().join("hub.sqlite3")).unwrap();
+    conn.execute(
+        "UPDATE records SET data = ?1 WHERE user_id = ?2 AND data_type = 'balance'",
+        rusqlite::params![format!(r#"{{"coins":{}}}"#, i64::MAX), USER],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE records SET data = ?1 WHERE user_id = ?2 AND data_type = 'points'",
+        rusqlite::params![format!(r#"{{"points":{}}}"#, i64::MIN), USER],
+    )
+    .unwrap();
+    page.delta("balance", 1, "past-max").await.assert_refused(400, "value_too_large");
+    page.delta("points", -1, "past-min").await.assert_refused(409, "insufficient_funds");
+    let set = page.push("points", json!({"points": 5})).await;
+    assert_eq!(set.status.as_u16() / 100, 4, "{}", set.body);
+    // The writer is still there: other writes go on.
+    let other = hub.site(SITE, "13-alice");
+    assert_eq!(other.delta("balance", 7, "after").await.assert_ok()["data"]["coins"], 7);
+    hub.stop().await;
+}

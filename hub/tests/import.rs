@@ -164,3 +164,28 @@ fn an_import_reads_no_site_key_certificate_or_metrics_token() {
     assert!(report.contains("imported 8-evans.json: 150 coins"), "{report}");
     assert_eq!(balances(&data_dir).0, vec![("8-evans".to_owned(), r#"{"coins":150}"#.to_owned(), 1)]);
 }
+
+#[test]
+fn an_import_refuses_amounts_beyond_what_every_client_shows_exactly() {
+    let deployment = Deployment::new(|_| {});
+    let config = deployment.dir.path().join("hub.toml");
+    let from = tempfile::tempdir().unwrap();
+    for (name, coins) in [
+        ("max.json", "9007199254740991"),
+        ("over.json", "9007199254740992"),
+        ("i64.json", "9223372036854775807"),
+    ] {
+        std::fs::write(from.path().join(name), format!(r#"{{"coins": {coins}}}"#)).unwrap();
+    }
+    let out = hub_import(&config, &deployment.data_dir, from.path(), false);
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("imported max.json: 9007199254740991 coins"), "{report}");
+    for name in ["over.json", "i64.json"] {
+        assert!(report.contains(&format!("refused {name}: coins is beyond ±9007199254740991")), "{report}");
+    }
+    assert_eq!(
+        balances(&deployment.data_dir).0,
+        vec![("max".to_owned(), r#"{"coins":9007199254740991}"#.to_owned(), 1)]
+    );
+}

@@ -109,6 +109,18 @@ pub fn validate_push(
 /// Checks a whole record after a patch was merged into it: the rules that depend on more
 /// than the patch itself.
 pub fn validate_record(data_type: DataType, data: &Value) -> Result<(), Refusal> {
+    if let Some(field) = amount_field(data_type) {
+        // However it came — pushed, imported, summed — an amount stays one every client
+        // shows exactly.
+        match data.get(field) {
+            Some(value) if value.as_i64().is_some_and(|a| a < 0) => {
+                return Err(Refusal::invalid("negative_value", format!("{field} cannot be negative")));
+            }
+            Some(value) if value.as_i64().is_some_and(|a| a <= MAX_AMOUNT) => {}
+            Some(value) if value.is_i64() || value.is_u64() => return Err(too_large(field)),
+            _ => return Err(Refusal::invalid("invalid_data", format!("{field} must be a whole number"))),
+        }
+    }
     if data_type == DataType::Settings {
         let size = serde_json::to_string(data).map_or(usize::MAX, |s| s.len());
         if size > MAX_SETTINGS_BYTES {

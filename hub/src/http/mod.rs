@@ -126,7 +126,13 @@ fn cors(app: App) -> CorsLayer {
         }))
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_NONE_MATCH])
-        .expose_headers([header::ETAG, header::RETRY_AFTER, HeaderName::from_static("x-request-id")])
+        // `Date`: the hub's clock, from which a page dates the op ids it makes (UUIDv7).
+        .expose_headers([
+            header::ETAG,
+            header::RETRY_AFTER,
+            header::DATE,
+            HeaderName::from_static("x-request-id"),
+        ])
         .max_age(Duration::from_secs(7200))
 }
 
