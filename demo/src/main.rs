@@ -38,7 +38,7 @@ struct Args {
     /// The hub's data directory, where its development keys are.
     #[arg(long, default_value = "./hub-data")]
     data_dir: PathBuf,
-    /// How often a user may claim free coins on the faucet, in seconds.
+    /// How often a user may claim free coins on the faucet, in seconds (at most a day).
     #[arg(long, default_value_t = 30)]
     claim_every_secs: u64,
 }

@@ -15,16 +15,30 @@
 //! - Both: `POST /api/regrant?op=ID` grants again, for the same op, a credit whose grant
 //!   expired before the page delivered it (the package's `getGrant`).
 //!
-//! Every op these backends grant is named by them, `kind-ms-nonce-mac`, the MAC taken over the
-//! site, the user and the rest with a secret kept in the hub's data dir: a page can neither
-//! make up an op nor move one to another user, and a backend knows its own ops when a page
-//! asks for a fresh grant. Amounts and reasons come from the kind of op, never from the
-//! page. Nothing else is kept: a claim's op is named by its period, a roll is a MAC of its
-//! stake, and the hub applies an op once, so a restarted backend never pays twice; what it
-//! forgets (who claimed or clicked a moment ago) only turns a polite 429 into an op the hub
-//! replays. An op is honoured for a day, far less than the week a hub remembers op ids at
-//! least, so nothing the hub has forgotten is ever paid again. Checks no password: whoever
-//! names a user id is that user, as befits a demo.
+//! Every op these backends grant is named by them, as a UUIDv7 the hub can date (it refuses,
+//! with `op_expired`, an op it no longer remembers whose id is older than its memory), laid
+//! out as:
+//!
+//! - the first 48 bits, the op's time in Unix ms: when it was named, a claim's period start,
+//!   a prize's stake's time;
+//! - the version (7), then the 12 `rand_a` bits: the kind (2 bits, its place in
+//!   `OpKind::ALL`) and a 10-bit nonce that tells apart two of one user's ops of one
+//!   millisecond (0 for a claim; a prize has its stake's);
+//! - the variant (`10`), then the 62 `rand_b` bits: the first 62 bits of an HMAC-SHA256
+//!   over the site, the user, the kind, the time and the nonce, with a secret kept in the
+//!   hub's data dir.
+//!
+//! So a page can neither make up an op nor move one to another user or site, and a backend
+//! knows its own ops, and their kind, when a page asks for a fresh grant: only the lowercase
+//! text it made, whose MAC checks. Two of one user's stakes named in one millisecond share an
+//! id once in 1024 times: they are then one op (one spend, one roll), never two bodies under
+//! one id. Amounts and reasons come from the kind of op, never from the page. Nothing else is
+//! kept: a claim's op is named by its period, a prize by its stake, and the hub applies an op
+//! once, so a restarted backend never pays twice; what it forgets (who claimed or clicked a
+//! moment ago) only turns a polite 429 into an op the hub replays. An op is honoured for a
+//! day, far less than the week a hub remembers op ids at least, so an op granted again is
+//! never one the hub has forgotten (and would refuse as expired). Checks no password:
+//! whoever names a user id is that user, as befits a demo.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +57,7 @@ use hub::auth::{Keys, MAX_GRANT_TTL_SECS};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -108,7 +123,8 @@ pub struct Setup {
     pub hub_url: String,
     pub keys: Arc<Keys>,
     pub secret: Secret,
-    /// How often a user may claim on the faucet.
+    /// How often a user may claim on the faucet: at most a day, since a claim's op is dated at
+    /// its period's start and granted again within a day of it.
     pub claim_every_secs: u64,
 }
 
@@ -232,13 +248,41 @@ impl OpKind {
     }
 }
 
-/// An op a backend named: what it is for, when, and a nonce that tells apart two of one
-/// millisecond. A win has its stake's time and nonce.
+/// An op a backend named: what it is for, when (Unix ms, at most 48 bits), and a nonce (10
+/// bits) that tells apart two of one millisecond. A win has its stake's time and nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Op {
     kind: OpKind,
     at_ms: u64,
-    nonce: u32,
+    nonce: u16,
+}
+
+/// The bits of an op id's nonce, below its kind's 2 in `rand_a`.
+const NONCE_BITS: u32 = 10;
+
+/// The UUIDv7 text of `value`: lowercase, 8-4-4-4-12.
+fn uuid_text(value: u128) -> String {
+    let hex = format!("{value:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// The 128 bits `text` spells, only if it is spelled as [`uuid_text`] spells them.
+fn uuid_bits(text: &str) -> Option<u128> {
+    if text.len() != 36 {
+        return None;
+    }
+    let mut value = 0u128;
+    for (i, byte) in text.bytes().enumerate() {
+        let digit = match (i, byte) {
+            (8 | 13 | 18 | 23, b'-') => continue,
+            (8 | 13 | 18 | 23, _) => return None,
+            (_, b'0'..=b'9') => byte - b'0',
+            (_, b'a'..=b'f') => byte - b'a' + 10,
+            _ => return None,
+        };
+        value = value << 4 | u128::from(digit);
+    }
+    Some(value)
 }
 
 /// What a site's backend knows: its own id, key and secret, the hub, and what its pages are
@@ -258,6 +302,11 @@ struct Backend {
 
 impl Backend {
     fn new(site: &Site, setup: &Setup, other_sites: Vec<Value>) -> anyhow::Result<Backend> {
+        anyhow::ensure!(
+            setup.claim_every_secs <= HONOURED_FOR_MS / 1000,
+            "a claim period is at most a day, not {} s",
+            setup.claim_every_secs
+        );
         let rules = match site.kind {
             SiteKind::Faucet => json!({
                 "claimCoins": CLAIM_COINS,
@@ -288,34 +337,39 @@ impl Backend {
     }
 
     /// The MAC of one of `user`'s ops (or rolls) at this site.
-    fn mac(&self, user: &str, what: &str, at_ms: u64, nonce: u32) -> Hmac<Sha256> {
+    fn mac(&self, user: &str, what: &str, at_ms: u64, nonce: u16) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.0.as_bytes()).expect("HMAC takes any key");
         mac.update(format!("{}|{user}|{what}|{at_ms}|{nonce}", self.site).as_bytes());
         mac
     }
 
-    /// The op id of `op` for `user`.
-    fn op_id(&self, user: &str, op: Op) -> String {
+    /// The bits of `op`'s id for `user`, laid out as the module says.
+    fn op_bits(&self, user: &str, op: Op) -> u128 {
         let tag = self.mac(user, op.kind.as_str(), op.at_ms, op.nonce).finalize().into_bytes();
-        let tag: String = tag[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}-{}-{:08x}-{tag}", op.kind.as_str(), op.at_ms, op.nonce)
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&tag[..8]);
+        let kind = OpKind::ALL.iter().position(|&k| k == op.kind).expect("every kind is in ALL") as u128;
+        let rand_a = kind << NONCE_BITS | u128::from(op.nonce) & ((1 << NONCE_BITS) - 1);
+        u128::from(op.at_ms) << 80
+            | 0x7 << 76
+            | rand_a << 64
+            | 0b10 << 62
+            | u128::from(u64::from_be_bytes(first) >> 2)
+    }
+
+    /// The op id of `op` for `user`: a UUIDv7.
+    fn op_id(&self, user: &str, op: Op) -> String {
+        uuid_text(self.op_bits(user, op))
     }
 
     /// The op `id` names, if this backend named it for `user`: only the exact text it made
-    /// (no other spelling of the same numbers), with a MAC that checks.
+    /// (no other spelling of the same bits), with a MAC that checks.
     fn recognize(&self, user: &str, id: &str) -> Option<Op> {
-        let [kind, at_ms, nonce, tag] = id.split('-').collect::<Vec<_>>().try_into().ok()?;
-        let kind = *OpKind::ALL.iter().find(|k| k.as_str() == kind)?;
-        let at = at_ms.parse::<u64>().ok().filter(|at| at.to_string() == at_ms)?;
-        let hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if nonce.len() != 8 || !hex(nonce) || tag.len() != 32 || !hex(tag) {
-            return None;
-        }
-        let nonce = u32::from_str_radix(nonce, 16).ok()?;
-        let tag: Vec<u8> =
-            (0..16).map(|i| u8::from_str_radix(&tag[2 * i..2 * i + 2], 16)).collect::<Result<_, _>>().ok()?;
-        self.mac(user, kind.as_str(), at, nonce).verify_truncated_left(&tag).ok()?;
-        Some(Op { kind, at_ms: at, nonce })
+        let bits = uuid_bits(id)?;
+        let rand_a = (bits >> 64) as u16 & 0xfff;
+        let kind = *OpKind::ALL.get(usize::from(rand_a >> NONCE_BITS))?;
+        let op = Op { kind, at_ms: (bits >> 80) as u64, nonce: rand_a & ((1 << NONCE_BITS) - 1) };
+        bool::from(self.op_bits(user, op).to_be_bytes().ct_eq(&bits.to_be_bytes())).then_some(op)
     }
 
     /// The die for a stake: the same for every ask, unknowable without the secret.
@@ -423,6 +477,10 @@ fn router(site: &Site, backend: Arc<Backend>) -> Router {
         ))
 }
 
+/// Now, in Unix ms: the time that dates the op ids. The hub dates an op id against its own
+/// clock, to refuse one older than what it remembers. Here the backends run on the hub's
+/// machine, so theirs is the hub's clock; a real backend keeps its clock within the hub's
+/// token leeway (30 s) of the hub's, as the tokens it signs need anyway (NTP).
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
@@ -582,9 +640,10 @@ async fn regrant(State(backend): State<Arc<Backend>>, Query(query): Query<Regran
     Ok(no_store(Json(backend.grant(&query.user, op)?)))
 }
 
-fn rand_nonce() -> u32 {
+/// A nonce for an op id, of `NONCE_BITS`.
+fn rand_nonce() -> u16 {
     use rand::Rng;
-    rand::rng().random()
+    rand::rng().random_range(0..1 << NONCE_BITS)
 }
 
 #[cfg(test)]
@@ -687,7 +746,7 @@ mod tests {
             let keys = &self.setup.keys;
             let token =
                 keys.mint_scoped(CHARITY.id, user, 60, keys.signable(CHARITY.id).unwrap(), false).unwrap();
-            let op_id = format!("setup-{}", rand_nonce());
+            let op_id = format!("setup-{:016x}", rand::random::<u64>());
             let body = json!({
                 "action": "delta", "user_id": user, "site_id": CHARITY.id, "data_type": "balance",
                 "delta": { "coins": coins }, "op_id": op_id,
@@ -712,6 +771,15 @@ mod tests {
         }
     }
 
+    /// The time of an op id the hub can date: a UUIDv7 (version 7, variant `10`), spelled in
+    /// lowercase 8-4-4-4-12.
+    fn dated(id: &Value) -> u64 {
+        let text = id.as_str().unwrap_or_else(|| panic!("no op id: {id}"));
+        let bits = uuid_bits(text).unwrap_or_else(|| panic!("not a lowercase UUID: {text}"));
+        assert_eq!((bits >> 76 & 0xf, bits >> 62 & 0b11), (7, 0b10), "not a UUIDv7: {text}");
+        (bits >> 80) as u64
+    }
+
     /// Serves `site`'s backend on a free port; its URL.
     async fn serve(site: &Site, setup: &Setup) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -728,6 +796,9 @@ mod tests {
         let (status, first) = demo.ask(&demo.faucet, &format!("/api/claim?user={user}")).await;
         assert_eq!(status, 200, "{first}");
         assert_eq!((first["coins"].as_i64(), first["reason"].as_str()), (Some(CLAIM_COINS), Some("claim")));
+        let period_start = dated(&first["opId"]);
+        assert_eq!(period_start % 3_600_000, 0, "dated at its period's start: {first}");
+        assert!(now_ms() - period_start < 3_600_000, "{first}");
         assert_eq!(demo.deliver(FAUCET.id, user, &first).await.0, 200);
         assert_eq!(demo.coins(user).await, CLAIM_COINS);
 
@@ -759,6 +830,7 @@ mod tests {
             assert_eq!(status, 200, "{stake}");
             assert_eq!((stake["coins"].as_i64(), stake["reason"].as_str()), (Some(-ROLL_COST), Some("game")));
             let stake_id = stake["opId"].as_str().unwrap();
+            assert!(now_ms() - dated(&stake["opId"]) < 60_000, "dated when named: {stake}");
             let roll_path = format!("/api/roll?user={user}&stake={stake_id}");
             let (status, roll) = demo.ask(&demo.faucet, &roll_path).await;
             assert_eq!(status, 200, "{roll}");
@@ -777,6 +849,8 @@ mod tests {
             if roll["win"] == json!(true) {
                 assert!(roll["roll"].as_u64().unwrap() >= WINNING_ROLL, "{roll}");
                 assert_eq!(roll["coins"].as_i64(), Some(PRIZE));
+                assert_eq!(dated(&roll["opId"]), dated(&stake["opId"]), "a prize has its stake's time");
+                assert_ne!(roll["opId"], stake["opId"]);
                 assert_eq!(demo.deliver(FAUCET.id, user, &roll).await.0, 200);
                 let (status, replayed) = demo.deliver(FAUCET.id, user, &again).await;
                 assert_eq!((status, &replayed["replayed"]), (200, &json!(true)), "{replayed}");
@@ -843,17 +917,20 @@ mod tests {
         let backend = demo.faucet_backend();
         let two_days_ago = now_ms() - 2 * HONOURED_FOR_MS;
         let old = backend.op_id(user, Op { kind: OpKind::Claim, at_ms: two_days_ago, nonce: 0 });
-        let (kind, rest) = claim_id.split_once('-').unwrap();
-        let (at, rest) = rest.split_once('-').unwrap();
-        let refusals = [
+        // The claim's id with one bit changed: of its MAC, its nonce, its kind (a stake), its
+        // time; or spelled otherwise.
+        let bits = uuid_bits(&claim_id).unwrap();
+        let changed =
+            [0, 64, 74, 80].map(|bit| (&demo.faucet, user, uuid_text(bits ^ 1 << bit), "unknown_op"));
+        let refusals = changed.into_iter().chain([
             (&demo.faucet, "another", claim_id.clone(), "unknown_op"),
             (&demo.charity, user, claim_id.clone(), "unknown_op"),
-            (&demo.faucet, user, format!("{kind}-0{at}-{rest}"), "unknown_op"),
-            (&demo.faucet, user, format!("{kind}-{at}-{}", rest.to_uppercase()), "unknown_op"),
-            (&demo.faucet, user, format!("claim-{at}-00000000-{}", "0".repeat(32)), "unknown_op"),
+            (&demo.faucet, user, claim_id.to_uppercase(), "unknown_op"),
+            (&demo.faucet, user, claim_id.replace('-', ""), "unknown_op"),
+            (&demo.faucet, user, format!("{{{claim_id}}}"), "unknown_op"),
             (&demo.faucet, user, "roflfaucet-0123456789abcdef0123456789abcdef".into(), "unknown_op"),
             (&demo.faucet, user, old, "op_too_old"),
-        ];
+        ]);
         for (site, asker, op, code) in refusals {
             let (status, refused) = demo.ask(site, &format!("/api/regrant?user={asker}&op={op}")).await;
             assert_eq!(
@@ -878,6 +955,7 @@ mod tests {
         let (status, click) = demo.ask(&demo.charity, &format!("/api/click?user={user}")).await;
         assert_eq!(status, 200, "{click}");
         assert_eq!((click["coins"].as_i64(), click["reason"].as_str()), (Some(CLICK_COINS), Some("click")));
+        assert!(now_ms() - dated(&click["opId"]) < 60_000, "dated when named: {click}");
         let (status, refused) = demo.ask(&demo.charity, &format!("/api/click?user={user}")).await;
         assert_eq!((status, refused["code"].as_str()), (429, Some("too_fast")), "{refused}");
         assert_eq!(demo.deliver(CHARITY.id, user, &click).await.0, 200);
