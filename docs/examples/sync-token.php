@@ -3,7 +3,9 @@
 // HS256 JWT that lets the page read, edit the profile and spend at the hub) and for grants
 // (a JWT that lets exactly one credit through), both signed with this site's hub secret.
 // The browser never sees the secret and never names an amount: what a user earns is decided
-// here, by the site's own rule (site_credit below).
+// here, by the site's own rule (site_credit below). The op ids it grants are UUIDv7
+// (sync_op_id), dated by this server's clock, which must stay within the hub's token leeway
+// (30 s) of the hub's, as the tokens' times must anyway (NTP).
 //
 // Settings come from the environment, never from a file under the document root:
 //   SYNC_SITE_ID  this site's id in the hub's [[sites]] (the `iss` of tokens and grants)
@@ -22,7 +24,7 @@
 // to a credit or a fresh grant (exiting with 1 when there is none):
 //   SYNC_SITE_ID=roflfaucet SYNC_HUB_ID=unified-sync-hub SYNC_SECRET=… php sync-token.php 8-evans
 //   … php sync-token.php 8-evans credit daily
-//   … php sync-token.php 8-evans again daily-2026-12-06
+//   … php sync-token.php 8-evans again 01a248a6-7c00-73b0-87fa-29742ead697c
 
 declare(strict_types=1);
 
@@ -87,21 +89,55 @@ function sync_grant(
 }
 
 /**
+ * An op id the hub can date: a UUIDv7 (RFC 9562) whose time is `$unix_ms` and whose other 74
+ * bits come from `$bits` (10 bytes or more): random_bytes(10) for an op named once, a MAC for
+ * an op the site must name again the same way. The hub refuses, with `422 op_expired`, an op
+ * it no longer remembers whose id is dated before its memory (at least 7 days) by the hub's
+ * clock: date an op when the site decides it (or the start of its day), by a clock close to
+ * the hub's.
+ */
+function sync_op_id(int $unix_ms, string $bits): string
+{
+    if (strlen($bits) < 10) {
+        throw new InvalidArgumentException('an op id takes 10 bytes besides its time');
+    }
+    $bytes = substr(pack('J', $unix_ms), 2, 6) . substr($bits, 0, 10);
+    $bytes[6] = chr(0x70 | (ord($bytes[6]) & 0x0f)); // version 7
+    $bytes[8] = chr(0x80 | (ord($bytes[8]) & 0x3f)); // variant 10
+    $hex = bin2hex($bytes);
+    return implode('-', [substr($hex, 0, 8), substr($hex, 8, 4), substr($hex, 12, 4), substr($hex, 16, 4), substr($hex, 20)]);
+}
+
+/**
+ * The op id of `$user`'s daily bonus for the UTC day that starts at `$day_start` (Unix
+ * seconds): a UUIDv7 of that moment whose other bits are a MAC of the site, the user and the
+ * day, so that the site names it alike however often it is asked, and nobody else can.
+ */
+function daily_bonus_op_id(string $user, int $day_start): string
+{
+    $day = gmdate('Y-m-d', $day_start);
+    $mac = hash_hmac('sha256', 'daily-bonus|' . sync_setting('SYNC_SITE_ID') . "|$user|$day", sync_setting('SYNC_SECRET'), true);
+    return sync_op_id($day_start * 1000, $mac);
+}
+
+/**
  * YOUR SITE'S RULE: what `$user` earned as the credit named `$credit` — the op's id, data
  * type, amounts and reason — or null when they earned nothing. The page only names the
  * credit; the amount, the reason and the op id are decided here.
  *
- * The example is a daily bonus of DAILY_BONUS_COINS. Its op id is the UTC day's, so the hub
- * credits it once a day however often the page asks. A rule that pays per event (a won game,
- * a click) makes a new op id each time it says yes, e.g. a UUIDv7.
+ * The example is a daily bonus of DAILY_BONUS_COINS. Its op id is the user's for the UTC day,
+ * so the hub credits it once a day however often the page asks. A rule that pays per event (a
+ * won game, a click) makes a new op id each time it says yes:
+ * sync_op_id((int) floor(microtime(true) * 1000), random_bytes(10)).
  */
 function site_credit(string $user, string $credit): ?array
 {
     if ($credit !== 'daily') {
         return null;
     }
+    $now = time();
     return [
-        'op_id' => 'daily-' . gmdate('Y-m-d'),
+        'op_id' => daily_bonus_op_id($user, $now - $now % 86400),
         'data_type' => 'balance',
         'delta' => ['coins' => DAILY_BONUS_COINS],
         'reason' => 'daily bonus',
