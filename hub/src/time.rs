@@ -1,6 +1,6 @@
 //! The hub's clock and its one text format for instants.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -10,6 +10,38 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Where the store reads the time: the wall clock, which an operator may set (or a wrong NTP
+/// may jump), and a clock that only moves at the pace time passes. Tests give the store one
+/// they set.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+    /// Milliseconds since some fixed instant of this process, never going back or jumping.
+    fn monotonic_ms(&self) -> u64;
+}
+
+/// The system's clocks.
+#[derive(Debug)]
+pub struct SystemClock {
+    started: Instant,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock { started: Instant::now() }
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+
+    fn monotonic_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// `2025-11-09T18:45:30.123Z`: RFC 3339, UTC, always with milliseconds.

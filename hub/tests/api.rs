@@ -381,3 +381,33 @@ async fn reads_are_answered_while_the_writer_waits_for_the_database() {
     let applied = pending.await.unwrap();
     assert_eq!(applied.assert_ok()["data"], json!({"coins": 15}));
 }
+
+/// A UUIDv7 op id dated `ms` after the Unix epoch.
+fn uuid7(ms: i64) -> String {
+    let hex = format!("{ms:012x}");
+    format!("{}-{}-7abc-9def-0123456789ab", &hex[..8], &hex[8..])
+}
+
+#[tokio::test]
+async fn an_op_dated_before_what_the_hub_remembers_is_refused_and_never_applied() {
+    let hub = TestHub::start().await;
+    let faucet = hub.site("roflfaucet", "8-evans");
+    faucet.delta("balance", 10, "seed").await.assert_ok();
+    let now = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+    )
+    .unwrap();
+    let before = hub.snapshot();
+    // The hub remembers op ids for 30 days (the default): one made 31 days ago may have been
+    // applied and forgotten.
+    let old = uuid7(now - 31 * 86_400_000);
+    faucet.delta("balance", -5, &old).await.assert_refused(422, "op_expired");
+    let push = json!({"action": "push", "user_id": "8-evans", "site_id": "roflfaucet",
+        "data_type": "profile", "data": {"bio": "old"}, "op_id": old});
+    faucet.post(&push).await.assert_refused(422, "op_expired");
+    assert_eq!(hub.snapshot(), before, "an expired op stored something");
+    // Made a day ago, or named in another shape: applied as always.
+    faucet.delta("balance", -5, &uuid7(now - 86_400_000)).await.assert_ok();
+    faucet.delta("balance", -1, "not-a-uuid").await.assert_ok();
+    assert_eq!(faucet.coins().await, 4);
+}

@@ -67,6 +67,30 @@ impl OpId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// When the op was made, in milliseconds since the Unix epoch, if its id is a UUIDv7
+    /// (`xxxxxxxx-xxxx-7xxx-[89ab]xxx-xxxxxxxxxxxx`, lowercase): the first 48 bits. Ids of
+    /// other shapes carry no date.
+    pub fn dated_ms(&self) -> Option<i64> {
+        uuid7_ms(&self.0)
+    }
+}
+
+/// The time a UUIDv7 carries (see [`OpId::dated_ms`]).
+pub fn uuid7_ms(id: &str) -> Option<i64> {
+    let b = id.as_bytes();
+    let shaped = b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
+        && b[14] == b'7'
+        && matches!(b[19], b'8' | b'9' | b'a' | b'b');
+    if !shaped {
+        return None;
+    }
+    let hex: String = id[..8].chars().chain(id[9..13].chars()).collect();
+    i64::from_str_radix(&hex, 16).ok()
 }
 
 /// `[a-z0-9_-]{1,max}`: the alphabet of site ids and role names.
@@ -88,6 +112,19 @@ display_as_str!(UserId, SiteId, OpId);
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_uuid7_op_id_is_dated_and_other_shapes_are_not() {
+        let dated = |s: &str| OpId::parse(s).unwrap().dated_ms();
+        // 0x019af0c1a2b3 ms after the epoch: 2025-12-…
+        assert_eq!(dated("019af0c1-a2b3-7def-8123-456789abcdef"), Some(0x019a_f0c1_a2b3));
+        assert_eq!(dated("019af0c1-a2b3-4def-8123-456789abcdef"), None, "a UUIDv4");
+        assert_eq!(dated("019af0c1-a2b3-7def-c123-456789abcdef"), None, "another variant");
+        assert_eq!(dated("019AF0C1-A2B3-7DEF-8123-456789ABCDEF"), None, "upper case");
+        assert_eq!(dated("roflfaucet-0123456789abcdef0123456789abcdef"), None);
+        assert_eq!(dated("019af0c1a2b37def8123456789abcdef"), None, "no dashes");
+    }
+
     use super::*;
 
     #[test]

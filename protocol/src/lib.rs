@@ -22,7 +22,7 @@ pub use answer::{
 };
 pub use data_type::{DataType, parse_data_types};
 pub use error::{Refusal, RefusalKind};
-pub use ids::{OpId, SiteId, UserId};
+pub use ids::{OpId, SiteId, UserId, uuid7_ms};
 pub use merge::merge_patch;
 pub use request::{DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
 pub use scope::{Scope, Scopes};
@@ -30,3 +30,4 @@ pub use validate::{
     Limits, MAX_AMOUNT, amount_field, is_valid_reason, validate_delta, validate_push, validate_reason,
     validate_record,
 };
+pub use wire::MAX_BATCH_OPS;

@@ -112,6 +112,7 @@ impl From<Rejection> for ApiError {
                 ApiError::new(StatusCode::FORBIDDEN, "credit_limit", message).with_current(current)
             }
             Rejection::GrantExpired => ApiError::new(StatusCode::FORBIDDEN, "grant_expired", message),
+            Rejection::OpExpired => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "op_expired", message),
         }
     }
 }

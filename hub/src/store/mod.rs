@@ -29,6 +29,7 @@ pub fn open(config: &Config, metrics: StoreMetrics) -> anyhow::Result<Arc<dyn St
         max_batch: if config.store.group_commit { sqlite::MAX_BATCH } else { 1 },
         op_log_capacity: config.store.op_ids_in_memory,
         metrics,
+        clock: Arc::new(crate::time::SystemClock::default()),
     };
     Ok(Arc::new(sqlite::SqliteStore::open(&config.data_dir, options)?))
 }
@@ -122,6 +123,12 @@ pub enum Rejection {
     CreditLimit(Record, String),
     #[error("the grant has expired; ask the site's backend for a new one for the same op")]
     GrantExpired,
+    /// An op id dated before what the store still remembers: it may have been applied long
+    /// ago, so it is never applied now.
+    #[error(
+        "this op is older than the hub remembers op ids; it may have been applied already, so it is not applied now"
+    )]
+    OpExpired,
 }
 
 impl From<Refusal> for Rejection {
@@ -138,7 +145,7 @@ impl Rejection {
             Rejection::InsufficientFunds(_) => Some("insufficient_funds"),
             Rejection::VersionConflict(_) => Some("version_conflict"),
             Rejection::CreditLimit(..) => Some("credit_limit"),
-            Rejection::Refused(_) | Rejection::GrantExpired => None,
+            Rejection::Refused(_) | Rejection::GrantExpired | Rejection::OpExpired => None,
         }
     }
 

@@ -22,7 +22,7 @@ use super::stamps::StampCache;
 use super::{
     Credits, Current, OpKey, Record, Rejection, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
 };
-use crate::time::now_ms;
+use crate::time::Clock;
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "hub.sqlite3";
@@ -37,7 +37,11 @@ const CACHED_USERS: usize = 200_000;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 16;
 /// How often remembered op ids older than the retention are deleted.
-const PRUNE_EVERY_MS: i64 = 10 * 60 * 1000;
+const PRUNE_EVERY_MS: u64 = 10 * 60 * 1000;
+/// How far ahead of the hub's clock an op id may be dated and still count as dated: a client
+/// stamps its ids with the hub's time, so more than this is a broken clock or a made-up id,
+/// kept by the rule of undated ids (never expired).
+const DATED_AHEAD_MS: i64 = 24 * 3600 * 1000;
 /// Writes since the last checkpoint after which the writer checkpoints as soon as no write
 /// is waiting.
 const CHECKPOINT_WHEN_IDLE: usize = 64;
@@ -131,6 +135,8 @@ pub struct SqliteOptions {
     pub op_log_capacity: usize,
     /// Where the writer records its batch sizes and commit times.
     pub metrics: StoreMetrics,
+    /// Where the store reads the time.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// SQLite behind the [`Store`] trait.
@@ -196,22 +202,33 @@ impl SqliteStore {
             params![crate::config::random_secret()[..16].to_owned()],
         )?;
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
+        let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
+        // A new database remembers nothing from before its creation minus the retention.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('op_horizon_ms', ?1)",
+            params![options.clock.now_ms().saturating_sub(retention_ms).to_string()],
+        )?;
+        let horizon_ms: String =
+            conn.query_row("SELECT value FROM meta WHERE key = 'op_horizon_ms'", [], |r| r.get(0))?;
+        let horizon_ms =
+            horizon_ms.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {horizon_ms:?}")))?;
 
         let ops = OpIds::load(&conn, options.op_log_capacity)?;
         ops.report(&options.metrics);
 
         let (tx, rx) = mpsc::channel(QUEUE);
-        let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         let max_batch = options.max_batch.max(1);
         let stamps = Arc::new(StampCache::new(CACHED_USERS));
         let writer_stamps = stamps.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
+                let horizon = Horizon::new(horizon_ms, retention_ms, options.clock.monotonic_ms());
                 Writer {
                     conn,
-                    retention_ms,
-                    last_prune_ms: 0,
+                    horizon,
+                    clock: options.clock,
+                    last_prune: None,
                     since_checkpoint: 0,
                     max_batch,
                     ops,
@@ -397,11 +414,45 @@ fn read_for_write(conn: &Connection, user: &str, t: DataType) -> Result<(Record,
     Ok((record, credits))
 }
 
+/// The time before which the store remembers no op id (`meta.op_horizon_ms`). It follows the
+/// wall clock less the retention, but moves no faster than time passes while the hub runs —
+/// a clock set forward does not make the store forget early — and never moves back.
+#[derive(Debug)]
+struct Horizon {
+    ms: i64,
+    retention_ms: i64,
+    /// The monotonic clock when `ms` last moved, or when the writer started.
+    moved_at: u64,
+}
+
+impl Horizon {
+    fn new(ms: i64, retention_ms: i64, monotonic: u64) -> Horizon {
+        Horizon { ms, retention_ms, moved_at: monotonic }
+    }
+
+    /// How far the horizon may move at `now` on the wall clock and `monotonic`.
+    fn next(&self, now: i64, monotonic: u64) -> i64 {
+        let passed = i64::try_from(monotonic.saturating_sub(self.moved_at)).unwrap_or(i64::MAX);
+        now.saturating_sub(self.retention_ms).min(self.ms.saturating_add(passed)).max(self.ms)
+    }
+
+    fn move_to(&mut self, ms: i64, monotonic: u64) {
+        if ms > self.ms {
+            self.ms = ms;
+            self.moved_at = monotonic;
+        }
+    }
+}
+
 /// The one connection that writes, on its own thread.
 struct Writer {
     conn: Connection,
-    retention_ms: i64,
-    last_prune_ms: i64,
+    /// Op ids dated or made before it are forgotten, and an unknown op dated before it is
+    /// refused.
+    horizon: Horizon,
+    clock: Arc<dyn Clock>,
+    /// The monotonic clock at the last prune.
+    last_prune: Option<u64>,
     /// Writes committed since the WAL was last copied into the database file.
     since_checkpoint: usize,
     max_batch: usize,
@@ -463,7 +514,8 @@ impl Writer {
 
     /// Runs every write in one transaction; on a failed commit every write fails.
     fn commit_batch(&mut self, writes: Vec<Write>) -> Vec<Result<WriteOutcome, StoreError>> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
+        let monotonic = self.clock.monotonic_ms();
         let count = writes.len();
         if self.ops_unknown {
             match OpIds::load(&self.conn, self.ops.capacity) {
@@ -477,8 +529,8 @@ impl Writer {
                 }
             }
         }
-        let prune = now - self.last_prune_ms >= PRUNE_EVERY_MS;
-        let cutoff = now.saturating_sub(self.retention_ms);
+        let prune = self.last_prune.is_none_or(|at| monotonic.saturating_sub(at) >= PRUNE_EVERY_MS);
+        let horizon = if prune { self.horizon.next(now, monotonic) } else { self.horizon.ms };
         let ops = &mut self.ops;
         type Outcome = (Vec<Result<WriteOutcome, StoreError>>, Option<bool>);
         let outcome = (|| -> Result<Outcome, StoreError> {
@@ -487,7 +539,7 @@ impl Writer {
             for write in writes {
                 let mark = ops.index.mark();
                 let sp = tx.savepoint()?;
-                match apply(&sp, ops, write, now) {
+                match apply(&sp, ops, write, now, horizon) {
                     Ok(outcome) => {
                         sp.commit()?;
                         results.push(Ok(outcome));
@@ -504,7 +556,15 @@ impl Writer {
                     }
                 }
             }
-            let table_after_prune = if prune { Some(ops.prune(&tx, cutoff)?) } else { None };
+            let table_after_prune = if prune {
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'op_horizon_ms'",
+                    params![horizon.to_string()],
+                )?;
+                Some(ops.prune(&tx, horizon)?)
+            } else {
+                None
+            };
             let commit = Instant::now();
             tx.commit()?;
             self.metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
@@ -517,7 +577,8 @@ impl Writer {
                 self.ops.report(&self.metrics);
                 if let Some(in_table) = table_after_prune {
                     self.ops.in_table = in_table;
-                    self.last_prune_ms = now;
+                    self.horizon.move_to(horizon, monotonic);
+                    self.last_prune = Some(monotonic);
                 }
                 results
             }
@@ -698,8 +759,15 @@ impl SeenOp {
     }
 }
 
-/// One write inside the batch's transaction.
-fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<WriteOutcome, StoreError> {
+/// One write inside the batch's transaction. `horizon`: an op unknown to the store and dated
+/// before it may have been applied and forgotten, so it is refused and not applied.
+fn apply(
+    conn: &Connection,
+    ops: &mut OpIds,
+    write: Write,
+    now: i64,
+    horizon: i64,
+) -> Result<WriteOutcome, StoreError> {
     let user = write.user.as_str();
     let op_hash = write.op.as_ref().map(|op| ops.index.hash(user, op.op_id.as_str())).unwrap_or_default();
     if let Some(op) = &write.op
@@ -720,12 +788,23 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
                 .ok_or_else(|| StoreError::Malformed(format!("unknown refusal {code:?} in ops"))),
         };
     }
+    // The date an unknown op counts from: its id's, when it carries a believable one (a
+    // remembered op lasts until the horizon passes both its id's date and its arrival).
+    let dated = write
+        .op
+        .as_ref()
+        .and_then(|op| op.op_id.dated_ms())
+        .filter(|d| *d <= now.saturating_add(DATED_AHEAD_MS));
+    if dated.is_some_and(|d| d < horizon) {
+        return Ok(WriteOutcome::Rejected(Rejection::OpExpired));
+    }
+    let remembered_from = dated.map_or(now, |d| d.max(now));
     let (current, credits) = read_for_write(conn, user, write.data_type)?;
     let change = match (write.mutation)(Current { record: &current, credits: &credits, now_ms: now }) {
         Ok(change) => change,
         Err(refusal) => {
             if let (Some(op), Some(code)) = (&write.op, refusal.code()) {
-                ops.remember(conn, op_hash, user, op, &current, Some(code), now)?;
+                ops.remember(conn, op_hash, user, op, &current, Some(code), remembered_from)?;
             }
             return Ok(WriteOutcome::Rejected(refusal));
         }
@@ -773,7 +852,7 @@ fn apply(conn: &Connection, ops: &mut OpIds, write: Write, now: i64) -> Result<W
         record
     };
     if let Some(op) = &write.op {
-        ops.remember(conn, op_hash, user, op, &record, None, now)?;
+        ops.remember(conn, op_hash, user, op, &record, None, remembered_from)?;
     }
     Ok(WriteOutcome::Applied(record))
 }
@@ -801,15 +880,77 @@ mod tests {
         }
     }
 
+    const DAY: i64 = 86_400_000;
+    const RETENTION: i64 = 30 * DAY;
+    /// 2026-12-06T00:00:00Z.
+    const T: i64 = 1_796_515_200_000;
+
+    /// A clock the test sets: the wall clock and the time that passed, apart.
+    #[derive(Debug, Default)]
+    struct TestClock {
+        wall: std::sync::atomic::AtomicI64,
+        passed: std::sync::atomic::AtomicU64,
+    }
+
+    impl TestClock {
+        fn at(wall: i64) -> Arc<TestClock> {
+            let clock = TestClock::default();
+            clock.wall.store(wall, std::sync::atomic::Ordering::SeqCst);
+            Arc::new(clock)
+        }
+
+        /// Time passes: both clocks move.
+        fn pass(&self, ms: i64) {
+            self.wall.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+            self.passed.fetch_add(u64::try_from(ms).unwrap(), std::sync::atomic::Ordering::SeqCst);
+        }
+
+        /// Someone sets the wall clock; no time passes.
+        fn set_wall(&self, ms: i64) {
+            self.wall.store(ms, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Clock for TestClock {
+        fn now_ms(&self) -> i64 {
+            self.wall.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn monotonic_ms(&self) -> u64 {
+            self.passed.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// A UUIDv7 op id dated `ms`.
+    fn uuid7(ms: i64, n: u16) -> String {
+        let hex = format!("{ms:012x}");
+        format!("{}-{}-7000-8000-{n:012x}", &hex[..8], &hex[8..])
+    }
+
+    fn outcome(writer: &mut Writer, write: Write) -> WriteOutcome {
+        writer.commit_batch(vec![write]).remove(0).unwrap()
+    }
+
     fn writer(dir: &Path) -> Writer {
+        writer_at(dir, TestClock::at(T))
+    }
+
+    fn writer_at(dir: &Path, clock: Arc<TestClock>) -> Writer {
         let mut conn = Connection::open(dir.join(DB_FILE)).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         migrations().to_latest(&mut conn).unwrap();
         let ops = OpIds::load(&conn, 1000).unwrap();
+        let horizon = clock.now_ms() - RETENTION;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('op_horizon_ms', ?1)",
+            params![horizon.to_string()],
+        )
+        .unwrap();
         Writer {
             conn,
-            retention_ms: 30 * 86_400_000,
-            last_prune_ms: 0,
+            horizon: Horizon::new(horizon, RETENTION, clock.monotonic_ms()),
+            clock,
+            last_prune: None,
             since_checkpoint: 0,
             max_batch: MAX_BATCH,
             ops,
@@ -839,5 +980,74 @@ mod tests {
         assert!(matches!(first[0], Ok(WriteOutcome::Applied(_))), "{first:?}");
         let again = writer.commit_batch(vec![delta("w3", 1, "")]);
         assert!(matches!(again[0], Ok(WriteOutcome::Replayed(_))), "{again:?}");
+    }
+
+    #[test]
+    fn an_unknown_op_dated_before_the_horizon_is_refused_and_a_forgotten_one_is_never_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = TestClock::at(T);
+        let mut writer = writer_at(dir.path(), clock.clone());
+        let made_now = uuid7(T, 1);
+        assert!(matches!(outcome(&mut writer, delta(&made_now, 5, "")), WriteOutcome::Applied(_)));
+        // Older than the retention when it first arrives: refused, not applied.
+        let too_old = uuid7(T - RETENTION - DAY, 2);
+        assert!(matches!(
+            outcome(&mut writer, delta(&too_old, 7, "")),
+            WriteOutcome::Rejected(Rejection::OpExpired)
+        ));
+        // Made 29 days ago and arriving only now: applied, and remembered from its arrival.
+        let late = uuid7(T - 29 * DAY, 3);
+        assert!(matches!(outcome(&mut writer, delta(&late, 1, "")), WriteOutcome::Applied(_)));
+
+        // Two days pass: the horizon is past `late`'s date, but `late` is remembered.
+        clock.pass(2 * DAY);
+        assert!(matches!(outcome(&mut writer, delta(&late, 1, "")), WriteOutcome::Replayed(_)));
+        // Thirty more: both are forgotten, and neither is applied again.
+        clock.pass(30 * DAY);
+        assert!(matches!(outcome(&mut writer, delta("undated", 1, "")), WriteOutcome::Applied(_)));
+        for op in [&made_now, &late] {
+            assert!(matches!(
+                outcome(&mut writer, delta(op, 1, "")),
+                WriteOutcome::Rejected(Rejection::OpExpired)
+            ));
+        }
+        let coins = |w: &Writer| -> String {
+            w.conn.query_row("SELECT data FROM records WHERE user_id = 'alice'", [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(coins(&writer), r#"{"coins":7}"#, "5 + 1 + 1, each once");
+    }
+
+    #[test]
+    fn a_clock_set_forward_does_not_make_the_store_forget_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = TestClock::at(T);
+        let mut writer = writer_at(dir.path(), clock.clone());
+        let op = uuid7(T, 1);
+        assert!(matches!(outcome(&mut writer, delta(&op, 5, "")), WriteOutcome::Applied(_)));
+        // The wall clock jumps two months ahead; eleven minutes pass (a prune is due).
+        clock.set_wall(T + 60 * DAY);
+        clock.pass(11 * 60 * 1000);
+        assert!(matches!(outcome(&mut writer, delta("undated", 1, "")), WriteOutcome::Applied(_)));
+        let stored: String = writer
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'op_horizon_ms'", [], |r| r.get(0))
+            .unwrap();
+        let moved_by_time_passed = T - RETENTION + 11 * 60 * 1000;
+        assert_eq!((writer.horizon.ms, stored), (moved_by_time_passed, moved_by_time_passed.to_string()));
+        // The op is still remembered: its copy replays.
+        assert!(matches!(outcome(&mut writer, delta(&op, 5, "")), WriteOutcome::Replayed(_)));
+        // An op dated a month ago is still within what the store remembers.
+        let month_old = uuid7(T - 29 * DAY, 2);
+        assert!(matches!(outcome(&mut writer, delta(&month_old, 1, "")), WriteOutcome::Applied(_)));
+    }
+
+    #[test]
+    fn the_horizon_never_moves_back_and_moves_no_faster_than_time_passes() {
+        let mut horizon = Horizon::new(T - RETENTION, RETENTION, 0);
+        assert_eq!(horizon.next(T - DAY, 0), T - RETENTION, "a clock set back");
+        assert_eq!(horizon.next(T + 90 * DAY, 1000), T - RETENTION + 1000, "a clock set forward");
+        horizon.move_to(T - RETENTION + 1000, 1000);
+        assert_eq!(horizon.next(T + 1000 + DAY, 1000 + DAY as u64), T - RETENTION + 1000 + DAY);
+        assert_eq!(horizon.next(T + 2000, 5000), T + 2000 - RETENTION, "time passing as the clock says");
     }
 }
