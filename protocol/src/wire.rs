@@ -1,9 +1,14 @@
 //! The wire as both sides spell it, without serde: the field names, the requests a client
-//! sends and the answers it reads. Requests are written and answers read through two small
-//! traits that any JSON value can implement — `serde_json::Value` here, the client's own
-//! small value in `sync-core` — so that the browser build of the client carries no JSON
-//! library. Builds and reads only: validates nothing (the `validate_*` rules do, on the hub),
-//! formats no message, and allocates only what it returns.
+//! sends (single writes and batches of them, and the op ids it makes) and the answers it
+//! reads. Requests are written and answers read through two small traits that any JSON value
+//! can implement — `serde_json::Value` here, the client's own small value in `sync-core` — so
+//! that the browser build of the client carries no JSON library. Builds and reads only:
+//! validates nothing (the `validate_*` rules do, on the hub), formats no message, and
+//! allocates only what it returns.
+//!
+//! Only the hub's own body says anything: a success is `"success": true`, a refusal
+//! `"success": false` with a `code` and a message ([`refusal`]). A proxy's error page, a
+//! firewall's JSON or an empty 200 read as neither, and a client treats them as no answer.
 
 use crate::DataType;
 use crate::compact::{concat, decimal};
@@ -30,7 +35,36 @@ pub mod field {
     pub const CODE: &str = "code";
     pub const ERROR: &str = "error";
     pub const CURRENT: &str = "current";
+    /// True in every answer the hub gives to a request it served, false in its refusals.
+    pub const SUCCESS: &str = "success";
+    /// A batch's writes, in the order they are to be applied.
+    pub const OPS: &str = "ops";
+    /// A batch answer's result per write, in order; each carries `op_id` and `status`.
+    pub const RESULTS: &str = "results";
+    /// In a batch result: the HTTP status the write alone would have had.
+    pub const STATUS: &str = "status";
 }
+
+/// The refusal codes a client acts on by name.
+pub mod code {
+    /// In a batch answer: the hub stopped before this write (the one before it failed for a
+    /// reason worth retrying) and applied nothing of it; it stays pending, in order.
+    pub const NOT_ATTEMPTED: &str = "not_attempted";
+    /// The hub does not remember this op and its id is dated before what the hub keeps: it may
+    /// have been applied long ago. Never applied now; the client drops it and refetches.
+    pub const OP_EXPIRED: &str = "op_expired";
+    /// The credit's grant expired before the hub ever applied the op; a fresh grant for the
+    /// same op id makes the next attempt a retry.
+    pub const GRANT_EXPIRED: &str = "grant_expired";
+}
+
+/// The most writes one `batch` request carries. The client also fills a batch only up to
+/// [`MAX_BODY_BYTES`], so that a batch of large pushes is split, not refused.
+pub const MAX_BATCH_OPS: usize = 32;
+
+/// The largest request body the hub reads (413 beyond), and what a browser lets all of a
+/// page's `keepalive` requests carry at once: what a leaving page sends fits in it.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// A JSON value requests can be written into.
 pub trait JsonWrite: Sized {
@@ -42,6 +76,8 @@ pub trait JsonWrite: Sized {
     fn integer(value: i64) -> Self;
     /// This object with `key` set to `value`.
     fn with(self, key: &str, value: Self) -> Self;
+    /// This array with `value` appended.
+    fn push(self, value: Self) -> Self;
 }
 
 /// A JSON value answers can be read from.
@@ -53,6 +89,10 @@ pub trait JsonRead {
     fn as_u64(&self) -> Option<u64>;
     fn as_bool(&self) -> Option<bool>;
     fn is_object(&self) -> bool;
+    /// The items of an array; none for anything else.
+    fn items(&self) -> &[Self]
+    where
+        Self: Sized;
 }
 
 /// The query string (without `?`) of `action=timestamp` for `data_types`: one request per
@@ -131,6 +171,39 @@ impl WriteRequest<'_> {
     }
 }
 
+/// The body of `action=batch`: `ops` (bodies of [`WriteRequest::delta`] and
+/// [`WriteRequest::push`], each with its op id) for one user from one site, applied by the
+/// hub in this order, each as if sent alone.
+pub fn batch<J: JsonWrite>(user_id: &str, site_id: &str, ops: impl IntoIterator<Item = J>) -> J {
+    let ops = ops.into_iter().fold(J::array(), J::push);
+    J::object()
+        .with(field::ACTION, J::text("batch"))
+        .with(field::USER_ID, J::text(user_id))
+        .with(field::SITE_ID, J::text(site_id))
+        .with(field::OPS, ops)
+}
+
+/// An op id dated `unix_ms` that the hub can date back: a UUIDv7 (RFC 9562), lowercase
+/// `xxxxxxxx-xxxx-7xxx-[89ab]xxx-xxxxxxxxxxxx`, whose first 48 bits are the time and whose
+/// other 74 are the low bits of `random`. A client dates it by the hub's clock, not its own.
+pub fn uuid7(unix_ms: u64, random: u128) -> String {
+    const RANDOM_A: u128 = (1 << 12) - 1;
+    const RANDOM_B: u128 = (1 << 62) - 1;
+    let bits = u128::from(unix_ms & 0xffff_ffff_ffff) << 80
+        | 7 << 76
+        | (random >> 62 & RANDOM_A) << 64
+        | 0b10 << 62
+        | random & RANDOM_B;
+    let mut id = String::with_capacity(36);
+    for nibble in (0..32).rev() {
+        if matches!(nibble, 23 | 19 | 15 | 11) {
+            id.push('-');
+        }
+        id.push(char::from(b"0123456789abcdef"[(bits >> (nibble * 4) & 0xf) as usize]));
+    }
+    id
+}
+
 /// The version a timestamp answer gives for `data_type`: from its `timestamps` when it
 /// answers a comma list, else from the answer itself when it names that type.
 pub fn stamp_version<J: JsonRead>(answer: &J, data_type: DataType) -> Option<u64> {
@@ -171,21 +244,48 @@ pub fn replayed<J: JsonRead>(answer: &J) -> bool {
     answer.get(field::REPLAYED).and_then(J::as_bool).unwrap_or(false)
 }
 
+/// Whether an answer is the hub's body for a request it served (`"success": true`): nothing
+/// else confirms a write or carries data.
+pub fn succeeded<J: JsonRead>(answer: &J) -> bool {
+    answer.get(field::SUCCESS).and_then(J::as_bool) == Some(true)
+}
+
 /// What a refusal (`{"success":false,"code","error"}`) says.
 #[derive(Debug, PartialEq)]
 pub struct RefusalRef<'a, J> {
-    pub code: Option<&'a str>,
-    pub message: Option<&'a str>,
+    pub code: &'a str,
+    pub message: &'a str,
     /// The record as it stands, for refusals caused by its state.
     pub current: Option<RecordRef<'a, J>>,
 }
 
-pub fn refusal<J: JsonRead>(answer: &J) -> RefusalRef<'_, J> {
-    RefusalRef {
-        code: answer.get(field::CODE).and_then(J::as_str),
-        message: answer.get(field::ERROR).and_then(J::as_str),
-        current: answer.get(field::CURRENT).and_then(record),
+/// The hub's refusal, if `answer` is one: `"success": false` with a code and a message. An
+/// error body of any other shape (a proxy's, a firewall's) is not the hub's word.
+pub fn refusal<J: JsonRead>(answer: &J) -> Option<RefusalRef<'_, J>> {
+    if answer.get(field::SUCCESS)?.as_bool()? {
+        return None;
     }
+    Some(RefusalRef {
+        code: answer.get(field::CODE)?.as_str()?,
+        message: answer.get(field::ERROR)?.as_str()?,
+        current: answer.get(field::CURRENT).and_then(record),
+    })
+}
+
+/// What a hub's `batch` answer says of the write `op_id`: the status that write alone would
+/// have had, and its own answer (a success or a refusal, with `op_id` and `status` added).
+/// `None` unless the answer is the hub's success and holds a result echoing that op id.
+pub fn batch_result<'a, J: JsonRead>(answer: &'a J, op_id: &str) -> Option<(u16, &'a J)> {
+    if !succeeded(answer) {
+        return None;
+    }
+    let result = answer
+        .get(field::RESULTS)?
+        .items()
+        .iter()
+        .find(|result| result.get(field::OP_ID).and_then(J::as_str) == Some(op_id))?;
+    let status = u16::try_from(result.get(field::STATUS)?.as_u64()?).ok()?;
+    Some((status, result))
 }
 
 impl JsonWrite for serde_json::Value {
@@ -211,6 +311,13 @@ impl JsonWrite for serde_json::Value {
         }
         self
     }
+
+    fn push(mut self, value: Self) -> Self {
+        if let serde_json::Value::Array(items) = &mut self {
+            items.push(value);
+        }
+        self
+    }
 }
 
 impl JsonRead for serde_json::Value {
@@ -233,6 +340,10 @@ impl JsonRead for serde_json::Value {
     fn is_object(&self) -> bool {
         serde_json::Value::is_object(self)
     }
+
+    fn items(&self) -> &[Self] {
+        self.as_array().map_or(&[], Vec::as_slice)
+    }
 }
 
 #[cfg(test)]
@@ -241,8 +352,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        DeltaAnswer, ErrorAnswer, GetAnswer, PostRequest, PushAnswer, RecordState, Stamp, TimestampAnswer,
-        TimestampsAnswer,
+        DeltaAnswer, ErrorAnswer, GetAnswer, OpId, PostRequest, PushAnswer, RecordState, Stamp,
+        TimestampAnswer, TimestampsAnswer,
     };
 
     const WRITE: WriteRequest<'static> = WriteRequest {
@@ -366,11 +477,99 @@ mod tests {
             current: Some(RecordState { data: data.clone(), last_updated: None, version: 5 }),
         })
         .unwrap();
-        let refusal = refusal(&refused);
+        let refusal = refusal(&refused).expect("the hub's refusal");
         assert_eq!(
             (refusal.code, refusal.message, refusal.current.map(|r| r.version)),
-            (Some("insufficient_funds"), Some("coins would go below zero"), Some(5))
+            ("insufficient_funds", "coins would go below zero", Some(5))
         );
+        assert!(!succeeded(&refused));
+        assert!(succeeded(&get) && succeeded(&list) && succeeded(&delta));
+    }
+
+    #[test]
+    fn only_the_hubs_own_bodies_succeed_or_refuse() {
+        for foreign in [
+            json!(null),
+            json!("<html>403 Forbidden</html>"),
+            json!({"error": "blocked by policy"}),
+            json!({"code": "forbidden", "error": "blocked"}),
+            json!({"success": "false", "code": "x", "error": "y"}),
+            json!({"success": false, "code": 403, "error": "y"}),
+            json!({"success": false, "code": "x"}),
+            json!({"success": true, "code": "x", "error": "y"}),
+        ] {
+            assert_eq!(refusal(&foreign), None, "{foreign}");
+            assert!(!succeeded(&foreign) || foreign["success"] == json!(true), "{foreign}");
+        }
+        assert!(!succeeded(&json!({"data": {"coins": 1}, "version": 1})), "a record without the hub's word");
+    }
+
+    #[test]
+    fn a_batch_carries_its_writes_in_order_and_its_results_are_found_by_op_id() {
+        let second = WriteRequest { op_id: "op-2", ..WRITE };
+        let profile = WriteRequest { data_type: DataType::Profile, op_id: "op-3", ..WRITE };
+        let ops: [Value; 3] = [
+            WRITE.delta(10, Some("claim"), Some("h.p.s")),
+            second.delta(-15, None, None),
+            profile.push(json!({"bio": "hi"})),
+        ];
+        let body: Value = batch("8-evans", "roflfaucet", ops.clone());
+        assert_eq!(
+            body,
+            json!({"action": "batch", "user_id": "8-evans", "site_id": "roflfaucet", "ops": ops})
+        );
+
+        let applied = serde_json::to_value(DeltaAnswer {
+            success: true,
+            data_type: DataType::Balance,
+            version: 5,
+            data: json!({"coins": 15}),
+            last_updated: None,
+            replayed: false,
+        })
+        .unwrap();
+        let with = |mut result: Value, op_id: &str, status: u16| {
+            result["op_id"] = json!(op_id);
+            result["status"] = json!(status);
+            result
+        };
+        let refused = json!({"success": false, "code": "insufficient_funds", "error": "no", "current": {
+            "data": {"coins": 0}, "version": 4, "last_updated": null}});
+        let answer = json!({"success": true, "results": [
+            with(applied.clone(), "op-1", 200),
+            with(refused.clone(), "op-2", 409),
+            with(json!({"success": false, "code": code::NOT_ATTEMPTED, "error": "later"}), "op-3", 503),
+        ]});
+        let (status, result) = batch_result(&answer, "op-1").unwrap();
+        assert_eq!((status, record(result).map(|r| r.version), succeeded(result)), (200, Some(5), true));
+        let (status, result) = batch_result(&answer, "op-2").unwrap();
+        assert_eq!((status, refusal(result).map(|r| r.code)), (409, Some("insufficient_funds")));
+        let (status, result) = batch_result(&answer, "op-3").unwrap();
+        assert_eq!((status, refusal(result).map(|r| r.code)), (503, Some(code::NOT_ATTEMPTED)));
+        assert_eq!(batch_result(&answer, "op-4"), None, "no result names it");
+        let foreign = json!({"results": [with(applied, "op-1", 200)]});
+        assert_eq!(batch_result(&foreign, "op-1"), None, "not the hub's success");
+    }
+
+    #[test]
+    fn op_ids_are_uuid7_dated_with_the_time_given() {
+        let ms = 0x019a_f0c1_a2b3;
+        for random in [0, u128::MAX, 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef] {
+            let id = uuid7(ms, random);
+            assert_eq!(id.len(), 36, "{id}");
+            let dashes: Vec<usize> = id.match_indices('-').map(|(i, _)| i).collect();
+            assert_eq!(dashes, [8, 13, 18, 23], "{id}");
+            assert!(
+                id.bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+            let bits = u128::from_str_radix(&id.replace('-', ""), 16).unwrap();
+            assert_eq!((bits >> 80) as u64, ms, "{id}");
+            assert_eq!((bits >> 76 & 0xf, bits >> 62 & 0b11), (7, 0b10), "{id}");
+            assert!(OpId::parse(&id).is_ok());
+        }
+        assert_ne!(uuid7(ms, 1), uuid7(ms, 2));
+        assert_ne!(uuid7(ms, 1 << 62), uuid7(ms, 0), "rand_a comes from the random bits too");
     }
 
     #[test]

@@ -143,6 +143,13 @@ impl protocol::wire::JsonWrite for Json {
     fn with(self, key: &str, value: Json) -> Json {
         Json::with(self, key, value)
     }
+
+    fn push(mut self, value: Json) -> Json {
+        if let Json::Array(items) = &mut self {
+            items.push(value);
+        }
+        self
+    }
 }
 
 impl protocol::wire::JsonRead for Json {
@@ -164,6 +171,13 @@ impl protocol::wire::JsonRead for Json {
 
     fn is_object(&self) -> bool {
         Json::is_object(self)
+    }
+
+    fn items(&self) -> &[Json] {
+        match self {
+            Json::Array(items) => items,
+            _ => &[],
+        }
     }
 }
 

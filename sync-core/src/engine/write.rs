@@ -287,7 +287,7 @@ impl Engine {
             }
             _ => {
                 let refusal = wire::refusal(&body);
-                let code = refusal.code.unwrap_or("refused");
+                let code = refusal.as_ref().map_or("refused", |r| r.code);
                 // The hub never applied the op: with a fresh grant for the same op id, the
                 // next attempt is still a retry.
                 if code == "grant_expired"
@@ -307,8 +307,8 @@ impl Engine {
                     }
                     return;
                 }
-                let message = refusal.message.unwrap_or("the hub refused the write");
-                let current = refusal.current.map(CachedRecord::from);
+                let message = refusal.as_ref().map_or("the hub refused the write", |r| r.message);
+                let current = refusal.and_then(|r| r.current).map(CachedRecord::from);
                 self.settle(index, current, Some((code.to_owned(), message.to_owned())));
             }
         }
