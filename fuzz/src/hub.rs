@@ -20,6 +20,14 @@ pub fn post(request: &PostRequest) {
             push(p, true);
         }
         PostRequest::Delta(d) => delta(d, Limits::default()),
+        PostRequest::Batch(b) => {
+            assert!((1..=protocol::MAX_BATCH_OPS).contains(&b.ops.len()), "{b:?}");
+            for op in &b.ops {
+                assert!(!matches!(op, PostRequest::Batch(_)), "a batch nested in {b:?}");
+                assert_eq!((op.user_id(), op.site_id()), (b.user_id.as_str(), b.site_id.as_str()));
+                post(op);
+            }
+        }
     }
 }
 

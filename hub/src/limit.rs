@@ -11,11 +11,19 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
+/// Cells a request of `n` ops takes: one per op, but no more than a whole minute's quota, so
+/// that a batch larger than the limit can still pass once the user's bucket is full.
+fn cells(n: u32, quota: NonZeroU32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN).min(quota)
+}
+
 type Keyed<K, C> = RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// Both limiters of the hub.
 pub struct RateLimits<C: Clock = DefaultClock> {
     users: Keyed<String, C>,
+    /// The users' quota per minute, which a batch never needs more of.
+    per_user: NonZeroU32,
     addresses: Keyed<IpAddr, C>,
     clock: C,
 }
@@ -43,6 +51,7 @@ impl<C: Clock + Clone> RateLimits<C> {
     pub fn with_clock(per_user_per_minute: u32, per_address_per_minute: u32, clock: C) -> Self {
         let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
         RateLimits {
+            per_user: NonZeroU32::new(per_user_per_minute).unwrap_or(NonZeroU32::MIN),
             users: RateLimiter::new(
                 quota(per_user_per_minute),
                 DefaultKeyedStateStore::default(),
@@ -60,6 +69,16 @@ impl<C: Clock + Clone> RateLimits<C> {
     /// Counts one request of `user`.
     pub fn check_user(&self, user: &str) -> Result<(), RetryAfter> {
         check(&self.users, &user.to_owned(), &self.clock)
+    }
+
+    /// Counts `ops` requests of `user` at once (a batch): all of them, or none.
+    pub fn check_user_ops(&self, user: &str, ops: u32) -> Result<(), RetryAfter> {
+        match self.users.check_key_n(&user.to_owned(), cells(ops, self.per_user)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(wait(not_until.wait_time_from(self.clock.now()))),
+            // `cells` never asks for more than the quota.
+            Err(_) => Err(RetryAfter(60)),
+        }
     }
 
     /// Counts one request without a valid token from `ip`. IPv6 addresses count per /64,
@@ -104,10 +123,12 @@ fn check<K: Hash + Eq + Clone, C: Clock>(
     key: &K,
     clock: &C,
 ) -> Result<(), RetryAfter> {
-    limiter.check_key(key).map_err(|not_until| {
-        let wait = not_until.wait_time_from(clock.now());
-        RetryAfter(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(RetryAfter(1))
-    })
+    limiter.check_key(key).map_err(|not_until| wait(not_until.wait_time_from(clock.now())))
+}
+
+/// A wait in whole seconds, rounded up, at least 1.
+fn wait(wait: std::time::Duration) -> RetryAfter {
+    RetryAfter(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(RetryAfter(1))
 }
 
 #[cfg(test)]
@@ -130,6 +151,19 @@ mod tests {
         assert!(limits.check_user("someone-else").is_ok());
         clock.advance(Duration::from_secs(secs));
         assert!(limits.check_user("8-evans").is_ok());
+    }
+
+    #[test]
+    fn a_batch_takes_a_cell_per_op_or_none() {
+        let limits = RateLimits::with_clock(10, 10, FakeRelativeClock::default());
+        assert!(limits.check_user_ops("u", 8).is_ok());
+        assert!(limits.check_user_ops("u", 3).is_err(), "3 more than the 2 left");
+        assert!(limits.check_user_ops("u", 2).is_ok(), "the refused batch took nothing");
+        assert!(limits.check_user("u").is_err());
+        // A batch larger than the quota passes when the bucket is full.
+        let limits = RateLimits::with_clock(10, 10, FakeRelativeClock::default());
+        assert!(limits.check_user_ops("v", 32).is_ok());
+        assert!(limits.check_user("v").is_err());
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum Action {
     Get,
     Push,
     Delta,
+    /// Pushes and deltas sent together.
+    Batch,
     Preflight,
     Health,
     /// `/metrics` and the dashboard.
@@ -63,7 +65,7 @@ pub enum Action {
 }
 
 /// How many kinds of [`Action`] there are.
-const ACTIONS: usize = 8;
+const ACTIONS: usize = 9;
 
 impl Action {
     const ALL: [Action; ACTIONS] = [
@@ -71,6 +73,7 @@ impl Action {
         Action::Get,
         Action::Push,
         Action::Delta,
+        Action::Batch,
         Action::Preflight,
         Action::Health,
         Action::Admin,
@@ -83,6 +86,7 @@ impl Action {
             Action::Get => "get",
             Action::Push => "push",
             Action::Delta => "delta",
+            Action::Batch => "batch",
             Action::Preflight => "preflight",
             Action::Health => "health",
             Action::Admin => "admin",

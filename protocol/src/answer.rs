@@ -92,6 +92,14 @@ pub struct DeltaAnswer {
     pub replayed: bool,
 }
 
+/// `action=batch`: one result per op, in order — each the body that op alone would have got,
+/// with its `status` and `op_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    pub success: bool,
+    pub results: Vec<serde_json::Value>,
+}
+
 /// Every refusal: `{"success":false,"code":…,"error":…}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorAnswer {

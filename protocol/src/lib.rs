@@ -17,14 +17,14 @@ mod validate;
 pub mod wire;
 
 pub use answer::{
-    DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, PushAnswer, RecordState, Stamp, TimestampAnswer,
-    TimestampsAnswer,
+    BatchAnswer, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, PushAnswer, RecordState, Stamp,
+    TimestampAnswer, TimestampsAnswer,
 };
 pub use data_type::{DataType, parse_data_types};
 pub use error::{Refusal, RefusalKind};
 pub use ids::{OpId, SiteId, UserId, uuid7_ms};
 pub use merge::merge_patch;
-pub use request::{DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
+pub use request::{BatchRequest, DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction};
 pub use scope::{Scope, Scopes};
 pub use validate::{
     Limits, MAX_AMOUNT, amount_field, is_valid_reason, validate_delta, validate_push, validate_reason,

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::Refusal;
 use crate::data_type::truncate;
+use crate::{MAX_BATCH_OPS, Refusal};
 
 /// `{"action":"push", …}`: write `data` into one record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,11 +46,35 @@ pub struct DeltaRequest {
 pub enum PostRequest {
     Push(PushRequest),
     Delta(DeltaRequest),
+    Batch(BatchRequest),
+}
+
+/// `{"action":"batch", …}`: pushes and deltas of one user and site, applied in the order
+/// given, each as if sent alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRequest {
+    pub user_id: String,
+    pub site_id: String,
+    /// 1 to [`MAX_BATCH_OPS`] pushes and deltas, each with an `op_id`, each naming the
+    /// batch's user and site.
+    pub ops: Vec<PostRequest>,
+}
+
+/// A batch as it arrives: each op an object whose keys are all different.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    #[serde(rename = "action")]
+    _action: String,
+    user_id: String,
+    site_id: String,
+    ops: Vec<UniqueObject>,
 }
 
 impl PostRequest {
     /// Parses a POST body, naming what is wrong with it when it cannot be used.
     pub fn parse(body: &[u8]) -> Result<Self, Refusal> {
+        let body_bytes = body;
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| Refusal::invalid("invalid_json", format!("the body is not valid JSON: {e}")))?;
         if value.is_object() {
@@ -75,8 +99,45 @@ impl PostRequest {
         match action.as_str() {
             "push" => Ok(PostRequest::Push(serde_json::from_value(body).map_err(shape)?)),
             "delta" => Ok(PostRequest::Delta(serde_json::from_value(body).map_err(shape)?)),
+            "batch" => Ok(PostRequest::Batch(BatchRequest::parse(body_bytes)?)),
             "timestamp" | "get" => Err(wrong_method(&action, "GET")),
             other => Err(unknown_action(other)),
+        }
+    }
+
+    /// The `user_id` the request names.
+    pub fn user_id(&self) -> &str {
+        match self {
+            PostRequest::Push(p) => &p.user_id,
+            PostRequest::Delta(d) => &d.user_id,
+            PostRequest::Batch(b) => &b.user_id,
+        }
+    }
+
+    /// The `site_id` the request names.
+    pub fn site_id(&self) -> &str {
+        match self {
+            PostRequest::Push(p) => &p.site_id,
+            PostRequest::Delta(d) => &d.site_id,
+            PostRequest::Batch(b) => &b.site_id,
+        }
+    }
+
+    /// The `data_type` of a push or delta (a batch names one per op).
+    pub fn data_type(&self) -> &str {
+        match self {
+            PostRequest::Push(p) => &p.data_type,
+            PostRequest::Delta(d) => &d.data_type,
+            PostRequest::Batch(_) => "",
+        }
+    }
+
+    /// The `op_id` of a push or delta.
+    pub fn op_id(&self) -> Option<&str> {
+        match self {
+            PostRequest::Push(p) => p.op_id.as_deref(),
+            PostRequest::Delta(d) => Some(&d.op_id),
+            PostRequest::Batch(_) => None,
         }
     }
 
@@ -85,12 +146,97 @@ impl PostRequest {
         let (action, body) = match self {
             PostRequest::Push(p) => ("push", serde_json::to_value(p)),
             PostRequest::Delta(d) => ("delta", serde_json::to_value(d)),
+            PostRequest::Batch(b) => {
+                let ops: Vec<Value> = b.ops.iter().map(PostRequest::to_json).collect();
+                ("batch", Ok(serde_json::json!({"user_id": b.user_id, "site_id": b.site_id, "ops": ops})))
+            }
         };
         let mut body = body.expect("request types serialize");
         if let Value::Object(fields) = &mut body {
             fields.insert("action".into(), Value::from(action));
         }
         body
+    }
+}
+
+impl BatchRequest {
+    /// Reads a batch from the whole body (already known to be a JSON object with unique keys
+    /// and `"action":"batch"`).
+    fn parse(body: &[u8]) -> Result<BatchRequest, Refusal> {
+        let batch: BatchBody = serde_json::from_slice(body).map_err(|e| {
+            let message = e.to_string();
+            let code = if message.starts_with("missing field") { "missing_field" } else { "invalid_request" };
+            Refusal::invalid(code, format!("batch: {}", shortened(message)))
+        })?;
+        if batch.ops.is_empty() || batch.ops.len() > MAX_BATCH_OPS {
+            return Err(Refusal::invalid(
+                "invalid_batch",
+                format!("a batch holds 1 to {MAX_BATCH_OPS} ops, not {}", batch.ops.len()),
+            ));
+        }
+        let ops = batch
+            .ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, UniqueObject(mut op))| {
+                let refuse = |code, why: String| Refusal::invalid(code, format!("ops[{i}]: {why}"));
+                match op.get("action").and_then(Value::as_str) {
+                    Some("push" | "delta") => {}
+                    Some("batch") => return Err(refuse("invalid_batch", "batches do not nest".into())),
+                    _ => return Err(refuse("invalid_batch", "an op of a batch is a push or a delta".into())),
+                }
+                for (key, outer) in [("user_id", &batch.user_id), ("site_id", &batch.site_id)] {
+                    match op.get(key) {
+                        None => {
+                            op.insert(key.into(), Value::from(outer.as_str()));
+                        }
+                        Some(Value::String(inner)) if inner == outer => {}
+                        Some(_) => {
+                            return Err(refuse("invalid_batch", format!("{key} differs from the batch's")));
+                        }
+                    }
+                }
+                if !op.contains_key("op_id") {
+                    return Err(refuse("missing_field", "every op of a batch needs an op_id".into()));
+                }
+                let bytes = serde_json::to_vec(&op).expect("a map serializes");
+                PostRequest::parse(&bytes)
+                    .map_err(|r| Refusal { message: format!("ops[{i}]: {}", r.message), ..r })
+            })
+            .collect::<Result<Vec<PostRequest>, Refusal>>()?;
+        Ok(BatchRequest { user_id: batch.user_id, site_id: batch.site_id, ops })
+    }
+}
+
+/// A JSON object whose keys are all different.
+struct UniqueObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueObject;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueObject, A::Error> {
+                let mut fields = Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value::<Value>()?;
+                    if fields.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "an op has the field {:?} twice",
+                            truncate(&key)
+                        )));
+                    }
+                    fields.insert(key, value);
+                }
+                Ok(UniqueObject(fields))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -183,7 +329,7 @@ fn wrong_method(action: &str, method: &str) -> Refusal {
 fn unknown_action(action: &str) -> Refusal {
     Refusal::invalid(
         "unknown_action",
-        format!("unknown action {:?}; expected timestamp, get, push or delta", truncate(action)),
+        format!("unknown action {:?}; expected timestamp, get, push, delta or batch", truncate(action)),
     )
 }
 

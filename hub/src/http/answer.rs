@@ -6,10 +6,11 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use protocol::{
-    DataType, DeltaAnswer, GetAnswer, GetManyAnswer, PushAnswer, RecordState, TimestampAnswer,
-    TimestampsAnswer,
+    BatchAnswer, DataType, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, PushAnswer, RecordState,
+    TimestampAnswer, TimestampsAnswer,
 };
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::domain::Written;
 use crate::store::{Record, Stamp};
@@ -114,35 +115,74 @@ fn if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
 /// `action=push`: the record as the write left it (`timestamp` is the seed's name for
 /// `last_updated`).
 pub(super) fn pushed(written: Written) -> Response {
+    json(StatusCode::OK, &pushed_answer(written))
+}
+
+/// [`pushed`]'s body, for a batch's result.
+pub(super) fn pushed_body(written: Written) -> Value {
+    serde_json::to_value(pushed_answer(written)).expect("answers serialize")
+}
+
+fn pushed_answer(written: Written) -> PushAnswer {
     let Written { data_type, record, replayed } = written;
     let state = record_state(&record);
-    json(
-        StatusCode::OK,
-        &PushAnswer {
-            success: true,
-            data_type,
-            timestamp: state.last_updated.clone(),
-            last_updated: state.last_updated,
-            version: state.version,
-            data: state.data,
-            replayed,
-        },
-    )
+    PushAnswer {
+        success: true,
+        data_type,
+        timestamp: state.last_updated.clone(),
+        last_updated: state.last_updated,
+        version: state.version,
+        data: state.data,
+        replayed,
+    }
 }
 
 /// `action=delta`: the amount as the write left it.
 pub(super) fn delta(written: Written) -> Response {
+    json(StatusCode::OK, &delta_answer(written))
+}
+
+/// [`delta`]'s body, for a batch's result.
+pub(super) fn delta_body(written: Written) -> Value {
+    serde_json::to_value(delta_answer(written)).expect("answers serialize")
+}
+
+fn delta_answer(written: Written) -> DeltaAnswer {
     let Written { data_type, record, replayed } = written;
     let state = record_state(&record);
-    json(
-        StatusCode::OK,
-        &DeltaAnswer {
-            success: true,
-            data_type,
-            version: state.version,
-            data: state.data,
-            last_updated: state.last_updated,
-            replayed,
-        },
-    )
+    DeltaAnswer {
+        success: true,
+        data_type,
+        version: state.version,
+        data: state.data,
+        last_updated: state.last_updated,
+        replayed,
+    }
+}
+
+/// One result of a batch: the body the op alone would have got, with its status and op id.
+pub(super) fn batch_result(status: StatusCode, mut body: Value, op_id: &str) -> Value {
+    if let Value::Object(fields) = &mut body {
+        fields.insert("status".into(), Value::from(status.as_u16()));
+        fields.insert("op_id".into(), Value::from(op_id));
+    }
+    body
+}
+
+/// The result of an op a batch did not reach: sent again later, it keeps its order.
+pub(super) fn not_attempted(op_id: &str) -> Value {
+    let body = serde_json::to_value(ErrorAnswer {
+        success: false,
+        code: "not_attempted".into(),
+        error: "an earlier op of the batch failed for a reason worth retrying; send this one again after it"
+            .into(),
+        current: None,
+    })
+    .expect("answers serialize");
+    batch_result(StatusCode::SERVICE_UNAVAILABLE, body, op_id)
+}
+
+/// `action=batch`: the results, in the order of the ops.
+pub(super) fn batch(results: Vec<Value>) -> Response {
+    json(StatusCode::OK, &BatchAnswer { success: true, results })
 }

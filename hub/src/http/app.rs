@@ -188,11 +188,12 @@ impl App {
         ip: IpAddr,
         user: &UserId,
         claimed_site: Option<&str>,
+        ops: usize,
         saw: &mut Seen,
     ) -> Result<Caller, ApiError> {
         let sites = self.sites();
         let Some(keys) = sites.keys() else {
-            self.check_user(user.as_str())?;
+            self.check_user(user.as_str(), ops)?;
             let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
             return Ok(Caller {
                 site,
@@ -210,7 +211,7 @@ impl App {
         match verified {
             Ok(v) => {
                 saw.site = self.metrics().site_index(v.site.as_str());
-                self.check_user(v.user.as_str())?;
+                self.check_user(v.user.as_str(), ops)?;
                 let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
                 if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {
                     return Err(Refusal::forbidden(
@@ -242,9 +243,10 @@ impl App {
         }
     }
 
-    /// Charges a verified user's rate limit.
-    fn check_user(&self, user: &str) -> Result<(), ApiError> {
-        self.rate_limits().check_user(user).map_err(|wait| {
+    /// Charges a verified user's rate limit: one request per op.
+    fn check_user(&self, user: &str, ops: usize) -> Result<(), ApiError> {
+        let ops = u32::try_from(ops).unwrap_or(u32::MAX);
+        self.rate_limits().check_user_ops(user, ops).map_err(|wait| {
             self.metrics().rate_limited(LimitScope::User);
             wait.into()
         })

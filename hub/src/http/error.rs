@@ -117,15 +117,25 @@ impl From<Rejection> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorAnswer {
+impl ApiError {
+    /// The answer's body, as JSON.
+    pub(super) fn body(&self) -> serde_json::Value {
+        serde_json::to_value(self.answer()).expect("answers serialize")
+    }
+
+    fn answer(&self) -> ErrorAnswer {
+        ErrorAnswer {
             success: false,
             code: self.code.into(),
-            error: self.message,
+            error: self.message.clone(),
             current: self.current.as_ref().map(record_state),
-        };
-        let mut response = json(self.status, &body);
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = json(self.status, &self.answer());
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use protocol::{
-    DataType, DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction, Refusal, UserId,
+    BatchRequest, DataType, DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction, Refusal, UserId,
     parse_data_types,
 };
 use tower::ServiceBuilder;
@@ -163,7 +163,7 @@ async fn sync_get(
             QueryAction::Get => Action::Get,
         };
         saw.types = TypeSet::of(&query.types);
-        let caller = app.admit(&headers, peer.ip(), &query.user, query.site.as_deref(), &mut saw)?;
+        let caller = app.admit(&headers, peer.ip(), &query.user, query.site.as_deref(), 1, &mut saw)?;
         match query.action {
             QueryAction::Timestamp => timestamp(&app, &caller, query).await,
             QueryAction::Get => get(&app, &caller, query, &headers).await,
@@ -218,13 +218,18 @@ async fn sync_post(
     let response = timed(&app, async {
         let (request, user) =
             parse_post(&headers, body).await.map_err(|e| app.refuse_unauthenticated(peer.ip(), e))?;
-        let (site, action, data_type) = match &request {
-            PostRequest::Push(p) => (p.site_id.as_str(), Action::Push, &p.data_type),
-            PostRequest::Delta(d) => (d.site_id.as_str(), Action::Delta, &d.data_type),
+        let (action, types, ops) = match &request {
+            PostRequest::Push(p) => (Action::Push, vec![p.data_type.as_str()], 1),
+            PostRequest::Delta(d) => (Action::Delta, vec![d.data_type.as_str()], 1),
+            PostRequest::Batch(b) => {
+                (Action::Batch, b.ops.iter().map(|op| op.data_type()).collect(), b.ops.len())
+            }
         };
         saw.action = action;
-        saw.types = TypeSet::of(DataType::parse(data_type).ok().as_slice());
-        let caller = app.admit(&headers, peer.ip(), &user, Some(site), &mut saw)?;
+        let types: Vec<DataType> = types.into_iter().filter_map(|t| DataType::parse(t).ok()).collect();
+        saw.types = TypeSet::of(&types);
+        let site = request.site_id();
+        let caller = app.admit(&headers, peer.ip(), &user, Some(site), ops, &mut saw)?;
         match request {
             PostRequest::Push(request) => {
                 let written = push(&app, &caller, request).await?;
@@ -236,10 +241,42 @@ async fn sync_post(
                 saw.replayed = written.replayed;
                 Ok(answer::delta(written))
             }
+            PostRequest::Batch(batch) => Ok(self::batch(&app, &caller, batch).await),
         }
     })
     .await;
     seen(response, saw)
+}
+
+/// `action=batch`: each op in order, answered as if sent alone. The first op that fails for a
+/// reason worth retrying (the store, a timeout) stops the batch: it and the ops after it
+/// stay for the client to send again, in the same order.
+async fn batch(app: &App, caller: &Caller, batch: BatchRequest) -> Response {
+    let mut results = Vec::with_capacity(batch.ops.len());
+    let mut stopped = false;
+    for op in batch.ops {
+        let op_id = op.op_id().unwrap_or_default().to_owned();
+        if stopped {
+            results.push(answer::not_attempted(&op_id));
+            continue;
+        }
+        let written = match op {
+            PostRequest::Push(request) => push(app, caller, request).await.map(answer::pushed_body),
+            PostRequest::Delta(request) => delta(app, caller, request).await.map(answer::delta_body),
+            // `BatchRequest::parse` refuses it; answered as it would be all the same.
+            PostRequest::Batch(_) => Err(Refusal::invalid("invalid_batch", "batches do not nest").into()),
+        };
+        let (status, body) = match written {
+            Ok(body) => (StatusCode::OK, body),
+            Err(e) => {
+                let e = ApiError::from(e);
+                (e.status, e.body())
+            }
+        };
+        stopped = status.is_server_error();
+        results.push(answer::batch_result(status, body, &op_id));
+    }
+    answer::batch(results)
 }
 
 /// `action=push`.
@@ -293,11 +330,7 @@ async fn parse_post(headers: &HeaderMap, body: Body) -> Result<(PostRequest, Use
         }
     };
     let request = PostRequest::parse(&bytes)?;
-    let user_id = match &request {
-        PostRequest::Push(p) => &p.user_id,
-        PostRequest::Delta(d) => &d.user_id,
-    };
-    let user = UserId::parse(user_id)?;
+    let user = UserId::parse(request.user_id())?;
     Ok((request, user))
 }
 
