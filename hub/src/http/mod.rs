@@ -37,8 +37,9 @@ pub use error::ApiError;
 use crate::domain::{Caller, DomainError, Written};
 use crate::metrics::{Action, Seen, TypeSet};
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request body accepted: what a browser lets a leaving page's `keepalive`
+/// requests carry, so that whatever a page sends when it leaves can arrive.
+pub const MAX_BODY: usize = protocol::wire::MAX_BODY_BYTES;
 
 /// Sent with every answer over HTTPS: browsers then use only HTTPS for the hub's name, for a
 /// year from each answer. Never sent over plain HTTP, where it would mean nothing.
