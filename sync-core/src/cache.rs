@@ -76,10 +76,13 @@ pub struct Persisted {
     pub records: PerType<CachedRecord>,
     /// Local writes not yet confirmed, oldest first.
     pub outbox: Vec<Op>,
+    /// The hub's clock minus this device's, as the hub's last answer showed: the next page
+    /// dates its op ids by the hub's clock before its first answer comes.
+    pub clock_offset_ms: i64,
 }
 
 impl Persisted {
-    /// The storage format: `{"epoch", "records": {type: record}, "outbox": [op]}`.
+    /// The storage format: `{"epoch", "records": {type: record}, "outbox": [op], "offset"}`.
     pub fn to_json(&self) -> Json {
         let mut records = Json::object();
         for (t, record) in self.records.iter() {
@@ -89,6 +92,7 @@ impl Persisted {
             .with("epoch", self.epoch.clone())
             .with("records", records)
             .with("outbox", Json::Array(self.outbox.iter().map(Op::to_json).collect()))
+            .with("offset", self.clock_offset_ms)
     }
 
     /// Reads what [`Persisted::to_json`] wrote; unreadable parts are dropped, not fatal.
@@ -106,7 +110,12 @@ impl Persisted {
             Some(Json::Array(ops)) => ops.iter().filter_map(Op::from_json).collect(),
             _ => Vec::new(),
         };
-        Persisted { epoch: json.get("epoch").and_then(Json::as_str).map(str::to_owned), records, outbox }
+        Persisted {
+            epoch: json.get("epoch").and_then(Json::as_str).map(str::to_owned),
+            records,
+            outbox,
+            clock_offset_ms: json.get("offset").and_then(Json::as_i64).unwrap_or(0),
+        }
     }
 }
 
@@ -146,6 +155,7 @@ mod tests {
                     kind: OpKind::Push { patch: Json::object().with("bio", "hi") },
                 },
             ],
+            clock_offset_ms: -86_400_000,
         };
         let text = state.to_json().to_text();
         assert_eq!(Persisted::from_json(&Json::parse(&text).unwrap()), state);

@@ -1,14 +1,16 @@
 //! One native driver of the engine: the crate's call order written once, for Rust callers
 //! that play the page's part themselves (the tests' simulated tabs, the benchmark's day of
 //! one user, a native client). It drains events before requests, stores on
-//! [`Event::Persist`], answers [`Event::NeedToken`] and [`Event::NeedGrant`] with what the
-//! [`Host`] says, sends each request and hands back a reply that came at once. It does no
-//! I/O itself and reads no clock: the host sends, and `now` stays what the caller passed.
+//! [`Event::Persist`] — first adopting the writes other pages left in storage, then storing
+//! its own, as the browser shell does — answers [`Event::NeedToken`] and [`Event::NeedGrant`]
+//! with what the [`Host`] says, sends each request and hands back a reply that came at once.
+//! It does no I/O itself and reads no clock: the host sends, and `now` stays what the caller
+//! passed.
 //!
 //! The browser shell keeps its own loop: it must let go of the engine before it calls page
 //! code (listeners, `getToken`) that may call back into it.
 
-use crate::{DataType, Engine, Event, Persisted, Reply, Request};
+use crate::{DataType, Engine, Event, Op, Persisted, Reply, Request};
 
 /// An answer the host gives now, or later through the engine's `handle_*` input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +29,15 @@ pub trait Host {
     /// Sees every event first, in order, before [`Engine::drive`] acts on the ones it handles.
     fn event(&mut self, event: &Event) -> Result<(), Self::Error>;
 
+    /// The writes stored now, which other pages sharing the storage may have added: read on
+    /// [`Event::Persist`] before storing, and adopted. None by default (storage of one page).
+    fn stored_ops(&mut self) -> Vec<Op> {
+        Vec::new()
+    }
+
     /// Stores what [`Event::Persist`] asks to store; called before any request after it is
-    /// sent, so a write is stored before its first send.
+    /// sent, so a write is stored before its first send. A host whose storage can refuse says
+    /// so through [`Engine::handle_persisted`].
     fn persist(&mut self, persisted: Persisted) -> Result<(), Self::Error>;
 
     /// The page's `getToken`: a token, `None` when it has none.
@@ -51,7 +60,13 @@ impl Engine {
             if let Some(event) = self.poll_event() {
                 host.event(&event)?;
                 match event {
-                    Event::Persist => host.persist(self.persisted())?,
+                    Event::Persist => {
+                        let stored = host.stored_ops();
+                        if !stored.is_empty() {
+                            self.handle_stored_ops(now, stored);
+                        }
+                        host.persist(self.persisted())?;
+                    }
                     Event::NeedToken => {
                         if let Answer::Now(token) = host.token() {
                             self.handle_token(now, token);

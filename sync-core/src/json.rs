@@ -94,6 +94,31 @@ impl Json {
         matches!(self, Json::Object(_))
     }
 
+    /// How many bytes this value takes as JSON text, written as the browser's `JSON.stringify`
+    /// writes it and sent as UTF-8, or a few more (a fraction counts its longest form): what a
+    /// request body weighs before it is written, so that batches are filled to what fits.
+    pub fn text_len(&self) -> usize {
+        let text = |s: &str| -> usize {
+            let escaped = |c: char| match c {
+                '"' | '\\' => 2,
+                c if c < ' ' => 6,
+                c => c.len_utf8(),
+            };
+            2 + s.chars().map(escaped).sum::<usize>()
+        };
+        match self {
+            Json::Null | Json::Bool(true) => 4,
+            Json::Bool(false) => 5,
+            Json::Number(n) => match self.as_i64() {
+                Some(i) => usize::from(i < 0) + protocol::compact::decimal(i.unsigned_abs()).len(),
+                None => 24 + usize::from(n.is_sign_negative()),
+            },
+            Json::String(s) => text(s),
+            Json::Array(items) => 2 + items.iter().map(|item| item.text_len() + 1).sum::<usize>(),
+            Json::Object(pairs) => 2 + pairs.iter().map(|(k, v)| text(k) + v.text_len() + 2).sum::<usize>(),
+        }
+    }
+
     /// JSON merge patch (RFC 7396), as the hub applies a push: objects merge key by key,
     /// `null` removes a key, anything else replaces.
     pub fn merge_patch(&mut self, patch: &Json) {
@@ -286,6 +311,24 @@ mod tests {
             value.merge_patch(&j(patch));
             assert_eq!(value, j(expected), "{target} + {patch}");
         }
+    }
+
+    #[test]
+    fn text_len_is_never_short_of_the_written_text() {
+        let values = [
+            r#"null"#,
+            r#"[true,false,[],{}]"#,
+            r#"{"coins":-9007199254740991,"n":0,"f":-0.1,"g":1.7976931348623157e308,"h":5e-324}"#,
+            r#"{"bio":"quote \" backslash \\ tab \t nul \u0000 é € 😀","a":{"b":["c",1,null]}}"#,
+        ];
+        for text in values {
+            let value = j(text);
+            let written = value.to_text().len();
+            assert!(value.text_len() >= written, "{text}: {} < {written}", value.text_len());
+            assert!(value.text_len() <= written + 64, "{text}: {} ≫ {written}", value.text_len());
+        }
+        let exact = j(r#"{"action":"delta","delta":{"coins":-5},"op_id":"x","reason":"a \"b\""}"#);
+        assert_eq!(exact.text_len(), exact.to_text().len() + 2, "one separator's slack per object");
     }
 
     #[test]

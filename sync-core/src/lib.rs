@@ -81,12 +81,16 @@ pub enum Reply {
         body: Json,
         /// `Retry-After` in seconds, if the answer carried one.
         retry_after: Option<u64>,
+        /// The answer's `Date`, in milliseconds since the Unix epoch: the hub's clock, by which
+        /// the engine dates the op ids it makes, whatever this device's clock says.
+        date: Option<u64>,
     },
     /// No answer: the network failed or the hub is down.
     NetworkError,
 }
 
-/// The engine's summary of where sync stands, for the page to show.
+/// The engine's summary of where sync stands, for the page to show; [`Reason`] says why it
+/// is `Offline` or `Error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Idle,
@@ -106,6 +110,51 @@ impl Status {
     }
 }
 
+/// Why the status is `Offline` or `Error`: what the page reads as `sync.statusReason`, and
+/// what an [`Event::Error`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The browser says it is offline (status `Offline`): checks end with cached data, writes
+    /// wait for `online`.
+    Offline,
+    /// A request got no answer (status `Offline`); the next answer ends it.
+    Unreachable,
+    /// The hub refused this page's token and a fresh one, or the page had none (status
+    /// `Error`): nothing is sent until an explicit check asks for a fresh token.
+    AuthFailed,
+    /// An answer that is not the hub's: a proxy's or a firewall's error page, a captive
+    /// portal, a 200 without the hub's body (status `Error`). Writes stay pending and shown,
+    /// and are retried with backoff; the hub's next answer ends it.
+    UnexpectedAnswer,
+    /// The page's storage refused to keep the pending writes (full, or switched off) (status
+    /// `Error`): they live in this page only, until a later store succeeds.
+    StorageFailed,
+}
+
+impl Reason {
+    /// The reason's stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Offline => "offline",
+            Reason::Unreachable => "hub_unreachable",
+            Reason::AuthFailed => "auth_failed",
+            Reason::UnexpectedAnswer => "unexpected_answer",
+            Reason::StorageFailed => "storage_failed",
+        }
+    }
+
+    /// What a person reading the console should know.
+    pub fn message(self) -> &'static str {
+        match self {
+            Reason::Offline => "the browser is offline",
+            Reason::Unreachable => "the hub does not answer",
+            Reason::AuthFailed => "the hub refused this page's token",
+            Reason::UnexpectedAnswer => "an answer that is not the hub's came back; retrying",
+            Reason::StorageFailed => "storage refused the pending writes; they live in this page only",
+        }
+    }
+}
+
 /// Where the data of a [`Event::Data`] came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -120,9 +169,9 @@ pub enum Source {
 }
 
 impl Reply {
-    /// An answer from its status and JSON text (for native callers).
+    /// An answer from its status and JSON text (for native callers), without a `Date`.
     pub fn from_text(status: u16, text: &str, retry_after: Option<u64>) -> Reply {
-        Reply::Answer { status, body: Json::parse(text).unwrap_or_default(), retry_after }
+        Reply::Answer { status, body: Json::parse(text).unwrap_or_default(), retry_after, date: None }
     }
 }
 
@@ -170,6 +219,8 @@ pub enum Event {
         pending: usize,
     },
     Status(Status),
+    /// The status turned `Error`, for this reason (also in [`Engine::status_reason`]).
+    Error(Reason),
     /// Show (true) or hide (false) the sync indicator.
     Spinner(bool),
     /// A check the page waits for (login, ensureFresh, forceSync) ended; `fresh` is false if
@@ -178,7 +229,9 @@ pub enum Event {
         ticket: u64,
         fresh: bool,
     },
-    /// The hub refused a local write; its optimistic effect is rolled back.
+    /// The hub refused a local write; its optimistic effect is rolled back. Code `op_expired`:
+    /// the hub no longer knows whether the op was applied long ago; it is dropped, not
+    /// resent, and the record is fetched again.
     Refused {
         data_type: DataType,
         op_id: String,
@@ -196,7 +249,8 @@ pub enum Event {
         amount: i64,
         reason: Option<String>,
     },
-    /// The cache or the outbox changed: store [`Engine::persisted`] now.
+    /// The cache or the outbox changed: store [`Engine::persisted`] now, and say with
+    /// [`Engine::handle_persisted`] whether storage took it.
     Persist,
     /// Fresh data to share with the site's other tabs.
     Share(Shared),

@@ -115,7 +115,9 @@ fn a_get_with_a_matching_etag_is_answered_304() {
     let (status, body) = answer(hub.handle(START_MS, &get(1, Some(&token), &query, None)));
     assert_eq!((status, body["version"].as_u64(), body["epoch"].as_str()), (200, Some(1), Some("epoch-1")));
     let reply = hub.handle(START_MS, &get(2, Some(&token), &query, Some("\"1\"")));
-    assert_eq!(reply, Reply::Answer { status: 304, body: Json::Null, retry_after: None });
+    let Reply::Answer { status, body, date, .. } = reply else { panic!("no answer") };
+    assert_eq!((status, body), (304, Json::Null));
+    assert_eq!(date, Some(START_MS / 1000 * 1000), "every answer is dated, in whole seconds");
 }
 
 #[test]
@@ -237,4 +239,122 @@ fn an_expired_grant_refuses_a_new_op_but_not_the_replay_of_an_applied_one() {
     assert_eq!(answer(hub.handle(expired, &post(4, Some(&token), regranted))).0, 200);
     assert_eq!((hub.applied("op-1"), hub.applied("op-2")), (1, 1));
     assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 15}));
+}
+
+fn batch(ops: Vec<Value>) -> Value {
+    json!({"action": "batch", "user_id": USER, "site_id": "roflfaucet", "ops": ops})
+}
+
+#[test]
+fn a_batch_applies_its_ops_in_order_each_answered_as_if_alone() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 5}));
+    let credit = credit(&mut hub, START_MS, "op-1", 10);
+    let (status, answer) = answer(hub.handle(
+        START_MS,
+        &post(1, Some(&token), batch(vec![credit, delta("op-2", -15), delta("op-3", -1)])),
+    ));
+    assert_eq!((status, answer["success"].clone()), (200, json!(true)));
+    let results: Vec<(Value, Value, Value)> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["op_id"].clone(), r["status"].clone(), r.get("code").cloned().unwrap_or(r["data"].clone()))
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            (json!("op-1"), json!(200), json!({"coins": 15})),
+            (json!("op-2"), json!(200), json!({"coins": 0})),
+            (json!("op-3"), json!(409), json!("insufficient_funds")),
+        ]
+    );
+    assert_eq!(hub.record(USER, DataType::Balance).data, json!({"coins": 0}));
+    let inner: Vec<(bool, Option<u16>)> =
+        hub.seen().iter().filter(|s| s.in_batch).map(|s| (s.in_batch, s.status)).collect();
+    assert_eq!(inner, [(true, Some(200)), (true, Some(200)), (true, Some(409))]);
+}
+
+#[test]
+fn a_batch_stopped_half_way_answers_the_rest_not_attempted() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 10}));
+    hub.fail_next_batch_at(1);
+    let ops = vec![delta("op-1", -1), delta("op-2", -2), delta("op-3", -3)];
+    let (_, answered) = answer(hub.handle(START_MS, &post(1, Some(&token), batch(ops))));
+    let codes: Vec<(Value, Value)> = answered["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["status"].clone(), r["code"].clone()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (json!(200), Value::Null),
+            (json!(503), json!("store_unavailable")),
+            (json!(503), json!("not_attempted"))
+        ]
+    );
+    assert_eq!((hub.applied("op-1"), hub.applied("op-2"), hub.applied("op-3")), (1, 0, 0));
+    hub.set_refuses_batches(true);
+    let (status, refused) =
+        answer(hub.handle(START_MS, &post(2, Some(&token), batch(vec![delta("op-2", -2)]))));
+    assert_eq!(
+        (status, refused["code"].clone()),
+        (400, json!("unknown_action")),
+        "a hub from before batches"
+    );
+}
+
+#[test]
+fn an_unknown_op_dated_before_the_horizon_is_op_expired_and_a_remembered_one_replays() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 100}));
+    hub.set_retention(60_000);
+    let old = protocol::wire::uuid7(START_MS - 61_000, 1);
+    let (status, refused) = answer(hub.handle(START_MS, &post(1, Some(&token), delta(&old, -1))));
+    assert_eq!((status, refused["code"].clone()), (422, json!("op_expired")));
+    assert_eq!(hub.applied(&old), 0);
+    // Applied while young, then out of sight: replayed while remembered, expired once forgotten.
+    let young = protocol::wire::uuid7(START_MS, 2);
+    assert_eq!(answer(hub.handle(START_MS, &post(2, Some(&token), delta(&young, -1)))).0, 200);
+    let (status, replayed) = answer(hub.handle(START_MS + 59_000, &post(3, Some(&token), delta(&young, -1))));
+    assert_eq!((status, replayed["replayed"].clone()), (200, json!(true)));
+    let (status, expired) = answer(hub.handle(START_MS + 61_000, &post(4, Some(&token), delta(&young, -1))));
+    assert_eq!((status, expired["code"].clone()), (422, json!("op_expired")));
+    assert_eq!(hub.applied(&young), 1);
+    // Op ids of other shapes carry no date: forgotten, they are applied as new (today's rule).
+    assert_eq!(answer(hub.handle(START_MS + 61_000, &post(5, Some(&token), delta("op-x", -1)))).0, 200);
+}
+
+#[test]
+fn a_skewed_hub_dates_its_answers_and_its_horizon_by_its_own_clock() {
+    let (mut hub, token) = hub_with_token();
+    hub.write(START_MS, USER, DataType::Balance, json!({"coins": 100}));
+    let month = 30 * 24 * 3600 * 1000;
+    hub.set_skew(month);
+    hub.set_retention(7 * 24 * 3600 * 1000);
+    let by_device = protocol::wire::uuid7(START_MS, 1);
+    let reply = hub.handle(START_MS, &post(1, Some(&token), delta(&by_device, -1)));
+    let Reply::Answer { status, date, .. } = reply else { panic!("no answer") };
+    assert_eq!(status, 422, "dated by a device a month behind");
+    assert_eq!(date, Some((START_MS + month as u64) / 1000 * 1000));
+    let by_hub = protocol::wire::uuid7(hub.clock(START_MS), 2);
+    assert_eq!(answer(hub.handle(START_MS, &post(2, Some(&token), delta(&by_hub, -1)))).0, 200);
+}
+
+#[test]
+fn something_in_front_of_the_hub_answers_without_the_hubs_body() {
+    let (mut hub, token) = hub_with_token();
+    hub.script([Mode::Foreign { status: 403 }]);
+    let reply = hub.handle(START_MS, &post(1, Some(&token), delta("op-1", -1)));
+    let Reply::Answer { status, body, date, .. } = reply else { panic!("no answer") };
+    assert_eq!((status, date), (403, None));
+    assert_eq!(protocol::wire::refusal(&body), None);
+    assert!(!protocol::wire::succeeded(&body));
+    assert_eq!(hub.applied("op-1"), 0);
+    assert!(hub.seen()[0].foreign);
 }

@@ -12,9 +12,11 @@ use std::collections::BTreeSet;
 use serde_json::json;
 use support::hub::Mode;
 use support::net::{Faults, Packet};
-use support::{GrantAnswer, START_MS, Sim, Tab, TokenAnswer, USER, action_of, data_type_of, op_id_of};
+use support::{
+    GrantAnswer, START_MS, Sim, Tab, TokenAnswer, USER, action_of, data_type_of, op_id_of, op_ids_of,
+};
 use sync_core::{
-    Config, DataType, Engine, Event, Grant, Json, Method, OpKind, Request, Source, Status, Trigger,
+    Config, DataType, Engine, Event, Grant, Json, Method, OpKind, Reason, Request, Source, Status, Trigger,
 };
 
 const SITE_A: &str = "roflfaucet";
@@ -32,9 +34,14 @@ fn fetched(sent: &[(u64, Request)]) -> Vec<String> {
     types
 }
 
-/// Send times of the write requests carrying `op_id`.
+/// Send times of the write requests carrying `op_id`, alone or in a batch.
 fn sends_of(sent: &[(u64, Request)], op_id: &str) -> Vec<u64> {
-    sent.iter().filter(|(_, r)| op_id_of(r).as_deref() == Some(op_id)).map(|(at, _)| *at).collect()
+    sent.iter().filter(|(_, r)| op_ids_of(r).iter().any(|o| o == op_id)).map(|(at, _)| *at).collect()
+}
+
+/// The op ids each write request carried, in order.
+fn writes(sent: &[(u64, Request)]) -> Vec<Vec<String>> {
+    sent.iter().map(|(_, r)| op_ids_of(r)).filter(|ops| !ops.is_empty()).collect()
 }
 
 /// The tab's cache holds exactly the hub's records.
@@ -371,8 +378,9 @@ fn deltas_made_during_an_outage_are_delivered_once_when_the_hub_returns() {
     assert_eq!(tab.status(), Status::Offline);
     assert_eq!(tab.coins(), 122, "the page keeps showing the queued deltas");
     let sent = tab.requests_since(mark);
-    let posts: Vec<&Request> = sent.iter().map(|(_, r)| r).filter(|r| r.method == Method::Post).collect();
-    assert!(posts.iter().all(|r| op_id_of(r) == Some(ops[0].clone())), "one write at a time, oldest first");
+    let posts = writes(&sent);
+    assert_eq!(posts[0], ops[..1], "the first went alone, before the others were made");
+    assert!(posts[1..].iter().all(|p| *p == ops), "then the three, in order, in one batch: {posts:?}");
     // Retry n waits between half of and all of min(1 s · 2^(n-1), 60 s) after the failure,
     // which comes back one round trip (10 ms) after the send.
     let sends = sends_of(&sent, &ops[0]);
@@ -641,7 +649,7 @@ fn unload_resends_pending_writes_with_keepalive_and_the_next_page_applies_nothin
     tab.unload();
     let sent = tab.requests_since(mark);
     assert!(sent.iter().all(|(_, r)| r.keepalive && r.method == Method::Post));
-    assert_eq!(sent.iter().filter_map(|(_, r)| op_id_of(r)).collect::<Vec<_>>(), ops);
+    assert_eq!(writes(&sent), std::slice::from_ref(&ops), "one keepalive batch, in order");
     tab.reload();
     sim.drive();
     for op_id in &ops {
@@ -670,7 +678,7 @@ fn unload_also_resends_the_write_in_flight() {
     let second = tab.apply_delta(5).unwrap();
     let mark = tab.mark();
     tab.unload();
-    let keepalive: Vec<String> = tab.requests_since(mark).iter().filter_map(|(_, r)| op_id_of(r)).collect();
+    let keepalive = writes(&tab.requests_since(mark));
     // The browser aborts the ordinary fetch; the user does not come back to this site.
     sim.net().drop_held();
     tab.close();
@@ -956,7 +964,8 @@ fn a_credit_queued_offline_past_its_grants_life_is_granted_again_and_lands_once(
     tab.go_offline();
     let op_id = tab.apply_delta(10).unwrap();
     let first = stored_grant(&tab.persisted(), &op_id).expect("the credit carries its grant");
-    // A spend queued behind the credit waits for it, in order.
+    // A spend queued behind the credit goes in the same batch; the hub's refusal of the
+    // expired grant does not stop the batch, so the spend lands while the credit is regranted.
     let spend = tab.apply_delta(-5).unwrap();
     sim.run_for(15 * 60 * 1000);
     let mark = tab.mark();
@@ -970,8 +979,12 @@ fn a_credit_queued_offline_past_its_grants_life_is_granted_again_and_lands_once(
     assert_eq!(seen[0], (Some(first.clone()), Some(403)), "the expired grant is refused");
     assert!(seen[1].0.as_ref().is_some_and(|g| *g != first) && seen[1].1 == Some(200), "{seen:?}");
     assert!(sim.unstored_sends().is_empty(), "the fresh grant was stored before it was sent");
-    let posts: Vec<String> = tab.requests_since(mark).iter().filter_map(|(_, r)| op_id_of(r)).collect();
-    assert_eq!(posts, [op_id.clone(), op_id.clone(), spend.clone()], "the spend waited behind the credit");
+    let posts = writes(&tab.requests_since(mark));
+    assert_eq!(
+        posts,
+        [vec![op_id.clone(), spend.clone()], vec![op_id.clone()]],
+        "a batch, then the credit again"
+    );
     assert_eq!(sim.hub().applied(&op_id), 1);
     assert_eq!(sim.hub().applied(&spend), 1);
     assert_eq!(sim.hub_coins(), 105);
@@ -1110,19 +1123,20 @@ fn writes_behind_a_credit_waiting_for_its_fresh_grant_wait_and_unload_leaves_the
     sim.hub().set_grant_ttl(1_000);
     tab.go_offline();
     let op_id = tab.apply_delta(10).unwrap();
-    let spend = tab.apply_delta(-5).unwrap();
     sim.run_for(5_000);
     // The site's backend is slow to answer getGrant.
     tab.script_grants([GrantAnswer::Later]);
     tab.come_online();
     sim.drive();
     assert_eq!(tab.grant_asks(), std::slice::from_ref(&op_id));
+    let spend = tab.apply_delta(-5).unwrap();
+    sim.drive();
     assert_eq!(sim.hub().applied(&spend), 0, "the spend waits behind the credit");
     assert_eq!(tab.coins(), 105, "both still shown");
     let mark = tab.mark();
     tab.unload();
-    let sent: Vec<String> = tab.requests_since(mark).iter().filter_map(|(_, r)| op_id_of(r)).collect();
-    assert_eq!(sent, std::slice::from_ref(&spend), "the credit's grant is known to have expired");
+    let sent = writes(&tab.requests_since(mark));
+    assert_eq!(sent, [vec![spend.clone()]], "the credit's grant is known to have expired");
     tab.answer_grant(&op_id, Some(10));
     sim.drive();
     assert_eq!(sim.hub().applied(&op_id), 1);
@@ -1130,4 +1144,333 @@ fn writes_behind_a_credit_waiting_for_its_fresh_grant_wait_and_unload_leaves_the
     assert_eq!(tab.grant_asks().len(), 1);
     assert_eq!(sim.hub_coins(), 105);
     assert_in_step(&sim, &tab);
+}
+
+// ---- only the hub's own answer settles a write ----
+
+#[test]
+fn a_proxy_answer_without_the_hubs_body_leaves_the_write_pending_and_says_why() {
+    let (sim, tab) = signed_in();
+    for (round, status) in [403u16, 404, 400, 502].into_iter().enumerate() {
+        sim.hub().set_mode(Mode::Foreign { status });
+        let mark = tab.mark();
+        let op_id = tab.apply_delta(-10).unwrap();
+        sim.run_for(30_000);
+        assert!(tab.refused().is_empty(), "{status}: rolled back for an answer that is not the hub's");
+        assert!(tab.pending().iter().any(|op| op.op_id == op_id), "{status}: no longer pending");
+        assert_eq!(tab.coins(), 90 - 10 * round as i64, "{status}: still shown");
+        assert_eq!((tab.status(), tab.status_reason()), (Status::Error, Some(Reason::UnexpectedAnswer)));
+        assert!(sends_of(&tab.requests_since(mark), &op_id).len() >= 3, "{status}: retried with backoff");
+        assert!(tab.debug_log().contains(&format!("HTTP {status} without the hub's body")), "{status}");
+        sim.hub().up();
+        sim.drive();
+        assert_eq!(sim.hub().applied(&op_id), 1, "{status}");
+        assert_eq!((tab.status(), tab.status_reason()), (Status::Idle, None), "{status}");
+    }
+    assert_eq!(tab.errors(), [Reason::UnexpectedAnswer; 4], "one error event each time");
+    assert_eq!(sim.hub_coins(), 60);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_200_without_the_hubs_body_confirms_nothing() {
+    let (sim, tab) = signed_in();
+    sim.hub().script([Mode::Foreign { status: 200 }]);
+    let op_id = tab.apply_delta(-10).unwrap();
+    sim.run_for(100);
+    assert_eq!(sim.hub().applied(&op_id), 0);
+    assert!(tab.pending().iter().any(|op| op.op_id == op_id), "a captive portal's 200 is no confirmation");
+    assert_eq!(tab.status_reason(), Some(Reason::UnexpectedAnswer));
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert!(tab.pending().is_empty());
+    assert_eq!((tab.coins(), tab.status()), (90, Status::Idle));
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_proxy_403_on_a_check_is_not_taken_for_a_refused_token() {
+    let (sim, tab) = signed_in();
+    sim.hub().script([Mode::Foreign { status: 403 }]);
+    assert!(!tab.tab_returns());
+    assert_eq!((tab.status(), tab.status_reason()), (Status::Error, Some(Reason::UnexpectedAnswer)));
+    // The page's token was not given up on: the next write goes without an explicit check.
+    let op_id = tab.spend(5);
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    assert_eq!(tab.token_asks(), 1);
+    assert_eq!((tab.status(), tab.status_reason()), (Status::Idle, None));
+}
+
+// ---- batches ----
+
+#[test]
+fn a_credit_and_a_spend_left_at_pagehide_land_in_order_in_one_batch() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 5}));
+    let tab = sim.open(SITE_A);
+    tab.login();
+    sim.hub().down();
+    let credit = tab.apply_delta(10).unwrap();
+    let spend = tab.apply_delta(-15).unwrap();
+    sim.run_for(100);
+    assert_eq!(tab.coins(), 0);
+    sim.hub().up();
+    // A page's last requests may reach the hub in any order: hold them, release the spend's
+    // first.
+    sim.net().hold_when(|p| !p.is_reply() && p.request().keepalive);
+    let mark = tab.mark();
+    tab.unload();
+    tab.close();
+    assert_eq!(
+        writes(&tab.requests_since(mark)),
+        [vec![credit.clone(), spend.clone()]],
+        "one batch, in order"
+    );
+    sim.release_if(|p| op_ids_of(p.request()).contains(&spend));
+    sim.run_for(1_000);
+    sim.release();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&credit), 1);
+    assert_eq!(sim.hub().applied(&spend), 1, "the spend came after the credit");
+    assert_eq!(sim.hub_coins(), 0);
+}
+
+#[test]
+fn a_batch_the_hub_stops_half_way_keeps_the_rest_pending_in_order() {
+    let (sim, tab) = signed_in();
+    sim.hub().down();
+    let ops: Vec<String> = [-1, -2, -3].into_iter().map(|n| tab.apply_delta(n).unwrap()).collect();
+    sim.run_for(100);
+    sim.hub().up();
+    sim.hub().fail_next_batch_at(1);
+    let mark = tab.mark();
+    tab.come_online();
+    sim.drive();
+    assert_eq!(writes(&tab.requests_since(mark)), [ops.clone(), ops[1..].to_vec()]);
+    let statuses: Vec<Option<u16>> =
+        sim.hub().seen().iter().filter(|s| s.in_batch).map(|s| s.status).take(3).collect();
+    assert_eq!(statuses, [Some(200), Some(503), Some(503)], "applied, failed, not attempted");
+    for op_id in &ops {
+        assert_eq!(sim.hub().applied(op_id), 1);
+    }
+    assert!(tab.refused().is_empty());
+    assert_eq!(sim.hub_coins(), 94);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn writes_go_one_at_a_time_to_a_hub_that_refuses_batches() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_refuses_batches(true);
+    sim.hub().down();
+    let ops: Vec<String> = [-1, -2, -3].into_iter().map(|n| tab.apply_delta(n).unwrap()).collect();
+    sim.run_for(100);
+    sim.hub().up();
+    let mark = tab.mark();
+    tab.come_online();
+    sim.drive();
+    let one = |i: usize| vec![ops[i].clone()];
+    assert_eq!(writes(&tab.requests_since(mark)), [ops.clone(), one(0), one(1), one(2)]);
+    assert!(tab.refused().is_empty(), "a batch refused as a whole rolls nothing back");
+    assert_eq!(sim.hub_coins(), 94);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn batches_carry_at_most_max_batch_ops_and_fit_the_hubs_body_limit() {
+    let (sim, tab) = signed_in();
+    sim.hub().down();
+    let spends: Vec<String> = (0..40).map(|_| tab.apply_delta(-1).unwrap()).collect();
+    sim.run_for(100);
+    sim.hub().up();
+    let mark = tab.mark();
+    tab.come_online();
+    sim.drive();
+    let sizes: Vec<usize> = writes(&tab.requests_since(mark)).iter().map(Vec::len).collect();
+    assert_eq!(sizes, [protocol::MAX_BATCH_OPS, 40 - protocol::MAX_BATCH_OPS]);
+    assert!(spends.iter().all(|op_id| sim.hub().applied(op_id) == 1));
+
+    // Settings pushes of 3 KB each (a setting holds 1,000 characters): a batch holds what fits
+    // 64 KiB.
+    sim.hub().down();
+    let note = "€".repeat(995);
+    let pushes: Vec<String> =
+        (0..40).map(|i| tab.push(DataType::Settings, json!({ "note": format!("{i}{note}") }))).collect();
+    sim.run_for(100);
+    sim.hub().up();
+    let mark = tab.mark();
+    tab.come_online();
+    sim.drive();
+    let sent = tab.requests_since(mark);
+    let batches: Vec<&Request> = sent.iter().map(|(_, r)| r).filter(|r| op_ids_of(r).len() > 1).collect();
+    assert!(batches.len() >= 2, "{} batches", batches.len());
+    for batch in &batches {
+        let bytes = batch.body.as_ref().unwrap().to_text().len();
+        assert!(bytes <= protocol::wire::MAX_BODY_BYTES, "a batch of {bytes} bytes");
+    }
+    assert_eq!(tab.refused(), []);
+    assert!(pushes.iter().all(|op_id| sim.hub().applied(op_id) == 1));
+    assert_eq!(
+        sim.hub().record(USER, DataType::Settings).data["note"],
+        json!(format!("39{note}")),
+        "in order"
+    );
+}
+
+#[test]
+fn unload_sends_what_fits_the_keepalive_budget_and_leaves_the_rest_to_the_next_page() {
+    let (sim, tab) = signed_in();
+    sim.hub().down();
+    let note = "€".repeat(995);
+    let pushes: Vec<String> =
+        (0..40).map(|i| tab.push(DataType::Settings, json!({ "note": format!("{i}{note}") }))).collect();
+    sim.run_for(100);
+    sim.hub().up();
+    let mark = tab.mark();
+    tab.unload();
+    let sent = tab.requests_since(mark);
+    let bytes: usize = sent.iter().map(|(_, r)| r.body.as_ref().unwrap().to_text().len()).sum();
+    assert!(bytes <= protocol::wire::MAX_BODY_BYTES, "{bytes} bytes of keepalive bodies");
+    let carried: Vec<String> = sent.iter().flat_map(|(_, r)| op_ids_of(r)).collect();
+    assert!(carried.len() >= 10, "{} writes carried", carried.len());
+    assert_eq!(carried, pushes[..carried.len()], "the oldest, in order");
+    tab.close();
+    sim.drive();
+    let page = sim.open(SITE_A);
+    sim.drive();
+    assert!(pushes.iter().all(|op_id| sim.hub().applied(op_id) == 1), "the next page sends the rest");
+    assert!(page.pending().is_empty());
+}
+
+// ---- op ids the hub can date ----
+
+const MINUTE_MS: u64 = 60 * 1000;
+const DAY_MS: u64 = 24 * 60 * MINUTE_MS;
+
+#[test]
+fn op_ids_are_uuid7_dated_by_the_hubs_clock_when_the_devices_is_a_month_behind() {
+    let sim = Sim::new();
+    sim.hub().set_skew(30 * DAY_MS as i64);
+    sim.hub().set_retention(7 * DAY_MS);
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let tab = sim.open(SITE_A);
+    tab.login();
+    let dated =
+        |op_id: &str| protocol::uuid7_ms(op_id).unwrap_or_else(|| panic!("{op_id}: not a UUIDv7")) as u64;
+    let op_id = tab.spend(10);
+    let now = sim.now();
+    let hub_now = sim.hub().clock(now);
+    assert!(
+        hub_now.abs_diff(dated(&op_id)) < 2_000,
+        "dated {} ms from the hub's clock",
+        hub_now.abs_diff(dated(&op_id))
+    );
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    // The next page dates its ids by what this one learned before any answer comes.
+    tab.reload();
+    tab.go_offline();
+    let offline = tab.apply_delta(-5).unwrap();
+    let now = sim.now();
+    let hub_now = sim.hub().clock(now);
+    assert!(
+        hub_now.abs_diff(dated(&offline)) < 2_000,
+        "dated {} ms from the hub's clock",
+        hub_now.abs_diff(dated(&offline))
+    );
+    tab.come_online();
+    sim.drive();
+    assert_eq!(sim.hub().applied(&offline), 1);
+    assert!(tab.refused().is_empty());
+    assert_eq!(sim.hub_coins(), 85);
+}
+
+#[test]
+fn an_op_older_than_the_hubs_retention_is_dropped_refetched_and_refused_op_expired() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_retention(10 * MINUTE_MS);
+    sim.hub().down();
+    let op_id = tab.apply_delta(-10).unwrap();
+    sim.run_for(20 * MINUTE_MS);
+    sim.hub().up();
+    let mark = tab.mark();
+    sim.drive();
+    assert_eq!(tab.refused(), [(op_id.clone(), "op_expired".to_owned())]);
+    assert_eq!(sim.hub().applied(&op_id), 0);
+    assert!(tab.pending().is_empty(), "dropped from the outbox");
+    let sent = tab.requests_since(mark);
+    let refused_at = sent.iter().rposition(|(_, r)| op_ids_of(r).contains(&op_id)).unwrap();
+    assert_eq!(actions(&sent[refused_at + 1..])[..1], ["timestamp"], "the record is checked again");
+    assert_eq!(tab.coins(), 100, "the hub's record");
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn an_op_applied_then_forgotten_is_refused_op_expired_and_the_refetch_shows_it_once() {
+    let (sim, tab) = signed_in();
+    sim.hub().set_retention(10 * MINUTE_MS);
+    // The hub applies the spend but its answer is lost, and then it is out of reach long
+    // enough to forget the op.
+    sim.net().hold_when(|p| p.is_reply() && p.request().method == Method::Post);
+    let op_id = tab.apply_delta(-10).unwrap();
+    sim.run_for(100);
+    assert_eq!(sim.hub().applied(&op_id), 1);
+    sim.net().drop_held();
+    sim.hub().down();
+    sim.run_for(20 * MINUTE_MS);
+    sim.hub().up();
+    sim.drive();
+    assert_eq!(tab.refused(), [(op_id.clone(), "op_expired".to_owned())]);
+    assert_eq!(sim.hub().applied(&op_id), 1, "never applied twice");
+    assert_eq!((tab.coins(), sim.hub_coins()), (90, 90), "the refetched record shows it applied");
+    assert_in_step(&sim, &tab);
+}
+
+// ---- storage ----
+
+#[test]
+fn a_storage_that_refuses_is_an_error_until_a_store_succeeds() {
+    let (sim, tab) = signed_in();
+    sim.set_storage_refuses(SITE_A, true);
+    let op_id = tab.apply_delta(-10).unwrap();
+    assert_eq!((tab.status(), tab.status_reason()), (Status::Error, Some(Reason::StorageFailed)));
+    assert_eq!(tab.errors(), [Reason::StorageFailed]);
+    sim.drive();
+    assert_eq!(sim.hub().applied(&op_id), 1, "the write is sent all the same");
+    assert_eq!(
+        tab.status_reason(),
+        Some(Reason::StorageFailed),
+        "the confirmation could not be stored either"
+    );
+    sim.set_storage_refuses(SITE_A, false);
+    tab.spend(1);
+    assert_eq!((tab.status(), tab.status_reason()), (Status::Idle, None));
+    assert_eq!(tab.errors(), [Reason::StorageFailed]);
+}
+
+#[test]
+fn tabs_that_learn_of_each_others_writes_only_through_storage_deliver_each_once() {
+    let sim = Sim::new();
+    sim.set_storage_events(false);
+    sim.hub_write(DataType::Balance, json!({"coins": 100}));
+    let (tab1, tab2) = (sim.open(SITE_A), sim.open(SITE_A));
+    tab1.login();
+    tab2.login();
+    sim.hub().down();
+    let first = tab1.apply_delta(-1).unwrap();
+    let second = tab2.apply_delta(-2).unwrap();
+    let stored: BTreeSet<String> =
+        sim.storage(SITE_A).unwrap().outbox.into_iter().map(|op| op.op_id).collect();
+    assert_eq!(
+        stored,
+        BTreeSet::from([first.clone(), second.clone()]),
+        "the second tab kept the first's write when it stored"
+    );
+    tab1.close();
+    tab2.close();
+    sim.hub().up();
+    let page = sim.open(SITE_A);
+    sim.drive();
+    assert_eq!(sim.hub().applied(&first), 1);
+    assert_eq!(sim.hub().applied(&second), 1);
+    assert_eq!(page.coins(), 97);
 }

@@ -351,8 +351,10 @@ impl Engine {
         }
     }
 
-    /// The JSON body of a check's or a fetch's successful answer; else whether to repeat the
-    /// request with a fresh token. Tells the token, the link and the hold what the answer says.
+    /// The JSON body of a check's or a fetch's successful answer (the hub's, `"success": true`);
+    /// else whether to repeat the request with a fresh token. Tells the token, the link and the
+    /// hold what the answer says; an answer that is not the hub's (a proxy's 403 or 404, an
+    /// error page, a bare 200) says nothing of the token, and is an error until the hub answers.
     fn answer_of(
         &mut self,
         now: u64,
@@ -369,31 +371,29 @@ impl Engine {
                 self.log(&[what, ": hub unreachable → OFFLINE"]);
                 Err(Retry::No)
             }
-            Reply::Answer { status: 200, body, .. } => {
+            Reply::Answer { status: 200, body, .. } if wire::succeeded(&body) => {
                 self.token.accepted();
-                if body.is_object() {
-                    Ok(body)
-                } else {
-                    self.log(&[what, ": unreadable answer"]);
-                    Err(Retry::No)
-                }
+                Ok(body)
             }
-            Reply::Answer { status: 401, .. } => {
-                if self.token_refused(sent_with) {
-                    Err(Retry::WithFreshToken)
-                } else {
-                    Err(Retry::No)
-                }
-            }
-            Reply::Answer { status, retry_after, .. } => {
+            Reply::Answer { status, body, retry_after, .. } => {
+                let hubs = wire::refusal(&body).is_some();
                 match status {
+                    401 if hubs => {
+                        return if self.token_refused(sent_with) {
+                            Err(Retry::WithFreshToken)
+                        } else {
+                            Err(Retry::No)
+                        };
+                    }
                     429 => self.checks.hold(now, retry_after.unwrap_or(1) * 1000),
-                    403 => self.token.forbidden(),
+                    403 if hubs => self.token.forbidden(),
                     // Any other refusal got past auth.
-                    400..=499 if status != 408 => self.token.clear_failure(),
+                    400..=499 if hubs && status != 408 => self.token.clear_failure(),
                     _ => {}
                 }
-                self.log(&[what, ": hub answered ", &decimal(u64::from(status))]);
+                self.foreign |= !hubs;
+                let whose = if hubs { ": hub answered " } else { ": not the hub's answer, HTTP " };
+                self.log(&[what, whose, &decimal(u64::from(status))]);
                 Err(Retry::No)
             }
         }

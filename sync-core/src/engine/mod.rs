@@ -5,8 +5,9 @@
 //! enum that only its own `move_to_*` methods change (quinn-proto's `connection/` is the
 //! model): `token` (the page's token: asked for, held, refreshed once, given up on),
 //! `check` (a timestamp check and the fetches it starts, the spinner, the hub's hold, the
-//! inactivity check), `write` (the outbox, the one write on its way or the credit waiting for
-//! a fresh grant, the backoff) and `requests` (what is on its way to the hub, until when).
+//! inactivity check), `write` (the outbox, the writes on their way — one, or a batch — or the
+//! credit waiting for a fresh grant, the backoff) and `requests` (what is on its way to the
+//! hub, until when).
 //! Each module also holds the engine's reactions to the answers it owns. This one routes the
 //! inputs to them, keeps the cache and tells the page what it shows. Does no I/O and reads
 //! no clock: `now` comes with every input.
@@ -17,7 +18,7 @@ mod token;
 mod write;
 
 use protocol::compact::concat;
-use protocol::{DataType, Limits, Refusal};
+use protocol::{DataType, Limits, Refusal, wire};
 
 use self::check::Checks;
 use self::requests::{Purpose, Requests};
@@ -25,7 +26,7 @@ use self::token::Token;
 use self::write::Writes;
 use crate::cache::{CachedRecord, PerType, Persisted};
 use crate::outbox::Op;
-use crate::{Event, Grant, Json, Reply, Request, RequestId, Shared, Source, Status, Trigger};
+use crate::{Event, Grant, Json, Reason, Reply, Request, RequestId, Shared, Source, Status, Trigger};
 
 /// How a client behaves; [`Config::new`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +57,8 @@ pub struct Config {
     pub retry_max_ms: u64,
     /// Seeds op ids and retry jitter; the shell passes real randomness.
     pub seed: u64,
-    /// Emit [`Event::Log`] lines.
+    /// Emit [`Event::Log`] lines. The browser shell leaves it on and decides at each line
+    /// whether to print it, so that `localStorage.sync_debug` works on a live page.
     pub debug: bool,
 }
 
@@ -115,6 +117,16 @@ pub struct Engine {
     visible: bool,
     /// The status last told to the page, so it hears of changes only.
     status: Status,
+    /// Why, as last told.
+    reason: Option<Reason>,
+    /// The last answer was not the hub's (a proxy's page, a firewall's JSON, a bare 200); the
+    /// hub's next answer ends it.
+    foreign: bool,
+    /// The page's storage refused the last [`Event::Persist`].
+    storage_failed: bool,
+    /// The hub's clock minus this device's, from the last answer's `Date`: op ids are dated by
+    /// it, so that the hub can date them whatever this device's clock says.
+    clock_offset_ms: i64,
     /// The next ticket a trigger hands out for its [`Event::CheckDone`].
     next_ticket: u64,
 }
@@ -138,6 +150,10 @@ impl Engine {
             link: Link::Up,
             visible: true,
             status: Status::Idle,
+            reason: None,
+            foreign: false,
+            storage_failed: false,
+            clock_offset_ms: persisted.clock_offset_ms,
             next_ticket: 1,
         };
         engine.announce(Source::Cache);
@@ -206,17 +222,34 @@ impl Engine {
     /// What came back for request `id`. Unknown, late and duplicated replies are ignored.
     pub fn handle_reply(&mut self, now: u64, id: RequestId, reply: Reply) {
         let Some(flight) = self.requests.take(id) else { return };
-        if let Reply::Answer { .. } = &reply
-            && self.link == Link::Unreachable
-        {
-            self.link = Link::Up;
+        if let Reply::Answer { body, date, .. } = &reply {
+            if self.link == Link::Unreachable {
+                self.link = Link::Up;
+            }
+            if let Some(date) = date {
+                self.clock_offset_ms = *date as i64 - now as i64;
+            }
+            if wire::succeeded(body) || wire::refusal(body).is_some() {
+                self.foreign = false;
+            }
         }
         let sent_with = flight.token.as_deref();
         match flight.purpose {
             Purpose::Stamps(check_id) => self.on_stamps(now, check_id, reply, sent_with),
             Purpose::Fetch(data_type, check_id) => self.on_fetch(now, data_type, check_id, reply, sent_with),
-            Purpose::Write(op_id) => self.on_write(now, &op_id, reply, sent_with),
+            Purpose::Write(op_ids) => self.on_write(now, &op_ids, reply, sent_with),
         }
+        self.pump(now);
+    }
+
+    /// Whether the page could store what the last [`Event::Persist`] asked for. While storage
+    /// refuses (full, or switched off), the status is `Error` ([`Reason::StorageFailed`]):
+    /// pending writes are still sent, but live in this page only.
+    pub fn handle_persisted(&mut self, now: u64, stored: bool) {
+        if self.storage_failed == stored {
+            self.log(&[if stored { "storage works again" } else { "storage refused the outbox → ERROR" }]);
+        }
+        self.storage_failed = !stored;
         self.pump(now);
     }
 
@@ -262,14 +295,11 @@ impl Engine {
     }
 
     /// The page is going away: send every pending write now, with `keepalive` (but a credit
-    /// whose grant is known to have expired). They stay in the outbox; the next page resends
-    /// what was not confirmed, and the hub applies each once.
+    /// whose grant is known to have expired), in order: in batches when there are several, as
+    /// many as fit the browser's budget for `keepalive` bodies. They stay in the outbox; the
+    /// next page resends what was not confirmed, and the hub applies each once.
     pub fn handle_unload(&mut self, now: u64) {
-        for op in self.writes.outbox().to_vec() {
-            if !self.writes.awaits_grant(&op.op_id) {
-                self.send_write(now, &op, true);
-            }
-        }
+        self.send_on_unload(now);
     }
 
     /// Adds `amount` to balance or points: shown at once, stored in the outbox before it is
@@ -332,6 +362,11 @@ impl Engine {
         self.status
     }
 
+    /// Why the status is `Offline` or `Error`; `None` while idle or syncing.
+    pub fn status_reason(&self) -> Option<Reason> {
+        self.reason
+    }
+
     /// What the page should show for `data_type`: the hub's data with pending local writes
     /// applied, or `None` if nothing is known yet.
     pub fn view(&self, data_type: DataType) -> Option<Json> {
@@ -363,6 +398,7 @@ impl Engine {
             epoch: self.epoch.clone(),
             records: self.records.clone(),
             outbox: self.writes.outbox().to_vec(),
+            clock_offset_ms: self.clock_offset_ms,
         }
     }
 
@@ -463,19 +499,33 @@ impl Engine {
         }
     }
 
+    /// Tells the page where sync stands and why, when that changed. A storage that refuses
+    /// comes first: whatever else holds, the page's writes would not survive it.
     fn update_status(&mut self) {
-        let status = if self.link != Link::Up {
-            Status::Offline
+        let (status, reason) = if self.storage_failed {
+            (Status::Error, Some(Reason::StorageFailed))
+        } else if self.link == Link::Offline {
+            (Status::Offline, Some(Reason::Offline))
+        } else if self.link == Link::Unreachable {
+            (Status::Offline, Some(Reason::Unreachable))
         } else if self.token.failed() {
-            Status::Error
+            (Status::Error, Some(Reason::AuthFailed))
+        } else if self.foreign {
+            (Status::Error, Some(Reason::UnexpectedAnswer))
         } else if self.checks.running() {
-            Status::Syncing
+            (Status::Syncing, None)
         } else {
-            Status::Idle
+            (Status::Idle, None)
         };
         if status != self.status {
             self.status = status;
             self.events.push(Event::Status(status));
+        }
+        if reason != self.reason {
+            self.reason = reason;
+            if let (Status::Error, Some(reason)) = (status, reason) {
+                self.events.push(Event::Error(reason));
+            }
         }
     }
 

@@ -14,8 +14,8 @@ pub(super) enum Purpose {
     Stamps(u64),
     /// A fetch, and the check (by id) that sent it.
     Fetch(DataType, u64),
-    /// A write, by op id.
-    Write(String),
+    /// Writes, by op id: one alone, or several in one batch, in the outbox's order.
+    Write(Vec<String>),
 }
 
 #[derive(Debug)]

@@ -1,11 +1,20 @@
 //! Local writes: the outbox (oldest first, each with an op id made before its first send and
-//! persisted before it), the one write on its way or the credit waiting for the page's fresh
-//! grant, the backoff between attempts, and the op ids finished lately. Writes go one at a
-//! time in outbox order, so the hub applies them in the order the page made them; on unload,
-//! all go at once with `keepalive`. Sends through the engine; reads no clock.
+//! persisted before it), the writes on their way or the credit waiting for the page's fresh
+//! grant, the backoff between attempts, and the op ids finished lately. One request is on its
+//! way at a time, in outbox order, so the hub applies the writes in the order the page made
+//! them: the first write alone, or, when several wait (after an outage, back online, a
+//! reload), a batch of the first ones — at most [`wire::MAX_BATCH_OPS`], within
+//! [`wire::MAX_BODY_BYTES`] — which the hub applies in the order given. On unload, all go at
+//! once with `keepalive`, in batches within the browser's budget for such bodies.
+//!
+//! Only the hub's own answer settles a write: its success body confirms it, its refusal (a
+//! final 4xx with its code) rolls it back; anything else — no answer, a busy hub, a proxy's
+//! page, a 200 without the hub's body — leaves it pending and shown, retried with backoff
+//! and jitter. Sends through the engine; reads no clock.
 
 use protocol::compact::{concat, decimal};
-use protocol::{DataType, Refusal, wire};
+use protocol::wire::{self, code};
+use protocol::{DataType, Refusal};
 
 use super::requests::Purpose;
 use super::{Engine, Link};
@@ -15,6 +24,10 @@ use crate::{Event, Grant, Json, Reply, Request, Source};
 
 /// Op ids of finished writes remembered, so that another tab's stale copy is not adopted.
 const DONE_REMEMBERED: usize = 256;
+
+/// What a batch body weighs besides its writes, its user and its site: its other fields and
+/// brackets.
+const BATCH_OVERHEAD: usize = 64;
 
 #[derive(Debug)]
 pub(super) struct Writes {
@@ -27,14 +40,18 @@ pub(super) struct Writes {
     attempts: u32,
     /// The next write may not go before this.
     next_ms: u64,
+    /// The hub refused a batch as a whole (a hub that does not know the action, a body it
+    /// found too large): nothing of it was applied, and writes go one at a time from then on.
+    single_only: bool,
 }
 
 #[derive(Debug)]
 enum State {
     /// No write on its way: the first one goes when its time comes.
     Idle,
-    /// The outbox's first write (by op id) is on its way.
-    InFlight(String),
+    /// The outbox's first writes (by op id, in order) are on their way in one request: one
+    /// alone, or several in a batch.
+    InFlight(Vec<String>),
     /// The hub found the grant of this credit expired before it ever applied it, and the page
     /// was asked for a fresh one ([`Event::NeedGrant`]); the writes behind it wait, so the
     /// outbox keeps its order.
@@ -43,7 +60,7 @@ enum State {
 
 impl Writes {
     pub(super) fn new(outbox: Vec<Op>, now: u64) -> Writes {
-        Writes { outbox, done: Vec::new(), state: State::Idle, attempts: 0, next_ms: now }
+        Writes { outbox, done: Vec::new(), state: State::Idle, attempts: 0, next_ms: now, single_only: false }
     }
 
     pub(super) fn outbox(&self) -> &[Op] {
@@ -123,17 +140,16 @@ impl Writes {
     // Every change of state happens below. Each asserts, in debug builds, that it starts
     // from a state it may (the browser build carries no panic message for them).
 
-    /// Sends the outbox's first write: it is on its way.
-    fn move_to_in_flight(&mut self) -> Option<Op> {
+    /// The outbox's first writes, `op_ids`, are on their way.
+    fn move_to_in_flight(&mut self, op_ids: Vec<String>) {
         debug_assert!(self.ready(), "a write sent while another is on its way");
-        let op = self.outbox.first()?.clone();
-        self.state = State::InFlight(op.op_id.clone());
-        Some(op)
+        self.state = State::InFlight(op_ids);
     }
 
-    /// The write `op_id` was answered: if it was the one on its way, the way is clear.
-    fn move_to_idle_after(&mut self, op_id: &str) {
-        if matches!(&self.state, State::InFlight(sent) if sent == op_id) {
+    /// The request carrying `op_ids` was answered: if it was the one on its way, the way is
+    /// clear.
+    fn move_to_idle_after(&mut self, op_ids: &[String]) {
+        if matches!(&self.state, State::InFlight(sent) if sent == op_ids) {
             self.state = State::Idle;
         }
     }
@@ -199,7 +215,7 @@ impl Engine {
             Some(_) => {
                 return Err(Refusal::invalid("duplicate_op", "this grant's op is already pending or done"));
             }
-            None => (self.new_op_id(), None),
+            None => (self.new_op_id(now), None),
         };
         let op = Op { op_id, data_type, kind: OpKind::Delta { amount, reason, grant } };
         self.log(&[data_type.as_str(), ": delta ", &signed(amount), " queued (", &op.op_id, ")"]);
@@ -213,7 +229,7 @@ impl Engine {
                 "changes must be an object with at least one field",
             ));
         }
-        let op = Op { op_id: self.new_op_id(), data_type, kind: OpKind::Push { patch } };
+        let op = Op { op_id: self.new_op_id(now), data_type, kind: OpKind::Push { patch } };
         self.log(&[data_type.as_str(), ": push queued (", &op.op_id, ")"]);
         Ok(self.enqueue(now, op))
     }
@@ -229,32 +245,82 @@ impl Engine {
         op_id
     }
 
-    fn new_op_id(&mut self) -> String {
-        let mut id = self.config.site_id.clone();
-        id.push('-');
-        for _ in 0..32 {
-            id.push(char::from(b"0123456789abcdef"[self.rng.usize(..16)]));
-        }
-        id
+    /// A fresh op id: a UUIDv7 dated by the hub's clock as the last answer showed it, so that
+    /// the hub can date it even when this device's clock is wrong.
+    fn new_op_id(&mut self, now: u64) -> String {
+        wire::uuid7(now.saturating_add_signed(self.clock_offset_ms), self.rng.u128(..))
     }
 
-    /// Sends the outbox's first write.
+    /// The request that sends the first of `ops` within `budget` bytes: when more than one
+    /// fits, a batch of as many as fit (at most [`wire::MAX_BATCH_OPS`]), else the first alone.
+    /// Its op ids, its body and what the body weighs; `None` when not even the first fits.
+    fn write_request(&self, ops: &[Op], budget: usize) -> Option<(Vec<String>, Json, usize)> {
+        let (user, site) = (self.config.user_id.as_str(), self.config.site_id.as_str());
+        let most = if self.writes.single_only { 1 } else { wire::MAX_BATCH_OPS };
+        let mut weight = BATCH_OVERHEAD + user.len() + site.len();
+        let mut bodies = Vec::new();
+        for op in ops.iter().take(most) {
+            let body = op.body(user, site);
+            let len = body.text_len() + 1;
+            if weight + len > budget {
+                break;
+            }
+            weight += len;
+            bodies.push((op.op_id.clone(), body));
+        }
+        let op_ids = bodies.iter().map(|(op_id, _)| op_id.clone()).collect();
+        let body = match bodies.len() {
+            0 => return None,
+            1 => bodies.pop()?.1,
+            _ => wire::batch(user, site, bodies.into_iter().map(|(_, body)| body)),
+        };
+        Some((op_ids, body, weight))
+    }
+
+    /// Sends the outbox's first write, or a batch of its first writes.
     pub(super) fn send_next_write(&mut self, now: u64) {
-        if let Some(op) = self.writes.move_to_in_flight() {
-            self.send_write(now, &op, false);
+        let outbox = self.writes.outbox();
+        let Some(first) = outbox.first() else { return };
+        let (op_ids, body) = match self.write_request(outbox, wire::MAX_BODY_BYTES) {
+            Some((op_ids, body, _)) => (op_ids, body),
+            // Larger than the hub reads: its refusal (413) rolls it back.
+            None => (vec![first.op_id.clone()], first.body(&self.config.user_id, &self.config.site_id)),
+        };
+        if op_ids.len() > 1 {
+            self.log(&["sending ", &decimal(op_ids.len() as u64), " writes in one batch"]);
+        }
+        self.writes.move_to_in_flight(op_ids.clone());
+        self.send(now, Purpose::Write(op_ids), Request::post(body, false));
+    }
+
+    /// Sends every pending write with `keepalive` (but a credit waiting for its fresh grant),
+    /// in order, in as few requests as fit the browser's budget for such bodies; the rest
+    /// stays stored for the next page.
+    pub(super) fn send_on_unload(&mut self, now: u64) {
+        let ops: Vec<Op> =
+            self.writes.outbox().iter().filter(|op| !self.writes.awaits_grant(&op.op_id)).cloned().collect();
+        let (mut rest, mut budget) = (ops.as_slice(), wire::MAX_BODY_BYTES);
+        while let Some((op_ids, body, weight)) = self.write_request(rest, budget) {
+            rest = &rest[op_ids.len()..];
+            budget -= weight;
+            self.send(now, Purpose::Write(op_ids), Request::post(body, true));
+        }
+        if !rest.is_empty() {
+            self.log(&[
+                &decimal(rest.len() as u64),
+                " writes left for the next page: over the keepalive budget",
+            ]);
         }
     }
 
-    pub(super) fn send_write(&mut self, now: u64, op: &Op, keepalive: bool) {
-        let body = op.body(&self.config.user_id, &self.config.site_id);
-        self.send(now, Purpose::Write(op.op_id.clone()), Request::post(body, keepalive));
-    }
-
-    pub(super) fn on_write(&mut self, now: u64, op_id: &str, reply: Reply, sent_with: Option<&str>) {
-        self.writes.move_to_idle_after(op_id);
-        let Some(index) = self.writes.position(op_id) else { return };
+    /// The answer to the request that carried `op_ids`: each write is settled by what the hub
+    /// said of it, or retried after the backoff.
+    pub(super) fn on_write(&mut self, now: u64, op_ids: &[String], reply: Reply, sent_with: Option<&str>) {
+        self.writes.move_to_idle_after(op_ids);
         let (status, body, retry_after_ms) = match reply {
-            Reply::Answer { status, body, retry_after } => (status, body, retry_after.unwrap_or(0) * 1000),
+            Reply::Answer { status, body, retry_after, .. } => {
+                (status, body, retry_after.unwrap_or(0) * 1000)
+            }
             Reply::NetworkError => {
                 if self.link == Link::Up {
                     self.link = Link::Unreachable;
@@ -262,55 +328,121 @@ impl Engine {
                 return self.retry_later(now, 0, "network error");
             }
         };
-        match status {
-            200 => {
-                self.writes.succeeded(now);
-                self.token.accepted();
-                let record = CachedRecord::from_json(&body);
-                if let Some(record) = &record {
-                    let data_type = self.writes.outbox[index].data_type;
-                    let outcome = if wire::replayed(&body) { " replayed v" } else { " applied v" };
-                    self.log(&[data_type.as_str(), ": write ", op_id, outcome, &decimal(record.version)]);
-                }
-                self.settle(index, record, None);
-            }
-            401 => {
-                if !self.token_refused(sent_with) {
-                    self.retry_later(now, 0, "token refused");
-                }
-            }
-            429 | 408 | 500..=599 => {
-                if status == 429 {
-                    self.checks.hold(now, retry_after_ms);
-                }
-                self.retry_later(now, retry_after_ms, "hub busy");
-            }
-            _ => {
-                let refusal = wire::refusal(&body);
-                let code = refusal.as_ref().map_or("refused", |r| r.code);
-                // The hub never applied the op: with a fresh grant for the same op id, the
-                // next attempt is still a retry.
-                if code == "grant_expired"
-                    && self.config.asks_for_grants
-                    && let Op { data_type, kind: OpKind::Delta { amount, reason, .. }, .. } =
-                        &self.writes.outbox[index]
-                {
-                    let (data_type, amount, reason) = (*data_type, *amount, reason.clone());
-                    if self.writes.move_to_awaiting_grant(op_id) {
-                        self.log(&[
-                            data_type.as_str(),
-                            ": grant of ",
-                            op_id,
-                            " expired → asking for a fresh one",
-                        ]);
-                        self.events.push(Event::NeedGrant { op_id: op_id.into(), data_type, amount, reason });
+        if status == 429 {
+            self.checks.hold(now, retry_after_ms);
+        }
+        let outcome = match op_ids {
+            [op_id] => self.on_answer(now, op_id, status, &body, sent_with),
+            _ if status == 200 && wire::succeeded(&body) => {
+                let mut outcome = Outcome::Answered;
+                for op_id in op_ids {
+                    let answered = match wire::batch_result(&body, op_id) {
+                        Some((status, result)) => self.on_answer(now, op_id, status, result, sent_with),
+                        None => Outcome::Retry("the batch answer names no result for it"),
+                    };
+                    if let Outcome::Retry(_) = answered {
+                        outcome = answered;
                     }
-                    return;
                 }
-                let message = refusal.as_ref().map_or("the hub refused the write", |r| r.message);
-                let current = refusal.and_then(|r| r.current).map(CachedRecord::from);
-                self.settle(index, current, Some((code.to_owned(), message.to_owned())));
+                outcome
             }
+            _ => self.on_batch_refused(status, &body, sent_with),
+        };
+        match outcome {
+            Outcome::Answered => self.writes.succeeded(now),
+            Outcome::Retry(why) => self.retry_later(now, retry_after_ms, why),
+        }
+    }
+
+    /// What the hub said of the write `op_id`, alone or in a batch: the status it had and its
+    /// own answer.
+    fn on_answer(
+        &mut self,
+        now: u64,
+        op_id: &str,
+        status: u16,
+        answer: &Json,
+        sent_with: Option<&str>,
+    ) -> Outcome {
+        let Some(index) = self.writes.position(op_id) else { return Outcome::Answered };
+        if status == 200
+            && wire::succeeded(answer)
+            && let Some(record) = CachedRecord::from_json(answer)
+        {
+            self.token.accepted();
+            let data_type = self.writes.outbox[index].data_type;
+            let outcome = if wire::replayed(answer) { " replayed v" } else { " applied v" };
+            self.log(&[data_type.as_str(), ": write ", op_id, outcome, &decimal(record.version)]);
+            self.settle(index, Some(record), None);
+            return Outcome::Answered;
+        }
+        let Some(refusal) = wire::refusal(answer) else {
+            self.foreign = true;
+            self.log(&["write ", op_id, ": HTTP ", &decimal(u64::from(status)), " without the hub's body"]);
+            return Outcome::Retry("not the hub's answer");
+        };
+        if status == 401 {
+            return if self.token_refused(sent_with) {
+                Outcome::Answered
+            } else {
+                Outcome::Retry("token refused")
+            };
+        }
+        // 408, 429, 5xx and the ops a batch did not reach are worth another try; any other 4xx
+        // is the hub's final word on this op.
+        if !(400..=499).contains(&status)
+            || matches!(status, 408 | 429)
+            || refusal.code == code::NOT_ATTEMPTED
+        {
+            return Outcome::Retry("hub busy");
+        }
+        // The hub never applied the op: with a fresh grant for the same op id, the next attempt
+        // is still a retry.
+        if refusal.code == code::GRANT_EXPIRED
+            && self.config.asks_for_grants
+            && let Op { data_type, kind: OpKind::Delta { amount, reason, .. }, .. } =
+                &self.writes.outbox[index]
+        {
+            let (data_type, amount, reason) = (*data_type, *amount, reason.clone());
+            if self.writes.move_to_awaiting_grant(op_id) {
+                self.log(&[data_type.as_str(), ": grant of ", op_id, " expired → asking for a fresh one"]);
+                self.events.push(Event::NeedGrant { op_id: op_id.into(), data_type, amount, reason });
+            }
+            return Outcome::Answered;
+        }
+        let expired = refusal.code == code::OP_EXPIRED;
+        let refused = (refusal.code.to_owned(), refusal.message.to_owned());
+        let current = refusal.current.map(CachedRecord::from);
+        self.settle(index, current, Some(refused));
+        if expired {
+            // Whether it was applied long ago, only the hub's record can tell.
+            self.start_check(now, "Op expired", None);
+        }
+        Outcome::Answered
+    }
+
+    /// The hub answered a batch with no results: it refused the batch as a whole (nothing of
+    /// it applied), or it is busy, or the answer is not the hub's.
+    fn on_batch_refused(&mut self, status: u16, body: &Json, sent_with: Option<&str>) -> Outcome {
+        let Some(refusal) = wire::refusal(body) else {
+            self.foreign = true;
+            self.log(&["batch: HTTP ", &decimal(u64::from(status)), " without the hub's body"]);
+            return Outcome::Retry("not the hub's answer");
+        };
+        match status {
+            401 => {
+                if self.token_refused(sent_with) {
+                    Outcome::Answered
+                } else {
+                    Outcome::Retry("token refused")
+                }
+            }
+            400..=499 if !matches!(status, 408 | 429) => {
+                self.log(&["the hub refused a batch (", refusal.code, ") → one write at a time"]);
+                self.writes.single_only = true;
+                Outcome::Answered
+            }
+            _ => Outcome::Retry("hub busy"),
         }
     }
 
@@ -367,6 +499,15 @@ impl Engine {
             "s",
         ]);
     }
+}
+
+/// What an answer did to the writes it answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Settled (confirmed or refused), or waiting for a fresh grant or token: no backoff.
+    Answered,
+    /// Left pending, to be sent again after the backoff; why, for the log.
+    Retry(&'static str),
 }
 
 /// Exponential backoff with equal jitter (between half and all of the doubled step): the

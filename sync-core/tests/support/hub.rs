@@ -1,10 +1,14 @@
 //! An in-memory hub with the real hub's rules (hub/src/domain.rs and hub/src/http): records
 //! with version, last_updated and epoch, merge-patch pushes, deltas applied once per op id,
-//! ETag/304, bearer tokens (a page's: its credits need a grant), grants for credits. It parses
-//! requests and validates data with the `protocol` crate and answers with `protocol`'s answer
-//! types, so the engine sees the real shapes. It can be switched down (no answer), busy (429
-//! with Retry-After) or unavailable (503), and it counts how many times each op id was
-//! applied. Does no I/O and reads no clock.
+//! batches of them applied in order, ETag/304, bearer tokens (a page's: its credits need a
+//! grant), grants for credits, and — with a retention — op ids forgotten once the horizon
+//! passes both their date and their arrival, an unknown UUIDv7 op dated before it refused
+//! `422 op_expired`. It parses requests with the real hub's parser and validates data with the
+//! `protocol` crate, answers with `protocol`'s answer types and a `Date`, so the engine sees
+//! the real shapes. It can be switched down (no answer), busy (429 with Retry-After),
+//! unavailable (503), behind something that answers for it (a proxy's 4xx, a bare 200), or
+//! set to fail a batch half way; its clock can be skewed from the world's; and it counts how
+//! many times each op id was applied. Does no I/O and reads no clock.
 //!
 //! It cannot check signatures: a grant is valid when this hub minted it (standing in for the
 //! site's backend signing it with the site's key), and is then checked as the real hub checks
@@ -16,9 +20,10 @@ use std::collections::{BTreeMap, VecDeque};
 use base64::Engine as _;
 
 use protocol::{
-    DataType, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, Limits, MAX_AMOUNT, OpId, PostRequest,
-    PushAnswer, RecordState, SiteId, Stamp, TimestampAnswer, TimestampsAnswer, amount_field, merge_patch,
-    parse_data_types, validate_delta, validate_push, validate_reason, validate_record,
+    BatchAnswer, BatchRequest, DataType, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, Limits,
+    MAX_AMOUNT, OpId, PostRequest, PushAnswer, RecordState, SiteId, Stamp, TimestampAnswer, TimestampsAnswer,
+    amount_field, merge_patch, parse_data_types, uuid7_ms, validate_delta, validate_push, validate_reason,
+    validate_record,
 };
 use serde_json::{Value, json};
 use sync_core::{Json, Method, Reply, Request};
@@ -59,6 +64,11 @@ pub enum Mode {
     },
     /// `503 store_unavailable`.
     Unavailable,
+    /// Something in front of the hub answers instead, with this status and a body that is not
+    /// the hub's (a proxy's or a firewall's, or a captive portal's 200).
+    Foreign {
+        status: u16,
+    },
 }
 
 /// One request as the hub saw it, for tests to count and inspect.
@@ -74,6 +84,13 @@ pub struct Seen {
     pub keepalive: bool,
     /// The status answered, or `None` when the hub was down.
     pub status: Option<u16>,
+    /// How many writes the request carried: 1 for a push or delta, the ops of a batch (each
+    /// of which is also seen on its own, with `in_batch`), 0 for a read.
+    pub writes: usize,
+    /// A write inside a batch.
+    pub in_batch: bool,
+    /// Answered by something in front of the hub ([`Mode::Foreign`]), not the hub.
+    pub foreign: bool,
 }
 
 /// An applied change to an amount, as the hub's audit ledger keeps it.
@@ -96,6 +113,9 @@ struct SeenOp {
     /// The refusal the op got (`insufficient_funds`, `version_conflict`, `credit_limit`), with
     /// its status, kept for good.
     refusal: Option<Refused>,
+    /// When the hub first saw it (the hub's clock): it is remembered until the horizon passes
+    /// both this and the date its id carries.
+    arrived_ms: u64,
 }
 
 /// What a grant says, as the site's backend signed it.
@@ -139,6 +159,15 @@ pub struct FakeHub {
     grant_ttl_ms: u64,
     /// The site's `max_credit_per_op`.
     max_credit_per_op: Option<i64>,
+    /// How long op ids are remembered: the horizon is the hub's clock minus this. `None`:
+    /// forever (the real hub's seven days are longer than any test's world).
+    retention_ms: Option<u64>,
+    /// The hub's clock minus the world's (the devices').
+    skew_ms: i64,
+    /// The next batch fails at this op (503), and the ops after it are not attempted.
+    fail_batch_at: Option<usize>,
+    /// Answers a batch as a hub from before batches does: `400 unknown_action`.
+    refuses_batches: bool,
     seen: Vec<Seen>,
 }
 
@@ -158,6 +187,10 @@ impl FakeHub {
             grants: BTreeMap::new(),
             grant_ttl_ms: GRANT_TTL_MS,
             max_credit_per_op: None,
+            retention_ms: None,
+            skew_ms: 0,
+            fail_batch_at: None,
+            refuses_batches: false,
             seen: Vec::new(),
         }
     }
@@ -247,6 +280,35 @@ impl FakeHub {
         self.max_credit_per_op = Some(max);
     }
 
+    /// Op ids are forgotten once the horizon (the hub's clock minus `ms`) passes both their
+    /// date and their arrival; an unknown UUIDv7 op dated before it is `422 op_expired`.
+    pub fn set_retention(&mut self, ms: u64) {
+        self.retention_ms = Some(ms);
+    }
+
+    /// The hub's clock runs `ms` ahead of the world's (behind, when negative): the devices'
+    /// clocks are that wrong.
+    pub fn set_skew(&mut self, ms: i64) {
+        self.skew_ms = ms;
+    }
+
+    /// The next batch fails at its op `index` (a 503 the store gave), and the ops after it are
+    /// answered `not_attempted`.
+    pub fn fail_next_batch_at(&mut self, index: usize) {
+        self.fail_batch_at = Some(index);
+    }
+
+    /// Whether this hub answers a batch as one from before batches does (`400
+    /// unknown_action`).
+    pub fn set_refuses_batches(&mut self, refuses: bool) {
+        self.refuses_batches = refuses;
+    }
+
+    /// The hub's clock when the world's says `now`.
+    pub fn clock(&self, now: u64) -> u64 {
+        now.saturating_add_signed(self.skew_ms)
+    }
+
     /// Every token minted so far expires.
     pub fn expire_tokens(&mut self) {
         self.tokens.clear();
@@ -305,27 +367,53 @@ impl FakeHub {
 
     // ---- requests ----
 
-    /// Answers one request at time `now`.
+    /// Answers one request at time `now` (the world's clock), dated by the hub's.
     pub fn handle(&mut self, now: u64, request: &Request) -> Reply {
         let mode = self.script.pop_front().unwrap_or(self.mode);
         let mut seen = describe(request);
-        let reply = match mode {
+        let at = self.seen.len();
+        self.forget(now);
+        let mut reply = match mode {
             Mode::Down => Reply::NetworkError,
             Mode::Busy { retry_after } => {
                 error_with(429, "rate_limited", "too many requests; retry later", None, Some(retry_after))
             }
             Mode::Unavailable => error(503, "store_unavailable", "the store cannot serve right now; retry"),
+            Mode::Foreign { status } => {
+                seen.status = Some(status);
+                seen.foreign = true;
+                self.seen.push(seen);
+                let body = Json::object().with("message", "Request blocked by the gateway");
+                return Reply::Answer { status, body, retry_after: None, date: None };
+            }
             Mode::Up => match request.method {
                 Method::Get => self.get(now, request),
                 Method::Post => self.post(now, request),
             },
         };
-        seen.status = match &reply {
-            Reply::Answer { status, .. } => Some(*status),
+        seen.status = match &mut reply {
+            Reply::Answer { status, date, .. } => {
+                // HTTP dates count whole seconds.
+                *date = Some(self.clock(now) / 1000 * 1000);
+                Some(*status)
+            }
             Reply::NetworkError => None,
         };
-        self.seen.push(seen);
+        // A batch's ops were seen as they were applied; the batch itself comes first.
+        self.seen.insert(at, seen);
         reply
+    }
+
+    /// Forgets the op ids the horizon has passed, date and arrival both.
+    fn forget(&mut self, now: u64) {
+        let Some(retention) = self.retention_ms else { return };
+        let horizon = self.clock(now).saturating_sub(retention);
+        for ops in self.ops.values_mut() {
+            ops.retain(|op_id, seen| {
+                let dated = uuid7_ms(op_id).map_or(0, |ms| ms.max(0) as u64);
+                dated.max(seen.arrived_ms) >= horizon
+            });
+        }
     }
 
     /// Who the request's token speaks for: `Ok(None)` with auth off, a 401 answer when the
@@ -395,7 +483,7 @@ impl FakeHub {
                     .as_deref()
                     .is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
                 if matches {
-                    return Reply::Answer { status: 304, body: Json::Null, retry_after: None };
+                    return Reply::Answer { status: 304, body: Json::Null, retry_after: None, date: None };
                 }
                 answer(
                     200,
@@ -419,18 +507,65 @@ impl FakeHub {
     }
 
     fn post(&mut self, now: u64, request: &Request) -> Reply {
-        let (parsed, grant) = match parse_post(request.body.as_ref()) {
+        let text = request.body.as_ref().map(Json::to_text).unwrap_or_default();
+        let parsed = match PostRequest::parse(text.as_bytes()) {
             Ok(parsed) => parsed,
-            Err((code, message)) => return error(400, code, &message),
+            Err(refusal) => return error(400, refusal.code, &refusal.message),
         };
         let caller = match self.caller(request.token.as_deref()) {
             Ok(caller) => caller,
             Err(reply) => return reply,
         };
-        let (user, site) = match &parsed {
-            PostRequest::Push(p) => (p.user_id.clone(), p.site_id.clone()),
-            PostRequest::Delta(d) => (d.user_id.clone(), d.site_id.clone()),
-        };
+        match parsed {
+            PostRequest::Batch(_) if self.refuses_batches => error(
+                400,
+                "unknown_action",
+                "unknown action \"batch\"; expected timestamp, get, push or delta",
+            ),
+            PostRequest::Batch(batch) => self.batch(now, caller, batch, request.keepalive),
+            write => self.apply(now, caller, write),
+        }
+    }
+
+    /// A batch: its ops applied in order, each answered as if sent alone (with its `status`
+    /// and `op_id`), until one fails for a reason worth retrying; the ops after it are
+    /// `not_attempted`.
+    fn batch(
+        &mut self,
+        now: u64,
+        caller: Option<(String, String)>,
+        batch: BatchRequest,
+        keepalive: bool,
+    ) -> Reply {
+        let fail_at = self.fail_batch_at.take();
+        let mut stopped = false;
+        let mut results = Vec::new();
+        for (index, op) in batch.ops.into_iter().enumerate() {
+            let mut seen = describe_op(&op, keepalive);
+            let op_id = op.op_id().unwrap_or_default().to_owned();
+            let reply = if stopped {
+                error(503, "not_attempted", "an op before this one failed; this one was not attempted")
+            } else if fail_at == Some(index) {
+                stopped = true;
+                error(503, "store_unavailable", "the store cannot serve right now; retry")
+            } else {
+                self.apply(now, caller.clone(), op)
+            };
+            let Reply::Answer { status, body, .. } = reply else { unreachable!("a write is answered") };
+            stopped |= status >= 500;
+            seen.status = Some(status);
+            self.seen.push(seen);
+            let mut result = Value::from(&body);
+            result["status"] = Value::from(status);
+            result["op_id"] = Value::from(op_id);
+            results.push(result);
+        }
+        answer(200, serde_json::to_value(BatchAnswer { success: true, results }))
+    }
+
+    /// One push or delta.
+    fn apply(&mut self, now: u64, caller: Option<(String, String)>, parsed: PostRequest) -> Reply {
+        let (user, site) = (parsed.user_id().to_owned(), parsed.site_id().to_owned());
         if let Some((token_site, token_user)) = &caller {
             if *token_user != user {
                 return error(403, "wrong_user", "the token does not speak for this user_id");
@@ -443,7 +578,9 @@ impl FakeHub {
             Ok(site) => site,
             Err(refusal) => return error(400, refusal.code, &refusal.message),
         };
+        let hub_now = self.clock(now);
         match parsed {
+            PostRequest::Batch(_) => error(400, "invalid_batch", "batches do not nest"),
             PostRequest::Push(push) => {
                 let data_type = match DataType::parse(&push.data_type) {
                     Ok(t) => t,
@@ -466,18 +603,23 @@ impl FakeHub {
                 {
                     return reply;
                 }
+                if let Some(op_id) = &op_id
+                    && let Some(reply) = self.expired(hub_now, op_id)
+                {
+                    return reply;
+                }
                 let current = self.record(&user, data_type);
                 if push.base_version.is_some_and(|base| base != current.version) {
                     let refusal =
                         (409, "version_conflict", "the record is at another version than base_version");
-                    return self.refuse(&user, data_type, op_id, fingerprint, refusal);
+                    return self.refuse(hub_now, &user, data_type, op_id, fingerprint, refusal);
                 }
                 let mut data = current.data.clone();
                 merge_patch(&mut data, &patch);
                 if let Err(refusal) = validate_record(data_type, &data) {
                     return error(400, refusal.code, &refusal.message);
                 }
-                let record = self.change(now, &user, data_type, data, op_id, fingerprint);
+                let record = self.change(hub_now, &user, data_type, data, op_id, fingerprint);
                 push_answer(data_type, &record, false)
             }
             PostRequest::Delta(delta) => {
@@ -505,11 +647,14 @@ impl FakeHub {
                 }) {
                     return reply;
                 }
+                if let Some(reply) = self.expired(hub_now, &op_id) {
+                    return reply;
+                }
                 if caller.is_some()
                     && change > 0
                     && let Err(reply) = self.check_grant(
                         now,
-                        grant.as_deref(),
+                        delta.grant.as_deref(),
                         site.as_str(),
                         &user,
                         &op_id,
@@ -521,14 +666,14 @@ impl FakeHub {
                 }
                 if self.max_credit_per_op.is_some_and(|max| change > max) {
                     let refusal = (403, "credit_limit", "the credit is larger than the site may grant");
-                    return self.refuse(&user, data_type, Some(op_id), fingerprint, refusal);
+                    return self.refuse(hub_now, &user, data_type, Some(op_id), fingerprint, refusal);
                 }
                 let field = amount_field(data_type).expect("validate_delta accepts amounts only");
                 let current = self.record(&user, data_type);
                 let result = current.data.get(field).and_then(Value::as_i64).unwrap_or(0) + change;
                 if result < 0 {
                     let refusal = (409, "insufficient_funds", "the balance would go below zero");
-                    return self.refuse(&user, data_type, Some(op_id), fingerprint, refusal);
+                    return self.refuse(hub_now, &user, data_type, Some(op_id), fingerprint, refusal);
                 }
                 if result > MAX_AMOUNT {
                     return error(400, "value_too_large", "the amount would be too large");
@@ -542,7 +687,7 @@ impl FakeHub {
                     delta: change,
                     result,
                 });
-                let record = self.change(now, &user, data_type, data, Some(op_id), fingerprint);
+                let record = self.change(hub_now, &user, data_type, data, Some(op_id), fingerprint);
                 delta_answer(data_type, &record, false)
             }
         }
@@ -607,9 +752,24 @@ impl FakeHub {
         })
     }
 
+    /// `422 op_expired` for an op id this hub does not remember (asked after the replay) when it
+    /// is a UUIDv7 dated before the horizon: it may have been applied and forgotten.
+    fn expired(&self, hub_now: u64, op_id: &str) -> Option<Reply> {
+        let horizon = hub_now.saturating_sub(self.retention_ms?);
+        let dated = uuid7_ms(op_id)?;
+        (dated < horizon as i64).then(|| {
+            error(
+                422,
+                "op_expired",
+                "this op is older than the ops the hub remembers; it was not applied now",
+            )
+        })
+    }
+
     /// Refuses a write for a reason of the record's state; the op id keeps the refusal.
     fn refuse(
         &mut self,
+        now: u64,
         user: &str,
         data_type: DataType,
         op_id: Option<String>,
@@ -618,7 +778,13 @@ impl FakeHub {
     ) -> Reply {
         let current = self.record(user, data_type);
         if let Some(op_id) = op_id {
-            let seen = SeenOp { fingerprint, answer: current.clone(), data_type, refusal: Some(refusal) };
+            let seen = SeenOp {
+                fingerprint,
+                answer: current.clone(),
+                data_type,
+                refusal: Some(refusal),
+                arrived_ms: now,
+            };
             self.ops.entry(user.into()).or_default().insert(op_id, seen);
         }
         let (status, code, message) = refusal;
@@ -649,7 +815,8 @@ impl FakeHub {
         };
         if let Some(op_id) = op_id {
             *self.applied.entry(op_id.clone()).or_default() += 1;
-            let seen = SeenOp { fingerprint, answer: record.clone(), data_type, refusal: None };
+            let seen =
+                SeenOp { fingerprint, answer: record.clone(), data_type, refusal: None, arrived_ms: now };
             self.ops.entry(user.into()).or_default().insert(op_id, seen);
         }
         record
@@ -665,6 +832,9 @@ fn describe(request: &Request) -> Seen {
         grant: None,
         keepalive: request.keepalive,
         status: None,
+        writes: 0,
+        in_batch: false,
+        foreign: false,
     };
     if let Some(query) = &request.query {
         let mut params = query_params(query);
@@ -677,39 +847,30 @@ fn describe(request: &Request) -> Seen {
         seen.data_type = field("data_type").unwrap_or_default();
         seen.op_id = field("op_id");
         seen.grant = field("grant");
+        seen.writes = match body.get("ops") {
+            Some(Json::Array(ops)) => ops.len(),
+            _ => 1,
+        };
     }
     seen
 }
 
-/// Reads a POST body as [`PostRequest::parse`] does (which takes bytes; this skips the
-/// round trip through text, as the body is already parsed), and a delta's grant.
-fn parse_post(body: Option<&Json>) -> Result<(PostRequest, Option<String>), (&'static str, String)> {
-    let Some(Value::Object(mut fields)) = body.map(Value::from) else {
-        return Err(("invalid_request", "the body must be a JSON object".into()));
+/// What a test wants to know about a write inside a batch.
+fn describe_op(op: &PostRequest, keepalive: bool) -> Seen {
+    let (action, grant) = match op {
+        PostRequest::Delta(delta) => ("delta", delta.grant.clone()),
+        _ => ("push", None),
     };
-    let grant = match fields.remove("grant") {
-        None => None,
-        Some(Value::String(grant)) => Some(grant),
-        Some(_) => return Err(("invalid_request", "grant must be a string".into())),
-    };
-    let action = match fields.remove("action") {
-        Some(Value::String(action)) => action,
-        _ => return Err(("missing_field", "the body has no action".into())),
-    };
-    let shape = |e: serde_json::Error| {
-        let message = e.to_string();
-        let code = if message.starts_with("missing field") { "missing_field" } else { "invalid_request" };
-        (code, format!("{action}: {message}"))
-    };
-    match action.as_str() {
-        "push" if grant.is_none() => {
-            Ok((PostRequest::Push(serde_json::from_value(Value::Object(fields)).map_err(shape)?), None))
-        }
-        "delta" => {
-            Ok((PostRequest::Delta(serde_json::from_value(Value::Object(fields)).map_err(shape)?), grant))
-        }
-        "push" => Err(("invalid_request", "push: unknown field `grant`".into())),
-        _ => Err(("unknown_action", format!("unknown action {action:?}"))),
+    Seen {
+        action: action.into(),
+        data_type: op.data_type().into(),
+        op_id: op.op_id().map(str::to_owned),
+        grant,
+        keepalive,
+        status: None,
+        writes: 1,
+        in_batch: true,
+        foreign: false,
     }
 }
 
@@ -744,7 +905,12 @@ fn delta_answer(data_type: DataType, record: &HubRecord, replayed: bool) -> Repl
 
 /// An answer as the shell hands it to the engine, parsed (as [`Reply::from_text`] does).
 fn answer(status: u16, body: serde_json::Result<Value>) -> Reply {
-    Reply::Answer { status, body: Json::from(&body.expect("answers serialize")), retry_after: None }
+    Reply::Answer {
+        status,
+        body: Json::from(&body.expect("answers serialize")),
+        retry_after: None,
+        date: None,
+    }
 }
 
 fn error(status: u16, code: &str, message: &str) -> Reply {
@@ -765,7 +931,7 @@ fn error_with(
         current: current.map(HubRecord::state),
     };
     let body = serde_json::to_value(&body).expect("answers serialize");
-    Reply::Answer { status, body: Json::from(&body), retry_after }
+    Reply::Answer { status, body: Json::from(&body), retry_after, date: None }
 }
 
 /// The parameters of a query string. The engine sends only URL-safe values.

@@ -21,8 +21,14 @@
 //! network, then arms the timer [`Engine::poll_timeout`] asks for. Nothing happens between
 //! inputs: time passes only in [`Sim::drive`], [`Sim::run_for`] and the story helpers that
 //! call them. A tab's credit carries a grant its site's backend minted, as a page's must; its
-//! pages give `getGrant` ([`Config::asks_for_grants`]) unless a test turns it off. Messages between tabs of one site (`storage` events and `BroadcastChannel`)
-//! arrive at the same instant, before anything else happens.
+//! pages give `getGrant` ([`Config::asks_for_grants`]) unless a test turns it off. Messages
+//! between tabs of one site (`BroadcastChannel`, and storage changes) arrive at the same
+//! instant, before anything else happens. A tab stores as the browser shell does: it reads
+//! the writes stored in its site's storage and adopts the ones it does not know, then stores
+//! its own. [`Sim::set_storage_events`] turns off the instant word of another tab's storage,
+//! as in a browser, where a tab learns of another's writes only when it next stores or loads;
+//! [`Sim::set_storage_refuses`] makes a site's storage refuse (full), which the tabs learn
+//! through [`Engine::handle_persisted`].
 
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
@@ -39,7 +45,7 @@ use protocol::Refusal;
 use serde_json::Value;
 use sync_core::{
     Answer, CachedRecord, Config, DataType, Engine, Event, Grant, Host, Json, Method, Op, OpKind, Persisted,
-    Reply, Request, Shared, Status, Trigger,
+    Reason, Reply, Request, Shared, Status, Trigger,
 };
 
 pub use hub::{FakeHub, HubRecord};
@@ -144,6 +150,11 @@ struct World {
     /// Credits the sites' backends granted so far (their op ids count them).
     granted: u64,
     debug: bool,
+    /// A tab hears at once when another tab of its site stores (else only when it next stores
+    /// or loads).
+    storage_events: bool,
+    /// Sites whose storage refuses every store (full, or switched off).
+    storage_refuses: BTreeSet<String>,
 }
 
 /// The world: clock, hub, network and tabs. Cheap to clone (a handle).
@@ -184,6 +195,8 @@ impl Sim {
             local: VecDeque::new(),
             granted: 0,
             debug: true,
+            storage_events: true,
+            storage_refuses: BTreeSet::new(),
         };
         Sim { world: Rc::new(RefCell::new(world)) }
     }
@@ -229,6 +242,23 @@ impl Sim {
         });
         world.after_input(id);
         Tab { world: self.world.clone(), id }
+    }
+
+    /// Whether a tab hears at once when another tab of its site stores (on by default).
+    /// Without, a tab adopts another's writes only when it next stores or loads, as the
+    /// browser shell does.
+    pub fn set_storage_events(&self, on: bool) {
+        self.world.borrow_mut().storage_events = on;
+    }
+
+    /// Whether `site`'s storage refuses every store from now on (full, or switched off).
+    pub fn set_storage_refuses(&self, site: &str, refuses: bool) {
+        let mut world = self.world.borrow_mut();
+        if refuses {
+            world.storage_refuses.insert(site.to_owned());
+        } else {
+            world.storage_refuses.remove(site);
+        }
     }
 
     /// The hub. The world stays borrowed while the guard lives: use it within one statement,
@@ -329,6 +359,11 @@ impl Tab {
         self.with(|w, id| w.tabs[id].name.clone())
     }
 
+    /// The site this tab belongs to.
+    pub fn site(&self) -> String {
+        self.with(|w, id| w.tabs[id].site.clone())
+    }
+
     /// Which page load this is: 0 for the first, +1 per reload.
     pub fn generation(&self) -> u32 {
         self.with(|w, id| w.tabs[id].generation)
@@ -357,12 +392,14 @@ impl Tab {
         self.apply_with_grant(data_type, amount, &grant)
     }
 
-    /// A grant for a new credit, as the site's backend mints it (with an op id of its own).
+    /// A grant for a new credit, as the site's backend mints it: with an op id of its own, a
+    /// UUIDv7 dated by the servers' clock (the hub's), as the site guide asks, so that the hub
+    /// can date an op it has forgotten.
     pub fn grant(&self, data_type: DataType, amount: i64) -> String {
         self.with(|w, id| {
             let (now, site) = (w.now, w.tabs[id].site.clone());
             w.granted += 1;
-            let op_id = format!("{site}-claim-{}", w.granted);
+            let op_id = protocol::wire::uuid7(w.hub.clock(now), w.rng.u128(..));
             w.hub.mint_grant(now, &site, USER, &op_id, data_type, amount)
         })
     }
@@ -616,6 +653,25 @@ impl Tab {
         })
     }
 
+    /// Why the status is offline or error, as the engine says now.
+    pub fn status_reason(&self) -> Option<Reason> {
+        self.with(|w, id| w.tabs[id].engine.status_reason())
+    }
+
+    /// Every `Error` event, in order.
+    pub fn errors(&self) -> Vec<Reason> {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match l.event {
+                    Event::Error(reason) => Some(reason),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
     /// Every `Spinner` event with its time.
     pub fn spinner(&self) -> Vec<(u64, bool)> {
         self.with(|w, id| {
@@ -689,6 +745,17 @@ pub fn op_id_of(request: &Request) -> Option<String> {
     request.body.as_ref()?.get("op_id").and_then(Json::as_str).map(str::to_owned)
 }
 
+/// The op ids of the writes a request carries, in order: one for a push or a delta, each op's
+/// for a batch.
+pub fn op_ids_of(request: &Request) -> Vec<String> {
+    let Some(body) = request.body.as_ref() else { return Vec::new() };
+    let op_id = |op: &Json| op.get("op_id").and_then(Json::as_str).map(str::to_owned);
+    match body.get("ops") {
+        Some(Json::Array(ops)) => ops.iter().filter_map(op_id).collect(),
+        _ => op_id(body).into_iter().collect(),
+    }
+}
+
 /// The grant a delta request carries.
 pub fn grant_of(request: &Request) -> Option<String> {
     request.body.as_ref()?.get("grant").and_then(Json::as_str).map(str::to_owned)
@@ -760,8 +827,22 @@ impl World {
         }
         let others: Vec<Page> = self.same_site(id).into_iter().map(|other| self.page(other)).collect();
         let page = self.page(id);
-        let World { now, rng, hub, net, tabs, storage, ever_stored, unstored_sends, local, .. } = self;
+        let World {
+            now,
+            rng,
+            hub,
+            net,
+            tabs,
+            storage,
+            ever_stored,
+            unstored_sends,
+            local,
+            storage_events,
+            storage_refuses,
+            ..
+        } = self;
         let tab = &mut tabs[id];
+        let mut stored = None;
         let mut host = TabHost {
             now: *now,
             page,
@@ -778,8 +859,17 @@ impl World {
             ever_stored,
             unstored_sends,
             local,
+            storage_events: *storage_events,
+            refuses: storage_refuses.contains(&tab.site),
+            stored: &mut stored,
         };
-        let Ok(timer) = tab.engine.drive(*now, &mut host);
+        let Ok(mut timer) = tab.engine.drive(*now, &mut host);
+        if let Some(taken) = host.stored.take() {
+            // The page tells the engine whether storage took it, then drains it again.
+            tab.engine.handle_persisted(*now, taken);
+            let Ok(after) = tab.engine.drive(*now, &mut host);
+            timer = after;
+        }
         tab.timer = timer;
         for data_type in DataType::ALL {
             let Some(version) = tab.engine.record(data_type).map(|r| r.version) else { continue };
@@ -933,6 +1023,12 @@ struct TabHost<'w> {
     ever_stored: &'w mut BTreeMap<String, BTreeSet<String>>,
     unstored_sends: &'w mut Vec<String>,
     local: &'w mut VecDeque<(Page, Local)>,
+    /// Whether the site's other tabs hear at once of what this one stores.
+    storage_events: bool,
+    /// The site's storage refuses every store.
+    refuses: bool,
+    /// Whether the last store was taken, if one was tried.
+    stored: &'w mut Option<bool>,
 }
 
 impl Host for TabHost<'_> {
@@ -948,7 +1044,15 @@ impl Host for TabHost<'_> {
         Ok(())
     }
 
+    fn stored_ops(&mut self) -> Vec<Op> {
+        self.storage.get(self.site).map(|stored| stored.outbox.clone()).unwrap_or_default()
+    }
+
     fn persist(&mut self, persisted: Persisted) -> Result<(), Infallible> {
+        *self.stored = Some(!self.refuses);
+        if self.refuses {
+            return Ok(());
+        }
         let ops = persisted.outbox.clone();
         let grants = ops.iter().filter_map(|op| match &op.kind {
             OpKind::Delta { grant, .. } => grant.clone(),
@@ -957,8 +1061,10 @@ impl Host for TabHost<'_> {
         let stored = self.ever_stored.entry(self.site.to_owned()).or_default();
         stored.extend(ops.iter().map(|op| op.op_id.clone()).chain(grants));
         self.storage.insert(self.site.to_owned(), persisted);
-        for &other in &self.others {
-            self.local.push_back((other, Local::StoredOps(ops.clone())));
+        if self.storage_events {
+            for &other in &self.others {
+                self.local.push_back((other, Local::StoredOps(ops.clone())));
+            }
         }
         Ok(())
     }
