@@ -106,9 +106,9 @@ fn stringify(value: &Json) -> String {
     js_sys::JSON::stringify(&to_js(value)).ok().and_then(|s| s.as_string()).unwrap_or_default()
 }
 
-/// What the JavaScript side calls back with: `(input, id, status, value, extra)`, where
+/// What the JavaScript side calls back with: `(input, id, status, value, extra, date)`, where
 /// `input` is one of the constants below and the other arguments mean what each one says.
-type Callback = Closure<dyn FnMut(u32, f64, u32, JsValue, JsValue)>;
+type Callback = Closure<dyn FnMut(u32, f64, u32, JsValue, JsValue, f64)>;
 
 /// The page events (`visibilitychange` to visible or hidden, `pageshow` from the back/forward
 /// cache, `online`, `offline`, `pagehide`).
@@ -120,8 +120,9 @@ const OFFLINE: u32 = 5;
 const LEAVING: u32 = 6;
 /// Another tab's message (`value`).
 const SHARED: u32 = 7;
-/// The answer to request `id`: `status` (0 when none came), the body's text (`value`) and
-/// `Retry-After` in seconds (`extra`: a number, NaN when there is none or it is a date).
+/// The answer to request `id`: `status` (0 when none came), the body's text (`value`),
+/// `Retry-After` in seconds (`extra`: a number, NaN when there is none or it is a date) and the
+/// answer's `Date` in milliseconds since the epoch (`date`, NaN when there is none).
 const REPLY: u32 = 8;
 /// What `getToken` or `getGrant` gave (`value`, empty when nothing usable); `extra` is the
 /// op id a grant was asked for, `undefined` for a token.
@@ -165,11 +166,12 @@ impl Shell {
         let engine = Engine::new(config, stored, now());
         let shell = Rc::new_cyclic(|this: &Weak<Shell>| {
             let shell = this.clone();
-            let input =
-                Callback::new(move |input: u32, id: f64, status: u32, value: JsValue, extra: JsValue| {
+            let input = Callback::new(
+                move |input: u32, id: f64, status: u32, value: JsValue, extra: JsValue, date: f64| {
                     let Some(shell) = shell.upgrade().filter(|s| !s.destroyed.get()) else { return };
-                    shell.handle(input, id, status, value, extra);
-                });
+                    shell.handle(input, id, status, value, extra, date);
+                },
+            );
             Shell {
                 engine: RefCell::new(engine),
                 endpoint,
@@ -186,7 +188,7 @@ impl Shell {
     }
 
     /// One input from the page's side (see the constants above), then the outputs it caused.
-    fn handle(&self, input: u32, id: f64, status: u32, value: JsValue, extra: JsValue) {
+    fn handle(&self, input: u32, id: f64, status: u32, value: JsValue, extra: JsValue, date: f64) {
         let now = now();
         let mut engine = self.engine.borrow_mut();
         match input {
@@ -215,7 +217,8 @@ impl Shell {
                     let body = if text.is_empty() { Json::Null } else { parse(&text) };
                     let retry_after =
                         extra.as_f64().filter(|s| *s >= 0.0 && s.fract() == 0.0).map(|s| s as u64);
-                    Reply::Answer { status: status as u16, body, retry_after }
+                    let date = (date >= 0.0).then_some(date as u64);
+                    Reply::Answer { status: status as u16, body, retry_after, date }
                 };
                 engine.handle_reply(now, id as u64, reply);
             }
@@ -264,6 +267,10 @@ impl Shell {
                 self.host.emit(data_type.as_str(), &to_js(&data), &meta);
             }
             Event::Status(status) => self.host.emit("status", &status.as_str().into(), &JsValue::UNDEFINED),
+            Event::Error(reason) => {
+                let error = Json::object().with("code", reason.code()).with("message", reason.message());
+                self.host.emit("error", &to_js(&error), &JsValue::UNDEFINED);
+            }
             Event::Spinner(visible) => self.host.spinner(visible),
             Event::CheckDone { ticket, fresh } => self.host.done(ticket as f64, fresh),
             Event::Refused { data_type, op_id, code, message } => {
@@ -476,7 +483,7 @@ export function connect(channelName, spinner, input) {
       if (ifNoneMatch) headers["If-None-Match"] = ifNoneMatch;
       if (body != null) headers["Content-Type"] = "application/json";
       fetch(url, { method, headers, body, keepalive, mode: "cors" })
-        .then((r) => r.text().then((t) => input(8, id, r.status, t, +(r.headers.get("Retry-After") ?? NaN))))
+        .then((r) => r.text().then((t) => input(8, id, r.status, t, +(r.headers.get("Retry-After") ?? NaN), Date.parse(r.headers.get("Date")))))
         .catch(() => input(8, id, 0));
     },
     ask(callback, request, opId) {
