@@ -1,14 +1,20 @@
 //! A randomized simulation, property style: for each seed, two or three tabs on one or two
 //! sites make deltas (mostly small gains, each with a grant from its site's backend, some
-//! spends) and pushes, come back to view, reload (with or without a keepalive flush), go
-//! offline; the hub goes down, restarts in place, answers 429 and 503, lets tokens expire and
+//! spends) and pushes, come back to view, reload (with or without a keepalive flush), leave
+//! with several writes pending (sent in keepalive batches), go offline; the hub goes down,
+//! restarts in place, answers 429 and 503, fails a batch half way, lets tokens expire and
 //! refuses grants that expired (the world's grants live 10 minutes, a minute or 5 seconds),
-//! and the pages get fresh ones for the same ops; the network drops, duplicates, delays and
-//! reorders packets. At the end the hub is up, the network heals, every tab gets a forced
+//! and the pages get fresh ones for the same ops; something in front of the hub answers for
+//! it (a proxy's 400, 403, 404 or 502, a bare 200); in some worlds the hub forgets op ids
+//! after a few minutes and refuses older unknown ones (`op_expired`), the devices' clocks are a
+//! month off the hub's, and tabs of one site learn of each other's writes only through the
+//! storage they share (as in a browser), not at once; the network drops, duplicates, delays
+//! and reorders packets. At the end the hub is up, the network heals, every tab gets a forced
 //! check, and the world runs until quiescent. Then:
 //!
 //! - no op id any engine made was applied more than once;
-//! - every op not refused was applied exactly once, and only balance refusals happened;
+//! - every op not refused was applied exactly once, only balance refusals and `op_expired`
+//!   happened, and nothing the hub did not answer was rolled back;
 //! - the hub's amounts are the sum of the applied deltas, never below zero;
 //! - every open tab has no pending write and caches exactly the hub's records;
 //! - no cached record was ever replaced by an older version, every write was stored before
@@ -21,8 +27,10 @@
 //! `SYNC_SIM_SEED=S` runs seed S alone, with the engines' debug lines. A failure prints the
 //! story of its world and the exact command that replays it. A run of 100 seeds or more also
 //! checks that it exercised every kind of fault: dropped, duplicated and reordered packets,
-//! requests the hub left unanswered or refused while down, page reloads, and credits granted
-//! again after their grants expired.
+//! requests the hub left unanswered or refused while down, answers that were not the hub's,
+//! page reloads, pages that left several writes in one keepalive batch, batches the hub
+//! stopped half way, ops refused as expired, tabs sharing storage, and credits granted again
+//! after their grants expired.
 //!
 //! The simulation proves properties of the engine against a fake hub with the real hub's
 //! rules; it says nothing about the real hub's own storage or HTTP (see `hub/tests`).
@@ -42,6 +50,10 @@ use support::net::Faults;
 use support::{Sim, Tab, USER};
 use sync_core::{DataType, Trigger};
 
+/// A minute and a day of the fake clock.
+const MINUTE_MS: u64 = 60 * 1000;
+const DAY_MS: u64 = 24 * 60 * MINUTE_MS;
+
 const SITES: [&str; 2] = ["roflfaucet", "clickforcharity"];
 const DEFAULT_SEEDS: u64 = 2_000;
 /// A run of at least this many seeds must have exercised every kind of fault.
@@ -59,6 +71,17 @@ struct Exercised {
     reloads: u64,
     /// Fresh grants the engines asked for, for credits whose grants expired unapplied.
     regrants: u64,
+    /// Answers that something in front of the hub gave instead of it.
+    foreign: u64,
+    /// Keepalive batches of several writes, from pages leaving.
+    exit_batches: u64,
+    /// Batches the hub stopped half way (an op failed; the ones after it not attempted).
+    stopped_batches: u64,
+    /// Ops the hub refused as expired.
+    expired: u64,
+    /// Worlds whose tabs of one site, learning of each other's writes only through storage,
+    /// both wrote.
+    shared_storage: u64,
 }
 
 impl Exercised {
@@ -69,6 +92,11 @@ impl Exercised {
         self.outages += other.outages;
         self.reloads += other.reloads;
         self.regrants += other.regrants;
+        self.foreign += other.foreign;
+        self.exit_batches += other.exit_batches;
+        self.stopped_batches += other.stopped_batches;
+        self.expired += other.expired;
+        self.shared_storage += other.shared_storage;
     }
 }
 
@@ -141,7 +169,19 @@ fn random_worlds_apply_every_delta_once_and_converge() {
     let exercised = exercised.into_inner().unwrap();
     eprintln!("simulation: {exercised:?}");
     if seeds.len() >= SEEDS_FOR_COVERAGE {
-        let Exercised { dropped, duplicated, reordered, outages, reloads, regrants } = exercised;
+        let Exercised {
+            dropped,
+            duplicated,
+            reordered,
+            outages,
+            reloads,
+            regrants,
+            foreign,
+            exit_batches,
+            stopped_batches,
+            expired,
+            shared_storage,
+        } = exercised;
         for (kind, count) in [
             ("dropped packets", dropped),
             ("duplicated packets", duplicated),
@@ -149,6 +189,11 @@ fn random_worlds_apply_every_delta_once_and_converge() {
             ("requests during hub outages", outages),
             ("page reloads", reloads),
             ("credits granted again", regrants),
+            ("answers that are not the hub's", foreign),
+            ("pages leaving several writes in one batch", exit_batches),
+            ("batches stopped half way", stopped_batches),
+            ("ops refused as expired", expired),
+            ("tabs sharing storage", shared_storage),
         ] {
             assert!(count > 0, "{} seeds never exercised {kind}; to run them again: {again}", seeds.len());
         }
@@ -176,8 +221,17 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     sim.net().faults = faults;
     let grant_ttl_ms = *rng.choice(&[GRANT_TTL_MS, 60_000, 5_000]).unwrap();
     sim.hub().set_grant_ttl(grant_ttl_ms);
+    let retention_ms = *rng.choice(&[None, None, Some(10 * MINUTE_MS), Some(3 * MINUTE_MS)]).unwrap();
+    if let Some(ms) = retention_ms {
+        sim.hub().set_retention(ms);
+    }
+    let skew_ms = *rng.choice(&[0, 0, 30 * DAY_MS as i64, -30 * DAY_MS as i64]).unwrap();
+    sim.hub().set_skew(skew_ms);
+    let storage_events = rng.bool();
+    sim.set_storage_events(storage_events);
     tell(format!(
-        "{initial} coins; tabs {:?}; {faults:?}; grants live {grant_ttl_ms} ms",
+        "{initial} coins; tabs {:?}; {faults:?}; grants live {grant_ttl_ms} ms; op ids kept {retention_ms:?} \
+         ms; the hub's clock {skew_ms:+} ms off the devices'; storage events {storage_events}",
         tabs.iter().map(Tab::name).collect::<Vec<_>>()
     ));
     // Tickets the pages wait for, with the page load that asked.
@@ -229,9 +283,22 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
                     format!("{} reloads", tab.name())
                 }
             }
-            64..=67 => {
+            64..=65 => {
                 tab.unload_and_reload();
                 format!("{} unloads (keepalive) and reloads", tab.name())
+            }
+            66..=67 => {
+                // The hub is out of reach while the page makes several writes, then it leaves.
+                let mode = sim.hub().mode();
+                sim.hub().down();
+                let amounts: Vec<i64> = (0..rng.usize(2..=4)).map(|_| -rng.i64(1..=5)).collect();
+                let ops: Vec<String> = amounts.iter().filter_map(|&n| tab.apply_delta(n).ok()).collect();
+                sim.run_for(rng.u64(10..=2_000));
+                if rng.bool() {
+                    sim.hub().set_mode(mode);
+                }
+                tab.unload_and_reload();
+                format!("{} spends {amounts:?} → {ops:?} while the hub is away, and leaves", tab.name())
             }
             68..=72 => {
                 sim.hub().down();
@@ -254,9 +321,14 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
                 sim.hub().set_mode(Mode::Busy { retry_after });
                 format!("hub answers 429, Retry-After {retry_after}")
             }
-            85..=86 => {
+            85 => {
                 sim.hub().set_mode(Mode::Unavailable);
                 "hub answers 503".to_owned()
+            }
+            86 => {
+                let status = *rng.choice(&[200, 400, 403, 404, 502]).unwrap();
+                sim.hub().set_mode(Mode::Foreign { status });
+                format!("a proxy answers {status} for the hub")
             }
             87..=89 => {
                 let pause = rng.u64(100..=30_000);
@@ -272,6 +344,11 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
             93..=96 => {
                 ask(tab, Trigger::Online);
                 format!("{} online", tab.name())
+            }
+            97 => {
+                let at = rng.usize(0..3);
+                sim.hub().fail_next_batch_at(at);
+                format!("the hub's next batch fails at op {at}")
             }
             _ => {
                 sim.hub().expire_tokens();
@@ -292,6 +369,10 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     sim.hub().up();
     sim.net().heal();
     for tab in &tabs {
+        // Hidden, a tab runs no inactivity check: two tabs whose last checks ended more than a
+        // minute apart would otherwise always have one due sooner than the world counts as
+        // quiet. The checks forced below still run.
+        tab.hide();
         ask(tab, Trigger::Online);
     }
     sim.drive();
@@ -321,7 +402,28 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
         sim.hub().seen().iter().filter(|s| s.status.is_none_or(|status| status == 503)).count() as u64;
     let reloads = tabs.iter().map(|t| u64::from(t.generation())).sum();
     let regrants = tabs.iter().map(|t| t.grant_asks().len() as u64).sum();
-    Exercised { dropped, duplicated, reordered, outages, reloads, regrants }
+    let hub = sim.hub();
+    let seen = hub.seen();
+    let foreign = seen.iter().filter(|s| s.foreign).count() as u64;
+    let exit_batches = seen.iter().filter(|s| s.keepalive && s.writes > 1 && !s.in_batch).count() as u64;
+    let stopped_batches = seen.iter().filter(|s| s.in_batch && s.status == Some(503)).count() as u64;
+    drop(hub);
+    let expired = tabs.iter().flat_map(Tab::refused).filter(|(_, code)| code == "op_expired").count() as u64;
+    let writers = |site: &str| tabs.iter().filter(|t| t.site() == site && !t.ops().is_empty()).count();
+    let shared_storage = u64::from(!storage_events && sites.iter().any(|site| writers(site) > 1));
+    Exercised {
+        dropped,
+        duplicated,
+        reordered,
+        outages,
+        reloads,
+        regrants,
+        foreign,
+        exit_batches,
+        stopped_batches,
+        expired,
+        shared_storage,
+    }
 }
 
 /// Checks the run's outcome.
@@ -332,7 +434,7 @@ fn check(sim: &Sim, tabs: &[Tab], initial: i64, tickets: &[(usize, u32, u64)]) {
     let made: BTreeSet<String> = tabs.iter().flat_map(Tab::ops).collect();
     let refused: Vec<(String, String)> = tabs.iter().flat_map(Tab::refused).collect();
     for (op_id, code) in &refused {
-        assert_eq!(code, "insufficient_funds", "{op_id} refused");
+        assert!(["insufficient_funds", "op_expired"].contains(&code.as_str()), "{op_id} refused: {code}");
     }
     let refused: BTreeSet<String> = refused.into_iter().map(|(op_id, _)| op_id).collect();
     for (op_id, count) in &applied {
