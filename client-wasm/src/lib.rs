@@ -20,6 +20,13 @@ const TYPES: &'static str = r#"
 export type DataType = "balance" | "points" | "profile" | "roles" | "settings";
 /** Where sync stands. */
 export type SyncStatus = "idle" | "syncing" | "offline" | "error";
+/** Why the status is "offline" (the first two) or "error" (the others). */
+export type SyncStatusReason =
+  | "offline"
+  | "hub_unreachable"
+  | "auth_failed"
+  | "unexpected_answer"
+  | "storage_failed";
 
 export interface SyncOptions {
   /** The hub, e.g. "https://auth.directsponsor.org" (the sync endpoint is found under it). */
@@ -45,7 +52,8 @@ export interface SyncOptions {
   inactivityMs?: number;
   /** A request unanswered after this long counts as failed (default 15 s). */
   requestTimeoutMs?: number;
-  /** Log every decision to the console (also on when localStorage.sync_debug === "true"). */
+  /** Log every decision to the console (also while localStorage.sync_debug === "true",
+   *  read at each line, so that it can be set on a live page). */
   debug?: boolean;
 }
 
@@ -68,7 +76,14 @@ export interface RecordMeta {
   pending: number;
 }
 
-/** A local write the hub refused; its optimistic effect has been rolled back. */
+/** Why the status turned "error": the `"error"` event's argument. */
+export interface SyncErrorEvent {
+  code: "auth_failed" | "unexpected_answer" | "storage_failed";
+}
+
+/** A local write the hub refused; its optimistic effect has been rolled back. Code
+ *  `op_expired`: the hub no longer knows whether this old op was applied; it is dropped (never
+ *  resend it as a new op) and the record is fetched again. */
 export interface RefusedWrite {
   dataType: DataType;
   opId: string;
@@ -80,6 +95,7 @@ export interface SyncManager {
   on(event: DataType, listener: (data: any, meta: RecordMeta) => void): void;
   on(event: "status", listener: (status: SyncStatus) => void): void;
   on(event: "refused", listener: (write: RefusedWrite) => void): void;
+  on(event: "error", listener: (error: SyncErrorEvent) => void): void;
   off(event: string, listener: Function): void;
 }
 "#;
@@ -100,8 +116,9 @@ impl SyncManager {
         Ok(SyncManager { shell: Shell::start(options)? })
     }
 
-    /// Calls `listener` whenever a data type's data, the status, or a refusal changes. A data
-    /// listener is called at once with what is already known.
+    /// Calls `listener` whenever a data type's data, the status, or a refusal changes, or the
+    /// status turns `error` (`"error"`, with its code). A data listener is called at
+    /// once with what is already known.
     pub fn on(&self, event: &str, listener: &js_sys::Function) {
         self.shell.on(event, listener);
     }
@@ -166,6 +183,12 @@ impl SyncManager {
         self.shell.status().into()
     }
 
+    /// Why the status is "offline" or "error" (a `SyncStatusReason`); null otherwise.
+    #[wasm_bindgen(getter, js_name = statusReason)]
+    pub fn status_reason(&self) -> JsValue {
+        self.shell.status_reason().map_or(JsValue::NULL, JsValue::from_str)
+    }
+
     /// Stops syncing: removes every listener, timer and the indicator. Unconfirmed writes
     /// stay stored for the next page.
     pub fn destroy(&self) {
@@ -187,6 +210,7 @@ export class SyncManager {
   pushChanges(dataType: DataType, changes: Record<string, unknown>): string;
   get(dataType: DataType): any;
   readonly status: SyncStatus;
+  readonly statusReason: SyncStatusReason | null;
   destroy(): void;
 }
 "#;

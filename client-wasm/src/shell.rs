@@ -8,6 +8,14 @@
 //! Written in Rust with web-sys, futures and a closure per call, the same wiring cost the
 //! package several kilobytes more than these lines. The JavaScript makes no decision either:
 //! it only carries inputs in and outputs out.
+//!
+//! Storage, shared by the tabs of one origin: the cache under one key (what the last tab to
+//! store saw; versions make an older copy harmless), and each pending write under a key of
+//! its own, written when it is new (or carries a fresh grant) and removed once it is finished.
+//! No tab reads, changes and writes back a value another tab may be writing: in Chromium,
+//! even two tabs taking turns under a Web Lock lose some of each other's writes that way (the
+//! lock can reach a tab before the other's last write has). Before storing, a tab reads the
+//! writes stored under the other keys and adopts those it does not know.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -16,7 +24,8 @@ use js_sys::{Function, Promise};
 use protocol::Refusal;
 use protocol::compact::concat;
 use sync_core::{
-    Config, DataType, Engine, Event, Grant, Json, Method, Persisted, Reply, Request, Shared, Source, Trigger,
+    Config, DataType, Engine, Event, Grant, Json, Method, Op, Persisted, Reply, Request, Shared, Source,
+    Trigger,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
@@ -133,7 +142,10 @@ const TIMER: u32 = 10;
 pub(crate) struct Shell {
     engine: RefCell<Engine>,
     endpoint: String,
+    /// The cache's key; each pending write is stored under it and `:op:` and its op id.
     storage_key: String,
+    /// The page's `debug` option; without it, `localStorage.sync_debug` is read at each line.
+    debug: bool,
     get_token: Option<Function>,
     get_grant: Option<Function>,
     /// The page's side of the wiring (see `connect` below).
@@ -151,7 +163,8 @@ impl Shell {
         let mut config = Config::new(options.site_id, options.user_id, options.data_types);
         config.needs_token = options.get_token.is_some();
         config.asks_for_grants = options.get_grant.is_some();
-        config.debug = options.debug || load("sync_debug").as_deref() == Some("true");
+        // Every line is made; `Event::Log` decides whether to print it.
+        config.debug = true;
         config.seed = (js_sys::Math::random() * 9.007_199_254_740_991e15) as u64 ^ now();
         if let Some(ms) = options.spinner_delay_ms {
             config.spinner_delay_ms = ms;
@@ -162,8 +175,11 @@ impl Shell {
         if let Some(ms) = options.request_timeout_ms {
             config.request_timeout_ms = ms;
         }
+        // The cache, and the writes an older version stored with it; then the writes stored
+        // one key each.
         let stored = load(&storage_key).map(|text| Persisted::from_json(&parse(&text)));
-        let engine = Engine::new(config, stored, now());
+        let mut engine = Engine::new(config, stored, now());
+        engine.handle_stored_ops(now(), &stored_ops(&storage_key));
         let shell = Rc::new_cyclic(|this: &Weak<Shell>| {
             let shell = this.clone();
             let input = Callback::new(
@@ -176,6 +192,7 @@ impl Shell {
                 engine: RefCell::new(engine),
                 endpoint,
                 storage_key,
+                debug: options.debug,
                 get_token: options.get_token,
                 get_grant: options.get_grant,
                 host: connect(&channel, &options.spinner, input.as_ref()),
@@ -268,7 +285,7 @@ impl Shell {
             }
             Event::Status(status) => self.host.emit("status", &status.as_str().into(), &JsValue::UNDEFINED),
             Event::Error(reason) => {
-                let error = Json::object().with("code", reason.code()).with("message", reason.message());
+                let error = Json::object().with("code", reason.code());
                 self.host.emit("error", &to_js(&error), &JsValue::UNDEFINED);
             }
             Event::Spinner(visible) => self.host.spinner(visible),
@@ -300,19 +317,26 @@ impl Shell {
             }
             Event::Persist => self.persist(),
             Event::Share(shared) => self.host.post(&to_js(&shared.to_json())),
-            Event::Log(line) => console_log(&line),
+            Event::Log(line) => {
+                if self.debug || load("sync_debug").as_deref() == Some("true") {
+                    console_log(&line);
+                }
+            }
         }
     }
 
-    /// Merges writes other tabs stored (they are adopted, and the hub applies each op once),
-    /// then stores this engine's state.
+    /// Adopts the writes other tabs stored (the hub applies each op once), then stores the
+    /// cache and the pending writes (`storeOps` writes the new and changed ones and removes the
+    /// finished ones), and tells the engine whether storage took it all.
     fn persist(&self) {
-        if let Some(text) = load(&self.storage_key) {
-            let stored = Persisted::from_json(&parse(&text));
-            self.engine.borrow_mut().handle_stored_ops(now(), stored.outbox);
-        }
-        let state = self.engine.borrow().persisted();
-        save(&self.storage_key, &stringify(&state.to_json()));
+        let now = now();
+        self.engine.borrow_mut().handle_stored_ops(now, &stored_ops(&self.storage_key));
+        let mut state = self.engine.borrow().persisted().to_json();
+        let ops = to_js(state.get("outbox").unwrap_or(&Json::Null));
+        state.set("outbox", Json::Array(Vec::new()));
+        let saved =
+            save(&self.storage_key, &stringify(&state)) & store_ops(&op_key(&self.storage_key, ""), &ops);
+        self.engine.borrow_mut().handle_persisted(now, saved);
     }
 
     fn send(&self, request: Request) {
@@ -404,6 +428,11 @@ impl Shell {
         Ok(self.engine.borrow().view(data_type).map_or(JsValue::UNDEFINED, |v| to_js(&v)))
     }
 
+    /// Why the status is `offline` or `error`.
+    pub(crate) fn status_reason(&self) -> Option<&'static str> {
+        self.engine.borrow().status_reason().map(sync_core::Reason::code)
+    }
+
     /// The engine's status; once destroyed, a check it was waiting on will never end, so
     /// the manager reports `idle` instead of `syncing`.
     pub(crate) fn status(&self) -> &'static str {
@@ -428,6 +457,21 @@ pub(crate) fn data_type_of(name: &str) -> Result<DataType, SyncError> {
             "the data type must be balance, points, profile, roles or settings",
         )
     })
+}
+
+/// The key a pending write is stored under, beside the cache's `storage_key`.
+fn op_key(storage_key: &str, op_id: &str) -> String {
+    concat(&[storage_key, ":op:", op_id])
+}
+
+/// The pending writes stored beside the cache's `storage_key`, in the order they were first
+/// stored.
+fn stored_ops(storage_key: &str) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for value in load_ops(&op_key(storage_key, "")).iter() {
+        ops.extend(Op::from_json(&from_js(&value)));
+    }
+    ops
 }
 
 /// What a data listener learns besides the data (`RecordMeta` in the typings).
@@ -552,7 +596,47 @@ export function load(key) {
 export function save(key, value) {
   try {
     localStorage.setItem(key, value);
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+export function forget(key) {
+  try {
+    localStorage.removeItem(key);
   } catch (e) {}
+}
+let stamp = 0;
+export function storeOps(prefix, ops) {
+  const stored = new Map();
+  let saved = true;
+  try {
+    for (let i = 0; i < localStorage.length; i++) {
+      const key = localStorage.key(i);
+      if (key.startsWith(prefix)) stored.set(key, localStorage.getItem(key));
+    }
+    for (const op of ops) {
+      const key = prefix + op.op_id, old = stored.get(key);
+      stored.delete(key);
+      op.at = old ? JSON.parse(old).at : (stamp = Math.max(Date.now(), stamp + 1));
+      const text = JSON.stringify(op);
+      if (text !== old) saved = save(key, text) && saved;
+    }
+  } catch (e) {
+    return false;
+  }
+  for (const key of stored.keys()) forget(key);
+  return saved;
+}
+export function loadOps(prefix) {
+  const ops = [];
+  try {
+    for (let i = 0; i < localStorage.length; i++) {
+      const key = localStorage.key(i);
+      if (key.startsWith(prefix)) ops.push(JSON.parse(localStorage.getItem(key)));
+    }
+  } catch (e) {}
+  return ops.sort((a, b) => a.at - b.at);
 }
 export function error(code, message) {
   return Object.assign(new Error(message), { code });
@@ -655,8 +739,21 @@ extern "C" {
     /// `localStorage.getItem`, `None` when storage is unavailable.
     fn load(key: &str) -> Option<String>;
 
-    /// `localStorage.setItem`; a full or unavailable storage is ignored.
-    fn save(key: &str, value: &str);
+    /// `localStorage.setItem`; false when storage refused (full, or unavailable).
+    fn save(key: &str, value: &str) -> bool;
+
+    /// `localStorage.removeItem`.
+    fn forget(key: &str);
+
+    /// The values stored under keys that start with `prefix`, parsed, sorted by their `at`.
+    #[wasm_bindgen(js_name = loadOps)]
+    fn load_ops(prefix: &str) -> js_sys::Array;
+
+    /// Stores each of `ops` (in order) under `prefix` and its op id when it is not stored so
+    /// already, stamped (`at`) when first stored so that `loadOps` gives them back in order;
+    /// removes the other keys under `prefix` (finished writes). False when storage refused.
+    #[wasm_bindgen(js_name = storeOps)]
+    fn store_ops(prefix: &str, ops: &JsValue) -> bool;
 
     /// An `Error` with a `code`: how the package refuses what the page asked.
     fn error(code: &str, message: &str) -> JsValue;

@@ -633,11 +633,20 @@ export class SitePage {
     );
   }
 
-  /** The client's stored state for this user (`{epoch, records, outbox}`), or null. */
+  /**
+   * The client's stored state for this user (`{epoch, records, outbox}`), or null: the cache
+   * under its key, and the pending writes, each under that key and `:op:` and its op id, in
+   * the order they were stored.
+   */
   stored() {
     return this.evaluate((user) => {
       const key = Object.keys(localStorage).find((k) => k.startsWith("unified-sync:") && k.endsWith(`:${user}`));
-      return key ? JSON.parse(localStorage.getItem(key)) : null;
+      if (!key) return null;
+      const outbox = Object.keys(localStorage)
+        .filter((k) => k.startsWith(`${key}:op:`))
+        .map((k) => JSON.parse(localStorage.getItem(k)))
+        .sort((a, b) => a.at - b.at);
+      return { ...JSON.parse(localStorage.getItem(key)), outbox };
     }, this.userId);
   }
 

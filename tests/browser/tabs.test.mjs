@@ -82,6 +82,45 @@ test("deltas made in two tabs at once are each applied exactly once", async () =
   }
 });
 
+test("two tabs writing at once while the hub is gone keep every write: each lands exactly once", async () => {
+  const user = h.user("tabs-race");
+  await h.hub.delta(user, 1000);
+  const site = h.site("roflfaucet");
+  const first = await site.open(user);
+  const second = await site.open(user);
+  const start = await h.hub.record(user);
+  const perTab = 40;
+  await h.hub.stop("SIGKILL");
+  try {
+    // Each tab spends as fast as the page can, both at once: their stores of the outbox cross.
+    const spend = (page) =>
+      page.evaluate(async (n) => {
+        for (let i = 0; i < n; i++) {
+          window.sync.applyDelta("balance", { coins: -1 }, "race");
+          await new Promise((resolve) => setTimeout(resolve, 0));
+        }
+      }, perTab);
+    await Promise.all([spend(first), spend(second)]);
+  } finally {
+    // Both leave before the hub is back: only what storage kept can still be sent.
+    await first.close();
+    await second.close();
+    await h.hub.start();
+  }
+  const next = await site.open(user);
+  try {
+    await next.outboxEmpty();
+    const end = await h.hub.record(user);
+    assert.deepEqual(
+      [end.data.coins, end.version],
+      [start.data.coins - 2 * perTab, start.version + 2 * perTab],
+      "every write of both tabs, each once",
+    );
+  } finally {
+    await next.close();
+  }
+});
+
 test("a tab of another site (another origin) learns of the change at its next tab return", async () => {
   const user = h.user("sites");
   const faucet = await h.site("roflfaucet").open(user);
