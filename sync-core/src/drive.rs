@@ -63,7 +63,7 @@ impl Engine {
                     Event::Persist => {
                         let stored = host.stored_ops();
                         if !stored.is_empty() {
-                            self.handle_stored_ops(now, stored);
+                            self.handle_stored_ops(now, &stored);
                         }
                         host.persist(self.persisted())?;
                     }

@@ -98,25 +98,41 @@ impl Json {
     /// writes it and sent as UTF-8, or a few more (a fraction counts its longest form): what a
     /// request body weighs before it is written, so that batches are filled to what fits.
     pub fn text_len(&self) -> usize {
-        let text = |s: &str| -> usize {
-            let escaped = |c: char| match c {
-                '"' | '\\' => 2,
-                c if c < ' ' => 6,
-                c => c.len_utf8(),
-            };
-            2 + s.chars().map(escaped).sum::<usize>()
-        };
-        match self {
-            Json::Null | Json::Bool(true) => 4,
-            Json::Bool(false) => 5,
-            Json::Number(n) => match self.as_i64() {
-                Some(i) => usize::from(i < 0) + protocol::compact::decimal(i.unsigned_abs()).len(),
-                None => 24 + usize::from(n.is_sign_negative()),
-            },
-            Json::String(s) => text(s),
-            Json::Array(items) => 2 + items.iter().map(|item| item.text_len() + 1).sum::<usize>(),
-            Json::Object(pairs) => 2 + pairs.iter().map(|(k, v)| text(k) + v.text_len() + 2).sum::<usize>(),
+        // Non-ASCII characters are written as they are, in as many bytes as in the string.
+        fn text(s: &str) -> usize {
+            let mut len = 2;
+            for b in s.bytes() {
+                len += match b {
+                    b'"' | b'\\' => 2,
+                    0..=0x1f => 6,
+                    _ => 1,
+                };
+            }
+            len
         }
+        let mut len = 2;
+        match self {
+            Json::Null | Json::Bool(true) => return 4,
+            Json::Bool(false) => return 5,
+            Json::Number(n) => {
+                return match self.as_i64() {
+                    Some(i) => usize::from(i < 0) + protocol::compact::decimal(i.unsigned_abs()).len(),
+                    None => 24 + usize::from(n.is_sign_negative()),
+                };
+            }
+            Json::String(s) => return text(s),
+            Json::Array(items) => {
+                for item in items {
+                    len += item.text_len() + 1;
+                }
+            }
+            Json::Object(pairs) => {
+                for (key, value) in pairs {
+                    len += text(key) + value.text_len() + 2;
+                }
+            }
+        }
+        len
     }
 
     /// JSON merge patch (RFC 7396), as the hub applies a push: objects merge key by key,
@@ -169,11 +185,8 @@ impl protocol::wire::JsonWrite for Json {
         Json::with(self, key, value)
     }
 
-    fn push(mut self, value: Json) -> Json {
-        if let Json::Array(items) = &mut self {
-            items.push(value);
-        }
-        self
+    fn array_of(items: Vec<Json>) -> Json {
+        Json::Array(items)
     }
 }
 

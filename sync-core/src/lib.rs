@@ -142,17 +142,6 @@ impl Reason {
             Reason::StorageFailed => "storage_failed",
         }
     }
-
-    /// What a person reading the console should know.
-    pub fn message(self) -> &'static str {
-        match self {
-            Reason::Offline => "the browser is offline",
-            Reason::Unreachable => "the hub does not answer",
-            Reason::AuthFailed => "the hub refused this page's token",
-            Reason::UnexpectedAnswer => "an answer that is not the hub's came back; retrying",
-            Reason::StorageFailed => "storage refused the pending writes; they live in this page only",
-        }
-    }
 }
 
 /// Where the data of a [`Event::Data`] came from.

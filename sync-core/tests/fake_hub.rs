@@ -314,12 +314,12 @@ fn an_unknown_op_dated_before_the_horizon_is_op_expired_and_a_remembered_one_rep
     let (mut hub, token) = hub_with_token();
     hub.write(START_MS, USER, DataType::Balance, json!({"coins": 100}));
     hub.set_retention(60_000);
-    let old = protocol::wire::uuid7(START_MS - 61_000, 1);
+    let old = protocol::wire::uuid7(START_MS - 61_000, 1, 1);
     let (status, refused) = answer(hub.handle(START_MS, &post(1, Some(&token), delta(&old, -1))));
     assert_eq!((status, refused["code"].clone()), (422, json!("op_expired")));
     assert_eq!(hub.applied(&old), 0);
     // Applied while young, then out of sight: replayed while remembered, expired once forgotten.
-    let young = protocol::wire::uuid7(START_MS, 2);
+    let young = protocol::wire::uuid7(START_MS, 2, 2);
     assert_eq!(answer(hub.handle(START_MS, &post(2, Some(&token), delta(&young, -1)))).0, 200);
     let (status, replayed) = answer(hub.handle(START_MS + 59_000, &post(3, Some(&token), delta(&young, -1))));
     assert_eq!((status, replayed["replayed"].clone()), (200, json!(true)));
@@ -337,12 +337,12 @@ fn a_skewed_hub_dates_its_answers_and_its_horizon_by_its_own_clock() {
     let month = 30 * 24 * 3600 * 1000;
     hub.set_skew(month);
     hub.set_retention(7 * 24 * 3600 * 1000);
-    let by_device = protocol::wire::uuid7(START_MS, 1);
+    let by_device = protocol::wire::uuid7(START_MS, 1, 1);
     let reply = hub.handle(START_MS, &post(1, Some(&token), delta(&by_device, -1)));
     let Reply::Answer { status, date, .. } = reply else { panic!("no answer") };
     assert_eq!(status, 422, "dated by a device a month behind");
     assert_eq!(date, Some((START_MS + month as u64) / 1000 * 1000));
-    let by_hub = protocol::wire::uuid7(hub.clock(START_MS), 2);
+    let by_hub = protocol::wire::uuid7(hub.clock(START_MS), 2, 2);
     assert_eq!(answer(hub.handle(START_MS, &post(2, Some(&token), delta(&by_hub, -1)))).0, 200);
 }
 

@@ -237,7 +237,7 @@ impl Engine {
         match flight.purpose {
             Purpose::Stamps(check_id) => self.on_stamps(now, check_id, reply, sent_with),
             Purpose::Fetch(data_type, check_id) => self.on_fetch(now, data_type, check_id, reply, sent_with),
-            Purpose::Write(op_ids) => self.on_write(now, &op_ids, reply, sent_with),
+            Purpose::Write(op_ids) => self.on_write(now, id, &op_ids, reply, sent_with),
         }
         self.pump(now);
     }
@@ -279,12 +279,12 @@ impl Engine {
     /// Writes another tab (or a closed page) left in storage: the ones this engine does not
     /// know are adopted and sent too. The hub applies each op id once, so a write both tabs
     /// send is still applied once.
-    pub fn handle_stored_ops(&mut self, now: u64, ops: Vec<Op>) {
+    pub fn handle_stored_ops(&mut self, now: u64, ops: &[Op]) {
         let mut adopted = false;
         for op in ops {
             if !self.writes.knows(&op.op_id) {
                 self.log(&["adopted pending write ", &op.op_id, " for ", op.data_type.as_str()]);
-                self.writes.push(op);
+                self.writes.push(op.clone());
                 adopted = true;
             }
         }
@@ -453,10 +453,10 @@ impl Engine {
     }
 
     /// Queues `request` for the shell, with the token if the hub needs one; its answer goes to
-    /// `purpose`.
-    fn send(&mut self, now: u64, purpose: Purpose, mut request: Request) {
+    /// `purpose`. Returns its id.
+    fn send(&mut self, now: u64, purpose: Purpose, mut request: Request) -> RequestId {
         request.token = self.token.current().map(str::to_owned);
-        self.requests.send(purpose, now + self.config.request_timeout_ms, request);
+        self.requests.send(purpose, now + self.config.request_timeout_ms, request)
     }
 
     /// Keeps `record` if it is newer than what the cache holds. Returns whether it did.

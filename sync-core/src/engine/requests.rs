@@ -42,12 +42,14 @@ impl Default for Requests {
 }
 
 impl Requests {
-    /// Queues `request` under a fresh id, answered for `purpose` by `deadline_ms`.
-    pub(super) fn send(&mut self, purpose: Purpose, deadline_ms: u64, mut request: Request) {
-        request.id = self.next_id;
+    /// Queues `request` under a fresh id, answered for `purpose` by `deadline_ms`; the id.
+    pub(super) fn send(&mut self, purpose: Purpose, deadline_ms: u64, mut request: Request) -> RequestId {
+        let id = self.next_id;
+        request.id = id;
         self.next_id += 1;
-        self.in_flight.push((request.id, InFlight { purpose, deadline_ms, token: request.token.clone() }));
+        self.in_flight.push((id, InFlight { purpose, deadline_ms, token: request.token.clone() }));
         self.queue.push(request);
+        id
     }
 
     pub(super) fn poll(&mut self) -> Option<Request> {

@@ -20,7 +20,7 @@ use super::requests::Purpose;
 use super::{Engine, Link};
 use crate::cache::CachedRecord;
 use crate::outbox::{Op, OpKind};
-use crate::{Event, Grant, Json, Reply, Request, Source};
+use crate::{Event, Grant, Json, Reply, Request, RequestId, Source};
 
 /// Op ids of finished writes remembered, so that another tab's stale copy is not adopted.
 const DONE_REMEMBERED: usize = 256;
@@ -49,9 +49,9 @@ pub(super) struct Writes {
 enum State {
     /// No write on its way: the first one goes when its time comes.
     Idle,
-    /// The outbox's first writes (by op id, in order) are on their way in one request: one
-    /// alone, or several in a batch.
-    InFlight(Vec<String>),
+    /// The outbox's first writes are on their way in this request: one alone, or several in a
+    /// batch.
+    InFlight(RequestId),
     /// The hub found the grant of this credit expired before it ever applied it, and the page
     /// was asked for a fresh one ([`Event::NeedGrant`]); the writes behind it wait, so the
     /// outbox keeps its order.
@@ -140,16 +140,15 @@ impl Writes {
     // Every change of state happens below. Each asserts, in debug builds, that it starts
     // from a state it may (the browser build carries no panic message for them).
 
-    /// The outbox's first writes, `op_ids`, are on their way.
-    fn move_to_in_flight(&mut self, op_ids: Vec<String>) {
+    /// The outbox's first writes are on their way in request `id`.
+    fn move_to_in_flight(&mut self, id: RequestId) {
         debug_assert!(self.ready(), "a write sent while another is on its way");
-        self.state = State::InFlight(op_ids);
+        self.state = State::InFlight(id);
     }
 
-    /// The request carrying `op_ids` was answered: if it was the one on its way, the way is
-    /// clear.
-    fn move_to_idle_after(&mut self, op_ids: &[String]) {
-        if matches!(&self.state, State::InFlight(sent) if sent == op_ids) {
+    /// Request `id` was answered: if it was the one on its way, the way is clear.
+    fn move_to_idle_after(&mut self, id: RequestId) {
+        if matches!(self.state, State::InFlight(sent) if sent == id) {
             self.state = State::Idle;
         }
     }
@@ -248,75 +247,82 @@ impl Engine {
     /// A fresh op id: a UUIDv7 dated by the hub's clock as the last answer showed it, so that
     /// the hub can date it even when this device's clock is wrong.
     fn new_op_id(&mut self, now: u64) -> String {
-        wire::uuid7(now.saturating_add_signed(self.clock_offset_ms), self.rng.u128(..))
+        wire::uuid7(now.saturating_add_signed(self.clock_offset_ms), self.rng.u64(..), self.rng.u64(..))
     }
 
-    /// The request that sends the first of `ops` within `budget` bytes: when more than one
-    /// fits, a batch of as many as fit (at most [`wire::MAX_BATCH_OPS`]), else the first alone.
-    /// Its op ids, its body and what the body weighs; `None` when not even the first fits.
+    /// The request that sends the first of `ops`, and as many after it as fit `budget` bytes
+    /// (at most [`wire::MAX_BATCH_OPS`] in all): the first alone, or a batch. Its op ids, its
+    /// body and what the body weighs (which may exceed `budget` when the first alone does);
+    /// `None` when there is no op.
     fn write_request(&self, ops: &[Op], budget: usize) -> Option<(Vec<String>, Json, usize)> {
         let (user, site) = (self.config.user_id.as_str(), self.config.site_id.as_str());
         let most = if self.writes.single_only { 1 } else { wire::MAX_BATCH_OPS };
         let mut weight = BATCH_OVERHEAD + user.len() + site.len();
-        let mut bodies = Vec::new();
-        for op in ops.iter().take(most) {
+        let (mut op_ids, mut bodies) = (Vec::new(), Vec::new());
+        for op in ops {
+            if bodies.len() == most {
+                break;
+            }
             let body = op.body(user, site);
             let len = body.text_len() + 1;
-            if weight + len > budget {
+            if !bodies.is_empty() && weight + len > budget {
                 break;
             }
             weight += len;
-            bodies.push((op.op_id.clone(), body));
+            op_ids.push(op.op_id.clone());
+            bodies.push(body);
         }
-        let op_ids = bodies.iter().map(|(op_id, _)| op_id.clone()).collect();
         let body = match bodies.len() {
             0 => return None,
-            1 => bodies.pop()?.1,
-            _ => wire::batch(user, site, bodies.into_iter().map(|(_, body)| body)),
+            1 => bodies.pop()?,
+            _ => wire::batch(user, site, bodies),
         };
         Some((op_ids, body, weight))
     }
 
     /// Sends the outbox's first write, or a batch of its first writes.
     pub(super) fn send_next_write(&mut self, now: u64) {
-        let outbox = self.writes.outbox();
-        let Some(first) = outbox.first() else { return };
-        let (op_ids, body) = match self.write_request(outbox, wire::MAX_BODY_BYTES) {
-            Some((op_ids, body, _)) => (op_ids, body),
-            // Larger than the hub reads: its refusal (413) rolls it back.
-            None => (vec![first.op_id.clone()], first.body(&self.config.user_id, &self.config.site_id)),
+        let Some((op_ids, body, _)) = self.write_request(self.writes.outbox(), wire::MAX_BODY_BYTES) else {
+            return;
         };
         if op_ids.len() > 1 {
             self.log(&["sending ", &decimal(op_ids.len() as u64), " writes in one batch"]);
         }
-        self.writes.move_to_in_flight(op_ids.clone());
-        self.send(now, Purpose::Write(op_ids), Request::post(body, false));
+        let id = self.send(now, Purpose::Write(op_ids), Request::post(body, false));
+        self.writes.move_to_in_flight(id);
     }
 
     /// Sends every pending write with `keepalive` (but a credit waiting for its fresh grant),
     /// in order, in as few requests as fit the browser's budget for such bodies; the rest
     /// stays stored for the next page.
     pub(super) fn send_on_unload(&mut self, now: u64) {
-        let ops: Vec<Op> =
-            self.writes.outbox().iter().filter(|op| !self.writes.awaits_grant(&op.op_id)).cloned().collect();
-        let (mut rest, mut budget) = (ops.as_slice(), wire::MAX_BODY_BYTES);
-        while let Some((op_ids, body, weight)) = self.write_request(rest, budget) {
-            rest = &rest[op_ids.len()..];
+        let mut ops = self.writes.outbox().to_vec();
+        ops.retain(|op| !self.writes.awaits_grant(&op.op_id));
+        let (mut sent, mut budget) = (0, wire::MAX_BODY_BYTES);
+        while let Some((op_ids, body, weight)) =
+            self.write_request(ops.get(sent..).unwrap_or_default(), budget)
+        {
+            if weight > budget {
+                self.log(&["writes left for the next page: over the keepalive budget"]);
+                return;
+            }
+            sent += op_ids.len();
             budget -= weight;
             self.send(now, Purpose::Write(op_ids), Request::post(body, true));
-        }
-        if !rest.is_empty() {
-            self.log(&[
-                &decimal(rest.len() as u64),
-                " writes left for the next page: over the keepalive budget",
-            ]);
         }
     }
 
     /// The answer to the request that carried `op_ids`: each write is settled by what the hub
     /// said of it, or retried after the backoff.
-    pub(super) fn on_write(&mut self, now: u64, op_ids: &[String], reply: Reply, sent_with: Option<&str>) {
-        self.writes.move_to_idle_after(op_ids);
+    pub(super) fn on_write(
+        &mut self,
+        now: u64,
+        id: RequestId,
+        op_ids: &[String],
+        reply: Reply,
+        sent_with: Option<&str>,
+    ) {
+        self.writes.move_to_idle_after(id);
         let (status, body, retry_after_ms) = match reply {
             Reply::Answer { status, body, retry_after, .. } => {
                 (status, body, retry_after.unwrap_or(0) * 1000)
@@ -333,25 +339,58 @@ impl Engine {
         }
         let outcome = match op_ids {
             [op_id] => self.on_answer(now, op_id, status, &body, sent_with),
-            _ if status == 200 && wire::succeeded(&body) => {
-                let mut outcome = Outcome::Answered;
-                for op_id in op_ids {
-                    let answered = match wire::batch_result(&body, op_id) {
-                        Some((status, result)) => self.on_answer(now, op_id, status, result, sent_with),
-                        None => Outcome::Retry("the batch answer names no result for it"),
-                    };
-                    if let Outcome::Retry(_) = answered {
-                        outcome = answered;
+            _ => match self.verdict(status, &body, sent_with) {
+                Verdict::Success => {
+                    let mut outcome = Outcome::Answered;
+                    for op_id in op_ids {
+                        let answered = match wire::batch_result(&body, op_id) {
+                            Some((status, result)) => self.on_answer(now, op_id, status, result, sent_with),
+                            None => Outcome::Retry("no result for it"),
+                        };
+                        if let Outcome::Retry(_) = answered {
+                            outcome = answered;
+                        }
                     }
+                    outcome
                 }
-                outcome
-            }
-            _ => self.on_batch_refused(status, &body, sent_with),
+                // Refused as a whole, nothing of it applied (a hub from before batches).
+                Verdict::Final(refusal) => {
+                    self.log(&["batch refused (", refusal.code, ") → one write at a time"]);
+                    self.writes.single_only = true;
+                    Outcome::Answered
+                }
+                Verdict::Then(outcome) => outcome,
+            },
         };
         match outcome {
             Outcome::Answered => self.writes.succeeded(now),
             Outcome::Retry(why) => self.retry_later(now, retry_after_ms, why),
         }
+    }
+
+    /// What an answer says: the hub's success, its final refusal, or what follows from an
+    /// answer that is not the hub's, a refused token, or a refusal worth another try (408,
+    /// 429, 5xx, an op a batch did not reach).
+    fn verdict<'a>(&mut self, status: u16, answer: &'a Json, sent_with: Option<&str>) -> Verdict<'a> {
+        if status == 200 && wire::succeeded(answer) {
+            return Verdict::Success;
+        }
+        let Some(refusal) = wire::refusal(answer) else {
+            self.foreign = true;
+            self.log(&["HTTP ", &decimal(u64::from(status)), " without the hub's body"]);
+            return Verdict::Then(Outcome::Retry("not the hub's answer"));
+        };
+        if status == 401 {
+            let repeat = self.token_refused(sent_with);
+            return Verdict::Then(if repeat { Outcome::Answered } else { Outcome::Retry("token refused") });
+        }
+        if !(400..=499).contains(&status)
+            || matches!(status, 408 | 429)
+            || refusal.code == code::NOT_ATTEMPTED
+        {
+            return Verdict::Then(Outcome::Retry("hub busy"));
+        }
+        Verdict::Final(refusal)
     }
 
     /// What the hub said of the write `op_id`, alone or in a batch: the status it had and its
@@ -365,37 +404,19 @@ impl Engine {
         sent_with: Option<&str>,
     ) -> Outcome {
         let Some(index) = self.writes.position(op_id) else { return Outcome::Answered };
-        if status == 200
-            && wire::succeeded(answer)
-            && let Some(record) = CachedRecord::from_json(answer)
-        {
-            self.token.accepted();
-            let data_type = self.writes.outbox[index].data_type;
-            let outcome = if wire::replayed(answer) { " replayed v" } else { " applied v" };
-            self.log(&[data_type.as_str(), ": write ", op_id, outcome, &decimal(record.version)]);
-            self.settle(index, Some(record), None);
-            return Outcome::Answered;
-        }
-        let Some(refusal) = wire::refusal(answer) else {
-            self.foreign = true;
-            self.log(&["write ", op_id, ": HTTP ", &decimal(u64::from(status)), " without the hub's body"]);
-            return Outcome::Retry("not the hub's answer");
+        let refusal = match self.verdict(status, answer, sent_with) {
+            Verdict::Success => {
+                self.token.accepted();
+                let record = CachedRecord::from_json(answer);
+                let version = record.as_ref().map_or(0, |r| r.version);
+                let outcome = if wire::replayed(answer) { " replayed v" } else { " applied v" };
+                self.log(&["write ", op_id, outcome, &decimal(version)]);
+                self.settle(index, record, None);
+                return Outcome::Answered;
+            }
+            Verdict::Final(refusal) => refusal,
+            Verdict::Then(outcome) => return outcome,
         };
-        if status == 401 {
-            return if self.token_refused(sent_with) {
-                Outcome::Answered
-            } else {
-                Outcome::Retry("token refused")
-            };
-        }
-        // 408, 429, 5xx and the ops a batch did not reach are worth another try; any other 4xx
-        // is the hub's final word on this op.
-        if !(400..=499).contains(&status)
-            || matches!(status, 408 | 429)
-            || refusal.code == code::NOT_ATTEMPTED
-        {
-            return Outcome::Retry("hub busy");
-        }
         // The hub never applied the op: with a fresh grant for the same op id, the next attempt
         // is still a retry.
         if refusal.code == code::GRANT_EXPIRED
@@ -412,38 +433,12 @@ impl Engine {
         }
         let expired = refusal.code == code::OP_EXPIRED;
         let refused = (refusal.code.to_owned(), refusal.message.to_owned());
-        let current = refusal.current.map(CachedRecord::from);
-        self.settle(index, current, Some(refused));
+        self.settle(index, refusal.current.map(CachedRecord::from), Some(refused));
         if expired {
             // Whether it was applied long ago, only the hub's record can tell.
             self.start_check(now, "Op expired", None);
         }
         Outcome::Answered
-    }
-
-    /// The hub answered a batch with no results: it refused the batch as a whole (nothing of
-    /// it applied), or it is busy, or the answer is not the hub's.
-    fn on_batch_refused(&mut self, status: u16, body: &Json, sent_with: Option<&str>) -> Outcome {
-        let Some(refusal) = wire::refusal(body) else {
-            self.foreign = true;
-            self.log(&["batch: HTTP ", &decimal(u64::from(status)), " without the hub's body"]);
-            return Outcome::Retry("not the hub's answer");
-        };
-        match status {
-            401 => {
-                if self.token_refused(sent_with) {
-                    Outcome::Answered
-                } else {
-                    Outcome::Retry("token refused")
-                }
-            }
-            400..=499 if !matches!(status, 408 | 429) => {
-                self.log(&["the hub refused a batch (", refusal.code, ") → one write at a time"]);
-                self.writes.single_only = true;
-                Outcome::Answered
-            }
-            _ => Outcome::Retry("hub busy"),
-        }
     }
 
     /// The page's answer to [`Event::NeedGrant`] for `op_id`.
@@ -499,6 +494,16 @@ impl Engine {
             "s",
         ]);
     }
+}
+
+/// What an answer says of a write or a batch, as [`Engine::verdict`] reads it.
+enum Verdict<'a> {
+    /// The hub's success body.
+    Success,
+    /// The hub's final refusal.
+    Final(wire::RefusalRef<'a, Json>),
+    /// Not settled by it: what follows.
+    Then(Outcome),
 }
 
 /// What an answer did to the writes it answered.

@@ -399,7 +399,7 @@ impl Tab {
         self.with(|w, id| {
             let (now, site) = (w.now, w.tabs[id].site.clone());
             w.granted += 1;
-            let op_id = protocol::wire::uuid7(w.hub.clock(now), w.rng.u128(..));
+            let op_id = protocol::wire::uuid7(w.hub.clock(now), w.rng.u64(..), w.rng.u64(..));
             w.hub.mint_grant(now, &site, USER, &op_id, data_type, amount)
         })
     }
@@ -896,7 +896,7 @@ impl World {
             let now = self.now;
             let engine = &mut self.tabs[page.tab].engine;
             match message {
-                Local::StoredOps(ops) => engine.handle_stored_ops(now, ops),
+                Local::StoredOps(ops) => engine.handle_stored_ops(now, &ops),
                 Local::Shared(shared) => engine.handle_shared(now, shared),
             }
             self.flush(page.tab);
