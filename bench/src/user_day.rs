@@ -35,7 +35,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hub::auth::Keys;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, IF_NONE_MATCH};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, DATE, HOST, HeaderValue, IF_NONE_MATCH};
 use serde::Serialize;
 use sync_core::{
     Answer, Config, DataType, Engine, Event, Grant, Host, Json, Method, Persisted, Reply, Request, Trigger,
@@ -616,7 +616,8 @@ impl World<'_> {
         }
         let http_request = builder.body(Full::new(Bytes::from(body.clone().unwrap_or_default())))?;
         let action = action_of(request);
-        let (status, text) = self.http.send(http_request).with_context(|| format!("a {action} request"))?;
+        let (status, date, text) =
+            self.http.send(http_request).with_context(|| format!("a {action} request"))?;
 
         let hour = ((self.now - MIDNIGHT) / HOUR_MS) as usize;
         let bytes = (body.map_or(0, |b| b.len()) + text.len()) as u64;
@@ -627,7 +628,12 @@ impl World<'_> {
         *self.by_action.entry(action.clone()).or_default() += 1;
 
         match status {
-            200 | 304 => Ok(Reply::from_text(status, &text, None)),
+            200 | 304 => Ok(Reply::Answer {
+                status,
+                body: Json::parse(&text).unwrap_or_default(),
+                retry_after: None,
+                date,
+            }),
             429 => bail!(
                 "the hub rate-limited the day's {action} request: let one user make a few hundred \
                  requests a minute (limits.requests_per_minute)"
@@ -651,7 +657,7 @@ impl World<'_> {
             .header(HOST, self.http.host.clone())
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::new()))?;
-        let (status, text) = self.http.send(request)?;
+        let (status, _, text) = self.http.send(request)?;
         if status != 200 {
             bail!("the hub answered {status} to {query}: {text}");
         }
@@ -674,8 +680,9 @@ impl Http {
         Ok(Http { runtime, addr, host: HeaderValue::from_str(&addr.to_string())?, sender: None })
     }
 
-    /// The answer's status and body text.
-    fn send(&mut self, request: hyper::Request<Full<Bytes>>) -> anyhow::Result<(u16, String)> {
+    /// The answer's status, its `Date` in milliseconds since the epoch (the engines date their
+    /// op ids by it) and its body text.
+    fn send(&mut self, request: hyper::Request<Full<Bytes>>) -> anyhow::Result<(u16, Option<u64>, String)> {
         let (addr, sender) = (self.addr, &mut self.sender);
         self.runtime.block_on(async {
             let mut open = match sender.take() {
@@ -687,9 +694,15 @@ impl Http {
             open.ready().await?;
             let response = open.send_request(request).await?;
             let status = response.status().as_u16();
+            let date = response
+                .headers()
+                .get(DATE)
+                .and_then(|value| httpdate::parse_http_date(value.to_str().ok()?).ok())
+                .and_then(|date| date.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|since| since.as_millis() as u64);
             let body = response.into_body().collect().await?.to_bytes();
             *sender = Some(open);
-            Ok((status, String::from_utf8(body.to_vec())?))
+            Ok((status, date, String::from_utf8(body.to_vec())?))
         })
     }
 }

@@ -157,13 +157,6 @@ pub enum Source {
     Tab,
 }
 
-impl Reply {
-    /// An answer from its status and JSON text (for native callers), without a `Date`.
-    pub fn from_text(status: u16, text: &str, retry_after: Option<u64>) -> Reply {
-        Reply::Answer { status, body: Json::parse(text).unwrap_or_default(), retry_after, date: None }
-    }
-}
-
 /// A record as one tab shares it with the site's other tabs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shared {

@@ -903,7 +903,7 @@ fn delta_answer(data_type: DataType, record: &HubRecord, replayed: bool) -> Repl
     )
 }
 
-/// An answer as the shell hands it to the engine, parsed (as [`Reply::from_text`] does).
+/// An answer as the shell hands it to the engine, parsed.
 fn answer(status: u16, body: serde_json::Result<Value>) -> Reply {
     Reply::Answer {
         status,
