@@ -241,3 +241,26 @@ test("a listener added later hears the known data at once; off() stops it", asyn
     await page.close();
   }
 });
+
+test("sync_debug set on a live page logs from the next decision on, without a reload", async () => {
+  const user = h.user("debug-live");
+  const page = await h.site("roflfaucet").open(user);
+  try {
+    const lines = () => page.console.filter((l) => l.startsWith("[SYNC]"));
+    await page.tabReturns();
+    assert.deepEqual(lines(), [], "silent unless asked");
+    await page.evaluate(() => {
+      localStorage.sync_debug = "true";
+    });
+    await page.tabReturns();
+    assert.ok(lines().some((l) => l.startsWith("[SYNC] Tab visible")), JSON.stringify(page.console));
+    assert.ok(lines().some((l) => /^\[SYNC\] balance: server=v0, local=v0 → SKIP$/.test(l)));
+    await page.evaluate(() => localStorage.removeItem("sync_debug"));
+    const mark = lines().length;
+    await page.tabReturns();
+    assert.deepEqual(lines().slice(mark), [], "silent again once it is removed");
+  } finally {
+    await page.evaluate(() => localStorage.removeItem("sync_debug"));
+    await page.close();
+  }
+});

@@ -14,7 +14,8 @@ after(async () => {
   await h?.close();
 });
 
-const deltas = (page, mark) => page.hubRequests.slice(mark.requests).filter((r) => r.action === "delta");
+/** The deltas a page sent since `mark` (their bodies), alone or in a batch. */
+const deltas = (page, mark) => page.opsSince(mark).filter((op) => op.action === "delta");
 
 /** Takes the page offline until the returned function is called; waits until it knows. */
 async function offline(page) {
@@ -58,7 +59,7 @@ test("a credit with its site's grant lands once under the grant's op id; the sam
     assert.deepEqual(applied, { opId, shownRightAfter: 10 }, "the op takes the grant's op id");
     await page.outboxEmpty();
     const [sent] = deltas(page, mark);
-    assert.deepEqual([sent.body.op_id, sent.body.grant, sent.body.delta], [opId, grant, { coins: 10 }]);
+    assert.deepEqual([sent.op_id, sent.grant, sent.delta], [opId, grant, { coins: 10 }]);
 
     const again = await page.evaluate((grant) => {
       try {
@@ -104,12 +105,12 @@ test("a credit queued offline past its grant's life is granted again through get
     );
     const sent = deltas(page, mark);
     assert.deepEqual(
-      sent.map((r) => r.body.op_id),
+      sent.map((op) => op.op_id),
       [opId, opId],
       "refused as expired, then sent again as the same op",
     );
-    assert.equal(sent[0].body.grant, grant);
-    assert.notEqual(sent[1].body.grant, grant, "with the fresh grant");
+    assert.equal(sent[0].grant, grant);
+    assert.notEqual(sent[1].grant, grant, "with the fresh grant");
     assert.deepEqual((await page.seen()).refused, []);
     const record = await h.hub.record(user);
     assert.deepEqual([record.data.coins, record.version], [7, 1], "applied exactly once");
@@ -163,7 +164,7 @@ test("a spend works offline and reaches the hub once when the page is back onlin
     const end = await h.hub.record(user);
     assert.deepEqual([end.data.coins, end.version], [7, start.version + 2], "each spend applied once");
     assert.equal(deltas(page, mark).length, 2);
-    assert.ok(deltas(page, mark).every((r) => r.body.grant === undefined), "a spend carries no grant");
+    assert.ok(deltas(page, mark).every((op) => op.grant === undefined), "a spend carries no grant");
     assert.deepEqual((await page.seen()).refused, []);
   } finally {
     await page.close();

@@ -283,6 +283,13 @@ ${sites}`,
     return (await this.record(user, "balance")).data.coins;
   }
 
+  /** How many requests for `action` the hub has answered since it started, by its /metrics. */
+  async answered(action) {
+    const text = await (await fetch(`${this.url}/metrics`)).text();
+    const pattern = new RegExp(`^hub_requests_total\\{action="${action}",.*\\} (\\d+)$`, "gm");
+    return [...text.matchAll(pattern)].reduce((sum, match) => sum + Number(match[1]), 0);
+  }
+
   /** Adds `amount` coins through another client. */
   delta(user, amount, { site = SITES[1], dataType = "balance" } = {}) {
     const field = dataType === "points" ? "points" : "coins";
@@ -435,11 +442,12 @@ export class Site {
 
   /**
    * Opens this site's test page (or another page of it, at `path`) for `user` in a new tab;
-   * resolves once `login()` settled.
+   * resolves once `login()` settled. `beforeLoad(page)` runs on the Playwright page before it
+   * loads (to set its clock, say).
    */
-  async open(user, options = {}, path = "/") {
+  async open(user, options = {}, path = "/", beforeLoad = undefined) {
     const page = new SitePage(this, user, options, path);
-    await page.open();
+    await page.open(beforeLoad);
     return page;
   }
 }
@@ -501,9 +509,10 @@ export class SitePage {
     return `${this.site.origin}${this.path}?${query}`;
   }
 
-  async open() {
+  async open(beforeLoad) {
     const context = this.site.harness.context;
     this.page = await context.newPage();
+    if (beforeLoad) await beforeLoad(this.page);
     const hubApi = `${this.site.harness.hub.url}/api/`;
     const isHub = (request) => request.url().startsWith(hubApi) && request.method() !== "OPTIONS";
     this.page.on("request", (request) => {
@@ -552,6 +561,14 @@ export class SitePage {
   }
 
   /** Short descriptions (`"timestamp balance,profile,roles"`) of the hub requests since `mark`. */
+  /** The pushes and deltas this tab sent since `mark`, alone or inside a batch, in order. */
+  opsSince(mark = { requests: 0 }) {
+    return this.hubRequests
+      .slice(mark.requests)
+      .filter((r) => r.method === "POST")
+      .flatMap((r) => (r.action === "batch" ? r.body.ops : [r.body]));
+  }
+
   requestsSince(mark = { requests: 0 }) {
     return this.hubRequests.slice(mark.requests).map((r) => r.what);
   }

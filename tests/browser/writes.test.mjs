@@ -1,9 +1,25 @@
 // Pushing: deltas are shown at once, stored before they are sent, and applied by the hub
-// exactly once — across reloads, closed pages, a crashed hub, and refusals.
+// exactly once — across reloads, closed pages, a crashed hub, and refusals; only the hub's own
+// answer settles a write; what a page leaves lands in order; old ops and wrong clocks; a full
+// storage.
 
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
 import { after, before, test } from "node:test";
 import { startHarness, until } from "./harness.mjs";
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+/** A UUIDv7 dated `ms`, as a page makes its op ids. */
+function uuid7(ms) {
+  const time = ms.toString(16).padStart(12, "0");
+  const random = randomBytes(10).toString("hex");
+  const variant = (8 + (parseInt(random[3], 16) & 3)).toString(16);
+  return `${time.slice(0, 8)}-${time.slice(8)}-7${random.slice(0, 3)}-${variant}${random.slice(4, 7)}-${random.slice(7, 19)}`;
+}
+
+/** The time a UUIDv7 is dated with. */
+const datedMs = (id) => parseInt(id.slice(0, 8) + id.slice(9, 13), 16);
 
 let h;
 before(async () => {
@@ -239,7 +255,11 @@ test("offline, deltas wait; back online, they go out once and the page checks", 
     await page.outboxEmpty();
     await page.idle();
     const sent = page.requestsSince(mark);
-    assert.equal(sent.filter((r) => r === "delta balance").length, 2);
+    assert.deepEqual(
+      page.opsSince(mark).map((op) => op.delta.coins),
+      [3, 4],
+      "each sent once, in order (as one batch)",
+    );
     assert.ok(sent.includes("timestamp balance,profile,roles"), "coming back online checks the hub");
     const record = await h.hub.record(user);
     assert.deepEqual([record.data.coins, record.version], [7, 2]);
@@ -363,3 +383,171 @@ test(
     }
   },
 );
+
+test("an answer that is not the hub's (a proxy's 403 page) leaves the write pending and says why", async () => {
+  const user = h.user("proxy");
+  await h.hub.delta(user, 50);
+  const page = await h.site("roflfaucet").open(user);
+  const start = await h.hub.record(user);
+  // Something in front of the hub answers every write with its own error page.
+  const writes = (url) => url.href === h.hub.syncUrl;
+  const origin = page.site.origin;
+  await page.page.route(writes, (route) =>
+    route.request().method() === "POST"
+      ? route.fulfill({
+          status: 403,
+          contentType: "text/html",
+          headers: { "access-control-allow-origin": origin },
+          body: "<html><body><h1>403 Forbidden</h1></body></html>",
+        })
+      : route.continue(),
+  );
+  try {
+    const { opId } = await page.applyDelta(-5);
+    await until(async () => (await page.status()) === "error", "the status to say error");
+    assert.equal(await page.evaluate(() => window.sync.statusReason), "unexpected_answer");
+    const seen = await page.seen();
+    assert.deepEqual(seen.errors, [{ code: "unexpected_answer" }]);
+    assert.deepEqual(seen.refused, [], "not rolled back");
+    assert.equal(await page.coins(), 45, "still shown");
+    assert.deepEqual((await page.stored()).outbox.map((op) => op.op_id), [opId], "still pending");
+
+    await page.page.unroute(writes);
+    await page.outboxEmpty();
+    const end = await h.hub.record(user);
+    assert.deepEqual([end.data.coins, end.version], [45, start.version + 1], "applied once, when the hub answered");
+    await until(async () => (await page.status()) === "idle", "the status to clear");
+    assert.equal(await page.evaluate(() => window.sync.statusReason), null);
+  } finally {
+    await page.close();
+  }
+});
+
+test("a credit and a spend pending when the page leaves land in order, in one batch", async () => {
+  const user = h.user("leave-batch");
+  await h.hub.delta(user, 5);
+  const page = await h.site("roflfaucet").open(user);
+  const start = await h.hub.record(user);
+  const batches = await h.hub.answered("batch");
+  await h.hub.pause(); // the first write waits for an answer; the second queues behind it
+  let resumed = false;
+  try {
+    await page.applyDelta(10, "claim");
+    await page.applyDelta(-15, "game");
+    assert.equal(await page.coins(), 0);
+    await page.close(); // pagehide: what is pending leaves with keepalive
+    h.hub.resume();
+    resumed = true;
+  } finally {
+    if (!resumed) h.hub.resume();
+  }
+  const end = await until(async () => {
+    const record = await h.hub.record(user);
+    return record.version === start.version + 2 && record;
+  }, "both writes to land");
+  assert.equal(end.data.coins, 0, "the spend came after the credit (first, it would have been refused)");
+  assert.equal(
+    await h.hub.answered("batch"),
+    batches + 1,
+    "what the page left went as one keepalive batch (Playwright does not see a closing page's requests)",
+  );
+});
+
+test("a write stored long ago that the hub no longer knows is refused op_expired and dropped, and the record fetched again", async () => {
+  const user = h.user("expired");
+  await h.hub.delta(user, 20);
+  const site = h.site("roflfaucet");
+  await (await site.open(user)).close();
+  const start = await h.hub.record(user);
+  // A page of this site left a spend in storage two months ago, and nobody came back since.
+  const opId = uuid7(Date.now() - 60 * DAY_MS);
+  const storage = await h.context.newPage();
+  await storage.goto(`${site.origin}/pkg/README.md`);
+  await storage.evaluate(
+    ([key, op]) => localStorage.setItem(`${key}:op:${op.op_id}`, JSON.stringify(op)),
+    [
+      `unified-sync:${h.hub.syncUrl}:${user}`,
+      { op_id: opId, data_type: "balance", delta: -5, reason: "game", grant: null, at: 1 },
+    ],
+  );
+  await storage.close();
+  const page = await site.open(user);
+  try {
+    const refused = await until(async () => (await page.seen()).refused[0], "the refusal");
+    assert.deepEqual([refused.opId, refused.code], [opId, "op_expired"]);
+    await page.outboxEmpty();
+    await until(() => {
+      const sent = page.requestsSince({ requests: 0 });
+      return sent.indexOf("delta balance") < sent.lastIndexOf("timestamp balance,profile,roles");
+    }, "a check after the refusal");
+    const end = await h.hub.record(user);
+    assert.deepEqual([end.data.coins, end.version], [20, start.version], "never applied now");
+    await page.forceSync();
+    assert.equal(await page.coins(), 20, "the hub's record, the old spend dropped");
+  } finally {
+    await page.close();
+  }
+});
+
+test("a device whose clock is two months behind dates its op ids by the hub's clock, and the hub applies them", async () => {
+  const user = h.user("clock");
+  await h.hub.delta(user, 20);
+  const behind = Date.now() - 60 * DAY_MS;
+  const page = await h.site("roflfaucet").open(user, {}, "/", (p) => p.clock.setSystemTime(behind));
+  try {
+    assert.ok((await page.evaluate(() => Date.now())) < Date.now() - 59 * DAY_MS, "the page's clock is behind");
+    const { opId } = await page.applyDelta(-5);
+    const off = datedMs(opId) - Date.now();
+    assert.ok(Math.abs(off) < 10_000, `${opId} is dated ${off} ms from the hub's clock`);
+    await page.outboxEmpty();
+    assert.deepEqual((await page.seen()).refused, []);
+    assert.equal(await h.hub.coins(user), 15);
+  } finally {
+    await page.close();
+  }
+});
+
+test("a storage that refuses the pending writes is an error until it has room again; the write is sent all the same", async () => {
+  const user = h.user("quota");
+  await h.hub.delta(user, 20);
+  const page = await h.site("roflfaucet").open(user);
+  const start = await h.hub.record(user);
+  const fill = () =>
+    page.evaluate(() => {
+      let chunk = "x".repeat(1 << 20);
+      for (let i = 0; chunk.length > 0; i++) {
+        try {
+          localStorage.setItem(`filler-${i}`, chunk);
+        } catch {
+          chunk = chunk.slice(0, chunk.length >> 1);
+        }
+      }
+    });
+  const empty = () =>
+    page.evaluate(() => Object.keys(localStorage).forEach((k) => k.startsWith("filler-") && localStorage.removeItem(k)));
+  try {
+    await fill();
+    await h.hub.pause(); // the write stays pending, so the page must keep storing it
+    try {
+      await page.applyDelta(-1);
+      assert.deepEqual(await page.evaluate(() => [window.sync.status, window.sync.statusReason]), [
+        "error",
+        "storage_failed",
+      ]);
+      assert.deepEqual((await page.seen()).errors, [{ code: "storage_failed" }]);
+    } finally {
+      h.hub.resume();
+    }
+    await until(async () => (await h.hub.record(user)).version === start.version + 1, "the write to land");
+
+    await empty();
+    await page.applyDelta(-1);
+    await page.outboxEmpty();
+    await until(async () => (await page.status()) === "idle", "the status to clear");
+    assert.equal(await page.evaluate(() => window.sync.statusReason), null);
+    assert.equal(await h.hub.coins(user), 18);
+  } finally {
+    await empty();
+    await page.close();
+  }
+});

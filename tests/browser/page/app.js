@@ -16,6 +16,8 @@ const seen = {
   profile: [],
   status: [],
   refused: [],
+  /** The "error" events: why the status turned "error". */
+  errors: [],
   spinner: [],
   pageshows: [],
   tokenCalls: 0,
@@ -75,6 +77,7 @@ sync.on("profile", (data, meta) => {
 });
 sync.on("status", (status) => seen.status.push(status));
 sync.on("refused", (write) => seen.refused.push(write));
+sync.on("error", (error) => seen.errors.push(error));
 
 window.loggedIn = params.get("login") === "0" ? Promise.resolve(null) : sync.login();
 window.started = true;
