@@ -2,7 +2,7 @@
 //! by command-line flags. Checks every value at load time so a bad config stops the start,
 //! never a request.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use ipnet::IpNet;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -31,10 +32,70 @@ pub struct Config {
     /// The certificate's private key (PEM).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// The reverse proxies in front of the hub. Only a request whose connection comes from
+    /// one of them is believed about the client it forwards (`Forwarded`, `X-Forwarded-For`,
+    /// `X-Forwarded-Proto`); empty, no peer is, not even loopback.
+    pub trusted_proxies: TrustedProxies,
     pub limits: Limits,
     pub store: StoreConfig,
     pub metrics: MetricsConfig,
     pub sites: Vec<Site>,
+}
+
+/// Addresses (`127.0.0.1`, `::1`) and networks (`10.0.0.0/8`, `fd00::/8`) of reverse proxies,
+/// written as text in the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Whether `ip` is one of the proxies (an IPv4 address written as IPv6, `::ffff:a.b.c.d`,
+    /// is the IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl TryFrom<Vec<String>> for TrustedProxies {
+    type Error = String;
+
+    fn try_from(entries: Vec<String>) -> Result<Self, String> {
+        entries
+            .iter()
+            .map(|entry| {
+                let entry = entry.trim();
+                entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        format!("trusted_proxies: {entry:?} is neither an IP address nor a network (CIDR)")
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+}
+
+impl From<TrustedProxies> for Vec<String> {
+    fn from(proxies: TrustedProxies) -> Self {
+        proxies
+            .0
+            .iter()
+            .map(|net| {
+                if net.prefix_len() == net.max_prefix_len() {
+                    net.addr().to_string()
+                } else {
+                    net.to_string()
+                }
+            })
+            .collect()
+    }
 }
 
 /// Who may read `/metrics` and the dashboard's data: they show every site's traffic.
@@ -343,6 +404,7 @@ impl Default for Config {
             auth: true,
             tls_cert: None,
             tls_key: None,
+            trusted_proxies: TrustedProxies::default(),
             limits: Limits::default(),
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
@@ -642,6 +704,32 @@ mod load_tests {
                 Some((Path::new("/etc/hub/cert.pem"), Path::new("/etc/hub/renewed-key.pem")))
             );
             assert_eq!(Config::default().tls_files(), None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks_from_the_file_or_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hub.toml", "trusted_proxies = [\"127.0.0.1\", \"10.1.2.3/8\", \"::1\"]")?;
+            let config = Config::load(Some(Path::new("hub.toml"))).unwrap();
+            let proxies = &config.trusted_proxies;
+            assert_eq!(Vec::<String>::from(proxies.clone()), ["127.0.0.1", "10.0.0.0/8", "::1"]);
+            for trusted in ["127.0.0.1", "10.200.0.1", "::1", "::ffff:127.0.0.1"] {
+                assert!(proxies.contains(trusted.parse().unwrap()), "{trusted}");
+            }
+            for untrusted in ["127.0.0.2", "11.0.0.1", "::2"] {
+                assert!(!proxies.contains(untrusted.parse().unwrap()), "{untrusted}");
+            }
+            assert!(Config::default().trusted_proxies.is_empty(), "no peer is trusted by default");
+
+            jail.set_env("HUB_TRUSTED_PROXIES", "[\"192.168.0.0/16\", \"fd00::/8\"]");
+            let config = Config::load(Some(Path::new("hub.toml"))).unwrap();
+            assert_eq!(Vec::<String>::from(config.trusted_proxies), ["192.168.0.0/16", "fd00::/8"]);
+
+            jail.set_env("HUB_TRUSTED_PROXIES", "[\"localhost\"]");
+            let error = format!("{:#}", Config::load(Some(Path::new("hub.toml"))).unwrap_err());
+            assert!(error.contains("\"localhost\" is neither an IP address nor a network"), "{error}");
             Ok(())
         });
     }
