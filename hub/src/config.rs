@@ -174,10 +174,32 @@ pub struct Limits {
     pub max_delta: i64,
     /// Open connections at most; beyond it the hub stops accepting until one closes.
     pub max_connections: usize,
+    /// Open connections one client address may hold (an IPv6 address counts with its whole
+    /// /64, which one subscriber is usually given); a connection beyond it is closed as soon
+    /// as it is accepted, so that one address cannot take every slot of `max_connections`.
+    /// Connections from `trusted_proxies` are not counted: each carries many clients.
+    pub max_connections_per_address: usize,
+    /// A kept-alive connection (HTTP/1.1 or HTTP/2) without a request in progress for this
+    /// long is closed. A request is in progress from its arrival until its answer has been
+    /// sent; pings do not count.
+    pub idle_timeout_secs: u64,
+    /// Requests one HTTP/2 connection may have in progress at once; the client is told, and
+    /// a stream beyond it is refused (`REFUSED_STREAM`).
+    pub http2_max_concurrent_streams: u32,
     /// Time a client has to send a request's headers.
     pub header_read_timeout_secs: u64,
     /// Time to read the body and answer a request.
     pub request_timeout_secs: u64,
+    /// Time a client has to send a request's whole body once its headers are in: at least 64
+    /// KiB (the largest body) per this many seconds. A body that stalls or trickles is cut with
+    /// `408 body_timeout`, counted against the client's address. Shorter than
+    /// `request_timeout_secs`.
+    pub body_timeout_secs: u64,
+    /// Bytes of request bodies the hub reads at once, over all connections: each body holds
+    /// its declared `Content-Length` (64 KiB when it declares none) from before its first byte
+    /// is read until it is answered. A body that would go beyond is refused at once with `503
+    /// busy` and `Retry-After`, unread, so that memory never grows with the uploads in flight.
+    pub max_body_bytes_in_flight: usize,
     /// How long an `op_id` is remembered (at least 7 days).
     pub op_retention_days: u32,
 }
@@ -420,8 +442,13 @@ impl Default for Limits {
             unauthenticated_requests_per_minute: 60,
             max_delta: 1_000_000_000,
             max_connections: 10_000,
+            max_connections_per_address: 256,
+            idle_timeout_secs: 60,
+            http2_max_concurrent_streams: 32,
             header_read_timeout_secs: 10,
             request_timeout_secs: 30,
+            body_timeout_secs: 10,
+            max_body_bytes_in_flight: 16 * 1024 * 1024,
             op_retention_days: 30,
         }
     }
@@ -434,6 +461,14 @@ impl Limits {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
     }
 }
 
@@ -514,6 +549,15 @@ impl Config {
         if self.limits.requests_per_minute == 0 || self.limits.unauthenticated_requests_per_minute == 0 {
             bail!("request limits must be at least 1 per minute");
         }
+        if self.limits.max_connections_per_address == 0
+            || self.limits.idle_timeout_secs == 0
+            || self.limits.http2_max_concurrent_streams == 0
+        {
+            bail!(
+                "limits.max_connections_per_address, limits.idle_timeout_secs and \
+                 limits.http2_max_concurrent_streams must be at least 1"
+            );
+        }
         self.metrics.token()?;
         for site in &self.sites {
             if site.id == IMPORT_SITE {
@@ -537,6 +581,15 @@ impl Config {
     /// Checks the settings that decide how records are kept and changed: all that `hub
     /// import` reads, which needs no site, key or certificate.
     pub fn validate_records(&self) -> anyhow::Result<()> {
+        if !(1..self.limits.request_timeout_secs).contains(&self.limits.body_timeout_secs) {
+            bail!("limits.body_timeout_secs must be at least 1 and shorter than limits.request_timeout_secs");
+        }
+        if self.limits.max_body_bytes_in_flight < crate::http::MAX_BODY {
+            bail!(
+                "limits.max_body_bytes_in_flight must hold at least one whole body ({} bytes)",
+                crate::http::MAX_BODY
+            );
+        }
         if self.limits.op_retention_days < 7 {
             bail!("limits.op_retention_days must be at least 7");
         }

@@ -13,7 +13,8 @@ use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, NoLabelSet,
 };
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::{Registry, Unit};
@@ -164,6 +165,25 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConnectionStateLabels {
+    /// `active` (a request in progress) or `idle`.
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConnectionLimitLabels {
+    /// `per_address`: its address held `limits.max_connections_per_address` already.
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BodyRefusalLabels {
+    /// `busy` (`limits.max_body_bytes_in_flight` was reached; answered 503 unread) or
+    /// `timeout` (not all in within `limits.body_timeout_secs`; answered 408).
+    reason: &'static str,
+}
+
 /// Which rate limit refused a request.
 #[derive(Debug, Clone, Copy)]
 pub enum LimitScope {
@@ -180,6 +200,17 @@ pub struct Metrics {
     registry: Registry,
     counts: Arc<Counts>,
     open_connections: Gauge,
+    /// Open connections with a request in progress.
+    active_connections: Gauge,
+    /// Open connections without one: `open_connections` − `active_connections`.
+    idle_connections: Gauge,
+    refused_per_address: Counter,
+    closed_idle: Counter,
+    /// Bytes of request bodies held now (see `limits.max_body_bytes_in_flight`).
+    body_bytes_in_flight: Gauge,
+    body_bytes_limit: Gauge,
+    bodies_refused_busy: Counter,
+    bodies_timed_out: Counter,
     store: StoreMetrics,
     history: Mutex<History>,
 }
@@ -205,6 +236,49 @@ impl Metrics {
         registry.register_collector(Box::new(counts.clone()));
         let open_connections = Gauge::default();
         registry.register("open_connections", "Client connections open now", open_connections.clone());
+        let connections = Family::<ConnectionStateLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Client connections open now: `active` with a request in progress, `idle` without",
+            connections.clone(),
+        );
+        let active_connections =
+            connections.get_or_create(&ConnectionStateLabels { state: "active" }).clone();
+        let idle_connections = connections.get_or_create(&ConnectionStateLabels { state: "idle" }).clone();
+        let refused = Family::<ConnectionLimitLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as they were accepted, by the limit they were over",
+            refused.clone(),
+        );
+        let refused_per_address =
+            refused.get_or_create(&ConnectionLimitLabels { limit: "per_address" }).clone();
+        let closed_idle = Counter::default();
+        registry.register(
+            "connections_closed_idle",
+            "Connections closed after limits.idle_timeout_secs without a request in progress",
+            closed_idle.clone(),
+        );
+        let body_bytes_in_flight = Gauge::default();
+        registry.register(
+            "request_body_bytes_in_flight",
+            "Bytes of request bodies held now: each body's declared length, from before its first byte is read until it is answered",
+            body_bytes_in_flight.clone(),
+        );
+        let body_bytes_limit = Gauge::default();
+        registry.register(
+            "request_body_bytes_in_flight_limit",
+            "limits.max_body_bytes_in_flight: a body beyond it is refused unread (503 busy)",
+            body_bytes_limit.clone(),
+        );
+        let bodies_refused = Family::<BodyRefusalLabels, Counter>::default();
+        registry.register(
+            "request_bodies_refused",
+            "Request bodies refused: `busy` unread beyond the bytes in flight, `timeout` not all in within limits.body_timeout_secs",
+            bodies_refused.clone(),
+        );
+        let bodies_refused_busy = bodies_refused.get_or_create(&BodyRefusalLabels { reason: "busy" }).clone();
+        let bodies_timed_out = bodies_refused.get_or_create(&BodyRefusalLabels { reason: "timeout" }).clone();
         let store = StoreMetrics::default();
         registry.register(
             "store_commit_batch_writes",
@@ -232,6 +306,14 @@ impl Metrics {
             registry,
             counts,
             open_connections,
+            active_connections,
+            idle_connections,
+            refused_per_address,
+            closed_idle,
+            body_bytes_in_flight,
+            body_bytes_limit,
+            bodies_refused_busy,
+            bodies_timed_out,
             store,
             history: Mutex::new(History {
                 live_start_ms: now_ms - now_ms % SLOT_MS,
@@ -304,10 +386,54 @@ impl Metrics {
 
     pub fn connection_opened(&self) {
         self.open_connections.inc();
+        self.idle_connections.inc();
     }
 
     pub fn connection_closed(&self) {
         self.open_connections.dec();
+        self.idle_connections.dec();
+    }
+
+    /// A connection's first request in progress arrived.
+    pub fn connection_active(&self) {
+        self.idle_connections.dec();
+        self.active_connections.inc();
+    }
+
+    /// A connection's last request in progress finished.
+    pub fn connection_inactive(&self) {
+        self.active_connections.dec();
+        self.idle_connections.inc();
+    }
+
+    /// Counts a connection closed at once because its address held its share already.
+    pub fn connection_refused_per_address(&self) {
+        self.refused_per_address.inc();
+    }
+
+    /// Counts a connection closed for being idle.
+    pub fn connection_closed_idle(&self) {
+        self.closed_idle.inc();
+    }
+
+    /// The most bytes of request bodies held at once (`limits.max_body_bytes_in_flight`).
+    pub fn body_bytes_limit(&self, bytes: usize) {
+        self.body_bytes_limit.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// `bytes` of a request body are held from now on (`-bytes`: no longer).
+    pub fn body_bytes_held(&self, bytes: i64) {
+        self.body_bytes_in_flight.inc_by(bytes);
+    }
+
+    /// Counts a body refused unread because too many bytes were in flight.
+    pub fn body_refused_busy(&self) {
+        self.bodies_refused_busy.inc();
+    }
+
+    /// Counts a body cut for not arriving in time.
+    pub fn body_timed_out(&self) {
+        self.bodies_timed_out.inc();
     }
 
     /// Everything, in the Prometheus text format.
@@ -740,6 +866,24 @@ mod tests {
         assert!(text.contains(r#"hub_deltas_total{outcome="applied"} 1"#));
         assert!(text.contains(r#"hub_deltas_total{outcome="replayed"} 1"#));
         assert!(text.contains(r#"hub_deltas_total{outcome="refused"} 1"#));
+    }
+
+    #[test]
+    fn connections_are_counted_by_state_with_refusals_and_idle_closes() {
+        let m = metrics();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_active();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_refused_per_address();
+        m.connection_closed_idle();
+        let text = m.encode();
+        assert!(text.contains("hub_open_connections 2\n"), "{text}");
+        assert!(text.contains(r#"hub_connections{state="active"} 1"#));
+        assert!(text.contains(r#"hub_connections{state="idle"} 1"#));
+        assert!(text.contains(r#"hub_connections_refused_total{limit="per_address"} 1"#));
+        assert!(text.contains("hub_connections_closed_idle_total 1\n"));
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! Connections: accepting them up to a limit, serving HTTP/1.1 and HTTP/2 — over TLS when a
-//! certificate is configured — with a header read timeout, and shutting down gracefully —
-//! in-flight requests finish, pending writes are flushed, then the store closes. Reading
-//! certificates is `tls`'s work.
+//! Connections: accepting them up to a limit in all and a share per client address,
+//! serving HTTP/1.1 and HTTP/2 — over TLS when a certificate is configured — with a header
+//! read timeout, closing those that stay idle, and shutting down gracefully — in-flight
+//! requests finish, pending writes are flushed, then the store closes. Reading certificates
+//! is `tls`'s work.
 
+mod connection;
+
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +15,16 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tower::ServiceExt;
 
 use crate::http::App;
 use crate::time::now_ms;
+use connection::{Activity, AnswerBody, PerAddress};
 
 /// How often fully recovered rate-limit keys are forgotten, and the dashboard's slot moves
 /// on (it is ten seconds long).
@@ -82,27 +87,61 @@ impl TlsServing {
     }
 }
 
-/// Awaits `connection`, or closes it if its first request has not arrived within `timeout`
-/// (`first_request` is notified by every request). Nothing can be peeked at inside TLS, and
-/// hyper's HTTP/2 side waits for the client's preface without a limit, so without this a
-/// client that finishes the handshake and then stays silent would keep its connection slot.
+/// Awaits `connection`, or closes it if its first request has not arrived within `timeout`.
+/// Nothing can be peeked at inside TLS, and hyper's HTTP/2 side waits for the client's
+/// preface without a limit, so without this a client that finishes the handshake and then
+/// stays silent would keep its connection slot.
 async fn first_request_within<T>(
     timeout: Duration,
-    first_request: &Notify,
+    activity: &Activity,
     connection: impl Future<Output = T>,
 ) -> Option<T> {
     tokio::pin!(connection);
     tokio::select! {
         ended = &mut connection => return Some(ended),
-        arrived = tokio::time::timeout(timeout, first_request.notified()) => arrived.ok()?,
+        arrived = tokio::time::timeout(timeout, activity.first_request()) => arrived.ok()?,
     }
     Some(connection.await)
 }
 
+/// Serves `connection` until it ends. It is closed gracefully — requests in progress
+/// finish, then it closes — when the hub stops (`stop` turns true), or once it has had no
+/// request in progress for `idle_timeout`. A peer that keeps it open after that (an HTTP/2
+/// peer that never answers the ping of the server's GOAWAY) loses it after another
+/// `idle_timeout`. hyper-util's `GracefulShutdown` watches a connection for the stop only,
+/// and takes it whole, so the idle close could not reach it.
+async fn serve_until_idle<C: GracefulConnection>(
+    connection: C,
+    activity: &Activity,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), C::Error> {
+    tokio::pin!(connection);
+    let stopping = async {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let idle = tokio::select! {
+        ended = &mut connection => return ended,
+        () = activity.idle_for(idle_timeout) => true,
+        () = stopping => false,
+    };
+    connection.as_mut().graceful_shutdown();
+    if !idle {
+        return connection.await;
+    }
+    activity.closed_for_idleness();
+    tokio::select! {
+        ended = &mut connection => ended,
+        () = activity.idle_for(idle_timeout) => Ok(()),
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then drains connections and
 /// closes the store. Serves HTTPS when the app has a certificate ([`App::tls`]); the TLS
-/// handshake must then finish within the header read timeout. Tests bind `127.0.0.1:0` and
-/// pass a future they control.
+/// handshake must then finish within the header read timeout. A connection from an address
+/// (or IPv6 /64) that holds `max_connections_per_address` already is closed as soon as it
+/// is accepted, unless it comes from one of the `trusted_proxies`. Tests bind `127.0.0.1:0`
+/// and pass a future they control.
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -111,7 +150,9 @@ pub async fn serve(
     let router = crate::http::router(app.clone());
     let limits = app.config().limits.clone();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let per_address = PerAddress::new(limits.max_connections_per_address);
+    // Turned true when the hub stops; every connection holds a receiver until it ends.
+    let (stopping, stop) = watch::channel(false);
     let housekeeping = tokio::spawn({
         let app = app.clone();
         async move {
@@ -128,7 +169,7 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
         // An HTTP/2 peer that stops answering pings is gone: its connection is closed.
         .keep_alive_interval(limits.header_read_timeout())
         .keep_alive_timeout(limits.header_read_timeout());
@@ -160,27 +201,39 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let share = if app.config().trusted_proxies.contains(peer.ip()) {
+            None
+        } else if let Some(share) = per_address.take(peer.ip()) {
+            Some(share)
+        } else {
+            tracing::debug!(%peer, "connection refused: its address holds max_connections_per_address");
+            app.metrics().connection_refused_per_address();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        // Awaited only over TLS (see `first_request_within`).
-        let first_request = Arc::new(Notify::new());
+        let activity = Activity::new(app.clone());
         let service = hyper::service::service_fn({
-            let first_request = first_request.clone();
+            let activity = activity.clone();
             move |mut request: hyper::Request<Incoming>| {
-                first_request.notify_one();
+                let in_progress = activity.request_arrived();
                 request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                router.clone().oneshot(request)
+                let answer = router.clone().oneshot(request);
+                async move {
+                    let answer = answer.await?;
+                    Ok::<_, Infallible>(answer.map(|body| AnswerBody::new(body, in_progress)))
+                }
             }
         });
-        let (builder, tls, watcher) = (builder.clone(), tls.clone(), graceful.watcher());
-        let header_read_timeout = limits.header_read_timeout();
+        let (builder, tls, stop) = (builder.clone(), tls.clone(), stop.clone());
+        let (header_read_timeout, idle_timeout) = (limits.header_read_timeout(), limits.idle_timeout());
         let app = app.clone();
         tokio::spawn(async move {
             app.metrics().connection_opened();
             let ended = match tls {
                 None if speaks_in_time(&stream, header_read_timeout).await => {
                     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    Some(watcher.watch(connection.into_owned()).await)
+                    Some(serve_until_idle(connection, &activity, idle_timeout, stop).await)
                 }
                 None => None,
                 // Boxed: a TLS connection's state is several times a plain one's, and each
@@ -188,9 +241,9 @@ pub async fn serve(
                 Some(tls) => {
                     Box::pin(async move {
                         let (stream, http) = tls.handshake(stream, header_read_timeout, peer).await?;
-                        let connection = http.serve_connection(TokioIo::new(stream), service).into_owned();
-                        first_request_within(header_read_timeout, &first_request, watcher.watch(connection))
-                            .await
+                        let connection = http.serve_connection(TokioIo::new(stream), service);
+                        let serving = serve_until_idle(connection, &activity, idle_timeout, stop);
+                        first_request_within(header_read_timeout, &activity, serving).await
                     })
                     .await
                 }
@@ -199,13 +252,14 @@ pub async fn serve(
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             app.metrics().connection_closed();
-            drop(permit);
+            drop((permit, share));
         });
     }
-    drop(listener);
+    drop((listener, stop));
     housekeeping.abort();
     tracing::info!("shutting down: finishing in-flight requests");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    stopping.send_replace(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, stopping.closed()).await.is_err() {
         tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
     }
     app.domain().store().close().await;

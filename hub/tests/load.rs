@@ -15,18 +15,23 @@
 //! moment it waits for that request). So each held connection sends a full request every
 //! quarter to half of that timeout, and any close by the hub fails the test.
 //!
+//! The held and slowloris connections come from [`SOURCES`] loopback addresses, as many
+//! users' would, each within the default `limits.max_connections_per_address`; the steady
+//! client comes from 127.0.0.1.
+//!
 //! The test process and the hub each hold about 2,500 sockets; the test checks first that
 //! the open files limit (`ulimit -n`) allows it.
 
 mod support;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{Deployment, SITES};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 
 /// Keep-alive connections held for the whole run.
@@ -35,6 +40,9 @@ const HELD: usize = 2_000;
 const SLOWLORIS: usize = 500;
 /// Users the held connections speak for, spread over the sites.
 const USERS: usize = 100;
+/// Loopback addresses the held and slowloris connections come from (127.0.0.10 and up):
+/// 2,500 connections over 16 addresses stay within the default per-address limit.
+const SOURCES: usize = 16;
 /// The hub's header read timeout in this test.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(6);
 /// Added to [`HEADER_TIMEOUT`] for the latest a slowloris connection may be closed: the
@@ -128,10 +136,17 @@ async fn hold(mut held: Held, opened: mpsc::UnboundedSender<()>, released: Arc<A
     answers + 1
 }
 
-/// Opens connections to `addr`, a few at a time.
-async fn connect(addr: &str, gate: &Semaphore) -> TcpStream {
+/// The loopback address the `n`th held or slowloris connection comes from.
+fn source(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 10 + (n % SOURCES) as u8)
+}
+
+/// Opens connections to `addr` from `from`, a few at a time.
+async fn connect(addr: &str, from: Ipv4Addr, gate: &Semaphore) -> TcpStream {
     let _permit = gate.acquire().await.unwrap();
-    tokio::time::timeout(ANSWER_BOUND, TcpStream::connect(addr))
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    tokio::time::timeout(ANSWER_BOUND, socket.connect(addr.parse().unwrap()))
         .await
         .unwrap_or_else(|_| panic!("the hub accepted no connection within {ANSWER_BOUND:?}"))
         .unwrap()
@@ -147,8 +162,8 @@ fn endless_head() -> impl Iterator<Item = u8> {
 
 /// One slowloris connection: sends its head a byte a second until the hub closes the
 /// connection; returns how long the hub let it live.
-async fn slowloris(addr: &str, gate: &Semaphore) -> Duration {
-    let mut stream = connect(addr, gate).await;
+async fn slowloris(addr: &str, from: Ipv4Addr, gate: &Semaphore) -> Duration {
+    let mut stream = connect(addr, from, gate).await;
     let opened = Instant::now();
     let mut buf = [0u8; 1024];
     for byte in endless_head() {
@@ -171,11 +186,16 @@ async fn slowloris(addr: &str, gate: &Semaphore) -> Duration {
 }
 
 /// Slowloris connections one after the other until `until`; returns how long each lived.
-async fn slowloris_until(addr: String, gate: Arc<Semaphore>, until: Instant) -> Vec<Duration> {
+async fn slowloris_until(
+    addr: String,
+    from: Ipv4Addr,
+    gate: Arc<Semaphore>,
+    until: Instant,
+) -> Vec<Duration> {
     tokio::time::sleep(Duration::from_millis(rand::random_range(0..1000))).await;
     let mut lives = Vec::new();
     while Instant::now() < until {
-        lives.push(slowloris(&addr, &gate).await);
+        lives.push(slowloris(&addr, from, &gate).await);
     }
     lives
 }
@@ -240,6 +260,10 @@ async fn many_connections_and_slowloris_starve_no_one() {
         config.limits.header_read_timeout_secs = HEADER_TIMEOUT.as_secs();
         config.limits.requests_per_minute = 1_000_000;
         assert!(config.limits.max_connections > HELD + SLOWLORIS + 100, "the connection limit is too low");
+        assert!(
+            config.limits.max_connections_per_address > (HELD + SLOWLORIS).div_ceil(SOURCES),
+            "the per-address connection limit is too low for {SOURCES} addresses"
+        );
     });
     let mut hub = deployment.start().await;
     let pid = hub.id().unwrap();
@@ -258,7 +282,7 @@ async fn many_connections_and_slowloris_starve_no_one() {
             let (addr, gate, opened, released) =
                 (addr.clone(), gate.clone(), opened.clone(), released.clone());
             tokio::spawn(async move {
-                let stream = BufReader::new(connect(&addr, &gate).await);
+                let stream = BufReader::new(connect(&addr, source(i), &gate).await);
                 hold(Held { stream, user, token }, opened, released).await
             })
         })
@@ -277,8 +301,9 @@ async fn many_connections_and_slowloris_starve_no_one() {
     }
 
     let until = Instant::now() + Duration::from_secs(seconds());
-    let slow: Vec<_> =
-        (0..SLOWLORIS).map(|_| tokio::spawn(slowloris_until(addr.clone(), gate.clone(), until))).collect();
+    let slow: Vec<_> = (0..SLOWLORIS)
+        .map(|n| tokio::spawn(slowloris_until(addr.clone(), source(n), gate.clone(), until)))
+        .collect();
     let midway = async {
         tokio::time::sleep(Duration::from_secs(seconds()) / 2).await;
         sockets(pid)

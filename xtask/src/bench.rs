@@ -373,7 +373,8 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 }
 
 /// The hub's config for the benchmark: the `bench` site, the two sites of the simulated day,
-/// a rate limit no benchmark user reaches, and room for the idle connections. The sites'
+/// a rate limit no benchmark user reaches, and room for the idle connections, which all come
+/// from one address (so the per-address connection limit is raised with the total). The sites'
 /// backends may sign every scope, day-long tokens, and credits no run reaches the ceilings
 /// of: the load's deltas are credits of the `bench` site's backend.
 fn hub_config(data_dir: &Path, group_commit: bool) -> String {
@@ -389,9 +390,9 @@ fn hub_config(data_dir: &Path, group_commit: bool) -> String {
         })
         .collect();
     format!(
-        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\nmax_connections = {}\n\n[store]\ngroup_commit = {group_commit}\n\n{sites}",
+        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\nmax_connections = {max}\nmax_connections_per_address = {max}\n\n[store]\ngroup_commit = {group_commit}\n\n{sites}",
         data_dir.display(),
-        IDLE_CONNECTIONS * 2
+        max = IDLE_CONNECTIONS * 2
     )
 }
 
