@@ -1,17 +1,15 @@
 //! The operator's view: `/metrics` for Prometheus, and `/dashboard`, a page drawing the last
-//! hour. What they show is for admins only (loopback, or the metrics token); the page's own
-//! files hold no data and are served to anyone, so an admin on another machine can open it
-//! and paste the token. Nothing here reads or writes a user's records.
-
-use std::net::SocketAddr;
+//! hour. What they show is for admins only (callers on loopback that came through no proxy,
+//! or the metrics token); the page's own files hold no data and are served to anyone, so an
+//! admin on another machine can open it and paste the token. Nothing here reads or writes a user's records.
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 
-use super::App;
+use super::{App, ClientAddr};
 use super::{json, seen};
 use crate::metrics::{Action, Seen};
 use crate::time::now_ms;
@@ -54,10 +52,10 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
 /// Every metric, in the OpenMetrics text format Prometheus scrapes.
 async fn metrics(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    client: ClientAddr,
     headers: HeaderMap,
 ) -> Response {
-    let response = match app.admit_admin(&headers, peer.ip()) {
+    let response = match app.admit_admin(&headers, client) {
         Ok(()) => {
             let mut response = app.metrics().encode().into_response();
             response.headers_mut().insert(
@@ -75,10 +73,10 @@ async fn metrics(
 /// The last hour in ten-second slots, for the dashboard's charts.
 async fn data(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    client: ClientAddr,
     headers: HeaderMap,
 ) -> Response {
-    let response = match app.admit_admin(&headers, peer.ip()) {
+    let response = match app.admit_admin(&headers, client) {
         Ok(()) => json(StatusCode::OK, &app.metrics().recent(now_ms())),
         Err(e) => e.into_response(),
     };

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use protocol::{Refusal, Scopes, SiteId, UserId};
 use subtle::ConstantTimeEq;
 
-use super::{ApiError, bearer};
+use super::{ApiError, ClientAddr, bearer};
 use crate::auth::Keys;
 use crate::config::{Config, OriginPattern};
 use crate::domain::{Caller, Ceilings, Domain};
@@ -260,9 +260,10 @@ impl App {
         })
     }
 
-    /// Lets in the metrics token from anywhere, and loopback callers unless the
-    /// configuration says otherwise. Failed attempts count against the address's rate limit.
-    pub(super) fn admit_admin(&self, headers: &HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+    /// Lets in the metrics token from anywhere, and local callers (on loopback, through no
+    /// proxy) unless the configuration says otherwise. Failed attempts count against the
+    /// client's rate limit.
+    pub(super) fn admit_admin(&self, headers: &HeaderMap, client: ClientAddr) -> Result<(), ApiError> {
         let presented = bearer(headers);
         let expected = self.metrics_token();
         if let (Some(presented), Some(expected)) = (presented, expected)
@@ -270,10 +271,10 @@ impl App {
         {
             return Ok(());
         }
-        if presented.is_none() && self.config().metrics.allow_loopback && ip.to_canonical().is_loopback() {
+        if presented.is_none() && self.config().metrics.allow_loopback && client.is_local() {
             return Ok(());
         }
-        self.check_address(ip)?;
+        self.check_address(client.ip())?;
         Err(match presented {
             Some(_) => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "that is not the metrics token")

@@ -5,16 +5,16 @@
 mod admin;
 mod answer;
 mod app;
+mod client;
 mod error;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,6 +32,7 @@ use tower_http::trace::TraceLayer;
 
 pub(crate) use answer::{json, record_state};
 pub use app::{App, Sites};
+pub use client::ClientAddr;
 pub use error::ApiError;
 
 use crate::domain::{Caller, DomainError, Written};
@@ -59,9 +60,13 @@ pub fn router(app: App) -> Router {
             ServiceBuilder::new()
                 .layer(middleware::from_fn_with_state(app.clone(), observe))
                 .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
+                .layer(middleware::from_fn_with_state(app.clone(), client::identify))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-                    tracing::info_span!("req", id = %id)
+                    match req.extensions().get::<ClientAddr>() {
+                        Some(c) => tracing::info_span!("req", id = %id, client = %c.ip(), scheme = c.scheme()),
+                        None => tracing::info_span!("req", id = %id),
+                    }
                 }))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(cors(app.clone()))
@@ -151,20 +156,20 @@ async fn timed(app: &App, work: impl Future<Output = Result<Response, ApiError>>
 
 async fn sync_get(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    client: ClientAddr,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
     let mut saw = Seen::default();
     let response = timed(&app, async {
         let query = parse_get(query.as_deref().unwrap_or(""))
-            .map_err(|e| app.refuse_unauthenticated(peer.ip(), e))?;
+            .map_err(|e| app.refuse_unauthenticated(client.ip(), e))?;
         saw.action = match query.action {
             QueryAction::Timestamp => Action::Timestamp,
             QueryAction::Get => Action::Get,
         };
         saw.types = TypeSet::of(&query.types);
-        let caller = app.admit(&headers, peer.ip(), &query.user, query.site.as_deref(), 1, &mut saw)?;
+        let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), 1, &mut saw)?;
         match query.action {
             QueryAction::Timestamp => timestamp(&app, &caller, query).await,
             QueryAction::Get => get(&app, &caller, query, &headers).await,
@@ -211,14 +216,14 @@ fn parse_get(raw: &str) -> Result<Query, ApiError> {
 
 async fn sync_post(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    client: ClientAddr,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let mut saw = Seen::default();
     let response = timed(&app, async {
         let (request, user) =
-            parse_post(&headers, body).await.map_err(|e| app.refuse_unauthenticated(peer.ip(), e))?;
+            parse_post(&headers, body).await.map_err(|e| app.refuse_unauthenticated(client.ip(), e))?;
         let (action, types, ops) = match &request {
             PostRequest::Push(p) => (Action::Push, vec![p.data_type.as_str()], 1),
             PostRequest::Delta(d) => (Action::Delta, vec![d.data_type.as_str()], 1),
@@ -230,7 +235,7 @@ async fn sync_post(
         let types: Vec<DataType> = types.into_iter().filter_map(|t| DataType::parse(t).ok()).collect();
         saw.types = TypeSet::of(&types);
         let site = request.site_id();
-        let caller = app.admit(&headers, peer.ip(), &user, Some(site), ops, &mut saw)?;
+        let caller = app.admit(&headers, client.ip(), &user, Some(site), ops, &mut saw)?;
         match request {
             PostRequest::Push(request) => {
                 let written = push(&app, &caller, request).await?;
