@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, bail};
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use protocol::{Refusal, Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,11 @@ pub struct Verified {
 pub enum AuthError {
     #[error("an Authorization: Bearer token is required")]
     Missing,
+    /// A token its site signed for this hub, but past its `exp` (and the leeway): the page
+    /// needs a fresh one. It still names its site and user, so that the request counts
+    /// against that user's rate limit and not against its address's.
+    #[error("the token has expired; ask the site for a fresh one")]
+    Expired { site: SiteId, user: UserId },
     #[error("the token is malformed")]
     Malformed,
     #[error("the token is longer than 8 KiB")]
@@ -112,6 +118,7 @@ impl AuthError {
     pub fn code(&self) -> &'static str {
         match self {
             AuthError::Missing => "missing_token",
+            AuthError::Expired { .. } => protocol::wire::code::TOKEN_EXPIRED,
             AuthError::ScopeNotAllowed(_) => "scope_not_allowed",
             AuthError::AdminNotAllowed => "admin_not_allowed",
             AuthError::Lifetime(_) => "token_lifetime",
@@ -131,7 +138,8 @@ struct Key {
     encoding: Option<EncodingKey>,
     /// Checks a token's claims: `exp`, `nbf`, `iss`, `aud`.
     tokens: Validation,
-    /// Checks a grant's claims but its expiry, which only a new op cares about.
+    /// Checks a grant's claims but its expiry, which only a new op cares about; and an
+    /// expired token's other claims, to tell whose it is.
     grants: Validation,
 }
 
@@ -228,10 +236,7 @@ impl Keys {
             return if exp.saturating_add(LEEWAY_SECS) >= now() {
                 Ok(verified)
             } else {
-                Err(AuthError::Invalid(
-                    jsonwebtoken::errors::Error::from(jsonwebtoken::errors::ErrorKind::ExpiredSignature)
-                        .to_string(),
-                ))
+                Err(AuthError::Expired { site: verified.site, user: verified.user })
             };
         }
         let (verified, exp) = self.verify_fully(token)?;
@@ -252,9 +257,13 @@ impl Keys {
         let site_id = unverified.claims.iss;
         let site = self.sites.get(&site_id).ok_or(AuthError::UnknownIssuer)?;
         let key = site.key(&site_id, unverified.header.kid.as_deref()).map_err(AuthError::Invalid)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.tokens)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?
-            .claims;
+        let claims = match jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.tokens) {
+            Ok(decoded) => decoded.claims,
+            Err(e) if *e.kind() == ErrorKind::ExpiredSignature => {
+                return Err(expired(token, key, &site_id, &site.policy));
+            }
+            Err(e) => return Err(AuthError::Invalid(e.to_string())),
+        };
         let now = now();
         if claims.iat.is_some_and(|iat| iat > now.saturating_add(LEEWAY_SECS)) {
             return Err(AuthError::Invalid("issued in the future".into()));
@@ -456,6 +465,23 @@ impl Keys {
         entry.keys.iter().find_map(|k| k.encoding.as_ref().map(|e| (entry, k, e))).with_context(|| {
             format!("site {site} has only public keys; add private_key_pem to mint its tokens")
         })
+    }
+}
+
+/// Why a token jsonwebtoken found expired is refused: [`AuthError::Expired`] when every other
+/// claim holds (its signature, issuer, audience and subject, and it was not revoked), so that
+/// only a token its site really issued for this hub names a user; else why not.
+fn expired(token: &str, key: &Key, site_id: &str, policy: &Policy) -> AuthError {
+    let claims = match jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.grants) {
+        Ok(decoded) => decoded.claims,
+        Err(e) => return AuthError::Invalid(e.to_string()),
+    };
+    if policy.tokens_issued_after.is_some_and(|after| claims.iat.is_none_or(|iat| iat < after)) {
+        return AuthError::Revoked(format!("the token was issued before {site_id}'s tokens_issued_after"));
+    }
+    match (SiteId::parse(site_id), UserId::parse(&claims.sub)) {
+        (Ok(site), Ok(user)) => AuthError::Expired { site, user },
+        _ => AuthError::Invalid("sub is not a user id".into()),
     }
 }
 

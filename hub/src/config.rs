@@ -200,6 +200,13 @@ pub struct Limits {
     /// is read until it is answered. A body that would go beyond is refused at once with `503
     /// busy` and `Retry-After`, unread, so that memory never grows with the uploads in flight.
     pub max_body_bytes_in_flight: usize,
+    /// A body the hub answered without reading (a refusal before it: a token, a limit) is
+    /// still read and thrown away, up to this many bytes and within `body_timeout_secs`, so
+    /// that a client that sends its whole body before reading the answer (most HTTP/1.1
+    /// clients; curl over HTTP/2, which fails a stream reset under its upload) reads the
+    /// answer cleanly. A body declared larger is cut at once: its HTTP/2 stream is reset, its
+    /// HTTP/1.1 connection closed. 0 cuts every one.
+    pub max_discarded_body_bytes: u64,
     /// How long an `op_id` is remembered (at least 7 days).
     pub op_retention_days: u32,
 }
@@ -449,6 +456,7 @@ impl Default for Limits {
             request_timeout_secs: 30,
             body_timeout_secs: 10,
             max_body_bytes_in_flight: 16 * 1024 * 1024,
+            max_discarded_body_bytes: 1024 * 1024,
             op_retention_days: 30,
         }
     }

@@ -81,6 +81,16 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
+    /// Counts the ops of a batch beyond its first, which the batch's admission counted as one
+    /// request before its body was read: no more than the quota less one, so that a batch
+    /// larger than the limit still passes when the user's bucket is full.
+    pub fn check_user_rest(&self, user: &str, ops: u32) -> Result<(), RetryAfter> {
+        match ops.saturating_sub(1).min(self.per_user.get() - 1) {
+            0 => Ok(()),
+            rest => self.check_user_ops(user, rest),
+        }
+    }
+
     /// Counts one request without a valid token from `ip`. IPv6 addresses count per /64,
     /// the block one subscriber usually holds.
     pub fn check_address(&self, ip: IpAddr) -> Result<(), RetryAfter> {
@@ -163,6 +173,20 @@ mod tests {
         // A batch larger than the quota passes when the bucket is full.
         let limits = RateLimits::with_clock(10, 10, FakeRelativeClock::default());
         assert!(limits.check_user_ops("v", 32).is_ok());
+        assert!(limits.check_user("v").is_err());
+    }
+
+    #[test]
+    fn a_batch_admitted_as_one_request_takes_the_rest_of_its_ops_after() {
+        let limits = RateLimits::with_clock(10, 10, FakeRelativeClock::default());
+        assert!(limits.check_user("u").is_ok());
+        assert!(limits.check_user_rest("u", 8).is_ok(), "7 more");
+        assert!(limits.check_user_rest("u", 4).is_err(), "3 more than the 2 left");
+        assert!(limits.check_user_rest("u", 1).is_ok(), "a single op took its cell at admission");
+        // A batch larger than the quota passes when the bucket is full: one cell, then 9.
+        let limits = RateLimits::with_clock(10, 10, FakeRelativeClock::default());
+        assert!(limits.check_user("v").is_ok());
+        assert!(limits.check_user_rest("v", 32).is_ok());
         assert!(limits.check_user("v").is_err());
     }
 

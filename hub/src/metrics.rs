@@ -421,9 +421,9 @@ impl Metrics {
         self.body_bytes_limit.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    /// `bytes` of a request body are held from now on (`-bytes`: no longer).
-    pub fn body_bytes_held(&self, bytes: i64) {
-        self.body_bytes_in_flight.inc_by(bytes);
+    /// The bytes of request bodies held now, which the hub's body budget keeps up to date.
+    pub fn body_bytes_in_flight(&self) -> &Gauge {
+        &self.body_bytes_in_flight
     }
 
     /// Counts a body refused unread because too many bytes were in flight.

@@ -163,12 +163,13 @@ async fn the_rate_limit_counts_each_op_and_refuses_a_batch_whole() {
     let ops = |from: usize, n: usize| (from..from + n).map(|i| delta(&format!("op-{i}"), -1)).collect();
     assert!(outcomes(&batch(&faucet, ops(0, 7)).await).iter().all(|o| o.0 == 200));
     let before = hub.snapshot();
-    // 8 requests counted: a batch of 3 more does not fit, and none of its ops is applied.
+    // 8 requests counted: a batch of 3 more does not fit, and none of its ops is applied. Its
+    // admission, before its body told how many ops it holds, counted one request: 9.
     let refused = batch(&faucet, ops(7, 3)).await;
     refused.assert_refused(429, "rate_limited");
     assert!(refused.header("retry-after").is_some());
     assert_eq!(hub.snapshot(), before);
-    assert!(outcomes(&batch(&faucet, ops(7, 2)).await).iter().all(|o| o.0 == 200), "2 fit");
+    assert!(outcomes(&batch(&faucet, ops(7, 1)).await).iter().all(|o| o.0 == 200), "1 fits");
     faucet.timestamp("balance").await.assert_refused(429, "rate_limited");
 }
 

@@ -56,6 +56,10 @@ pub mod code {
     /// The credit's grant expired before the hub ever applied the op; a fresh grant for the
     /// same op id makes the next attempt a retry.
     pub const GRANT_EXPIRED: &str = "grant_expired";
+    /// 401: the token is the site's own, for this hub, but past its expiry. The client asks its
+    /// page for a fresh one at once and sends again; the hub counted the request against the
+    /// token's user, not against the client's address.
+    pub const TOKEN_EXPIRED: &str = "token_expired";
 }
 
 /// The most writes one `batch` request carries. The client also fills a batch only up to

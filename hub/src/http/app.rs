@@ -13,8 +13,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use protocol::{Refusal, Scopes, SiteId, UserId};
 use subtle::ConstantTimeEq;
 
+use super::body::{Budget, Held};
 use super::{ApiError, ClientAddr, bearer};
-use crate::auth::Keys;
+use crate::auth::{AuthError, Keys};
 use crate::config::{Config, OriginPattern};
 use crate::domain::{Caller, Ceilings, Domain};
 use crate::limit::RateLimits;
@@ -41,6 +42,8 @@ struct Inner {
     metrics_token: Option<String>,
     /// `None` when the hub serves plain HTTP.
     tls: Option<Tls>,
+    /// The bytes of request bodies held at once.
+    bodies: Budget,
 }
 
 /// What the hub knows of its sites, read from the configuration at start and again on SIGHUP.
@@ -107,6 +110,8 @@ impl App {
         let rate_limits =
             RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute);
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
+        metrics.body_bytes_limit(limits.max_body_bytes_in_flight);
+        let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -116,6 +121,7 @@ impl App {
                 metrics,
                 metrics_token,
                 tls,
+                bodies,
             }),
         })
     }
@@ -178,61 +184,108 @@ impl App {
     }
 
     /// Who the request speaks for, after checking its token, its page's origin and the rate
-    /// limits; whether it may do what it asks is the domain's to say. `claimed_site` is the
-    /// `site_id` the request names, if any: with auth off (development) the caller is that
-    /// site. `saw` learns the token's site as soon as it is verified, so that later refusals
-    /// are counted under it.
+    /// limits (one request); whether it may do what it asks is the domain's to say.
+    /// `claimed_site` is the `site_id` the request names, if any: with auth off (development)
+    /// the caller is `user` of that site.
     pub(super) fn admit(
         &self,
         headers: &HeaderMap,
         ip: IpAddr,
         user: &UserId,
         claimed_site: Option<&str>,
-        ops: usize,
         saw: &mut Seen,
     ) -> Result<Caller, ApiError> {
+        match self.admit_token(headers, ip, saw)? {
+            Some(caller) => Ok(caller),
+            None => self.admit_named(user, claimed_site, 1),
+        }
+    }
+
+    /// Who the request's token speaks for, checked before anything the request sends after
+    /// its headers is read, with its page's origin, and the request counted: against the
+    /// token's user — an expired token's too, since its site issued it to that user, so that
+    /// no flood of anonymous requests from the same address can turn a page's token refresh
+    /// into a 429 — or against the client's address when the token is missing or invalid.
+    /// `None` when auth is off (development): the caller is whoever the request names (see
+    /// [`App::admit_named`]). `saw` learns the token's site as soon as it is verified, so that
+    /// later refusals are counted under it.
+    pub(super) fn admit_token(
+        &self,
+        headers: &HeaderMap,
+        ip: IpAddr,
+        saw: &mut Seen,
+    ) -> Result<Option<Caller>, ApiError> {
         let sites = self.sites();
-        let Some(keys) = sites.keys() else {
-            self.check_user(user.as_str(), ops)?;
-            let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
-            return Ok(Caller {
-                site,
-                user: user.clone(),
-                admin: true,
-                scopes: Scopes::ALL,
-                ceilings: Ceilings::NONE,
-            });
-        };
-        let token = bearer(headers);
-        let verified = match token {
+        let Some(keys) = sites.keys() else { return Ok(None) };
+        let verified = match bearer(headers) {
             Some(token) => keys.verify(token),
-            None => Err(crate::auth::AuthError::Missing),
+            None => Err(AuthError::Missing),
         };
-        match verified {
-            Ok(v) => {
-                saw.site = self.metrics().site_index(v.site.as_str());
-                self.check_user(v.user.as_str(), ops)?;
-                let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
-                if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {
-                    return Err(Refusal::forbidden(
-                        "origin_not_allowed",
-                        format!("{}'s tokens are not accepted from this page's origin", v.site),
-                    )
-                    .into());
-                }
-                Ok(Caller {
-                    site: v.site,
-                    user: v.user,
-                    admin: v.admin,
-                    scopes: v.scopes,
-                    ceilings: v.ceilings,
-                })
+        let v = match verified {
+            Ok(v) => v,
+            Err(AuthError::Expired { site, user }) => {
+                saw.site = self.metrics().site_index(site.as_str());
+                self.check_user(user.as_str(), 1)?;
+                return Err(AuthError::Expired { site, user }.into());
             }
             Err(e) => {
                 self.check_address(ip)?;
-                Err(e.into())
+                return Err(e.into());
             }
+        };
+        saw.site = self.metrics().site_index(v.site.as_str());
+        self.check_user(v.user.as_str(), 1)?;
+        let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
+        if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {
+            return Err(Refusal::forbidden(
+                "origin_not_allowed",
+                format!("{}'s tokens are not accepted from this page's origin", v.site),
+            )
+            .into());
         }
+        Ok(Some(Caller {
+            site: v.site,
+            user: v.user,
+            admin: v.admin,
+            scopes: v.scopes,
+            ceilings: v.ceilings,
+        }))
+    }
+
+    /// With auth off (development), the caller a request names: `user` of `claimed_site`
+    /// (`dev` when it names none), allowed everything, its `ops` counted against that user.
+    pub(super) fn admit_named(
+        &self,
+        user: &UserId,
+        claimed_site: Option<&str>,
+        ops: usize,
+    ) -> Result<Caller, ApiError> {
+        self.check_user(user.as_str(), ops)?;
+        let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
+        Ok(Caller { site, user: user.clone(), admin: true, scopes: Scopes::ALL, ceilings: Ceilings::NONE })
+    }
+
+    /// Counts the ops of a batch beyond its first against its caller's limit: its admission
+    /// counted one request, before its body told how many ops it holds.
+    pub(super) fn check_batch(&self, caller: &Caller, ops: usize) -> Result<(), ApiError> {
+        let ops = u32::try_from(ops).unwrap_or(u32::MAX);
+        self.rate_limits().check_user_rest(caller.user.as_str(), ops).map_err(|wait| {
+            self.metrics().rate_limited(LimitScope::User);
+            wait.into()
+        })
+    }
+
+    /// Room for a request body of `declared` bytes among the bytes in flight, or `503 busy`.
+    pub(super) fn hold_body(&self, declared: Option<u64>) -> Result<Held, ApiError> {
+        self.inner.bodies.hold(declared).inspect_err(|_| self.metrics().body_refused_busy())
+    }
+
+    /// A body that did not arrive in time counts against its client's address, whatever its
+    /// token: the address held the connection. The answer is `408` all the same, even when the
+    /// address has nothing left to count against.
+    pub(super) fn body_timed_out(&self, ip: IpAddr) {
+        self.metrics().body_timed_out();
+        let _ = self.rate_limits().check_address(ip);
     }
 
     /// A request refused before its token was read still counts against its address.

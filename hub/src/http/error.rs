@@ -27,6 +27,12 @@ impl ApiError {
         ApiError { status, code, message: message.into(), current: None, retry_after: None }
     }
 
+    /// Tells the client to wait `secs` seconds before it sends again (`Retry-After`).
+    pub(super) fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+
     fn with_current(mut self, record: Record) -> ApiError {
         self.current = Some(record);
         self
@@ -52,13 +58,12 @@ impl From<AuthError> for ApiError {
 
 impl From<RetryAfter> for ApiError {
     fn from(RetryAfter(secs): RetryAfter) -> ApiError {
-        let mut e = ApiError::new(
+        ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!("too many requests; retry in {secs} s"),
-        );
-        e.retry_after = Some(secs);
-        e
+        )
+        .retry_after(secs)
     }
 }
 

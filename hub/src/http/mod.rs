@@ -5,6 +5,7 @@
 mod admin;
 mod answer;
 mod app;
+mod body;
 mod client;
 mod error;
 
@@ -19,7 +20,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use protocol::{
     BatchRequest, DataType, DeltaRequest, GetQuery, PostRequest, PushRequest, QueryAction, Refusal, UserId,
     parse_data_types,
@@ -32,6 +32,7 @@ use tower_http::trace::TraceLayer;
 
 pub(crate) use answer::{json, record_state};
 pub use app::{App, Sites};
+use body::Unread;
 pub use client::ClientAddr;
 pub use error::ApiError;
 
@@ -64,7 +65,7 @@ pub fn router(app: App) -> Router {
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
                     match req.extensions().get::<ClientAddr>() {
-                        Some(c) => tracing::info_span!("req", id = %id, client = %c.ip(), scheme = c.scheme()),
+                        Some(c) => tracing::info_span!("req", id = %id, client = %c.ip(), scheme = %c.scheme()),
                         None => tracing::info_span!("req", id = %id),
                     }
                 }))
@@ -169,7 +170,7 @@ async fn sync_get(
             QueryAction::Get => Action::Get,
         };
         saw.types = TypeSet::of(&query.types);
-        let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), 1, &mut saw)?;
+        let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), &mut saw)?;
         match query.action {
             QueryAction::Timestamp => timestamp(&app, &caller, query).await,
             QueryAction::Get => get(&app, &caller, query, &headers).await,
@@ -214,16 +215,34 @@ fn parse_get(raw: &str) -> Result<Query, ApiError> {
     Ok(Query { action, user, types, single: !list.contains(','), site: query.site_id })
 }
 
-async fn sync_post(
-    State(app): State<App>,
-    client: ClientAddr,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+/// A POST, in this order: its token and the rate limit it selects, what its headers say of its
+/// body, then the body itself, read within the body timeout, and its ops beyond the first
+/// counted once it is parsed. Nothing of the body is read before its token is checked; a body
+/// left unread is discarded once the request is answered.
+async fn sync_post(State(app): State<App>, client: ClientAddr, headers: HeaderMap, body: Body) -> Response {
     let mut saw = Seen::default();
+    let mut unread = Some(body);
+    let timeout = app.config().limits.body_timeout();
     let response = timed(&app, async {
-        let (request, user) =
-            parse_post(&headers, body).await.map_err(|e| app.refuse_unauthenticated(client.ip(), e))?;
+        let caller = app.admit_token(&headers, client.ip(), &mut saw)?;
+        // With auth off, nothing is counted before the body names its user: a refusal until
+        // then counts against the address.
+        let anonymous = |e| if caller.is_some() { e } else { app.refuse_unauthenticated(client.ip(), e) };
+        let _held = body::admit(&app, &headers).map_err(anonymous)?;
+        let Some(body) = unread.take() else { unreachable!("the body is read once") };
+        let bytes = match body::read(body, timeout).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let error = e.error(timeout);
+                match e {
+                    Unread::TooLarge(rest) => unread = Some(rest),
+                    Unread::TimedOut => app.body_timed_out(client.ip()),
+                    Unread::Broken => {}
+                }
+                return Err(anonymous(error));
+            }
+        };
+        let (request, user) = parse_post(&bytes).map_err(anonymous)?;
         let (action, types, ops) = match &request {
             PostRequest::Push(p) => (Action::Push, vec![p.data_type.as_str()], 1),
             PostRequest::Delta(d) => (Action::Delta, vec![d.data_type.as_str()], 1),
@@ -234,8 +253,13 @@ async fn sync_post(
         saw.action = action;
         let types: Vec<DataType> = types.into_iter().filter_map(|t| DataType::parse(t).ok()).collect();
         saw.types = TypeSet::of(&types);
-        let site = request.site_id();
-        let caller = app.admit(&headers, client.ip(), &user, Some(site), ops, &mut saw)?;
+        let caller = match caller {
+            Some(caller) => {
+                app.check_batch(&caller, ops)?;
+                caller
+            }
+            None => app.admit_named(&user, Some(request.site_id()), ops)?,
+        };
         match request {
             PostRequest::Push(request) => {
                 let written = push(&app, &caller, request).await?;
@@ -251,6 +275,9 @@ async fn sync_post(
         }
     })
     .await;
+    if let Some(body) = unread {
+        body::discard(body, &app.config().limits);
+    }
     seen(response, saw)
 }
 
@@ -300,42 +327,9 @@ async fn delta(app: &App, caller: &Caller, mut request: DeltaRequest) -> Result<
     app.domain().delta(caller, request, grant).await
 }
 
-/// Reads and parses a POST body: JSON only (415), at most [`MAX_BODY`] bytes (413).
-async fn parse_post(headers: &HeaderMap, body: Body) -> Result<(PostRequest, UserId), ApiError> {
-    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
-        let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-    });
-    if !is_json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as Content-Type: application/json",
-        ));
-    }
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body is larger than {} KiB", MAX_BODY / 1024),
-        )
-    };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(too_large());
-    }
-    let bytes = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return Err(too_large()),
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "body_unreadable",
-                "the body could not be read",
-            ));
-        }
-    };
-    let request = PostRequest::parse(&bytes)?;
+/// Parses a POST body, and the user it names.
+fn parse_post(bytes: &[u8]) -> Result<(PostRequest, UserId), ApiError> {
+    let request = PostRequest::parse(bytes)?;
     let user = UserId::parse(request.user_id())?;
     Ok((request, user))
 }
