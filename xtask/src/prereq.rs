@@ -15,7 +15,7 @@ pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 pub const WASM_BINDGEN_VERSION: &str = "0.2.129";
 
 /// Everything `cargo xtask test` needs, in the order it is checked.
-pub const FOR_TESTS: &[Need] = &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM, PHP];
+pub const FOR_TESTS: &[Need] = &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM, PHP, NGINX];
 
 /// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
@@ -67,6 +67,15 @@ const PHP: Need = Need {
     name: "PHP (command line)",
     present: || succeeds("php", &["--version"]),
     install: Install::Apt(&["php-cli"]),
+};
+
+/// Runs in front of the hub in `hub/tests/proxy.rs`, with the deployment guide's
+/// configuration (`deploy/nginx/unified-sync-hub.conf`). Debian installs it in /usr/sbin,
+/// which is not on every user's PATH.
+const NGINX: Need = Need {
+    name: "nginx",
+    present: || succeeds("nginx", &["-v"]) || succeeds("/usr/sbin/nginx", &["-v"]),
+    install: Install::Apt(&["nginx"]),
 };
 
 /// Something a task needs.

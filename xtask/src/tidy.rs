@@ -35,6 +35,11 @@ const FORBIDDEN_NAMES: &[(&str, &[&str])] = &[
     ("sync-core/src", &["Instant::now", "SystemTime"]),
 ];
 
+/// Where a request's client could be read from other than `ClientAddr`: in `hub/src/http`,
+/// only `client.rs` names them, which believes forwarding headers from trusted proxies alone.
+const CLIENT_SOURCES: &[&str] = &["ConnectInfo", "x-forwarded", "x-real-ip", "FORWARDED"];
+const CLIENT_RS: &str = "hub/src/http/client.rs:";
+
 /// The hub's modules, outermost first: a module imports (`crate::…`) only modules of a later
 /// rank, so that requests travel one way, `server` → `http` → `domain` → `store`, with what
 /// several layers need below them all.
@@ -56,6 +61,9 @@ pub fn run() -> anyhow::Result<()> {
     for (path, forbidden) in FORBIDDEN_NAMES {
         problems.extend(forbidden_names(path, forbidden)?);
     }
+    problems.extend(
+        forbidden_names("hub/src/http", CLIENT_SOURCES)?.into_iter().filter(|p| !p.starts_with(CLIENT_RS)),
+    );
     problems.extend(tracked_build_outputs()?);
     problems.extend(wasm_bindgen_pinned()?);
     if !problems.is_empty() {

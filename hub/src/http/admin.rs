@@ -50,11 +50,7 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
 }
 
 /// Every metric, in the OpenMetrics text format Prometheus scrapes.
-async fn metrics(
-    State(app): State<App>,
-    client: ClientAddr,
-    headers: HeaderMap,
-) -> Response {
+async fn metrics(State(app): State<App>, client: ClientAddr, headers: HeaderMap) -> Response {
     let response = match app.admit_admin(&headers, client) {
         Ok(()) => {
             let mut response = app.metrics().encode().into_response();
@@ -71,11 +67,7 @@ async fn metrics(
 }
 
 /// The last hour in ten-second slots, for the dashboard's charts.
-async fn data(
-    State(app): State<App>,
-    client: ClientAddr,
-    headers: HeaderMap,
-) -> Response {
+async fn data(State(app): State<App>, client: ClientAddr, headers: HeaderMap) -> Response {
     let response = match app.admit_admin(&headers, client) {
         Ok(()) => json(StatusCode::OK, &app.metrics().recent(now_ms())),
         Err(e) => e.into_response(),
