@@ -594,6 +594,90 @@ fn requests_in_flight_with_an_expired_token_share_one_refresh() {
 }
 
 #[test]
+fn an_expired_token_is_replaced_at_once_and_the_fresh_one_lifts_the_hubs_hold() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    // A write and a check leave together with the token that just expired: the write is
+    // answered 429 with a ten-minute Retry-After, the check 401 token_expired.
+    sim.hub().script([Mode::Busy { retry_after: 600 }]);
+    let op_id = tab.apply_delta(10).unwrap();
+    let ticket = tab.trigger(Trigger::TabVisible);
+    sim.run_for(5_000);
+    assert_eq!(
+        tab.token_asks(),
+        2,
+        "a fresh token was asked for during the hold:
+{}",
+        tab.debug_log()
+    );
+    assert_eq!(
+        sim.hub().applied(&op_id),
+        1,
+        "the hold came with the expired token's answers; the fresh token's write went at once:
+{}",
+        tab.debug_log()
+    );
+    assert!(tab.check_done(ticket).is_some());
+    sim.run_for(5_000);
+    assert_eq!(tab.status(), Status::Idle);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn an_expired_token_is_replaced_once_the_browser_is_back_online_not_before() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    // The check's 401 token_expired arrives after the browser said it went offline: the
+    // page could not reach its backend for a fresh token, so none is asked for yet.
+    sim.net().hold_when(|p| p.is_reply() && action_of(p.request()) == "timestamp");
+    let ticket = tab.trigger(Trigger::TabVisible);
+    sim.run_for(1_000);
+    tab.go_offline();
+    sim.release();
+    sim.run_for(1_000);
+    assert_eq!(tab.check_done(ticket), Some(false), "offline: the check ended with cached data");
+    assert_eq!(tab.token_asks(), 1, "{}", tab.debug_log());
+    tab.come_online();
+    sim.drive();
+    assert_eq!(tab.token_asks(), 2, "{}", tab.debug_log());
+    assert_eq!(tab.status(), Status::Idle);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_page_whose_anonymous_requests_are_limited_recovers_with_a_fresh_token() {
+    let (sim, tab) = signed_in();
+    // Anonymous clients at the page's address have used up its limit: requests without a
+    // token the hub knows get 429 for a minute. The page's token expires; an expired token is
+    // not anonymous, so the hub says so instead of 429.
+    sim.hub().set_anonymous_limited(Some(60));
+    sim.hub().expire_tokens();
+    let op_id = tab.delta(10);
+    assert_eq!(sim.hub().applied(&op_id), 1, "{}", tab.debug_log());
+    assert_eq!(tab.token_asks(), 2);
+    let statuses: Vec<Option<u16>> = sim.hub().seen().iter().map(|s| s.status).collect();
+    assert!(!statuses.contains(&Some(429)), "{statuses:?}");
+    assert!(tab.tab_returns());
+    assert_eq!(tab.status(), Status::Idle);
+    assert_in_step(&sim, &tab);
+}
+
+#[test]
+fn a_fresh_token_that_has_expired_already_sets_status_error_without_a_loop() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    // The site's backend hands out a token it kept too long.
+    tab.script_tokens([TokenAnswer::Expired]);
+    assert!(!tab.tab_returns());
+    assert_eq!(tab.status(), Status::Error);
+    assert_eq!(tab.token_asks(), 2, "one fresh token, then no more asking");
+    let mark = tab.mark();
+    sim.run_for(10 * 60 * 1000);
+    assert!(tab.requests_since(mark).is_empty(), "no loop against a backend whose tokens are stale");
+    assert!(tab.force_sync(), "an explicit check asks again, and the next token is good");
+}
+
+#[test]
 
 fn an_engine_waiting_on_auth_does_not_ask_to_be_woken_in_the_past() {
     let (sim, tab) = signed_in();

@@ -97,6 +97,11 @@ impl Checks {
         self.hold_until_ms = self.hold_until_ms.max(now + ms);
     }
 
+    /// The hold ends now: it came with answers to a token since replaced.
+    pub(super) fn lift_hold(&mut self, now: u64) {
+        self.hold_until_ms = self.hold_until_ms.min(now);
+    }
+
     /// When the last check ended, if none runs.
     fn last_end(&self) -> Option<u64> {
         match self.state {
@@ -376,10 +381,12 @@ impl Engine {
                 Ok(body)
             }
             Reply::Answer { status, body, retry_after, .. } => {
-                let hubs = wire::refusal(&body).is_some();
+                let refusal = wire::refusal(&body);
+                let hubs = refusal.is_some();
+                let expired = refusal.is_some_and(|r| r.code == wire::code::TOKEN_EXPIRED);
                 match status {
                     401 if hubs => {
-                        return if self.token_refused(sent_with) {
+                        return if self.token_refused(sent_with, expired) {
                             Err(Retry::WithFreshToken)
                         } else {
                             Err(Retry::No)

@@ -203,10 +203,17 @@ impl Engine {
     }
 
     /// The answer to [`Event::NeedToken`]: a token, or `None` if the page could not get one.
+    /// A fresh token that replaces one the hub refused goes at once: the hub's hold and the
+    /// writes' backoff came with answers to the refused token (which a hub may have counted
+    /// against the page's address, shared with anonymous clients), not to this one.
     pub fn handle_token(&mut self, now: u64, token: Option<String>) {
         if !self.token.answered(token) {
             self.log(&["token unavailable → ERROR"]);
             self.finish_check(now, false);
+        } else if self.token.fresh() {
+            self.checks.lift_hold(now);
+            self.writes.retry_now(now);
+            self.tick(now);
         }
         self.pump(now);
     }

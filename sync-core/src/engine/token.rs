@@ -1,10 +1,10 @@
 //! The page's token: asked for when a request must go and there is none, refreshed once
-//! after the hub refuses it (401), given up on when the hub refuses the fresh one too, says
-//! 403, or the page has none — until an explicit trigger starts over with a fresh one. Sends
-//! nothing and knows no request: the engine asks it what to attach and tells it what the hub
-//! said.
+//! after the hub refuses it (401) — at once, whatever else waits, when the hub says it
+//! expired — given up on when the hub refuses the fresh one too, says 403, or the page has
+//! none — until an explicit trigger starts over with a fresh one. Sends nothing and knows no
+//! request: the engine asks it what to attach and tells it what the hub said.
 
-use super::Engine;
+use super::{Engine, Link};
 use crate::Event;
 
 /// The token, and where getting one stands.
@@ -51,6 +51,11 @@ impl Token {
     /// The page was asked for a token and has not answered.
     pub(super) fn asked(&self) -> bool {
         matches!(self.state, State::Asked { .. })
+    }
+
+    /// The token held replaced one the hub refused, and no answer has shown it good yet.
+    pub(super) fn fresh(&self) -> bool {
+        matches!(self.state, State::Held { refreshed: true, .. })
     }
 
     /// Whether a request can go now: a token is held, or none is needed. When one is missing,
@@ -168,11 +173,17 @@ impl Token {
 
 impl Engine {
     /// After a 401: whether the request should be repeated (with the token now held, or a
-    /// fresh one); logs what the token machine decided.
-    pub(super) fn token_refused(&mut self, sent_with: Option<&str>) -> bool {
+    /// fresh one); logs what the token machine decided. A token the hub says `expired` is
+    /// replaced at once, whatever else waits — the hub's hold, a write's backoff, or no
+    /// request due at all — so that the fresh one is there for the next request; unless the
+    /// browser is offline, when the page could not reach its backend for one.
+    pub(super) fn token_refused(&mut self, sent_with: Option<&str>, expired: bool) -> bool {
         let (repeat, why) = self.token.refused(sent_with);
         if let Some(why) = why {
             self.log(&[why]);
+        }
+        if repeat && expired && self.link != Link::Offline {
+            self.token.ready(&mut self.events);
         }
         repeat
     }

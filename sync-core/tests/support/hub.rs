@@ -15,10 +15,11 @@
 //! one: bound to its site, user, op id, data type and amounts, and to its expiry on the fake
 //! clock.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use base64::Engine as _;
 
+use protocol::wire::code::TOKEN_EXPIRED;
 use protocol::{
     BatchAnswer, BatchRequest, DataType, DeltaAnswer, ErrorAnswer, GetAnswer, GetManyAnswer, Limits,
     MAX_AMOUNT, OpId, PostRequest, PushAnswer, RecordState, SiteId, Stamp, TimestampAnswer, TimestampsAnswer,
@@ -153,6 +154,13 @@ pub struct FakeHub {
     tokens_required: bool,
     /// Valid tokens and whom they speak for: (site, user).
     tokens: BTreeMap<String, (String, String)>,
+    /// Tokens this hub minted that have expired: `401 token_expired`, counted against their
+    /// user, never against the address.
+    expired: BTreeSet<String>,
+    /// Requests without a token the hub knows (none, or one it cannot verify) are answered
+    /// `429 rate_limited` with this `Retry-After`: other clients at the page's address have
+    /// used up the address's limit.
+    anonymous_limited: Option<u64>,
     minted: u64,
     /// Grants the sites' backends minted (this hub's stand-in for their signatures).
     grants: BTreeMap<String, GrantClaims>,
@@ -183,6 +191,8 @@ impl FakeHub {
             script: VecDeque::new(),
             tokens_required: true,
             tokens: BTreeMap::new(),
+            expired: BTreeSet::new(),
+            anonymous_limited: None,
             minted: 0,
             grants: BTreeMap::new(),
             grant_ttl_ms: GRANT_TTL_MS,
@@ -311,7 +321,23 @@ impl FakeHub {
 
     /// Every token minted so far expires.
     pub fn expire_tokens(&mut self) {
-        self.tokens.clear();
+        self.expired.extend(std::mem::take(&mut self.tokens).into_keys());
+    }
+
+    /// A token `site`'s backend minted for `user` that has expired already (a stale one it
+    /// kept too long).
+    pub fn mint_expired_token(&mut self, site: &str, user: &str) -> String {
+        let token = self.mint_token(site, user);
+        self.tokens.remove(&token);
+        self.expired.insert(token.clone());
+        token
+    }
+
+    /// Whether requests without a token the hub knows are refused `429` with `Retry-After:
+    /// retry_after` seconds (`Some`), as when anonymous clients at the page's address flood
+    /// the hub, or answered `401` (`None`).
+    pub fn set_anonymous_limited(&mut self, retry_after: Option<u64>) {
+        self.anonymous_limited = retry_after;
     }
 
     /// A new database: every record and op id is gone, and the epoch changes.
@@ -416,19 +442,27 @@ impl FakeHub {
         }
     }
 
-    /// Who the request's token speaks for: `Ok(None)` with auth off, a 401 answer when the
-    /// token is missing or not one the hub minted.
+    /// Who the request's token speaks for: `Ok(None)` with auth off; `401 token_expired` for a
+    /// token the hub minted that has expired; and for a missing token or one the hub did not
+    /// mint, a 401, or a 429 while anonymous requests are limited.
     fn caller(&self, token: Option<&str>) -> Result<Option<(String, String)>, Reply> {
         if !self.tokens_required {
             return Ok(None);
         }
-        let Some(token) = token else {
-            return Err(error(401, "missing_token", "send Authorization: Bearer <token>"));
+        let anonymous = |code, message| match self.anonymous_limited {
+            Some(secs) => error_with(429, "rate_limited", "too many requests; retry later", None, Some(secs)),
+            None => error(401, code, message),
         };
-        match self.tokens.get(token) {
-            Some(who) => Ok(Some(who.clone())),
-            None => Err(error(401, "invalid_token", "the token is invalid or expired")),
+        let Some(token) = token else {
+            return Err(anonymous("missing_token", "send Authorization: Bearer <token>"));
+        };
+        if let Some(who) = self.tokens.get(token) {
+            return Ok(Some(who.clone()));
         }
+        if self.expired.contains(token) {
+            return Err(error(401, TOKEN_EXPIRED, "the token has expired; ask the site for a fresh one"));
+        }
+        Err(anonymous("invalid_token", "the token is invalid"))
     }
 
     fn get(&mut self, _now: u64, request: &Request) -> Reply {

@@ -69,8 +69,10 @@ const MAX_STEPS: usize = 100_000;
 pub enum TokenAnswer {
     /// A token the hub accepts, freshly minted by the site's backend.
     Valid,
-    /// A token the hub refuses (expired, or for another hub).
+    /// A token the hub refuses (forged, or for another hub).
     Bad,
+    /// A token the site's backend minted long ago, which the hub says has expired.
+    Expired,
     /// The page could not get a token (`handle_token(None)`).
     Unavailable,
 }
@@ -1072,7 +1074,8 @@ impl Host for TabHost<'_> {
     fn token(&mut self) -> Answer<Option<String>> {
         Answer::Now(match self.tokens.pop_front().unwrap_or(TokenAnswer::Valid) {
             TokenAnswer::Valid => Some(self.hub.mint_token(self.site, USER)),
-            TokenAnswer::Bad => Some("expired-token".to_owned()),
+            TokenAnswer::Bad => Some("forged-token".to_owned()),
+            TokenAnswer::Expired => Some(self.hub.mint_expired_token(self.site, USER)),
             TokenAnswer::Unavailable => None,
         })
     }
