@@ -200,10 +200,7 @@ pub struct Metrics {
     registry: Registry,
     counts: Arc<Counts>,
     open_connections: Gauge,
-    /// Open connections with a request in progress.
-    active_connections: Gauge,
-    /// Open connections without one: `open_connections` − `active_connections`.
-    idle_connections: Gauge,
+    connection_states: ConnectionStates,
     refused_per_address: Counter,
     closed_idle: Counter,
     /// Bytes of request bodies held now (see `limits.max_body_bytes_in_flight`).
@@ -242,9 +239,10 @@ impl Metrics {
             "Client connections open now: `active` with a request in progress, `idle` without",
             connections.clone(),
         );
-        let active_connections =
-            connections.get_or_create(&ConnectionStateLabels { state: "active" }).clone();
-        let idle_connections = connections.get_or_create(&ConnectionStateLabels { state: "idle" }).clone();
+        // One at a time: the family is locked while a gauge it returned is borrowed.
+        let active = connections.get_or_create(&ConnectionStateLabels { state: "active" }).clone();
+        let idle = connections.get_or_create(&ConnectionStateLabels { state: "idle" }).clone();
+        let connection_states = ConnectionStates { active, idle };
         let refused = Family::<ConnectionLimitLabels, Counter>::default();
         registry.register(
             "connections_refused",
@@ -306,8 +304,7 @@ impl Metrics {
             registry,
             counts,
             open_connections,
-            active_connections,
-            idle_connections,
+            connection_states,
             refused_per_address,
             closed_idle,
             body_bytes_in_flight,
@@ -386,24 +383,17 @@ impl Metrics {
 
     pub fn connection_opened(&self) {
         self.open_connections.inc();
-        self.idle_connections.inc();
+        self.connection_states.idle.inc();
     }
 
     pub fn connection_closed(&self) {
         self.open_connections.dec();
-        self.idle_connections.dec();
+        self.connection_states.idle.dec();
     }
 
-    /// A connection's first request in progress arrived.
-    pub fn connection_active(&self) {
-        self.idle_connections.dec();
-        self.active_connections.inc();
-    }
-
-    /// A connection's last request in progress finished.
-    pub fn connection_inactive(&self) {
-        self.active_connections.dec();
-        self.idle_connections.inc();
+    /// What each connection tells as its requests come and go.
+    pub fn connection_states(&self) -> ConnectionStates {
+        self.connection_states.clone()
     }
 
     /// Counts a connection closed at once because its address held its share already.
@@ -477,6 +467,28 @@ impl Metrics {
             now_ms,
             slots,
         }
+    }
+}
+
+/// Open connections by state: `active` with a request in progress, `idle` without (the
+/// rest of `open_connections`). A connection moves between them as its requests come and go.
+#[derive(Debug, Clone)]
+pub struct ConnectionStates {
+    active: Gauge,
+    idle: Gauge,
+}
+
+impl ConnectionStates {
+    /// A connection's first request in progress arrived.
+    pub fn active(&self) {
+        self.idle.dec();
+        self.active.inc();
+    }
+
+    /// A connection's last request in progress finished.
+    pub fn inactive(&self) {
+        self.active.dec();
+        self.idle.inc();
     }
 }
 
@@ -873,7 +885,7 @@ mod tests {
         let m = metrics();
         m.connection_opened();
         m.connection_opened();
-        m.connection_active();
+        m.connection_states().active();
         m.connection_opened();
         m.connection_closed();
         m.connection_refused_per_address();

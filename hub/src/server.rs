@@ -23,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tower::ServiceExt;
 
 use crate::http::App;
+use crate::metrics::Metrics;
 use crate::time::now_ms;
 use connection::{Activity, AnswerBody, PerAddress};
 
@@ -115,6 +116,7 @@ async fn serve_until_idle<C: GracefulConnection>(
     activity: &Activity,
     idle_timeout: Duration,
     mut stop: watch::Receiver<bool>,
+    metrics: &Metrics,
 ) -> Result<(), C::Error> {
     tokio::pin!(connection);
     let stopping = async {
@@ -129,7 +131,7 @@ async fn serve_until_idle<C: GracefulConnection>(
     if !idle {
         return connection.await;
     }
-    activity.closed_for_idleness();
+    metrics.connection_closed_idle();
     tokio::select! {
         ended = &mut connection => ended,
         () = activity.idle_for(idle_timeout) => Ok(()),
@@ -212,7 +214,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let activity = Activity::new(app.clone());
+        let activity = Activity::new(app.metrics().connection_states());
         let service = hyper::service::service_fn({
             let activity = activity.clone();
             move |mut request: hyper::Request<Incoming>| {
@@ -229,11 +231,12 @@ pub async fn serve(
         let (header_read_timeout, idle_timeout) = (limits.header_read_timeout(), limits.idle_timeout());
         let app = app.clone();
         tokio::spawn(async move {
-            app.metrics().connection_opened();
+            let metrics = app.metrics();
+            metrics.connection_opened();
             let ended = match tls {
                 None if speaks_in_time(&stream, header_read_timeout).await => {
                     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    Some(serve_until_idle(connection, &activity, idle_timeout, stop).await)
+                    Some(serve_until_idle(connection, &activity, idle_timeout, stop, metrics).await)
                 }
                 None => None,
                 // Boxed: a TLS connection's state is several times a plain one's, and each
@@ -242,7 +245,7 @@ pub async fn serve(
                     Box::pin(async move {
                         let (stream, http) = tls.handshake(stream, header_read_timeout, peer).await?;
                         let connection = http.serve_connection(TokioIo::new(stream), service);
-                        let serving = serve_until_idle(connection, &activity, idle_timeout, stop);
+                        let serving = serve_until_idle(connection, &activity, idle_timeout, stop, metrics);
                         first_request_within(header_read_timeout, &activity, serving).await
                     })
                     .await
@@ -251,7 +254,7 @@ pub async fn serve(
             if let Some(Err(e)) = ended {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            app.metrics().connection_closed();
+            metrics.connection_closed();
             drop((permit, share));
         });
     }

@@ -14,7 +14,7 @@ use hyper::body::{Frame, SizeHint};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
-use crate::http::App;
+use crate::metrics::ConnectionStates;
 
 /// Open connections per client network: an IPv4 address, or the /64 an IPv6 address is in
 /// (what one subscriber is usually given, so that walking through it gains nothing).
@@ -79,12 +79,12 @@ struct Requests {
 #[derive(Debug)]
 pub struct Activity {
     requests: watch::Sender<Requests>,
-    app: App,
+    states: ConnectionStates,
 }
 
 impl Activity {
-    pub fn new(app: App) -> Arc<Activity> {
-        Arc::new(Activity { requests: watch::Sender::new(Requests::default()), app })
+    pub fn new(states: ConnectionStates) -> Arc<Activity> {
+        Arc::new(Activity { requests: watch::Sender::new(Requests::default()), states })
     }
 
     /// Counts a request as in progress until the returned guard is dropped.
@@ -96,14 +96,9 @@ impl Activity {
             first = r.in_progress == 1;
         });
         if first {
-            self.app.metrics().connection_active();
+            self.states.active();
         }
         InProgress(self.clone())
-    }
-
-    /// Counts the connection as closed for having been idle.
-    pub fn closed_for_idleness(&self) {
-        self.app.metrics().connection_closed_idle();
     }
 
     /// Resolves once the connection's first request has arrived.
@@ -139,7 +134,7 @@ impl Drop for InProgress {
             last = r.in_progress == 0;
         });
         if last {
-            self.0.app.metrics().connection_inactive();
+            self.0.states.inactive();
         }
     }
 }
@@ -178,5 +173,83 @@ impl hyper::body::Body for AnswerBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn an_address_holds_its_cap_and_a_closed_connection_gives_its_place_back() {
+        let table = PerAddress::new(2);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let first = table.take(ip("127.0.0.2")).unwrap();
+        let _second = table.take(ip("127.0.0.2")).unwrap();
+        assert!(table.take(ip("127.0.0.2")).is_none());
+        assert!(table.take(ip("::ffff:127.0.0.2")).is_none(), "an IPv4 address written as IPv6 is the same");
+        let other = table.take(ip("127.0.0.3")).unwrap();
+        drop(first);
+        let _third = table.take(ip("127.0.0.2")).unwrap();
+        drop(other);
+        assert_eq!(table.open.lock().unwrap().len(), 1, "an address without connections is forgotten");
+    }
+
+    #[test]
+    fn ipv6_addresses_count_with_their_64() {
+        let table = PerAddress::new(1);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let _held = table.take(ip("2001:db8:1:2::1")).unwrap();
+        assert!(table.take(ip("2001:db8:1:2:ffff:ffff:ffff:fffe")).is_none());
+        let _next_64 = table.take(ip("2001:db8:1:3::1")).unwrap();
+    }
+
+    fn active(metrics: &Metrics) -> String {
+        let text = metrics.encode();
+        text.lines().find(|l| l.starts_with(r#"hub_connections{state="active"}"#)).unwrap().to_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_in_progress_until_its_answer_has_been_sent_or_dropped() {
+        let metrics = Metrics::new(["roflfaucet"], 0);
+        metrics.connection_opened();
+        let activity = Activity::new(metrics.connection_states());
+        let idle = Duration::from_secs(60);
+        let long = idle * 10;
+
+        let mut answer = AnswerBody::new(Body::from("an answer"), activity.request_arrived());
+        assert_eq!(active(&metrics), r#"hub_connections{state="active"} 1"#);
+        assert!(tokio::time::timeout(long, activity.idle_for(idle)).await.is_err(), "idle before its answer");
+        assert!(answer.frame().await.unwrap().unwrap().is_data());
+        assert!(tokio::time::timeout(long, activity.idle_for(idle)).await.is_err(), "idle inside its answer");
+        assert!(answer.frame().await.is_none());
+        assert_eq!(active(&metrics), r#"hub_connections{state="active"} 0"#);
+        tokio::time::timeout(idle * 2, activity.idle_for(idle)).await.expect("idle once the answer is sent");
+
+        let dropped = AnswerBody::new(Body::from("an answer never sent"), activity.request_arrived());
+        assert!(tokio::time::timeout(long, activity.idle_for(idle)).await.is_err());
+        drop(dropped);
+        tokio::time::timeout(idle * 2, activity.idle_for(idle))
+            .await
+            .expect("idle once the answer is dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_came_and_went_starts_the_idle_time_again() {
+        let metrics = Metrics::new(["roflfaucet"], 0);
+        let activity = Activity::new(metrics.connection_states());
+        let idle = Duration::from_secs(60);
+        let idle_for = activity.idle_for(idle);
+        tokio::pin!(idle_for);
+        assert!(tokio::time::timeout(idle * 2 / 3, &mut idle_for).await.is_err());
+        drop(activity.request_arrived());
+        assert!(
+            tokio::time::timeout(idle * 5 / 6, &mut idle_for).await.is_err(),
+            "idle since before the request"
+        );
+        tokio::time::timeout(idle / 3, &mut idle_for).await.expect("idle since the request");
     }
 }
