@@ -15,7 +15,8 @@ pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 pub const WASM_BINDGEN_VERSION: &str = "0.2.129";
 
 /// Everything `cargo xtask test` needs, in the order it is checked.
-pub const FOR_TESTS: &[Need] = &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM, PHP, NGINX];
+pub const FOR_TESTS: &[Need] =
+    &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM, PHP, NGINX, CURL];
 
 /// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
@@ -67,6 +68,14 @@ const PHP: Need = Need {
     name: "PHP (command line)",
     present: || succeeds("php", &["--version"]),
     install: Install::Apt(&["php-cli"]),
+};
+
+/// A real HTTP/2 client in `hub/tests/bodies.rs`: refusals of uploads still being sent must
+/// reach it whole (Debian's curl speaks HTTP/2 through nghttp2).
+const CURL: Need = Need {
+    name: "curl with HTTP/2",
+    present: || output("curl", &["--version"]).is_ok_and(|v| v.contains("HTTP2")),
+    install: Install::Apt(&["curl"]),
 };
 
 /// Runs in front of the hub in `hub/tests/proxy.rs`, with the deployment guide's
