@@ -557,6 +557,15 @@ impl Config {
         if self.limits.requests_per_minute == 0 || self.limits.unauthenticated_requests_per_minute == 0 {
             bail!("request limits must be at least 1 per minute");
         }
+        if !(1..self.limits.request_timeout_secs).contains(&self.limits.body_timeout_secs) {
+            bail!("limits.body_timeout_secs must be at least 1 and shorter than limits.request_timeout_secs");
+        }
+        if self.limits.max_body_bytes_in_flight < protocol::wire::MAX_BODY_BYTES {
+            bail!(
+                "limits.max_body_bytes_in_flight must hold at least one whole body ({} bytes)",
+                protocol::wire::MAX_BODY_BYTES
+            );
+        }
         if self.limits.max_connections_per_address == 0
             || self.limits.idle_timeout_secs == 0
             || self.limits.http2_max_concurrent_streams == 0
@@ -589,15 +598,6 @@ impl Config {
     /// Checks the settings that decide how records are kept and changed: all that `hub
     /// import` reads, which needs no site, key or certificate.
     pub fn validate_records(&self) -> anyhow::Result<()> {
-        if !(1..self.limits.request_timeout_secs).contains(&self.limits.body_timeout_secs) {
-            bail!("limits.body_timeout_secs must be at least 1 and shorter than limits.request_timeout_secs");
-        }
-        if self.limits.max_body_bytes_in_flight < crate::http::MAX_BODY {
-            bail!(
-                "limits.max_body_bytes_in_flight must hold at least one whole body ({} bytes)",
-                crate::http::MAX_BODY
-            );
-        }
         if self.limits.op_retention_days < 7 {
             bail!("limits.op_retention_days must be at least 7");
         }
@@ -715,6 +715,19 @@ mod tests {
         for half in [Config { tls_key: None, ..both.clone() }, Config { tls_cert: None, ..both.clone() }] {
             let error = half.validate().unwrap_err().to_string();
             assert!(error.contains("tls_cert and tls_key go together"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_body_has_less_time_than_its_request_and_room_for_one_whole_body() {
+        let config = Config { auth: false, ..Config::default() };
+        assert!(config.validate().is_ok());
+        for limits in [
+            Limits { body_timeout_secs: 0, ..config.limits.clone() },
+            Limits { body_timeout_secs: 30, ..config.limits.clone() },
+            Limits { max_body_bytes_in_flight: protocol::wire::MAX_BODY_BYTES - 1, ..config.limits.clone() },
+        ] {
+            assert!(Config { limits, ..config.clone() }.validate().is_err());
         }
     }
 }
