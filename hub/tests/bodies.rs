@@ -162,6 +162,18 @@ async fn a_post_without_a_valid_token_is_answered_before_its_body_is_sent() {
         stream.get_mut().write_all(&push_body("8-evans", 60_000)).await.unwrap();
         assert_eq!(ask(&mut stream, HEALTH).await.status, 200, "{code}: the connection was not kept");
     }
+    // A client that waits for `100 Continue` before it sends its body is answered without
+    // being told to send it.
+    let mut stream = BufReader::new(connect(&addr, Ipv4Addr::LOCALHOST).await);
+    let head = post_head(None, 60_000).replace("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n");
+    ask(&mut stream, &head).await.assert_refused(401, "missing_token");
+    // Nothing follows, and since the body never comes, the connection ends.
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection stayed open")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "");
     let text = scrape(&hub.url).await;
     assert_eq!(sample(&text, "hub_request_body_bytes_in_flight"), Some(0.0), "{text}");
     hub.stop().await;

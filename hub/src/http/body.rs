@@ -167,10 +167,13 @@ enum Cut {
 /// client that sends its whole body before it reads the answer (most HTTP/1.1 clients), or
 /// that fails a stream reset while it is still sending (curl over HTTP/2), then reads the
 /// answer cleanly: the connection is not closed, nor the stream reset, under its upload.
-/// Nothing is kept, so the bytes in flight do not count it.
-pub(super) fn discard(body: Body, limits: &Limits) {
+/// Nothing is kept, so the bytes in flight do not count it. A client that asked `Expect:
+/// 100-continue` is not told to go on: it has sent nothing, and sends nothing.
+pub(super) fn discard(body: Body, headers: &HeaderMap, limits: &Limits) {
     let max = limits.max_discarded_body_bytes;
-    if body.is_end_stream() || body.size_hint().lower() > max {
+    let waits =
+        headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits || body.is_end_stream() || body.size_hint().lower() > max {
         return;
     }
     let timeout = limits.body_timeout();

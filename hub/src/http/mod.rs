@@ -65,7 +65,9 @@ pub fn router(app: App) -> Router {
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
                     match req.extensions().get::<ClientAddr>() {
-                        Some(c) => tracing::info_span!("req", id = %id, client = %c.ip(), scheme = %c.scheme()),
+                        Some(c) => {
+                            tracing::info_span!("req", id = %id, client = %c.ip(), scheme = %c.scheme())
+                        }
                         None => tracing::info_span!("req", id = %id),
                     }
                 }))
@@ -276,7 +278,7 @@ async fn sync_post(State(app): State<App>, client: ClientAddr, headers: HeaderMa
     })
     .await;
     if let Some(body) = unread {
-        body::discard(body, &app.config().limits);
+        body::discard(body, &headers, &app.config().limits);
     }
     seen(response, saw)
 }
