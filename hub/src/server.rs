@@ -8,6 +8,7 @@ mod connection;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,44 +98,45 @@ async fn first_request_within<T>(
     activity: &Activity,
     connection: impl Future<Output = T>,
 ) -> Option<T> {
-    tokio::pin!(connection);
+    let mut connection = pin!(connection);
     tokio::select! {
-        ended = &mut connection => return Some(ended),
-        arrived = tokio::time::timeout(timeout, activity.first_request()) => arrived.ok()?,
+        ended = connection.as_mut() => return Some(ended),
+        () = tokio::time::sleep(timeout) => {}
+    }
+    if !activity.has_had_a_request() {
+        return None;
     }
     Some(connection.await)
 }
 
 /// Serves `connection` until it ends. It is closed gracefully — requests in progress
-/// finish, then it closes — when the hub stops (`stop` turns true), or once it has had no
-/// request in progress for `idle_timeout`. A peer that keeps it open after that (an HTTP/2
-/// peer that never answers the ping of the server's GOAWAY) loses it after another
-/// `idle_timeout`. hyper-util's `GracefulShutdown` watches a connection for the stop only,
-/// and takes it whole, so the idle close could not reach it.
+/// finish, then it closes — once it has had no request in progress for `idle_timeout`, or
+/// when the hub stops (`stop` changes). A peer that keeps it open after that (an HTTP/2 peer
+/// that never answers the ping of the server's GOAWAY) loses it after another
+/// `idle_timeout` without a request. hyper-util's `GracefulShutdown` watches a connection
+/// for the stop only, and takes it whole, so the idle close could not reach it. Every
+/// connection's task holds this future: it is kept small.
 async fn serve_until_idle<C: GracefulConnection>(
-    connection: C,
+    mut connection: Pin<&mut C>,
     activity: &Activity,
     idle_timeout: Duration,
     mut stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<(), C::Error> {
-    tokio::pin!(connection);
-    let stopping = async {
-        let _ = stop.wait_for(|stop| *stop).await;
-    };
-    let idle = tokio::select! {
-        ended = &mut connection => return ended,
-        () = activity.idle_for(idle_timeout) => true,
-        () = stopping => false,
-    };
-    connection.as_mut().graceful_shutdown();
-    if !idle {
-        return connection.await;
-    }
-    metrics.connection_closed_idle();
-    tokio::select! {
-        ended = &mut connection => ended,
-        () = activity.idle_for(idle_timeout) => Ok(()),
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => return ended,
+            () = activity.idle_for(idle_timeout) => {
+                if closing {
+                    return Ok(());
+                }
+                metrics.connection_closed_idle();
+            }
+            _ = stop.changed(), if !closing => {}
+        }
+        closing = true;
+        connection.as_mut().graceful_shutdown();
     }
 }
 
@@ -153,7 +155,7 @@ pub async fn serve(
     let limits = app.config().limits.clone();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let per_address = PerAddress::new(limits.max_connections_per_address);
-    // Turned true when the hub stops; every connection holds a receiver until it ends.
+    // Changed when the hub stops; every connection holds a receiver until it ends.
     let (stopping, stop) = watch::channel(false);
     let housekeeping = tokio::spawn({
         let app = app.clone();
@@ -235,7 +237,8 @@ pub async fn serve(
             metrics.connection_opened();
             let ended = match tls {
                 None if speaks_in_time(&stream, header_read_timeout).await => {
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection =
+                        pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
                     Some(serve_until_idle(connection, &activity, idle_timeout, stop, metrics).await)
                 }
                 None => None,
@@ -244,7 +247,7 @@ pub async fn serve(
                 Some(tls) => {
                     Box::pin(async move {
                         let (stream, http) = tls.handshake(stream, header_read_timeout, peer).await?;
-                        let connection = http.serve_connection(TokioIo::new(stream), service);
+                        let connection = pin!(http.serve_connection(TokioIo::new(stream), service));
                         let serving = serve_until_idle(connection, &activity, idle_timeout, stop, metrics);
                         first_request_within(header_read_timeout, &activity, serving).await
                     })

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use hyper::body::{Frame, SizeHint};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::metrics::ConnectionStates;
 
@@ -65,59 +66,66 @@ impl Drop for Share {
     }
 }
 
-/// The requests of one connection.
-#[derive(Debug, Clone, Copy, Default)]
-struct Requests {
-    in_progress: usize,
-    /// Every request that ever arrived: tells a request that came and went from none.
-    arrived: u64,
-}
-
 /// Whether a connection is in use: a request is in progress from its arrival until its
 /// answer's body has been sent or dropped, so that a long answer (or an upload, which is
-/// read before the answer) keeps it in use while pings alone do not.
+/// read before the answer) keeps it in use while pings alone do not. Every connection has
+/// one, and every request touches it: a request only counts and notes the time, and the
+/// connection's idle timer looks when it is due, so that no request wakes anything.
 #[derive(Debug)]
 pub struct Activity {
-    requests: watch::Sender<Requests>,
+    in_progress: AtomicUsize,
+    /// When the last request arrived or finished, in nanoseconds after `opened`; 0 before
+    /// the first.
+    last_change: AtomicU64,
+    opened: Instant,
     states: ConnectionStates,
 }
 
 impl Activity {
     pub fn new(states: ConnectionStates) -> Arc<Activity> {
-        Arc::new(Activity { requests: watch::Sender::new(Requests::default()), states })
+        Arc::new(Activity {
+            in_progress: AtomicUsize::new(0),
+            last_change: AtomicU64::new(0),
+            opened: Instant::now(),
+            states,
+        })
     }
 
     /// Counts a request as in progress until the returned guard is dropped.
     pub fn request_arrived(self: &Arc<Self>) -> InProgress {
-        let mut first = false;
-        self.requests.send_modify(|r| {
-            r.in_progress += 1;
-            r.arrived += 1;
-            first = r.in_progress == 1;
-        });
-        if first {
+        if self.in_progress.fetch_add(1, Ordering::AcqRel) == 0 {
             self.states.active();
         }
+        self.changed();
         InProgress(self.clone())
     }
 
-    /// Resolves once the connection's first request has arrived.
-    pub async fn first_request(&self) {
-        let mut requests = self.requests.subscribe();
-        let _ = requests.wait_for(|r| r.arrived > 0).await;
+    /// Whether a request has arrived on the connection yet.
+    pub fn has_had_a_request(&self) -> bool {
+        self.last_change.load(Ordering::Acquire) > 0
+    }
+
+    fn changed(&self) {
+        let since = self.opened.elapsed().as_nanos();
+        self.last_change.store(u64::try_from(since).unwrap_or(u64::MAX).max(1), Ordering::Release);
     }
 
     /// Resolves once the connection has had no request in progress, and none arriving, for
-    /// `timeout`.
+    /// `timeout`. A request that came and went in between starts the time again.
     pub async fn idle_for(&self, timeout: Duration) {
-        let mut requests = self.requests.subscribe();
+        let mut due = pin!(tokio::time::sleep(Duration::ZERO));
         loop {
-            let Ok(arrived) = requests.wait_for(|r| r.in_progress == 0).await.map(|r| r.arrived) else {
-                return;
+            due.as_mut().await;
+            let now = Instant::now();
+            let since = if self.in_progress.load(Ordering::Acquire) > 0 {
+                now
+            } else {
+                self.opened + Duration::from_nanos(self.last_change.load(Ordering::Acquire))
             };
-            if tokio::time::timeout(timeout, requests.wait_for(|r| r.arrived != arrived)).await.is_err() {
+            if since + timeout <= now {
                 return;
             }
+            due.as_mut().reset(since + timeout);
         }
     }
 }
@@ -128,14 +136,11 @@ pub struct InProgress(Arc<Activity>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        let mut last = false;
-        self.0.requests.send_modify(|r| {
-            r.in_progress -= 1;
-            last = r.in_progress == 0;
-        });
-        if last {
-            self.0.states.inactive();
+        let activity = &self.0;
+        if activity.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.states.inactive();
         }
+        activity.changed();
     }
 }
 
