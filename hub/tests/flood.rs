@@ -184,8 +184,10 @@ async fn idle_connections_are_closed_and_those_with_a_request_in_progress_are_no
     const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
     let hub = TestHub::start_with(|c| {
         c.limits.idle_timeout_secs = IDLE_TIMEOUT.as_secs();
-        // Only the idle timeout can close a connection within the test.
+        // Only the idle timeout can close a connection within the test, and the uploads
+        // have all the time a body may take.
         c.limits.header_read_timeout_secs = 120;
+        c.limits.body_timeout_secs = c.limits.request_timeout_secs - 1;
     })
     .await;
 
