@@ -258,6 +258,7 @@ const HEADERS: u8 = 0x1;
 const DATA: u8 = 0x0;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -302,16 +303,19 @@ impl RawHttp2 {
     }
 
     async fn next(&mut self) -> Frame {
+        self.next_or_closed().await.expect("the hub closed the connection")
+    }
+
+    /// The next frame, or `None` once the hub has closed the connection.
+    async fn next_or_closed(&mut self) -> Option<Frame> {
         let mut head = [0u8; 9];
-        tokio::time::timeout(SAFETY, self.stream.read_exact(&mut head))
-            .await
-            .expect("the hub sent no frame")
-            .expect("the hub closed the connection");
+        let read = tokio::time::timeout(SAFETY, self.stream.read_exact(&mut head));
+        read.await.expect("the hub sent no frame and did not close the connection").ok()?;
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let mut payload = vec![0; len];
-        self.stream.read_exact(&mut payload).await.unwrap();
+        self.stream.read_exact(&mut payload).await.ok()?;
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        Frame { kind: head[3], flags: head[4], stream, payload }
+        Some(Frame { kind: head[3], flags: head[4], stream, payload })
     }
 
     /// Opens `stream` with a push's headers, its body still to come.
@@ -392,4 +396,31 @@ async fn http2_streams_beyond_the_limit_are_refused() {
         assert_ne!(frame.kind, RST_STREAM, "stream {} was reset", frame.stream);
     }
     assert_eq!(answered, [streams[0], later]);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_told_goaway_before_it_is_closed() {
+    let hub = TestHub::start_with(|c| {
+        c.limits.idle_timeout_secs = 2;
+        c.limits.header_read_timeout_secs = 120;
+    })
+    .await;
+    let (mut raw, _) = RawHttp2::open(FLOOD, &hub).await;
+    // Last stream ids of the GOAWAYs the hub sends, until it closes the connection. The
+    // client answers the hub's pings a while later, as one a network away would: the hub
+    // waits for the answer, well within another idle timeout, before it closes.
+    let mut goaways = Vec::new();
+    while let Some(frame) = raw.next_or_closed().await {
+        if frame.kind == PING && frame.flags == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            raw.send(PING, 0x1, 0, &frame.payload).await;
+        }
+        if frame.kind == GOAWAY {
+            let code = u32::from_be_bytes(frame.payload[4..8].try_into().unwrap());
+            assert_eq!(code, 0, "an idle connection is closed with NO_ERROR");
+            goaways.push(u32::from_be_bytes(frame.payload[..4].try_into().unwrap()) & 0x7fff_ffff);
+        }
+    }
+    // First "no new streams", then, a round trip later, "none was opened": RFC 9113 §6.8.
+    assert_eq!(goaways, [0x7fff_ffff, 0]);
 }

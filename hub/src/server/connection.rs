@@ -111,16 +111,17 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in progress, and none arriving, for
-    /// `timeout`. A request that came and went in between starts the time again.
+    /// `timeout` from now on. A request that came and went in between starts the time again.
     pub async fn idle_for(&self, timeout: Duration) {
-        let mut due = pin!(tokio::time::sleep(Duration::ZERO));
+        let called = Instant::now();
+        let mut due = pin!(tokio::time::sleep(timeout));
         loop {
             due.as_mut().await;
             let now = Instant::now();
             let since = if self.in_progress.load(Ordering::Acquire) > 0 {
                 now
             } else {
-                self.opened + Duration::from_nanos(self.last_change.load(Ordering::Acquire))
+                called.max(self.opened + Duration::from_nanos(self.last_change.load(Ordering::Acquire)))
             };
             if since + timeout <= now {
                 return;
