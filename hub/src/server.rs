@@ -37,6 +37,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The HTTP/2 connection preface; a connection that starts with anything else is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What an HTTP/1.1 connection may have sent that the hub has not read yet: enough for any
+/// request's headers and a whole body (hyper's default read buffer grows to about 400 KiB).
+const READ_BUFFER_BYTES: usize = crate::http::MAX_BODY;
+/// What an HTTP/2 stream may send ahead of the hub's reading: one whole body.
+const H2_STREAM_WINDOW: u32 = crate::http::MAX_BODY as u32;
+/// What an HTTP/2 connection may send ahead of the hub's reading, over all its streams: two
+/// bodies, so that no client parks more than that in the hub's memory per connection, beside
+/// the bodies in flight that `limits.max_body_bytes_in_flight` counts.
+const H2_CONNECTION_WINDOW: u32 = 2 * H2_STREAM_WINDOW;
+
 /// Waits, at most `timeout`, until the client's first bytes tell which protocol it speaks.
 /// hyper's header timeout starts only once the protocol is known, so without this a client
 /// that connects and stays silent (or stops inside the HTTP/2 preface) would hold one of
@@ -169,10 +179,16 @@ pub async fn serve(
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_buf_size(READ_BUFFER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         // An HTTP/2 peer that stops answering pings is gone: its connection is closed.
         .keep_alive_interval(limits.header_read_timeout())
