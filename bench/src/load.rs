@@ -5,7 +5,7 @@
 //! stall by delaying the requests that would have measured it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::scenario::Requests;
@@ -30,6 +30,9 @@ pub struct Plan {
     pub duration: Duration,
     /// Requests per second over all connections (open loop); `None` = as fast as answered.
     pub rate: Option<f64>,
+    /// The local address every connection is made from (any loopback address), so that the
+    /// hub counts this client apart from others on the same machine.
+    pub source: Option<IpAddr>,
 }
 
 /// What a run measured, over its measured part only.
@@ -60,7 +63,8 @@ struct ConnResult {
 pub async fn run(addr: SocketAddr, requests: Arc<Requests>, plan: Plan) -> anyhow::Result<Outcome> {
     let mut senders = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
-        senders.push(connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?);
+        let sender = connect_from(addr, plan.source).await;
+        senders.push(sender.with_context(|| format!("cannot connect to {addr}"))?);
     }
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + plan.warmup;
@@ -73,7 +77,8 @@ pub async fn run(addr: SocketAddr, requests: Arc<Requests>, plan: Plan) -> anyho
             let requests = requests.clone();
             let offset =
                 interval.map_or(Duration::ZERO, |i| i.mul_f64(conn as f64 / plan.connections as f64));
-            tokio::spawn(drive(addr, sender, requests, conn, start + offset, measure_from, end, interval))
+            let schedule = Schedule { start: start + offset, measure_from, end, interval };
+            tokio::spawn(drive(addr, plan.source, sender, requests, conn, schedule))
         })
         .collect();
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
@@ -101,18 +106,25 @@ pub async fn run(addr: SocketAddr, requests: Arc<Requests>, plan: Plan) -> anyho
     })
 }
 
-/// One connection's loop until `end`.
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    addr: SocketAddr,
-    mut sender: SendRequest<Full<Bytes>>,
-    requests: Arc<Requests>,
-    conn: usize,
+/// When one connection sends.
+struct Schedule {
     start: Instant,
     measure_from: Instant,
     end: Instant,
+    /// Between two requests (open loop); `None` = as soon as answered.
     interval: Option<Duration>,
+}
+
+/// One connection's loop until `end`.
+async fn drive(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    mut sender: SendRequest<Full<Bytes>>,
+    requests: Arc<Requests>,
+    conn: usize,
+    schedule: Schedule,
 ) -> anyhow::Result<ConnResult> {
+    let Schedule { start, measure_from, end, interval } = schedule;
     let mut result = ConnResult {
         histogram: Histogram::new_with_bounds(1, 120_000_000, 3)?,
         statuses: BTreeMap::new(),
@@ -154,7 +166,7 @@ async fn drive(
             Ok(_) => {}
             Err(_) => {
                 result.errors += 1;
-                sender = connect(addr).await?;
+                sender = connect_from(addr, source).await?;
             }
         }
     }
@@ -163,9 +175,31 @@ async fn drive(
 
 /// Opens one keep-alive HTTP/1.1 connection.
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+    connect_from(addr, None).await
+}
+
+/// Opens one keep-alive HTTP/1.1 connection from `source`, or from whichever local address
+/// the system picks.
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let stream = tcp(addr, source).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     Ok(sender)
+}
+
+/// A TCP connection to `addr` from `source` (port chosen by the system), without Nagle's delay.
+pub async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let stream = match source {
+        Some(source) => {
+            let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(source, 0)).with_context(|| format!("cannot bind to {source}"))?;
+            socket.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }

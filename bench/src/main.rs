@@ -4,11 +4,12 @@
 //! report.
 
 mod bare;
+mod flood;
 mod load;
 mod scenario;
 mod user_day;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,10 @@ enum Command {
         /// Requests per second in all (open loop); without it, as fast as answered.
         #[arg(long)]
         rate: Option<f64>,
+        /// The local address to connect from, e.g. `127.0.0.3`: another client than the
+        /// others on this machine, to the hub's per-address limits.
+        #[arg(long)]
+        source: Option<IpAddr>,
     },
     /// Open this many keep-alive connections, one request on each, and report the memory
     /// of the server process `pid` while they stay open.
@@ -64,6 +69,25 @@ enum Command {
         connections: usize,
         #[arg(long)]
         pid: u32,
+    },
+    /// Flood the hub from many client addresses, each holding its share of connections
+    /// (idle keep-alives and HTTP/2 connections busy with trickled uploads, as many of each
+    /// as the hub's config allows an address) and trying more; prints one line once in
+    /// place, then holds it until killed.
+    Flood {
+        #[command(flatten)]
+        target: Target,
+        /// The first client address; the others follow it (127.0.0.10, 127.0.0.11, …).
+        #[arg(long, default_value = "127.0.0.10")]
+        first_source: Ipv4Addr,
+        #[arg(long, default_value_t = 38)]
+        addresses: u32,
+        /// Connections each address keeps trying beyond its share.
+        #[arg(long, default_value_t = 8)]
+        extra: usize,
+        /// Seconds between two bytes of an upload.
+        #[arg(long, default_value_t = 2.0)]
+        trickle_secs: f64,
     },
     /// Print the value of one sample of the server's `/metrics` (an unlabelled one).
     Metric {
@@ -118,18 +142,32 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Bare { listen } => bare::serve(listen).await,
             Command::Prepare(target) => prepare(&target).await,
-            Command::Load { target, scenario, connections, warmup_secs, secs, rate } => {
+            Command::Load { target, scenario, connections, warmup_secs, secs, rate, source } => {
                 let plan = load::Plan {
                     connections,
                     warmup: Duration::from_secs_f64(warmup_secs),
                     duration: Duration::from_secs_f64(secs),
                     rate,
+                    source,
                 };
                 let outcome = load::run(target.addr, target.requests(scenario)?, plan).await?;
                 println!("{}", serde_json::to_string(&outcome)?);
                 Ok(())
             }
             Command::Idle { target, connections, pid } => idle(&target, connections, pid).await,
+            Command::Flood { target, first_source, addresses, extra, trickle_secs } => {
+                let limits = hub::config::Config::load(Some(&target.config))?.limits;
+                let plan = flood::Plan {
+                    sources: (0..addresses)
+                        .map(|n| Ipv4Addr::from(u32::from(first_source) + n).into())
+                        .collect(),
+                    per_address: limits.max_connections_per_address,
+                    streams: usize::try_from(limits.http2_max_concurrent_streams)?,
+                    extra,
+                    trickle: Duration::from_secs_f64(trickle_secs),
+                };
+                flood::run(target.addr, target.requests(Scenario::Push)?, plan).await
+            }
             Command::Metric { addr, name } => {
                 println!("{}", metric(addr, &name).await?);
                 Ok(())

@@ -108,6 +108,11 @@ impl Requests {
 }
 
 impl Requests {
+    /// The bearer header of `user`'s token (users are counted modulo those signed).
+    pub fn authorization(&self, user: usize) -> HeaderValue {
+        self.tokens[user % self.tokens.len()].clone()
+    }
+
     /// The writes that give `user` a balance and a profile, each at version 1.
     pub fn seed(&self, user: usize) -> [Request<Full<Bytes>>; 2] {
         let id = user_id(user);

@@ -4,8 +4,10 @@
 //! bare`) and the real hub binary on a fresh data dir, drives both with the same load
 //! generator (`bench load`), and reports every hub result as a fraction of the bare
 //! server's, next to the targets of SPEC §6. Also measures the hub's memory with 10,000
-//! idle keep-alive connections, the package's gzipped size, and the requests of a simulated
-//! day of one user (`bench user-day`). Writes the table to `BENCHMARKS.md` with the machine it
+//! idle keep-alive connections, the package's gzipped size, the requests of a simulated
+//! day of one user (`bench user-day`), and another address's latency and the hub's memory
+//! while many addresses hold every connection and upload the default limits allow (`bench
+//! flood`; alone with `--flood`). Writes the table to `BENCHMARKS.md` with the machine it
 //! ran on.
 //!
 //! Every request is authenticated and rate-limited as in production: the benchmark users
@@ -28,6 +30,14 @@ const CONNECTIONS: usize = 64;
 const USERS: usize = 10_000;
 /// Idle keep-alive connections held open while the hub's memory is read.
 const IDLE_CONNECTIONS: usize = 10_000;
+/// Client addresses of the connection flood, each holding the hub's default share (256
+/// connections): 9,728 of the default 10,000 connection slots, which leaves the measured
+/// client's connections room.
+const FLOOD_ADDRESSES: usize = 38;
+/// The rate of the client measured beside the flood (a fixed one, well below the peak).
+const FLOOD_RATE: f64 = 2_000.0;
+/// The address of the client measured beside the flood.
+const MEASURED_SOURCE: &str = "127.0.0.3";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -37,6 +47,10 @@ pub struct Args {
     /// Seconds each throughput scenario is measured (after a warm-up).
     #[arg(long)]
     secs: Option<f64>,
+    /// Only the connection flood: another address's requests with and without it, and the
+    /// hub's memory with its limits full; prints the figures and does not write BENCHMARKS.md.
+    #[arg(long)]
+    flood: bool,
 }
 
 /// What `bench load` prints.
@@ -76,6 +90,150 @@ struct Returns {
     max_response_bytes: u64,
 }
 
+/// What `bench flood` prints once its connections are all open.
+#[derive(Debug, Deserialize)]
+struct InPlace {
+    addresses: usize,
+    http1_connections: usize,
+    http2_connections: usize,
+    uploads: usize,
+}
+
+/// The `bench flood` process, ended when dropped.
+struct Flooding(Child);
+
+impl Drop for Flooding {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process's memory at one moment, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy)]
+struct ProcMemory {
+    vm_rss_kib: u64,
+    vm_hwm_kib: u64,
+}
+
+fn memory_of(pid: u32) -> anyhow::Result<ProcMemory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read the memory of process {pid}"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
+        Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+    };
+    Ok(ProcMemory { vm_rss_kib: field("VmRSS:")?, vm_hwm_kib: field("VmHWM:")? })
+}
+
+/// What the flooded hub's `/metrics` showed once the measured client was done.
+#[derive(Debug)]
+struct Held {
+    open: f64,
+    active: f64,
+    idle: f64,
+    /// Since the hub started, like the two counts of bodies.
+    refused_per_address: f64,
+    body_bytes: f64,
+    body_bytes_limit: f64,
+    bodies_busy: f64,
+    bodies_timed_out: f64,
+}
+
+/// Another address's requests beside the connection flood, and the hub's memory under it.
+struct Flood {
+    in_place: InPlace,
+    unloaded: Outcome,
+    flooded: Outcome,
+    /// The hub's memory after the unloaded run, before the flood.
+    before: ProcMemory,
+    /// After the flooded run, the flood still in place.
+    during: ProcMemory,
+    held: Held,
+}
+
+impl Flood {
+    fn render_latency(&self) -> anyhow::Result<String> {
+        let f = &self.in_place;
+        let mut out = String::new();
+        writeln!(
+            out,
+            "## Another address under a connection flood
+"
+        )?;
+        writeln!(
+            out,
+            "A hub with the default connection and body limits (`max_connections` 10,000, \
+             `max_connections_per_address` 256, `http2_max_concurrent_streams` 32, \
+             `max_body_bytes_in_flight` 16 MiB, `body_timeout_secs` 10; the rate limit raised as \
+             above) is flooded by `bench flood` (`bench/src/flood.rs`) from {} addresses (127.0.0.10 \
+             on), each holding its 256 connections: {} HTTP/1.1 keep-alives in all, asking \
+             `/healthz` every 8 s and silent otherwise, and {} HTTP/2 connections keeping {} pushes \
+             going, each with a valid token, declaring 64 KiB and sending a byte every 2 s until the \
+             hub cuts it (`408 body_timeout`) or refuses it for the bytes in flight (`503 busy`, \
+             retried after the second it asks), then starting another; each address also tries 8 \
+             more connections a second. A client on {MEASURED_SOURCE} sends timestamp checks at a \
+             fixed {FLOOD_RATE:.0} requests/s over {CONNECTIONS} connections to the same hub, alone \
+             and then while the flood holds; every one of its requests must be answered `200`.\n",
+            f.addresses, f.http1_connections, f.http2_connections, f.uploads
+        )?;
+        writeln!(
+            out,
+            "| client on {MEASURED_SOURCE}, {FLOOD_RATE:.0} checks/s | requests/s | p50 | p99 | p99.9 |"
+        )?;
+        writeln!(out, "| --- | ---: | ---: | ---: | ---: |")?;
+        for (what, o) in [("hub alone", &self.unloaded), ("hub flooded", &self.flooded)] {
+            writeln!(
+                out,
+                "| {what} | {:.0} | {} | {} | {} |",
+                o.requests_per_sec,
+                micros(o.p50_us),
+                micros(o.p99_us),
+                micros(o.p999_us)
+            )?;
+        }
+        writeln!(
+            out,
+            "\nUnder the flood, its p99 is {:.1}× the unloaded hub's.",
+            self.flooded.p99_us as f64 / self.unloaded.p99_us.max(1) as f64
+        )?;
+        Ok(out)
+    }
+
+    fn render_memory(&self) -> anyhow::Result<String> {
+        let h = &self.held;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let mut out = String::new();
+        writeln!(out, "| hub under the connection flood (above) | RSS | peak RSS |")?;
+        writeln!(out, "| --- | ---: | ---: |")?;
+        writeln!(
+            out,
+            "| alone, after the measured client's run | {:.1} MiB | {:.1} MiB |",
+            mib(self.before.vm_rss_kib),
+            mib(self.before.vm_hwm_kib)
+        )?;
+        writeln!(
+            out,
+            "| with its limits full: {:.0} connections open ({:.0} with a request in progress, {:.0} idle), \
+             {:.1} of {:.0} MiB of bodies in flight | {:.1} MiB | {:.1} MiB |",
+            h.open,
+            h.active,
+            h.idle,
+            h.body_bytes / 1024.0 / 1024.0,
+            h.body_bytes_limit / 1024.0 / 1024.0,
+            mib(self.during.vm_rss_kib),
+            mib(self.during.vm_hwm_kib)
+        )?;
+        writeln!(
+            out,
+            "\nBy then the hub had closed {:.0} connections at once for their address's limit, refused \
+             {:.0} bodies `503 busy` and cut {:.0} `408 body_timeout` (`/metrics`).",
+            h.refused_per_address, h.bodies_busy, h.bodies_timed_out
+        )?;
+        Ok(out)
+    }
+}
+
 /// One measured line of the report.
 struct Row {
     what: String,
@@ -94,10 +252,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&work)?;
     let tools = Tools { release: target_dir().join("release"), work: work.clone(), warmup, secs };
+    if args.flood {
+        let flood = tools.flood()?;
+        println!("\n{}", flood.render_latency()?);
+        println!("{}", flood.render_memory()?);
+        return Ok(());
+    }
     let fsync = fsync_latency(&work)?;
 
     let bare = tools.start_bare()?;
-    let grouped = tools.start_hub("group", true)?;
+    let grouped = tools.start_hub("group", true, Caps::Raised)?;
     tools.prepare(grouped.addr, &grouped.config)?;
 
     let mut rows = Vec::new();
@@ -136,30 +300,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let day = tools.user_day(grouped.addr, &grouped.config)?;
     grouped.stop()?;
 
-    let single = tools.start_hub("single", false)?;
+    let single = tools.start_hub("single", false, Caps::Raised)?;
     let fsync_each = tools.load(single.addr, &single.config, "delta", None)?;
     rows.push(Row { what: "durable delta, one fsync per request".into(), outcome: fsync_each, expect: 200 });
     single.stop()?;
 
     // Memory on a fresh process, so that its peak is the idle connections' and not the load's.
-    let idle_hub = tools.start_hub("group", true)?;
+    let idle_hub = tools.start_hub("group", true, Caps::Raised)?;
     let op_log_ids = tools.op_log_ids(idle_hub.addr)?;
     let hub_memory = tools.idle(idle_hub.addr, &idle_hub.config, idle_hub.pid())?;
     let bare_memory = tools.idle(bare.addr, &idle_hub.config, bare.pid())?;
     bare.stop()?;
     idle_hub.stop()?;
+    let flood = tools.flood()?;
 
     for row in &rows {
-        let total: u64 = row.outcome.statuses.values().sum();
-        if row.outcome.statuses.get(&row.expect) != Some(&total) || row.outcome.errors > 0 || total == 0 {
-            bail!(
-                "{}: expected every answer to be {}, got {:?} and {} connection errors",
-                row.what,
-                row.expect,
-                row.outcome.statuses,
-                row.outcome.errors
-            );
-        }
+        all_answered(&row.what, &row.outcome, row.expect)?;
     }
 
     println!("==> cargo xtask build-pkg");
@@ -171,6 +327,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bare_memory,
         package_bytes,
         day,
+        flood,
         fsync,
         secs,
         quick: args.quick,
@@ -182,6 +339,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         std::fs::write(root().join("BENCHMARKS.md"), text)?;
         println!("==> wrote BENCHMARKS.md");
+    }
+    Ok(())
+}
+
+/// Fails unless every answer of `outcome` had the status `expect` and no connection failed.
+fn all_answered(what: &str, outcome: &Outcome, expect: u16) -> anyhow::Result<()> {
+    let total: u64 = outcome.statuses.values().sum();
+    if outcome.statuses.get(&expect) != Some(&total) || outcome.errors > 0 || total == 0 {
+        bail!(
+            "{what}: expected every answer to be {expect}, got {:?} and {} connection errors",
+            outcome.statuses,
+            outcome.errors
+        );
     }
     Ok(())
 }
@@ -240,13 +410,16 @@ impl Tools {
         Ok(Server { child, addr, config: PathBuf::new() })
     }
 
-    /// Starts `hub serve` with its own config and data dir `name` (kept across starts).
-    fn start_hub(&self, name: &str, group_commit: bool) -> anyhow::Result<Server> {
+    /// Starts `hub serve` with its own config, data dir and log `name` (the config and data
+    /// kept across starts, the log in `target/bench-run/name.log` written anew).
+    fn start_hub(&self, name: &str, group_commit: bool, caps: Caps) -> anyhow::Result<Server> {
         let config = self.work.join(format!("{name}.toml"));
         if !config.exists() {
-            std::fs::write(&config, hub_config(&self.work.join(name), group_commit))?;
+            std::fs::write(&config, hub_config(&self.work.join(name), group_commit, caps))?;
         }
         let addr = free_addr()?;
+        // The hub's log: a flood's refusals would fill the terminal.
+        let log = std::fs::File::create(self.work.join(format!("{name}.log")))?;
         let child = Command::new(self.release.join("hub"))
             .arg("serve")
             .arg("--config")
@@ -256,6 +429,7 @@ impl Tools {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("cannot start the hub")?;
         let server = Server { child, addr, config };
@@ -281,6 +455,18 @@ impl Tools {
         scenario: &str,
         rate: Option<f64>,
     ) -> anyhow::Result<Outcome> {
+        self.load_from(addr, config, scenario, rate, None)
+    }
+
+    /// [`Tools::load`] from the local address `source`, a client of its own to the hub.
+    fn load_from(
+        &self,
+        addr: SocketAddr,
+        config: &Path,
+        scenario: &str,
+        rate: Option<f64>,
+        source: Option<&str>,
+    ) -> anyhow::Result<Outcome> {
         let (connections, warmup, secs) =
             (CONNECTIONS.to_string(), self.warmup.to_string(), self.secs.to_string());
         let mut args = vec![
@@ -303,6 +489,9 @@ impl Tools {
         .collect::<Vec<_>>();
         if let Some(rate) = rate {
             args.extend(["--rate".to_owned(), format!("{rate:.0}")]);
+        }
+        if let Some(source) = source {
+            args.extend(["--source".to_owned(), source.to_owned()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let printed = self.run_bench(&args)?;
@@ -341,10 +530,56 @@ impl Tools {
 
     /// The op ids the hub at `addr` indexes in memory, from its `/metrics`.
     fn op_log_ids(&self, addr: SocketAddr) -> anyhow::Result<u64> {
-        let printed =
-            self.run_bench(&["metric", "--addr", &addr.to_string(), "--name", "hub_store_op_log_ids"])?;
-        let value: f64 = printed.parse().with_context(|| format!("bench metric printed {printed:?}"))?;
-        Ok(value as u64)
+        Ok(self.metric(addr, "hub_store_op_log_ids")? as u64)
+    }
+
+    /// The value of the sample `name` (with its labels) in the `/metrics` of the hub at `addr`.
+    fn metric(&self, addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
+        let printed = self.run_bench(&["metric", "--addr", &addr.to_string(), "--name", name])?;
+        printed.parse().with_context(|| format!("bench metric printed {printed:?}"))
+    }
+
+    /// Another address's timestamp checks at [`FLOOD_RATE`] against a hub with the default
+    /// connection limits, alone and then while `bench flood` holds them full from
+    /// [`FLOOD_ADDRESSES`] addresses; the hub's memory and what its `/metrics` showed held.
+    fn flood(&self) -> anyhow::Result<Flood> {
+        let hub = self.start_hub("flood", true, Caps::Default)?;
+        let checks = |hub: &Server| {
+            self.load_from(hub.addr, &hub.config, "timestamp", Some(FLOOD_RATE), Some(MEASURED_SOURCE))
+        };
+        let unloaded = checks(&hub)?;
+        all_answered("timestamp checks of a hub alone", &unloaded, 200)?;
+        let before = memory_of(hub.pid())?;
+        let (addr, addresses) = (hub.addr.to_string(), FLOOD_ADDRESSES.to_string());
+        let args = ["flood", "--addr", &addr, "--config", path(&hub.config)?, "--addresses", &addresses];
+        println!("==> bench {}", args.join(" "));
+        let mut child =
+            self.bench().args(args).stdout(Stdio::piped()).spawn().context("cannot start bench flood")?;
+        let stdout = child.stdout.take().context("bench flood has no stdout")?;
+        let flooding = Flooding(child);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let in_place: InPlace =
+            serde_json::from_str(&line).with_context(|| format!("bench flood printed {line:?}"))?;
+        // Past the body timeout, so that every upload has been cut or refused and started again.
+        std::thread::sleep(Duration::from_secs(12));
+        let flooded = checks(&hub)?;
+        all_answered("timestamp checks of a flooded hub", &flooded, 200)?;
+        let during = memory_of(hub.pid())?;
+        let metric = |name: &str| self.metric(hub.addr, name);
+        let held = Held {
+            open: metric("hub_open_connections")?,
+            active: metric(r#"hub_connections{state="active"}"#)?,
+            idle: metric(r#"hub_connections{state="idle"}"#)?,
+            refused_per_address: metric(r#"hub_connections_refused_total{limit="per_address"}"#)?,
+            body_bytes: metric("hub_request_body_bytes_in_flight")?,
+            body_bytes_limit: metric("hub_request_body_bytes_in_flight_limit")?,
+            bodies_busy: metric(r#"hub_request_bodies_refused_total{reason="busy"}"#)?,
+            bodies_timed_out: metric(r#"hub_request_bodies_refused_total{reason="timeout"}"#)?,
+        };
+        drop(flooding);
+        hub.stop()?;
+        Ok(Flood { in_place, unloaded, flooded, before, during, held })
     }
 
     /// The simulated day of one user against the hub at `addr` (its report goes to stderr).
@@ -372,12 +607,21 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// How many connections the benchmark's hub allows.
+#[derive(Debug, Clone, Copy)]
+enum Caps {
+    /// Room for the idle connections, which all come from one address: the per-address
+    /// connection limit is raised with the total.
+    Raised,
+    /// The hub's defaults, which the flood fills.
+    Default,
+}
+
 /// The hub's config for the benchmark: the `bench` site, the two sites of the simulated day,
-/// a rate limit no benchmark user reaches, and room for the idle connections, which all come
-/// from one address (so the per-address connection limit is raised with the total). The sites'
+/// a rate limit no benchmark user reaches, and the connection limits `caps`. The sites'
 /// backends may sign every scope, day-long tokens, and credits no run reaches the ceilings
 /// of: the load's deltas are credits of the `bench` site's backend.
-fn hub_config(data_dir: &Path, group_commit: bool) -> String {
+fn hub_config(data_dir: &Path, group_commit: bool, caps: Caps) -> String {
     let scopes: Vec<String> = protocol::Scopes::ALL.iter().map(|s| format!("\"{s}\"")).collect();
     let sites: String = ["bench", "roflfaucet", "clickforcharity"]
         .iter()
@@ -389,10 +633,18 @@ fn hub_config(data_dir: &Path, group_commit: bool) -> String {
             )
         })
         .collect();
+    let connections = match caps {
+        Caps::Raised => {
+            format!(
+                "max_connections = {max}\nmax_connections_per_address = {max}\n",
+                max = IDLE_CONNECTIONS * 2
+            )
+        }
+        Caps::Default => String::new(),
+    };
     format!(
-        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\nmax_connections = {max}\nmax_connections_per_address = {max}\n\n[store]\ngroup_commit = {group_commit}\n\n{sites}",
+        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\n{connections}\n[store]\ngroup_commit = {group_commit}\n\n{sites}",
         data_dir.display(),
-        max = IDLE_CONNECTIONS * 2
     )
 }
 
@@ -404,6 +656,7 @@ struct Report {
     bare_memory: Memory,
     package_bytes: u64,
     day: Day,
+    flood: Flood,
     /// How long one write and fsync of a page takes on the disk of the data dir.
     fsync: Duration,
     secs: f64,
@@ -495,7 +748,8 @@ impl Report {
             self.fsync.as_micros(),
             1.0 / self.fsync.as_secs_f64().max(1e-9)
         )?;
-        writeln!(out, "\n## Memory\n")?;
+        writeln!(out, "\n{}", self.flood.render_latency()?)?;
+        writeln!(out, "## Memory\n")?;
         writeln!(out, "| process, {IDLE_CONNECTIONS} idle keep-alive connections | peak RSS |")?;
         writeln!(out, "| --- | ---: |")?;
         writeln!(
@@ -509,7 +763,8 @@ impl Report {
             "| bare hyper server (after its runs) | {:.1} MiB |",
             self.bare_memory.vm_hwm_kib as f64 / 1024.0
         )?;
-        writeln!(out, "\n## A simulated day of one user\n")?;
+        writeln!(out, "\n{}", self.flood.render_memory()?)?;
+        writeln!(out, "## A simulated day of one user\n")?;
         writeln!(
             out,
             "`sync-core` driven natively through the seed's typical usage (`bench user-day`, \
