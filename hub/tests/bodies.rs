@@ -476,4 +476,8 @@ async fn uploads_beyond_the_bytes_in_flight_are_refused_busy_and_memory_stays_bo
         IN_FLIGHT / 1024
     );
     assert!(peak < MEMORY_BOUND, "the hub's peak memory reached {peak} bytes");
+    // Refusals are counted, not logged one by one: a flood does not fill the operator's logs.
+    let log = deployment.log();
+    let errors = log.lines().filter(|line| line.contains("ERROR")).count();
+    assert_eq!(errors, 0, "{FLOOD} refusals logged {errors} errors:\n{log}");
 }

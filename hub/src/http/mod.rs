@@ -28,7 +28,8 @@ use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 pub(crate) use answer::{json, record_state};
 pub use app::{App, Sites};
@@ -62,7 +63,9 @@ pub fn router(app: App) -> Router {
                 .layer(middleware::from_fn_with_state(app.clone(), observe))
                 .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
                 .layer(middleware::from_fn_with_state(app.clone(), client::identify))
-                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
+                // Answers of 5xx are counted in /metrics, and the store's failures logged where
+                // they happen: a flood of `503 busy` must not fill the operator's logs.
+                .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)).make_span_with(|req: &Request<Body>| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
                     match req.extensions().get::<ClientAddr>() {
                         Some(c) => {
