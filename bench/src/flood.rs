@@ -77,7 +77,9 @@ pub async fn run(addr: SocketAddr, requests: Arc<Requests>, plan: Plan) -> anyho
     let plan = Arc::new(plan);
     for (a, &source) in plan.sources.iter().enumerate() {
         for slot in 0..plan.per_address + plan.extra {
-            let held = (slot < plan.per_address).then(|| in_place.clone());
+            // Any slot that gets in counts: an extra one may take a place first, and the one it
+            // took it from keeps trying.
+            let held = Some(in_place.clone());
             let (plan, connecting) = (plan.clone(), connecting.clone());
             if slot % 2 == 0 {
                 tokio::spawn(keep_alive(addr, source, held, connecting));
