@@ -4,7 +4,9 @@
 //! own rate-limit buckets and are logged by their address; an `X-Forwarded-For` forged by a
 //! client, sent straight to the hub or through nginx, picks no other client's bucket;
 //! `/metrics` and the dashboard's data through nginx want the metrics token even with
-//! `allow_loopback`; a hub with auth off refuses whatever a proxy forwards. Clients bind
+//! `allow_loopback`; a page's expired token is told `token_expired` through nginx while
+//! anonymous requests flood its address; a hub with auth off refuses whatever a proxy
+//! forwards. Clients bind
 //! 127.0.0.2, 127.0.0.3 … (or `::1`) before connecting, to be other users.
 
 mod support;
@@ -16,12 +18,14 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use hub::auth::Claims;
 use hub::config::TrustedProxies;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
 };
 use reqwest::StatusCode;
-use support::{PATIENCE, Reply, SiteClient, TestHub};
+use support::{PATIENCE, Reply, SiteClient, TestHub, site_secret};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
@@ -346,6 +350,37 @@ async fn clients_behind_nginx_have_their_own_buckets_and_are_logged_by_their_add
         assert!(logged.contains(client), "no request logged with {client}");
     }
     assert!(logged.contains("client=127.0.0.1 scheme=http}"), "the direct request is logged as nginx's own");
+}
+
+#[tokio::test]
+async fn an_expired_token_through_nginx_is_told_token_expired_while_anonymous_requests_flood() {
+    let hub = hub_behind_nginx(ANONYMOUS_PER_MINUTE).await;
+    let nginx = Nginx::start(&hub).await;
+    // Someone behind the page's address uses up its anonymous bucket.
+    nginx.from("127.0.0.2").exhaust(&[]).await;
+
+    // The page's token, issued an hour ago by its site for this hub, expired 50 minutes ago.
+    let now = get_current_timestamp();
+    let claims = Claims {
+        iss: "roflfaucet".into(),
+        sub: "8-evans".into(),
+        aud: "test-hub".into(),
+        exp: now - 3000,
+        iat: Some(now - 3600),
+        nbf: None,
+        adm: false,
+        scope: None,
+    };
+    let secret = site_secret("roflfaucet");
+    let expired =
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()));
+    let mut page = nginx.page(&hub, "127.0.0.2", "roflfaucet", "8-evans");
+    page.token = Some(expired.unwrap());
+    page.timestamp("balance").await.assert_refused(401, "token_expired");
+    // With a fresh token from its site, the page is served at once.
+    page.token = Some(hub.token("roflfaucet", "8-evans"));
+    page.timestamp("balance").await.assert_ok();
+    nginx.from("127.0.0.2").anonymous(&[]).await.assert_refused(429, "rate_limited");
 }
 
 #[tokio::test]
