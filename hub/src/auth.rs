@@ -233,10 +233,13 @@ impl Keys {
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         if let Some((verified, exp)) = self.recent.get(token, Clone::clone) {
             // The rule jsonwebtoken applies: expired once `exp` is more than the leeway ago.
+            let lifetime = self.sites.get(verified.site.as_str()).map_or(0, |s| s.policy.max_token_ttl_secs);
             return if exp.saturating_add(LEEWAY_SECS) >= now() {
                 Ok(verified)
-            } else {
+            } else if exp.saturating_add(lifetime) >= now() {
                 Err(AuthError::Expired { site: verified.site, user: verified.user })
+            } else {
+                Err(AuthError::Invalid(LONG_EXPIRED.into()))
             };
         }
         let (verified, exp) = self.verify_fully(token)?;
@@ -468,14 +471,22 @@ impl Keys {
     }
 }
 
+/// Why a token that expired longer ago than its site's token lifetime is refused: it no longer
+/// names its user, so that an old token, leaked, cannot use up that user's rate limit.
+const LONG_EXPIRED: &str = "the token expired longer ago than its site's tokens live";
+
 /// Why a token jsonwebtoken found expired is refused: [`AuthError::Expired`] when every other
-/// claim holds (its signature, issuer, audience and subject, and it was not revoked), so that
-/// only a token its site really issued for this hub names a user; else why not.
+/// claim holds (its signature, issuer, audience and subject, and it was not revoked) and it
+/// expired within its site's token lifetime, so that only a token its site really issued for
+/// this hub, lately, names a user; else why not.
 fn expired(token: &str, key: &Key, site_id: &str, policy: &Policy) -> AuthError {
     let claims = match jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.grants) {
         Ok(decoded) => decoded.claims,
         Err(e) => return AuthError::Invalid(e.to_string()),
     };
+    if claims.exp.saturating_add(policy.max_token_ttl_secs) < now() {
+        return AuthError::Invalid(LONG_EXPIRED.into());
+    }
     if policy.tokens_issued_after.is_some_and(|after| claims.iat.is_none_or(|iat| iat < after)) {
         return AuthError::Revoked(format!("the token was issued before {site_id}'s tokens_issued_after"));
     }

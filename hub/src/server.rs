@@ -232,7 +232,12 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let activity = Activity::new(app.metrics().connection_states());
+        // No handler runs longer than the request timeout: an answer that stands still for
+        // that and an idle timeout more is stuck behind a client that reads nothing.
+        let activity = Activity::new(
+            app.metrics().connection_states(),
+            limits.request_timeout() + limits.idle_timeout(),
+        );
         let service = hyper::service::service_fn({
             let activity = activity.clone();
             move |mut request: hyper::Request<Incoming>| {

@@ -156,6 +156,11 @@ async fn a_token_past_its_expiry_is_token_expired_only_if_its_site_issued_it_for
             signed(&claims(USER, 3600, 300), &secret),
             "token_revoked",
         ),
+        (
+            "expired longer ago than its site's tokens live (an old token, leaked)",
+            signed(&claims(USER, 600, 7200), &secret),
+            "invalid_token",
+        ),
         ("genuine", signed(&claims(USER, 600, 300), &secret), "token_expired"),
     ];
     for (case, token, code) in cases {

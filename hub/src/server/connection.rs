@@ -70,23 +70,28 @@ impl Drop for Share {
 /// answer's body has been sent or dropped, so that a long answer (or an upload, which is
 /// read before the answer) keeps it in use while pings alone do not. Every connection has
 /// one, and every request touches it: a request only counts and notes the time, and the
-/// connection's idle timer looks when it is due, so that no request wakes anything.
+/// connection's idle timer looks when it is due, so that no request wakes anything. A request
+/// whose answer has not moved for `stalled` (no frame of it sent since it arrived or since its
+/// last frame: an HTTP/2 client that never opens its flow-control window) no longer keeps the
+/// connection in use; no handler runs that long.
 #[derive(Debug)]
 pub struct Activity {
     in_progress: AtomicUsize,
-    /// When the last request arrived or finished, in nanoseconds after `opened`; 0 before
-    /// the first.
+    /// When the last request arrived or finished, or an answer's frame was sent, in
+    /// nanoseconds after `opened`; 0 before the first.
     last_change: AtomicU64,
     opened: Instant,
+    stalled: Duration,
     states: ConnectionStates,
 }
 
 impl Activity {
-    pub fn new(states: ConnectionStates) -> Arc<Activity> {
+    pub fn new(states: ConnectionStates, stalled: Duration) -> Arc<Activity> {
         Arc::new(Activity {
             in_progress: AtomicUsize::new(0),
             last_change: AtomicU64::new(0),
             opened: Instant::now(),
+            stalled,
             states,
         })
     }
@@ -111,22 +116,24 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in progress, and none arriving, for
-    /// `timeout` from now on. A request that came and went in between starts the time again.
+    /// `timeout` from now on. A request that came and went in between starts the time again;
+    /// one in progress counts only until its answer has stalled.
     pub async fn idle_for(&self, timeout: Duration) {
         let called = Instant::now();
         let mut due = pin!(tokio::time::sleep(timeout));
         loop {
             due.as_mut().await;
             let now = Instant::now();
-            let since = if self.in_progress.load(Ordering::Acquire) > 0 {
-                now
+            let last = self.opened + Duration::from_nanos(self.last_change.load(Ordering::Acquire));
+            let idle_at = if self.in_progress.load(Ordering::Acquire) > 0 {
+                (called + timeout).max(last + self.stalled)
             } else {
-                called.max(self.opened + Duration::from_nanos(self.last_change.load(Ordering::Acquire)))
+                called.max(last) + timeout
             };
-            if since + timeout <= now {
+            if idle_at <= now {
                 return;
             }
-            due.as_mut().reset(since + timeout);
+            due.as_mut().reset(idle_at.min(now + timeout));
         }
     }
 }
@@ -167,8 +174,10 @@ impl hyper::body::Body for AnswerBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
-            self.in_progress = None;
+        match (&frame, &self.in_progress) {
+            (Poll::Ready(Some(Ok(_))), Some(InProgress(activity))) => activity.changed(),
+            (Poll::Ready(None | Some(Err(_))), _) => self.in_progress = None,
+            _ => {}
         }
         frame
     }
@@ -222,9 +231,10 @@ mod tests {
     async fn a_request_is_in_progress_until_its_answer_has_been_sent_or_dropped() {
         let metrics = Metrics::new(["roflfaucet"], 0);
         metrics.connection_opened();
-        let activity = Activity::new(metrics.connection_states());
+        let activity = Activity::new(metrics.connection_states(), STALLED);
         let idle = Duration::from_secs(60);
-        let long = idle * 10;
+        // Longer than the idle time, shorter than an answer may stand still.
+        let long = STALLED - Duration::from_secs(1);
 
         let mut answer = AnswerBody::new(Body::from("an answer"), activity.request_arrived());
         assert_eq!(active(&metrics), r#"hub_connections{state="active"} 1"#);
@@ -243,10 +253,28 @@ mod tests {
             .expect("idle once the answer is dropped");
     }
 
+    /// How long an answer may stand still in the tests.
+    const STALLED: Duration = Duration::from_secs(90);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_never_moves_keeps_its_connection_only_until_it_has_stalled() {
+        let metrics = Metrics::new(["roflfaucet"], 0);
+        let activity = Activity::new(metrics.connection_states(), STALLED);
+        let idle = Duration::from_secs(60);
+        let mut answer = AnswerBody::new(Body::from("an answer"), activity.request_arrived());
+        let idle_for = activity.idle_for(idle);
+        tokio::pin!(idle_for);
+        assert!(tokio::time::timeout(STALLED * 2 / 3, &mut idle_for).await.is_err(), "in use at first");
+        // A frame sent: the answer moved, and the time starts again.
+        assert!(answer.frame().await.unwrap().unwrap().is_data());
+        assert!(tokio::time::timeout(STALLED * 2 / 3, &mut idle_for).await.is_err(), "in use after a frame");
+        tokio::time::timeout(STALLED / 2, &mut idle_for).await.expect("idle once the answer stalled");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_that_came_and_went_starts_the_idle_time_again() {
         let metrics = Metrics::new(["roflfaucet"], 0);
-        let activity = Activity::new(metrics.connection_states());
+        let activity = Activity::new(metrics.connection_states(), STALLED);
         let idle = Duration::from_secs(60);
         let idle_for = activity.idle_for(idle);
         tokio::pin!(idle_for);
