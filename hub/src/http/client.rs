@@ -111,15 +111,15 @@ fn rightmost_untrusted(peer: IpAddr, hops: Vec<Hop>, trusted: &TrustedProxies) -
     client
 }
 
-/// Every `X-Forwarded-For` header's addresses, in order: `203.0.113.7, 10.0.0.2`.
+/// Every `X-Forwarded-For` header's addresses, in order: `203.0.113.7, 10.0.0.2`. Split on
+/// the raw bytes, so that what a client wrote on the left, however malformed, spoils only its
+/// own elements and not the addresses its proxies appended on the right.
 fn x_forwarded_for(headers: &HeaderMap) -> Vec<Hop> {
     headers
         .get_all(X_FORWARDED_FOR)
         .iter()
-        .flat_map(|value| match value.to_str() {
-            Ok(text) => text.split(',').map(address).collect(),
-            Err(_) => vec![Hop::Malformed],
-        })
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(|element| std::str::from_utf8(element).map_or(Hop::Malformed, address))
         .collect()
 }
 
@@ -430,8 +430,13 @@ mod tests {
         binary.insert("forwarded", HeaderValue::from_bytes(b"for=\xff").unwrap());
         let client = ClientAddr::of(PEER.parse().unwrap(), false, &binary, &trusted(&[PEER]));
         assert_eq!(client.ip().to_string(), PEER);
-        // What the client wrote left of the address its proxy appended is never read.
+        // What the client wrote left of the address its proxy appended is never read, even
+        // bytes that are not text.
         assert_eq!(through_proxy(&[("x-forwarded-for", "garbage, 198.51.100.7")]), "198.51.100.7");
+        let mut appended = HeaderMap::new();
+        appended.insert("x-forwarded-for", HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.7").unwrap());
+        let client = ClientAddr::of(PEER.parse().unwrap(), false, &appended, &trusted(&[PEER]));
+        assert_eq!(client.ip().to_string(), "198.51.100.7");
     }
 
     #[test]
