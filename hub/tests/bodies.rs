@@ -10,7 +10,7 @@
 mod support;
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use support::{Deployment, TestHub, sample};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 const SITE: &str = "roflfaucet";
@@ -33,12 +33,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A raw connection to `addr` from the loopback address `from`.
 async fn connect(addr: &str, from: Ipv4Addr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((from, 0))).unwrap();
-    tokio::time::timeout(PATIENCE, socket.connect(addr.parse().unwrap()))
-        .await
-        .unwrap_or_else(|_| panic!("the hub accepted no connection within {PATIENCE:?}"))
-        .unwrap()
+    support::connect_from(addr.parse().unwrap(), from).await
 }
 
 /// The head of a JSON POST to the sync API declaring a body of `length` bytes, with

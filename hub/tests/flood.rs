@@ -7,7 +7,7 @@
 mod support;
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use http_body_util::channel::{Channel, Sender};
@@ -18,7 +18,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use support::{SiteClient, TestHub, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 /// The flood's address.
@@ -32,10 +32,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// A TCP connection to the hub from `from`.
 async fn connect_from(from: Ipv4Addr, hub: &TestHub) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((from, 0))).unwrap();
-    let addr = hub.url.trim_start_matches("http://").parse().unwrap();
-    tokio::time::timeout(SAFETY, socket.connect(addr)).await.expect("the hub accepts connections").unwrap()
+    support::connect_from(hub.url.trim_start_matches("http://").parse().unwrap(), from).await
 }
 
 /// An HTTP/1.1 connection from `from`; the task ends when the connection closes.

@@ -24,14 +24,14 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{Deployment, SITES};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 
 /// Keep-alive connections held for the whole run.
@@ -144,12 +144,7 @@ fn source(n: usize) -> Ipv4Addr {
 /// Opens connections to `addr` from `from`, a few at a time.
 async fn connect(addr: &str, from: Ipv4Addr, gate: &Semaphore) -> TcpStream {
     let _permit = gate.acquire().await.unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((from, 0))).unwrap();
-    tokio::time::timeout(ANSWER_BOUND, socket.connect(addr.parse().unwrap()))
-        .await
-        .unwrap_or_else(|_| panic!("the hub accepted no connection within {ANSWER_BOUND:?}"))
-        .unwrap()
+    support::connect_from(addr.parse().unwrap(), from).await
 }
 
 /// A request head that never ends, to be sent one byte a second.

@@ -181,6 +181,17 @@ pub fn hub_command() -> Command {
 /// How long a `hub` process may take to come up before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
+/// A raw TCP connection to `addr` from the loopback address `from` (127.0.0.x): another user,
+/// for the hub's per-address limits.
+pub async fn connect_from(addr: std::net::SocketAddr, from: std::net::Ipv4Addr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), socket.connect(addr))
+        .await
+        .unwrap_or_else(|_| panic!("{addr} accepted no connection from {from} within a minute"))
+        .unwrap()
+}
+
 /// A home for the real `hub` binary: config file, data dir, log and port, which outlive
 /// each of its processes, so that a hub can be killed and restarted on the same data.
 pub struct Deployment {
