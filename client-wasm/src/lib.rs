@@ -20,11 +20,13 @@ const TYPES: &'static str = r#"
 export type DataType = "balance" | "points" | "profile" | "roles" | "settings";
 /** Where sync stands. */
 export type SyncStatus = "idle" | "syncing" | "offline" | "error";
-/** Why the status is "offline" (the first two) or "error" (the others). */
+/** Why the status is "offline" (the first two) or "error" (the others). "hub_unreachable"
+ *  is also how a hub refusing this page's origin (CORS) looks to a page: the hub logs it. */
 export type SyncStatusReason =
   | "offline"
   | "hub_unreachable"
-  | "auth_failed"
+  | "token_failed"
+  | "unauthorized"
   | "unexpected_answer"
   | "storage_failed";
 
@@ -76,9 +78,12 @@ export interface RecordMeta {
   pending: number;
 }
 
-/** Why the status turned "error": the `"error"` event's argument. */
+/** Why the status turned "error": the `"error"` event's argument. For "unauthorized", the
+ *  hub's own refusal: `hubCode` (e.g. "token_invalid", "origin_not_allowed") and `message`. */
 export interface SyncErrorEvent {
-  code: "auth_failed" | "unexpected_answer" | "storage_failed";
+  code: "token_failed" | "unauthorized" | "unexpected_answer" | "storage_failed";
+  hubCode: string | null;
+  message: string | null;
 }
 
 /** A local write the hub refused; its optimistic effect has been rolled back. Code

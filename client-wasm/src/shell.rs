@@ -284,8 +284,11 @@ impl Shell {
                 self.host.emit(data_type.as_str(), &to_js(&data), &meta);
             }
             Event::Status(status) => self.host.emit("status", &status.as_str().into(), &JsValue::UNDEFINED),
-            Event::Error(reason) => {
-                let error = Json::object().with("code", reason.code());
+            Event::Error { reason, hub_code, message } => {
+                let error = Json::object()
+                    .with("code", reason.code())
+                    .with("hubCode", hub_code)
+                    .with("message", message);
                 self.host.emit("error", &to_js(&error), &JsValue::UNDEFINED);
             }
             Event::Spinner(visible) => self.host.spinner(visible),
@@ -531,9 +534,19 @@ export function connect(channelName, spinner, input) {
         .catch(() => input(8, id, 0));
     },
     ask(callback, request, opId) {
+      const name = opId ? "getGrant" : "getToken";
       Promise.resolve()
         .then(() => callback(request))
-        .then((t) => input(9, 0, 0, typeof t === "string" ? t : "", opId), () => input(9, 0, 0, "", opId));
+        .then(
+          (t) => {
+            if (!opId && !(typeof t === "string" && t)) console.error("unified-balance: getToken gave no token (a string)", t);
+            input(9, 0, 0, typeof t === "string" ? t : "", opId);
+          },
+          (e) => {
+            console.error("unified-balance: " + name + " threw", e);
+            input(9, 0, 0, "", opId);
+          },
+        );
     },
     arm(ms) {
       clearTimeout(timer);

@@ -208,6 +208,7 @@ pub struct Metrics {
     body_bytes_limit: Gauge,
     bodies_refused_busy: Counter,
     bodies_timed_out: Counter,
+    origins_refused: Counter,
     store: StoreMetrics,
     history: Mutex<History>,
 }
@@ -277,6 +278,12 @@ impl Metrics {
         );
         let bodies_refused_busy = bodies_refused.get_or_create(&BodyRefusalLabels { reason: "busy" }).clone();
         let bodies_timed_out = bodies_refused.get_or_create(&BodyRefusalLabels { reason: "timeout" }).clone();
+        let origins_refused = Counter::default();
+        registry.register(
+            "cors_origins_refused",
+            "Requests from a page on an origin no site lists: answered without CORS headers, so the page sees no answer",
+            origins_refused.clone(),
+        );
         let store = StoreMetrics::default();
         registry.register(
             "store_commit_batch_writes",
@@ -311,6 +318,7 @@ impl Metrics {
             body_bytes_limit,
             bodies_refused_busy,
             bodies_timed_out,
+            origins_refused,
             store,
             history: Mutex::new(History {
                 live_start_ms: now_ms - now_ms % SLOT_MS,
@@ -424,6 +432,11 @@ impl Metrics {
     /// Counts a body cut for not arriving in time.
     pub fn body_timed_out(&self) {
         self.bodies_timed_out.inc();
+    }
+
+    /// Counts a request from a page on an origin no site lists.
+    pub fn origin_refused(&self) {
+        self.origins_refused.inc();
     }
 
     /// Everything, in the Prometheus text format.

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use reqwest::Method;
-use support::{Reply, TestHub};
+use support::{Deployment, Reply, TestHub, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TIMESTAMP: &str = "/api/sync.php?action=timestamp&user_id=8-evans&data_type=balance";
@@ -58,6 +58,43 @@ async fn other_origins_and_null_get_no_cors_headers() {
         let response = get.send().await.unwrap();
         assert!(response.headers().get("access-control-allow-origin").is_none(), "{origin}");
     }
+}
+
+#[tokio::test]
+async fn an_origin_no_site_lists_is_counted_and_logged_once_up_to_a_bound() {
+    // To the page, a CORS refusal is a `fetch` that failed, as if the hub were down: the
+    // operator's log and metrics are where an origin missing from the configuration shows.
+    let deployment = Deployment::new(|_| {});
+    let mut hub = deployment.start().await;
+    let send = |origin: String| {
+        support::client()
+            .request(Method::OPTIONS, format!("{}/api/sync.php", deployment.url()))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+    };
+    for _ in 0..3 {
+        let response = send("https://shop.example".to_owned()).await.unwrap();
+        assert!(response.headers().get("access-control-allow-origin").is_none());
+    }
+    // A client making up origins by the hundred fills neither the log nor the hub's memory.
+    for n in 0..200 {
+        send(format!("https://made-up-{n}.example")).await.unwrap();
+    }
+    // A listed origin is neither counted nor logged.
+    let response = send("https://roflfaucet.com".to_owned()).await.unwrap();
+    assert_eq!(response.headers()["access-control-allow-origin"], "https://roflfaucet.com");
+    let metrics = support::client().get(format!("{}/metrics", deployment.url())).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert_eq!(sample(&text, "hub_cors_origins_refused_total"), Some(203.0), "{text}");
+    hub.kill().await.unwrap();
+    let log = deployment.log();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("no site lists")).collect();
+    let shop: Vec<&&str> = refusals.iter().filter(|l| l.contains("https://shop.example")).collect();
+    assert_eq!(shop.len(), 1, "logged once per origin:\n{log}");
+    assert!(shop[0].contains("WARN") && shop[0].contains("`origins`"), "{}", shop[0]);
+    assert_eq!(refusals.len(), 64, "{log}");
+    assert!(!log.contains("https://roflfaucet.com"), "{log}");
 }
 
 #[tokio::test]

@@ -119,9 +119,13 @@ pub enum Reason {
     Offline,
     /// A request got no answer (status `Offline`); the next answer ends it.
     Unreachable,
-    /// The hub refused this page's token and a fresh one, or the page had none (status
-    /// `Error`): nothing is sent until an explicit check asks for a fresh token.
-    AuthFailed,
+    /// The page's `getToken` threw or gave no token (status `Error`): nothing is sent until
+    /// an explicit check asks for one again.
+    TokenFailed,
+    /// The hub refused this page's token and a fresh one (401), or refused its identity
+    /// outright (403, e.g. `origin_not_allowed`) (status `Error`): nothing is sent until an
+    /// explicit check asks for a fresh token. The `Error` event carries the hub's code.
+    Unauthorized,
     /// An answer that is not the hub's: a proxy's or a firewall's error page, a captive
     /// portal, a 200 without the hub's body (status `Error`). Writes stay pending and shown,
     /// and are retried with backoff; the hub's next answer ends it.
@@ -137,7 +141,8 @@ impl Reason {
         match self {
             Reason::Offline => "offline",
             Reason::Unreachable => "hub_unreachable",
-            Reason::AuthFailed => "auth_failed",
+            Reason::TokenFailed => "token_failed",
+            Reason::Unauthorized => "unauthorized",
             Reason::UnexpectedAnswer => "unexpected_answer",
             Reason::StorageFailed => "storage_failed",
         }
@@ -201,8 +206,13 @@ pub enum Event {
         pending: usize,
     },
     Status(Status),
-    /// The status turned `Error`, for this reason (also in [`Engine::status_reason`]).
-    Error(Reason),
+    /// The status turned `Error`, for this reason (also in [`Engine::status_reason`]); for
+    /// [`Reason::Unauthorized`], with the hub's own code and message.
+    Error {
+        reason: Reason,
+        hub_code: Option<String>,
+        message: Option<String>,
+    },
     /// Show (true) or hide (false) the sync indicator.
     Spinner(bool),
     /// A check the page waits for (login, ensureFresh, forceSync) ended; `fresh` is false if

@@ -535,9 +535,23 @@ fn a_second_401_sets_status_error() {
     assert!(!tab.tab_returns());
     assert_eq!(tab.status(), Status::Error);
     assert_eq!(tab.token_asks(), 2, "one fresh token, then no more asking");
+    // The page is told the hub refused the token, and the hub's own code.
+    assert_eq!(tab.status_reason(), Some(Reason::Unauthorized));
+    assert_eq!(tab.errors(), [Reason::Unauthorized]);
+    assert_eq!(tab.error_hub_codes(), [Some("invalid_token".to_owned())]);
     let mark = tab.mark();
     sim.run_for(10 * 60 * 1000);
     assert!(tab.requests_since(mark).is_empty(), "no retry loop against a hub that refuses us");
+}
+
+#[test]
+fn a_token_for_another_user_is_refused_outright_with_the_hubs_code() {
+    let sim = Sim::new();
+    let tab = sim.open_with(SITE_A, |config| config.user_id = "someone-else".to_owned());
+    assert!(!tab.login());
+    assert_eq!((tab.status(), tab.status_reason()), (Status::Error, Some(Reason::Unauthorized)));
+    assert_eq!(tab.error_hub_codes(), [Some("wrong_user".to_owned())]);
+    assert_eq!(tab.token_asks(), 1, "a 403 is not cured by a fresh token");
 }
 
 #[test]
@@ -546,7 +560,9 @@ fn no_token_at_all_sets_status_error_without_a_request() {
     let tab = sim.open(SITE_A);
     tab.script_tokens([TokenAnswer::Unavailable]);
     assert!(!tab.login());
-    assert_eq!(tab.status(), Status::Error);
+    assert_eq!((tab.status(), tab.status_reason()), (Status::Error, Some(Reason::TokenFailed)));
+    assert_eq!(tab.errors(), [Reason::TokenFailed]);
+    assert_eq!(tab.error_hub_codes(), [None], "the page's own getToken failed, not the hub");
     assert!(tab.requests().is_empty());
 }
 

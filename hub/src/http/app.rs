@@ -4,12 +4,12 @@
 //! token, its site's origin and the rate limits, or, for the operator's pages, the metrics
 //! token. Serves nothing itself; `server` accepts connections and `http` routes them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use protocol::{Refusal, Scopes, SiteId, UserId};
 use subtle::ConstantTimeEq;
 
@@ -44,7 +44,15 @@ struct Inner {
     tls: Option<Tls>,
     /// The bytes of request bodies held at once.
     bodies: Budget,
+    /// Origins refused by CORS and logged already: each is logged once, up to
+    /// [`LOGGED_ORIGINS`]; all are counted.
+    refused_origins: Mutex<HashSet<String>>,
 }
+
+/// How many distinct refused origins are logged: a page with its site's origin missing from
+/// the configuration shows among the first, and a client sending made-up origins cannot fill
+/// the log.
+const LOGGED_ORIGINS: usize = 64;
 
 /// What the hub knows of its sites, read from the configuration at start and again on SIGHUP.
 #[derive(Debug)]
@@ -122,6 +130,7 @@ impl App {
                 metrics_token,
                 tls,
                 bodies,
+                refused_origins: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -163,6 +172,27 @@ impl App {
     /// The sites as they stand now; hold the guard for one request at most.
     pub fn sites(&self) -> arc_swap::Guard<Arc<Sites>> {
         self.inner.sites.load()
+    }
+
+    /// Whether a page on `origin` may call the hub (CORS). A refusal is counted, and logged
+    /// the first time for each origin: the page sees only a failed `fetch`, which it cannot
+    /// tell from a hub that is down, so the operator's log is where it shows.
+    pub fn allows_origin(&self, origin: &HeaderValue) -> bool {
+        let text = origin.to_str().ok();
+        if text.is_some_and(|o| self.sites().allows_origin(o)) {
+            return true;
+        }
+        self.inner.metrics.origin_refused();
+        let shown: String = String::from_utf8_lossy(origin.as_bytes()).chars().take(200).collect();
+        let mut logged = self.inner.refused_origins.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.len() < LOGGED_ORIGINS && logged.insert(shown.clone()) {
+            tracing::warn!(
+                origin = %shown,
+                "a page on an origin no site lists called the hub: refused (CORS), so the page sees no answer; if it is a site's page, add the origin to that site's `origins`{}",
+                if logged.len() == LOGGED_ORIGINS { " (further origins are only counted)" } else { "" }
+            );
+        }
+        false
     }
 
     /// The certificate HTTPS is served with, or `None` for plain HTTP. Reload it after

@@ -383,19 +383,18 @@ impl Engine {
             Reply::Answer { status, body, retry_after, .. } => {
                 let refusal = wire::refusal(&body);
                 let hubs = refusal.is_some();
-                let expired = refusal.is_some_and(|r| r.code == wire::code::TOKEN_EXPIRED);
-                match status {
-                    401 if hubs => {
-                        return if self.token_refused(sent_with, expired) {
+                match (status, refusal) {
+                    (401, Some(refusal)) => {
+                        return if self.token_refused(sent_with, &refusal) {
                             Err(Retry::WithFreshToken)
                         } else {
                             Err(Retry::No)
                         };
                     }
-                    429 => self.checks.hold(now, retry_after.unwrap_or(1) * 1000),
-                    403 if hubs => self.token.forbidden(),
+                    (429, _) => self.checks.hold(now, retry_after.unwrap_or(1) * 1000),
+                    (403, Some(refusal)) => self.token.forbidden(&refusal),
                     // Any other refusal got past auth.
-                    400..=499 if hubs && status != 408 => self.token.clear_failure(),
+                    (400..=499, Some(_)) if status != 408 => self.token.clear_failure(),
                     _ => {}
                 }
                 self.foreign |= !hubs;

@@ -22,7 +22,7 @@ use protocol::{DataType, Limits, Refusal, wire};
 
 use self::check::Checks;
 use self::requests::{Purpose, Requests};
-use self::token::Token;
+use self::token::{Failure, Token};
 use self::write::Writes;
 use crate::cache::{CachedRecord, PerType, Persisted};
 use crate::outbox::Op;
@@ -515,8 +515,11 @@ impl Engine {
             (Status::Offline, Some(Reason::Offline))
         } else if self.link == Link::Unreachable {
             (Status::Offline, Some(Reason::Unreachable))
-        } else if self.token.failed() {
-            (Status::Error, Some(Reason::AuthFailed))
+        } else if let Some(failure) = self.token.failure() {
+            match failure {
+                Failure::NoToken => (Status::Error, Some(Reason::TokenFailed)),
+                Failure::Refused { .. } => (Status::Error, Some(Reason::Unauthorized)),
+            }
         } else if self.foreign {
             (Status::Error, Some(Reason::UnexpectedAnswer))
         } else if self.checks.running() {
@@ -531,7 +534,13 @@ impl Engine {
         if reason != self.reason {
             self.reason = reason;
             if let (Status::Error, Some(reason)) = (status, reason) {
-                self.events.push(Event::Error(reason));
+                let (hub_code, message) = match self.token.failure() {
+                    Some(Failure::Refused { code, message }) if reason == Reason::Unauthorized => {
+                        (Some(code.clone()), Some(message.clone()))
+                    }
+                    _ => (None, None),
+                };
+                self.events.push(Event::Error { reason, hub_code, message });
             }
         }
     }

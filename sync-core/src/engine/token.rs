@@ -4,8 +4,10 @@
 //! none — until an explicit trigger starts over with a fresh one. Sends nothing and knows no
 //! request: the engine asks it what to attach and tells it what the hub said.
 
+use protocol::wire::{RefusalRef, code};
+
 use super::{Engine, Link};
-use crate::Event;
+use crate::{Event, Json};
 
 /// The token, and where getting one stands.
 #[derive(Debug)]
@@ -27,7 +29,22 @@ enum State {
     Held { token: String, refreshed: bool },
     /// The hub refused our identity, or the page had no token: nothing is sent (status
     /// `error`) until an explicit trigger, which asks the page for a fresh token.
-    Failed,
+    Failed(Failure),
+}
+
+/// Why auth failed: what the page reads as the status reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The page's `getToken` threw or returned no token.
+    NoToken,
+    /// The hub refused the token (401, and again for a fresh one; or 403): its code and message.
+    Refused { code: String, message: String },
+}
+
+impl From<&RefusalRef<'_, Json>> for Failure {
+    fn from(refusal: &RefusalRef<'_, Json>) -> Failure {
+        Failure::Refused { code: refusal.code.to_owned(), message: refusal.message.to_owned() }
+    }
 }
 
 impl Token {
@@ -45,7 +62,15 @@ impl Token {
 
     /// The hub refused our identity: nothing goes until an explicit trigger.
     pub(super) fn failed(&self) -> bool {
-        matches!(self.state, State::Failed)
+        matches!(self.state, State::Failed(_))
+    }
+
+    /// Why auth failed, while it has.
+    pub(super) fn failure(&self) -> Option<&Failure> {
+        match &self.state {
+            State::Failed(failure) => Some(failure),
+            _ => None,
+        }
     }
 
     /// The page was asked for a token and has not answered.
@@ -76,7 +101,7 @@ impl Token {
         let came = token.is_some();
         match token {
             Some(token) => self.move_to_held(token),
-            None => self.move_to_failed(),
+            None => self.move_to_failed(Failure::NoToken),
         }
         came
     }
@@ -87,13 +112,17 @@ impl Token {
         match &mut self.state {
             State::Held { refreshed, .. } => *refreshed = false,
             State::Missing { refreshing } | State::Asked { refreshing } => *refreshing = false,
-            State::Failed => {}
+            State::Failed(_) => {}
         }
     }
 
-    /// The hub answered 401 to a request that carried `sent_with`. Whether to send it again
-    /// (with the token held now, or a fresh one), and why, for the log.
-    pub(super) fn refused(&mut self, sent_with: Option<&str>) -> (bool, Option<&'static str>) {
+    /// The hub answered 401, with `refusal`, to a request that carried `sent_with`. Whether
+    /// to send it again (with the token held now, or a fresh one), and why, for the log.
+    pub(super) fn refused(
+        &mut self,
+        sent_with: Option<&str>,
+        refusal: &RefusalRef<'_, Json>,
+    ) -> (bool, Option<&'static str>) {
         if sent_with != self.current() {
             // The request carried a token already replaced.
             return (true, None);
@@ -108,15 +137,15 @@ impl Token {
                 (true, Some("token refused → asking for a fresh one"))
             }
             _ => {
-                self.move_to_failed();
+                self.move_to_failed(refusal.into());
                 (false, Some("token refused again → ERROR"))
             }
         }
     }
 
-    /// The hub refused our identity outright (403).
-    pub(super) fn forbidden(&mut self) {
-        self.move_to_failed();
+    /// The hub refused our identity outright (403), with `refusal`.
+    pub(super) fn forbidden(&mut self, refusal: &RefusalRef<'_, Json>) {
+        self.move_to_failed(refusal.into());
     }
 
     /// An explicit trigger, or an answer that got past auth: a failure is forgotten, and a
@@ -145,7 +174,7 @@ impl Token {
                 State::Held { token, refreshed: refreshing }
             }
             State::Held { refreshed, .. } => State::Held { token, refreshed },
-            State::Failed => State::Failed,
+            State::Failed(_) => return,
         };
     }
 
@@ -161,8 +190,8 @@ impl Token {
         };
     }
 
-    fn move_to_failed(&mut self) {
-        self.state = State::Failed;
+    fn move_to_failed(&mut self, failure: Failure) {
+        self.state = State::Failed(failure);
     }
 
     fn move_to_missing(&mut self) {
@@ -177,8 +206,9 @@ impl Engine {
     /// replaced at once, whatever else waits — the hub's hold, a write's backoff, or no
     /// request due at all — so that the fresh one is there for the next request; unless the
     /// browser is offline, when the page could not reach its backend for one.
-    pub(super) fn token_refused(&mut self, sent_with: Option<&str>, expired: bool) -> bool {
-        let (repeat, why) = self.token.refused(sent_with);
+    pub(super) fn token_refused(&mut self, sent_with: Option<&str>, refusal: &RefusalRef<'_, Json>) -> bool {
+        let expired = refusal.code == code::TOKEN_EXPIRED;
+        let (repeat, why) = self.token.refused(sent_with, refusal);
         if let Some(why) = why {
             self.log(&[why]);
         }

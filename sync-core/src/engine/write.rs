@@ -381,7 +381,7 @@ impl Engine {
             return Verdict::Then(Outcome::Retry("not the hub's answer"));
         };
         if status == 401 {
-            let repeat = self.token_refused(sent_with, refusal.code == code::TOKEN_EXPIRED);
+            let repeat = self.token_refused(sent_with, &refusal);
             return Verdict::Then(if repeat { Outcome::Answered } else { Outcome::Retry("token refused") });
         }
         if !(400..=499).contains(&status)

@@ -667,7 +667,22 @@ impl Tab {
                 .events
                 .iter()
                 .filter_map(|l| match l.event {
-                    Event::Error(reason) => Some(reason),
+                    Event::Error { reason, .. } => Some(reason),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// The hub's code carried by each `Error` event, in order (`None` for reasons that are
+    /// not the hub's refusal).
+    pub fn error_hub_codes(&self) -> Vec<Option<String>> {
+        self.with(|w, id| {
+            w.tabs[id]
+                .events
+                .iter()
+                .filter_map(|l| match &l.event {
+                    Event::Error { hub_code, .. } => Some(hub_code.clone()),
                     _ => None,
                 })
                 .collect()
