@@ -654,7 +654,7 @@ struct Report {
     /// Op ids the hub's op log held when its memory was read, indexed in memory.
     op_log_ids: u64,
     bare_memory: Memory,
-    package_bytes: u64,
+    package_bytes: crate::build_pkg::Sizes,
     day: Day,
     flood: Flood,
     /// How long one write and fsync of a page takes on the disk of the data dir.
@@ -705,7 +705,8 @@ impl Report {
         let checks = 100.0 * rps(1) / bare;
         let deltas = 100.0 * rps(5) / bare;
         let group_gain = rps(5) / fsync_each;
-        let kib = self.package_bytes as f64 / 1024.0;
+        let kib = |bytes: u64| bytes as f64 / 1024.0;
+        let package = self.package_bytes;
         let day = &self.day;
         writeln!(out, "\n## Against the targets (SPEC §6)\n")?;
         writeln!(out, "| target | measured | met |")?;
@@ -728,8 +729,14 @@ impl Report {
         )?;
         target(
             "wasm + JS glue ≤ 40,000 bytes gzipped",
-            format!("{} bytes ({kib:.1} KiB)", self.package_bytes),
-            self.package_bytes <= crate::build_pkg::MAX_BYTES,
+            format!(
+                "module {} bytes ({:.1} KiB), plain script {} bytes ({:.1} KiB)",
+                package.module,
+                kib(package.module),
+                package.script,
+                kib(package.script)
+            ),
+            package.module.max(package.script) <= crate::build_pkg::MAX_BYTES,
         )?;
         target(
             "a tab return with nothing changed: 1 request, body ≤ 300 bytes",

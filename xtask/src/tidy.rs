@@ -245,6 +245,7 @@ mod tests {
             "pkg/client_wasm_bg.wasm",
             "pkg/client_wasm.js",
             "pkg/client_wasm.d.ts",
+            "pkg/unified_balance.global.js",
             "hub-data/dev-sites.toml",
         ] {
             assert!(is_build_output(path), "{path}");
@@ -253,9 +254,14 @@ mod tests {
 
     #[test]
     fn sources_are_not_build_outputs() {
-        for path in
-            ["pkg/package.json", "pkg/README.md", "www/app.js", "hub/src/target.rs", "xtask/src/tidy.rs"]
-        {
+        for path in [
+            "pkg/package.json",
+            "pkg/README.md",
+            "pkg/global-entry.mjs",
+            "www/app.js",
+            "hub/src/target.rs",
+            "xtask/src/tidy.rs",
+        ] {
             assert!(!is_build_output(path), "{path}");
         }
     }
