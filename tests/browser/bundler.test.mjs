@@ -1,10 +1,11 @@
-// From a bundler: a site installs `unified-balance` into its node_modules, imports it by name,
-// bundles its script with esbuild and serves the result. The bundle keeps
+// From zero, with a bundler: the package packed by `npm pack` (the tarball a release
+// publishes), installed with `npm install` into an empty folder, imported by name from a
+// site's script, bundled with esbuild and served. The bundle keeps
 // `new URL("unified_balance_bg.wasm", import.meta.url)`, so the wasm goes next to it.
 
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
@@ -38,19 +39,29 @@ window.loggedIn = sync.login();
 window.started = true;
 `;
 
+/** Runs `program args…` in `cwd`; returns what it printed, or fails with its stderr. */
+function run(program, args, cwd) {
+  return execFileSync(program, args, { cwd, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+}
+
 let h;
+let packed;
 let project;
+let installed;
 let meta;
 before(async () => {
   h = await startHarness();
+  packed = mkdtempSync(join(tmpdir(), "unified-sync-packed-"));
   project = mkdtempSync(join(tmpdir(), "unified-sync-bundler-"));
 
-  // `npm install unified-balance`: the package's published files in node_modules.
-  const installed = join(project, "node_modules/unified-balance");
-  mkdirSync(installed, { recursive: true });
-  const manifest = JSON.parse(readFileSync(join(pkgDir, "package.json"), "utf8"));
-  for (const file of ["package.json", ...manifest.files]) copyFileSync(join(pkgDir, file), join(installed, file));
-  writeFileSync(join(project, "package.json"), JSON.stringify({ name: "a-site", private: true, type: "module" }));
+  // The tarball, then `npm install …/unified-balance-<version>.tgz` in an empty folder. The
+  // package has no dependencies, so nothing is fetched.
+  const [{ filename }] = JSON.parse(run("npm", ["pack", "--json", "--pack-destination", packed], pkgDir));
+  const { version } = JSON.parse(readFileSync(join(pkgDir, "package.json"), "utf8"));
+  assert.equal(filename, `unified-balance-${version}.tgz`);
+  assert.deepEqual(readdirSync(project), []);
+  run("npm", ["install", join(packed, filename), "--offline", "--no-audit", "--no-fund"], project);
+  installed = join(project, "node_modules/unified-balance");
   writeFileSync(join(project, "entry.js"), ENTRY);
 
   execFileSync(esbuild, ["entry.js", "--bundle", "--format=esm", "--outfile=dist/app.js", "--metafile=meta.json"], {
@@ -80,10 +91,25 @@ before(async () => {
 });
 after(async () => {
   await h?.close();
-  if (project) rmSync(project, { recursive: true, force: true });
+  for (const dir of [packed, project]) if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-test("bundled by esbuild from node_modules, the package syncs: login shows the hub's coins, a delta reaches the hub", async () => {
+test("the tarball installs the package's files and nothing else", () => {
+  const manifest = JSON.parse(readFileSync(join(project, "package.json"), "utf8"));
+  assert.match(manifest.dependencies["unified-balance"], /^file:.*\/unified-balance-[^/]*\.tgz$/);
+  assert.deepEqual(readdirSync(installed).sort(), [
+    "README.md",
+    "package.json",
+    "unified_balance.d.ts",
+    "unified_balance.global.js",
+    "unified_balance.js",
+    "unified_balance_bg.wasm",
+    "unified_balance_bg.wasm.d.ts",
+  ]);
+  assert.ok(!existsSync(join(installed, "global-entry.mjs")), "the plain script's entry is not shipped");
+});
+
+test("installed from the tarball and bundled by esbuild, the package syncs: login shows the hub's coins, a delta reaches the hub", async () => {
   // esbuild found the package by its name, through node_modules and its package.json.
   const entryImports = meta.inputs["entry.js"].imports;
   assert.deepEqual(

@@ -341,6 +341,8 @@ export class Site {
     this.regrants = [];
     /** Extra folders this site serves, by URL prefix (`/pkg/` is always served). */
     this.folders = new Map([["/pkg/", pkgDir]]);
+    /** Content-Types a folder serves instead of the usual ones, by URL prefix and extension. */
+    this.folderTypes = new Map();
     this.server = createServer((req, res) => this.serve(req, res).catch((e) => fail(res, 500, e.message)));
   }
 
@@ -367,6 +369,15 @@ export class Site {
   /** Serves the files of `dir` under `/name/`, as a site serves its built assets. */
   serveFolder(name, dir) {
     this.folders.set(`/${name}/`, resolve(dir));
+  }
+
+  /**
+   * Serves the files of `dir` under `/name/` as a server that does not know some file types
+   * would: `types` gives their Content-Type by extension (`{".wasm": "text/plain"}`).
+   */
+  serveFolderWithTypes(name, dir, types) {
+    this.serveFolder(name, dir);
+    this.folderTypes.set(`/${name}/`, types);
   }
 
   tokenCalls(user) {
@@ -435,7 +446,8 @@ export class Site {
       } catch {
         return fail(res, 404, "not found");
       }
-      return send(res, 200, MIME[extname(file)] ?? "application/octet-stream", body);
+      const type = this.folderTypes.get(prefix)?.[extname(file)] ?? MIME[extname(file)];
+      return send(res, 200, type ?? "application/octet-stream", body);
     }
     return fail(res, 404, "not found");
   }
