@@ -7,7 +7,9 @@
 // (sync_op_id), dated by this server's clock, which must stay within the hub's token leeway
 // (30 s) of the hub's, as the tokens' times must anyway (NTP).
 //
-// Settings come from the environment, never from a file under the document root:
+// Settings come from the environment (PHP-FPM's pool, Apache's SetEnv, `php -S`'s shell), or
+// else from sync-settings.php in the folder above the document root, where the web server
+// never serves it (shared hosting) — never from a file under the document root:
 //   SYNC_SITE_ID  this site's id in the hub's [[sites]] (the `iss` of tokens and grants)
 //   SYNC_HUB_ID   the hub's `hub_id` (their `aud`)
 //   SYNC_SECRET   the site's HS256 secret, the same value the hub reads from `secret_env`
@@ -155,11 +157,24 @@ function site_credit_again(string $user, string $op_id): ?array
     return $today !== null && hash_equals($today['op_id'], $op_id) ? $today : null;
 }
 
+/**
+ * The setting `$name`: from the environment, or else from sync-settings.php above the
+ * document root (an array of the same names: `<?php return ['SYNC_SITE_ID' => …];`).
+ */
 function sync_setting(string $name): string
 {
+    static $file = null;
     $value = getenv($name);
-    if ($value === false || $value === '') {
-        throw new RuntimeException("the environment variable $name is not set");
+    if ($value !== false && $value !== '') {
+        return $value;
+    }
+    $root = $_SERVER['DOCUMENT_ROOT'] ?? '';
+    $path = $root === '' ? null : dirname($root) . '/sync-settings.php';
+    $file ??= $path !== null && is_file($path) ? (array) require $path : [];
+    $value = $file[$name] ?? '';
+    if (!is_string($value) || $value === '') {
+        $where = $path === null ? 'the environment' : "the environment or $path";
+        throw new RuntimeException("the setting $name is in neither $where");
     }
     return $value;
 }
