@@ -6,6 +6,7 @@
 mod bench;
 mod build_pkg;
 mod demo;
+mod dist;
 mod fuzz;
 mod prereq;
 mod process;
@@ -34,8 +35,9 @@ enum Task {
     Demo(demo::Args),
     /// Install missing prerequisites, then run every check and test; stop at the first failure.
     Test,
-    /// Run the long reliability suites: 50 hub kills, 300 s of load, 50,000 simulation seeds.
-    Soak,
+    /// Run the long reliability suites: 50 hub kills, 300 s of load, 50,000 simulation seeds;
+    /// then build the release and smoke its static hub.
+    Soak(soak::Args),
     /// Check the architecture invariants (dependency absences, no tracked build outputs).
     Tidy,
     /// Measure the hub against a bare hyper server and the targets; write BENCHMARKS.md.
@@ -44,6 +46,9 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Build the npm package `unified-balance` into pkg/ and print its sizes.
     BuildPkg,
+    /// Build a release into target/dist/: the npm tarball, the plain-script zip, the hub as a
+    /// static Linux binary, and SHA256SUMS.
+    Dist,
 }
 
 /// Prints a failure as its message and causes, without a backtrace: what failed is named
@@ -54,8 +59,9 @@ fn main() -> ExitCode {
         Task::Test => suite::run(),
         Task::Tidy => tidy::run(),
         Task::BuildPkg => build_pkg::run().map(drop),
+        Task::Dist => dist::run(),
         Task::Bench(args) => bench::run(args),
-        Task::Soak => soak::run(),
+        Task::Soak(args) => soak::run(args),
         Task::Fuzz(args) => fuzz::run(args),
     };
     match result {

@@ -21,6 +21,13 @@ pub const FOR_TESTS: &[Need] =
 /// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
 
+/// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
+/// build. Only a release needs the musl toolchain; the tests never build for it.
+pub const FOR_DIST: &[Need] = &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP];
+
+/// The target of the hub's static Linux binary, which `cargo xtask dist` builds.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
 const RUSTFMT: Need = Need {
     name: "rustfmt",
     present: || succeeds("cargo", &["fmt", "--version"]),
@@ -35,9 +42,25 @@ const CLIPPY: Need = Need {
 
 const WASM: Need = Need {
     name: "the wasm32-unknown-unknown target",
-    present: wasm_target_present,
+    present: || target_present(WASM_TARGET),
     install: Install::Rustup(&["target", "add", WASM_TARGET]),
 };
+
+const MUSL: Need = Need {
+    name: "the x86_64-unknown-linux-musl target",
+    present: || target_present(MUSL_TARGET),
+    install: Install::Rustup(&["target", "add", MUSL_TARGET]),
+};
+
+/// The C compiler for the musl target: the hub's bundled SQLite, ring and mimalloc are C.
+const MUSL_GCC: Need = Need {
+    name: "musl-gcc (musl-tools)",
+    present: || succeeds("musl-gcc", &["--version"]),
+    install: Install::Apt(&["musl-tools"]),
+};
+
+/// Packs the plain-script build into the zip a site owner downloads.
+const ZIP: Need = Need { name: "zip", present: || succeeds("zip", &["-v"]), install: Install::Apt(&["zip"]) };
 
 const WASM_BINDGEN: Need = Need {
     name: "wasm-bindgen-cli 0.2.129",
@@ -176,7 +199,8 @@ pub fn ensure(needs: &[Need]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wasm_target_present() -> bool {
-    output("rustc", &["--print", "target-libdir", "--target", WASM_TARGET])
+/// Whether the active toolchain has the standard library of `target`.
+fn target_present(target: &str) -> bool {
+    output("rustc", &["--print", "target-libdir", "--target", target])
         .is_ok_and(|dir| Path::new(dir.trim()).is_dir())
 }
