@@ -180,7 +180,9 @@ async function releaseFiles(run) {
 async function start(file) {
   const hub = new Hub();
   await hub.start();
-  const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: CHROMIUM_ARGS });
+  // shop.test: a name for a page on an origin the hub does not list.
+  const args = [...CHROMIUM_ARGS, "--host-resolver-rules=MAP shop.test 127.0.0.1"];
+  const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args });
   const ports = [await freePort(), await freePort()];
   const run = new DocumentRun(file, { hubUrl: hub.url, secret: hub.secrets[SITE], ports });
   cleanups.push(async () => {
@@ -333,6 +335,15 @@ test("the package's README: the plain-script page, the bundler steps and the API
   const stranger = await openPage(browser);
   await stranger.page.goto(`${origin}/`);
   await shows(stranger.page, "#why", (t) => t === "token_failed", "the reason login() gave false");
+  // On an origin no site lists, the browser hides the hub's answer: the page sees a hub that
+  // does not answer, and the hub's log names the origin.
+  const elsewhere = await openPage(browser);
+  await elsewhere.page.goto(`http://shop.test:${ports[0]}/login.php?user=${USER}`);
+  await shows(elsewhere.page, "#why", (t) => t === "hub_unreachable", "the reason on an unlisted origin");
+  await until(
+    () => hub.log.some((line) => line.includes(`origin=http://shop.test:${ports[0]}`) && line.includes("WARN")),
+    "the hub's log naming the refused origin",
+  );
 
   // The bundler steps.
   await run.run();
@@ -350,6 +361,13 @@ test("the package's README: the plain-script page, the bundler steps and the API
     "the tour's page",
   );
   await page.goto(`${origin}/tour/`);
+  await until(
+    () => page.evaluate(() => Object.values(localStorage).some((value) => value.includes('"Evans"'))),
+    "the tour's last write stored",
+  );
+  // The tour destroys its SyncManager before every write is confirmed: the site's next page
+  // sends the rest.
+  await page.goto(`${origin}/`);
   await until(async () => (await recordOf(hub, "profile")).data.display_name === "Evans", "the tour's profile push");
   await until(async () => (await recordOf(hub, "balance")).data.coins === 30, "the tour's credit and spend");
   assert.deepEqual(errors, []);

@@ -64,6 +64,13 @@ test("a token refused twice stops the asking (status error) until the page asks 
     assert.equal(page.loginResult, false, "login resolves false: only cached data");
     assert.equal(await page.status(), "error");
     assert.equal((await page.seen()).tokenCalls, 2, "one retry, no loop");
+    // The page is told why, with the hub's own code.
+    assert.equal(await page.evaluate(() => window.sync.statusReason), "unauthorized");
+    const [error, ...more] = (await page.seen()).errors;
+    assert.deepEqual(more, []);
+    assert.equal(error.code, "unauthorized");
+    assert.equal(error.hubCode, "invalid_token");
+    assert.match(error.message, /\S/, "the hub's message");
     assert.deepEqual(page.requestsSince(), ["timestamp balance,profile,roles", "timestamp balance,profile,roles"]);
 
     // A tab return does not hammer the hub with a refused identity…
@@ -91,6 +98,12 @@ test("a page whose backend cannot give a token shows cached data and asks the hu
     assert.equal(page.loginResult, false);
     assert.equal(await page.status(), "error");
     assert.deepEqual(page.requestsSince(), [], "no request without a token");
+    assert.equal(await page.evaluate(() => window.sync.statusReason), "token_failed");
+    assert.deepEqual((await page.seen()).errors, [{ code: "token_failed", hubCode: null, message: null }]);
+    assert.ok(
+      page.console.some((line) => line.includes("unified-balance: getToken threw")),
+      `the console says what getToken threw:\n${page.console.join("\n")}`,
+    );
     site.tokenEndpointDown = false;
     assert.equal(await page.forceSync(), true, "an explicit sync asks for a token again");
     assert.equal(await page.status(), "idle");
