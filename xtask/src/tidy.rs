@@ -1,7 +1,8 @@
 //! Architecture invariants that a machine can check, as ARCHITECTURE.md states them: which
 //! crates a crate must not depend on (read from `cargo tree`), which names a layer's source
-//! must not mention, which way the hub's modules import each other, and which files must
-//! never be tracked (read from `git ls-files`).
+//! must not mention, which way the hub's modules import each other, which files must
+//! never be tracked (read from `git ls-files`), and that every relative link of the tracked
+//! Markdown files leads to a file, and to a heading of it where it names one.
 //! Reports every violation, not just the first. Compiles nothing.
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,7 @@ pub fn run() -> anyhow::Result<()> {
     );
     problems.extend(tracked_build_outputs()?);
     problems.extend(wasm_bindgen_pinned()?);
+    problems.extend(broken_doc_links()?);
     if !problems.is_empty() {
         bail!("tidy found {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "));
     }
@@ -224,9 +226,98 @@ fn wasm_bindgen_pinned() -> anyhow::Result<Vec<String>> {
     })
 }
 
+/// Every relative link of a tracked Markdown file (`[text](path)`, `[text](path#heading)`,
+/// `[text](#heading)`) whose file or heading does not exist.
+fn broken_doc_links() -> anyhow::Result<Vec<String>> {
+    let files = output("git", &["ls-files", "-z", "*.md"])?;
+    let mut problems = Vec::new();
+    for file in files.split('\0').filter(|f| !f.is_empty()) {
+        let path = root().join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for target in links(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (linked, heading) = target.split_once('#').unwrap_or((target, ""));
+            let linked_path = if linked.is_empty() { path.clone() } else { dir.join(linked) };
+            if !linked_path.exists() {
+                problems.push(format!("{file} links to {target}, which does not exist"));
+                continue;
+            }
+            if heading.is_empty() || linked_path.is_dir() {
+                continue;
+            }
+            let linked_text = std::fs::read_to_string(&linked_path).unwrap_or_default();
+            if !linked_text.lines().filter_map(heading_text).any(|h| slug(h) == heading) {
+                problems.push(format!("{file} links to {target}, but it has no such heading"));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// The targets of the inline links of Markdown `text`, outside code blocks and code spans.
+fn links(text: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        for (i, part) in line.split('`').enumerate() {
+            if i % 2 == 1 {
+                continue;
+            }
+            let mut rest = part;
+            while let Some(at) = rest.find("](") {
+                let after = &rest[at + 2..];
+                let Some(end) = after.find(')') else { break };
+                found.push(after[..end].trim());
+                rest = &after[end..];
+            }
+        }
+    }
+    found
+}
+
+/// The text of a Markdown heading line (`## 4. Integrating a site`), if `line` is one.
+fn heading_text(line: &str) -> Option<&str> {
+    let rest = line.trim_start_matches('#');
+    (rest.len() < line.len() && rest.starts_with(' ')).then(|| rest.trim())
+}
+
+/// The anchor GitHub gives a heading: lowercased, punctuation dropped but `-` and `_`,
+/// spaces as `-`.
+fn slug(heading: &str) -> String {
+    heading
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{crate_modules, is_build_output};
+    use super::{crate_modules, is_build_output, links, slug};
+
+    #[test]
+    fn links_and_headings_are_read_as_github_renders_them() {
+        let text = "See [the guide](docs/site-owner.md#4-the-token-and-grant-endpoint) and [x](#a).\n\
+                    `[not](a link)` here\n```md\n[nor](this)\n```\n[web](https://example.org)";
+        assert_eq!(
+            links(text),
+            ["docs/site-owner.md#4-the-token-and-grant-endpoint", "#a", "https://example.org"]
+        );
+        assert_eq!(slug("4. The token and grant endpoint"), "4-the-token-and-grant-endpoint");
+        assert_eq!(slug("`[limits]`"), "limits");
+        assert_eq!(slug("Use it from a plain `<script>` tag"), "use-it-from-a-plain-script-tag");
+    }
 
     #[test]
     fn crate_paths_name_their_top_level_modules() {
