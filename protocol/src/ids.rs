@@ -4,6 +4,13 @@ use std::fmt;
 
 use crate::Refusal;
 
+/// Longest [`UserId`].
+pub(crate) const MAX_USER_ID_CHARS: usize = 64;
+/// Longest [`SiteId`].
+pub(crate) const MAX_SITE_ID_CHARS: usize = 32;
+/// Longest [`OpId`].
+pub(crate) const MAX_OP_ID_CHARS: usize = 128;
+
 /// A user's id, as the sites know it (`8-evans`): `[A-Za-z0-9._-]{1,64}`, never made of
 /// dots alone, so it can never name a path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -20,7 +27,7 @@ pub struct OpId(String);
 
 impl UserId {
     pub fn parse(s: &str) -> Result<Self, Refusal> {
-        let ok = (1..=64).contains(&s.len())
+        let ok = (1..=MAX_USER_ID_CHARS).contains(&s.len())
             && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
             && !s.bytes().all(|b| b == b'.');
         if ok {
@@ -40,7 +47,7 @@ impl UserId {
 
 impl SiteId {
     pub fn parse(s: &str) -> Result<Self, Refusal> {
-        if is_name(s, 32) {
+        if is_name(s, MAX_SITE_ID_CHARS) {
             Ok(SiteId(s.to_owned()))
         } else {
             Err(Refusal::invalid(
@@ -57,7 +64,7 @@ impl SiteId {
 
 impl OpId {
     pub fn parse(s: &str) -> Result<Self, Refusal> {
-        if (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()) {
+        if (1..=MAX_OP_ID_CHARS).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()) {
             Ok(OpId(s.to_owned()))
         } else {
             Err(Refusal::invalid("invalid_op_id", "op_id must be 1-128 visible ASCII characters"))

@@ -14,13 +14,17 @@ use crate::{DataType, Refusal, SiteId};
 pub const MAX_AMOUNT: i64 = 9_007_199_254_740_991;
 
 /// Most role names one list may hold (global, or one site's).
-const MAX_ROLES: usize = 16;
+pub(crate) const MAX_ROLES: usize = 16;
+/// Longest role name; role names share the alphabet of site ids (`[a-z0-9_-]`).
+pub(crate) const MAX_ROLE_NAME_CHARS: usize = 32;
 /// Longest reason of a delta, in characters.
-const MAX_REASON_CHARS: usize = 100;
+pub(crate) const MAX_REASON_CHARS: usize = 100;
 /// Serialized size limit of a settings record.
-const MAX_SETTINGS_BYTES: usize = 4096;
+pub(crate) const MAX_SETTINGS_BYTES: usize = 4096;
+/// Longest setting name (`[a-z0-9_]`).
+pub(crate) const MAX_SETTING_KEY_CHARS: usize = 40;
 /// Longest string value inside settings.
-const MAX_SETTING_CHARS: usize = 1000;
+pub(crate) const MAX_SETTING_CHARS: usize = 1000;
 
 /// Rules an operator may tune.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,18 +73,21 @@ pub fn amount_field(data_type: DataType) -> Option<&'static str> {
     }
 }
 
-struct ProfileField {
-    name: &'static str,
-    max_chars: usize,
-    lines: Lines,
+/// A field of the profile record: plain text, or `null` to remove it.
+pub(crate) struct ProfileField {
+    pub(crate) name: &'static str,
+    pub(crate) max_chars: usize,
+    pub(crate) lines: Lines,
+    /// The text must also be an http(s) address, or empty.
+    pub(crate) url: bool,
 }
 
-const PROFILE_FIELDS: [ProfileField; 5] = [
-    ProfileField { name: "display_name", max_chars: 64, lines: Lines::Single },
-    ProfileField { name: "bio", max_chars: 500, lines: Lines::Multi },
-    ProfileField { name: "avatar", max_chars: 16, lines: Lines::Single },
-    ProfileField { name: "location", max_chars: 100, lines: Lines::Single },
-    ProfileField { name: "website", max_chars: 200, lines: Lines::Single },
+pub(crate) const PROFILE_FIELDS: [ProfileField; 5] = [
+    ProfileField { name: "display_name", max_chars: 64, lines: Lines::Single, url: false },
+    ProfileField { name: "bio", max_chars: 500, lines: Lines::Multi, url: false },
+    ProfileField { name: "avatar", max_chars: 16, lines: Lines::Single, url: false },
+    ProfileField { name: "location", max_chars: 100, lines: Lines::Single, url: false },
+    ProfileField { name: "website", max_chars: 200, lines: Lines::Single, url: true },
 ];
 
 /// Checks the `data` of a push by `site` and returns the merge patch to apply. `admin` says
@@ -210,7 +217,7 @@ fn profile_patch(data: &Map<String, Value>) -> Result<Map<String, Value>, Refusa
             Value::Null => Value::Null,
             Value::String(s) => {
                 let text = normalize(field.name, s, field.max_chars, field.lines)?;
-                if field.name == "website" { Value::String(website(text)?) } else { Value::String(text) }
+                if field.url { Value::String(website(text)?) } else { Value::String(text) }
             }
             _ => {
                 return Err(Refusal::invalid(
@@ -251,12 +258,15 @@ fn website(url: String) -> Result<String, Refusal> {
 fn settings_patch(data: &Map<String, Value>) -> Result<Map<String, Value>, Refusal> {
     let mut patch = Map::new();
     for (key, value) in data {
-        let key_ok = (1..=40).contains(&key.len())
+        let key_ok = (1..=MAX_SETTING_KEY_CHARS).contains(&key.len())
             && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !key_ok {
             return Err(Refusal::invalid(
                 "invalid_setting_key",
-                format!("setting name {:?} must be 1-40 characters of a-z, 0-9 or '_'", truncate(key)),
+                format!(
+                    "setting name {:?} must be 1-{MAX_SETTING_KEY_CHARS} characters of a-z, 0-9 or '_'",
+                    truncate(key)
+                ),
             ));
         }
         let normalized = match value {
@@ -321,7 +331,7 @@ fn role_list(field: &str, value: &Value) -> Result<Value, Refusal> {
     let mut roles: Vec<Value> = Vec::with_capacity(items.len());
     for item in items {
         match item {
-            Value::String(name) if is_name(name, 32) => {
+            Value::String(name) if is_name(name, MAX_ROLE_NAME_CHARS) => {
                 if !roles.iter().any(|r| r == item) {
                     roles.push(Value::String(name.clone()));
                 }
@@ -329,7 +339,9 @@ fn role_list(field: &str, value: &Value) -> Result<Value, Refusal> {
             _ => {
                 return Err(Refusal::invalid(
                     "invalid_role",
-                    format!("{field} holds a role name that is not 1-32 characters of a-z, 0-9, '_' or '-'"),
+                    format!(
+                        "{field} holds a role name that is not 1-{MAX_ROLE_NAME_CHARS} characters of a-z, 0-9, '_' or '-'"
+                    ),
                 ));
             }
         }
