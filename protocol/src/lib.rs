@@ -10,6 +10,8 @@ mod data_type;
 mod error;
 mod ids;
 mod merge;
+#[cfg(test)]
+mod records_doc;
 mod request;
 mod scope;
 mod text;
