@@ -79,7 +79,7 @@ export interface RecordMeta {
 }
 
 /** Why the status turned "error": the `"error"` event's argument. For "unauthorized", the
- *  hub's own refusal: `hubCode` (e.g. "token_invalid", "origin_not_allowed") and `message`. */
+ *  hub's own refusal: `hubCode` (e.g. "invalid_token", "origin_not_allowed") and `message`. */
 export interface SyncErrorEvent {
   code: "token_failed" | "unauthorized" | "unexpected_answer" | "storage_failed";
   hubCode: string | null;

@@ -634,3 +634,18 @@ fn auth_errors_are_answered_401() {
         "hub/src/http/error.rs no longer answers every AuthError 401: update the AuthError::code pattern"
     );
 }
+
+/// The package's README carries a short copy of every code a page meets (all but the
+/// backend's): it names each of them in its `## Codes` section.
+#[test]
+fn the_package_readme_names_every_code_a_page_meets() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("pkg/README.md")).unwrap();
+    let section = readme.split_once("\n## Codes\n").expect("pkg/README.md has a `## Codes` section").1;
+    let section = section.split("\n## ").next().unwrap();
+    let missing: Vec<String> = doc_rows()
+        .into_iter()
+        .filter(|row| row.table != Table::Backend && !section.contains(&format!("`{}`", row.code)))
+        .map(|row| format!("`{}` ({DOC}:{})", row.code, row.line))
+        .collect();
+    assert!(missing.is_empty(), "pkg/README.md's Codes section does not name {}", missing.join(", "));
+}

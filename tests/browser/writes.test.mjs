@@ -407,7 +407,7 @@ test("an answer that is not the hub's (a proxy's 403 page) leaves the write pend
     await until(async () => (await page.status()) === "error", "the status to say error");
     assert.equal(await page.evaluate(() => window.sync.statusReason), "unexpected_answer");
     const seen = await page.seen();
-    assert.deepEqual(seen.errors, [{ code: "unexpected_answer" }]);
+    assert.deepEqual(seen.errors, [{ code: "unexpected_answer", hubCode: null, message: null }]);
     assert.deepEqual(seen.refused, [], "not rolled back");
     assert.equal(await page.coins(), 45, "still shown");
     assert.deepEqual((await page.stored()).outbox.map((op) => op.op_id), [opId], "still pending");
@@ -532,7 +532,7 @@ test("a storage that refuses the pending writes is an error until it has room ag
         "error",
         "storage_failed",
       ]);
-      assert.deepEqual((await page.seen()).errors, [{ code: "storage_failed" }]);
+      assert.deepEqual((await page.seen()).errors, [{ code: "storage_failed", hubCode: null, message: null }]);
     } finally {
       h.hub.resume();
     }
