@@ -5,20 +5,21 @@
 //
 // A block's info string says what it is: `php file=my-site/login.php` (the whole file at that
 // path), `sh run` (commands), `sh run background` (a server, kept running), `text layout`
-// (files that must exist), `ini fpm-pool` and `apache apache-vhost` (server settings, run by
-// real PHP-FPM and Apache in `servers.test.mjs`). Before anything runs, the hub's address, its
-// id, the site's secret and the ports 8080 and 8081 become the test's own.
+// (files that must exist), `ini fpm-pool` and `apache apache-vhost` (a PHP-FPM pool's and an
+// Apache VirtualHost's lines, run by real PHP-FPM behind nginx and real Apache with mod_php,
+// from `servers.mjs`). Before anything runs, the hub's address, its id, the site's secret and
+// the ports 8080 and 8081 become the test's own.
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, test } from "node:test";
 import { chromium } from "playwright-core";
 import { CHROMIUM_ARGS, HUB_ID, Hub, repoRoot, until } from "./harness.mjs";
+import { apacheModPhp, freePort, phpFpm } from "./servers.mjs";
 
 const pkgDir = join(repoRoot, "pkg");
 const VERSION = JSON.parse(readFileSync(join(pkgDir, "package.json"), "utf8")).version;
@@ -35,16 +36,6 @@ function codeBlocks(file) {
     blocks.push({ where: `${file}:${line}`, info: match[1].trim(), body: match[2] });
   }
   return blocks;
-}
-
-/** A free TCP port on 127.0.0.1. */
-async function freePort() {
-  const server = createServer().listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const { port } = server.address();
-  server.close();
-  await once(server, "close");
-  return port;
 }
 
 /**
@@ -219,6 +210,37 @@ async function shows(page, selector, check, what) {
   }, what);
 }
 
+/** Fails unless the hub accepts `token`: a `timestamp` request with it answers 200. */
+async function assertHubAccepts(hub, token, message) {
+  const check = await fetch(`${hub.syncUrl}?action=timestamp&user_id=${USER}&data_type=balance`, {
+    headers: { authorization: `Bearer ${token}` },
+  });
+  assert.equal(check.status, 200, `${message}; it answered ${await check.text()}`);
+}
+
+/**
+ * Runs the next block, `info`, in `server` (phpFpm or apacheModPhp) serving my-site/, and
+ * checks that the endpoint signs tokens the hub accepts with the settings of those lines: the
+ * server sees none of the test's environment, and sync-settings.php is not written yet.
+ * Answers the running server.
+ */
+async function endpointUnder(run, hub, info, server) {
+  const block = run.take(info);
+  assert.ok(!existsSync(join(run.root, "sync-settings.php")), `${block.where} runs before sync-settings.php exists`);
+  // Under root, these servers' PHP runs as www-data, which must reach my-site/.
+  chmodSync(run.root, 0o755);
+  const site = await server(join(run.root, "my-site"), run.substitute(block.body));
+  cleanups.push(() => site.stop());
+  // The guide's login.php signs in under `php -S` only; here the session it would have
+  // stored is written where this server's PHP keeps sessions.
+  const cookie = site.session({ user_id: USER });
+  const answer = await fetch(`${site.url}/api/sync-token.php`, { headers: { cookie } });
+  const body = await answer.text();
+  assert.equal(answer.status, 200, `${block.where}: the endpoint answered ${answer.status} ${body}\n${site.logs()}`);
+  await assertHubAccepts(hub, JSON.parse(body).token, `${block.where}: the hub accepts the token signed with these lines' secret`);
+  return site;
+}
+
 /** The hub's record of the examples' user, read by a backend. */
 const recordOf = (hub, dataType) => hub.record(USER, dataType);
 
@@ -238,8 +260,12 @@ test("the site-owner guide, from zero: PHP with the plain script, curl, then Nod
     `${endpoint.where}: the guide's endpoint must be docs/examples/sync-token.php, byte for byte`,
   );
   await run.serve(ports[0]);
-  run.take("ini fpm-pool");
-  run.take("apache apache-vhost");
+  // PHP-FPM behind nginx, and Apache with mod_php: the blocks' lines are the only settings.
+  await (await endpointUnder(run, hub, "ini fpm-pool", phpFpm)).stop();
+  const apache = await endpointUnder(run, hub, "apache apache-vhost", apacheModPhp);
+  const wasm = await fetch(`${apache.url}/unified-balance/unified_balance_bg.wasm`);
+  assert.equal(wasm.headers.get("content-type"), "application/wasm", "Apache sends the wasm as the block's AddType says");
+  await apache.stop();
 
   // Shared hosting: with no settings in the environment, the endpoint reads the file above
   // its document root.
@@ -253,10 +279,7 @@ test("the site-owner guide, from zero: PHP with the plain script, curl, then Nod
     "the endpoint with sync-settings.php",
   );
   await run.stop(shared);
-  const check = await fetch(`${hub.syncUrl}?action=timestamp&user_id=${USER}&data_type=balance`, {
-    headers: { authorization: `Bearer ${JSON.parse(token).token}` },
-  });
-  assert.equal(check.status, 200, "the hub accepts the token signed with the settings file's secret");
+  await assertHubAccepts(hub, JSON.parse(token).token, "the hub accepts the token signed with the settings file's secret");
 
   // 5. The page, under `php -S`, in Chromium.
   run.file("php", "my-site/index.php");
