@@ -15,8 +15,22 @@ pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 pub const WASM_BINDGEN_VERSION: &str = "0.2.129";
 
 /// Everything `cargo xtask test` needs, in the order it is checked.
-pub const FOR_TESTS: &[Need] =
-    &[RUSTFMT, CLIPPY, WASM, WASM_BINDGEN, WASM_OPT, NODE, CHROMIUM, PHP, NGINX, CURL];
+pub const FOR_TESTS: &[Need] = &[
+    RUSTFMT,
+    CLIPPY,
+    WASM,
+    WASM_BINDGEN,
+    WASM_OPT,
+    NODE,
+    CHROMIUM,
+    PHP,
+    NGINX,
+    CURL,
+    PHP_FPM,
+    APACHE_MOD_PHP,
+    ZIP,
+    UNZIP,
+];
 
 /// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
@@ -59,7 +73,8 @@ const MUSL_GCC: Need = Need {
     install: Install::Apt(&["musl-tools"]),
 };
 
-/// Packs the plain-script build into the zip a site owner downloads.
+/// Packs the plain-script build into the zip a site owner downloads (`cargo xtask dist`, and
+/// the release files `tests/browser/docs.test.mjs` makes).
 const ZIP: Need = Need { name: "zip", present: || succeeds("zip", &["-v"]), install: Install::Apt(&["zip"]) };
 
 const WASM_BINDGEN: Need = Need {
@@ -108,6 +123,31 @@ const NGINX: Need = Need {
     name: "nginx",
     present: || succeeds("nginx", &["-v"]) || succeeds("/usr/sbin/nginx", &["-v"]),
     install: Install::Apt(&["nginx"]),
+};
+
+/// Unpacks the plain-script zip in the site-owner guide, which `tests/browser/docs.test.mjs`
+/// runs.
+const UNZIP: Need =
+    Need { name: "unzip", present: || succeeds("unzip", &["-v"]), install: Install::Apt(&["unzip"]) };
+
+/// Runs the site-owner guide's PHP-FPM pool, behind nginx, in `tests/browser/servers.mjs`.
+/// Debian names it by PHP's version (`php-fpm8.2`), in /usr/sbin.
+const PHP_FPM: Need = Need {
+    name: "PHP-FPM",
+    present: || found_in("/usr/sbin", "php-fpm", "").is_some_and(|fpm| succeeds(&fpm, &["-v"])),
+    install: Install::Apt(&["php-fpm"]),
+};
+
+/// Runs the site-owner guide's Apache VirtualHost in `tests/browser/servers.mjs`: Debian's
+/// apache2 in /usr/sbin, and mod_php among its modules, named by PHP's version
+/// (`libphp8.2.so`).
+const APACHE_MOD_PHP: Need = Need {
+    name: "Apache with mod_php",
+    present: || {
+        succeeds("/usr/sbin/apache2", &["-v"])
+            && found_in("/usr/lib/apache2/modules", "libphp", ".so").is_some()
+    },
+    install: Install::Apt(&["apache2", "libapache2-mod-php"]),
 };
 
 /// Something a task needs.
@@ -203,4 +243,12 @@ pub fn ensure(needs: &[Need]) -> anyhow::Result<()> {
 fn target_present(target: &str) -> bool {
     output("rustc", &["--print", "target-libdir", "--target", target])
         .is_ok_and(|dir| Path::new(dir.trim()).is_dir())
+}
+
+/// The path of a file in `dir` whose name starts with `prefix` and ends with `suffix`.
+fn found_in(dir: &str, prefix: &str, suffix: &str) -> Option<String> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name().into_string().ok()?;
+        (name.starts_with(prefix) && name.ends_with(suffix)).then(|| format!("{dir}/{name}"))
+    })
 }
