@@ -9,35 +9,16 @@ import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSyn
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { repoRoot, startHarness } from "./harness.mjs";
+import { PAGE_SCRIPT, repoRoot, startHarness } from "./harness.mjs";
 
 const pkgDir = join(repoRoot, "pkg");
 const esbuild = join(pkgDir, "node_modules/.bin/esbuild");
 
-// The site's script, as its owner would write it. The page embeds where the hub is and who
-// this site is; the user comes from the query (`?user=…`), as the harness's pages take it.
+// The site's script, as its owner would write it: the module build imported by name, then
+// the page script every site page of these tests runs.
 const ENTRY = `import init, { SyncManager } from "unified-balance";
 await init();
-
-const site = JSON.parse(document.getElementById("site-config").textContent);
-const userId = new URLSearchParams(location.search).get("user");
-const sync = new SyncManager({
-  hubUrl: site.hubUrl,
-  siteId: site.siteId,
-  userId,
-  getToken: async () => {
-    const response = await fetch("/token?user=" + encodeURIComponent(userId));
-    if (!response.ok) throw new Error("token endpoint answered " + response.status);
-    return response.text();
-  },
-});
-sync.on("balance", (data) => {
-  document.getElementById("coins").textContent = String(data.coins);
-});
-window.sync = sync;
-window.loggedIn = sync.login();
-window.started = true;
-`;
+${PAGE_SCRIPT}`;
 
 /** Runs `program args…` in `cwd`; returns what it printed, or fails with its stderr. */
 function run(program, args, cwd) {

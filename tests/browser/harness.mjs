@@ -40,6 +40,33 @@ export const CHROMIUM_ARGS = [
   "--no-first-run",
 ];
 
+/**
+ * A site's page script once it has the package's `SyncManager` (from either build): the hub
+ * and the site come from the page's `site-config`, the user from the query (`?user=…`); it
+ * shows the coins in `#coins` and leaves `window.sync`, `window.loggedIn` and `window.started`
+ * for the tests.
+ */
+export const PAGE_SCRIPT = `
+  const site = JSON.parse(document.getElementById("site-config").textContent);
+  const userId = new URLSearchParams(location.search).get("user");
+  const sync = new SyncManager({
+    hubUrl: site.hubUrl,
+    siteId: site.siteId,
+    userId,
+    getToken: async () => {
+      const response = await fetch("/token?user=" + encodeURIComponent(userId));
+      if (!response.ok) throw new Error("token endpoint answered " + response.status);
+      return response.text();
+    },
+  });
+  sync.on("balance", (data) => {
+    document.getElementById("coins").textContent = String(data.coins);
+  });
+  window.sync = sync;
+  window.loggedIn = sync.login();
+  window.started = true;
+`;
+
 /** Polls `condition` (sync or async) until it returns a truthy value, which it returns. */
 export async function until(condition, what, timeoutMs = WAIT_MS) {
   const deadline = Date.now() + timeoutMs;

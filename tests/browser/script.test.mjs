@@ -9,7 +9,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { repoRoot, startHarness } from "./harness.mjs";
+import { PAGE_SCRIPT, repoRoot, startHarness } from "./harness.mjs";
 
 const pkgDir = join(repoRoot, "pkg");
 const WASM = "unified_balance_bg.wasm";
@@ -20,28 +20,6 @@ const WRONG_TYPES = { "octet-stream": "application/octet-stream", "text-plain": 
 /** What wasm-bindgen's init logs when it compiles the wasm without streaming. */
 const MIME_WARNING = /does not serve Wasm with `application\/wasm` MIME type/;
 
-// What the site's page does once it has the package's SyncManager: the user comes from the
-// query (`?user=…`), as the harness's pages take it, the hub and site from the page.
-const PAGE_SCRIPT = `
-  const site = JSON.parse(document.getElementById("site-config").textContent);
-  const userId = new URLSearchParams(location.search).get("user");
-  const sync = new SyncManager({
-    hubUrl: site.hubUrl,
-    siteId: site.siteId,
-    userId,
-    getToken: async () => {
-      const response = await fetch("/token?user=" + encodeURIComponent(userId));
-      if (!response.ok) throw new Error("token endpoint answered " + response.status);
-      return response.text();
-    },
-  });
-  sync.on("balance", (data) => {
-    document.getElementById("coins").textContent = String(data.coins);
-  });
-  window.sync = sync;
-  window.loggedIn = sync.login();
-  window.started = true;
-`;
 
 function html(title, config, scripts) {
   return `<!doctype html>
