@@ -8,8 +8,9 @@
 // (30 s) of the hub's, as the tokens' times must anyway (NTP).
 //
 // Settings come from the environment (PHP-FPM's pool, Apache's SetEnv, `php -S`'s shell), or
-// else from sync-settings.php in the folder above the document root, where the web server
-// never serves it (shared hosting) — never from a file under the document root:
+// else from the file SYNC_SETTINGS_FILE names: sync-settings.php two folders up from this
+// one — with this file at <document root>/api/, the folder holding the document root, which
+// the web server never serves (shared hosting). Never from a file under the document root:
 //   SYNC_SITE_ID  this site's id in the hub's [[sites]] (the `iss` of tokens and grants)
 //   SYNC_HUB_ID   the hub's `hub_id` (their `aud`)
 //   SYNC_SECRET   the site's HS256 secret, the same value the hub reads from `secret_env`
@@ -37,6 +38,9 @@ const SYNC_TOKEN_TTL = 600;
 const SYNC_GRANT_TTL = 600;
 // The example rule's daily bonus.
 const DAILY_BONUS_COINS = 10;
+// Where the settings are when the environment has none; change it if this file lives
+// elsewhere than <document root>/api/.
+const SYNC_SETTINGS_FILE = __DIR__ . '/../../sync-settings.php';
 
 function base64url(string $bytes): string
 {
@@ -158,8 +162,8 @@ function site_credit_again(string $user, string $op_id): ?array
 }
 
 /**
- * The setting `$name`: from the environment, or else from sync-settings.php above the
- * document root (an array of the same names: `<?php return ['SYNC_SITE_ID' => …];`).
+ * The setting `$name`: from the environment, or else from SYNC_SETTINGS_FILE (an array of the
+ * same names: `<?php return ['SYNC_SITE_ID' => …];`).
  */
 function sync_setting(string $name): string
 {
@@ -168,15 +172,22 @@ function sync_setting(string $name): string
     if ($value !== false && $value !== '') {
         return $value;
     }
-    $root = $_SERVER['DOCUMENT_ROOT'] ?? '';
-    $path = $root === '' ? null : dirname($root) . '/sync-settings.php';
-    $file ??= $path !== null && is_file($path) ? (array) require $path : [];
+    $file ??= is_file(SYNC_SETTINGS_FILE) ? (array) require SYNC_SETTINGS_FILE : [];
     $value = $file[$name] ?? '';
     if (!is_string($value) || $value === '') {
-        $where = $path === null ? 'the environment' : "the environment or $path";
-        throw new RuntimeException("the setting $name is in neither $where");
+        throw new RuntimeException("the setting $name is in neither the environment nor " . SYNC_SETTINGS_FILE);
     }
     return $value;
+}
+
+/**
+ * The hub's user id for the session's `$id` (a string, or a number as its decimal digits), or
+ * null when it is none: 1–64 of A-Z, a-z, 0-9, '.', '_', '-', not only dots.
+ */
+function sync_user_id(mixed $id): ?string
+{
+    $id = is_int($id) ? (string) $id : $id;
+    return is_string($id) && preg_match('/^(?!\.+$)[A-Za-z0-9._-]{1,64}$/D', $id) === 1 ? $id : null;
 }
 
 function sync_token_for(string $user): string
@@ -203,8 +214,8 @@ function sync_grant_for(string $user, ?array $decided): ?array
 }
 
 if (PHP_SAPI === 'cli') {
-    [$user, $what, $name] = [$argv[1] ?? '', $argv[2] ?? null, $argv[3] ?? ''];
-    if ($user === '' || ($what !== null && !in_array($what, ['credit', 'again'], true))) {
+    [$user, $what, $name] = [sync_user_id($argv[1] ?? ''), $argv[2] ?? null, $argv[3] ?? ''];
+    if ($user === null || ($what !== null && !in_array($what, ['credit', 'again'], true))) {
         fwrite(STDERR, "usage: SYNC_SITE_ID=… SYNC_HUB_ID=… SYNC_SECRET=… php sync-token.php USER_ID [credit NAME | again OP_ID]\n");
         exit(2);
     }
@@ -224,11 +235,17 @@ if (PHP_SAPI === 'cli') {
 session_start();
 header('Content-Type: application/json');
 header('Cache-Control: no-store');
-$user = $_SESSION['user_id'] ?? null;
+$signed_in = $_SESSION['user_id'] ?? null;
 session_write_close();
-if (!is_string($user) || $user === '') {
+if ($signed_in === null || $signed_in === '') {
     http_response_code(401);
     echo json_encode(['error' => 'not signed in']);
+    exit;
+}
+$user = sync_user_id($signed_in);
+if ($user === null) {
+    http_response_code(500);
+    echo json_encode(['error' => "the session's user id is not a hub user id: 1-64 of A-Z, a-z, 0-9, '.', '_', '-'"]);
     exit;
 }
 $credit = $_GET['credit'] ?? null;

@@ -211,8 +211,8 @@ async function shows(page, selector, check, what) {
 }
 
 /** Fails unless the hub accepts `token`: a `timestamp` request with it answers 200. */
-async function assertHubAccepts(hub, token, message) {
-  const check = await fetch(`${hub.syncUrl}?action=timestamp&user_id=${USER}&data_type=balance`, {
+async function assertHubAccepts(hub, token, message, user = USER) {
+  const check = await fetch(`${hub.syncUrl}?action=timestamp&user_id=${user}&data_type=balance`, {
     headers: { authorization: `Bearer ${token}` },
   });
   assert.equal(check.status, 200, `${message}; it answered ${await check.text()}`);
@@ -238,6 +238,10 @@ async function endpointUnder(run, hub, info, server) {
   const body = await answer.text();
   assert.equal(answer.status, 200, `${block.where}: the endpoint answered ${answer.status} ${body}\n${site.logs()}`);
   await assertHubAccepts(hub, JSON.parse(body).token, `${block.where}: the hub accepts the token signed with these lines' secret`);
+  // A sign-in that stores the user id as a number (as a database hands it over).
+  const numeric = await fetch(`${site.url}/api/sync-token.php`, { headers: { cookie: site.session({ user_id: 42 }) } });
+  assert.equal(numeric.status, 200, `${block.where}: a numeric user id: ${numeric.status}`);
+  await assertHubAccepts(hub, (await numeric.json()).token, `${block.where}: a token for user 42`, "42");
   return site;
 }
 
@@ -364,7 +368,7 @@ test("the package's README: the plain-script page, the bundler steps and the API
   await elsewhere.page.goto(`http://shop.test:${ports[0]}/login.php?user=${USER}`);
   await shows(elsewhere.page, "#why", (t) => t === "hub_unreachable", "the reason on an unlisted origin");
   await until(
-    () => hub.log.some((line) => line.includes(`origin=http://shop.test:${ports[0]}`) && line.includes("WARN")),
+    () => hub.log.some((line) => line.includes(`origin="http://shop.test:${ports[0]}"`) && line.includes("WARN")),
     "the hub's log naming the refused origin",
   );
 

@@ -256,14 +256,16 @@ class Server {
   }
 
   /**
-   * A session holding `values` (strings), stored as PHP stores one (its files handler, its
-   * `php` serializer) where this server's PHP keeps them: what a sign-in page would have
-   * stored. Answers the Cookie header that names it.
+   * A session holding `values` (strings, or integers), stored as PHP stores one (its files
+   * handler, its `php` serializer) where this server's PHP keeps them: what a sign-in page
+   * would have stored. Answers the Cookie header that names it.
    */
   session(values) {
     const id = randomBytes(16).toString("hex");
     const path = join(this.sessions, `sess_${id}`);
-    const serialized = Object.entries(values).map(([k, v]) => `${k}|s:${Buffer.byteLength(v)}:"${v}";`);
+    const serialized = Object.entries(values).map(([k, v]) =>
+      Number.isInteger(v) ? `${k}|i:${v};` : `${k}|s:${Buffer.byteLength(v)}:"${v}";`,
+    );
     writeFileSync(path, serialized.join(""));
     // PHP opens a session file for reading and writing, as www-data when the test is root.
     chmodSync(path, 0o666);
