@@ -120,7 +120,7 @@ pub enum Reason {
     /// A request got no answer (status `Offline`); the next answer ends it.
     Unreachable,
     /// The page's `getToken` threw or gave no token (status `Error`): nothing is sent until
-    /// an explicit check asks for one again.
+    /// the next trigger (a tab return, back online, or an explicit check) asks for one again.
     TokenFailed,
     /// The hub refused this page's token and a fresh one (401), or refused its identity
     /// outright (403, e.g. `origin_not_allowed`) (status `Error`): nothing is sent until an

@@ -567,6 +567,33 @@ fn no_token_at_all_sets_status_error_without_a_request() {
 }
 
 #[test]
+fn after_the_pages_backend_failed_to_give_a_token_a_tab_return_asks_it_again() {
+    let sim = Sim::new();
+    sim.hub_write(DataType::Balance, json!({"coins": 30}));
+    let tab = sim.open(SITE_A);
+    tab.script_tokens([TokenAnswer::Unavailable]);
+    assert!(!tab.login());
+    assert_eq!(tab.status_reason(), Some(Reason::TokenFailed));
+    // The backend is back: the next tab return asks it, and syncs, without an explicit call.
+    assert!(tab.tab_returns(), "{}", tab.debug_log());
+    assert_eq!(tab.token_asks(), 2);
+    assert_eq!((tab.status(), tab.status_reason(), tab.coins()), (Status::Idle, None, 30));
+}
+
+#[test]
+fn after_the_hub_refused_the_token_a_tab_return_sends_nothing() {
+    let (sim, tab) = signed_in();
+    sim.hub().expire_tokens();
+    tab.script_tokens([TokenAnswer::Bad]);
+    assert!(!tab.tab_returns());
+    assert_eq!(tab.status_reason(), Some(Reason::Unauthorized));
+    let mark = tab.mark();
+    assert!(!tab.tab_returns());
+    assert!(tab.requests_since(mark).is_empty(), "a refused identity is not sent again");
+    assert_eq!(tab.token_asks(), 2);
+}
+
+#[test]
 fn an_explicit_check_after_an_auth_error_tries_again() {
     let (sim, tab) = signed_in();
     sim.hub().expire_tokens();

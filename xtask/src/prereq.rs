@@ -37,7 +37,7 @@ pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
 
 /// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
 /// build. Only a release needs the musl toolchain; the tests never build for it.
-pub const FOR_DIST: &[Need] = &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP];
+pub const FOR_DIST: &[Need] = &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP, FILE];
 
 /// The target of the hub's static Linux binary, which `cargo xtask dist` builds.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -76,6 +76,10 @@ const MUSL_GCC: Need = Need {
 /// Packs the plain-script build into the zip a site owner downloads (`cargo xtask dist`, and
 /// the release files `tests/browser/docs.test.mjs` makes).
 const ZIP: Need = Need { name: "zip", present: || succeeds("zip", &["-v"]), install: Install::Apt(&["zip"]) };
+
+/// Tells `cargo xtask dist` that the hub it built is statically linked.
+const FILE: Need =
+    Need { name: "file", present: || succeeds("file", &["--version"]), install: Install::Apt(&["file"]) };
 
 const WASM_BINDGEN: Need = Need {
     name: "wasm-bindgen-cli 0.2.129",

@@ -249,7 +249,7 @@ fn broken_doc_links() -> anyhow::Result<Vec<String>> {
                 continue;
             }
             let linked_text = std::fs::read_to_string(&linked_path).unwrap_or_default();
-            if !linked_text.lines().filter_map(heading_text).any(|h| slug(h) == heading) {
+            if !headings(&linked_text).any(|h| slug(h) == heading) {
                 problems.push(format!("{file} links to {target}, but it has no such heading"));
             }
         }
@@ -257,38 +257,49 @@ fn broken_doc_links() -> anyhow::Result<Vec<String>> {
     Ok(problems)
 }
 
-/// The targets of the inline links of Markdown `text`, outside code blocks and code spans.
-fn links(text: &str) -> Vec<&str> {
-    let mut found = Vec::new();
+/// The lines of Markdown `text` outside fenced code blocks.
+fn prose(text: &str) -> impl Iterator<Item = &str> {
     let mut fenced = false;
-    for line in text.lines() {
+    text.lines().filter(move |line| {
         if line.trim_start().starts_with("```") {
             fenced = !fenced;
-            continue;
+            return false;
         }
-        if fenced {
-            continue;
-        }
+        !fenced
+    })
+}
+
+/// The targets of the links of Markdown `text` — inline links, without their title, and the
+/// `href`s of HTML links — outside code blocks and code spans.
+fn links(text: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    for line in prose(text) {
         for (i, part) in line.split('`').enumerate() {
             if i % 2 == 1 {
                 continue;
             }
-            let mut rest = part;
-            while let Some(at) = rest.find("](") {
-                let after = &rest[at + 2..];
-                let Some(end) = after.find(')') else { break };
-                found.push(after[..end].trim());
-                rest = &after[end..];
+            for (open, close) in [("](", ')'), ("href=\"", '"')] {
+                let mut rest = part;
+                while let Some(at) = rest.find(open) {
+                    let after = &rest[at + open.len()..];
+                    let Some(end) = after.find(close) else { break };
+                    let target = after[..end].trim();
+                    found.push(target.split_once(" \"").map_or(target, |(path, _title)| path));
+                    rest = &after[end..];
+                }
             }
         }
     }
     found
 }
 
-/// The text of a Markdown heading line (`## 4. Integrating a site`), if `line` is one.
-fn heading_text(line: &str) -> Option<&str> {
-    let rest = line.trim_start_matches('#');
-    (rest.len() < line.len() && rest.starts_with(' ')).then(|| rest.trim())
+/// The text of each ATX heading (`## 4. Integrating a site`) of Markdown `text`, outside
+/// code blocks.
+fn headings(text: &str) -> impl Iterator<Item = &str> {
+    prose(text).filter_map(|line| {
+        let rest = line.trim_start_matches('#');
+        (rest.len() < line.len() && rest.starts_with(' ')).then(|| rest.trim().trim_end_matches('#').trim())
+    })
 }
 
 /// The anchor GitHub gives a heading: lowercased, punctuation dropped but `-` and `_`,
@@ -304,7 +315,7 @@ fn slug(heading: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{crate_modules, is_build_output, links, slug};
+    use super::{crate_modules, headings, is_build_output, links, slug};
 
     #[test]
     fn links_and_headings_are_read_as_github_renders_them() {
@@ -314,6 +325,10 @@ mod tests {
             links(text),
             ["docs/site-owner.md#4-the-token-and-grant-endpoint", "#a", "https://example.org"]
         );
+        let titled = "[t](a.md \"A title\") and <a href=\"examples/x.php\">x</a>";
+        assert_eq!(links(titled), ["a.md", "examples/x.php"]);
+        let text = "# Top\n```sh\n# a comment, not a heading\n```\n## Closed ##";
+        assert_eq!(headings(text).collect::<Vec<_>>(), ["Top", "Closed"]);
         assert_eq!(slug("4. The token and grant endpoint"), "4-the-token-and-grant-endpoint");
         assert_eq!(slug("`[limits]`"), "limits");
         assert_eq!(slug("Use it from a plain `<script>` tag"), "use-it-from-a-plain-script-tag");

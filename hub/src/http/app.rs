@@ -44,15 +44,23 @@ struct Inner {
     tls: Option<Tls>,
     /// The bytes of request bodies held at once.
     bodies: Budget,
-    /// Origins refused by CORS and logged already: each is logged once, up to
-    /// [`LOGGED_ORIGINS`]; all are counted.
-    refused_origins: Mutex<HashSet<String>>,
+    /// Origins refused by CORS and logged in the current window: each is logged once per
+    /// window, up to [`LOGGED_ORIGINS`]; all are counted.
+    refused_origins: Mutex<RefusedOrigins>,
 }
 
-/// How many distinct refused origins are logged: a page with its site's origin missing from
-/// the configuration shows among the first, and a client sending made-up origins cannot fill
-/// the log.
+/// How many distinct refused origins are logged per [`ORIGIN_LOG_WINDOW_MS`]: a page whose
+/// site's origin is missing from the configuration shows among the first, and a client sending
+/// made-up origins cannot fill the log — nor keep a real one out of it for longer than a window.
 const LOGGED_ORIGINS: usize = 64;
+const ORIGIN_LOG_WINDOW_MS: i64 = 3_600_000;
+
+/// The refused origins logged since `since_ms`.
+#[derive(Debug, Default)]
+struct RefusedOrigins {
+    since_ms: i64,
+    logged: HashSet<String>,
+}
 
 /// What the hub knows of its sites, read from the configuration at start and again on SIGHUP.
 #[derive(Debug)]
@@ -130,7 +138,7 @@ impl App {
                 metrics_token,
                 tls,
                 bodies,
-                refused_origins: Mutex::new(HashSet::new()),
+                refused_origins: Mutex::new(RefusedOrigins::default()),
             }),
         })
     }
@@ -175,8 +183,8 @@ impl App {
     }
 
     /// Whether a page on `origin` may call the hub (CORS). A refusal is counted, and logged
-    /// the first time for each origin: the page sees only a failed `fetch`, which it cannot
-    /// tell from a hub that is down, so the operator's log is where it shows.
+    /// the first time for each origin in an hour: the page sees only a failed `fetch`, which it
+    /// cannot tell from a hub that is down, so the operator's log is where it shows.
     pub fn allows_origin(&self, origin: &HeaderValue) -> bool {
         let text = origin.to_str().ok();
         if text.is_some_and(|o| self.sites().allows_origin(o)) {
@@ -184,12 +192,16 @@ impl App {
         }
         self.inner.metrics.origin_refused();
         let shown: String = String::from_utf8_lossy(origin.as_bytes()).chars().take(200).collect();
-        let mut logged = self.inner.refused_origins.lock().unwrap_or_else(|e| e.into_inner());
-        if logged.len() < LOGGED_ORIGINS && logged.insert(shown.clone()) {
+        let now = now_ms();
+        let mut refused = self.inner.refused_origins.lock().unwrap_or_else(|e| e.into_inner());
+        if now - refused.since_ms >= ORIGIN_LOG_WINDOW_MS {
+            *refused = RefusedOrigins { since_ms: now, logged: HashSet::new() };
+        }
+        if refused.logged.len() < LOGGED_ORIGINS && refused.logged.insert(shown.clone()) {
             tracing::warn!(
-                origin = %shown,
+                origin = ?shown,
                 "a page on an origin no site lists called the hub: refused (CORS), so the page sees no answer; if it is a site's page, add the origin to that site's `origins`{}",
-                if logged.len() == LOGGED_ORIGINS { " (further origins are only counted)" } else { "" }
+                if refused.logged.len() == LOGGED_ORIGINS { " (further origins this hour are only counted)" } else { "" }
             );
         }
         false

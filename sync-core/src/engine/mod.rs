@@ -175,6 +175,12 @@ impl Engine {
             // An explicit request gets a fresh chance at auth.
             Trigger::Login | Trigger::Force | Trigger::EnsureFresh => self.token.clear_failure(),
         }
+        // The page's own backend failed to give a token (down, or the network was): any later
+        // trigger asks it again, which costs the hub nothing. A token the hub refused waits for
+        // an explicit request, so that tab returns never repeat a refused identity.
+        if matches!(self.token.failure(), Some(Failure::NoToken)) {
+            self.token.clear_failure();
+        }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let reason = match trigger {
