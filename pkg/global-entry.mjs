@@ -31,7 +31,9 @@ async function load() {
   try {
     await init({ module_or_path: response });
   } catch (e) {
-    throw failed(e.message, e);
+    // A Content-Security-Policy that forbids compiling WebAssembly names only 'unsafe-eval'.
+    const policy = /Content Security/i.test(e.message) ? "; allow 'wasm-unsafe-eval' in the page's script-src" : "";
+    throw failed(e.message + policy, e);
   }
 }
 

@@ -370,6 +370,8 @@ export class Site {
     this.folders = new Map([["/pkg/", pkgDir]]);
     /** Content-Types a folder serves instead of the usual ones, by URL prefix and extension. */
     this.folderTypes = new Map();
+    /** Headers a folder sends with every file, by URL prefix. */
+    this.folderHeaders = new Map();
     this.server = createServer((req, res) => this.serve(req, res).catch((e) => fail(res, 500, e.message)));
   }
 
@@ -405,6 +407,12 @@ export class Site {
   serveFolderWithTypes(name, dir, types) {
     this.serveFolder(name, dir);
     this.folderTypes.set(`/${name}/`, types);
+  }
+
+  /** Serves the files of `dir` under `/name/` with `headers` (`{"content-security-policy": …}`). */
+  serveFolderWithHeaders(name, dir, headers) {
+    this.serveFolder(name, dir);
+    this.folderHeaders.set(`/${name}/`, headers);
   }
 
   tokenCalls(user) {
@@ -474,7 +482,7 @@ export class Site {
         return fail(res, 404, "not found");
       }
       const type = this.folderTypes.get(prefix)?.[extname(file)] ?? MIME[extname(file)];
-      return send(res, 200, type ?? "application/octet-stream", body);
+      return send(res, 200, type ?? "application/octet-stream", body, this.folderHeaders.get(prefix));
     }
     return fail(res, 404, "not found");
   }
@@ -491,9 +499,9 @@ export class Site {
   }
 }
 
-function send(res, status, type, body) {
+function send(res, status, type, body, headers = {}) {
   // `no-cache`, not `no-store`: a `no-store` page never enters the back/forward cache.
-  res.writeHead(status, { "content-type": type, "cache-control": "no-cache" });
+  res.writeHead(status, { "content-type": type, "cache-control": "no-cache", ...headers });
   res.end(body);
 }
 

@@ -167,3 +167,30 @@ test("without its wasm beside it, the plain script's ready rejects naming the UR
     await page.close();
   }
 });
+
+test("under a Content-Security-Policy, the plain script syncs when the policy allows 'wasm-unsafe-eval' and the hub, as the README says, and cannot load the wasm without it", async () => {
+  // The page's own script is inline here, so the policy allows inline scripts as well.
+  const policy = (wasm) =>
+    `default-src 'self'; img-src data:; script-src 'self' 'unsafe-inline'${wasm ? " 'wasm-unsafe-eval'" : ""}; connect-src 'self' ${h.hub.url}`;
+  site.serveFolderWithHeaders("csp-allowed", root, { "content-security-policy": policy(true) });
+  site.serveFolderWithHeaders("csp-refused", root, { "content-security-policy": policy(false) });
+
+  const user = h.user("csp");
+  await h.hub.delta(user, 12);
+  const allowed = await site.open(user, {}, "/csp-allowed/script/index.html");
+  try {
+    assert.equal(allowed.loginResult, true, allowed.console.join("\n"));
+    assert.equal(await allowed.coins(), 12);
+  } finally {
+    await allowed.close();
+  }
+
+  const refused = await site.open(user, {}, "/csp-refused/script/index.html");
+  try {
+    const message = await refused.evaluate(() => window.readyError);
+    assert.match(message ?? "", /wasm-unsafe-eval/, `ready rejects naming what the policy lacks: ${message}`);
+    assert.deepEqual(refused.requestsSince(), [], "nothing reaches the hub");
+  } finally {
+    await refused.close();
+  }
+});
