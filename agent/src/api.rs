@@ -1,7 +1,10 @@
 //! The hub's sync API as the agent uses it: one user's balance at a time, over HTTP
 //! (reqwest), each request with a token of its own, sent again with backoff until the hub
-//! answers. Decides nothing about balances: that is [`crate::reconcile`]'s.
+//! answers. HTTPS trusts the public authorities (webpki's list), the system's trust store and
+//! the `--ca-file`; a certificate it does not accept is logged as an error and tried again only
+//! every few minutes. Decides nothing about balances: that is [`crate::reconcile`]'s.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -9,6 +12,7 @@ use backon::{ExponentialBuilder, Retryable};
 use protocol::{DeltaRequest, ErrorAnswer, PostRequest, PushRequest, SiteId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio_rustls::rustls::{self, CertificateError};
 
 use crate::reconcile::{HubBalance, Reply, Request};
 use crate::token::Signer;
@@ -23,6 +27,12 @@ const BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
     .without_max_times();
 /// The longest a request may take before it counts as failed and is sent again.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The pause after a TLS handshake that failed on the agent's side (a certificate it does not
+/// trust, a name that does not match, no TLS at all): that is a configuration to fix, on the
+/// hub or here, which retrying sooner does not fix. The agent goes on trying, rather than
+/// exiting, so that it resumes by itself once the hub's certificate is renewed or its
+/// authority trusted — a service manager restarting an agent that exits would soon give up.
+const TLS_RETRY: Duration = Duration::from_secs(300);
 
 /// The hub's sync API as the agent uses it: one user's balance at a time.
 pub(crate) struct Hub {
@@ -43,16 +53,69 @@ pub(crate) struct Answer {
 struct Retry {
     why: String,
     after: Option<Duration>,
+    /// The TLS handshake failed on the agent's side: see [`TLS_RETRY`].
+    tls: bool,
 }
 
 impl Retry {
     fn because(why: impl Into<String>) -> Retry {
-        Retry { why: why.into(), after: None }
+        Retry { why: why.into(), after: None, tls: false }
+    }
+
+    /// A request that got no answer; a TLS error says what to fix.
+    fn unanswered(error: reqwest::Error) -> Retry {
+        let fix = tls_error(&error).map(fix_for);
+        let why = format!("{:#}", anyhow::Error::from(error));
+        match fix {
+            Some(fix) => Retry { why: format!("{why}; {fix}"), after: None, tls: true },
+            None => Retry::because(why),
+        }
+    }
+}
+
+/// The TLS error under `error`, if its handshake failed. rustls's error is wrapped in an
+/// `io::Error` (perhaps in another), whose `source` skips what it wraps, so each is opened.
+fn tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = error.downcast_ref() {
+        return Some(tls);
+    }
+    let wrapped = error.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref);
+    if let Some(tls) = wrapped.and_then(|inner| tls_error(inner)) {
+        return Some(tls);
+    }
+    tls_error(error.source()?)
+}
+
+/// What the operator does about a failed TLS handshake.
+fn fix_for(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the hub's certificate comes from an authority this machine does not trust: give the \
+             agent that authority's certificate with --ca-file, or add it to the system's trust store"
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "the hub's certificate does not name the host of --hub",
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => "the hub's certificate has expired or is not valid yet: renew it, or check this machine's clock",
+        rustls::Error::InvalidCertificate(_) => "the hub's certificate is not accepted",
+        _ => "the TLS handshake with the hub failed: does the hub serve HTTPS on that address?",
     }
 }
 
 impl Hub {
-    pub(crate) fn new(url: &str, signer: Signer, site: SiteId) -> anyhow::Result<Hub> {
+    /// A client of the hub at `url`; over HTTPS it also trusts the authorities in `ca_file`
+    /// (PEM).
+    pub(crate) fn new(
+        url: &str,
+        ca_file: Option<&Path>,
+        signer: Signer,
+        site: SiteId,
+    ) -> anyhow::Result<Hub> {
         let mut base = reqwest::Url::parse(url).with_context(|| format!("--hub {url:?} is not a URL"))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             bail!("--hub {url:?} must be an http:// or https:// URL");
@@ -61,10 +124,22 @@ impl Hub {
             base.set_path(&format!("{}/", base.path()));
         }
         let api = base.join("api/sync")?;
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("hub-agent/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("hub-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            let pem =
+                std::fs::read(path).with_context(|| format!("cannot read --ca-file {}", path.display()))?;
+            let authorities = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ca-file {} is not PEM", path.display()))?;
+            if authorities.is_empty() {
+                bail!("--ca-file {} holds no CERTIFICATE block", path.display());
+            }
+            for authority in authorities {
+                http = http.add_root_certificate(authority);
+            }
+        }
+        let http = http.build().context("cannot set up HTTPS (the system's trust store, --ca-file)")?;
         Ok(Hub { http, api, signer, site })
     }
 
@@ -76,14 +151,23 @@ impl Hub {
             // The hub's `Retry-After` stands in for the next pause, and either is spread by
             // ±20 %, so that agents that failed together do not all come back together.
             .adjust(|retry: &Retry, pause| {
-                Some(retry.after.or(pause)?.min(MAX_RETRY).mul_f64(rand::random_range(0.8..1.2)))
+                let pause = if retry.tls { TLS_RETRY } else { retry.after.or(pause)?.min(MAX_RETRY) };
+                Some(pause.mul_f64(rand::random_range(0.8..1.2)))
             })
             .notify(|retry, wait| {
-                tracing::warn!(
-                    "{user}: no answer from the hub ({}); trying again in {:.1} s",
-                    retry.why,
-                    wait.as_secs_f64()
-                );
+                if retry.tls {
+                    tracing::error!(
+                        "{user}: no TLS connection to the hub ({}); trying again in {:.0} s",
+                        retry.why,
+                        wait.as_secs_f64()
+                    );
+                } else {
+                    tracing::warn!(
+                        "{user}: no answer from the hub ({}); trying again in {:.1} s",
+                        retry.why,
+                        wait.as_secs_f64()
+                    );
+                }
             })
             .await;
         match answered {
@@ -121,11 +205,7 @@ impl Hub {
                 grant: None,
             })),
         };
-        let response = builder
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
+        let response = builder.bearer_auth(token).send().await.map_err(Retry::unanswered)?;
         let status = response.status();
         let after = response
             .headers()
@@ -139,12 +219,20 @@ impl Hub {
                 .ok_or_else(|| Retry::because(format!("{status} with a body that is not the hub's")));
         }
         let Ok(error) = serde_json::from_slice::<ErrorAnswer>(&body) else {
-            return Err(Retry { why: format!("{status} with a body that is not the hub's"), after });
+            return Err(Retry {
+                why: format!("{status} with a body that is not the hub's"),
+                after,
+                tls: false,
+            });
         };
         // A refused token may be a clock or key being fixed; an overloaded or restarting hub
         // answers 5xx, 408 or 429. Any other refusal is the hub's answer to this request.
         if status.is_server_error() || matches!(status.as_u16(), 401 | 408 | 429) {
-            return Err(Retry { why: format!("{status} {}: {}", error.code, error.error), after });
+            return Err(Retry {
+                why: format!("{status} {}: {}", error.code, error.error),
+                after,
+                tls: false,
+            });
         }
         let current = error.current.map(|c| HubBalance { coins: coins_of(&c.data), version: c.version });
         let reply = match (error.code.as_str(), current) {

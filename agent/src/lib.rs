@@ -69,6 +69,9 @@ pub struct Options {
     pub site: String,
     /// The hub's base URL; requests go to `<hub_url>/api/sync`.
     pub hub_url: String,
+    /// More certificate authorities (PEM) to trust for an `https://` hub, beside the public
+    /// ones and the system's: a hub whose certificate a private authority signed.
+    pub ca_file: Option<PathBuf>,
     /// The state file; [`STATE_FILE`] in `dir` when `None`.
     pub state: Option<PathBuf>,
 }
@@ -155,7 +158,7 @@ impl Agent {
     fn new(config: &Config, options: Options) -> anyhow::Result<Agent> {
         let site = SiteId::parse(&options.site).map_err(|e| anyhow::anyhow!("--site: {}", e.message))?;
         let signer = Signer::new(config, site.clone(), SCOPES, TOKEN_TTL_SECS)?;
-        let hub = Hub::new(&options.hub_url, signer, site.clone())?;
+        let hub = Hub::new(&options.hub_url, options.ca_file.as_deref(), signer, site.clone())?;
         let dir =
             options.dir.canonicalize().with_context(|| format!("cannot watch {}", options.dir.display()))?;
         if !dir.is_dir() {

@@ -80,6 +80,10 @@ enum Command {
         /// watched folder].
         #[arg(long, value_name = "FILE")]
         state: Option<PathBuf>,
+        /// Certificate authorities (PEM) to trust for an https:// hub, beside the public ones
+        /// and the system's trust store: for a hub whose certificate a private authority signed.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Print a token for a user, signed with a site's key, as the site's backend would.
     Token {
@@ -133,10 +137,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _logs = init_logging();
             serve(config, move || args.load())
         }
-        Command::Agent { config, watch, site, hub, state } => {
+        Command::Agent { config, watch, site, hub, state, ca_file } => {
             let config = config.load()?;
             let _logs = init_logging();
-            agent(&config, hub_agent::Options { dir: watch, site, hub_url: hub, state })
+            agent(&config, hub_agent::Options { dir: watch, site, hub_url: hub, state, ca_file })
         }
         Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
         Command::Token { config, site, user, ttl, scope, admin } => {

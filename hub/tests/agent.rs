@@ -4,7 +4,8 @@
 //! site made meanwhile is kept and the local change added to it; a restarted agent pushes
 //! nothing again and applies nothing twice; at first sight the hub's balance is canonical;
 //! a hub on a new database gets every file again; the hub accepts the agent's tokens however
-//! the site's key is configured.
+//! the site's key is configured; a hub whose certificate a private authority signed is
+//! reached with `--ca-file`, and refused, saying so, without it.
 
 mod support;
 
@@ -86,6 +87,11 @@ impl Agent {
 
     /// Starts the agent without waiting for anything.
     fn spawn(hub_url: &str, config: &Path, files: &Files) -> Agent {
+        Agent::spawn_with(hub_url, config, files, &[])
+    }
+
+    /// Starts the agent with more arguments, without waiting for anything.
+    fn spawn_with(hub_url: &str, config: &Path, files: &Files, more: &[&std::ffi::OsStr]) -> Agent {
         let log_dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(log_dir.path().join("agent.log")).unwrap();
         let mut command = support::hub_command();
@@ -99,6 +105,7 @@ impl Agent {
             .arg(SITE)
             .arg("--hub")
             .arg(hub_url)
+            .args(more)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
@@ -529,4 +536,101 @@ fn the_hub_accepts_the_agents_tokens_however_the_sites_key_is_configured() {
         }
         Ok(())
     });
+}
+
+/// A hub serving HTTPS with a certificate of a private authority, the authority's certificate
+/// in `ca.pem` beside its files.
+async fn hub_of_a_private_authority(dir: &Path) -> TestHub {
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "a private authority");
+    let authority = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &authority)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), authority.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    TestHub::start_with(|config| {
+        generous_limits(config);
+        config.tls_cert = Some(dir.join("cert.pem"));
+        config.tls_key = Some(dir.join("key.pem"));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_hub_of_a_private_authority_is_reached_with_its_ca_file_and_refused_clearly_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub_of_a_private_authority(dir.path()).await;
+    let config = config_file(&dir);
+    let authority =
+        reqwest::Certificate::from_pem(&std::fs::read(dir.path().join("ca.pem")).unwrap()).unwrap();
+    let page = SiteClient {
+        client: reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(authority)
+            .build()
+            .unwrap(),
+        ..hub.site(OTHER, USER)
+    };
+
+    // Without the authority, the agent says what is wrong and what to do, as an error, and
+    // waits minutes before it tries again rather than spinning.
+    let untrusting_files = Files::new();
+    untrusting_files.write("carol", 30);
+    let mut untrusting = Agent::spawn(&hub.url, &config, &untrusting_files);
+    untrusting.wait_for_log("no TLS connection to the hub").await;
+    let log = untrusting.log();
+    let line = log.lines().find(|l| l.contains("no TLS connection to the hub")).unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    assert!(line.contains("give the agent that authority's certificate with --ca-file"), "{line}");
+    let pause: f64 = line.rsplit_once("trying again in ").unwrap().1.trim_end_matches(" s").parse().unwrap();
+    assert!(pause >= 240.0, "a TLS error is tried again after minutes, not {pause} s: {line}");
+
+    // Given the authority's certificate, an agent pushes its files.
+    let files = Files::new();
+    files.write(USER, 40);
+    let ca_file = dir.path().join("ca.pem");
+    let trusting = Agent::spawn_with(&hub.url, &config, &files, &["--ca-file".as_ref(), ca_file.as_os_str()]);
+    trusting.wait_for_log("balance files against the hub").await;
+    until_hub_has(&page, 40, &trusting).await;
+    trusting.stop().await;
+
+    // Meanwhile the first agent tried once and is still waiting.
+    untrusting.assert_running();
+    assert_eq!(untrusting.log().matches("no TLS connection to the hub").count(), 1, "{}", untrusting.log());
+    untrusting.stop().await;
+    let carol = SiteClient { client: page.client.clone(), ..hub.site(OTHER, "carol") };
+    assert_eq!(carol.get("balance").await.assert_ok()["version"], 0, "nothing reached the hub without TLS");
+}
+
+#[test]
+fn an_unusable_ca_file_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(&dir);
+    let files = Files::new();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    for (ca_file, expected) in
+        [(dir.path().join("missing.pem"), "cannot read --ca-file"), (empty, "holds no CERTIFICATE block")]
+    {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_hub"))
+            .args(["agent", "--site", SITE, "--hub", "https://127.0.0.1:1"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--watch")
+            .arg(files.dir.path())
+            .arg("--ca-file")
+            .arg(&ca_file)
+            .env_remove("HUB_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }
