@@ -36,6 +36,10 @@ pub struct Config {
     /// one of them is believed about the client it forwards (`Forwarded`, `X-Forwarded-For`,
     /// `X-Forwarded-Proto`); empty, no peer is, not even loopback.
     pub trusted_proxies: TrustedProxies,
+    /// Seconds the hub goes on serving after SIGTERM, with `/healthz` answering 503, so that
+    /// a load balancer moves its traffic to another instance before connections are refused.
+    /// 0 stops at once: a hub alone behind its proxy has no one to hand its traffic to.
+    pub drain_secs: u64,
     pub limits: Limits,
     pub store: StoreConfig,
     pub metrics: MetricsConfig,
@@ -434,6 +438,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             trusted_proxies: TrustedProxies::default(),
+            drain_secs: 0,
             limits: Limits::default(),
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
@@ -511,7 +516,7 @@ impl Config {
         if !self.sites.is_empty() {
             return Ok(self);
         }
-        std::fs::create_dir_all(&self.data_dir)
+        create_data_dir(&self.data_dir)
             .with_context(|| format!("cannot create data dir {}", self.data_dir.display()))?;
         let path = self.data_dir.join(DEV_KEYS_FILE);
         #[derive(Serialize, Deserialize)]
@@ -625,6 +630,17 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options.open(path)?.write_all(text.as_bytes())
+}
+
+/// Creates the data dir, and the folders above it that are missing, for its owner alone
+/// (0700): it holds the database and, in development, the sites' keys. One that exists keeps
+/// its mode.
+pub fn create_data_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 /// 32 random bytes, base64url: an HS256 secret.

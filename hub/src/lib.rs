@@ -12,6 +12,7 @@ pub mod import;
 pub mod limit;
 pub mod metrics;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod time;
 pub mod tls;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use hub::App;
 use hub::auth::Keys;
 use hub::config::Config;
+use hub::service;
 use protocol::{Scope, Scopes};
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
@@ -234,7 +235,10 @@ async fn serve(
         app.domain().epoch(),
         config.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
     );
-    hub::serve(listener, app, shutdown_signal()).await?;
+    let signals = service::StopSignals::install().context("cannot handle SIGTERM and SIGINT")?;
+    service::notify_ready(&format!("serving on {scheme}://{addr}"));
+    let drain = std::time::Duration::from_secs(config.drain_secs);
+    hub::serve(listener, app.clone(), service::stop_requested(app, drain, signals)).await?;
     Ok(())
 }
 

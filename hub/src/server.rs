@@ -32,7 +32,7 @@ use connection::{Activity, AnswerBody, PerAddress};
 /// on (it is ten seconds long).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for in-flight requests.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The HTTP/2 connection preface; a connection that starts with anything else is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

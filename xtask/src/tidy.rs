@@ -45,6 +45,7 @@ const CLIENT_RS: &str = "hub/src/http/client.rs:";
 /// rank, so that requests travel one way, `server` → `http` → `domain` → `store`, with what
 /// several layers need below them all.
 const HUB_LAYERS: &[&[&str]] = &[
+    &["service"],
     &["server"],
     &["http"],
     &["auth", "limit", "metrics", "tls", "import"],

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -47,6 +48,9 @@ struct Inner {
     /// Origins refused by CORS and logged in the current window: each is logged once per
     /// window, up to [`LOGGED_ORIGINS`]; all are counted.
     refused_origins: Mutex<RefusedOrigins>,
+    /// Set when the hub has been asked to stop and drains: `/healthz` then answers 503 so that
+    /// a load balancer sends its traffic elsewhere, while every request is still served.
+    draining: AtomicBool,
 }
 
 /// How many distinct refused origins are logged per [`ORIGIN_LOG_WINDOW_MS`]: a page whose
@@ -139,6 +143,7 @@ impl App {
                 tls,
                 bodies,
                 refused_origins: Mutex::new(RefusedOrigins::default()),
+                draining: AtomicBool::new(false),
             }),
         })
     }
@@ -215,6 +220,15 @@ impl App {
 
     pub fn rate_limits(&self) -> &RateLimits {
         &self.inner.rate_limits
+    }
+
+    /// From now on `/healthz` answers `503 draining`; requests are served as before.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -339,6 +339,10 @@ fn parse_post(bytes: &[u8]) -> Result<(PostRequest, UserId), ApiError> {
 
 async fn healthz(State(app): State<App>) -> Response {
     let response = match app.domain().store().check().await {
+        Ok(()) if app.draining() => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"success": false, "status": "draining"}),
+        ),
         Ok(()) => json(StatusCode::OK, &serde_json::json!({"success": true, "status": "ok"})),
         Err(e) => ApiError::from(e).into_response(),
     };

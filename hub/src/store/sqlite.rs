@@ -174,8 +174,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database in `dir`, brings its schema up to date and
     /// starts the writer.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", dir.display())))?;
+        create_private(dir)?;
         // Every write goes through this process's writer (the stamp cache relies on it), so
         // no second process may open the same database.
         let lock_path = dir.join(LOCK_FILE);
@@ -295,6 +294,23 @@ fn parse_data(text: &str) -> Result<serde_json::Value, StoreError> {
 
 fn version_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// Creates the data dir `dir` (0700) and an empty database in it (0600, which SQLite gives its
+/// `-wal` and `-shm` files too) unless they exist, so that outside systemd, whatever the
+/// umask, only the hub's user reads them. SQLite would create the database 0644.
+fn create_private(dir: &Path) -> Result<(), StoreError> {
+    crate::config::create_data_dir(dir)
+        .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join(DB_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(&path)
+        .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", path.display())))?;
+    Ok(())
 }
 
 #[async_trait]
