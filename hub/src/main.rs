@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use hub::App;
 use hub::auth::Keys;
 use hub::config::Config;
+use hub::metrics::Reload;
 use hub::service;
 use protocol::{Scope, Scopes};
 use tracing::Level;
@@ -302,16 +303,25 @@ async fn reload_on_hangup(
     reread: impl Fn() -> anyhow::Result<Config>,
 ) {
     while hangup.recv().await.is_some() {
-        match reread().and_then(|config| app.reload_sites(&config).map(|()| config)) {
+        let sites = reread().and_then(|config| app.reload_sites(&config).map(|()| config));
+        app.metrics().reloaded(Reload::Sites, sites.is_ok());
+        match sites {
             Ok(config) => tracing::info!(
                 "SIGHUP: sites reloaded ({}); new requests use their keys and policies",
                 config.sites.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
             ),
             Err(e) => tracing::error!("SIGHUP: keeping the current sites: {e:#}"),
         }
-        match app.tls().map(hub::tls::Tls::reload) {
+        let tls = app.reload_tls();
+        if let Some(reloaded) = &tls {
+            app.metrics().reloaded(Reload::Tls, reloaded.is_ok());
+        }
+        match tls {
             None => {}
-            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections get it"),
+            Some(Ok(expires)) => tracing::info!(
+                "SIGHUP: TLS certificate reloaded, valid until {}; new connections get it",
+                hub::time::rfc3339_ms(expires.saturating_mul(1000))
+            ),
             Some(Err(e)) => tracing::error!("SIGHUP: keeping the current TLS certificate: {e:#}"),
         }
     }

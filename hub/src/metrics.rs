@@ -2,9 +2,11 @@
 //! hour in ten-second slots behind the dashboard. Records and reports; decides nothing about
 //! a request and never refuses one.
 
+mod process;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,8 +17,10 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use protocol::DataType;
 use serde::Serialize;
@@ -184,6 +188,60 @@ struct BodyRefusalLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    /// What SIGHUP reread: `sites`, `tls` (the certificate and key) or `access_log` (reopened).
+    what: &'static str,
+    /// `ok`, or `failed` (what was in use stays).
+    result: &'static str,
+}
+
+/// What a SIGHUP rereads, each on its own: one may fail while the others are taken up.
+#[derive(Debug, Clone, Copy)]
+pub enum Reload {
+    Sites,
+    Tls,
+    AccessLog,
+}
+
+impl Reload {
+    const ALL: [Reload; 3] = [Reload::Sites, Reload::Tls, Reload::AccessLog];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reload::Sites => "sites",
+            Reload::Tls => "tls",
+            Reload::AccessLog => "access_log",
+        }
+    }
+}
+
+/// The served certificate's `notAfter`, for `/metrics` only while there is one: a plain-HTTP
+/// hub shows no expiry rather than a date in 1970.
+#[derive(Debug)]
+struct CertificateExpiry(Arc<AtomicI64>);
+
+/// Held by [`CertificateExpiry`] while no certificate is served.
+const NO_CERTIFICATE: i64 = i64::MIN;
+
+impl CertificateExpiry {
+    fn get(&self) -> Option<i64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|secs| *secs != NO_CERTIFICATE)
+    }
+}
+
+impl Collector for CertificateExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(secs) = self.get() else { return Ok(()) };
+        ConstGauge::new(secs).encode(encoder.encode_descriptor(
+            "tls_cert_not_after",
+            "When the certificate served over HTTPS expires (its notAfter), in seconds since the Unix epoch; reread on SIGHUP",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?)
+    }
+}
+
 /// Which rate limit refused a request.
 #[derive(Debug, Clone, Copy)]
 pub enum LimitScope {
@@ -209,6 +267,9 @@ pub struct Metrics {
     bodies_refused_busy: Counter,
     bodies_timed_out: Counter,
     origins_refused: Counter,
+    reloads: Family<ReloadLabels, Counter>,
+    tls_not_after: CertificateExpiry,
+    access_log_dropped: Counter,
     store: StoreMetrics,
     history: Mutex<History>,
 }
@@ -230,7 +291,10 @@ impl Metrics {
             sites,
             site_index,
         });
-        let mut registry = Registry::with_prefix("hub");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::Process));
+        let registry = root.sub_registry_with_prefix("hub");
+        registry.register("build", "The hub's version", Info::new([("version", env!("CARGO_PKG_VERSION"))]));
         registry.register_collector(Box::new(counts.clone()));
         let open_connections = Gauge::default();
         registry.register("open_connections", "Client connections open now", open_connections.clone());
@@ -284,6 +348,26 @@ impl Metrics {
             "Requests from a page on an origin no site lists: answered without CORS headers, so the page sees no answer",
             origins_refused.clone(),
         );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "reloads",
+            "What SIGHUP reread or reopened, by what and result; after a failed one, what was in use stays",
+            reloads.clone(),
+        );
+        for what in Reload::ALL {
+            for result in ["ok", "failed"] {
+                // Created at zero, so that an alert on `failed` has a series from the start.
+                drop(reloads.get_or_create(&ReloadLabels { what: what.as_str(), result }));
+            }
+        }
+        let tls_not_after = Arc::new(AtomicI64::new(NO_CERTIFICATE));
+        registry.register_collector(Box::new(CertificateExpiry(tls_not_after.clone())));
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because its writer fell behind (128,000 lines waiting)",
+            access_log_dropped.clone(),
+        );
         let store = StoreMetrics::default();
         registry.register(
             "store_commit_batch_writes",
@@ -308,7 +392,7 @@ impl Metrics {
             store.op_log_ids.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             counts,
             open_connections,
             connection_states,
@@ -319,6 +403,9 @@ impl Metrics {
             bodies_refused_busy,
             bodies_timed_out,
             origins_refused,
+            reloads,
+            tls_not_after: CertificateExpiry(tls_not_after),
+            access_log_dropped,
             store,
             history: Mutex::new(History {
                 live_start_ms: now_ms - now_ms % SLOT_MS,
@@ -439,6 +526,22 @@ impl Metrics {
         self.origins_refused.inc();
     }
 
+    /// Counts what a SIGHUP reread, and whether it was taken up.
+    pub fn reloaded(&self, what: Reload, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ReloadLabels { what: what.as_str(), result }).inc();
+    }
+
+    /// The `notAfter` of the certificate served now, in seconds since the Unix epoch.
+    pub fn tls_cert_not_after(&self, secs: i64) {
+        self.tls_not_after.0.store(secs, Ordering::Relaxed);
+    }
+
+    /// Counts access log lines dropped because its writer fell behind.
+    pub fn access_log_dropped(&self, lines: u64) {
+        self.access_log_dropped.inc_by(lines);
+    }
+
     /// Everything, in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -477,6 +580,7 @@ impl Metrics {
             slot_ms: SLOT_MS,
             sites: self.counts.sites.iter().map(|s| s.to_string()).collect(),
             open_connections: self.open_connections.get(),
+            tls_cert_not_after_ms: self.tls_not_after.get().map(|secs| secs.saturating_mul(1000)),
             now_ms,
             slots,
         }
@@ -731,6 +835,8 @@ pub struct Recent {
     /// verified token.
     pub sites: Vec<String>,
     pub open_connections: i64,
+    /// When the certificate served over HTTPS expires; `None` over plain HTTP.
+    pub tls_cert_not_after_ms: Option<i64>,
     pub now_ms: i64,
     /// Oldest first; slots in which nothing happened are absent.
     pub slots: Vec<SlotView>,

@@ -1,10 +1,12 @@
 //! HTTPS: the certificate chain and key the hub presents, read from PEM files at start and
 //! again on each reload, and the rustls configuration that offers them with ALPN `h2` and
-//! `http/1.1`. It accepts no connection (`server` does) and catches no signal (`hub serve`
-//! calls [`Tls::reload`] on SIGHUP).
+//! `http/1.1`; and when the certificate served expires, for the operator. It accepts no
+//! connection (`server` does) and catches no signal (`hub serve` calls [`Tls::reload`] on
+//! SIGHUP).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use anyhow::{Context, anyhow, bail};
 use arc_swap::ArcSwap;
@@ -33,8 +35,10 @@ impl Tls {
     /// that does not belong to the certificate, is an error naming the file.
     pub fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<Tls> {
         let provider = Arc::new(ring::default_provider());
+        let (current, not_after) = read(cert_path, key_path, &provider)?;
         let certificate = Arc::new(Certificate {
-            current: ArcSwap::from_pointee(read(cert_path, key_path, &provider)?),
+            current: ArcSwap::from_pointee(current),
+            not_after: AtomicI64::new(not_after),
             cert_path: cert_path.to_path_buf(),
             key_path: key_path.to_path_buf(),
             provider: provider.clone(),
@@ -52,8 +56,16 @@ impl Tls {
     /// keep theirs. On an error (named as by [`Tls::load`]) the current certificate stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let c = &self.certificate;
-        c.current.store(Arc::new(read(&c.cert_path, &c.key_path, &c.provider)?));
+        let (current, not_after) = read(&c.cert_path, &c.key_path, &c.provider)?;
+        c.current.store(Arc::new(current));
+        c.not_after.store(not_after, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// When the certificate served now stops being valid (its `notAfter`), in seconds since
+    /// the Unix epoch; the chain's other certificates are not looked at.
+    pub fn not_after(&self) -> i64 {
+        self.certificate.not_after.load(Ordering::Relaxed)
     }
 
     /// Performs the server side of handshakes with the current certificate.
@@ -67,6 +79,8 @@ impl Tls {
 struct Certificate {
     /// Swapped whole by a reload; a handshake takes whichever is current when it starts.
     current: ArcSwap<CertifiedKey>,
+    /// `current`'s `notAfter`, in seconds since the Unix epoch.
+    not_after: AtomicI64,
     cert_path: PathBuf,
     key_path: PathBuf,
     /// Parses the key on reload, as at start.
@@ -79,17 +93,21 @@ impl ResolvesServerCert for Certificate {
     }
 }
 
-/// The chain in `cert_path` and the private key in `key_path`, checked to belong together.
-fn read(cert_path: &Path, key_path: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+/// The chain in `cert_path` and the private key in `key_path`, checked to belong together,
+/// and the `notAfter` of the chain's first certificate, the server's own.
+fn read(cert_path: &Path, key_path: &Path, provider: &CryptoProvider) -> anyhow::Result<(CertifiedKey, i64)> {
     let cert_name = cert_path.display();
     let key_name = key_path.display();
     let pem = std::fs::read(cert_path).with_context(|| format!("cannot read TLS certificate {cert_name}"))?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("TLS certificate {cert_name} is not valid PEM: {e}"))?;
-    if chain.is_empty() {
+    let Some(first) = chain.first() else {
         bail!("TLS certificate {cert_name} holds no CERTIFICATE block");
-    }
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(first)
+        .map_err(|e| anyhow!("TLS certificate {cert_name} is not an X.509 certificate: {e}"))?;
+    let not_after = parsed.validity().not_after.timestamp();
     let pem = std::fs::read(key_path).with_context(|| format!("cannot read TLS key {key_name}"))?;
     let key = PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|e| anyhow!("TLS key {key_name} holds no usable PEM private key: {e}"))?;
@@ -99,7 +117,9 @@ fn read(cert_path: &Path, key_path: &Path, provider: &CryptoProvider) -> anyhow:
         .map_err(|e| anyhow!("TLS key {key_name} cannot be used: {e}"))?;
     let certified = CertifiedKey::new(chain, key);
     match certified.keys_match() {
-        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(certified),
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
+            Ok((certified, not_after))
+        }
         Err(rustls::Error::InconsistentKeys(_)) => {
             bail!("TLS key {key_name} does not belong to the certificate {cert_name}")
         }

@@ -1,11 +1,11 @@
 //! `/metrics` and the dashboard over real HTTP: what the operator sees after real traffic,
-//! and who may see it.
+//! and who may see it; the real binary's version, process figures and reloads.
 
 mod support;
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use support::{Reply, TestHub, sample};
+use support::{Deployment, Reply, TestHub, sample};
 
 #[track_caller]
 fn assert_sample(text: &str, series: &str, expected: f64) {
@@ -216,5 +216,80 @@ async fn the_dashboard_page_is_served_with_a_strict_content_policy() {
         assert!(response.headers()["content-type"].to_str().unwrap().starts_with(kind), "{path}");
         let csp = response.headers()["content-security-policy"].to_str().unwrap();
         assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    }
+}
+
+/// `/metrics` of the real binary, read from loopback.
+async fn scrape_deployment(deployment: &Deployment) -> String {
+    let response = support::client().get(format!("{}/metrics", deployment.url())).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_real_hub_tells_its_version_its_process_and_each_sites_reload() {
+    let deployment = Deployment::new(|_| {});
+    let hub = deployment.start().await;
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let text = scrape_deployment(&deployment).await;
+    assert_sample(&text, &format!(r#"hub_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION")), 1.0);
+
+    // The process's own figures: the hub's, not the test's. Its threads and files come and go
+    // with its work, so they are compared with what /proc shows of it within a margin.
+    let pid = hub.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let threads: f64 =
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap();
+    let reported = sample(&text, "process_threads").unwrap();
+    assert!((2.0..=threads + 8.0).contains(&reported), "{reported} threads, /proc lists {threads}");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
+    let open_fds = sample(&text, "process_open_fds").unwrap();
+    assert!((3.0..=fds + 8.0).contains(&open_fds), "{open_fds} open, /proc lists {fds}");
+    let resident = sample(&text, "process_resident_memory_bytes").unwrap();
+    assert!((1e6..1e9).contains(&resident), "{resident} bytes resident");
+    let started = sample(&text, "process_start_time_seconds").unwrap();
+    assert!((before - 60.0..=before + 1.0).contains(&started), "started at {started}, the test at {before}");
+    assert!(sample(&text, "process_max_fds").is_some(), "{text}");
+    // CPU time is counted in clock ticks: after some work it is more than none.
+    let client = support::client();
+    for _ in 0..300 {
+        client.get(format!("{}/healthz", deployment.url())).send().await.unwrap();
+    }
+    let cpu = sample(&scrape_deployment(&deployment).await, "process_cpu_seconds_total").unwrap();
+    assert!(cpu > 0.0, "{cpu} s of CPU after 300 requests");
+
+    // A configuration that does not load is a failed reload of the sites; a good one is not.
+    const OK: &str = r#"hub_reloads_total{what="sites",result="ok"}"#;
+    const FAILED: &str = r#"hub_reloads_total{what="sites",result="failed"}"#;
+    assert_sample(&text, FAILED, 0.0);
+    let config = deployment.dir.path().join("hub.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, "no_such_key = 1\n").unwrap();
+    support::hang_up(&hub).await;
+    let text = until_sample(&deployment, FAILED, 1.0).await;
+    assert_sample(&text, OK, 0.0);
+    std::fs::write(&config, good).unwrap();
+    support::hang_up(&hub).await;
+    let text = until_sample(&deployment, OK, 1.0).await;
+    assert_sample(&text, FAILED, 1.0);
+    assert!(
+        !text.contains(r#"what="tls",result="ok"} 1"#),
+        "a plain-HTTP hub reloads no certificate: {text}"
+    );
+}
+
+/// Polls the real hub's `/metrics` until `series` has `value`; returns the whole text.
+async fn until_sample(deployment: &Deployment, series: &str, value: f64) -> String {
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        let text = scrape_deployment(deployment).await;
+        if sample(&text, series) == Some(value) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never became {value}:\n{text}\nlog:\n{}",
+            deployment.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }

@@ -2,7 +2,8 @@
 //! HSTS over HTTPS and never over plain HTTP, plain HTTP refused on the TLS port, silent or
 //! stalled clients closed after the header read timeout, unusable certificate files refused
 //! by name, and a renewed certificate taken up on SIGHUP (or `Tls::reload`) while the
-//! connections already open keep working. Each test makes its own certificate authorities.
+//! connections already open keep working; the served certificate's expiry and each reload in
+//! `/metrics` and the dashboard's data. Each test makes its own certificate authorities.
 
 mod support;
 
@@ -52,10 +53,16 @@ impl Authority {
 
     /// A certificate for the names the tests reach the hub by: `localhost` and `127.0.0.1`.
     fn issue(&self) -> Issued {
+        self.issue_until(rcgen::date_time_ymd(4096, 1, 1))
+    }
+
+    /// A certificate as [`Authority::issue`] makes, valid until `not_after`.
+    fn issue_until(&self, not_after: time::OffsetDateTime) -> Issued {
         let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
     }
@@ -434,4 +441,83 @@ async fn sighup_renews_the_certificate_while_open_connections_keep_working() {
     page.timestamp("balance").await.assert_ok();
     assert_eq!(open.health().await, 200);
     hub.kill().await.unwrap();
+}
+
+/// `/metrics` of a hub whose HTTPS `authority` trusts, read from loopback.
+async fn scrape(deployment: &Deployment, authority: &Authority) -> String {
+    let response = authority.client().build().unwrap().get(format!("{}/metrics", deployment.url())).send();
+    response.await.unwrap().text().await.unwrap()
+}
+
+/// Polls `/metrics` until `series` has `value`; returns the whole text.
+async fn until_metric(deployment: &Deployment, authority: &Authority, series: &str, value: f64) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = scrape(deployment, authority).await;
+        if support::sample(&text, series) == Some(value) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never became {value}:\n{text}\nlog:\n{}",
+            deployment.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_the_dashboard_show_the_served_certificates_expiry_and_each_reload() {
+    let ca = Authority::new("test CA");
+    let (first_expiry, renewed_expiry) =
+        (rcgen::date_time_ymd(2031, 5, 17), rcgen::date_time_ymd(2032, 2, 29));
+    let files = CertFiles::new(&ca.issue_until(first_expiry));
+    let deployment = Deployment::new(|c| files.configure(c));
+    let hub = deployment.start().await;
+    const EXPIRY: &str = "hub_tls_cert_not_after_seconds";
+    const TLS_OK: &str = r#"hub_reloads_total{what="tls",result="ok"}"#;
+    const TLS_FAILED: &str = r#"hub_reloads_total{what="tls",result="failed"}"#;
+    const SITES_OK: &str = r#"hub_reloads_total{what="sites",result="ok"}"#;
+
+    let text = scrape(&deployment, &ca).await;
+    assert_eq!(support::sample(&text, EXPIRY), Some(first_expiry.unix_timestamp() as f64), "{text}");
+    for series in [TLS_OK, TLS_FAILED, SITES_OK] {
+        assert_eq!(support::sample(&text, series), Some(0.0), "{series}: {text}");
+    }
+    let data: serde_json::Value = ca
+        .client()
+        .build()
+        .unwrap()
+        .get(format!("{}/dashboard/data", deployment.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(data["tls_cert_not_after_ms"], first_expiry.unix_timestamp() * 1000, "{data}");
+
+    // A renewed certificate: its expiry, and one reload of each.
+    files.write(&ca.issue_until(renewed_expiry));
+    hang_up(&hub).await;
+    let text = until_metric(&deployment, &ca, TLS_OK, 1.0).await;
+    assert_eq!(support::sample(&text, EXPIRY), Some(renewed_expiry.unix_timestamp() as f64), "{text}");
+    assert_eq!(support::sample(&text, SITES_OK), Some(1.0), "{text}");
+
+    // A broken one is counted as failed, and the renewed certificate's expiry stays.
+    std::fs::write(files.cert(), "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    hang_up(&hub).await;
+    let text = until_metric(&deployment, &ca, TLS_FAILED, 1.0).await;
+    assert_eq!(support::sample(&text, EXPIRY), Some(renewed_expiry.unix_timestamp() as f64), "{text}");
+    assert_eq!(support::sample(&text, TLS_OK), Some(1.0), "{text}");
+}
+
+#[tokio::test]
+async fn a_plain_http_hub_shows_no_certificate_expiry() {
+    let hub = TestHub::start().await;
+    let text = hub.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("hub_tls_cert_not_after"), "{text}");
+    let data: serde_json::Value =
+        hub.request(Method::GET, "/dashboard/data").send().await.unwrap().json().await.unwrap();
+    assert!(data["tls_cert_not_after_ms"].is_null(), "{data}");
 }

@@ -8,6 +8,7 @@ const PAD = { left: 52, right: 12, top: 12, bottom: 26 };
 const HOUR_MS = 3_600_000;
 const MINUTE_MS = 60_000;
 const REFRESH_MS = 10_000;
+const DAY_MS = 86_400_000;
 const TOKEN_KEY = "hub_metrics_token";
 const SITE_COLORS = ["#2563eb", "#16a34a", "#d97706", "#9333ea", "#0891b2", "#db2777", "#65a30d", "#dc2626"];
 const NO_TOKEN_COLOR = "#9ca3af";
@@ -202,6 +203,26 @@ function drawTiles(data) {
     sum((slot) => slot.client_errors + slot.server_errors + slot.rate_limited),
   );
   $("tile-connections").textContent = formatNumber(data.open_connections);
+  drawCertificate(data);
+}
+
+// When the certificate served over HTTPS expires: days left, and the date; the tile turns
+// amber two weeks before and red three days before.
+function drawCertificate(data) {
+  const notAfter = data.tls_cert_not_after_ms;
+  const tile = $("certificate");
+  if (notAfter === null || notAfter === undefined) {
+    tile.dataset.expiry = "none";
+    $("tile-certificate").textContent = "–";
+    $("certificate-date").textContent = "plain HTTP: no certificate";
+    return;
+  }
+  const left = notAfter - data.now_ms;
+  const days = Math.floor(left / DAY_MS);
+  tile.dataset.expiry = left < 3 * DAY_MS ? "urgent" : left < 14 * DAY_MS ? "soon" : "ok";
+  $("tile-certificate").textContent =
+    left <= 0 ? "expired" : days >= 1 ? `in ${days} day${days === 1 ? "" : "s"}` : `in ${Math.ceil(left / 3_600_000)} h`;
+  $("certificate-date").textContent = new Date(notAfter).toISOString().replace(/\.\d{3}Z$/, "Z").replace("T", " ");
 }
 
 function draw(data) {

@@ -125,6 +125,9 @@ impl App {
         config.validate()?;
         let metrics_token = config.metrics.token()?;
         let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
+        if let Some(tls) = &tls {
+            metrics.tls_cert_not_after(tls.not_after());
+        }
         let sites = Sites::from_config(&config)?;
         let limits = &config.limits;
         let rate_limits =
@@ -216,6 +219,17 @@ impl App {
     /// renewing its files.
     pub fn tls(&self) -> Option<&Tls> {
         self.inner.tls.as_ref()
+    }
+
+    /// Rereads the certificate and key, if HTTPS is served, and tells the metrics when the
+    /// certificate now served expires (seconds since the Unix epoch, which it returns). On an
+    /// error the current certificate stays.
+    pub fn reload_tls(&self) -> Option<anyhow::Result<i64>> {
+        let tls = self.tls()?;
+        Some(tls.reload().map(|()| {
+            self.metrics().tls_cert_not_after(tls.not_after());
+            tls.not_after()
+        }))
     }
 
     pub fn rate_limits(&self) -> &RateLimits {
