@@ -107,6 +107,27 @@ enum Command {
         #[arg(long)]
         admin: bool,
     },
+    /// Copy the database, while the hub serves it, into one file: every write the hub
+    /// acknowledged before the copy began is in it.
+    Backup {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The backup file to write.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put a backup in place of the database, with a new epoch so that every page drops its
+    /// cache; the database it replaces is kept beside it. The hub must not be running on it.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The backup file (made by `hub backup`).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
 }
 
 impl ConfigArgs {
@@ -165,6 +186,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             println!("{token}");
+            Ok(())
+        }
+        Command::Backup { config, to, force } => {
+            let summary = hub::store::sqlite::backup::backup(&config.load()?.data_dir, &to, force)?;
+            println!("wrote {summary}");
+            Ok(())
+        }
+        Command::Restore { config, from } => {
+            println!("{}", hub::store::sqlite::backup::restore(&config.load()?.data_dir, &from)?);
             Ok(())
         }
     }

@@ -6,6 +6,8 @@
 //! failing write cannot undo another. Replies go out only after the commit. Reads use a
 //! pool of separate connections and never wait behind the writer.
 
+pub mod backup;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -175,16 +177,7 @@ impl SqliteStore {
     /// starts the writer.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         create_private(dir)?;
-        // Every write goes through this process's writer (the stamp cache relies on it), so
-        // no second process may open the same database.
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| StoreError::Malformed(format!("cannot open {}: {e}", lock_path.display())))?;
-        lock.try_lock().map_err(|_| StoreError::InUse(dir.display().to_string()))?;
+        let lock = lock_data_dir(dir)?;
         let path = dir.join(DB_FILE);
         let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -196,10 +189,7 @@ impl SqliteStore {
         migrations()
             .to_latest(&mut conn)
             .map_err(|e| StoreError::Malformed(format!("migration failed: {e}")))?;
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
-            params![crate::config::random_secret()[..16].to_owned()],
-        )?;
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", params![new_epoch()])?;
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         // A new database remembers nothing from before its creation minus the retention.
@@ -275,6 +265,27 @@ impl SqliteStore {
     fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
         self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
     }
+}
+
+/// Locks the data dir `dir` (which must exist) for this process until the file returned is
+/// dropped. Every write goes through one process's writer (the stamp cache relies on it), so
+/// no second process may open the same database, and a restore must not replace it under a
+/// hub. The kernel releases the lock when its process ends, however it ends.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Malformed(format!("cannot open {}: {e}", lock_path.display())))?;
+    lock.try_lock().map_err(|_| StoreError::InUse(dir.display().to_string()))?;
+    Ok(lock)
+}
+
+/// A new database's id: pages that held another drop their cache when they see it.
+fn new_epoch() -> String {
+    crate::config::random_secret()[..16].to_owned()
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {

@@ -1,0 +1,320 @@
+//! `hub backup` and `hub restore`: a consistent copy of the live database, and that copy put
+//! back in place as a new database.
+//!
+//! A backup reads the database through a connection of its own, beside the hub's, with
+//! SQLite's online backup in one step: one read transaction, so the copy is the database as
+//! it stood at one moment, every write acknowledged before that moment included, while the
+//! hub goes on serving (in WAL mode a reader never blocks the writer). The copy is a single
+//! file (rollback journal, no `-wal` beside it), written beside its target and renamed into
+//! place once complete.
+//!
+//! A restore runs only while no hub holds the data dir (the store's lock, which a hub holds
+//! as long as it runs). It checks that the file is a hub database this hub can read, keeps the
+//! database it replaces under another name, never deletes it, and gives the restored one a
+//! new epoch: every page then drops its cache at its next check and fetches the restored
+//! records, even where it holds versions the restored database has not reached. It does not
+//! touch the backup file, and it does nothing to a running hub.
+//!
+//! The restored database remembers the op ids it remembered when the backup was made, and its
+//! op horizon with them: an op applied before the backup replays, and one applied only after
+//! it is unknown to it and dated after its horizon, so it is applied again, to the restored
+//! records. That is what a restore means: the data went back to that moment.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite_migration::SchemaVersion;
+
+use super::{DB_FILE, LOCK_FILE, lock_data_dir, migrations, new_epoch};
+
+/// How long a backup waits for a lock on the live database (the hub's writer holds none a
+/// reader waits for, but a checkpoint or a recovery may).
+const BUSY: Duration = Duration::from_secs(5);
+
+/// What a database file holds, as `hub backup` and `hub restore` report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub epoch: String,
+    /// The migrations applied to it (SQLite's `user_version`).
+    pub schema_version: i64,
+    pub records: i64,
+    pub users: i64,
+    /// Rows of the audit ledger: every change to an amount.
+    pub ledger_rows: i64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} bytes, epoch {}, schema version {}, {} records of {} users, {} ledger rows",
+            self.path.display(),
+            self.bytes,
+            self.epoch,
+            self.schema_version,
+            self.records,
+            self.users,
+            self.ledger_rows
+        )
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub from: PathBuf,
+    /// The epoch the backup had.
+    pub backup_epoch: String,
+    /// The database now in the data dir, with its new epoch.
+    pub installed: Summary,
+    /// Where the database it replaced is now, if there was one.
+    pub kept: Option<PathBuf>,
+}
+
+impl std::fmt::Display for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "restored {} (epoch {}) to {}", self.from.display(), self.backup_epoch, self.installed)?;
+        writeln!(
+            f,
+            "with its new epoch, every page drops its cache at its next check and fetches the restored records"
+        )?;
+        match &self.kept {
+            Some(kept) => write!(f, "the database it replaced is kept as {}", kept.display()),
+            None => write!(f, "there was no database to replace"),
+        }
+    }
+}
+
+/// Copies the database of `data_dir` to `to`, which must not exist unless `replace`.
+pub fn backup(data_dir: &Path, to: &Path, replace: bool) -> anyhow::Result<Summary> {
+    let live = data_dir.join(DB_FILE);
+    if !live.is_file() {
+        bail!("there is no database at {}", live.display());
+    }
+    if !replace && to.exists() {
+        bail!("{} exists; give --force to replace it", to.display());
+    }
+    let name = to.file_name().with_context(|| format!("{} names no file", to.display()))?;
+    let dir = match to.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    // Only the backup's user may read it: it holds every user's records.
+    let partial = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+
+    // Opened for writing so that SQLite, closing the last connection of a database no hub
+    // serves, removes the `-wal` and `-shm` files it made (a read-only connection leaves
+    // them, owned by whoever ran the backup); `query_only` keeps it from writing anything.
+    let source = Connection::open_with_flags(
+        &live,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open {}", live.display()))?;
+    source.busy_timeout(BUSY)?;
+    source.pragma_update(None, "query_only", true)?;
+    let mut copy = Connection::open(partial.path())?;
+    {
+        // One step copies every page inside one read transaction: a consistent copy however
+        // much the hub writes meanwhile (in smaller steps, each write of the hub's would make
+        // the copy start over).
+        let step = Backup::new(&source, &mut copy)?.step(-1)?;
+        if step != StepResult::Done {
+            bail!("{} stayed locked for {BUSY:?} ({step:?}); try again", live.display());
+        }
+    }
+    drop(source);
+    // The copy's header says WAL, like the live database's: one file without a `-wal` beside
+    // it is what a backup should be.
+    copy.pragma_update(None, "journal_mode", "DELETE")?;
+    quick_check(&copy).with_context(|| format!("the copy of {} is damaged", live.display()))?;
+    let mut summary = summarize(&copy, to)?;
+    copy.close().map_err(|(_, e)| e)?;
+    partial.as_file().sync_all()?;
+    let written = if replace { partial.persist(to) } else { partial.persist_noclobber(to) };
+    written.map_err(|e| match e.error.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            anyhow::anyhow!("{} exists; give --force to replace it", to.display())
+        }
+        _ => anyhow::Error::new(e.error).context(format!("cannot write {}", to.display())),
+    })?;
+    sync_dir(dir)?;
+    summary.bytes = std::fs::metadata(to)?.len();
+    Ok(summary)
+}
+
+/// Replaces the database of `data_dir` by the backup `from`, with a new epoch; no hub may be
+/// running on `data_dir`.
+pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
+    if !from.is_file() {
+        bail!("{} is not a file", from.display());
+    }
+    let wal = with_suffix(from, "-wal");
+    if wal.metadata().is_ok_and(|m| m.len() > 0) {
+        bail!(
+            "{} has a write-ahead log beside it ({}): it is a database in use, or a copy of one, not a backup; make one with `hub backup`",
+            from.display(),
+            wal.display()
+        );
+    }
+    crate::config::create_data_dir(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let lock = lock_data_dir(data_dir)?;
+    give_to_owner_of(&data_dir.join(LOCK_FILE), data_dir)?;
+
+    // Checked and changed as a copy in the data dir: the backup file is only read.
+    let mut staged = tempfile::Builder::new()
+        .prefix(&format!(".{DB_FILE}."))
+        .suffix(".restoring")
+        .tempfile_in(data_dir)
+        .with_context(|| format!("cannot write in {}", data_dir.display()))?;
+    let mut source = File::open(from).with_context(|| format!("cannot read {}", from.display()))?;
+    std::io::copy(&mut source, staged.as_file_mut())
+        .with_context(|| format!("cannot copy {} into {}", from.display(), data_dir.display()))?;
+    staged.as_file_mut().flush()?;
+
+    let mut conn = Connection::open_with_flags(
+        staged.path(),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let backup_epoch =
+        hub_database_epoch(&conn).with_context(|| format!("{} cannot be restored", from.display()))?;
+    migrations()
+        .to_latest(&mut conn)
+        .with_context(|| format!("cannot bring {} to this hub's schema", from.display()))?;
+    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'epoch'", params![new_epoch()])?;
+    conn.pragma_update(None, "journal_mode", "DELETE")?;
+    let target = data_dir.join(DB_FILE);
+    let mut installed = summarize(&conn, &target)?;
+    conn.close().map_err(|(_, e)| e)?;
+    staged.as_file().sync_all()?;
+    give_to_owner_of(staged.path(), data_dir)?;
+    installed.bytes = staged.as_file().metadata()?.len();
+
+    let kept = keep_aside(&target)?;
+    staged
+        .persist(&target)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    sync_dir(data_dir)?;
+    drop(lock);
+    Ok(Restored { from: from.to_owned(), backup_epoch, installed, kept })
+}
+
+/// The epoch of a hub database this hub can take; an error saying why `conn`'s is none.
+fn hub_database_epoch(conn: &Connection) -> anyhow::Result<String> {
+    quick_check(conn).context("it is not an SQLite database, or a damaged one")?;
+    match migrations().current_version(conn)? {
+        SchemaVersion::NoneSet => bail!("it is not a hub database: it has no schema version"),
+        SchemaVersion::Outside(version) => bail!(
+            "it was made by a newer hub (schema version {version}, beyond this hub's): restore it with that hub or a newer one"
+        ),
+        SchemaVersion::Inside(_) => {}
+    }
+    let epoch = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
+        .optional()
+        .ok()
+        .flatten();
+    epoch.context("it is not a hub database: it has no epoch")
+}
+
+/// SQLite's `quick_check`: every page and index readable and well formed.
+fn quick_check(conn: &Connection) -> anyhow::Result<()> {
+    let result: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if result != "ok" {
+        bail!("SQLite's quick_check: {result}");
+    }
+    Ok(())
+}
+
+/// What `conn`'s database holds; its size is the caller's to fill in once it is written.
+fn summarize(conn: &Connection, path: &Path) -> anyhow::Result<Summary> {
+    let epoch = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
+    let schema_version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let (records, users) =
+        conn.query_row("SELECT count(*), count(DISTINCT user_id) FROM records", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let ledger_rows = conn.query_row("SELECT count(*) FROM ledger", [], |r| r.get(0))?;
+    Ok(Summary { path: path.to_owned(), bytes: 0, epoch, schema_version, records, users, ledger_rows })
+}
+
+/// Renames the database at `db`, with its `-wal` and `-shm` if a hub that stopped without
+/// closing it left them, to `<db>.before-restore-<UTC time>`; its log goes first, so that an
+/// interruption never leaves a log beside a database it does not belong to. Returns the new
+/// name, or `None` when there was nothing to keep.
+fn keep_aside(db: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let sidecars = ["-wal", "-shm", ""];
+    if !sidecars.iter().any(|s| with_suffix(db, s).exists()) {
+        return Ok(None);
+    }
+    let now = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))?;
+    let base = with_suffix(db, &format!(".before-restore-{now}"));
+    let mut kept = base.clone();
+    for n in 2.. {
+        if !sidecars.iter().any(|s| with_suffix(&kept, s).exists()) {
+            break;
+        }
+        kept = with_suffix(&base, &format!("-{n}"));
+    }
+    for suffix in sidecars {
+        let from = with_suffix(db, suffix);
+        if from.exists() {
+            let to = with_suffix(&kept, suffix);
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(Some(kept))
+}
+
+/// `path` with `suffix` appended to its name: `hub.sqlite3` → `hub.sqlite3-wal`.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Gives `path` to the owner of `dir` when someone else (root) made it, so that the hub, which
+/// runs as that owner, can open it.
+fn give_to_owner_of(path: &Path, dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (file, owner) = (std::fs::metadata(path)?, std::fs::metadata(dir)?);
+        if file.uid() != owner.uid() {
+            std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).with_context(|| {
+                format!(
+                    "cannot give {} to the owner of {} (uid {}): run the restore as that user or as root",
+                    path.display(),
+                    dir.display(),
+                    owner.uid()
+                )
+            })?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, dir);
+    Ok(())
+}
+
+/// Makes the names created or renamed in `dir` durable.
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all().with_context(|| format!("cannot sync {}", dir.display()))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
