@@ -207,6 +207,7 @@ async fn a_single_get_carries_an_etag_and_answers_304_when_it_matches() {
     faucet.push("profile", json!({"bio": "v1"})).await.assert_ok();
     let got = faucet.get("profile").await;
     assert_eq!(got.header("etag"), Some("\"1\""));
+    assert_eq!(got.header("cache-control"), Some("no-store"), "a browser's cache must not revalidate it");
     let url = format!("{}/api/sync.php?action=get&user_id=8-evans&data_type=profile", hub.url);
     let token = faucet.token.clone().unwrap();
     let conditional = |tag: &'static str| {

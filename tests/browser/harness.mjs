@@ -271,6 +271,40 @@ ${sites}`,
     await this.start();
   }
 
+  /**
+   * Runs `hub COMMAND ARGS…` on this hub's config and data dir, as its operator would, and
+   * resolves with what it printed; rejects with it if the command fails.
+   */
+  async run(command, ...args) {
+    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("HUB_")));
+    const child = spawn(this.bin, [command, "--config", this.configPath, "--data-dir", this.dataDir, ...args], {
+      env,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    child.stdout.on("data", (chunk) => (output += chunk));
+    child.stderr.on("data", (chunk) => (output += chunk));
+    const [code, signal] = await once(child, "close");
+    if (code !== 0) throw new Error(`hub ${command} failed (${code ?? signal}):\n${output}`);
+    return output;
+  }
+
+  /** Copies the database into `file` with `hub backup`, whether the hub runs or not. */
+  backup(file) {
+    return this.run("backup", "--to", file);
+  }
+
+  /**
+   * Stops the hub, puts the backup `file` in place of its database with `hub restore` (which
+   * gives it a new epoch), and starts it again; resolves with what the restore printed.
+   */
+  async restore(file) {
+    await this.stop();
+    const said = await this.run("restore", "--from", file);
+    await this.start();
+    return said;
+  }
+
   async destroy() {
     await this.stop("SIGKILL");
     rmSync(this.dir, { recursive: true, force: true });
