@@ -9,7 +9,10 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use protocol::{Refusal, Scope, Scopes, SiteId, UserId};
@@ -519,6 +522,37 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
+/// What `site`'s keys let it do, once every one of them loads: each key's algorithm and
+/// `kid`, and whether `hub token` and `hub agent` can mint its tokens (only with a secret or
+/// a private key). For `hub check`; the error of a key that does not load names the key.
+pub fn describe_site(site: &Site, hub_id: &str) -> anyhow::Result<String> {
+    let (keys, _) = site_keys(site, hub_id)?;
+    let name = |key: &Key| {
+        let kid = key.kid.as_deref().map_or_else(|| "no kid".to_owned(), |kid| format!("kid {kid}"));
+        format!("{:?} ({kid}", key.algorithm)
+    };
+    let verifies: Vec<String> = site
+        .key_materials()
+        .iter()
+        .zip(&keys.keys)
+        .map(|(m, key)| {
+            let derived = if m.public_key_pem.is_none() && m.private_key_pem.is_some() {
+                ", its public key derived from private_key_pem"
+            } else {
+                ""
+            };
+            format!("{}{derived})", name(key))
+        })
+        .collect();
+    let mints = match keys.keys.iter().find(|k| k.encoding.is_some()) {
+        Some(key) => format!("`hub token` and `hub agent` can mint its tokens, with {})", name(key)),
+        None => "`hub token` and `hub agent` cannot mint its tokens (only public keys; add \
+                 private_key_pem to mint)"
+            .to_owned(),
+    };
+    Ok(format!("verifies tokens signed with {}; {mints}", verifies.join(", ")))
+}
+
 /// A site's keys and policies, and each key's material (see [`load_key`]).
 fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<(SiteKeys, Vec<String>)> {
     let materials = site.key_materials();
@@ -548,16 +582,23 @@ fn site_keys(site: &Site, hub_id: &str) -> anyhow::Result<(SiteKeys, Vec<String>
 
 /// The HS256 secret a key names, from wherever it is kept: the file, the environment (read
 /// at start only: a running process keeps the environment it started with), or a file
-/// (reread on every SIGHUP).
+/// (reread on every SIGHUP). Each failure says what to do about it.
 fn secret_of(m: &KeyMaterial<'_>) -> anyhow::Result<Option<String>> {
     Ok(match (m.secret, m.secret_env, m.secret_file) {
         (Some(secret), None, None) => Some(secret.to_owned()),
-        (None, Some(var), None) => {
-            Some(std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?)
-        }
+        (None, Some(var), None) => Some(std::env::var(var).map_err(|_| {
+            anyhow!(
+                "environment variable {var} (secret_env) is not set; set it in the hub's environment \
+                 (under systemd, a line {var}=… in the unit's EnvironmentFile)"
+            )
+        })?),
         (None, None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read secret_file {}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow!(
+                    "cannot read secret_file {}: {e}; make it readable by the user the hub runs as",
+                    path.display()
+                )
+            })?;
             Some(text.trim_end_matches(['\n', '\r']).to_owned())
         }
         (None, None, None) => None,
@@ -565,34 +606,60 @@ fn secret_of(m: &KeyMaterial<'_>) -> anyhow::Result<Option<String>> {
     })
 }
 
+/// How to get the public key of an Ed25519 private key, for a message.
+const DERIVE_PUBLIC: &str = "openssl pkey -in private.pem -pubout";
+
+/// An Ed25519 key from its PEMs. With only the private key, the public key is derived from
+/// it: the site then verifies and mints. With both, they must belong together.
+fn ed25519(
+    public_pem: Option<&str>,
+    private_pem: Option<&str>,
+) -> anyhow::Result<(DecodingKey, Option<EncodingKey>, String)> {
+    let private = private_pem
+        .map(|pem| {
+            SigningKey::from_pkcs8_pem(pem)
+                .map_err(|e| anyhow!("private_key_pem is not an Ed25519 private key in PKCS#8 PEM ({e})"))
+        })
+        .transpose()?;
+    let public = match (public_pem, &private) {
+        (Some(pem), _) => VerifyingKey::from_public_key_pem(pem).map_err(|e| {
+            anyhow!("public_key_pem is not an Ed25519 public key in PEM ({e}); make it with {DERIVE_PUBLIC}")
+        })?,
+        (None, Some(private)) => private.verifying_key(),
+        (None, None) => bail!("no Ed25519 key: give public_key_pem, private_key_pem or both"),
+    };
+    let encoding = private_pem
+        .map(|pem| EncodingKey::from_ed_pem(pem.as_bytes()))
+        .transpose()
+        .context("private_key_pem is not an Ed25519 private key in PKCS#8 PEM")?;
+    let material = format!("ed25519 {}", base64::engine::general_purpose::STANDARD.encode(public.as_bytes()));
+    Ok((DecodingKey::from_ed_der(public.as_bytes()), encoding, material))
+}
+
 fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<(Key, String)> {
     let secret = secret_of(m)?;
-    // What two sites must never share: with one key, either site could speak as the other.
-    let material = match (&secret, m.public_key_pem) {
-        (Some(secret), _) => format!("secret {secret}"),
-        (None, Some(public)) => format!("public {}", public.split_whitespace().collect::<String>()),
-        (None, None) => String::new(),
-    };
-    let (algorithm, decoding, encoding) = match (secret, m.public_key_pem) {
-        (Some(secret), None) => {
+    // `material` is what two sites must never share: with one key, either site could speak
+    // as the other.
+    let (algorithm, decoding, encoding, material) = match (secret, m.public_key_pem, m.private_key_pem) {
+        (Some(secret), None, None) => {
             if secret.len() < 32 {
-                bail!("the HS256 secret must be at least 32 bytes");
+                bail!("the HS256 secret must be at least 32 bytes; make one with `openssl rand -base64 48`");
             }
             let bytes = secret.as_bytes();
-            (Algorithm::HS256, DecodingKey::from_secret(bytes), Some(EncodingKey::from_secret(bytes)))
+            let keys = (DecodingKey::from_secret(bytes), Some(EncodingKey::from_secret(bytes)));
+            (Algorithm::HS256, keys.0, keys.1, format!("secret {secret}"))
         }
-        (None, Some(public)) => {
-            let decoding = DecodingKey::from_ed_pem(public.as_bytes())
-                .context("public_key_pem is not an Ed25519 key")?;
-            let encoding = m
-                .private_key_pem
-                .map(|pem| EncodingKey::from_ed_pem(pem.as_bytes()))
-                .transpose()
-                .context("private_key_pem is not an Ed25519 key")?;
-            (Algorithm::EdDSA, decoding, encoding)
+        (None, public, private) if public.is_some() || private.is_some() => {
+            let (decoding, encoding, material) = ed25519(public, private)?;
+            (Algorithm::EdDSA, decoding, encoding, material)
         }
-        (Some(_), Some(_)) => bail!("give either an HS256 secret or an EdDSA public key, not both"),
-        (None, None) => bail!("no key: give secret, secret_env, secret_file or public_key_pem"),
+        (Some(_), _, _) => {
+            bail!("give either an HS256 secret or an Ed25519 key (public_key_pem, private_key_pem), not both")
+        }
+        (None, _, _) => bail!(
+            "no key: give secret, secret_env or secret_file (HS256), or public_key_pem and/or \
+             private_key_pem (Ed25519)"
+        ),
     };
     let mut tokens = Validation::new(algorithm);
     tokens.set_issuer(&[site]);
@@ -602,5 +669,35 @@ fn load_key(m: &KeyMaterial<'_>, site: &str, hub_id: &str) -> anyhow::Result<(Ke
     tokens.leeway = LEEWAY_SECS;
     let mut grants = tokens.clone();
     grants.validate_exp = false;
-    Ok((Key { kid: m.kid.map(str::to_owned), algorithm, decoding, encoding, tokens, grants }, material))
+    let key = Key { kid: m.kid.map(str::to_owned), algorithm, decoding, encoding, tokens, grants };
+    check_pair(&key, site, hub_id)?;
+    Ok((key, material))
+}
+
+/// Fails unless a token the key signs passes its own check, as the tokens `hub token` and
+/// the site's backend mint must: a private key that does not belong to the public key would
+/// mint only tokens the hub refuses (`401 invalid_token`).
+fn check_pair(key: &Key, site: &str, hub_id: &str) -> anyhow::Result<()> {
+    let Some(encoding) = &key.encoding else { return Ok(()) };
+    let now = now();
+    let probe = Claims {
+        iss: site.into(),
+        sub: "hub-key-check".into(),
+        aud: hub_id.into(),
+        exp: now + 60,
+        iat: Some(now),
+        nbf: None,
+        adm: false,
+        scope: None,
+    };
+    let token =
+        jsonwebtoken::encode(&header(key, None), &probe, encoding).context("cannot sign with the key")?;
+    jsonwebtoken::decode::<Claims>(&token, &key.decoding, &key.tokens).map_err(|_| {
+        anyhow!(
+            "private_key_pem does not belong to public_key_pem: the tokens it signs would be refused \
+             (401 invalid_token); put its own public key in public_key_pem ({DERIVE_PUBLIC}), or \
+             remove private_key_pem"
+        )
+    })?;
+    Ok(())
 }

@@ -133,12 +133,19 @@ impl MetricsConfig {
         let token = match (&self.token, &self.token_env) {
             (Some(_), Some(_)) => bail!("metrics: set token or token_env, not both"),
             (Some(token), None) => token.clone(),
-            (None, Some(var)) => std::env::var(var)
-                .with_context(|| format!("metrics.token_env names {var}, which is not set"))?,
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "metrics.token_env names {var}, which is not set; set it in the hub's environment \
+                     (under systemd, a line {var}=… in the unit's EnvironmentFile), or remove token_env"
+                )
+            })?,
             (None, None) => return Ok(None),
         };
         if token.len() < MIN_METRICS_TOKEN {
-            bail!("the metrics token must be at least {MIN_METRICS_TOKEN} characters");
+            bail!(
+                "the metrics token must be at least {MIN_METRICS_TOKEN} characters; make one with \
+                 `openssl rand -base64 24`"
+            );
         }
         Ok(Some(token))
     }
@@ -544,7 +551,8 @@ impl Config {
         Ok(self)
     }
 
-    /// Refuses configurations that would start an unsafe or broken hub.
+    /// Refuses configurations that would start an unsafe or broken hub. Reads no file and no
+    /// environment variable: the secrets, keys and files they name are `check`'s.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !self.auth && !self.listen.ip().is_loopback() {
             bail!(
@@ -580,7 +588,6 @@ impl Config {
                  limits.http2_max_concurrent_streams must be at least 1"
             );
         }
-        self.metrics.token()?;
         for site in &self.sites {
             if site.id == IMPORT_SITE {
                 bail!("site id {:?} is reserved for balances brought in by `hub import`", site.id);

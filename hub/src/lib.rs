@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod bounded;
+pub mod check;
 pub mod config;
 pub mod domain;
 pub mod http;

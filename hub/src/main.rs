@@ -52,6 +52,13 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Check everything `hub serve` needs — the settings, every site's keys, the TLS
+    /// certificate and key, the data dir, the metrics token — and print one line per item;
+    /// exits 1 on any problem. Binds no port and opens no database: safe beside a running hub.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Bring per-user balance files (`<user_id>.json` holding `coins` or `balance`) into the
     /// hub's database; the hub must not be running on it.
     Import {
@@ -165,10 +172,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _logs = init_logging();
             agent(&config, hub_agent::Options { dir: watch, site, hub_url: hub, state, ca_file })
         }
+        Command::Check { config } => check(&config),
         Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
         Command::Token { config, site, user, ttl, scope, admin } => {
-            let config = config.load()?;
+            let mut config = config.load()?;
             protocol::UserId::parse(&user).map_err(|e| anyhow::anyhow!(e.message))?;
+            // Only this site's keys are read: the others' secrets may live where this shell
+            // cannot see them.
+            config.sites.retain(|s| s.id == site);
             let keys = Keys::from_config(&config)?;
             let scopes = scope
                 .map(|claim| {
@@ -197,6 +208,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", hub::store::sqlite::backup::restore(&config.load()?.data_dir, &from)?);
             Ok(())
         }
+    }
+}
+
+/// `hub check`: prints what every check found, the configuration's own loading first.
+fn check(args: &ConfigArgs) -> anyhow::Result<()> {
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(e) => {
+            println!("FAIL  configuration: {e:#}");
+            anyhow::bail!("the configuration does not load; `hub serve` would not start");
+        }
+    };
+    let report = hub::check::check(&config);
+    for item in &report.items {
+        println!("{item}");
+    }
+    match report.problems().count() {
+        0 => {
+            println!("all is well: `hub serve` would start with this configuration");
+            Ok(())
+        }
+        n => anyhow::bail!("{n} problem(s); `hub serve` would not start"),
     }
 }
 
@@ -247,10 +280,11 @@ async fn serve(
     if !config.auth {
         tracing::warn!("auth is OFF: any caller may read and write any user (development only)");
     }
-    let app = App::open(config.clone())?;
+    // The port first: a hub that cannot listen leaves no data dir or database behind.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let app = App::open(config.clone())?;
     let addr = listener.local_addr()?;
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(

@@ -48,6 +48,7 @@ const HUB_LAYERS: &[&[&str]] = &[
     &["service"],
     &["server"],
     &["http"],
+    &["check"],
     &["auth", "limit", "metrics", "tls", "import"],
     &["domain"],
     &["store"],

@@ -111,9 +111,11 @@ impl Sites {
 }
 
 impl App {
-    /// Checks the configuration and opens the store in its data dir.
+    /// Runs every check a start needs ([`crate::check`]: the settings, the sites' keys, the
+    /// certificate, the data dir, the metrics token), and only then opens the store in its data
+    /// dir, creating the database if there is none.
     pub fn open(config: Config) -> anyhow::Result<App> {
-        config.validate()?;
+        crate::check::check(&config).into_result()?;
         let metrics = Metrics::new(config.sites.iter().map(|s| s.id.as_str()), now_ms());
         let store = crate::store::open(&config, metrics.store().clone())?;
         Self::with_store(config, store, metrics)
