@@ -3,11 +3,15 @@
 //! prints a token that reads the user's versions, and a grant with which that page's token
 //! credits the example's daily bonus once; either with a tampered signature is refused, and
 //! so is the grant for an amount the page changed. The bonus's op id is a UUIDv7 dated at the
-//! start of its UTC day, the user's own, so that the hub can date it.
+//! start of its UTC day, the user's own, so that the hub can date it. Its EdDSA variant
+//! (`docs/examples/sync-token-eddsa.php`), with a key pair made by openssl as the guide says,
+//! mints tokens and grants that a hub holding only the public key accepts, and that a hub
+//! holding another key, or none of the site's HS256 kind, refuses.
 
 mod support;
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,14 +29,31 @@ fn php(hub_id: &str, args: &[&str]) -> Option<String> {
 
 /// What `php docs/examples/sync-token.php user ARGS…` prints, as [`php`].
 fn php_as(user: &str, hub_id: &str, args: &[&str]) -> Option<String> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/sync-token.php");
+    run_php(&Endpoint::Hs256, user, hub_id, args)
+}
+
+/// One of the documented endpoints, with the key it signs with.
+enum Endpoint<'a> {
+    /// `sync-token.php`, with `SITE`'s test secret.
+    Hs256,
+    /// `sync-token-eddsa.php`, with the Ed25519 private key of this PEM file.
+    EdDsa(&'a Path),
+}
+
+/// What `php docs/examples/<endpoint> user ARGS…` prints, as [`php`].
+fn run_php(endpoint: &Endpoint<'_>, user: &str, hub_id: &str, args: &[&str]) -> Option<String> {
+    let (file, setting, key) = match endpoint {
+        Endpoint::Hs256 => ("sync-token.php", "SYNC_SECRET", OsString::from(site_secret(SITE))),
+        Endpoint::EdDsa(pem) => ("sync-token-eddsa.php", "SYNC_PRIVATE_KEY_FILE", pem.as_os_str().to_owned()),
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/examples").join(file);
     let output = Command::new("php")
         .arg(&script)
         .arg(user)
         .args(args)
         .env("SYNC_SITE_ID", SITE)
         .env("SYNC_HUB_ID", hub_id)
-        .env("SYNC_SECRET", site_secret(SITE))
+        .env(setting, key)
         .output()
         .unwrap_or_else(|e| {
             panic!("cannot run `php` ({e}): install the Debian package php-cli (`apt-get install php-cli`)")
@@ -156,5 +177,125 @@ async fn a_php_grant_credits_the_page_once_and_only_as_granted() {
     let made_up = format!("{}{}", &op_id[..24], "0".repeat(12));
     assert_eq!(php_grant(&hub_id, "again", &made_up), None);
     assert_eq!(php_grant(&hub_id, "credit", "jackpot"), None);
+    hub.stop().await;
+}
+
+/// PHP's sodium extension, which the EdDSA endpoint signs with.
+fn assert_php_has_sodium() {
+    let modules = Command::new("php").arg("-m").output().unwrap_or_else(|e| {
+        panic!("cannot run `php` ({e}): install the Debian package php-cli (`apt-get install php-cli`)")
+    });
+    assert!(
+        String::from_utf8_lossy(&modules.stdout).lines().any(|module| module.trim() == "sodium"),
+        "PHP's sodium extension is missing (`php -m` does not list it): install the Debian package \
+         php-cli, whose PHP has it built in"
+    );
+}
+
+/// An Ed25519 key pair made as docs/deployment.md makes one: the private key's PEM file, and
+/// the public key's PEM text for the hub's `public_key_pem`.
+fn openssl_ed25519_pair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let (private, public) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.pub.pem")));
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let status = Command::new("openssl").args(args).status().unwrap_or_else(|e| {
+            panic!(
+                "cannot run `openssl` ({e}): install the Debian package openssl (`apt-get install openssl`)"
+            )
+        });
+        assert!(status.success(), "openssl {args:?} failed ({status})");
+    };
+    openssl(&[
+        "genpkey".as_ref(),
+        "-algorithm".as_ref(),
+        "ed25519".as_ref(),
+        "-out".as_ref(),
+        private.as_ref(),
+    ]);
+    openssl(&[
+        "pkey".as_ref(),
+        "-in".as_ref(),
+        private.as_ref(),
+        "-pubout".as_ref(),
+        "-out".as_ref(),
+        public.as_ref(),
+    ]);
+    (private, std::fs::read_to_string(public).unwrap())
+}
+
+/// A hub whose site `SITE` has only the public key `public_pem`.
+async fn hub_with_public_key(public_pem: &str) -> TestHub {
+    TestHub::start_with(|config| {
+        let site = config.sites.iter_mut().find(|site| site.id == SITE).unwrap();
+        site.secret = None;
+        site.public_key_pem = Some(public_pem.to_owned());
+    })
+    .await
+}
+
+/// The `alg` a JWT's header names.
+fn alg(jwt: &str) -> String {
+    use base64::Engine;
+    let header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(jwt.split('.').next().unwrap()).unwrap();
+    serde_json::from_slice::<Value>(&header).unwrap()["alg"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_hub_accepts_the_eddsa_php_token_and_grant_with_the_sites_public_key_alone() {
+    assert_php_has_sodium();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = openssl_ed25519_pair(keys.path(), "roflfaucet");
+    let hub = hub_with_public_key(&public).await;
+    let hub_id = hub.app.config().hub_id.clone();
+    let eddsa = Endpoint::EdDsa(&private);
+
+    let token = run_php(&eddsa, USER, &hub_id, &[]).expect("a token");
+    assert_eq!(alg(&token), "EdDSA");
+    let page = page(&hub, token.clone());
+    assert_eq!(page.timestamp("balance").await.assert_ok()["version"], 0);
+    self::page(&hub, tampered(&token)).timestamp("balance").await.assert_refused(401, "invalid_token");
+
+    let day = day_start_ms();
+    let bonus: Value =
+        serde_json::from_str(&run_php(&eddsa, USER, &hub_id, &["credit", "daily"]).unwrap()).unwrap();
+    let (op_id, grant) = (bonus["op_id"].as_str().unwrap(), bonus["grant"].as_str().unwrap());
+    assert_eq!(alg(grant), "EdDSA");
+    assert!([day, day_start_ms()].contains(&uuidv7_ms(op_id)), "{op_id} is not dated at the UTC day's start");
+    let before = hub.snapshot();
+    page.delta_with_grant("balance", 10, op_id, &tampered(grant)).await.assert_refused(403, "grant_invalid");
+    page.delta_with_grant("balance", 1000, op_id, grant).await.assert_refused(403, "grant_invalid");
+    assert_eq!(hub.snapshot(), before);
+    page.delta_with_grant("balance", 10, op_id, grant).await.assert_ok();
+    let again: Value =
+        serde_json::from_str(&run_php(&eddsa, USER, &hub_id, &["again", op_id]).unwrap()).unwrap();
+    assert_eq!(again["op_id"], bonus["op_id"], "the endpoint names the day's bonus alike every time");
+    let replayed = page.delta_with_grant("balance", 10, op_id, again["grant"].as_str().unwrap()).await;
+    assert_eq!(replayed.assert_ok()["replayed"], true);
+    assert_eq!(page.coins().await, 10);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_hub_refuses_eddsa_php_tokens_and_grants_signed_with_another_key() {
+    assert_php_has_sodium();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = openssl_ed25519_pair(keys.path(), "roflfaucet");
+    let (other, _) = openssl_ed25519_pair(keys.path(), "someone-else");
+    let hub = hub_with_public_key(&public).await;
+    let hub_id = hub.app.config().hub_id.clone();
+    let before = hub.snapshot();
+
+    let forged = Endpoint::EdDsa(&other);
+    let token = run_php(&forged, USER, &hub_id, &[]).unwrap();
+    page(&hub, token).timestamp("balance").await.assert_refused(401, "invalid_token");
+    // The HS256 endpoint signs with a secret this hub does not hold for the site.
+    page(&hub, php_token(&hub_id)).timestamp("balance").await.assert_refused(401, "invalid_token");
+
+    let page = page(&hub, run_php(&Endpoint::EdDsa(&private), USER, &hub_id, &[]).unwrap());
+    let bonus: Value =
+        serde_json::from_str(&run_php(&forged, USER, &hub_id, &["credit", "daily"]).unwrap()).unwrap();
+    let (op_id, grant) = (bonus["op_id"].as_str().unwrap(), bonus["grant"].as_str().unwrap());
+    page.delta_with_grant("balance", 10, op_id, grant).await.assert_refused(403, "grant_invalid");
+    assert_eq!(hub.snapshot(), before);
     hub.stop().await;
 }
