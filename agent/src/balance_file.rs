@@ -6,20 +6,32 @@
 use protocol::{DataType, UserId};
 use serde_json::{Value, json};
 
+/// What a balance file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub user: UserId,
+    pub coins: i64,
+    /// The amount as the file wrote it, when it wrote it as text (`"40"`), as PHP writes a
+    /// number it read from a database: read as that number, and noted so that `hub import`
+    /// says so.
+    pub text: Option<String>,
+}
+
 /// The user and the coins of the balance file named `file` that holds `bytes`, or why they
 /// cannot be had. `last_updated` is checked for its type and otherwise not kept: the hub
 /// stamps records with its own clock.
-pub fn parse(file: &str, bytes: &[u8]) -> Result<(UserId, i64), String> {
+pub fn parse(file: &str, bytes: &[u8]) -> Result<Balance, String> {
     let stem = file.strip_suffix(".json").unwrap_or(file);
     let user = UserId::parse(stem).map_err(|e| format!("the file name is not a user id: {}", e.message))?;
     let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     let object = value.as_object().ok_or("not a JSON object")?;
     let amount = |key: &str| object.get(key).map(|v| whole_number(key, v)).transpose();
-    let coins = match (amount("coins")?, amount("balance")?) {
-        (Some(coins), Some(balance)) if coins != balance => {
+    let (coins, text) = match (amount("coins")?, amount("balance")?) {
+        (Some((coins, _)), Some((balance, _))) if coins != balance => {
             return Err(format!("coins ({coins}) and balance ({balance}) disagree"));
         }
-        (Some(coins), _) | (None, Some(coins)) => coins,
+        (Some((coins, text)), balance) => (coins, text.or(balance.and_then(|(_, text)| text))),
+        (None, Some(balance)) => balance,
         (None, None) => return Err("holds neither coins nor balance".into()),
     };
     match object.get("last_updated") {
@@ -27,18 +39,30 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<(UserId, i64), String> {
         Some(_) => return Err("last_updated is neither a time text nor a number".into()),
     }
     protocol::validate_record(DataType::Balance, &json!({ "coins": coins })).map_err(|e| e.message)?;
-    Ok((user, coins))
+    Ok(Balance { user, coins, text })
 }
 
-/// A whole number of at least 0, written as a JSON number or as text (PHP often writes
-/// numbers as text).
-fn whole_number(key: &str, value: &Value) -> Result<i64, String> {
-    let number = match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse::<i64>().ok(),
-        _ => None,
-    };
-    number.filter(|n| *n >= 0).ok_or_else(|| format!("{key} is not a whole number of at least 0: {value}"))
+/// A whole number of at least 0, written as a JSON number, or as text of decimal digits only
+/// (PHP writes a number it read from a database as text): the number, and the text it was
+/// written as. Text that is anything else (`"1e3"`, `"+5"`, `" 5"`, `"5.0"`) is refused
+/// rather than guessed at.
+fn whole_number(key: &str, value: &Value) -> Result<(i64, Option<String>), String> {
+    match value {
+        Value::Number(n) => n
+            .as_i64()
+            .filter(|n| *n >= 0)
+            .map(|n| (n, None))
+            .ok_or_else(|| format!("{key} is not a whole number of at least 0: {value}")),
+        Value::String(text) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => text
+            .parse::<i64>()
+            .map(|n| (n, Some(text.clone())))
+            .map_err(|_| format!("{key} is the text {value}, a number too large")),
+        Value::String(_) => Err(format!(
+            "{key} is the text {value}, which is not a whole number written in digits only; write it \
+             as a JSON number"
+        )),
+        _ => Err(format!("{key} is not a whole number of at least 0: {value}")),
+    }
 }
 
 #[cfg(test)]
@@ -47,16 +71,20 @@ mod tests {
 
     #[test]
     fn the_seeds_shapes_are_read() {
-        let user = |s: &str| UserId::parse(s).unwrap();
-        assert_eq!(parse("8-evans.json", br#"{"coins": 150}"#), Ok((user("8-evans"), 150)));
+        let balance = |user: &str, coins: i64, text: Option<&str>| {
+            Ok(Balance { user: UserId::parse(user).unwrap(), coins, text: text.map(str::to_owned) })
+        };
+        assert_eq!(parse("8-evans.json", br#"{"coins": 150}"#), balance("8-evans", 150, None));
         assert_eq!(
             parse("a.json", br#"{"balance": "40", "last_updated": "2025-11-09 18:45:30"}"#),
-            Ok((user("a"), 40))
+            balance("a", 40, Some("40"))
         );
         assert_eq!(
             parse("b.json", br#"{"coins": 7, "balance": 7, "last_updated": 1762713930}"#),
-            Ok((user("b"), 7))
+            balance("b", 7, None)
         );
+        assert_eq!(parse("c.json", br#"{"coins": 7, "balance": "007"}"#), balance("c", 7, Some("007")));
+        assert_eq!(parse("z.json", br#"{"coins": 0}"#), balance("z", 0, None));
     }
 
     #[test]
@@ -67,6 +95,14 @@ mod tests {
             ("u.json", "[1]", "not a JSON object"),
             ("u.json", r#"{"coins": -5}"#, "at least 0"),
             ("u.json", r#"{"coins": 1.5}"#, "whole number"),
+            ("u.json", r#"{"coins": "1e3"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": "+5"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": " 5"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": "-5"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": ""}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": "99999999999999999999"}"#, "too large"),
+            ("u.json", r#"{"coins": "9007199254740992"}"#, "beyond"),
+            ("u.json", r#"{"coins": true}"#, "whole number"),
             ("u.json", r#"{"coins": 1, "balance": 2}"#, "disagree"),
             ("u.json", r#"{"last_updated": "today"}"#, "neither coins nor balance"),
             ("u.json", r#"{"coins": 1, "last_updated": {}}"#, "last_updated"),

@@ -310,9 +310,9 @@ impl Agent {
             }
         };
         match balance_file::parse(&name, &bytes) {
-            Ok((_, coins)) => {
+            Ok(balance) => {
                 let from = self.state.users.get(user.as_str()).copied();
-                self.reconcile(user, from, coins).await
+                self.reconcile(user, from, balance.coins).await
             }
             Err(reason) => {
                 tracing::warn!("skipping {name}: {reason}; it is read again when it changes");

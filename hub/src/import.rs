@@ -4,9 +4,11 @@
 //! Every file is read and checked first; a file that cannot be used is refused with its name
 //! and the reason, and nothing of it is written. Each usable file then goes through the
 //! domain's [`Domain::import_balance`], which sets only a balance that was never written: a
-//! second run, or a run after the sites have moved a balance, changes nothing. The file's
-//! `last_updated` is not kept: the hub stamps records with its own clock. Subfolders and files
-//! not named `*.json` are left alone.
+//! second run, or a run after the sites have moved a balance, changes nothing. A balance of 0
+//! is written like any other (version 1, with its ledger row). An amount written as text of
+//! digits (`"40"`, as PHP writes a number it read from a database) is taken as that number and
+//! the report says so; other text is refused. The file's `last_updated` is not kept: the hub
+//! stamps records with its own clock. Subfolders and files not named `*.json` are left alone.
 //!
 //! An import opens the store and the domain over it ([`open`]) and nothing else of the hub:
 //! no site, key, certificate or metrics token is read, so it runs from an operator's shell
@@ -28,7 +30,12 @@ use crate::store::{Rejection, StoreMetrics};
 pub struct Balance {
     pub file: String,
     pub user: UserId,
+    /// 0 too: a balance of 0 is written like any other, so that the user has a balance and a
+    /// later import or agent keeps it.
     pub coins: i64,
+    /// The amount as the file wrote it, when it was text of digits (`"40"`): taken as that
+    /// number, and the report says so.
+    pub text: Option<String>,
 }
 
 /// A file that cannot be imported, and why.
@@ -79,7 +86,9 @@ pub fn scan(dir: &Path) -> anyhow::Result<Scan> {
     for file in names {
         let read = std::fs::read(dir.join(&file)).map_err(|e| format!("cannot be read: {e}"));
         match read.and_then(|bytes| balance_file::parse(&file, &bytes)) {
-            Ok((user, coins)) => scan.balances.push(Balance { file, user, coins }),
+            Ok(balance_file::Balance { user, coins, text }) => {
+                scan.balances.push(Balance { file, user, coins, text });
+            }
             Err(reason) => scan.refused.push(Refused { file, reason }),
         }
     }

@@ -332,7 +332,12 @@ async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow
         match outcome {
             Outcome::Imported => {
                 imported += 1;
-                println!("{verb} {}: {} coins for {}", balance.file, balance.coins, balance.user);
+                let text = balance
+                    .text
+                    .as_ref()
+                    .map(|text| format!(" (the file writes it as the text {text:?}, read as a number)"))
+                    .unwrap_or_default();
+                println!("{verb} {}: {} coins for {}{text}", balance.file, balance.coins, balance.user);
             }
             Outcome::AlreadyHad { version, coins } => println!(
                 "skipped {}: {} already has a balance ({coins} coins, version {version}); {kept}",

@@ -1,7 +1,9 @@
 //! `hub import`, run as an operator moving from per-user balance files: it takes the seed's
 //! file shapes, refuses unusable files by name and reason, writes nothing on a dry run, is
 //! safe to run twice, never overwrites a balance the hub already has, will not run while a
-//! hub serves the same data dir, and needs none of the hub's secrets.
+//! hub serves the same data dir, and needs none of the hub's secrets. A balance of 0 is
+//! written like any other; an amount written as text of digits is read, and the report says
+//! so; other text is refused.
 
 mod support;
 
@@ -163,6 +165,78 @@ fn an_import_reads_no_site_key_certificate_or_metrics_token() {
     assert!(out.status.success(), "{report}");
     assert!(report.contains("imported 8-evans.json: 150 coins"), "{report}");
     assert_eq!(balances(&data_dir).0, vec![("8-evans".to_owned(), r#"{"coins":150}"#.to_owned(), 1)]);
+}
+
+#[test]
+fn a_balance_of_0_is_written_and_a_later_import_keeps_it() {
+    let deployment = Deployment::new(|_| {});
+    let config = deployment.dir.path().join("hub.toml");
+    let from = tempfile::tempdir().unwrap();
+    std::fs::write(from.path().join("zero.json"), r#"{"coins": 0}"#).unwrap();
+
+    let out = hub_import(&config, &deployment.data_dir, from.path(), false);
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("imported zero.json: 0 coins for zero"), "{report}");
+    assert_eq!(
+        balances(&deployment.data_dir),
+        (
+            vec![("zero".to_owned(), r#"{"coins":0}"#.to_owned(), 1)],
+            vec![("zero".to_owned(), "import".to_owned(), 0)]
+        )
+    );
+    let before = snapshot(&deployment.data_dir);
+
+    // The zero is the user's balance now: a file that says otherwise does not replace it.
+    std::fs::write(from.path().join("zero.json"), r#"{"coins": 50}"#).unwrap();
+    let again = hub_import(&config, &deployment.data_dir, from.path(), false);
+    let report = text(&again);
+    assert!(again.status.success(), "{report}");
+    assert!(
+        report.contains("skipped zero.json: zero already has a balance (0 coins, version 1)"),
+        "{report}"
+    );
+    assert_eq!(snapshot(&deployment.data_dir), before);
+}
+
+#[test]
+fn an_amount_written_as_digits_is_read_and_said_so_and_other_text_is_refused() {
+    let deployment = Deployment::new(|_| {});
+    let config = deployment.dir.path().join("hub.toml");
+    let from = tempfile::tempdir().unwrap();
+    for (name, body) in [
+        ("hundred.json", r#"{"coins": "100"}"#),
+        ("exponent.json", r#"{"coins": "1e3"}"#),
+        ("spaced.json", r#"{"coins": " 100"}"#),
+        ("signed.json", r#"{"balance": "+100"}"#),
+    ] {
+        std::fs::write(from.path().join(name), body).unwrap();
+    }
+    let out = hub_import(&config, &deployment.data_dir, from.path(), false);
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains(
+            "imported hundred.json: 100 coins for hundred (the file writes it as the text \"100\", read as a number)"
+        ),
+        "{report}"
+    );
+    for (name, text) in [
+        ("exponent.json", "coins is the text \"1e3\""),
+        ("spaced.json", "coins is the text \" 100\""),
+        ("signed.json", "balance is the text \"+100\""),
+    ] {
+        assert!(
+            report.contains(&format!(
+                "refused {name}: {text}, which is not a whole number written in digits only"
+            )),
+            "{name}: {report}"
+        );
+    }
+    assert_eq!(
+        balances(&deployment.data_dir).0,
+        vec![("hundred".to_owned(), r#"{"coins":100}"#.to_owned(), 1)]
+    );
 }
 
 #[test]

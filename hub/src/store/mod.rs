@@ -62,10 +62,12 @@ pub struct Stamp {
 /// What a mutation asks the store to write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
-    /// The record's new data. Equal to the current data means "nothing to change": the
-    /// version stays.
+    /// The record's new data. Equal to the current data, without a ledger row, means
+    /// "nothing to change": the version stays.
     pub data: Value,
-    /// An audit ledger row, for changes to balance or points.
+    /// An audit ledger row, for changes to balance or points. A change with one is always
+    /// written as a new version, the row naming it, even when the data stays the same: a
+    /// balance of 0 that `hub import` sets over a user's empty record.
     pub ledger: Option<LedgerEntry>,
     /// The record's credit count after this change, when it credits; kept with the record.
     pub credits: Option<Credits>,

@@ -836,7 +836,7 @@ fn apply(
             return Ok(WriteOutcome::Rejected(refusal));
         }
     };
-    let record = if change.data == current.data {
+    let record = if change.data == current.data && change.ledger.is_none() {
         current
     } else {
         let record = Record {
