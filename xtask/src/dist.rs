@@ -1,6 +1,7 @@
 //! `cargo xtask dist`: a release's artifacts, built afresh in `target/dist/` — the npm
 //! package's tarball, the plain-script build zipped for a site without tooling, the hub as a
-//! static Linux binary, and `SHA256SUMS` of the three. Publishes nothing and tags nothing.
+//! static Linux binary and as a Debian package (checked unpacked, see `deb`), and
+//! `SHA256SUMS` of the four. Publishes nothing and tags nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,8 +24,8 @@ pub struct Release {
     pub dir: PathBuf,
     /// The package's and the hub's version, which agree.
     pub version: String,
-    /// The hub's static binary.
-    pub hub: PathBuf,
+    /// The Debian package of the hub.
+    pub deb: PathBuf,
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -53,8 +54,11 @@ pub fn build() -> anyhow::Result<Release> {
 
     let hub = format!("hub-{version}-{MUSL_TARGET}");
     build_hub(&dir.join(&hub), &version)?;
+    let deb = crate::deb::file_name(&version);
+    crate::deb::build(&dir.join(&deb), &dir.join(&hub), &version)?;
+    crate::deb::verify(&dir.join(&deb), &version)?;
 
-    let artifacts = [tarball.as_str(), script.as_str(), hub.as_str()];
+    let artifacts = [tarball.as_str(), script.as_str(), hub.as_str(), deb.as_str()];
     let mut sums = in_dir(&dir, "sha256sum", &artifacts);
     let listed = sums.output().context("cannot start sha256sum")?;
     anyhow::ensure!(listed.status.success(), "sha256sum failed ({})", listed.status);
@@ -67,7 +71,7 @@ pub fn build() -> anyhow::Result<Release> {
             if bytes < 1024.0 * 1024.0 { (bytes / 1024.0, "KiB") } else { (bytes / 1024.0 / 1024.0, "MiB") };
         println!("    {name:<40} {bytes:>10} bytes ({size:.1} {unit})");
     }
-    Ok(Release { hub: dir.join(&hub), dir, version })
+    Ok(Release { deb: dir.join(&deb), dir, version })
 }
 
 /// The release's version: the package's (`pkg/package.json`), which must be the hub's

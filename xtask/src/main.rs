@@ -5,6 +5,7 @@
 
 mod bench;
 mod build_pkg;
+mod deb;
 mod demo;
 mod dist;
 mod fuzz;

@@ -37,7 +37,11 @@ pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
 
 /// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
 /// build. Only a release needs the musl toolchain; the tests never build for it.
-pub const FOR_DIST: &[Need] = &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP, FILE];
+pub const FOR_DIST: &[Need] =
+    &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP, FILE, DPKG_DEB, SYSTEMD_ANALYZE];
+
+/// What `cargo xtask soak` needs beyond a release to smoke it.
+pub const FOR_RELEASE_SMOKE: &[Need] = &[STRACE];
 
 /// The target of the hub's static Linux binary, which `cargo xtask dist` builds.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -80,6 +84,26 @@ const ZIP: Need = Need { name: "zip", present: || succeeds("zip", &["-v"]), inst
 /// Tells `cargo xtask dist` that the hub it built is statically linked.
 const FILE: Need =
     Need { name: "file", present: || succeeds("file", &["--version"]), install: Install::Apt(&["file"]) };
+
+/// Builds the hub's Debian package and unpacks it to check it (`cargo xtask dist`).
+const DPKG_DEB: Need = Need {
+    name: "dpkg-deb (dpkg)",
+    present: || succeeds("dpkg-deb", &["--version"]),
+    install: Install::Apt(&["dpkg"]),
+};
+
+/// Checks the Debian package's systemd units (`systemd-analyze verify` and `security`); it
+/// needs no systemd running.
+const SYSTEMD_ANALYZE: Need = Need {
+    name: "systemd-analyze (systemd)",
+    present: || succeeds("systemd-analyze", &["--version"]),
+    install: Install::Apt(&["systemd"]),
+};
+
+/// Traces the release's hub in `cargo xtask soak`, to check that the units' system call filter
+/// allows every call it makes.
+const STRACE: Need =
+    Need { name: "strace", present: || succeeds("strace", &["-V"]), install: Install::Apt(&["strace"]) };
 
 const WASM_BINDGEN: Need = Need {
     name: "wasm-bindgen-cli 0.2.129",

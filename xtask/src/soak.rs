@@ -5,24 +5,28 @@
 //! (`sync-core/tests/simulation.rs`). Each is the same test with one environment variable
 //! raised, built in release so that a run covers more in its time, and run with
 //! `--nocapture` so that what it measured (and the simulation's first seed, to repeat it)
-//! is printed. Then the release: `cargo xtask dist` builds it, and its static hub is started
-//! with a configuration of its own, asked `/healthz` and stopped, and the artifacts are
-//! checked against `SHA256SUMS` (`--release-only` does this part alone). Stops at the first
-//! failure.
+//! is printed. Then the release: `cargo xtask dist` builds it, its Debian package is unpacked
+//! and the hub in it started as its systemd unit would start it, with the package's
+//! configuration, told ready, asked `/healthz` and stopped, and the artifacts are checked
+//! against `SHA256SUMS` (`--release-only` does this part alone). Stops at the first failure.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
+use crate::deb::Unpacked;
 use crate::process::{command, step_with, target_dir};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Only the release: build it with `cargo xtask dist`, smoke its static hub, check
-    /// SHA256SUMS.
+    /// Only the release: build it with `cargo xtask dist`, smoke the hub of its Debian
+    /// package, check SHA256SUMS.
     #[arg(long)]
     release_only: bool,
 }
@@ -51,81 +55,146 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         println!("==> the long reliability suites passed");
     }
+    crate::prereq::ensure(crate::prereq::FOR_RELEASE_SMOKE)?;
     let release = crate::dist::build()?;
-    smoke(&release.hub)?;
+    smoke(&release.deb)?;
     crate::dist::verify_sums(&release.dir)?;
     println!("==> the release {} in {} passed its smoke test", release.version, release.dir.display());
     Ok(())
 }
 
-/// Starts the release's hub as an operator would — its own configuration file, data dir
-/// and a site's secret in the environment — on a free port of 127.0.0.1; checks that it
-/// answers `/healthz` and stops cleanly on SIGTERM.
-fn smoke(hub: &std::path::Path) -> anyhow::Result<()> {
+/// How long the packaged hub may take to say it is ready, or to say it is stopping.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Starts the hub of the release's Debian package as its systemd unit would — unpacked into a
+/// folder, `serve` with the package's configuration (its example site in use, its secret in
+/// the environment), a data dir of its own and a `NOTIFY_SOCKET` listened on here — on a free
+/// port of 127.0.0.1; checks that it tells READY=1, answers `/healthz` at once, tells
+/// STOPPING=1 at SIGTERM and stops cleanly, and, traced by strace meanwhile, made no system
+/// call that its unit's `SystemCallFilter=@system-service` refuses.
+fn smoke(deb: &Path) -> anyhow::Result<()> {
     let work = target_dir().join("release-smoke");
     if work.exists() {
         std::fs::remove_dir_all(&work).with_context(|| format!("cannot remove {}", work.display()))?;
     }
     std::fs::create_dir_all(&work)?;
+    let unpacked = Unpacked::new(deb, work.join("root"))?;
     let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = work.join("hub.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "hub_id = \"release-smoke\"\nlisten = \"{addr}\"\ndata_dir = {:?}\n\n\
-             [[sites]]\nid = \"smoke\"\norigins = [\"https://smoke.example\"]\nsecret_env = \"SMOKE_HUB_SECRET\"\n",
-            work.join("data")
-        ),
-    )?;
+    let (secret_env, secret) = unpacked.example_config(&addr.to_string(), &config)?;
+    let notify_path = work.join("notify");
+    let notify = UnixDatagram::bind(&notify_path)?;
+    notify.set_read_timeout(Some(Duration::from_millis(100)))?;
     let log = work.join("hub.log");
-    println!("==> {} serve --config {} (log: {})", hub.display(), config.display(), log.display());
-    let mut serve = Command::new(hub);
-    serve.arg("serve").arg("--config").arg(&config);
-    // The hub refuses HUB_* variables that name no setting of its.
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HUB_") {
-            serve.env_remove(name);
-        }
-    }
+    println!("==> {} serve --config {} (log: {})", unpacked.hub().display(), config.display(), log.display());
+    // -D makes strace the hub's grandchild, so that the process started here is the hub itself.
+    let trace = work.join("syscalls");
+    let mut serve = command("strace", &["-D", "-f", "-q", "-o", path(&trace)?, path(&unpacked.hub())?]);
+    crate::deb::without_hub_variables(&mut serve);
     let child = serve
-        .env("SMOKE_HUB_SECRET", "release-smoke-secret-of-at-least-thirty-two-bytes")
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(work.join("data"))
+        .env(secret_env, secret)
+        .env("NOTIFY_SOCKET", &notify_path)
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
-        .with_context(|| format!("cannot start {}", hub.display()))?;
+        .with_context(|| format!("cannot start {}", unpacked.hub().display()))?;
     let mut running = Running(child);
-    let answer = healthz_when_up(&mut running, addr)
-        .with_context(|| format!("the release's hub did not answer /healthz (its log: {})", log.display()))?;
+    let said = |what: &str| format!("the packaged hub did not tell {what} (its log: {})", log.display());
+    let ready = receive(&notify, &mut running).with_context(|| said("READY=1"))?;
+    anyhow::ensure!(ready.lines().any(|l| l == "READY=1"), "the packaged hub told {ready:?}, not READY=1");
+    let answer = healthz(addr).context("the packaged hub told READY=1 but does not answer /healthz")?;
     anyhow::ensure!(
         answer.starts_with("HTTP/1.1 200") && answer.contains(r#""status":"ok""#),
-        "the release's hub answered /healthz with {answer:?}"
+        "the packaged hub answered /healthz with {answer:?}"
     );
     println!("GET http://{addr}/healthz: {}", answer.lines().last().unwrap_or_default());
     let status = running.stop()?;
+    let stopping = receive(&notify, &mut running).with_context(|| said("STOPPING=1"))?;
+    anyhow::ensure!(
+        stopping.lines().any(|l| l == "STOPPING=1"),
+        "the packaged hub told {stopping:?} at SIGTERM"
+    );
     anyhow::ensure!(
         status.success(),
-        "the release's hub ended {status} on SIGTERM (its log: {})",
+        "the packaged hub ended {status} on SIGTERM (its log: {})",
         log.display()
     );
+    let hub = running.0.id();
+    let calls = syscalls(&trace, hub).with_context(|| format!("in {}", trace.display()))?;
+    let allowed = syscall_group("@system-service")?;
+    let filtered: Vec<&String> = calls.iter().filter(|call| !allowed.contains(*call)).collect();
+    anyhow::ensure!(
+        filtered.is_empty(),
+        "the packaged hub calls {filtered:?}, which its unit's SystemCallFilter=@system-service refuses"
+    );
+    println!("the packaged hub made {} kinds of system call, all in @system-service", calls.len());
     std::fs::remove_dir_all(&work)?;
     Ok(())
 }
 
-/// Asks `/healthz` until the hub answers (it is still starting while its port refuses).
-fn healthz_when_up(hub: &mut Running, addr: SocketAddr) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// The system calls named in `trace`, which strace writes for the process `pid` and its
+/// threads, once it has written that `pid` exited (strace outlives it a little).
+fn syscalls(trace: &Path, pid: u32) -> anyhow::Result<BTreeSet<String>> {
+    let exited = format!("{pid} +++ exited with ");
+    let deadline = Instant::now() + PATIENCE;
+    let text = loop {
+        let text = std::fs::read_to_string(trace)?;
+        if text.lines().any(|line| line.starts_with(&exited)) {
+            break text;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "strace wrote no end of the hub within {PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let (_pid, call) = line.split_once(' ')?;
+            let (name, _) = call.trim_start().split_once('(')?;
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                .then(|| name.to_owned())
+        })
+        .collect())
+}
+
+/// The system calls of a `systemd-analyze syscall-filter` group, its groups expanded.
+fn syscall_group(group: &str) -> anyhow::Result<BTreeSet<String>> {
+    let listed = crate::process::output("systemd-analyze", &["syscall-filter", group])?;
+    let mut calls = BTreeSet::new();
+    for entry in listed.lines().skip(1).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        if entry.starts_with('@') {
+            calls.extend(syscall_group(entry)?);
+        } else {
+            calls.insert(entry.to_owned());
+        }
+    }
+    Ok(calls)
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("a path that is not UTF-8")
+}
+
+/// The next notification the hub sent to its `NOTIFY_SOCKET` (whose reads time out), within
+/// [`PATIENCE`]; a hub that ended without sending one fails at once.
+fn receive(socket: &UnixDatagram, hub: &mut Running) -> anyhow::Result<String> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = [0u8; 4096];
     loop {
-        match healthz(addr) {
-            Ok(answer) => return Ok(answer),
-            Err(e) if Instant::now() > deadline => return Err(e.context("still no answer after 30 s")),
-            Err(_) => {}
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.into()),
         }
         if let Some(status) = hub.0.try_wait()? {
-            bail!("it exited ({status})");
+            anyhow::bail!("it ended ({status})");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        anyhow::ensure!(Instant::now() < deadline, "nothing within {PATIENCE:?}");
     }
 }
 
