@@ -1,8 +1,8 @@
 //! What each command needs, run on the real binary as an operator would: `hub check` finds
 //! every problem a start would meet — one line per item with its fix, exit 1 — and `hub
 //! serve` refuses the same before it creates a database, and binds its port before it does
-//! either; `hub token` reads only its own site's key; a site given only its private key
-//! verifies and mints.
+//! either; a reload refuses a mismatched key pair and keeps the sites it has; `hub token`
+//! reads only its own site's key; a site given only its private key verifies and mints.
 
 mod support;
 
@@ -183,6 +183,33 @@ fn check_refuses_a_private_key_that_is_not_the_pair_of_the_public_key() {
         "FAIL  site clickforcharity:",
         &["private_key_pem does not belong to public_key_pem", "401", "openssl pkey -in private.pem -pubout"],
     );
+}
+
+#[tokio::test]
+async fn a_reload_refuses_a_private_key_that_is_not_the_pair_of_the_public_key() {
+    let (private, public) = ed25519_pems();
+    let pair = move |site: &mut Site| {
+        site.secret = None;
+        site.public_key_pem = Some(public);
+        site.private_key_pem = Some(private);
+    };
+    let mut config = None;
+    let hub = support::TestHub::start_with(|c| {
+        pair(c.sites.iter_mut().find(|s| s.id == "clickforcharity").unwrap());
+        config = Some(c.clone());
+    })
+    .await;
+    let mut mismatched = config.unwrap();
+    let (stranger, _) = ed25519_pems();
+    mismatched.sites.iter_mut().find(|s| s.id == "clickforcharity").unwrap().private_key_pem = Some(stranger);
+    let error = format!("{:#}", hub.app.reload_sites(&mismatched).unwrap_err());
+    assert!(
+        error.contains("site clickforcharity: its key: private_key_pem does not belong to public_key_pem"),
+        "{error}"
+    );
+    // The sites in use stay: the hub still mints with the pair it had, and accepts what it mints.
+    hub.page("clickforcharity", "8-evans").timestamp("balance").await.assert_ok();
+    hub.stop().await;
 }
 
 #[test]
