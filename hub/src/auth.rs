@@ -203,6 +203,16 @@ struct Issuer {
     iss: String,
 }
 
+impl Keys {
+    /// The configured site a token claims to come from (its `iss`), read without checking
+    /// its signature: only to name the site in the operator's log of a refused token, never
+    /// to decide anything. `None` for a token naming no configured site.
+    pub fn claimed_site(&self, token: &str) -> Option<&str> {
+        let claimed = jsonwebtoken::dangerous::insecure_decode::<Issuer>(token).ok()?.claims.iss;
+        self.sites.get_key_value(&claimed).map(|(site, _)| site.as_str())
+    }
+}
+
 fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }

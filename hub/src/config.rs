@@ -43,6 +43,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub metrics: MetricsConfig,
+    pub access_log: AccessLogConfig,
     pub sites: Vec<Site>,
 }
 
@@ -149,6 +150,18 @@ impl MetricsConfig {
         }
         Ok(Some(token))
     }
+}
+
+/// The access log: one line per answered request, for the operator (off by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// Write it. Without it, `path` is ignored.
+    pub enabled: bool,
+    /// The file it is appended to, created (mode 0640) if missing and reopened on SIGHUP so
+    /// that logrotate can move it away; `None` writes it to stderr, beside the hub's own log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 /// How the store writes to disk.
@@ -449,6 +462,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
+            access_log: AccessLogConfig::default(),
             sites: Vec::new(),
         }
     }

@@ -360,9 +360,11 @@ async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow
     Ok(())
 }
 
-/// On every SIGHUP (`systemctl reload`): rereads the configuration's sites — their keys,
-/// origins, scopes and ceilings — and the TLS certificate and key, so that a key is added or
-/// revoked and a renewed certificate served without a restart or a dropped connection. A
+/// On every SIGHUP (`systemctl reload`): reopens the access log's file (which logrotate moved
+/// away), rereads the configuration's sites — their keys, origins, scopes and ceilings — and
+/// the TLS certificate and key, so that a key is added or revoked and a renewed certificate
+/// served without a restart or a dropped connection. Each outcome is counted in
+/// `hub_reloads_total`. A
 /// file that does not load is logged and what is in use stays; the hub keeps serving either
 /// way.
 #[cfg(unix)]
@@ -372,6 +374,13 @@ async fn reload_on_hangup(
     reread: impl Fn() -> anyhow::Result<Config>,
 ) {
     while hangup.recv().await.is_some() {
+        if let Some(reopened) = app.reopen_access_log() {
+            app.metrics().reloaded(Reload::AccessLog, reopened.is_ok());
+            match reopened {
+                Ok(()) => tracing::info!("SIGHUP: access log reopened"),
+                Err(e) => tracing::error!("SIGHUP: writing on to the access log's current file: {e:#}"),
+            }
+        }
         let sites = reread().and_then(|config| app.reload_sites(&config).map(|()| config));
         app.metrics().reloaded(Reload::Sites, sites.is_ok());
         match sites {

@@ -22,7 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use protocol::DataType;
+use protocol::{DataType, SiteId, UserId};
 use serde::Serialize;
 
 use crate::store::StoreMetrics;
@@ -48,6 +48,9 @@ pub struct Seen {
     pub site: Option<usize>,
     /// A write answered from its op id's first answer.
     pub replayed: bool,
+    /// Whom the request spoke for, for the logs: its token's site and user (an expired
+    /// token's too), or with auth off the user and site it named.
+    pub who: Option<(SiteId, UserId)>,
 }
 
 /// The kind of request, a label of every request metric.
@@ -85,7 +88,7 @@ impl Action {
         Action::Other,
     ];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Action::Timestamp => "timestamp",
             Action::Get => "get",
@@ -958,7 +961,7 @@ mod tests {
     }
 
     fn seen(action: Action, site: Option<usize>) -> Seen {
-        Seen { action, types: TypeSet::of(&[DataType::Balance, DataType::Profile]), site, replayed: false }
+        Seen { action, types: TypeSet::of(&[DataType::Balance, DataType::Profile]), site, ..Seen::default() }
     }
 
     #[test]

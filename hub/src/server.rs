@@ -175,6 +175,7 @@ pub async fn serve(
                 tick.tick().await;
                 app.rate_limits().purge();
                 app.metrics().roll(now_ms());
+                app.housekeeping_logs(now_ms());
             }
         }
     });
@@ -289,6 +290,7 @@ pub async fn serve(
     if tokio::time::timeout(SHUTDOWN_GRACE, stopping.closed()).await.is_err() {
         tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
     }
+    app.stopping_logs();
     app.domain().store().close().await;
     tracing::info!("store closed; all accepted writes are durable");
     Ok(())

@@ -15,6 +15,7 @@ use protocol::{Refusal, Scopes, SiteId, UserId};
 use subtle::ConstantTimeEq;
 
 use super::body::{Budget, Held};
+use super::logs::Logs;
 use super::{ApiError, ClientAddr, bearer};
 use crate::auth::{AuthError, Keys};
 use crate::config::{Config, OriginPattern};
@@ -43,6 +44,8 @@ struct Inner {
     metrics_token: Option<String>,
     /// `None` when the hub serves plain HTTP.
     tls: Option<Tls>,
+    /// The access log and the refusals log.
+    logs: Logs,
     /// The bytes of request bodies held at once.
     bodies: Budget,
     /// Origins refused by CORS and logged in the current window: each is logged once per
@@ -137,6 +140,7 @@ impl App {
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
         metrics.body_bytes_limit(limits.max_body_bytes_in_flight);
         let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());
+        let logs = Logs::open(&config.access_log)?;
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -146,6 +150,7 @@ impl App {
                 metrics,
                 metrics_token,
                 tls,
+                logs,
                 bodies,
                 refused_origins: Mutex::new(RefusedOrigins::default()),
                 draining: AtomicBool::new(false),
@@ -234,6 +239,26 @@ impl App {
         }))
     }
 
+    /// Reopens the access log's file after logrotate moved it (SIGHUP); `None` when the
+    /// access log is off or goes to stderr. On an error the current file stays in use.
+    pub fn reopen_access_log(&self) -> Option<anyhow::Result<()>> {
+        self.inner.logs.reopen()
+    }
+
+    /// Every few seconds: writes what the logs summed up of a minute that ended.
+    pub fn housekeeping_logs(&self, now_ms: i64) {
+        self.inner.logs.housekeeping(now_ms, self.metrics());
+    }
+
+    /// As the hub stops, once no request is left: writes what the logs summed up so far.
+    pub fn stopping_logs(&self) {
+        self.inner.logs.stopping();
+    }
+
+    pub(super) fn logs(&self) -> &Logs {
+        &self.inner.logs
+    }
+
     pub fn rate_limits(&self) -> &RateLimits {
         &self.inner.rate_limits
     }
@@ -297,6 +322,7 @@ impl App {
             Ok(v) => v,
             Err(AuthError::Expired { site, user }) => {
                 saw.site = self.metrics().site_index(site.as_str());
+                saw.who = Some((site.clone(), user.clone()));
                 self.check_user(user.as_str(), 1)?;
                 return Err(AuthError::Expired { site, user }.into());
             }
@@ -306,6 +332,7 @@ impl App {
             }
         };
         saw.site = self.metrics().site_index(v.site.as_str());
+        saw.who = Some((v.site.clone(), v.user.clone()));
         self.check_user(v.user.as_str(), 1)?;
         let origin = headers.get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
         if origin.is_some_and(|o| !sites.site_allows_origin(v.site.as_str(), o)) {

@@ -244,17 +244,21 @@ pub(super) async fn identify(State(app): State<App>, mut request: Request<Body>,
     };
     let config = app.config();
     let client = ClientAddr::of(peer.ip(), app.tls().is_some(), request.headers(), &config.trusted_proxies);
-    if client.forwarded() && !config.auth {
-        return ApiError::new(
+    let mut response = if client.forwarded() && !config.auth {
+        ApiError::new(
             StatusCode::FORBIDDEN,
             "proxy_not_allowed",
             "this hub runs with auth = false, for development on its own machine: it refuses requests \
              forwarded by a proxy (Forwarded, X-Forwarded-For, X-Real-IP)",
         )
-        .into_response();
-    }
-    request.extensions_mut().insert(client);
-    next.run(request).await
+        .into_response()
+    } else {
+        request.extensions_mut().insert(client);
+        next.run(request).await
+    };
+    // For the logs, which see the answer after this layer.
+    response.extensions_mut().insert(client);
+    response
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {

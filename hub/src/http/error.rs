@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use protocol::{ErrorAnswer, Refusal, RefusalKind};
 
+use super::logs::Code;
 use super::{json, record_state};
 use crate::auth::AuthError;
 use crate::domain::DomainError;
@@ -141,6 +142,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = json(self.status, &self.answer());
+        response.extensions_mut().insert(Code(self.code));
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -2,12 +2,15 @@
 //! and rate limits. Handlers parse, call the domain and shape its answer; every rule about
 //! the data itself lives in the domain.
 
+mod access_log;
 mod admin;
 mod answer;
 mod app;
 mod body;
 mod client;
 mod error;
+mod logs;
+mod refusals;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,15 +93,22 @@ pub fn router(app: App) -> Router {
     ))
 }
 
-/// Counts every answer — preflights and refusals included — with what its handler saw.
+/// Counts every answer — preflights and refusals included — with what its handler saw, and
+/// logs it ([`logs`]: the access log, refused tokens and rate limits).
 async fn observe(State(app): State<App>, request: Request<Body>, next: Next) -> Response {
     let start = Instant::now();
     let preflight = request.method() == Method::OPTIONS;
+    let asked = logs::Asked {
+        method: request.method().clone(),
+        authorization: request.headers().get(header::AUTHORIZATION).cloned(),
+    };
     let response = next.run(request).await;
+    let took = start.elapsed();
     let fallback =
         Seen { action: if preflight { Action::Preflight } else { Action::Other }, ..Seen::default() };
     let seen = response.extensions().get::<Seen>().unwrap_or(&fallback);
-    app.metrics().request(seen, response.status().as_u16(), start.elapsed());
+    app.metrics().request(seen, response.status().as_u16(), took);
+    app.logs().answered(&app, &asked, &response, seen, took);
     response
 }
 
@@ -174,6 +184,7 @@ async fn sync_get(
         };
         saw.types = TypeSet::of(&query.types);
         let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), &mut saw)?;
+        saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
         match query.action {
             QueryAction::Timestamp => timestamp(&app, &caller, query).await,
             QueryAction::Get => get(&app, &caller, query, &headers).await,
@@ -263,6 +274,7 @@ async fn sync_post(State(app): State<App>, client: ClientAddr, headers: HeaderMa
             }
             None => app.admit_named(&user, Some(request.site_id()), ops)?,
         };
+        saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
         match request {
             PostRequest::Push(request) => {
                 let written = push(&app, &caller, request).await?;

@@ -202,6 +202,8 @@ pub struct Deployment {
     pub keys: Keys,
     /// Whether the hub serves HTTPS (its configuration names a certificate).
     pub tls: bool,
+    /// The hub's `RUST_LOG` (`warn` unless a test reads its `info` lines).
+    pub rust_log: &'static str,
 }
 
 impl Deployment {
@@ -213,7 +215,14 @@ impl Deployment {
         tweak(&mut config);
         std::fs::write(dir.path().join("hub.toml"), toml::to_string(&config).unwrap()).unwrap();
         let keys = Keys::from_config(&config).unwrap();
-        Deployment { dir, data_dir, port: free_port(), keys, tls: config.tls_files().is_some() }
+        Deployment {
+            dir,
+            data_dir,
+            port: free_port(),
+            keys,
+            tls: config.tls_files().is_some(),
+            rust_log: "warn",
+        }
     }
 
     /// `127.0.0.1:port`, for raw TCP connections.
@@ -254,7 +263,7 @@ impl Deployment {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(self.addr())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", self.rust_log)
             .stdout(Stdio::null())
             .stderr(log);
         let mut child = command.spawn().unwrap();

@@ -1,0 +1,202 @@
+//! The access log (`[access_log]`): one line per answered request — when, who (the client's
+//! address, the forwarded one behind a trusted proxy), the method and action, the status and
+//! the hub's code for a refusal, how long it took, the site and user the request spoke for,
+//! and its request id — to stderr or to a file that SIGHUP reopens for logrotate.
+//!
+//! A request's thread only formats its line and queues it: a thread of its own writes the
+//! lines (tracing-appender's non-blocking writer, as for the hub's own log). Unlike that log,
+//! a line that finds 128,000 others waiting is dropped rather than waited for, so that a slow
+//! disk never holds up an answer; drops are counted (`hub_access_log_dropped_lines_total`) and
+//! logged. Decides nothing about a request.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, LineWriter, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::Method;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+
+use crate::config::AccessLogConfig;
+use crate::time::rfc3339_ms;
+
+/// What one line says of one request.
+#[derive(Debug)]
+pub(super) struct Line<'a> {
+    pub time_ms: i64,
+    pub client: IpAddr,
+    pub method: &'a Method,
+    pub action: &'static str,
+    pub status: u16,
+    /// The hub's code for a refusal or failure (`invalid_token`, `rate_limited`, …).
+    pub code: Option<&'static str>,
+    pub duration: Duration,
+    pub site: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+}
+
+impl Line<'_> {
+    /// `2026-12-06T09:15:02.114Z client=203.0.113.7 method=POST action=delta status=200
+    /// code=- duration_ms=1.204 site=roflfaucet user=8-evans id=3fa1b2c4-17`, one line. Every
+    /// value is one word: ids are validated, and a request id a client sent is cut to the
+    /// characters ids are made of.
+    fn render(&self) -> String {
+        let mut text = String::with_capacity(192);
+        let _ = writeln!(
+            text,
+            "{} client={} method={} action={} status={} code={} duration_ms={:.3} site={} user={} id={}",
+            rfc3339_ms(self.time_ms),
+            self.client,
+            word(self.method.as_str()),
+            self.action,
+            self.status,
+            self.code.unwrap_or("-"),
+            self.duration.as_secs_f64() * 1000.0,
+            self.site.unwrap_or("-"),
+            self.user.unwrap_or("-"),
+            word(self.request_id.unwrap_or("-")),
+        );
+        text
+    }
+}
+
+/// `text` as one word of at most 64 characters of `A-Z a-z 0-9 . _ -`; others become `_`.
+fn word(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect()
+}
+
+/// The access log, when enabled.
+#[derive(Debug)]
+pub(super) struct AccessLog {
+    lines: NonBlocking,
+    dropped: ErrorCounter,
+    /// The file, when it is one: SIGHUP reopens it.
+    file: Option<Arc<LogFile>>,
+    /// Flushes the lines still queued when the hub stops.
+    _guard: WorkerGuard,
+}
+
+impl AccessLog {
+    /// Opens the access log the configuration asks for, or `None` when it is off. A file that
+    /// cannot be opened stops the start, naming it.
+    pub(super) fn open(config: &AccessLogConfig) -> anyhow::Result<Option<AccessLog>> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        let (writer, file): (Box<dyn Write + Send>, _) = match &config.path {
+            // A line at a time, so that its lines and the hub's own log never interleave
+            // inside a line on stderr.
+            None => (Box::new(LineWriter::new(std::io::stderr())), None),
+            Some(path) => {
+                let file = Arc::new(LogFile::open(path)?);
+                (Box::new(BufWriter::new(SharedFile(file.clone()))), Some(file))
+            }
+        };
+        let (lines, guard) =
+            NonBlockingBuilder::default().lossy(true).thread_name("access-log").finish(writer);
+        let dropped = lines.error_counter();
+        Ok(Some(AccessLog { lines, dropped, file, _guard: guard }))
+    }
+
+    /// Queues one line; never waits.
+    pub(super) fn write(&self, line: &Line<'_>) {
+        // A dropped line is counted by the writer itself, and an error is impossible here:
+        // the line is only handed to the writer's queue.
+        let _ = self.lines.clone().write_all(line.render().as_bytes());
+    }
+
+    /// Lines dropped since the hub started.
+    pub(super) fn dropped(&self) -> u64 {
+        self.dropped.dropped_lines() as u64
+    }
+
+    /// Opens the file anew at its path, after logrotate moved it away: the lines from now on
+    /// go to the new file. `None` when the log goes to stderr; on an error the current file
+    /// stays in use.
+    pub(super) fn reopen(&self) -> Option<anyhow::Result<()>> {
+        let file = self.file.as_ref()?;
+        Some(file.reopen())
+    }
+}
+
+/// The access log's file, which SIGHUP replaces with a new one at the same path.
+///
+/// Written by hand rather than with a crate such as `reopen`, which reopens lazily at the next
+/// write: here the new file is opened when SIGHUP comes, so that a failure is reported then,
+/// to the operator who sent it, and the current file kept.
+#[derive(Debug)]
+struct LogFile {
+    path: PathBuf,
+    current: Mutex<File>,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> anyhow::Result<LogFile> {
+        Ok(LogFile { path: path.to_path_buf(), current: Mutex::new(append(path)?) })
+    }
+
+    fn reopen(&self) -> anyhow::Result<()> {
+        let file = append(&self.path)?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = file;
+        Ok(())
+    }
+}
+
+/// `path` opened for appending, created readable by its owner and group only: it names users
+/// and their addresses.
+fn append(path: &Path) -> anyhow::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+    options.open(path).with_context(|| format!("cannot open the access log {}", path.display()))
+}
+
+/// What the writer's thread writes to: whichever file is current. Only that thread and a
+/// reopen take the lock.
+struct SharedFile(Arc<LogFile>);
+
+impl Write for SharedFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.current.lock().unwrap_or_else(|e| e.into_inner()).write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.current.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_one_line_of_single_words_whatever_the_client_sent() {
+        let method = Method::from_bytes(b"WEIRD").unwrap();
+        let line = Line {
+            time_ms: 1_796_544_165_854,
+            client: "203.0.113.7".parse().unwrap(),
+            method: &method,
+            action: "other",
+            status: 404,
+            code: Some("not_found"),
+            duration: Duration::from_micros(1204),
+            site: None,
+            user: None,
+            request_id: Some("forged id=1 user=admin\nnext"),
+        };
+        assert_eq!(
+            line.render(),
+            "2026-12-06T08:02:45.854Z client=203.0.113.7 method=WEIRD action=other status=404 \
+             code=not_found duration_ms=1.204 site=- user=- id=forged_id_1_user_admin_next\n"
+        );
+    }
+}
