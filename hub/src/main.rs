@@ -1,5 +1,6 @@
-//! `hub`: serve the sync API (rereading its sites and TLS certificate on SIGHUP), mint a site token,
-//! import balance files, or run the agent that pushes a site's balance files to the hub.
+//! `hub`: serve the sync API (rereading its sites and TLS certificate on SIGHUP), check
+//! everything a start needs, mint a site token, import balance files, run the agent that
+//! pushes a site's balance files to the hub, or back up and restore the database.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
