@@ -248,8 +248,9 @@ pub fn without_hub_variables(command: &mut Command) {
 }
 
 /// Checks the package as an operator's machine would see it, unpacked into a folder here:
-/// its control fields and conffiles, its maintainer scripts' syntax, `hub --version`, and
-/// both units under `systemd-analyze verify` and `security`.
+/// its control fields and conffiles, its maintainer scripts' syntax, `hub --version`, both
+/// units under `systemd-analyze verify` and `security`, and `hub check` of the shipped
+/// configuration (refused: it names no site yet) and of its examples in use (accepted).
 pub fn verify(deb: &Path, version: &str) -> anyhow::Result<()> {
     println!("==> checking {}", deb.display());
     let fields = output("dpkg-deb", &["--field", path(deb)?, "Package", "Version", "Architecture"])?;
@@ -283,6 +284,25 @@ pub fn verify(deb: &Path, version: &str) -> anyhow::Result<()> {
             run(command("systemd-analyze", &args)).with_context(|| shown("systemd-analyze", &args))?;
         println!("{}", assessed.lines().last().unwrap_or_default().trim());
     }
+
+    let data = work.join("data");
+    let shipped = unpacked.root.join(CONFIG);
+    let check = ["check", "--config", path(&shipped)?, "--data-dir", path(&data)?];
+    let refused = unpacked.command(&check).output().context("cannot start the packaged hub")?;
+    // 1 is a check that found a problem; 2 would be clap refusing the command line.
+    ensure!(
+        refused.status.code() == Some(1),
+        "hub check of the shipped {CONFIG}, which names no site yet, ended {}, not 1:\n{}{}",
+        refused.status,
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let examples = work.join("hub.toml");
+    let (secret_env, secret) = unpacked.example_config("127.0.0.1:8787", &examples)?;
+    let check = ["check", "--config", path(&examples)?, "--data-dir", path(&data)?];
+    let mut accepted = unpacked.command(&check);
+    accepted.env(secret_env, secret);
+    print!("{}", run(accepted).context("hub check of the shipped configuration's examples")?);
 
     std::fs::remove_dir_all(&work)?;
     Ok(())
