@@ -102,6 +102,13 @@ fn fix_for(error: &rustls::Error) -> &'static str {
             | CertificateError::NotValidYet
             | CertificateError::NotValidYetContext { .. },
         ) => "the hub's certificate has expired or is not valid yet: renew it, or check this machine's clock",
+        rustls::Error::InvalidCertificate(CertificateError::Other(other))
+            if matches!(other.0.downcast_ref(), Some(webpki::Error::CaUsedAsEndEntity)) =>
+        {
+            "the hub's certificate is a certificate authority's, which is never accepted as a \
+             server's: make it as a server's (OpenSSL's `req -x509` makes an authority's unless \
+             given `-addext basicConstraints=critical,CA:FALSE`), or issue it from an authority"
+        }
         rustls::Error::InvalidCertificate(_) => "the hub's certificate is not accepted",
         _ => "the TLS handshake with the hub failed: does the hub serve HTTPS on that address?",
     }

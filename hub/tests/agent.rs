@@ -634,3 +634,49 @@ fn an_unusable_ca_file_stops_the_start() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+/// A hub serving a self-signed certificate, in `dir` as `cert.pem`, marked as a certificate
+/// authority's (as `openssl req -x509` makes by default) or as a server's.
+async fn self_signed_hub(dir: &Path, authority: bool) -> TestHub {
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    if authority {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    TestHub::start_with(|config| {
+        generous_limits(config);
+        config.tls_cert = Some(dir.join("cert.pem"));
+        config.tls_key = Some(dir.join("key.pem"));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_self_signed_certificate_given_as_ca_file_is_trusted_unless_it_is_marked_an_authority() {
+    for authority in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = self_signed_hub(dir.path(), authority).await;
+        let config = config_file(&dir);
+        let files = Files::new();
+        files.write(USER, 12);
+        let cert = dir.path().join("cert.pem");
+        let agent = Agent::spawn_with(&hub.url, &config, &files, &["--ca-file".as_ref(), cert.as_os_str()]);
+        if authority {
+            agent.wait_for_log("no TLS connection to the hub").await;
+            let log = agent.log();
+            assert!(log.contains("CaUsedAsEndEntity"), "{log}");
+            assert!(log.contains("basicConstraints=critical,CA:FALSE"), "{log}");
+        } else {
+            agent.wait_for_log("balance files against the hub").await;
+            assert!(
+                agent.log().contains(&format!("{USER}: pushed, the hub has 12 coins")),
+                "{}",
+                agent.log()
+            );
+        }
+        agent.stop().await;
+    }
+}
