@@ -24,6 +24,9 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuild
 use crate::config::AccessLogConfig;
 use crate::time::rfc3339_ms;
 
+/// Lines that may wait for the writer; a line beyond them is dropped.
+const LINES_WAITING: usize = 128_000;
+
 /// What one line says of one request.
 #[derive(Debug)]
 pub(super) struct Line<'a> {
@@ -100,10 +103,19 @@ impl AccessLog {
                 (Box::new(BufWriter::new(SharedFile(file.clone()))), Some(file))
             }
         };
-        let (lines, guard) =
-            NonBlockingBuilder::default().lossy(true).thread_name("access-log").finish(writer);
+        Ok(Some(AccessLog::writing_to(writer, file, LINES_WAITING)))
+    }
+
+    /// The access log written by a thread of its own to `writer`, with at most `waiting`
+    /// lines queued for it.
+    fn writing_to(writer: Box<dyn Write + Send>, file: Option<Arc<LogFile>>, waiting: usize) -> AccessLog {
+        let (lines, guard) = NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(waiting)
+            .thread_name("access-log")
+            .finish(writer);
         let dropped = lines.error_counter();
-        Ok(Some(AccessLog { lines, dropped, file, _guard: guard }))
+        AccessLog { lines, dropped, file, _guard: guard }
     }
 
     /// Queues one line; never waits.
@@ -176,7 +188,61 @@ impl Write for SharedFile {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Condvar;
+
     use super::*;
+
+    /// A writer that takes nothing until it is opened: a disk that does not keep up.
+    #[derive(Clone, Default)]
+    struct Stuck(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Stuck {
+        fn open(&self) {
+            *self.0.0.lock().unwrap() = true;
+            self.0.1.notify_all();
+        }
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.0;
+            drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn line(method: &Method) -> Line<'_> {
+        Line {
+            time_ms: 0,
+            client: "127.0.0.1".parse().unwrap(),
+            method,
+            action: "get",
+            status: 200,
+            code: None,
+            duration: Duration::ZERO,
+            site: Some("wrc"),
+            user: Some("8-evans"),
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn a_writer_that_falls_behind_drops_and_counts_lines_rather_than_holding_up_requests() {
+        let stuck = Stuck::default();
+        let log = AccessLog::writing_to(Box::new(stuck.clone()), None, 4);
+        let method = Method::GET;
+        // Returns although the writer takes nothing: at most the 4 waiting and the one in
+        // the writer's hands are kept.
+        for _ in 0..20 {
+            log.write(&line(&method));
+        }
+        assert!((15..=16).contains(&log.dropped()), "{} dropped", log.dropped());
+        stuck.open();
+    }
 
     #[test]
     fn a_line_is_one_line_of_single_words_whatever_the_client_sent() {
