@@ -1,10 +1,11 @@
 //! The hub's Debian package, `unified-sync_<version>_amd64.deb`, which `cargo xtask dist`
 //! builds with `dpkg-deb` from a tree staged here: the static hub as `/usr/bin/hub`, the
 //! systemd units of `deploy/` naming that path, the service users (`systemd-sysusers`),
-//! `/etc/unified-sync/` with the example configuration and an empty secrets file (conffiles),
-//! the maintainer scripts of `deploy/debian/`, and the guides. Then its check, which unpacks it
-//! with `dpkg-deb -x` into a folder and runs it from there: the package is never installed on
-//! the machine that builds it.
+//! `/etc/unified-sync/` with the example configuration and an empty secrets file, the access
+//! log's logrotate entry (those three are conffiles), the maintainer scripts of
+//! `deploy/debian/`, and the guides. Then its check, which unpacks it with `dpkg-deb -x` into a
+//! folder and runs it from there: the package is never installed on the machine that builds
+//! it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,6 +27,8 @@ const HAND_INSTALLED_HUB: &str = "/usr/local/bin/hub";
 
 const CONFIG: &str = "etc/unified-sync/hub.toml";
 const SECRETS: &str = "etc/unified-sync/secrets.env";
+/// Rotates the access log, when the configuration writes it to `/var/log/unified-sync`.
+const LOGROTATE: &str = "etc/logrotate.d/unified-sync-hub";
 /// The example site's secret variable in [`CONFIG`].
 const EXAMPLE_SECRET_ENV: &str = "ROFLFAUCET_HUB_SECRET";
 
@@ -58,6 +61,7 @@ pub fn build(to: &Path, hub: &Path, version: &str) -> anyhow::Result<()> {
     copy(&deploy.join("debian/sysusers.conf"), &tree.join("usr/lib/sysusers.d/unified-sync.conf"), 0o644)?;
     copy(&deploy.join("hub.toml"), &tree.join(CONFIG), 0o640)?;
     copy(&deploy.join("debian/secrets.env"), &tree.join(SECRETS), 0o600)?;
+    copy(&deploy.join("logrotate/unified-sync-hub"), &tree.join(LOGROTATE), 0o644)?;
     let doc = tree.join("usr/share/doc").join(PACKAGE);
     copy(&deploy.join("debian/copyright"), &doc.join("copyright"), 0o644)?;
     for guide in ["README.md", "docs/deployment.md", "docs/releasing.md"] {
@@ -67,7 +71,7 @@ pub fn build(to: &Path, hub: &Path, version: &str) -> anyhow::Result<()> {
     for script in ["postinst", "prerm", "postrm"] {
         copy(&deploy.join("debian").join(script), &tree.join("DEBIAN").join(script), 0o755)?;
     }
-    write(&tree.join("DEBIAN/conffiles"), format!("/{CONFIG}\n/{SECRETS}\n"), 0o644)?;
+    write(&tree.join("DEBIAN/conffiles"), conffiles(), 0o644)?;
     write(&tree.join("DEBIAN/md5sums"), &md5sums(&tree)?, 0o644)?;
     write(&tree.join("DEBIAN/control"), control(version, installed_kib(&tree)?), 0o644)?;
     open_folders(&tree)?;
@@ -76,6 +80,12 @@ pub fn build(to: &Path, hub: &Path, version: &str) -> anyhow::Result<()> {
     print!("{}", output("dpkg-deb", &args)?);
     std::fs::remove_dir_all(&tree)?;
     Ok(())
+}
+
+/// The files of `/etc` that the package installs: an upgrade keeps what the operator changed
+/// in them.
+fn conffiles() -> String {
+    format!("/{CONFIG}\n/{SECRETS}\n/{LOGROTATE}\n")
 }
 
 /// A unit of `deploy/` as the package installs it: calling the hub where the package puts it.
@@ -261,8 +271,8 @@ pub fn verify(deb: &Path, version: &str) -> anyhow::Result<()> {
     let unpacked = Unpacked::new(deb, work.join("root"))?;
     let control = work.join("control");
     output("dpkg-deb", &["--control", path(deb)?, path(&control)?])?;
-    let conffiles = std::fs::read_to_string(control.join("conffiles"))?;
-    ensure!(conffiles == format!("/{CONFIG}\n/{SECRETS}\n"), "the package's conffiles are {conffiles:?}");
+    let listed = std::fs::read_to_string(control.join("conffiles"))?;
+    ensure!(listed == conffiles(), "the package's conffiles are {listed:?}");
     for script in ["postinst", "prerm", "postrm"] {
         output("sh", &["-n", path(&control.join(script))?])?;
     }

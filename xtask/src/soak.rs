@@ -140,11 +140,13 @@ fn smoke(deb: &Path) -> anyhow::Result<()> {
 /// The system calls named in `trace`, which strace writes for the process `pid` and its
 /// threads, once it has written that `pid` exited (strace outlives it a little).
 fn syscalls(trace: &Path, pid: u32) -> anyhow::Result<BTreeSet<String>> {
-    let exited = format!("{pid} +++ exited with ");
+    // Each line starts with the thread's id, padded: `3502  +++ exited with 0 +++`.
+    let pid = pid.to_string();
+    let exited = |line: &str| line.split_whitespace().take(3).eq([pid.as_str(), "+++", "exited"]);
     let deadline = Instant::now() + PATIENCE;
     let text = loop {
         let text = std::fs::read_to_string(trace)?;
-        if text.lines().any(|line| line.starts_with(&exited)) {
+        if text.lines().any(exited) {
             break text;
         }
         anyhow::ensure!(Instant::now() < deadline, "strace wrote no end of the hub within {PATIENCE:?}");
