@@ -6,6 +6,10 @@
 //! `deploy/debian/`, and the guides. Then its check, which unpacks it with `dpkg-deb -x` into a
 //! folder and runs it from there: the package is never installed on the machine that builds
 //! it.
+//!
+//! `dpkg-deb` rather than cargo-deb: the units need their `ExecStart=` rewritten for the
+//! package, the static hub is already built and checked by `dist`, and dpkg is on every
+//! Debian machine, where cargo-deb would be one more tool to build for each release.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
