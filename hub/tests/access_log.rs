@@ -2,7 +2,9 @@
 //! per request with its time, client (the forwarded one behind a trusted proxy), method,
 //! action, status, code, duration, site and user, to a file that SIGHUP reopens after
 //! logrotate moved it, or to stderr — and refused tokens and rate limits at `info`, a flood of
-//! them in a bounded number of lines that still name the address and the site.
+//! them in a bounded number of lines that still name the address and the site. A site that a
+//! refused token only claims is logged as that token's claim, never as the site's own request,
+//! and is counted in the metrics under no site.
 
 mod support;
 
@@ -71,6 +73,14 @@ fn deployment() -> (Deployment, PathBuf) {
     (deployment, path)
 }
 
+/// A token naming `site` as its issuer whose signature does not hold: what anyone can send,
+/// and what a site whose key the hub does not have sends too.
+fn forged(deployment: &Deployment, site: &str) -> String {
+    let mut token = deployment.token(site, USER);
+    token.push_str(if token.ends_with('A') { "B" } else { "A" });
+    token
+}
+
 /// Stops the hub as systemd does, and waits until it has.
 async fn stop(mut hub: Child) {
     let pid = hub.id().unwrap().to_string();
@@ -105,6 +115,7 @@ async fn each_request_is_one_line_naming_its_client_site_user_action_and_status(
     assert_eq!(delta["status"], "200");
     assert_eq!(delta["code"], "-");
     assert_eq!((delta["site"].as_str(), delta["user"].as_str()), (SITE, USER));
+    assert_eq!(delta["claimed_site"], "-");
     assert!(delta["duration_ms"].parse::<f64>().unwrap() > 0.0, "{delta:?}");
     assert!(!delta["id"].is_empty() && delta["id"] != "-", "{delta:?}");
 
@@ -112,6 +123,7 @@ async fn each_request_is_one_line_naming_its_client_site_user_action_and_status(
     assert_eq!(refused["code"], "invalid_token");
     assert_eq!((refused["action"].as_str(), refused["method"].as_str()), ("timestamp", "GET"));
     assert_eq!((refused["site"].as_str(), refused["user"].as_str()), ("-", "-"), "a token of no site");
+    assert_eq!(refused["claimed_site"], "-");
 
     // Behind the trusted proxy, the client is the address it forwarded, not the proxy's.
     let proxied = until_line(&path, "user", "proxied-user").await;
@@ -174,7 +186,7 @@ async fn without_a_path_the_access_log_goes_to_stderr() {
     let log = deployment.log();
     let line = log.lines().find(|l| l.contains("user=on-stderr")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("client=127.0.0.1 method=GET action=timestamp status=200 code=- "), "{line}");
-    assert!(line.contains(&format!("site={SITE} user=on-stderr id=")), "{line}");
+    assert!(line.contains(&format!("site={SITE} claimed_site=- user=on-stderr id=")), "{line}");
 }
 
 #[tokio::test]
@@ -182,10 +194,7 @@ async fn a_flood_of_refused_tokens_is_logged_in_a_few_lines_naming_the_addresses
     let mut deployment = Deployment::new(|_| {});
     deployment.rust_log = "info";
     let hub = deployment.start().await;
-    // A token of the site whose signature does not hold: what a site whose key the hub does
-    // not have sends.
-    let mut forged = deployment.token(SITE, USER);
-    forged.push_str(if forged.ends_with('A') { "B" } else { "A" });
+    let forged = forged(&deployment, SITE);
     let url = format!("{}/api/sync?action=timestamp&user_id={USER}&data_type=balance", deployment.url());
     let addresses: [IpAddr; 2] = ["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
     let mut statuses = HashMap::<u16, usize>::new();
@@ -209,24 +218,70 @@ async fn a_flood_of_refused_tokens_is_logged_in_a_few_lines_naming_the_addresses
     assert_eq!(refused.len(), 4, "the first of each kind and one sum of each:\n{}", refused.join("\n"));
     for line in &refused {
         assert!(line.contains(" INFO "), "{line}");
-        assert!(line.contains(&format!("for site {SITE}")), "{line}");
+        assert!(line.contains(&format!("claiming site {SITE}")), "{line}");
     }
     assert!(
-        refused[0].contains("refused 401 invalid_token for site roflfaucet from 127.0.0.2"),
+        refused[0].contains("refused 401 invalid_token claiming site roflfaucet from 127.0.0.2"),
         "{}",
         refused[0]
     );
     assert!(
-        refused[1].contains("refused 429 rate_limited for site roflfaucet from 127.0.0.2"),
+        refused[1].contains("refused 429 rate_limited claiming site roflfaucet from 127.0.0.2"),
         "{}",
         refused[1]
     );
     let sums = refused[2..].join("\n");
     for (status, code, count) in [(401, "invalid_token", unauthorized), (429, "rate_limited", limited)] {
         let sum = format!(
-            "refused {} more {status} {code} for site roflfaucet since the first, from 2 addresses, the latest 127.0.0.3",
+            "refused {} more {status} {code} claiming site roflfaucet since the first, from 2 addresses, the latest 127.0.0.3",
             count - 1
         );
         assert!(sums.contains(&sum), "{sum} in:\n{sums}");
     }
+}
+
+#[tokio::test]
+async fn a_forged_token_naming_a_site_is_logged_as_its_claim_not_as_that_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let mut deployment = Deployment::new(|config| {
+        config.access_log.enabled = true;
+        config.access_log.path = Some(path.clone());
+        config.limits.requests_per_minute = 1;
+    });
+    deployment.rust_log = "info";
+    let hub = deployment.start().await;
+    let url = format!("{}/api/sync?action=timestamp&user_id={USER}&data_type=balance", deployment.url());
+    let stranger =
+        reqwest::Client::builder().local_address("127.0.0.2".parse::<IpAddr>().unwrap()).build().unwrap();
+    let refused = stranger.get(&url).bearer_auth(forged(&deployment, SITE)).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    // The site's own backend, over its user's limit: a refusal of the site itself.
+    let backend = deployment.backend(SITE, USER, Duration::from_secs(10));
+    backend.timestamp("balance").await.assert_ok();
+    backend.timestamp("balance").await.assert_refused(429, "rate_limited");
+
+    let claim = until_line(&path, "status", "401").await;
+    assert_eq!((claim["site"].as_str(), claim["claimed_site"].as_str()), ("-", SITE), "{claim:?}");
+    assert_eq!((claim["client"].as_str(), claim["user"].as_str()), ("127.0.0.2", "-"), "{claim:?}");
+    let limited = until_line(&path, "status", "429").await;
+    assert_eq!((limited["site"].as_str(), limited["claimed_site"].as_str()), (SITE, "-"), "{limited:?}");
+
+    let metrics = support::client().get(format!("{}/metrics", deployment.url())).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let requests = |site: &str, status: u16| {
+        let series = format!(
+            r#"hub_requests_total{{action="timestamp",data_type="balance",site="{site}",status="{status}"}}"#
+        );
+        sample(&metrics, &series)
+    };
+    assert_eq!(requests("", 401), Some(1.0), "counted under no site:\n{metrics}");
+    assert_eq!(requests(SITE, 401), None, "{metrics}");
+    assert_eq!(requests(SITE, 429), Some(1.0), "{metrics}");
+    stop(hub).await;
+
+    let log = deployment.log();
+    assert!(log.contains(&format!("refused 401 invalid_token claiming site {SITE} from 127.0.0.2")), "{log}");
+    assert!(!log.contains(&format!("401 invalid_token for site {SITE}")), "{log}");
+    assert!(log.contains(&format!("refused 429 rate_limited for site {SITE} from 127.0.0.1")), "{log}");
 }

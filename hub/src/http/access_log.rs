@@ -1,7 +1,8 @@
 //! The access log (`[access_log]`): one line per answered request — when, who (the client's
 //! address, the forwarded one behind a trusted proxy), the method and action, the status and
 //! the hub's code for a refusal, how long it took, the site and user the request spoke for,
-//! and its request id — to stderr or to a file that SIGHUP reopens for logrotate.
+//! the site a refused token only claimed, and its request id — to stderr or to a file that
+//! SIGHUP reopens for logrotate.
 //!
 //! A request's thread only formats its line and queues it: a thread of its own writes the
 //! lines (tracing-appender's non-blocking writer, as for the hub's own log). Unlike that log,
@@ -38,21 +39,25 @@ pub(super) struct Line<'a> {
     /// The hub's code for a refusal or failure (`invalid_token`, `rate_limited`, …).
     pub code: Option<&'static str>,
     pub duration: Duration,
+    /// The site the request spoke for: its verified token's (an expired token's too), or with
+    /// auth off the one it named.
     pub site: Option<&'a str>,
+    /// The configured site a refused token names without proving it: anyone can claim one.
+    pub claimed_site: Option<&'a str>,
     pub user: Option<&'a str>,
     pub request_id: Option<&'a str>,
 }
 
 impl Line<'_> {
     /// `2026-12-06T09:15:02.114Z client=203.0.113.7 method=POST action=delta status=200
-    /// code=- duration_ms=1.204 site=roflfaucet user=8-evans id=3fa1b2c4-17`, one line. Every
-    /// value is one word: ids are validated, and a request id a client sent is cut to the
-    /// characters ids are made of.
+    /// code=- duration_ms=1.204 site=roflfaucet claimed_site=- user=8-evans id=3fa1b2c4-17`,
+    /// one line. Every value is one word: ids are validated, and a request id a client sent is
+    /// cut to the characters ids are made of.
     fn render(&self) -> String {
         let mut text = String::with_capacity(192);
         let _ = writeln!(
             text,
-            "{} client={} method={} action={} status={} code={} duration_ms={:.3} site={} user={} id={}",
+            "{} client={} method={} action={} status={} code={} duration_ms={:.3} site={} claimed_site={} user={} id={}",
             rfc3339_ms(self.time_ms),
             self.client,
             word(self.method.as_str()),
@@ -61,6 +66,7 @@ impl Line<'_> {
             self.code.unwrap_or("-"),
             self.duration.as_secs_f64() * 1000.0,
             self.site.unwrap_or("-"),
+            self.claimed_site.unwrap_or("-"),
             self.user.unwrap_or("-"),
             word(self.request_id.unwrap_or("-")),
         );
@@ -225,6 +231,7 @@ mod tests {
             code: None,
             duration: Duration::ZERO,
             site: Some("wrc"),
+            claimed_site: None,
             user: Some("8-evans"),
             request_id: None,
         }
@@ -256,13 +263,14 @@ mod tests {
             code: Some("not_found"),
             duration: Duration::from_micros(1204),
             site: None,
+            claimed_site: None,
             user: None,
             request_id: Some("forged id=1 user=admin\nnext"),
         };
         assert_eq!(
             line.render(),
             "2026-12-06T08:02:45.854Z client=203.0.113.7 method=WEIRD action=other status=404 \
-             code=not_found duration_ms=1.204 site=- user=- id=forged_id_1_user_admin_next\n"
+             code=not_found duration_ms=1.204 site=- claimed_site=- user=- id=forged_id_1_user_admin_next\n"
         );
     }
 }

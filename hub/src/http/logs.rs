@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, Method};
 use axum::response::Response;
 
 use super::access_log::{AccessLog, Line};
-use super::refusals::Refusals;
+use super::refusals::{Refusals, Site};
 use super::{App, ClientAddr};
 use crate::config::AccessLogConfig;
 use crate::metrics::{Metrics, Seen};
@@ -64,17 +64,22 @@ impl Logs {
         };
         let sites = app.sites();
         // A token that was refused still names the site it claims to come from, which is what
-        // its operator looks for; only a configured site's name is taken from it.
+        // its operator looks for; only a configured site's name is taken from it, and it is
+        // logged as a claim, never as the site: anyone can write a token naming any site.
         let claimed = match (site, status, &asked.authorization, sites.keys()) {
             (None, 401 | 429, Some(authorization), Some(keys)) => {
                 bearer(authorization).and_then(|token| keys.claimed_site(token))
             }
             _ => None,
         };
-        let site = site.or(claimed);
         let now = now_ms();
         if concerns_refusals {
-            self.refusals.note(now, status, code.unwrap_or("-"), site, client);
+            let named = match (site, claimed) {
+                (Some(site), _) => Some(Site::Verified(site.to_owned())),
+                (None, Some(claimed)) => Some(Site::Claimed(claimed.to_owned())),
+                (None, None) => None,
+            };
+            self.refusals.note(now, status, code.unwrap_or("-"), named, client);
         }
         if let Some(access) = &self.access {
             let request_id = response.headers().get("x-request-id").and_then(|v| v.to_str().ok());
@@ -87,6 +92,7 @@ impl Logs {
                 code,
                 duration: took,
                 site,
+                claimed_site: claimed,
                 user,
                 request_id,
             });

@@ -3,8 +3,9 @@
 //! hub's code and the site — in a minute is logged at once, and the others of that minute are
 //! summed up in one line when it ends, with how many addresses sent them and one of them. A
 //! flood thus writes at most two lines per kind per minute, and the kinds are few: two
-//! statuses, the codes the hub answers with them, and the configured sites (or none). Counts
-//! in memory only; refuses nothing.
+//! statuses, the codes the hub answers with them, and the configured sites, each either a
+//! verified token's or only claimed by an unverified one (or none). Counts in memory only;
+//! refuses nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -20,8 +21,18 @@ const ADDRESSES_COUNTED: usize = 1024;
 struct Kind {
     status: u16,
     code: &'static str,
-    /// A configured site's id, or `None`.
-    site: Option<String>,
+    site: Option<Site>,
+}
+
+/// The configured site a refusal is logged under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Site {
+    /// A verified token's site (an expired token's too): the request came from its backend
+    /// or one of its pages.
+    Verified(String),
+    /// The site an unverified token names as its issuer: anyone can write such a token, so a
+    /// claim says nothing of the site itself.
+    Claimed(String),
 }
 
 /// The refusals of one kind in this minute.
@@ -51,13 +62,13 @@ impl Refusals {
     }
 
     /// Notes a refusal: logged at once if it is the first of its kind this minute, summed up
-    /// at the minute's end otherwise. `site` must be a configured site's id.
+    /// at the minute's end otherwise. `site` must be a configured site's.
     pub(super) fn note(
         &self,
         now_ms: i64,
         status: u16,
         code: &'static str,
-        site: Option<&str>,
+        site: Option<Site>,
         client: IpAddr,
     ) {
         let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
@@ -65,7 +76,7 @@ impl Refusals {
             window.sum_up();
             window.since_ms = now_ms;
         }
-        let kind = Kind { status, code, site: site.map(str::to_owned) };
+        let kind = Kind { status, code, site };
         match window.kinds.get_mut(&kind) {
             Some(tally) => {
                 tally.count += 1;
@@ -77,7 +88,7 @@ impl Refusals {
             None => {
                 tracing::info!(
                     "refused {status} {code} {} from {client}; more of these this minute are summed up when it ends",
-                    Shown(kind.site.as_deref())
+                    Shown(kind.site.as_ref())
                 );
                 window
                     .kinds
@@ -111,7 +122,7 @@ impl Window {
                 tally.count - 1,
                 kind.status,
                 kind.code,
-                Shown(kind.site.as_deref()),
+                Shown(kind.site.as_ref()),
                 if addresses >= ADDRESSES_COUNTED { "at least " } else { "" },
                 if addresses == 1 { "" } else { "es" },
                 tally.latest,
@@ -120,13 +131,14 @@ impl Window {
     }
 }
 
-/// `for site roflfaucet`, or `with no site`.
-struct Shown<'a>(Option<&'a str>);
+/// `for site roflfaucet`, `claiming site roflfaucet`, or `with no site`.
+struct Shown<'a>(Option<&'a Site>);
 
 impl std::fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Some(site) => write!(f, "for site {site}"),
+            Some(Site::Verified(site)) => write!(f, "for site {site}"),
+            Some(Site::Claimed(site)) => write!(f, "claiming site {site}"),
             None => f.write_str("with no site"),
         }
     }
