@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 pub struct Balance {
     pub user: UserId,
     pub coins: i64,
-    /// The amount as the file wrote it, when it wrote it as text (`"40"`), as PHP writes a
-    /// number it read from a database: read as that number, and noted so that `hub import`
-    /// says so.
+    /// The amount as the file wrote it, when it wrote it as text (`"40"`, or `"40\n"`), as PHP
+    /// writes a number it read from a database or a file: read as that number, and noted so
+    /// that `hub import` says so.
     pub text: Option<String>,
 }
 
@@ -42,10 +42,11 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Balance, String> {
     Ok(Balance { user, coins, text })
 }
 
-/// A whole number of at least 0, written as a JSON number, or as text of decimal digits only
-/// (PHP writes a number it read from a database as text): the number, and the text it was
-/// written as. Text that is anything else (`"1e3"`, `"+5"`, `" 5"`, `"5.0"`) is refused
-/// rather than guessed at.
+/// A whole number of at least 0, written as a JSON number, or as text of decimal digits with
+/// nothing but ASCII whitespace around them (PHP writes a number it read from a database as
+/// text, and one read from a file with `fgets` keeps its line break): the number, and the
+/// text it was written as. Text that is anything else (`"1e3"`, `"+5"`, `"5.0"`, `""`) is
+/// refused rather than guessed at.
 fn whole_number(key: &str, value: &Value) -> Result<(i64, Option<String>), String> {
     match value {
         Value::Number(n) => n
@@ -53,14 +54,16 @@ fn whole_number(key: &str, value: &Value) -> Result<(i64, Option<String>), Strin
             .filter(|n| *n >= 0)
             .map(|n| (n, None))
             .ok_or_else(|| format!("{key} is not a whole number of at least 0: {value}")),
-        Value::String(text) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => text
-            .parse::<i64>()
-            .map(|n| (n, Some(text.clone())))
-            .map_err(|_| format!("{key} is the text {value}, a number too large")),
-        Value::String(_) => Err(format!(
-            "{key} is the text {value}, which is not a whole number written in digits only; write it \
-             as a JSON number"
-        )),
+        Value::String(text) => match text.trim_ascii() {
+            digits if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => digits
+                .parse::<i64>()
+                .map(|n| (n, Some(text.clone())))
+                .map_err(|_| format!("{key} is the text {value}, a number too large")),
+            _ => Err(format!(
+                "{key} is the text {value}, which is not a whole number written in digits only (spaces \
+                 or line breaks around them aside); write it as a JSON number"
+            )),
+        },
         _ => Err(format!("{key} is not a whole number of at least 0: {value}")),
     }
 }
@@ -84,6 +87,10 @@ mod tests {
             balance("b", 7, None)
         );
         assert_eq!(parse("c.json", br#"{"coins": 7, "balance": "007"}"#), balance("c", 7, Some("007")));
+        // As PHP writes an amount it read from a file with fgets, line break and all.
+        assert_eq!(parse("d.json", br#"{"coins": "100\n"}"#), balance("d", 100, Some("100\n")));
+        assert_eq!(parse("e.json", br#"{"balance": " 100 "}"#), balance("e", 100, Some(" 100 ")));
+        assert_eq!(parse("f.json", br#"{"coins": "\t7\r\n"}"#), balance("f", 7, Some("\t7\r\n")));
         assert_eq!(parse("z.json", br#"{"coins": 0}"#), balance("z", 0, None));
     }
 
@@ -97,9 +104,13 @@ mod tests {
             ("u.json", r#"{"coins": 1.5}"#, "whole number"),
             ("u.json", r#"{"coins": "1e3"}"#, "not a whole number written in digits only"),
             ("u.json", r#"{"coins": "+5"}"#, "not a whole number written in digits only"),
-            ("u.json", r#"{"coins": " 5"}"#, "not a whole number written in digits only"),
             ("u.json", r#"{"coins": "-5"}"#, "not a whole number written in digits only"),
             ("u.json", r#"{"coins": ""}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": " \n"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": "10.5"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": "1 000"}"#, "not a whole number written in digits only"),
+            ("u.json", r#"{"coins": " +5\n"}"#, "not a whole number written in digits only"),
+            ("u.json", "{\"coins\": \"\u{a0}5\"}", "not a whole number written in digits only"),
             ("u.json", r#"{"coins": "99999999999999999999"}"#, "too large"),
             ("u.json", r#"{"coins": "9007199254740992"}"#, "beyond"),
             ("u.json", r#"{"coins": true}"#, "whole number"),

@@ -6,9 +6,11 @@
 //! domain's [`Domain::import_balance`], which sets only a balance that was never written: a
 //! second run, or a run after the sites have moved a balance, changes nothing. A balance of 0
 //! is written like any other (version 1, with its ledger row). An amount written as text of
-//! digits (`"40"`, as PHP writes a number it read from a database) is taken as that number and
-//! the report says so; other text is refused. The file's `last_updated` is not kept: the hub
-//! stamps records with its own clock. Subfolders and files not named `*.json` are left alone.
+//! digits (`"40"`, as PHP writes a number it read from a database, or `"40\n"`, one it read
+//! from a file with `fgets`: spaces and line breaks around the digits are allowed) is taken
+//! as that number and the report says so; other text (`"+40"`, `"4e1"`, `"40.0"`, `""`) is
+//! refused. The file's `last_updated` is not kept: the hub stamps records with its own clock.
+//! Subfolders and files not named `*.json` are left alone.
 //!
 //! An import opens the store and the domain over it ([`open`]) and nothing else of the hub:
 //! no site, key, certificate or metrics token is read, so it runs from an operator's shell
@@ -33,8 +35,8 @@ pub struct Balance {
     /// 0 too: a balance of 0 is written like any other, so that the user has a balance and a
     /// later import or agent keeps it.
     pub coins: i64,
-    /// The amount as the file wrote it, when it was text of digits (`"40"`): taken as that
-    /// number, and the report says so.
+    /// The amount as the file wrote it, when it was text of digits (`"40"`, `"40\n"`): taken
+    /// as that number, and the report says so.
     pub text: Option<String>,
 }
 

@@ -1,5 +1,6 @@
 //! `hub agent`, the real binary, beside a site's folder of balance files and a real hub: a
-//! change of a file reaches the hub, however it is written; files that are not balances are
+//! change of a file reaches the hub, however it is written; an amount written as text of
+//! digits is read, spaces or a line break around them aside; files that are not balances are
 //! skipped; a change made while the hub is down arrives when it is back; a change another
 //! site made meanwhile is kept and the local change added to it; a restarted agent pushes
 //! nothing again and applies nothing twice; at first sight the hub's balance is canonical;
@@ -250,6 +251,36 @@ async fn malformed_and_misnamed_files_are_skipped_and_the_agent_goes_on() {
     agent.stop().await;
     let carol = hub.site(OTHER, "carol").get("balance").await;
     assert_eq!(carol.assert_ok()["version"], 0, "nothing was pushed for a bad file");
+}
+
+#[tokio::test]
+async fn an_amount_written_as_text_with_spaces_or_a_line_break_is_pushed_and_other_text_skipped() {
+    let hub = TestHub::start_with(generous_limits).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    for (user, coins) in [
+        // As PHP writes an amount it read from a file with fgets, line break and all.
+        ("read-line", r#""100\n""#),
+        ("spaced", r#"" 100 ""#),
+        ("signed", r#""+100""#),
+        ("exponent", r#""1e3""#),
+        ("empty", r#""""#),
+        ("decimal", r#""10.5""#),
+    ] {
+        std::fs::write(files.path(&format!("{user}.json")), format!(r#"{{"coins": {coins}}}"#)).unwrap();
+    }
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    until_hub_has(&hub.site(OTHER, "read-line"), 100, &agent).await;
+    until_hub_has(&hub.site(OTHER, "spaced"), 100, &agent).await;
+    let log = agent.stop().await;
+    for (user, text) in [("signed", "+100"), ("exponent", "1e3"), ("empty", ""), ("decimal", "10.5")] {
+        let skipped = format!(
+            "skipping {user}.json: coins is the text {text:?}, which is not a whole number written in digits only"
+        );
+        assert!(log.contains(&skipped), "{skipped} in:\n{log}");
+        let balance = hub.site(OTHER, user).get("balance").await;
+        assert_eq!(balance.assert_ok()["version"], 0, "nothing was pushed for {user}");
+    }
 }
 
 #[tokio::test]

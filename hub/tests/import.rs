@@ -2,8 +2,8 @@
 //! file shapes, refuses unusable files by name and reason, writes nothing on a dry run, is
 //! safe to run twice, never overwrites a balance the hub already has, will not run while a
 //! hub serves the same data dir, and needs none of the hub's secrets. A balance of 0 is
-//! written like any other; an amount written as text of digits is read, and the report says
-//! so; other text is refused.
+//! written like any other; an amount written as text of digits, spaces or a line break
+//! around them aside, is read, and the report says so; other text is refused.
 
 mod support;
 
@@ -206,36 +206,48 @@ fn an_amount_written_as_digits_is_read_and_said_so_and_other_text_is_refused() {
     let from = tempfile::tempdir().unwrap();
     for (name, body) in [
         ("hundred.json", r#"{"coins": "100"}"#),
+        // As PHP writes an amount it read from a file with fgets, line break and all.
+        ("read-line.json", r#"{"coins": "100\n"}"#),
+        ("spaced.json", r#"{"coins": " 100 "}"#),
         ("exponent.json", r#"{"coins": "1e3"}"#),
-        ("spaced.json", r#"{"coins": " 100"}"#),
         ("signed.json", r#"{"balance": "+100"}"#),
+        ("empty.json", r#"{"coins": ""}"#),
+        ("decimal.json", r#"{"coins": "10.5"}"#),
     ] {
         std::fs::write(from.path().join(name), body).unwrap();
     }
     let out = hub_import(&config, &deployment.data_dir, from.path(), false);
     let report = text(&out);
     assert!(!out.status.success(), "{report}");
-    assert!(
-        report.contains(
-            "imported hundred.json: 100 coins for hundred (the file writes it as the text \"100\", read as a number)"
-        ),
-        "{report}"
-    );
+    for (name, user, text) in [
+        ("hundred.json", "hundred", r#""100""#),
+        ("read-line.json", "read-line", r#""100\n""#),
+        ("spaced.json", "spaced", r#"" 100 ""#),
+    ] {
+        let line = format!(
+            "imported {name}: 100 coins for {user} (the file writes it as the text {text}, read as a number)"
+        );
+        assert!(report.contains(&line), "{line} in:\n{report}");
+    }
     for (name, text) in [
-        ("exponent.json", "coins is the text \"1e3\""),
-        ("spaced.json", "coins is the text \" 100\""),
-        ("signed.json", "balance is the text \"+100\""),
+        ("exponent.json", r#"coins is the text "1e3""#),
+        ("signed.json", r#"balance is the text "+100""#),
+        ("empty.json", r#"coins is the text """#),
+        ("decimal.json", r#"coins is the text "10.5""#),
     ] {
         assert!(
             report.contains(&format!(
-                "refused {name}: {text}, which is not a whole number written in digits only"
+                "refused {name}: {text}, which is not a whole number written in digits only (spaces or \
+                 line breaks around them aside)"
             )),
             "{name}: {report}"
         );
     }
+    assert!(report.contains("3 imported, 0 already had a balance, 4 refused"), "{report}");
+    let hundred = |user: &str| (user.to_owned(), r#"{"coins":100}"#.to_owned(), 1);
     assert_eq!(
         balances(&deployment.data_dir).0,
-        vec![("hundred".to_owned(), r#"{"coins":100}"#.to_owned(), 1)]
+        vec![hundred("hundred"), hundred("read-line"), hundred("spaced")]
     );
 }
 
