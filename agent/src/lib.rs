@@ -17,6 +17,10 @@
 //! that a restart neither pushes again nor misses a change made while the agent was down:
 //! at start every file is compared with it.
 //!
+//! A file it cannot use (a name that is not a user id, content that is not a balance) is
+//! skipped with a warning, and the skipped files are counted and named in the lines that end
+//! its first check and its run, so that users left unsynced do not go unnoticed.
+//!
 //! It will not write balance files, delete anything, follow subfolders, or push anything
 //! but balances; a removed file pushes nothing.
 
@@ -26,7 +30,7 @@ mod config;
 pub mod reconcile;
 mod token;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -59,6 +63,8 @@ pub const SCOPES: Scopes =
 /// Remembered agreements are written at least this often while files keep changing (and
 /// whenever the agent has nothing left to do).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// The skipped files a summary line names; it counts the others.
+const SKIPPED_NAMED: usize = 10;
 
 /// What `hub agent` is told on its command line.
 #[derive(Debug, Clone)]
@@ -92,7 +98,10 @@ pub async fn run(
     if agent.unsaved {
         agent.save()?;
     }
-    tracing::info!("agent stopped");
+    match agent.skipped_summary() {
+        None => tracing::info!("agent stopped"),
+        Some(skipped) => tracing::warn!("agent stopped; {skipped}"),
+    }
     ended
 }
 
@@ -147,8 +156,10 @@ struct Agent {
     saved_at: Instant,
     /// The names of the agent's own files in the watched folder (each also with `.tmp`).
     own_names: Vec<String>,
-    /// Names already reported as not being a user id, so each is reported once.
-    misnamed: HashSet<String>,
+    /// The files skipped, by name: their users are not synced until they are fixed. A name
+    /// that is not a user id is reported once; a file that is not a balance each time it is
+    /// read, until it is one.
+    skipped: BTreeSet<String>,
     events: mpsc::UnboundedReceiver<Signal>,
     /// Keeps the watcher running.
     _watcher: Watcher,
@@ -198,7 +209,7 @@ impl Agent {
             unsaved: false,
             saved_at: Instant::now(),
             own_names,
-            misnamed: HashSet::new(),
+            skipped: BTreeSet::new(),
             events,
             _watcher: watcher,
         })
@@ -238,7 +249,14 @@ impl Agent {
             }
             if !started {
                 started = true;
-                tracing::info!("checked {files} balance files against the hub; watching for changes");
+                match self.skipped_summary() {
+                    None => {
+                        tracing::info!("checked {files} balance files against the hub; watching for changes")
+                    }
+                    Some(skipped) => tracing::warn!(
+                        "checked {files} balance files against the hub; {skipped}; watching for changes"
+                    ),
+                }
             }
             let signal = self.events.recv().await.context("the file watcher stopped")?;
             self.note(signal, &mut pending)?;
@@ -287,8 +305,8 @@ impl Agent {
         match UserId::parse(stem) {
             Ok(user) => Some(user),
             Err(e) => {
-                if self.misnamed.insert(name.to_string()) {
-                    tracing::warn!("skipping {name}: the file name is not a user id: {}", e.message);
+                if !self.skipped.contains(name.as_ref()) {
+                    self.skip(&name, &format!("the file name is not a user id: {}", e.message));
                 }
                 None
             }
@@ -302,23 +320,56 @@ impl Agent {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::debug!("{name} is gone; nothing to push");
+                self.skipped.remove(&name);
                 return Ok(Flow::Done);
             }
             Err(e) => {
-                tracing::warn!("skipping {name}: it cannot be read: {e}");
+                self.skip(&name, &format!("it cannot be read: {e}"));
                 return Ok(Flow::Done);
             }
         };
         match balance_file::parse(&name, &bytes) {
             Ok(balance) => {
+                self.skipped.remove(&name);
                 let from = self.state.users.get(user.as_str()).copied();
                 self.reconcile(user, from, balance.coins).await
             }
             Err(reason) => {
-                tracing::warn!("skipping {name}: {reason}; it is read again when it changes");
+                self.skip(&name, &format!("{reason}; it is read again when it changes"));
                 Ok(Flow::Done)
             }
         }
+    }
+
+    /// Notes that the file `name` is skipped, and warns of it with how many are.
+    fn skip(&mut self, name: &str, why: &str) {
+        self.skipped.insert(name.to_owned());
+        self.forget_removed_skipped();
+        tracing::warn!("skipping {name}: {why} ({} skipped in all)", file_count(self.skipped.len()));
+    }
+
+    /// Stops counting the skipped files removed since: their removal is no event the agent
+    /// follows.
+    fn forget_removed_skipped(&mut self) {
+        let dir = &self.dir;
+        self.skipped.retain(|name| dir.join(name).is_file());
+    }
+
+    /// `2 files skipped and not synced until fixed: bad name.json, carol.json`, naming at
+    /// most [`SKIPPED_NAMED`] of them; `None` when none is.
+    fn skipped_summary(&mut self) -> Option<String> {
+        self.forget_removed_skipped();
+        if self.skipped.is_empty() {
+            return None;
+        }
+        let names: Vec<&str> = self.skipped.iter().take(SKIPPED_NAMED).map(String::as_str).collect();
+        let more = self.skipped.len().saturating_sub(SKIPPED_NAMED);
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        Some(format!(
+            "{} skipped and not synced until fixed: {}{more}",
+            file_count(self.skipped.len()),
+            names.join(", ")
+        ))
     }
 
     /// Brings the hub in step with a file that shows `file` coins, starting from `from`.
@@ -415,6 +466,11 @@ impl Agent {
         self.saved_at = Instant::now();
         Ok(())
     }
+}
+
+/// `1 file`, `2 files`.
+fn file_count(n: usize) -> String {
+    if n == 1 { "1 file".to_owned() } else { format!("{n} files") }
 }
 
 /// One log line for a reconciliation that did something or found something to say.

@@ -1,12 +1,13 @@
 //! `hub agent`, the real binary, beside a site's folder of balance files and a real hub: a
 //! change of a file reaches the hub, however it is written; an amount written as text of
 //! digits is read, spaces or a line break around them aside; files that are not balances are
-//! skipped; a change made while the hub is down arrives when it is back; a change another
-//! site made meanwhile is kept and the local change added to it; a restarted agent pushes
-//! nothing again and applies nothing twice; at first sight the hub's balance is canonical;
-//! a hub on a new database gets every file again; the hub accepts the agent's tokens however
-//! the site's key is configured; a hub whose certificate a private authority signed is
-//! reached with `--ca-file`, and refused, saying so, without it.
+//! skipped, and counted in the lines that end the first check and the run; a change made
+//! while the hub is down arrives when it is back; a change another site made meanwhile is
+//! kept and the local change added to it; a restarted agent pushes nothing again and applies
+//! nothing twice; at first sight the hub's balance is canonical; a hub on a new database gets
+//! every file again; the hub accepts the agent's tokens however the site's key is configured;
+//! a hub whose certificate a private authority signed is reached with `--ca-file`, and
+//! refused, saying so, without it.
 
 mod support;
 
@@ -241,14 +242,34 @@ async fn malformed_and_misnamed_files_are_skipped_and_the_agent_goes_on() {
     assert!(log.contains("skipping bad name.json: the file name is not a user id"), "{log}");
     assert!(log.contains("skipping carol.json: coins is not a whole number of at least 0"), "{log}");
     assert!(!log.contains("notes.txt"), "{log}");
+    // The line that ends the first check counts and names them.
+    assert!(
+        log.contains(
+            "WARN hub_agent: checked 1 balance files against the hub; 2 files skipped and not synced until \
+             fixed: bad name.json, carol.json; watching for changes"
+        ),
+        "{log}"
+    );
 
     // A file caught half written is skipped; the complete write after it is pushed.
     std::fs::write(files.path(&format!("{USER}.json")), r#"{"coins": 4"#).unwrap();
     agent.wait_for_log(&format!("skipping {USER}.json: not JSON")).await;
+    assert!(
+        agent.log().contains("it is read again when it changes (3 files skipped in all)"),
+        "{}",
+        agent.log()
+    );
     agent.assert_running();
     files.write(USER, 40);
     until_hub_has(&hub.site(OTHER, USER), 40, &agent).await;
-    agent.stop().await;
+    // The line the agent stops with counts what is still skipped: not a file that was fixed or
+    // removed since.
+    std::fs::remove_file(files.path("bad name.json")).unwrap();
+    let log = agent.stop().await;
+    assert!(
+        log.contains("WARN hub_agent: agent stopped; 1 file skipped and not synced until fixed: carol.json"),
+        "{log}"
+    );
     let carol = hub.site(OTHER, "carol").get("balance").await;
     assert_eq!(carol.assert_ok()["version"], 0, "nothing was pushed for a bad file");
 }
