@@ -38,7 +38,8 @@ pub struct Config {
     pub trusted_proxies: TrustedProxies,
     /// Seconds the hub goes on serving after SIGTERM, with `/healthz` answering 503, so that
     /// a load balancer moves its traffic to another instance before connections are refused.
-    /// 0 stops at once: a hub alone behind its proxy has no one to hand its traffic to.
+    /// 0 stops at once: a hub alone behind its proxy has no one to hand its traffic to. At
+    /// most [`MAX_DRAIN_SECS`].
     pub drain_secs: u64,
     pub limits: Limits,
     pub store: StoreConfig,
@@ -506,6 +507,10 @@ impl Limits {
     }
 }
 
+/// The longest drain: the hub asks systemd for the time its stop may take in microseconds
+/// counted in 32 bits (`EXTEND_TIMEOUT_USEC`), about 71 minutes in all.
+pub const MAX_DRAIN_SECS: u64 = 3600;
+
 /// The site id the ledger names for balances brought in by `hub import`; no configured site
 /// may take it.
 pub const IMPORT_SITE: &str = "import";
@@ -581,6 +586,9 @@ impl Config {
             bail!("no [[sites]] configured: add one, or start with --dev");
         }
         self.validate_records()?;
+        if self.drain_secs > MAX_DRAIN_SECS {
+            bail!("drain_secs must be at most {MAX_DRAIN_SECS} (an hour), not {}", self.drain_secs);
+        }
         if self.limits.requests_per_minute == 0 || self.limits.unauthenticated_requests_per_minute == 0 {
             bail!("request limits must be at least 1 per minute");
         }
@@ -774,6 +782,14 @@ mod tests {
 #[allow(clippy::result_large_err)]
 mod load_tests {
     use super::*;
+
+    #[test]
+    fn a_drain_lasts_at_most_an_hour() {
+        let config = Config { auth: false, drain_secs: MAX_DRAIN_SECS, ..Config::default() };
+        assert!(config.validate().is_ok());
+        let error = Config { drain_secs: MAX_DRAIN_SECS + 1, ..config }.validate().unwrap_err().to_string();
+        assert!(error.contains("drain_secs must be at most 3600"), "{error}");
+    }
 
     #[test]
     fn environment_variables_override_the_file() {

@@ -9,12 +9,18 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::config::MAX_DRAIN_SECS;
 use crate::http::App;
 use crate::server::SHUTDOWN_GRACE;
 
 /// What the stop takes beyond the drain and the in-flight requests' grace: writing what was
 /// accepted and closing the store.
 const STOP_MARGIN: Duration = Duration::from_secs(10);
+
+// The longest stop the hub asks for fits the 32 bits of microseconds systemd is told.
+const _: () = assert!(
+    (MAX_DRAIN_SECS + SHUTDOWN_GRACE.as_secs() + STOP_MARGIN.as_secs()) * 1_000_000 <= u32::MAX as u64
+);
 
 /// The signals that stop the hub. Installed before the hub says it is ready, so that a stop
 /// asked for from then on is never missed.

@@ -423,3 +423,10 @@ fn check_says_a_site_with_only_its_public_key_cannot_mint() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("add private_key_pem to mint"), "{}", stderr(&out));
 }
+
+#[test]
+fn check_refuses_a_drain_longer_than_an_hour() {
+    let mut setup = Setup::new();
+    setup.config.drain_secs = 3601;
+    check_fails(&setup, "FAIL  settings:", &["drain_secs must be at most 3600"]);
+}
