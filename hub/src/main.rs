@@ -225,12 +225,16 @@ fn check(args: &ConfigArgs) -> anyhow::Result<()> {
     for item in &report.items {
         println!("{item}");
     }
-    match report.problems().count() {
-        0 => {
+    match (report.problems().count(), report.warnings().count()) {
+        (0, 0) => {
             println!("all is well: `hub serve` would start with this configuration");
             Ok(())
         }
-        n => anyhow::bail!("{n} problem(s); `hub serve` would not start"),
+        (0, warnings) => {
+            println!("`hub serve` would start with this configuration; see the {warnings} warning(s) above");
+            Ok(())
+        }
+        (n, _) => anyhow::bail!("{n} problem(s); `hub serve` would not start"),
     }
 }
 

@@ -36,6 +36,14 @@ fn certificate() -> (String, String) {
     (issued.cert.pem(), issued.signing_key.serialize_pem())
 }
 
+/// A self-signed certificate for `localhost` as `tweak` makes it, and its key, as PEM.
+fn certificate_with(tweak: impl FnOnce(&mut rcgen::CertificateParams)) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    tweak(&mut params);
+    let key = rcgen::KeyPair::generate().unwrap();
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
 /// A deployment's configuration as an operator writes it, in a folder of its own: roflfaucet
 /// signs with HS256 from `secret_env`, clickforcharity with an Ed25519 pair, wrc with HS256
 /// from `secret_file`; HTTPS with a certificate and its key; a metrics token from
@@ -164,6 +172,7 @@ fn check_passes_a_good_configuration_item_by_item_and_writes_nothing() {
         "ok    sites: 3 sites, no two share a key",
         "ok    TLS: certificate",
         "ok    data dir",
+        "ok    access log: off",
         "ok    metrics: readable on this machine, and elsewhere with the token",
         "all is well",
     ] {
@@ -429,4 +438,148 @@ fn check_refuses_a_drain_longer_than_an_hour() {
     let mut setup = Setup::new();
     setup.config.drain_secs = 3601;
     check_fails(&setup, "FAIL  settings:", &["drain_secs must be at most 3600"]);
+}
+
+#[tokio::test]
+async fn an_access_log_that_cannot_be_created_fails_the_check_and_the_start_before_any_database() {
+    let mut setup = Setup::new();
+    let path = setup.path("no-such-folder").join("access.log");
+    setup.config.access_log.enabled = true;
+    setup.config.access_log.path = Some(path.clone());
+    check_fails(
+        &setup,
+        "FAIL  access log:",
+        &["it does not exist and cannot be created in", &path.display().to_string(), "LogsDirectory"],
+    );
+
+    let out = setup.serve_refused("127.0.0.1:0").await;
+    assert!(stderr(&out).contains("access log: it does not exist"), "{}", stderr(&out));
+    assert!(!setup.path("data").exists(), "a refused start created the data dir");
+
+    std::fs::create_dir(setup.path("no-such-folder")).unwrap();
+    let out = setup.run(&["check"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains(&format!("ok    access log: creates {} at start", path.display())));
+    assert!(!path.exists(), "hub check created the access log");
+}
+
+#[test]
+fn check_refuses_an_expired_certificate_and_warns_of_one_about_to_expire() {
+    let mut setup = Setup::new();
+    let now = time::OffsetDateTime::now_utc();
+    let (expired, key) = certificate_with(|params| {
+        params.not_before = now - time::Duration::days(90);
+        params.not_after = now - time::Duration::days(1);
+    });
+    std::fs::write(setup.path("cert.pem"), expired).unwrap();
+    std::fs::write(setup.path("key.pem"), key).unwrap();
+    check_fails(&setup, "FAIL  TLS:", &["expired at", "every client refuses it", "renew it"]);
+
+    let (expiring, key) =
+        certificate_with(|params| params.not_after = now + time::Duration::hours(5 * 24 + 1));
+    std::fs::write(setup.path("cert.pem"), expiring).unwrap();
+    std::fs::write(setup.path("key.pem"), key).unwrap();
+    let out = setup.run(&["check"]);
+    assert!(out.status.success(), "a warning stops no start:\n{}", stdout(&out));
+    assert!(stdout(&out).contains("warn  TLS: the certificate expires at "), "{}", stdout(&out));
+    assert!(stdout(&out).contains(", in 5 day(s); renew it"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("see the 1 warning(s) above"), "{}", stdout(&out));
+    setup.config.tls_cert = None;
+    setup.config.tls_key = None;
+    assert!(stdout(&setup.run(&["check"])).contains("all is well"));
+}
+
+#[test]
+fn check_warns_that_clients_refuse_a_certificate_marked_as_an_authority() {
+    let setup = Setup::new();
+    let (authority, key) =
+        certificate_with(|params| params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
+    std::fs::write(setup.path("cert.pem"), authority).unwrap();
+    std::fs::write(setup.path("key.pem"), key).unwrap();
+    let out = setup.run(&["check"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let warning = stdout(&out).lines().find(|l| l.starts_with("warn  TLS:")).map(str::to_owned);
+    let warning = warning.unwrap_or_else(|| panic!("no warning:\n{}", stdout(&out)));
+    for said in ["marked as an authority's", "`hub agent` among them", "CaUsedAsEndEntity", "CA:FALSE"] {
+        assert!(warning.contains(said), "{said:?}: {warning}");
+    }
+}
+
+/// Makes the data dir hold a database whose header says schema version `version`.
+fn database_of_schema(setup: &Setup, version: u32) -> PathBuf {
+    let data = setup.path("data");
+    std::fs::create_dir(&data).unwrap();
+    let path = data.join("hub.sqlite3");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", version).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_database_of_a_newer_hub_fails_the_check_and_the_start_untouched() {
+    let setup = Setup::new();
+    let newer = hub::store::sqlite::SCHEMA_VERSION + 1;
+    let path = database_of_schema(&setup, newer);
+    let before = std::fs::read(&path).unwrap();
+    check_fails(
+        &setup,
+        "FAIL  database",
+        &[&format!("its schema version is {newer}, newer than this hub's"), "hub restore"],
+    );
+    let out = setup.serve_refused("127.0.0.1:0").await;
+    assert!(stderr(&out).contains("newer than this hub's"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the refused start changed the database");
+}
+
+#[test]
+fn check_reads_the_schema_of_a_database_it_knows() {
+    let setup = Setup::new();
+    let version = hub::store::sqlite::SCHEMA_VERSION;
+    database_of_schema(&setup, version);
+    let out = setup.run(&["check"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains(&format!("schema version {version}, this hub's")), "{}", stdout(&out));
+}
+
+#[test]
+fn check_refuses_database_files_this_user_cannot_write() {
+    let setup = Setup::new();
+    database_of_schema(&setup, hub::store::sqlite::SCHEMA_VERSION);
+    // A folder where the lock file goes: no user may open it for writing, root neither.
+    std::fs::create_dir(setup.path("data").join("hub.lock")).unwrap();
+    check_fails(&setup, "FAIL  database", &["this user cannot write hub.lock", "chown USER"]);
+    std::fs::remove_dir(setup.path("data").join("hub.lock")).unwrap();
+
+    // What `sudo hub import` leaves to a hub running as another user: permissions stop every
+    // user but root.
+    let owned_by_root = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(setup.path("data")).unwrap().uid() == 0
+    };
+    if !owned_by_root {
+        use std::os::unix::fs::PermissionsExt;
+        let wal = setup.path("data").join("hub.sqlite3-wal");
+        std::fs::write(&wal, "").unwrap();
+        std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o444)).unwrap();
+        check_fails(&setup, "FAIL  database", &["this user cannot write hub.sqlite3-wal"]);
+    }
+}
+
+#[test]
+fn check_warns_that_a_privileged_port_needs_a_capability() {
+    let mut setup = Setup::new();
+    setup.config.listen = "127.0.0.1:443".parse().unwrap();
+    let out = setup.run(&["check"]);
+    assert!(out.status.success(), "a warning stops no start:\n{}", stdout(&out));
+    // Linux lets every process bind the ports from this one up.
+    let unprivileged: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .map_or(1024, |text| text.trim().parse().unwrap());
+    let warning = stdout(&out).lines().find(|l| l.starts_with("warn  listen:")).map(str::to_owned);
+    if unprivileged > 443 {
+        let warning = warning.unwrap_or_else(|| panic!("no warning:\n{}", stdout(&out)));
+        assert!(warning.contains("port 443 is below"), "{warning}");
+        assert!(warning.contains("CAP_NET_BIND_SERVICE"), "{warning}");
+    } else {
+        assert_eq!(warning, None, "this machine lets any process bind port 443");
+    }
 }

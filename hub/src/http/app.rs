@@ -115,18 +115,26 @@ impl Sites {
 
 impl App {
     /// Runs every check a start needs ([`crate::check`]: the settings, the sites' keys, the
-    /// certificate, the data dir, the metrics token), and only then opens the store in its data
-    /// dir, creating the database if there is none.
+    /// certificate, the data dir, the access log, the metrics token), opens the access log, and
+    /// only then opens the store in its data dir, creating the database if there is none: a
+    /// file the check could not foresee failing (a sandbox's read-only folder) leaves no
+    /// database behind either.
     pub fn open(config: Config) -> anyhow::Result<App> {
         crate::check::check(&config).into_result()?;
+        let logs = Logs::open(&config.access_log)?;
         let metrics = Metrics::new(config.sites.iter().map(|s| s.id.as_str()), now_ms());
         let store = crate::store::open(&config, metrics.store().clone())?;
-        Self::with_store(config, store, metrics)
+        Self::build(config, store, metrics, logs)
     }
 
     /// Builds the app over any store, reading the TLS certificate if one is configured;
     /// `metrics` is where that store records its commits.
     pub fn with_store(config: Config, store: Arc<dyn Store>, metrics: Metrics) -> anyhow::Result<App> {
+        let logs = Logs::open(&config.access_log)?;
+        Self::build(config, store, metrics, logs)
+    }
+
+    fn build(config: Config, store: Arc<dyn Store>, metrics: Metrics, logs: Logs) -> anyhow::Result<App> {
         config.validate()?;
         let metrics_token = config.metrics.token()?;
         let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
@@ -140,7 +148,6 @@ impl App {
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
         metrics.body_bytes_limit(limits.max_body_bytes_in_flight);
         let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());
-        let logs = Logs::open(&config.access_log)?;
         Ok(App {
             inner: Arc::new(Inner {
                 config,

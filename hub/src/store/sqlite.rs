@@ -29,7 +29,7 @@ use crate::time::Clock;
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "hub.sqlite3";
 /// Held locked by the process that has the store open.
-const LOCK_FILE: &str = "hub.lock";
+pub const LOCK_FILE: &str = "hub.lock";
 /// Writes gathered into one transaction at most, with group commit on.
 pub const MAX_BATCH: usize = 512;
 /// Writes waiting for the writer at most; senders beyond it wait (backpressure).
@@ -51,11 +51,18 @@ const CHECKPOINT_WHEN_IDLE: usize = 64;
 /// waiting, so the WAL stays bounded under unbroken load.
 const CHECKPOINT_AT_MOST: usize = 2048;
 
+/// The schema version this hub brings a database to (its `user_version`): a database beyond
+/// it was migrated by a newer hub, and this one refuses it.
+pub const SCHEMA_VERSION: u32 = STEPS.len() as u32;
+
 /// The schema, one migration per step; never edit a published step, add one.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(
-            "CREATE TABLE meta (
+    Migrations::from_slice(STEPS)
+}
+
+const STEPS: &[M<'static>] = &[
+    M::up(
+        "CREATE TABLE meta (
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL
         ) WITHOUT ROWID;
@@ -91,17 +98,17 @@ fn migrations() -> Migrations<'static> {
             at_ms INTEGER NOT NULL
         );
         CREATE INDEX ledger_by_record ON ledger (user_id, data_type, id);",
-        ),
-        // A refused op's code (`insufficient_funds`, `version_conflict`); NULL when applied.
-        M::up("ALTER TABLE ops ADD COLUMN refusal TEXT;"),
-        // The ledger is read whole (audits, the reliability suite), never by record; an index
-        // by record cost every write one more page far from the others.
-        M::up("DROP INDEX ledger_by_record;"),
-        // New op ids are appended to a log in arrival order, indexed in memory (`op_index.rs`);
-        // while the log holds `op_log_capacity` rows, further ones go to `ops`, the table by
-        // user. `remembered_ops` reads both.
-        M::up(
-            "CREATE TABLE op_log (
+    ),
+    // A refused op's code (`insufficient_funds`, `version_conflict`); NULL when applied.
+    M::up("ALTER TABLE ops ADD COLUMN refusal TEXT;"),
+    // The ledger is read whole (audits, the reliability suite), never by record; an index
+    // by record cost every write one more page far from the others.
+    M::up("DROP INDEX ledger_by_record;"),
+    // New op ids are appended to a log in arrival order, indexed in memory (`op_index.rs`);
+    // while the log holds `op_log_capacity` rows, further ones go to `ops`, the table by
+    // user. `remembered_ops` reads both.
+    M::up(
+        "CREATE TABLE op_log (
             id INTEGER PRIMARY KEY,
             user_id TEXT NOT NULL,
             op_id TEXT NOT NULL,
@@ -116,13 +123,12 @@ fn migrations() -> Migrations<'static> {
             SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal FROM ops
             UNION ALL
             SELECT user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal FROM op_log;",
-        ),
-        // What a record's amount was credited today, by site (JSON of `Credits`), for the
-        // sites' daily credit ceilings; NULL until the first credit. Beside the record, so a
-        // credit writes no other page.
-        M::up("ALTER TABLE records ADD COLUMN credits TEXT;"),
-    ])
-}
+    ),
+    // What a record's amount was credited today, by site (JSON of `Credits`), for the
+    // sites' daily credit ceilings; NULL until the first credit. Beside the record, so a
+    // credit writes no other page.
+    M::up("ALTER TABLE records ADD COLUMN credits TEXT;"),
+];
 
 /// Tuning of the SQLite store.
 #[derive(Debug, Clone)]
