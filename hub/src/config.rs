@@ -764,6 +764,14 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_lasts_at_most_an_hour() {
+        let config = Config { auth: false, drain_secs: MAX_DRAIN_SECS, ..Config::default() };
+        assert!(config.validate().is_ok());
+        let error = Config { drain_secs: MAX_DRAIN_SECS + 1, ..config }.validate().unwrap_err().to_string();
+        assert!(error.contains("drain_secs must be at most 3600"), "{error}");
+    }
+
+    #[test]
     fn a_body_has_less_time_than_its_request_and_room_for_one_whole_body() {
         let config = Config { auth: false, ..Config::default() };
         assert!(config.validate().is_ok());
@@ -782,14 +790,6 @@ mod tests {
 #[allow(clippy::result_large_err)]
 mod load_tests {
     use super::*;
-
-    #[test]
-    fn a_drain_lasts_at_most_an_hour() {
-        let config = Config { auth: false, drain_secs: MAX_DRAIN_SECS, ..Config::default() };
-        assert!(config.validate().is_ok());
-        let error = Config { drain_secs: MAX_DRAIN_SECS + 1, ..config }.validate().unwrap_err().to_string();
-        assert!(error.contains("drain_secs must be at most 3600"), "{error}");
-    }
 
     #[test]
     fn environment_variables_override_the_file() {
