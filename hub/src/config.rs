@@ -538,12 +538,21 @@ impl Config {
 
     /// Development mode: with no sites configured, adds the demo sites with keys generated
     /// once and kept in the data dir, allowing any localhost origin.
-    pub fn with_dev_sites(mut self) -> anyhow::Result<Config> {
+    pub fn with_dev_sites(self) -> anyhow::Result<Config> {
+        self.dev_sites(true)
+    }
+
+    /// [`Config::with_dev_sites`] writing nothing: while the data dir holds no keys, the sites
+    /// get new ones that only this process knows, as a first start would generate and keep
+    /// them (what `hub check --dev` checks).
+    pub fn with_dev_sites_unwritten(self) -> anyhow::Result<Config> {
+        self.dev_sites(false)
+    }
+
+    fn dev_sites(mut self, keep: bool) -> anyhow::Result<Config> {
         if !self.sites.is_empty() {
             return Ok(self);
         }
-        create_data_dir(&self.data_dir)
-            .with_context(|| format!("cannot create data dir {}", self.data_dir.display()))?;
         let path = self.data_dir.join(DEV_KEYS_FILE);
         #[derive(Serialize, Deserialize)]
         struct DevKeys {
@@ -562,8 +571,12 @@ impl Config {
                 })
                 .collect();
             let keys = DevKeys { sites };
-            write_private(&path, &toml::to_string(&keys)?)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            if keep {
+                create_data_dir(&self.data_dir)
+                    .with_context(|| format!("cannot create data dir {}", self.data_dir.display()))?;
+                write_private(&path, &toml::to_string(&keys)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
             keys
         };
         self.sites = keys.sites;
@@ -885,5 +898,17 @@ mod load_tests {
             assert_eq!(mode & 0o777, 0o600, "the dev keys are private");
         }
         assert!(first.validate().is_ok());
+    }
+
+    #[test]
+    fn unwritten_dev_sites_leave_the_data_dir_alone_and_read_the_kept_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = Config { data_dir: data_dir.clone(), ..Config::default() };
+        let unwritten = config.clone().with_dev_sites_unwritten().unwrap();
+        assert_eq!(unwritten.sites.len(), DEV_SITES.len());
+        assert!(!data_dir.exists(), "the data dir was created");
+        let kept = config.clone().with_dev_sites().unwrap();
+        assert_eq!(config.with_dev_sites_unwritten().unwrap().sites, kept.sites);
     }
 }

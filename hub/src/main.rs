@@ -140,11 +140,18 @@ enum Command {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<Config> {
+        let config = self.load_settings()?;
+        if self.dev { config.with_dev_sites() } else { Ok(config) }
+    }
+
+    /// The configuration without `--dev`'s sites, whose keys are written into the data dir
+    /// the first time: what `hub serve` binds its port with before it writes anything.
+    fn load_settings(&self) -> anyhow::Result<Config> {
         let mut config = Config::load(self.config.as_deref())?;
         if let Some(dir) = &self.data_dir {
             config.data_dir.clone_from(dir);
         }
-        if self.dev { config.with_dev_sites() } else { Ok(config) }
+        Ok(config)
     }
 }
 
@@ -161,12 +168,12 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: args, listen } => {
-            let mut config = args.load()?;
+            let mut config = args.load_settings()?;
             if let Some(listen) = listen {
                 config.listen = listen;
             }
             let _logs = init_logging();
-            serve(config, move || args.load())
+            serve(config, args.dev, move || args.load())
         }
         Command::Agent { config, watch, site, hub, state, ca_file } => {
             let config = config.load()?;
@@ -212,9 +219,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `hub check`: prints what every check found, the configuration's own loading first.
+/// `hub check`: prints what every check found, the configuration's own loading first. Writes
+/// nothing: with `--dev`, sites whose keys the data dir does not hold yet get keys only this
+/// check sees.
 fn check(args: &ConfigArgs) -> anyhow::Result<()> {
-    let config = match args.load() {
+    let loaded = args
+        .load_settings()
+        .and_then(|config| if args.dev { config.with_dev_sites_unwritten() } else { Ok(config) });
+    let config = match loaded {
         Ok(config) => config,
         Err(e) => {
             println!("FAIL  configuration: {e:#}");
@@ -277,18 +289,23 @@ async fn agent(config: &Config, options: hub_agent::Options) -> anyhow::Result<(
     hub_agent::run(&config, options, shutdown_signal()).await
 }
 
+/// Serves with `config`, to which `dev` adds the development sites once the port is bound;
+/// `reread` reads the configuration again on SIGHUP.
 #[tokio::main]
 async fn serve(
     config: Config,
+    dev: bool,
     reread: impl Fn() -> anyhow::Result<Config> + Send + 'static,
 ) -> anyhow::Result<()> {
     if !config.auth {
         tracing::warn!("auth is OFF: any caller may read and write any user (development only)");
     }
-    // The port first: a hub that cannot listen leaves no data dir or database behind.
+    // The port first: a hub that cannot listen leaves no data dir, development keys or
+    // database behind.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let config = if dev { config.with_dev_sites()? } else { config };
     let app = App::open(config.clone())?;
     let addr = listener.local_addr()?;
     #[cfg(unix)]

@@ -583,3 +583,28 @@ fn check_warns_that_a_privileged_port_needs_a_capability() {
         assert_eq!(warning, None, "this machine lets any process bind port 443");
     }
 }
+
+#[tokio::test]
+async fn dev_mode_writes_nothing_to_check_and_nothing_before_its_port_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let dev = |command: &str| {
+        let mut hub = support::hub_command();
+        hub.args([command, "--dev", "--data-dir"]).arg(&data).env("RUST_LOG", "warn");
+        hub
+    };
+    let out = dev("check").output().await.unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("ok    site roflfaucet: verifies tokens"), "{}", stdout(&out));
+    assert!(!data.exists(), "hub check --dev created the data dir");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = tokio::time::timeout(PATIENCE, dev("serve").args(["--listen", &addr]).output())
+        .await
+        .expect("the hub refuses to start")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("cannot listen on {addr}")), "{}", stderr(&out));
+    assert!(!data.exists(), "a hub that could not listen wrote its development keys");
+}
