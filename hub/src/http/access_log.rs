@@ -5,14 +5,15 @@
 //! SIGHUP reopens for logrotate.
 //!
 //! A request's thread only formats its line and queues it: a thread of its own writes the
-//! lines (tracing-appender's non-blocking writer, as for the hub's own log). Unlike that log,
-//! a line that finds 128,000 others waiting is dropped rather than waited for, so that a slow
-//! disk never holds up an answer; drops are counted (`hub_access_log_dropped_lines_total`) and
+//! lines (tracing-appender's non-blocking writer, as for the hub's own log), those waiting
+//! together in one write, so that a reopen falls between two lines. Unlike that log, a line
+//! that finds 128,000 others waiting is dropped rather than waited for, so that a slow disk
+//! never holds up an answer; drops are counted (`hub_access_log_dropped_lines_total`) and
 //! logged. Decides nothing about a request.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, LineWriter, Write};
+use std::io::{ErrorKind, LineWriter, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,9 @@ use crate::time::rfc3339_ms;
 
 /// Lines that may wait for the writer; a line beyond them is dropped.
 const LINES_WAITING: usize = 128_000;
+
+/// Bytes of lines the writer gathers at most before it writes them to the file.
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// What one line says of one request.
 #[derive(Debug)]
@@ -106,7 +110,7 @@ impl AccessLog {
             None => (Box::new(LineWriter::new(std::io::stderr())), None),
             Some(path) => {
                 let file = Arc::new(LogFile::open(path)?);
-                (Box::new(BufWriter::new(SharedFile(file.clone()))), Some(file))
+                (Box::new(Batches::new(file.clone())), Some(file))
             }
         };
         Ok(Some(AccessLog::writing_to(writer, file, LINES_WAITING)))
@@ -150,45 +154,82 @@ impl AccessLog {
 /// Written by hand rather than with a crate such as `reopen`, which reopens lazily at the next
 /// write: here the new file is opened when SIGHUP comes, so that a failure is reported then,
 /// to the operator who sent it, and the current file kept.
-#[derive(Debug)]
 struct LogFile {
     path: PathBuf,
-    current: Mutex<File>,
+    /// The file open now; only the writer's thread and a reopen take the lock.
+    current: Mutex<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for LogFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogFile").field("path", &self.path).finish_non_exhaustive()
+    }
 }
 
 impl LogFile {
     fn open(path: &Path) -> anyhow::Result<LogFile> {
-        Ok(LogFile { path: path.to_path_buf(), current: Mutex::new(append(path)?) })
+        Ok(LogFile { path: path.to_path_buf(), current: Mutex::new(Box::new(append(path)?)) })
     }
 
     fn reopen(&self) -> anyhow::Result<()> {
         let file = append(&self.path)?;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = file;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Box::new(file);
         Ok(())
+    }
+
+    /// Writes `lines` whole to the file open now: a reopen waits for the end of it.
+    fn write_all(&self, lines: &[u8]) -> std::io::Result<()> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).write_all(lines)
     }
 }
 
-/// `path` opened for appending, created readable by its owner and group only: it names users
-/// and their addresses.
+/// `path` opened for appending; created, if missing, readable by its owner and its group only
+/// (0640, whatever the umask: the unit's `UMask=0077` too), since it names users and their
+/// addresses. A file that exists keeps its mode.
 fn append(path: &Path) -> anyhow::Result<File> {
-    let mut options = OpenOptions::new();
-    options.create(true).append(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
-    options.open(path).with_context(|| format!("cannot open the access log {}", path.display()))
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let open = |create: bool| OpenOptions::new().append(true).create_new(create).mode(0o640).open(path);
+    let opened = match open(true) {
+        // The umask took bits off the mode asked for: set it whole.
+        Ok(created) => created.set_permissions(std::fs::Permissions::from_mode(0o640)).map(|()| created),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => open(false),
+        Err(e) => Err(e),
+    };
+    opened.with_context(|| format!("cannot open the access log {}", path.display()))
 }
 
-/// What the writer's thread writes to: whichever file is current. Only that thread and a
-/// reopen take the lock.
-struct SharedFile(Arc<LogFile>);
+/// What the writer's thread writes the lines to: it hands over one whole line per write and
+/// flushes once no more are waiting. The lines are gathered until then (or [`BATCH_BYTES`])
+/// and written with one write to the file open at that moment, so that a reopen falls between
+/// two batches and never splits a line between the moved file and the new one. A batch the
+/// file refuses (a full disk) is dropped whole, never finished in the next file.
+struct Batches {
+    file: Arc<LogFile>,
+    batch: Vec<u8>,
+}
 
-impl Write for SharedFile {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.current.lock().unwrap_or_else(|e| e.into_inner()).write(bytes)
+impl Batches {
+    fn new(file: Arc<LogFile>) -> Batches {
+        Batches { file, batch: Vec::with_capacity(BATCH_BYTES) }
+    }
+}
+
+impl Write for Batches {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        if !self.batch.is_empty() && self.batch.len() + line.len() > BATCH_BYTES {
+            self.flush()?;
+        }
+        self.batch.extend_from_slice(line);
+        Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.current.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let written = self.file.write_all(&self.batch);
+        self.batch.clear();
+        written
     }
 }
 
@@ -249,6 +290,50 @@ mod tests {
         }
         assert!((15..=16).contains(&log.dropped()), "{} dropped", log.dropped());
         stuck.open();
+    }
+
+    /// A file that takes `room` bytes, then refuses the rest: a disk that fills up.
+    struct Filling {
+        taken: Arc<Mutex<Vec<u8>>>,
+        room: usize,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let mut taken = self.taken.lock().unwrap();
+            let n = bytes.len().min(self.room - taken.len());
+            if n == 0 {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            taken.extend_from_slice(&bytes[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_file_a_reopen_brings_starts_with_a_whole_line() {
+        let full = Arc::new(Mutex::new(Vec::new()));
+        let file = Arc::new(LogFile {
+            path: PathBuf::from("access.log"),
+            current: Mutex::new(Box::new(Filling { taken: full.clone(), room: 10 })),
+        });
+        // Driven as the writer's thread drives it: a whole line per write, then a flush.
+        let mut writer = Batches::new(file.clone());
+        writer.write_all(b"the first line, cut by a full disk\n").unwrap();
+        assert!(writer.flush().is_err());
+        assert_eq!(full.lock().unwrap().as_slice(), b"the first ");
+
+        // What SIGHUP does after logrotate moved the file away.
+        let next = Arc::new(Mutex::new(Vec::new()));
+        *file.current.lock().unwrap() = Box::new(Filling { taken: next.clone(), room: usize::MAX });
+        writer.write_all(b"the second line\n").unwrap();
+        writer.write_all(b"the third line\n").unwrap();
+        writer.flush().unwrap();
+        assert_eq!(String::from_utf8_lossy(&next.lock().unwrap()), "the second line\nthe third line\n");
     }
 
     #[test]

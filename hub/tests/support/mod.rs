@@ -168,7 +168,11 @@ impl TestHub {
 /// The real `hub` binary, killed when dropped, reading no stdin and none of the `HUB_*`
 /// variables of the environment the tests run in: only what the test passes configures it.
 pub fn hub_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hub"));
+    apart_from_the_test(Command::new(env!("CARGO_BIN_EXE_hub")))
+}
+
+/// `command` without the test's stdin and `HUB_*` variables, killed when dropped.
+fn apart_from_the_test(mut command: Command) -> Command {
     command.stdin(Stdio::null()).kill_on_drop(true);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("HUB_") {
@@ -204,6 +208,8 @@ pub struct Deployment {
     pub tls: bool,
     /// The hub's `RUST_LOG` (`warn` unless a test reads its `info` lines).
     pub rust_log: &'static str,
+    /// The umask the hub starts under, as a unit's `UMask=` sets it; the test's own if `None`.
+    pub umask: Option<&'static str>,
 }
 
 impl Deployment {
@@ -222,6 +228,7 @@ impl Deployment {
             keys,
             tls: config.tls_files().is_some(),
             rust_log: "warn",
+            umask: None,
         }
     }
 
@@ -254,7 +261,15 @@ impl Deployment {
     /// refuses to start on one that names no configuration key).
     pub async fn start(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let mut command = hub_command();
+        let mut command = match self.umask {
+            None => hub_command(),
+            Some(umask) => {
+                let mut shell = Command::new("sh");
+                let script = format!("umask {umask} && exec \"$0\" \"$@\"");
+                shell.args(["-c", &script, env!("CARGO_BIN_EXE_hub")]);
+                apart_from_the_test(shell)
+            }
+        };
         command
             .arg("serve")
             .arg("--config")
