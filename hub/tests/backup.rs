@@ -37,6 +37,18 @@ async fn hub(deployment: &Deployment, command: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A backup of `deployment`'s database holding 10 coins of 8-evans's, taken while the hub
+/// served; the hub is stopped after it.
+async fn backup_of_ten_coins(deployment: &Deployment) -> PathBuf {
+    let mut server = deployment.start().await;
+    backend(deployment, "8-evans").delta("balance", 10, "first").await.assert_ok();
+    let backup = deployment.dir.path().join("backup.sqlite3");
+    let out = hub(deployment, "backup", &["--to", path_str(&backup)]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    server.kill().await.unwrap();
+    backup
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -201,6 +213,29 @@ async fn a_backup_replaces_a_file_only_when_forced() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_backup_reads_no_database_through_a_symbolic_link_in_the_data_dir() {
+    let deployment = Deployment::new(|_| {});
+    // A database of root's elsewhere, which the hub's user links into the data dir.
+    let other = deployment.dir.path().join("other.sqlite3");
+    Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE secrets (x); INSERT INTO secrets VALUES (1);")
+        .unwrap();
+    std::fs::create_dir_all(&deployment.data_dir).unwrap();
+    std::os::unix::fs::symlink(&other, deployment.database()).unwrap();
+
+    let copy = deployment.dir.path().join("copy.sqlite3");
+    let out = hub(&deployment, "backup", &["--to", path_str(&copy)]).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("cannot open {}", deployment.database().display())),
+        "{}",
+        text(&out)
+    );
+    assert!(!copy.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_restore_refuses_a_file_that_is_not_a_hub_database_and_changes_nothing() {
     let deployment = Deployment::new(|_| {});
     let mut server = deployment.start().await;
@@ -341,4 +376,81 @@ async fn a_restore_keeps_the_replaced_database_and_gives_the_restored_one_a_new_
         .filter(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"))
         .collect();
     assert_eq!(kept.len(), 2, "{kept:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_follows_no_link_in_the_data_dir_and_gives_its_owner_no_file_of_anyone_else() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, chown, symlink};
+    let deployment = Deployment::new(|_| {});
+    let backup = backup_of_ten_coins(&deployment).await;
+    let data = &deployment.data_dir;
+    // The hub's user owns the data dir and what is in it; run as root (as an operator's
+    // `sudo hub restore` is), the test gives them to nobody.
+    let me = deployment.dir.path().metadata().unwrap().uid();
+    let hub_user = if me == 0 { 65534 } else { me };
+    for path in std::iter::once(data.clone()).chain(files_named(data, "")) {
+        chown(&path, Some(hub_user), Some(hub_user)).unwrap();
+    }
+    // A file of the restore's user, which the hub's user must not get: /etc/shadow, say.
+    let shadow = deployment.dir.path().join("shadow");
+    std::fs::write(&shadow, "root:$y$j9T$secret:20000:0:99999:7:::\n").unwrap();
+    std::fs::set_permissions(&shadow, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let untouched = |what: &str| {
+        let meta = shadow.metadata().unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (me, me, 0o600), "{what}");
+        assert_eq!(
+            std::fs::read_to_string(&shadow).unwrap(),
+            "root:$y$j9T$secret:20000:0:99999:7:::\n",
+            "{what}"
+        );
+    };
+    let before = snapshot(data);
+    let lock = data.join("hub.lock");
+
+    std::fs::remove_file(&lock).unwrap();
+    symlink(&shadow, &lock).unwrap();
+    let out = hub(&deployment, "restore", &["--from", path_str(&backup)]).await;
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!(
+            "cannot open {}: it is a symbolic link, which the hub does not follow",
+            lock.display()
+        )),
+        "{report}"
+    );
+    untouched("a symbolic link as hub.lock");
+    assert_eq!(snapshot(data), before);
+    assert_eq!(files_named(data, "before-restore"), Vec::<PathBuf>::new());
+    assert_eq!(files_named(data, ".restoring"), Vec::<PathBuf>::new());
+
+    // A hard link: the same file under a name in the data dir. Given away only by a restore
+    // that changes owners, which only root's does.
+    std::fs::remove_file(&lock).unwrap();
+    if me == 0 {
+        std::fs::hard_link(&shadow, &lock).unwrap();
+        let out = hub(&deployment, "restore", &["--from", path_str(&backup)]).await;
+        let report = text(&out);
+        assert!(!out.status.success(), "{report}");
+        assert!(report.contains(&format!("{} has 2 names (hard links)", lock.display())), "{report}");
+        untouched("a hard link as hub.lock");
+        assert_eq!(snapshot(data), before);
+        std::fs::remove_file(&lock).unwrap();
+    }
+
+    // With the link gone, the restore runs, and what it made is the hub's user's.
+    let out = hub(&deployment, "restore", &["--from", path_str(&backup)]).await;
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    for file in [lock, deployment.database()] {
+        let meta = file.symlink_metadata().unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.is_file()),
+            (hub_user, hub_user, true),
+            "{}",
+            file.display()
+        );
+    }
+    untouched("after the restore");
+    assert_eq!(snapshot(data)[0].split('|').nth(2), Some(r#"{"coins":10}"#));
 }

@@ -79,7 +79,7 @@ impl From<StoreError> for ApiError {
                     "the hub failed; nothing was changed",
                 )
             }
-            StoreError::Database(_) | StoreError::Closed | StoreError::InUse(_) => {
+            StoreError::Database(_) | StoreError::Closed | StoreError::InUse(_) | StoreError::DataDir(_) => {
                 tracing::error!(error = %e, "store unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

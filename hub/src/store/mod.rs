@@ -251,6 +251,10 @@ pub enum StoreError {
     /// a hub serves it.
     #[error("another hub process is using {0}; stop it first")]
     InUse(String),
+    /// The data dir holds what the store will not open: a symbolic link or something else
+    /// than a regular file in a file's place.
+    #[error("{0}")]
+    DataDir(String),
 }
 
 /// A durable home for records. The domain sees only this trait.

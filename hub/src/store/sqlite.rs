@@ -8,6 +8,7 @@
 
 pub mod backup;
 
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use protocol::{DataType, UserId};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
 
@@ -182,10 +183,11 @@ impl SqliteStore {
     /// Opens (creating if needed) the database in `dir`, brings its schema up to date and
     /// starts the writer.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        create_private(dir)?;
+        let dir = &trusted_data_dir(dir)?;
         let lock = lock_data_dir(dir)?;
         let path = dir.join(DB_FILE);
-        let mut conn = Connection::open(&path)?;
+        create_private(&path)?;
+        let mut conn = open_database(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // SQLite would checkpoint inside the COMMIT that a batch's replies wait for; the
@@ -273,20 +275,56 @@ impl SqliteStore {
     }
 }
 
+/// Creates the data dir `dir` (0700) unless it exists, and returns its path with every
+/// symbolic link resolved. The path up to the data dir is the administrator's; what is in it
+/// belongs to the hub's user, and is opened without following a symbolic link
+/// ([`open_in_data_dir`], [`open_database`]).
+fn trusted_data_dir(dir: &Path) -> Result<PathBuf, StoreError> {
+    crate::config::create_data_dir(dir)
+        .and_then(|()| std::fs::canonicalize(dir))
+        .map_err(|e| StoreError::DataDir(format!("cannot create {}: {e}", dir.display())))
+}
+
 /// Locks the data dir `dir` (which must exist) for this process until the file returned is
 /// dropped. Every write goes through one process's writer (the stamp cache relies on it), so
 /// no second process may open the same database, and a restore must not replace it under a
 /// hub. The kernel releases the lock when its process ends, however it ends.
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
     let lock_path = dir.join(LOCK_FILE);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| StoreError::Malformed(format!("cannot open {}: {e}", lock_path.display())))?;
+    let lock = open_in_data_dir(&lock_path, OpenOptions::new().create(true).truncate(false).write(true))
+        .map_err(|e| StoreError::DataDir(format!("cannot open {}: {e}", lock_path.display())))?;
     lock.try_lock().map_err(|_| StoreError::InUse(dir.display().to_string()))?;
     Ok(lock)
+}
+
+/// Opens `path`, a file of the data dir, as `options` say, but never through a symbolic link,
+/// and only a regular file: the data dir is writable by the hub's user, and a command run as
+/// root (`hub restore`, `hub import`) must not be led by a link there to a file of root's.
+fn open_in_data_dir(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+    #[cfg(unix)]
+    {
+        // Non-blocking, so that a FIFO put in a file's place is refused rather than waited on.
+        std::os::unix::fs::OpenOptionsExt::custom_flags(options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        let file = options.open(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                std::io::Error::other("it is a symbolic link, which the hub does not follow")
+            }
+            Some(libc::ENXIO) => std::io::Error::other("it is not a regular file"),
+            _ => e,
+        })?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("it is not a regular file"));
+        }
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    options.open(path)
+}
+
+/// Opens the database `path` for the hub, refusing a symbolic link anywhere in its path
+/// (SQLite would otherwise follow it, and put its `-wal` beside the file it leads to).
+fn open_database(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(path, OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW)
 }
 
 /// A new database's id: pages that held another drop their cache when they see it.
@@ -295,7 +333,7 @@ fn new_epoch() -> String {
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
+    let conn = open_database(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "query_only", true)?;
     Ok(conn)
@@ -313,20 +351,16 @@ fn version_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// Creates the data dir `dir` (0700) and an empty database in it (0600, which SQLite gives its
-/// `-wal` and `-shm` files too) unless they exist, so that outside systemd, whatever the
-/// umask, only the hub's user reads them. SQLite would create the database 0644.
-fn create_private(dir: &Path) -> Result<(), StoreError> {
-    crate::config::create_data_dir(dir)
-        .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", dir.display())))?;
-    let path = dir.join(DB_FILE);
-    let mut options = std::fs::OpenOptions::new();
+/// Creates an empty database at `path` (0600, which SQLite gives its `-wal` and `-shm` files
+/// too) unless it exists, so that outside systemd, whatever the umask, only the hub's user
+/// reads it. SQLite would create it 0644.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(false);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(&path)
-        .map_err(|e| StoreError::Malformed(format!("cannot create {}: {e}", path.display())))?;
+    open_in_data_dir(path, &mut options)
+        .map_err(|e| StoreError::DataDir(format!("cannot create {}: {e}", path.display())))?;
     Ok(())
 }
 

@@ -20,7 +20,7 @@
 //! it is unknown to it and dated after its horizon, so it is applied again, to the restored
 //! records. That is what a restore means: the data went back to that moment.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use rusqlite_migration::SchemaVersion;
 
-use super::{DB_FILE, LOCK_FILE, lock_data_dir, migrations, new_epoch};
+use super::{DB_FILE, LOCK_FILE, lock_data_dir, migrations, new_epoch, open_in_data_dir, trusted_data_dir};
 
 /// How long a backup waits for a lock on the live database (the hub's writer holds none a
 /// reader waits for, but a checkpoint or a recovery may).
@@ -116,9 +116,13 @@ pub fn backup(data_dir: &Path, to: &Path, replace: bool) -> anyhow::Result<Summa
     // Opened for writing so that SQLite, closing the last connection of a database no hub
     // serves, removes the `-wal` and `-shm` files it made (a read-only connection leaves
     // them, owned by whoever ran the backup); `query_only` keeps it from writing anything.
+    // Not through a symbolic link in the data dir: a backup run by root reads only the hub's
+    // database.
+    let data_dir =
+        std::fs::canonicalize(data_dir).with_context(|| format!("cannot open {}", live.display()))?;
     let source = Connection::open_with_flags(
-        &live,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        data_dir.join(DB_FILE),
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )
     .with_context(|| format!("cannot open {}", live.display()))?;
     source.busy_timeout(BUSY)?;
@@ -155,6 +159,10 @@ pub fn backup(data_dir: &Path, to: &Path, replace: bool) -> anyhow::Result<Summa
 
 /// Replaces the database of `data_dir` by the backup `from`, with a new epoch; no hub may be
 /// running on `data_dir`.
+///
+/// Run by root, it opens nothing in the data dir through a symbolic link, and gives what it
+/// makes there to the dir's owner through the open file, never by name: the dir belongs to the
+/// hub's user, who must not be able to lead it to another file.
 pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
     if !from.is_file() {
         bail!("{} is not a file", from.display());
@@ -167,16 +175,21 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
             wal.display()
         );
     }
-    crate::config::create_data_dir(data_dir)
-        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let data_dir = &trusted_data_dir(data_dir)?;
     let lock = lock_data_dir(data_dir)?;
-    give_to_owner_of(&data_dir.join(LOCK_FILE), data_dir)?;
+    give_to_owner_of(&lock, &data_dir.join(LOCK_FILE), data_dir)?;
 
     // Checked and changed as a copy in the data dir: the backup file is only read.
     let mut staged = tempfile::Builder::new()
         .prefix(&format!(".{DB_FILE}."))
         .suffix(".restoring")
-        .tempfile_in(data_dir)
+        .make_in(data_dir, |path| {
+            let mut options = OpenOptions::new();
+            options.read(true).write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            open_in_data_dir(path, &mut options)
+        })
         .with_context(|| format!("cannot write in {}", data_dir.display()))?;
     let mut source = File::open(from).with_context(|| format!("cannot read {}", from.display()))?;
     std::io::copy(&mut source, staged.as_file_mut())
@@ -185,7 +198,7 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
 
     let mut conn = Connection::open_with_flags(
         staged.path(),
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )?;
     let backup_epoch =
         hub_database_epoch(&conn).with_context(|| format!("{} cannot be restored", from.display()))?;
@@ -198,7 +211,7 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
     let mut installed = summarize(&conn, &target)?;
     conn.close().map_err(|(_, e)| e)?;
     staged.as_file().sync_all()?;
-    give_to_owner_of(staged.path(), data_dir)?;
+    give_to_owner_of(staged.as_file(), staged.path(), data_dir)?;
     installed.bytes = staged.as_file().metadata()?.len();
 
     let kept = keep_aside(&target)?;
@@ -287,18 +300,27 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Gives `path` to the owner of `dir` when someone else (root) made it, so that the hub, which
-/// runs as that owner, can open it.
-fn give_to_owner_of(path: &Path, dir: &Path) -> anyhow::Result<()> {
+/// Gives `file`, which this process opened in `dir` as `name`, to the owner of `dir` when
+/// someone else (root) made it, so that the hub, which runs as that owner, can open it. Through
+/// the open file: the name may lead elsewhere by now. A file with another name too, which may
+/// be anyone's file linked into the data dir, is refused.
+fn give_to_owner_of(file: &File, name: &Path, dir: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let (file, owner) = (std::fs::metadata(path)?, std::fs::metadata(dir)?);
-        if file.uid() != owner.uid() {
-            std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).with_context(|| {
+        let (meta, owner) = (file.metadata()?, std::fs::metadata(dir)?);
+        if meta.uid() != owner.uid() {
+            if meta.nlink() != 1 {
+                bail!(
+                    "{} has {} names (hard links): it may be a file from outside the data dir, which the restore does not give to the data dir's owner; remove it",
+                    name.display(),
+                    meta.nlink()
+                );
+            }
+            std::os::unix::fs::fchown(file, Some(owner.uid()), Some(owner.gid())).with_context(|| {
                 format!(
                     "cannot give {} to the owner of {} (uid {}): run the restore as that user or as root",
-                    path.display(),
+                    name.display(),
                     dir.display(),
                     owner.uid()
                 )
@@ -306,7 +328,7 @@ fn give_to_owner_of(path: &Path, dir: &Path) -> anyhow::Result<()> {
         }
     }
     #[cfg(not(unix))]
-    let _ = (path, dir);
+    let _ = (file, name, dir);
     Ok(())
 }
 
