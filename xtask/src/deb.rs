@@ -1,9 +1,10 @@
 //! The hub's Debian package, `unified-sync_<version>_amd64.deb`, which `cargo xtask dist`
 //! builds with `dpkg-deb` from a tree staged here: the static hub as `/usr/bin/hub`, the
 //! systemd units of `deploy/` naming that path, the service users (`systemd-sysusers`),
-//! `/etc/unified-sync/` with the example configuration and an empty secrets file, the access
-//! log's logrotate entry (those three are conffiles), the maintainer scripts of
-//! `deploy/debian/`, and the guides. Then its check, which unpacks it with `dpkg-deb -x` into a
+//! `/etc/unified-sync/` with the example configuration and the access log's logrotate entry
+//! (both conffiles), the secrets file's template, which `postinst` copies into
+//! `/etc/unified-sync/` once (a conffile's lines would show in dpkg's diffs, and an upgrade
+//! could replace them), the maintainer scripts of `deploy/debian/`, and the guides. Then its check, which unpacks it with `dpkg-deb -x` into a
 //! folder and runs it from there: the package is never installed on the machine that builds
 //! it.
 //!
@@ -30,7 +31,8 @@ const INSTALLED_HUB: &str = "/usr/bin/hub";
 const HAND_INSTALLED_HUB: &str = "/usr/local/bin/hub";
 
 const CONFIG: &str = "etc/unified-sync/hub.toml";
-const SECRETS: &str = "etc/unified-sync/secrets.env";
+/// What `postinst` copies to `/etc/unified-sync/secrets.env` when there is none.
+const SECRETS_TEMPLATE: &str = "usr/share/unified-sync/secrets.env";
 /// Rotates the access log, when the configuration writes it to `/var/log/unified-sync`.
 const LOGROTATE: &str = "etc/logrotate.d/unified-sync-hub";
 /// The example site's secret variable in [`CONFIG`].
@@ -64,7 +66,7 @@ pub fn build(to: &Path, hub: &Path, version: &str) -> anyhow::Result<()> {
     }
     copy(&deploy.join("debian/sysusers.conf"), &tree.join("usr/lib/sysusers.d/unified-sync.conf"), 0o644)?;
     copy(&deploy.join("hub.toml"), &tree.join(CONFIG), 0o640)?;
-    copy(&deploy.join("debian/secrets.env"), &tree.join(SECRETS), 0o600)?;
+    copy(&deploy.join("debian/secrets.env"), &tree.join(SECRETS_TEMPLATE), 0o644)?;
     copy(&deploy.join("logrotate/unified-sync-hub"), &tree.join(LOGROTATE), 0o644)?;
     let doc = tree.join("usr/share/doc").join(PACKAGE);
     copy(&deploy.join("debian/copyright"), &doc.join("copyright"), 0o644)?;
@@ -89,7 +91,7 @@ pub fn build(to: &Path, hub: &Path, version: &str) -> anyhow::Result<()> {
 /// The files of `/etc` that the package installs: an upgrade keeps what the operator changed
 /// in them.
 fn conffiles() -> String {
-    format!("/{CONFIG}\n/{SECRETS}\n/{LOGROTATE}\n")
+    format!("/{CONFIG}\n/{LOGROTATE}\n")
 }
 
 /// A unit of `deploy/` as the package installs it: calling the hub where the package puts it.
@@ -280,6 +282,11 @@ pub fn verify(deb: &Path, version: &str) -> anyhow::Result<()> {
     for script in ["postinst", "prerm", "postrm"] {
         output("sh", &["-n", path(&control.join(script))?])?;
     }
+    let postinst = std::fs::read_to_string(control.join("postinst"))?;
+    ensure!(
+        postinst.contains(&format!("/{SECRETS_TEMPLATE} ")) && unpacked.root.join(SECRETS_TEMPLATE).is_file(),
+        "postinst copies /{SECRETS_TEMPLATE}, which the package must hold"
+    );
 
     let printed = run(unpacked.command(&["--version"]))?;
     ensure!(printed.trim() == format!("hub {version}"), "the packaged hub says {printed:?} to --version");
