@@ -17,24 +17,28 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension};
 use serde_json::json;
 use support::{Deployment, SiteClient, hub_command, snapshot};
+use tokio::process::Command;
 use tokio::sync::{Mutex, watch};
 
 const SITE: &str = "roflfaucet";
 const DAY_MS: u64 = 86_400_000;
 
 /// `hub <command> --config … --data-dir … ARGS…` for `deployment`'s data.
-async fn hub(deployment: &Deployment, command: &str, args: &[&str]) -> Output {
-    hub_command()
-        .arg(command)
+fn hub_for(deployment: &Deployment, command: &str, args: &[&str]) -> Command {
+    let mut hub = hub_command();
+    hub.arg(command)
         .arg("--config")
         .arg(deployment.dir.path().join("hub.toml"))
         .arg("--data-dir")
         .arg(&deployment.data_dir)
         .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap()
+        .env("RUST_LOG", "warn");
+    hub
+}
+
+/// Runs `hub <command> … ARGS…` for `deployment`'s data to its end.
+async fn hub(deployment: &Deployment, command: &str, args: &[&str]) -> Output {
+    hub_for(deployment, command, args).output().await.unwrap()
 }
 
 /// A backup of `deployment`'s database holding 10 coins of 8-evans's, taken while the hub
@@ -453,4 +457,64 @@ async fn a_restore_follows_no_link_in_the_data_dir_and_gives_its_owner_no_file_o
     }
     untouched("after the restore");
     assert_eq!(snapshot(data)[0].split('|').nth(2), Some(r#"{"coins":10}"#));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_refuses_a_database_a_restore_was_interrupted_keeping_aside_and_the_next_restore_finishes_it() {
+    let deployment = Deployment::new(|_| {});
+    let mut server = deployment.start().await;
+    let client = backend(&deployment, "8-evans");
+    client.delta("balance", 10, "first").await.assert_ok();
+    let backup = deployment.dir.path().join("backup.sqlite3");
+    assert!(hub(&deployment, "backup", &["--to", path_str(&backup)]).await.status.success());
+    client.delta("balance", 15, "second").await.assert_ok();
+    let old_epoch = epoch(&client).await;
+    server.kill().await.unwrap();
+    let data = deployment.data_dir.canonicalize().unwrap();
+    let db = data.join("hub.sqlite3");
+    let wal = data.join("hub.sqlite3-wal");
+    assert!(wal.metadata().is_ok_and(|m| m.len() > 0), "the killed hub left no log");
+
+    // A restore killed after it gave the database its kept name and moved its log beside that
+    // name: hub.sqlite3 is still the database, without the writes of its log.
+    let kept = data.join("hub.sqlite3.before-restore-20261207T091500Z");
+    std::fs::hard_link(&db, &kept).unwrap();
+    std::fs::rename(&wal, data.join("hub.sqlite3.before-restore-20261207T091500Z-wal")).unwrap();
+
+    let serve = hub_for(&deployment, "serve", &["--listen", &deployment.addr()])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), serve.wait_with_output())
+        .await
+        .expect("the hub refuses the database rather than serving it")
+        .unwrap();
+    let report = text(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!(
+            "{} is also {}: a restore was interrupted while it kept this database aside; run the restore again to finish it",
+            db.display(),
+            kept.display()
+        )),
+        "{report}"
+    );
+
+    let out = hub(&deployment, "restore", &["--from", path_str(&backup)]).await;
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains(&format!("the database it replaced is kept as {}", kept.display())), "{report}");
+    let kept_files = ["", "-shm", "-wal"].map(|suffix| PathBuf::from(format!("{}{suffix}", kept.display())));
+    assert_eq!(files_named(&data, "before-restore"), kept_files, "the kept database and its log, no other");
+    let old = Connection::open(&kept).unwrap();
+    assert_eq!(query_one::<String>(&old, "SELECT data FROM records"), r#"{"coins":25}"#);
+    assert_eq!(query_one::<String>(&old, "SELECT value FROM meta WHERE key = 'epoch'"), old_epoch);
+    drop(old);
+
+    let mut server = deployment.start().await;
+    assert_ne!(epoch(&client).await, old_epoch);
+    assert_eq!(client.coins().await, 10);
+    server.kill().await.unwrap();
 }

@@ -252,7 +252,8 @@ pub enum StoreError {
     #[error("another hub process is using {0}; stop it first")]
     InUse(String),
     /// The data dir holds what the store will not open: a symbolic link or something else
-    /// than a regular file in a file's place.
+    /// than a regular file in a file's place, or a database a restore was interrupted keeping
+    /// aside.
     #[error("{0}")]
     DataDir(String),
 }

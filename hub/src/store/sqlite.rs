@@ -185,6 +185,13 @@ impl SqliteStore {
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let dir = &trusted_data_dir(dir)?;
         let lock = lock_data_dir(dir)?;
+        if let Some(kept) = backup::interrupted_restore(dir)? {
+            return Err(StoreError::DataDir(format!(
+                "{} is also {}: a restore was interrupted while it kept this database aside; run the restore again to finish it",
+                dir.join(DB_FILE).display(),
+                kept.display()
+            )));
+        }
         let path = dir.join(DB_FILE);
         create_private(&path)?;
         let mut conn = open_database(&path)?;

@@ -12,8 +12,9 @@
 //! as long as it runs). It checks that the file is a hub database this hub can read, keeps the
 //! database it replaces under another name, never deletes it, and gives the restored one a
 //! new epoch: every page then drops its cache at its next check and fetches the restored
-//! records, even where it holds versions the restored database has not reached. It does not
-//! touch the backup file, and it does nothing to a running hub.
+//! records, even where it holds versions the restored database has not reached. The restored
+//! database replaces the current one in one rename. It does not touch the backup file, and it
+//! does nothing to a running hub.
 //!
 //! The restored database remembers the op ids it remembered when the backup was made, and its
 //! op horizon with them: an op applied before the backup replays, and one applied only after
@@ -30,7 +31,12 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use rusqlite_migration::SchemaVersion;
 
-use super::{DB_FILE, LOCK_FILE, lock_data_dir, migrations, new_epoch, open_in_data_dir, trusted_data_dir};
+use super::{
+    DB_FILE, LOCK_FILE, StoreError, lock_data_dir, migrations, new_epoch, open_in_data_dir, trusted_data_dir,
+};
+
+/// What a kept database's name adds to `hub.sqlite3`, before the time of the restore.
+const KEPT_INFIX: &str = ".before-restore-";
 
 /// How long a backup waits for a lock on the live database (the hub's writer holds none a
 /// reader waits for, but a checkpoint or a recovery may).
@@ -214,7 +220,10 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
     give_to_owner_of(staged.as_file(), staged.path(), data_dir)?;
     installed.bytes = staged.as_file().metadata()?.len();
 
-    let kept = keep_aside(&target)?;
+    // The current database stays in place until the restored one replaces it in one rename:
+    // however the restore ends, `hub.sqlite3` is one database or the other.
+    let kept = keep_aside(data_dir)?;
+    sync_dir(data_dir)?;
     staged
         .persist(&target)
         .map_err(|e| e.error)
@@ -263,34 +272,77 @@ fn summarize(conn: &Connection, path: &Path) -> anyhow::Result<Summary> {
     Ok(Summary { path: path.to_owned(), bytes: 0, epoch, schema_version, records, users, ledger_rows })
 }
 
-/// Renames the database at `db`, with its `-wal` and `-shm` if a hub that stopped without
-/// closing it left them, to `<db>.before-restore-<UTC time>`; its log goes first, so that an
-/// interruption never leaves a log beside a database it does not belong to. Returns the new
-/// name, or `None` when there was nothing to keep.
-fn keep_aside(db: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let sidecars = ["-wal", "-shm", ""];
-    if !sidecars.iter().any(|s| with_suffix(db, s).exists()) {
-        return Ok(None);
-    }
-    let now = time::OffsetDateTime::now_utc()
-        .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))?;
-    let base = with_suffix(db, &format!(".before-restore-{now}"));
-    let mut kept = base.clone();
-    for n in 2.. {
-        if !sidecars.iter().any(|s| with_suffix(&kept, s).exists()) {
-            break;
+/// Keeps the database of `data_dir`, with its `-wal` and `-shm` if a hub that stopped without
+/// closing it left them, as `hub.sqlite3.before-restore-<UTC time>`, and returns that name, or
+/// `None` when there was nothing to keep. The database gets its second name by a hard link
+/// and keeps its own until the restored one replaces it; its log goes after it, so that an
+/// interruption leaves a database that still shares its file with the name it was to be kept
+/// under ([`interrupted_restore`]), which a hub refuses to serve and the next restore takes
+/// up. Renames and links never follow a symbolic link.
+fn keep_aside(data_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let db = data_dir.join(DB_FILE);
+    let sidecars = ["", "-wal", "-shm"];
+    let present = |path: &Path, suffix: &str| with_suffix(path, suffix).symlink_metadata().is_ok();
+    let kept = match interrupted_restore(data_dir)? {
+        Some(kept) => kept,
+        None if !sidecars.iter().any(|s| present(&db, s)) => return Ok(None),
+        None => {
+            let now = time::OffsetDateTime::now_utc()
+                .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))?;
+            let base = with_suffix(&db, &format!("{KEPT_INFIX}{now}"));
+            let mut kept = base.clone();
+            for n in 2.. {
+                if !sidecars.iter().any(|s| present(&kept, s)) {
+                    break;
+                }
+                kept = with_suffix(&base, &format!("-{n}"));
+            }
+            if present(&db, "") {
+                std::fs::hard_link(&db, &kept)
+                    .with_context(|| format!("cannot link {} to {}", db.display(), kept.display()))?;
+            }
+            kept
         }
-        kept = with_suffix(&base, &format!("-{n}"));
-    }
-    for suffix in sidecars {
-        let from = with_suffix(db, suffix);
-        if from.exists() {
-            let to = with_suffix(&kept, suffix);
+    };
+    for suffix in ["-wal", "-shm"] {
+        let (from, to) = (with_suffix(&db, suffix), with_suffix(&kept, suffix));
+        if present(&db, suffix) {
             std::fs::rename(&from, &to)
                 .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
         }
     }
     Ok(Some(kept))
+}
+
+/// The name a restore was keeping the database of `data_dir` under when it was interrupted:
+/// a `hub.sqlite3.before-restore-…` that is the very file `hub.sqlite3` is. The database may
+/// then lack its log, already moved aside beside that name.
+pub(super) fn interrupted_restore(data_dir: &Path) -> Result<Option<PathBuf>, StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let unreadable =
+            |e: std::io::Error| StoreError::DataDir(format!("cannot read {}: {e}", data_dir.display()));
+        let Ok(db) = data_dir.join(DB_FILE).symlink_metadata() else {
+            return Ok(None);
+        };
+        if !db.is_file() || db.nlink() < 2 {
+            return Ok(None);
+        }
+        let prefix = format!("{DB_FILE}{KEPT_INFIX}");
+        for entry in std::fs::read_dir(data_dir).map_err(unreadable)? {
+            let entry = entry.map_err(unreadable)?;
+            let kept = entry.metadata().map_err(unreadable)?;
+            if entry.file_name().to_string_lossy().starts_with(&prefix)
+                && (kept.dev(), kept.ino()) == (db.dev(), db.ino())
+            {
+                return Ok(Some(entry.path()));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data_dir;
+    Ok(None)
 }
 
 /// `path` with `suffix` appended to its name: `hub.sqlite3` → `hub.sqlite3-wal`.
