@@ -53,6 +53,14 @@ async fn backup_of_ten_coins(deployment: &Deployment) -> PathBuf {
     backup
 }
 
+/// A copy of `backup` named `name`, changed by `sql`.
+fn altered(backup: &Path, name: &str, sql: &str) -> PathBuf {
+    let copy = backup.with_file_name(format!("{name}.sqlite3"));
+    std::fs::copy(backup, &copy).unwrap();
+    Connection::open(&copy).unwrap().execute_batch(sql).unwrap();
+    copy
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -380,6 +388,72 @@ async fn a_restore_keeps_the_replaced_database_and_gives_the_restored_one_a_new_
         .filter(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"))
         .collect();
     assert_eq!(kept.len(), 2, "{kept:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_refuses_a_backup_whose_schema_is_not_the_hubs_and_changes_nothing() {
+    let deployment = Deployment::new(|_| {});
+    let backup = backup_of_ten_coins(&deployment).await;
+    let before = snapshot(&deployment.data_dir);
+    let files_before = files_named(&deployment.data_dir, "");
+
+    // An index whose entry for a row holds a value the row no longer has: the index's
+    // definition changed for a moment while the row did. Every page well formed and every
+    // count right (`quick_check` passes); the index's contents wrong.
+    let bad_index =
+        altered(&backup, "bad-index", "INSERT INTO ops VALUES ('8-evans', 'op', 'f', '{}', 1, 1, 1, NULL);");
+    let define = |sql: &str| {
+        let conn = Connection::open(&bad_index).unwrap();
+        conn.execute_batch("PRAGMA writable_schema = ON;").unwrap();
+        conn.execute("UPDATE sqlite_schema SET sql = ?1 WHERE name = 'ops_by_age'", [sql]).unwrap();
+    };
+    define("CREATE INDEX ops_by_age ON ops (fingerprint)");
+    Connection::open(&bad_index).unwrap().execute("UPDATE ops SET created_ms = 2", []).unwrap();
+    define("CREATE INDEX ops_by_age ON ops (created_ms)");
+    assert_eq!(query_one::<String>(&Connection::open(&bad_index).unwrap(), "PRAGMA quick_check"), "ok");
+
+    for (file, reason) in [
+        (
+            altered(
+                &backup,
+                "wipes-the-ledger",
+                "CREATE TRIGGER tidy AFTER INSERT ON ledger BEGIN DELETE FROM ledger; END;",
+            ),
+            "its schema is not the hub's (schema version 5): an extra trigger \"tidy\" on ledger",
+        ),
+        (
+            altered(
+                &backup,
+                "keeps-its-epoch",
+                "CREATE TRIGGER same_epoch AFTER UPDATE ON meta BEGIN UPDATE meta SET value = old.value WHERE key = old.key; END;",
+            ),
+            "an extra trigger \"same_epoch\" on meta",
+        ),
+        (
+            altered(&backup, "view", "CREATE VIEW balances AS SELECT user_id, data FROM records;"),
+            "its schema is not the hub's (schema version 5): an extra view \"balances\"",
+        ),
+        (
+            altered(&backup, "no-index", "DROP INDEX ops_by_age;"),
+            "its schema is not the hub's (schema version 5): no index \"ops_by_age\" on ops",
+        ),
+        (
+            altered(&backup, "other-ledger", "ALTER TABLE ledger ADD COLUMN note TEXT;"),
+            "its schema is not the hub's (schema version 5): the table \"ledger\" defined otherwise",
+        ),
+        (bad_index, "a damaged one: SQLite's integrity_check: "),
+    ] {
+        let out = hub(&deployment, "restore", &["--from", path_str(&file)]).await;
+        let report = text(&out);
+        assert!(!out.status.success(), "{report}");
+        assert!(report.contains(&format!("{} cannot be restored: ", file.display())), "{report}");
+        assert!(report.contains(reason), "{}: {report}", file.display());
+        if file.ends_with("bad-index.sqlite3") {
+            assert!(report.contains("ops_by_age"), "the damaged index is named: {report}");
+        }
+        assert_eq!(snapshot(&deployment.data_dir), before, "{}", file.display());
+        assert_eq!(files_named(&deployment.data_dir, ""), files_before, "{}", file.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,18 +9,20 @@
 //! place once complete.
 //!
 //! A restore runs only while no hub holds the data dir (the store's lock, which a hub holds
-//! as long as it runs). It checks that the file is a hub database this hub can read, keeps the
-//! database it replaces under another name, never deletes it, and gives the restored one a
-//! new epoch: every page then drops its cache at its next check and fetches the restored
-//! records, even where it holds versions the restored database has not reached. The restored
-//! database replaces the current one in one rename. It does not touch the backup file, and it
-//! does nothing to a running hub.
+//! as long as it runs). It checks that the file is a hub database this hub can read — whole
+//! (SQLite's `integrity_check`), with exactly the schema this hub's migrations make, nothing
+//! more — keeps the database it replaces under another name, never deletes it, and gives the
+//! restored one a new epoch: every page then drops its cache at its next check and fetches the
+//! restored records, even where it holds versions the restored database has not reached. The
+//! restored database replaces the current one in one rename. It does not touch the backup
+//! file, and it does nothing to a running hub.
 //!
 //! The restored database remembers the op ids it remembered when the backup was made, and its
 //! op horizon with them: an op applied before the backup replays, and one applied only after
 //! it is unknown to it and dated after its horizon, so it is applied again, to the restored
 //! records. That is what a restore means: the data went back to that moment.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rusqlite::backup::{Backup, StepResult};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use rusqlite_migration::SchemaVersion;
 
@@ -234,21 +237,82 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
 }
 
 /// The epoch of a hub database this hub can take; an error saying why `conn`'s is none.
+///
+/// The file may have been made by anyone: its schema must be exactly the one this hub's
+/// migrations make, or a trigger, a view or a missing constraint of its maker's would come
+/// into the live database with it; and it is read with SQLite's defences up, so that nothing
+/// in it runs meanwhile.
 fn hub_database_epoch(conn: &Connection) -> anyhow::Result<String> {
-    quick_check(conn).context("it is not an SQLite database, or a damaged one")?;
-    match migrations().current_version(conn)? {
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+    conn.pragma_update(None, "trusted_schema", false)?;
+    integrity_check(conn).context("it is not an SQLite database, or a damaged one")?;
+    let version = match migrations().current_version(conn)? {
         SchemaVersion::NoneSet => bail!("it is not a hub database: it has no schema version"),
         SchemaVersion::Outside(version) => bail!(
             "it was made by a newer hub (schema version {version}, beyond this hub's): restore it with that hub or a newer one"
         ),
-        SchemaVersion::Inside(_) => {}
-    }
+        SchemaVersion::Inside(version) => version.get(),
+    };
+    same_schema_as_hub(conn, version)?;
     let epoch = conn
         .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
         .optional()
         .ok()
         .flatten();
     epoch.context("it is not a hub database: it has no epoch")
+}
+
+/// SQLite's `integrity_check`: every page well formed, and every index holding exactly its
+/// table's rows (`quick_check` does not compare them).
+fn integrity_check(conn: &Connection) -> anyhow::Result<()> {
+    let problems: Vec<String> =
+        conn.prepare("PRAGMA integrity_check(10)")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    if problems != ["ok"] {
+        bail!("SQLite's integrity_check: {}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// A database's schema as SQLite keeps it: every table, index, view and trigger, by kind and
+/// name, with the table it belongs to and the SQL that made it.
+type Schema = BTreeMap<(String, String), (String, Option<String>)>;
+
+fn schema(conn: &Connection) -> rusqlite::Result<Schema> {
+    conn.prepare("SELECT type, name, tbl_name, sql FROM sqlite_schema")?
+        .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?))))?
+        .collect()
+}
+
+/// " on TABLE" for an index or a trigger; nothing for a table or a view, its own table.
+fn on(name: &str, table: &str) -> String {
+    if name == table { String::new() } else { format!(" on {table}") }
+}
+
+/// Refuses `conn`'s database unless its schema is the one this hub's migrations make at
+/// `version`, naming what it has more, lacks or defines otherwise.
+fn same_schema_as_hub(conn: &Connection, version: usize) -> anyhow::Result<()> {
+    let mut reference = Connection::open_in_memory()?;
+    migrations().to_version(&mut reference, version)?;
+    let (found, expected) = (schema(conn)?, schema(&reference)?);
+    let mut differences = Vec::new();
+    for ((kind, name), (table, sql)) in &found {
+        match expected.get(&(kind.clone(), name.clone())) {
+            None => differences.push(format!("an extra {kind} {name:?}{}", on(name, table))),
+            Some(hub) if *hub != (table.clone(), sql.clone()) => {
+                differences.push(format!("the {kind} {name:?} defined otherwise"));
+            }
+            Some(_) => {}
+        }
+    }
+    for ((kind, name), (table, _)) in &expected {
+        if !found.contains_key(&(kind.clone(), name.clone())) {
+            differences.push(format!("no {kind} {name:?}{}", on(name, table)));
+        }
+    }
+    if !differences.is_empty() {
+        bail!("its schema is not the hub's (schema version {version}): {}", differences.join("; "));
+    }
+    Ok(())
 }
 
 /// SQLite's `quick_check`: every page and index readable and well formed.
