@@ -132,7 +132,8 @@ enum Command {
     Restore {
         #[command(flatten)]
         config: ConfigArgs,
-        /// The backup file (made by `hub backup`).
+        /// The backup file (made by `hub backup`); `-` reads it from standard input, so that
+        /// the hub's user can restore a backup only root may read.
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
     },

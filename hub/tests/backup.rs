@@ -1,10 +1,14 @@
 //! `hub backup` and `hub restore`, run by an operator on the real binary. A backup taken while
 //! the hub acknowledges writes holds every write acknowledged before it began and is
 //! consistent; it never overwrites a file unless forced. A restore refuses a file that is not
-//! a hub database and a data dir a hub serves, changing nothing; it keeps the database it
-//! replaces (with the log a killed hub left), and gives the restored one a new epoch, under
-//! which the ops the backup remembers replay, later ones apply again, and the op horizon
-//! still refuses ops older than the hub remembers.
+//! a hub database, or not exactly one (a trigger, a view, an index more or less, an index
+//! that does not hold its table's rows), and a data dir a hub serves, changing nothing; it
+//! keeps the database it replaces (with the log a killed hub left), replaces it in one rename
+//! (a hub refuses the database an interrupted restore was keeping aside), and gives the
+//! restored one a new epoch, under which the ops the backup remembers replay, later ones apply
+//! again, and the op horizon still refuses ops older than the hub remembers. Run by root, a
+//! backup or a restore follows no link the hub's user put in the data dir, and a restore gives
+//! that user no file but its own.
 
 mod support;
 
@@ -516,10 +520,16 @@ async fn a_restore_follows_no_link_in_the_data_dir_and_gives_its_owner_no_file_o
         std::fs::remove_file(&lock).unwrap();
     }
 
-    // With the link gone, the restore runs, and what it made is the hub's user's.
-    let out = hub(&deployment, "restore", &["--from", path_str(&backup)]).await;
+    // With the link gone, the restore runs, from a backup only its user may read, and what it
+    // made is the hub's user's.
+    let out = hub_for(&deployment, "restore", &["--from", "-"])
+        .stdin(std::fs::File::open(&backup).unwrap())
+        .output()
+        .await
+        .unwrap();
     let report = text(&out);
     assert!(out.status.success(), "{report}");
+    assert!(report.contains("restored the backup on standard input (epoch "), "{report}");
     for file in [lock, deployment.database()] {
         let meta = file.symlink_metadata().unwrap();
         assert_eq!(

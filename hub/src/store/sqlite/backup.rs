@@ -89,7 +89,13 @@ pub struct Restored {
 
 impl std::fmt::Display for Restored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "restored {} (epoch {}) to {}", self.from.display(), self.backup_epoch, self.installed)?;
+        writeln!(
+            f,
+            "restored {} (epoch {}) to {}",
+            source_name(&self.from),
+            self.backup_epoch,
+            self.installed
+        )?;
         writeln!(
             f,
             "with its new epoch, every page drops its cache at its next check and fetches the restored records"
@@ -166,23 +172,16 @@ pub fn backup(data_dir: &Path, to: &Path, replace: bool) -> anyhow::Result<Summa
     Ok(summary)
 }
 
-/// Replaces the database of `data_dir` by the backup `from`, with a new epoch; no hub may be
-/// running on `data_dir`.
+/// Replaces the database of `data_dir` by the backup `from` (`-`: standard input), with a new
+/// epoch; no hub may be running on `data_dir`.
 ///
 /// Run by root, it opens nothing in the data dir through a symbolic link, and gives what it
 /// makes there to the dir's owner through the open file, never by name: the dir belongs to the
 /// hub's user, who must not be able to lead it to another file.
 pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
-    if !from.is_file() {
-        bail!("{} is not a file", from.display());
-    }
-    let wal = with_suffix(from, "-wal");
-    if wal.metadata().is_ok_and(|m| m.len() > 0) {
-        bail!(
-            "{} has a write-ahead log beside it ({}): it is a database in use, or a copy of one, not a backup; make one with `hub backup`",
-            from.display(),
-            wal.display()
-        );
+    let stdin = from == Path::new("-");
+    if !stdin {
+        check_backup_file(from)?;
     }
     let data_dir = &trusted_data_dir(data_dir)?;
     let lock = lock_data_dir(data_dir)?;
@@ -200,9 +199,13 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
             open_in_data_dir(path, &mut options)
         })
         .with_context(|| format!("cannot write in {}", data_dir.display()))?;
-    let mut source = File::open(from).with_context(|| format!("cannot read {}", from.display()))?;
-    std::io::copy(&mut source, staged.as_file_mut())
-        .with_context(|| format!("cannot copy {} into {}", from.display(), data_dir.display()))?;
+    let copied = if stdin {
+        std::io::copy(&mut std::io::stdin().lock(), staged.as_file_mut())
+    } else {
+        let mut source = File::open(from).with_context(|| format!("cannot read {}", from.display()))?;
+        std::io::copy(&mut source, staged.as_file_mut())
+    };
+    copied.with_context(|| format!("cannot copy {} into {}", source_name(from), data_dir.display()))?;
     staged.as_file_mut().flush()?;
 
     let mut conn = Connection::open_with_flags(
@@ -210,10 +213,10 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )?;
     let backup_epoch =
-        hub_database_epoch(&conn).with_context(|| format!("{} cannot be restored", from.display()))?;
+        hub_database_epoch(&conn).with_context(|| format!("{} cannot be restored", source_name(from)))?;
     migrations()
         .to_latest(&mut conn)
-        .with_context(|| format!("cannot bring {} to this hub's schema", from.display()))?;
+        .with_context(|| format!("cannot bring {} to this hub's schema", source_name(from)))?;
     conn.execute("UPDATE meta SET value = ?1 WHERE key = 'epoch'", params![new_epoch()])?;
     conn.pragma_update(None, "journal_mode", "DELETE")?;
     let target = data_dir.join(DB_FILE);
@@ -234,6 +237,27 @@ pub fn restore(data_dir: &Path, from: &Path) -> anyhow::Result<Restored> {
     sync_dir(data_dir)?;
     drop(lock);
     Ok(Restored { from: from.to_owned(), backup_epoch, installed, kept })
+}
+
+/// How a restore names its backup: its path, or what `-` means.
+fn source_name(from: &Path) -> std::borrow::Cow<'_, str> {
+    if from == Path::new("-") { "the backup on standard input".into() } else { from.to_string_lossy() }
+}
+
+/// Refuses `from` unless it is a file with no write-ahead log beside it.
+fn check_backup_file(from: &Path) -> anyhow::Result<()> {
+    if !from.is_file() {
+        bail!("{} is not a file", from.display());
+    }
+    let wal = with_suffix(from, "-wal");
+    if wal.metadata().is_ok_and(|m| m.len() > 0) {
+        bail!(
+            "{} has a write-ahead log beside it ({}): it is a database in use, or a copy of one, not a backup; make one with `hub backup`",
+            from.display(),
+            wal.display()
+        );
+    }
+    Ok(())
 }
 
 /// The epoch of a hub database this hub can take; an error saying why `conn`'s is none.
