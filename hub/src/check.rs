@@ -21,7 +21,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 
 use crate::auth::{self, Keys};
 use crate::config::{AccessLogConfig, Config};
-use crate::store::sqlite::{DB_FILE, LOCK_FILE, SCHEMA_VERSION};
+use crate::store::sqlite::{DB_FILE, LOCK_FILE, SCHEMA_VERSION, open_in_data_dir};
 use crate::time::{now_ms, rfc3339_ms};
 use crate::tls::Tls;
 
@@ -284,9 +284,10 @@ fn probe(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&path)
 }
 
-/// The database's files in `dir`, when there are any: each writable by this user (one
-/// another user made, a `sudo hub import` or `sudo hub backup`, is not), and the database of a
-/// schema this hub knows, read from its header without opening it through SQLite.
+/// The database's files in `dir`, when there are any: each a regular file, opened as the hub
+/// opens it (through no symbolic link), and writable by this user (one another user made, a
+/// `sudo hub import` say, is not); and the database of a schema this hub knows, read from its
+/// header without opening it through SQLite.
 fn database(dir: &Path) -> Option<Finding> {
     let files =
         [DB_FILE.to_owned(), format!("{DB_FILE}-wal"), format!("{DB_FILE}-shm"), LOCK_FILE.to_owned()];
@@ -298,7 +299,7 @@ fn database(dir: &Path) -> Option<Finding> {
     let unwritable: Vec<String> = present
         .iter()
         .filter_map(|name| {
-            let opened = std::fs::OpenOptions::new().write(true).open(dir.join(name));
+            let opened = open_in_data_dir(&dir.join(name), std::fs::OpenOptions::new().write(true));
             opened.err().map(|e| format!("{name} ({e})"))
         })
         .collect();
@@ -319,7 +320,7 @@ fn database(dir: &Path) -> Option<Finding> {
 /// the start alone, which then refuses the database.
 fn schema(path: &Path) -> Result<String, String> {
     let mut header = Vec::with_capacity(100);
-    match std::fs::File::open(path) {
+    match open_in_data_dir(path, std::fs::OpenOptions::new().read(true)) {
         Ok(file) => file.take(100).read_to_end(&mut header),
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok("not created yet".into()),
         Err(e) => Err(e),

@@ -549,6 +549,14 @@ fn check_refuses_database_files_this_user_cannot_write() {
     std::fs::create_dir(setup.path("data").join("hub.lock")).unwrap();
     check_fails(&setup, "FAIL  database", &["this user cannot write hub.lock", "chown USER"]);
     std::fs::remove_dir(setup.path("data").join("hub.lock")).unwrap();
+    // A link, which the hub does not follow in its data dir.
+    std::os::unix::fs::symlink(setup.path("cert.pem"), setup.path("data").join("hub.lock")).unwrap();
+    check_fails(
+        &setup,
+        "FAIL  database",
+        &["hub.lock (it is a symbolic link, which the hub does not follow)"],
+    );
+    std::fs::remove_file(setup.path("data").join("hub.lock")).unwrap();
 
     // What `sudo hub import` leaves to a hub running as another user: permissions stop every
     // user but root.

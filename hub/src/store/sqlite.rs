@@ -307,7 +307,7 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
 /// Opens `path`, a file of the data dir, as `options` say, but never through a symbolic link,
 /// and only a regular file: the data dir is writable by the hub's user, and a command run as
 /// root (`hub restore`, `hub import`) must not be led by a link there to a file of root's.
-fn open_in_data_dir(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+pub(crate) fn open_in_data_dir(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
     #[cfg(unix)]
     {
         // Non-blocking, so that a FIFO put in a file's place is refused rather than waited on.
