@@ -35,7 +35,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hub::auth::Keys;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, DATE, HOST, HeaderValue, IF_NONE_MATCH};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, DATE, ETAG, HOST, HeaderValue, IF_NONE_MATCH};
 use serde::Serialize;
 use sync_core::{
     Answer, Config, DataType, Engine, Event, Grant, Host, Json, Method, Persisted, Reply, Request, Trigger,
@@ -616,7 +616,7 @@ impl World<'_> {
         }
         let http_request = builder.body(Full::new(Bytes::from(body.clone().unwrap_or_default())))?;
         let action = action_of(request);
-        let (status, date, text) =
+        let (status, date, etag, text) =
             self.http.send(http_request).with_context(|| format!("a {action} request"))?;
 
         let hour = ((self.now - MIDNIGHT) / HOUR_MS) as usize;
@@ -633,6 +633,7 @@ impl World<'_> {
                 body: Json::parse(&text).unwrap_or_default(),
                 retry_after: None,
                 date,
+                etag,
             }),
             429 => bail!(
                 "the hub rate-limited the day's {action} request: let one user make a few hundred \
@@ -657,7 +658,7 @@ impl World<'_> {
             .header(HOST, self.http.host.clone())
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::new()))?;
-        let (status, _, text) = self.http.send(request)?;
+        let (status, _, _, text) = self.http.send(request)?;
         if status != 200 {
             bail!("the hub answered {status} to {query}: {text}");
         }
@@ -681,8 +682,11 @@ impl Http {
     }
 
     /// The answer's status, its `Date` in milliseconds since the epoch (the engines date their
-    /// op ids by it) and its body text.
-    fn send(&mut self, request: hyper::Request<Full<Bytes>>) -> anyhow::Result<(u16, Option<u64>, String)> {
+    /// op ids by it), its `ETag` (which they send back) and its body text.
+    fn send(
+        &mut self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> anyhow::Result<(u16, Option<u64>, Option<String>, String)> {
         let (addr, sender) = (self.addr, &mut self.sender);
         self.runtime.block_on(async {
             let mut open = match sender.take() {
@@ -700,9 +704,10 @@ impl Http {
                 .and_then(|value| httpdate::parse_http_date(value.to_str().ok()?).ok())
                 .and_then(|date| date.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|since| since.as_millis() as u64);
+            let etag = response.headers().get(ETAG).and_then(|value| value.to_str().ok()).map(str::to_owned);
             let body = response.into_body().collect().await?.to_bytes();
             *sender = Some(open);
-            Ok((status, date, String::from_utf8(body.to_vec())?))
+            Ok((status, date, etag, String::from_utf8(body.to_vec())?))
         })
     }
 }

@@ -115,9 +115,9 @@ fn stringify(value: &Json) -> String {
     js_sys::JSON::stringify(&to_js(value)).ok().and_then(|s| s.as_string()).unwrap_or_default()
 }
 
-/// What the JavaScript side calls back with: `(input, id, status, value, extra, date)`, where
+/// What the JavaScript side calls back with: `(input, id, status, value, extra, date, etag)`, where
 /// `input` is one of the constants below and the other arguments mean what each one says.
-type Callback = Closure<dyn FnMut(u32, f64, u32, JsValue, JsValue, f64)>;
+type Callback = Closure<dyn FnMut(u32, f64, u32, JsValue, JsValue, f64, JsValue)>;
 
 /// The page events (`visibilitychange` to visible or hidden, `pageshow` from the back/forward
 /// cache, `online`, `offline`, `pagehide`).
@@ -130,8 +130,9 @@ const LEAVING: u32 = 6;
 /// Another tab's message (`value`).
 const SHARED: u32 = 7;
 /// The answer to request `id`: `status` (0 when none came), the body's text (`value`),
-/// `Retry-After` in seconds (`extra`: a number, NaN when there is none or it is a date) and the
-/// answer's `Date` in milliseconds since the epoch (`date`, NaN when there is none).
+/// `Retry-After` in seconds (`extra`: a number, NaN when there is none or it is a date), the
+/// answer's `Date` in milliseconds since the epoch (`date`, NaN when there is none) and its
+/// `ETag` (`etag`, null when there is none).
 const REPLY: u32 = 8;
 /// What `getToken` or `getGrant` gave (`value`, empty when nothing usable); `extra` is the
 /// op id a grant was asked for, `undefined` for a token.
@@ -183,9 +184,15 @@ impl Shell {
         let shell = Rc::new_cyclic(|this: &Weak<Shell>| {
             let shell = this.clone();
             let input = Callback::new(
-                move |input: u32, id: f64, status: u32, value: JsValue, extra: JsValue, date: f64| {
+                move |input: u32,
+                      id: f64,
+                      status: u32,
+                      value: JsValue,
+                      extra: JsValue,
+                      date: f64,
+                      etag: JsValue| {
                     let Some(shell) = shell.upgrade().filter(|s| !s.destroyed.get()) else { return };
-                    shell.handle(input, id, status, value, extra, date);
+                    shell.handle(input, id, status, value, extra, date, etag);
                 },
             );
             Shell {
@@ -205,7 +212,17 @@ impl Shell {
     }
 
     /// One input from the page's side (see the constants above), then the outputs it caused.
-    fn handle(&self, input: u32, id: f64, status: u32, value: JsValue, extra: JsValue, date: f64) {
+    #[allow(clippy::too_many_arguments)]
+    fn handle(
+        &self,
+        input: u32,
+        id: f64,
+        status: u32,
+        value: JsValue,
+        extra: JsValue,
+        date: f64,
+        etag: JsValue,
+    ) {
         let now = now();
         let mut engine = self.engine.borrow_mut();
         match input {
@@ -235,7 +252,7 @@ impl Shell {
                     let retry_after =
                         extra.as_f64().filter(|s| *s >= 0.0 && s.fract() == 0.0).map(|s| s as u64);
                     let date = (date >= 0.0).then_some(date as u64);
-                    Reply::Answer { status: status as u16, body, retry_after, date }
+                    Reply::Answer { status: status as u16, body, retry_after, date, etag: etag.as_string() }
                 };
                 engine.handle_reply(now, id as u64, reply);
             }
@@ -530,7 +547,7 @@ export function connect(channelName, spinner, input) {
       if (ifNoneMatch) headers["If-None-Match"] = ifNoneMatch;
       if (body != null) headers["Content-Type"] = "application/json";
       fetch(url, { method, headers, body, keepalive, mode: "cors" })
-        .then((r) => r.text().then((t) => input(8, id, r.status, t, +(r.headers.get("Retry-After") ?? NaN), Date.parse(r.headers.get("Date")))))
+        .then((r) => r.text().then((t) => input(8, id, r.status, t, +(r.headers.get("Retry-After") ?? NaN), Date.parse(r.headers.get("Date")), r.headers.get("ETag"))))
         .catch(() => input(8, id, 0));
     },
     ask(callback, request, opId) {

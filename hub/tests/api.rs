@@ -201,27 +201,35 @@ async fn ledger_rows_record_op_site_delta_and_result() {
 }
 
 #[tokio::test]
-async fn a_single_get_carries_an_etag_and_answers_304_when_it_matches() {
+async fn a_single_get_carries_an_etag_of_its_epoch_and_version_and_answers_304_when_it_matches() {
     let hub = TestHub::start().await;
     let faucet = hub.site("roflfaucet", "8-evans");
     faucet.push("profile", json!({"bio": "v1"})).await.assert_ok();
     let got = faucet.get("profile").await;
-    assert_eq!(got.header("etag"), Some("\"1\""));
+    let epoch = got.body["epoch"].as_str().unwrap().to_owned();
+    let tag = |version: u64| format!("\"{epoch}-{version}\"");
+    assert_eq!(got.header("etag"), Some(tag(1).as_str()));
     assert_eq!(got.header("cache-control"), Some("no-store"), "a browser's cache must not revalidate it");
     let url = format!("{}/api/sync.php?action=get&user_id=8-evans&data_type=profile", hub.url);
     let token = faucet.token.clone().unwrap();
-    let conditional = |tag: &'static str| {
-        support::client().get(&url).bearer_auth(&token).header("If-None-Match", tag).send()
-    };
-    let same = support::Reply::from(conditional("\"1\"").await.unwrap()).await;
+    let conditional =
+        |tag: String| support::client().get(&url).bearer_auth(&token).header("If-None-Match", tag).send();
+    let same = support::Reply::from(conditional(tag(1)).await.unwrap()).await;
     assert_eq!(same.status, 304);
     assert_eq!(same.len, 0);
-    let weak = support::Reply::from(conditional("W/\"0\", W/\"1\"").await.unwrap()).await;
+    assert_eq!(same.header("etag"), Some(tag(1).as_str()));
+    assert_eq!(same.header("cache-control"), Some("no-store"), "nor keep the 304");
+    let weak = support::Reply::from(conditional(format!("W/{}, W/{}", tag(0), tag(1))).await.unwrap()).await;
     assert_eq!(weak.status, 304);
+    // The same version of another database (a restore's, a version-only tag) is no match.
+    for other in ["\"1\"".to_owned(), "\"AAAAAAAAAAAAAAAA-1\"".to_owned()] {
+        let other_database = support::Reply::from(conditional(other.clone()).await.unwrap()).await;
+        assert_eq!(other_database.assert_ok()["data"]["bio"], "v1", "{other}");
+    }
     faucet.push("profile", json!({"bio": "v2"})).await.assert_ok();
-    let changed = support::Reply::from(conditional("\"1\"").await.unwrap()).await;
+    let changed = support::Reply::from(conditional(tag(1)).await.unwrap()).await;
     assert_eq!(changed.assert_ok()["data"]["bio"], "v2");
-    assert_eq!(changed.header("etag"), Some("\"2\""));
+    assert_eq!(changed.header("etag"), Some(tag(2).as_str()));
 }
 
 #[tokio::test]

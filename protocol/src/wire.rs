@@ -124,10 +124,12 @@ fn query(action: &str, user_id: &str) -> String {
     concat(&["action=", action, "&user_id=", user_id, "&data_type="])
 }
 
-/// The entity tag of a record at `version` (`"7"`): what `If-None-Match` names to be
-/// answered `304 Not Modified` while the record stays at that version.
-pub fn etag(version: u64) -> String {
-    concat(&["\"", &decimal(version), "\""])
+/// The entity tag of a record of the database `epoch` at `version` (`"3kq9Xw0b7TfZpQ1e-7"`):
+/// what `If-None-Match` names to be answered `304 Not Modified` while the record stays at that
+/// version of that database; a restored database, at the same version, has another. The hub
+/// makes it; a client sends back the tag it was given.
+pub fn etag(epoch: &str, version: u64) -> String {
+    concat(&["\"", epoch, "-", &decimal(version), "\""])
 }
 
 /// What every write request carries: who writes, from which site, which record, and the op
@@ -404,7 +406,7 @@ mod tests {
         );
         assert_eq!(get_query("8-evans", DataType::Profile), "action=get&user_id=8-evans&data_type=profile");
         for version in [0, 7, 1_000_000, u64::MAX] {
-            assert_eq!(etag(version), format!("\"{version}\""));
+            assert_eq!(etag("3kq9Xw0b7TfZpQ1e", version), format!("\"3kq9Xw0b7TfZpQ1e-{version}\""));
         }
     }
 

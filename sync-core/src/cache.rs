@@ -13,19 +13,29 @@ pub struct CachedRecord {
     /// The hub's version of this data; a record is only ever replaced by a higher version.
     pub version: u64,
     pub last_updated: Option<String>,
+    /// The `ETag` the hub gave this record in answer to a `get`, sent back as `If-None-Match`
+    /// to have it answered `304` while the record is unchanged; none when a write's answer
+    /// brought the record.
+    pub etag: Option<String>,
 }
 
 impl CachedRecord {
+    /// The record as storage and the other tabs keep it: a hub answer's shape, with its `etag`.
     pub fn to_json(&self) -> Json {
-        Json::object()
+        let json = Json::object()
             .with(wire::field::DATA, self.data.clone())
             .with(wire::field::VERSION, self.version)
-            .with(wire::field::LAST_UPDATED, self.last_updated.clone())
+            .with(wire::field::LAST_UPDATED, self.last_updated.clone());
+        match &self.etag {
+            Some(etag) => json.with("etag", etag.as_str()),
+            None => json,
+        }
     }
 
-    /// Reads a record from storage or from a hub answer: storage keeps the answers' shape.
+    /// Reads a record from storage or from a hub answer.
     pub fn from_json(json: &Json) -> Option<CachedRecord> {
-        wire::record(json).map(CachedRecord::from)
+        let etag = json.get("etag").and_then(Json::as_str).map(str::to_owned);
+        wire::record(json).map(|record| CachedRecord { etag, ..CachedRecord::from(record) })
     }
 }
 
@@ -35,6 +45,7 @@ impl From<RecordRef<'_, Json>> for CachedRecord {
             data: record.data.clone(),
             version: record.version,
             last_updated: record.last_updated.map(str::to_owned),
+            etag: None,
         }
     }
 }
@@ -133,7 +144,12 @@ mod tests {
                 data: Json::object().with("coins", 120i64),
                 version: 7,
                 last_updated: Some("t".into()),
+                etag: Some("\"e1-7\"".into()),
             },
+        );
+        records.insert(
+            DataType::Profile,
+            CachedRecord { data: Json::object(), version: 2, last_updated: Some("u".into()), etag: None },
         );
         let state = Persisted {
             epoch: Some("e1".into()),

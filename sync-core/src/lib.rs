@@ -84,6 +84,9 @@ pub enum Reply {
         /// The answer's `Date`, in milliseconds since the Unix epoch: the hub's clock, by which
         /// the engine dates the op ids it makes, whatever this device's clock says.
         date: Option<u64>,
+        /// The answer's `ETag`, as the hub wrote it: a later `get` of the record sends it back
+        /// as `If-None-Match`. The engine never makes one.
+        etag: Option<String>,
     },
     /// No answer: the network failed or the hub is down.
     NetworkError,

@@ -112,9 +112,14 @@ fn a_get_with_a_matching_etag_is_answered_304() {
     let (mut hub, token) = hub_with_token();
     hub.write(START_MS, USER, DataType::Balance, json!({"coins": 7}));
     let query = format!("action=get&user_id={USER}&data_type=balance");
-    let (status, body) = answer(hub.handle(START_MS, &get(1, Some(&token), &query, None)));
+    let reply = hub.handle(START_MS, &get(1, Some(&token), &query, None));
+    let Reply::Answer { etag, .. } = &reply else { panic!("no answer") };
+    assert_eq!(etag.as_deref(), Some("\"epoch-1-1\""), "the epoch and the version");
+    let (status, body) = answer(reply);
     assert_eq!((status, body["version"].as_u64(), body["epoch"].as_str()), (200, Some(1), Some("epoch-1")));
-    let reply = hub.handle(START_MS, &get(2, Some(&token), &query, Some("\"1\"")));
+    let (status, _) = answer(hub.handle(START_MS, &get(2, Some(&token), &query, Some("\"1\""))));
+    assert_eq!(status, 200, "a tag without the epoch names no record of this database");
+    let reply = hub.handle(START_MS, &get(3, Some(&token), &query, Some("\"epoch-1-1\"")));
     let Reply::Answer { status, body, date, .. } = reply else { panic!("no answer") };
     assert_eq!((status, body), (304, Json::Null));
     assert_eq!(date, Some(START_MS / 1000 * 1000), "every answer is dated, in whole seconds");

@@ -1,5 +1,6 @@
 //! Every answer the sync API gives, shaped in one place from what the domain returns: the
-//! protocol's answer types as JSON that no cache stores, with `ETag` and `304` for a `get`.
+//! protocol's answer types as JSON that no cache stores, with `ETag` (the epoch and the
+//! version) and `304` for a `get`.
 //! Decides nothing about the data.
 
 use axum::body::Bytes;
@@ -59,8 +60,8 @@ pub(super) fn timestamps(types: &[DataType], stamps: Vec<Stamp>, single: bool, e
     json(StatusCode::OK, &TimestampsAnswer { success: true, timestamps, epoch })
 }
 
-/// `action=get`: flat for one data type (`single`), with its version as the `ETag` and a
-/// `304` when `If-None-Match` names it; a `records` map for a list.
+/// `action=get`: flat for one data type (`single`), with the epoch and its version as the
+/// `ETag` and a `304` when `If-None-Match` names it; a `records` map for a list.
 pub(super) fn records(
     types: &[DataType],
     records: Vec<Record>,
@@ -73,11 +74,16 @@ pub(super) fn records(
         return json(StatusCode::OK, &GetManyAnswer { success: true, records, epoch });
     }
     let record = &records[0];
-    let etag = HeaderValue::from_str(&protocol::wire::etag(record.version))
-        .expect("a quoted number is a header value");
-    if if_none_match(request, &etag) {
+    // The hub makes its epochs of base64url; one edited into the database that is no header
+    // value costs the answer its ETag, nothing more.
+    let etag = HeaderValue::from_str(&protocol::wire::etag(&epoch, record.version)).ok();
+    if let Some(etag) = etag.clone()
+        && if_none_match(request, &etag)
+    {
         let mut response = StatusCode::NOT_MODIFIED.into_response();
-        response.headers_mut().insert(header::ETAG, etag);
+        let headers = response.headers_mut();
+        headers.insert(header::ETAG, etag);
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         return response;
     }
     let state = record_state(record);
@@ -92,11 +98,13 @@ pub(super) fn records(
             epoch,
         },
     );
-    // Stored by no cache either (`json` says `no-store`): a version is no validator across
-    // databases, and a browser revalidating a stored answer by its ETag after a restore would
-    // get 304 for a record of another epoch at the same version. The client sends its own
-    // `If-None-Match`, which no browser cache answers.
-    response.headers_mut().insert(header::ETAG, etag);
+    // Stored by no cache either (`json` says `no-store`), and its ETag names the epoch: a
+    // browser revalidating a stored answer after a restore must not get 304 for a record of
+    // another database at the same version. The client sends back the ETag it was given, in
+    // an `If-None-Match` of its own, which no browser cache answers.
+    if let Some(etag) = etag {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
     response
 }
 

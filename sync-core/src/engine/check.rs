@@ -317,7 +317,7 @@ impl Engine {
             return;
         }
         for &data_type in &fetch {
-            let etag = self.records.get(data_type).map(|r| wire::etag(r.version));
+            let etag = self.records.get(data_type).and_then(|r| r.etag.clone());
             let query = wire::get_query(&self.config.user_id, data_type);
             self.send(now, Purpose::Fetch(data_type, check_id), Request::get(query, etag));
         }
@@ -333,9 +333,13 @@ impl Engine {
         sent_with: Option<&str>,
     ) {
         if !matches!(reply, Reply::Answer { status: 304, .. }) {
+            let etag = match &reply {
+                Reply::Answer { etag, .. } => etag.clone(),
+                Reply::NetworkError => None,
+            };
             match self.answer_of(now, reply, sent_with, "fetch") {
                 Ok(body) => {
-                    if let Some(record) = CachedRecord::from_json(&body)
+                    if let Some(record) = CachedRecord::from_json(&body).map(|r| CachedRecord { etag, ..r })
                         && self.store(data_type, record.clone())
                     {
                         self.share(data_type, record, None);

@@ -410,7 +410,7 @@ impl FakeHub {
                 seen.foreign = true;
                 self.seen.push(seen);
                 let body = Json::object().with("message", "Request blocked by the gateway");
-                return Reply::Answer { status, body, retry_after: None, date: None };
+                return Reply::Answer { status, body, retry_after: None, date: None, etag: None };
             }
             Mode::Up => match request.method {
                 Method::Get => self.get(now, request),
@@ -511,15 +511,21 @@ impl FakeHub {
             }
             "get" if single => {
                 let record = self.record(user, types[0]);
-                let etag = format!("\"{}\"", record.version);
+                let etag = protocol::wire::etag(&epoch, record.version);
                 let matches = request
                     .if_none_match
                     .as_deref()
                     .is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
                 if matches {
-                    return Reply::Answer { status: 304, body: Json::Null, retry_after: None, date: None };
+                    return Reply::Answer {
+                        status: 304,
+                        body: Json::Null,
+                        retry_after: None,
+                        date: None,
+                        etag: Some(etag),
+                    };
                 }
-                answer(
+                let mut reply = answer(
                     200,
                     serde_json::to_value(GetAnswer {
                         success: true,
@@ -529,7 +535,11 @@ impl FakeHub {
                         version: record.version,
                         epoch,
                     }),
-                )
+                );
+                if let Reply::Answer { etag: tag, .. } = &mut reply {
+                    *tag = Some(etag);
+                }
+                reply
             }
             "get" => {
                 let records = types.iter().map(|t| (*t, self.record(user, *t).state())).collect();
@@ -944,6 +954,7 @@ fn answer(status: u16, body: serde_json::Result<Value>) -> Reply {
         body: Json::from(&body.expect("answers serialize")),
         retry_after: None,
         date: None,
+        etag: None,
     }
 }
 
@@ -965,7 +976,7 @@ fn error_with(
         current: current.map(HubRecord::state),
     };
     let body = serde_json::to_value(&body).expect("answers serialize");
-    Reply::Answer { status, body: Json::from(&body), retry_after, date: None }
+    Reply::Answer { status, body: Json::from(&body), retry_after, date: None, etag: None }
 }
 
 /// The parameters of a query string. The engine sends only URL-safe values.
