@@ -42,6 +42,12 @@ impl Logs {
         Ok(Logs { access: AccessLog::open(config)?, refusals: Refusals::default(), dropped_told: 0.into() })
     }
 
+    /// Whether every answer is logged, and so needs its caller's site and user in its
+    /// [`Seen`] (a refused one needs them only when it is refused).
+    pub(super) fn keeps_access(&self) -> bool {
+        self.access.is_some()
+    }
+
     /// Logs one answer, as its handler saw the request.
     pub(super) fn answered(
         &self,

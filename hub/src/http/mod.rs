@@ -184,7 +184,9 @@ async fn sync_get(
         };
         saw.types = TypeSet::of(&query.types);
         let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), &mut saw)?;
-        saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
+        if app.logs().keeps_access() {
+            saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
+        }
         match query.action {
             QueryAction::Timestamp => timestamp(&app, &caller, query).await,
             QueryAction::Get => get(&app, &caller, query, &headers).await,
@@ -274,7 +276,9 @@ async fn sync_post(State(app): State<App>, client: ClientAddr, headers: HeaderMa
             }
             None => app.admit_named(&user, Some(request.site_id()), ops)?,
         };
-        saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
+        if app.logs().keeps_access() {
+            saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
+        }
         match request {
             PostRequest::Push(request) => {
                 let written = push(&app, &caller, request).await?;
