@@ -299,3 +299,36 @@ async fn a_hub_refuses_eddsa_php_tokens_and_grants_signed_with_another_key() {
     assert_eq!(hub.snapshot(), before);
     hub.stop().await;
 }
+
+/// The part of `text` from the line starting with `from` up to the one starting with `to` (or
+/// the end), which must be there.
+fn section<'a>(text: &'a str, from: &str, to: Option<&str>, file: &str) -> &'a str {
+    let start = text.find(&format!("\n{from}")).unwrap_or_else(|| panic!("{file} has no line {from:?}"));
+    let rest = &text[start..];
+    match to {
+        Some(to) => {
+            &rest[..rest.find(&format!("\n{to}")).unwrap_or_else(|| panic!("{file} has no line {to:?}"))]
+        }
+        None => rest,
+    }
+}
+
+/// The two endpoints are one file each, for a site owner to copy whole, and differ only in how
+/// they sign: the site's rule and the answers to the page are the same text in both, so that
+/// a change to one that the other lacks fails here.
+#[test]
+fn the_eddsa_endpoint_decides_and_answers_as_the_hs256_one_does() {
+    let read = |name: &str| {
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/examples").join(name))
+            .unwrap()
+    };
+    let (hs256, eddsa) = (read("sync-token.php"), read("sync-token-eddsa.php"));
+    for (from, to) in [("function site_credit(", Some("function sync_setting(")), ("session_start();", None)]
+    {
+        assert_eq!(
+            section(&eddsa, from, to, "sync-token-eddsa.php"),
+            section(&hs256, from, to, "sync-token.php"),
+            "the endpoints differ from {from:?}"
+        );
+    }
+}
