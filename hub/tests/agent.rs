@@ -603,8 +603,13 @@ async fn hub_of_a_private_authority(dir: &Path) -> TestHub {
         .signed_by(&key, &authority)
         .unwrap();
     std::fs::write(dir.join("ca.pem"), authority.pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    https_hub(dir, &cert.pem(), &key.serialize_pem()).await
+}
+
+/// A hub serving HTTPS with `cert` and `key` (PEM), written in `dir` as `cert.pem` and `key.pem`.
+async fn https_hub(dir: &Path, cert: &str, key: &str) -> TestHub {
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
     TestHub::start_with(|config| {
         generous_limits(config);
         config.tls_cert = Some(dir.join("cert.pem"));
@@ -696,14 +701,7 @@ async fn self_signed_hub(dir: &Path, authority: bool) -> TestHub {
     }
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    TestHub::start_with(|config| {
-        generous_limits(config);
-        config.tls_cert = Some(dir.join("cert.pem"));
-        config.tls_key = Some(dir.join("key.pem"));
-    })
-    .await
+    https_hub(dir, &cert.pem(), &key.serialize_pem()).await
 }
 
 #[tokio::test]

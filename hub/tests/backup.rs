@@ -77,6 +77,18 @@ fn backend(deployment: &Deployment, user: &str) -> SiteClient {
     deployment.backend(SITE, user, Duration::from_secs(30))
 }
 
+/// The deployment's hub serving 8-evans, whose 10 coins a backup holds (its path is
+/// answered) and who has had 15 more credited since.
+async fn serving_past_a_backup(deployment: &Deployment) -> (tokio::process::Child, SiteClient, PathBuf) {
+    let server = deployment.start().await;
+    let client = backend(deployment, "8-evans");
+    client.delta("balance", 10, "first").await.assert_ok();
+    let backup = deployment.dir.path().join("backup.sqlite3");
+    assert!(hub(deployment, "backup", &["--to", path_str(&backup)]).await.status.success());
+    client.delta("balance", 15, "second").await.assert_ok();
+    (server, client, backup)
+}
+
 /// The epoch the hub answers a check with.
 async fn epoch(client: &SiteClient) -> String {
     client.timestamp("balance").await.assert_ok()["epoch"].as_str().unwrap().to_owned()
@@ -300,13 +312,8 @@ async fn a_restore_refuses_a_file_that_is_not_a_hub_database_and_changes_nothing
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_will_not_run_while_a_hub_serves_the_data_dir() {
     let deployment = Deployment::new(|_| {});
-    let mut server = deployment.start().await;
-    let client = backend(&deployment, "8-evans");
-    client.delta("balance", 10, "first").await.assert_ok();
-    let backup = deployment.dir.path().join("backup.sqlite3");
-    assert!(hub(&deployment, "backup", &["--to", path_str(&backup)]).await.status.success());
+    let (mut server, client, backup) = serving_past_a_backup(&deployment).await;
     let served = epoch(&client).await;
-    client.delta("balance", 15, "second").await.assert_ok();
 
     let out = hub(&deployment, "restore", &["--from", path_str(&backup)]).await;
     let report = text(&out);
@@ -546,12 +553,7 @@ async fn a_restore_follows_no_link_in_the_data_dir_and_gives_its_owner_no_file_o
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hub_refuses_a_database_a_restore_was_interrupted_keeping_aside_and_the_next_restore_finishes_it() {
     let deployment = Deployment::new(|_| {});
-    let mut server = deployment.start().await;
-    let client = backend(&deployment, "8-evans");
-    client.delta("balance", 10, "first").await.assert_ok();
-    let backup = deployment.dir.path().join("backup.sqlite3");
-    assert!(hub(&deployment, "backup", &["--to", path_str(&backup)]).await.status.success());
-    client.delta("balance", 15, "second").await.assert_ok();
+    let (mut server, client, backup) = serving_past_a_backup(&deployment).await;
     let old_epoch = epoch(&client).await;
     server.kill().await.unwrap();
     let data = deployment.data_dir.canonicalize().unwrap();
