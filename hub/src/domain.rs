@@ -160,8 +160,8 @@ impl Domain {
         });
         let ceilings = caller.ceilings;
         let credit_site = site.clone();
-        let mutation: Mutation = Box::new(move |current: Current<'_>| {
-            authorized?;
+        let mutation: Mutation = Arc::new(move |current: Current<'_>| {
+            authorized.clone()?;
             let record = current.record;
             if base_version.is_some_and(|base| base != record.version) {
                 return Err(Rejection::VersionConflict(record.clone()));
@@ -224,8 +224,8 @@ impl Domain {
             fingerprint: json!(["delta", data_type, site.as_str(), change, reason]).to_string(),
         });
         let credit_site = site.clone();
-        let mutation: Mutation = Box::new(move |current: Current<'_>| {
-            if authorized?.is_some_and(|until| {
+        let mutation: Mutation = Arc::new(move |current: Current<'_>| {
+            if authorized.clone()?.is_some_and(|until| {
                 current.now_ms.div_euclid(1000) > i64::try_from(until).unwrap_or(i64::MAX)
             }) {
                 return Err(Rejection::GrantExpired);
@@ -247,7 +247,11 @@ impl Domain {
                 if change > 0 { Some(credit(&current, &credit_site, change, ceilings)?) } else { None };
             let mut data = record.data.clone();
             data[field] = Value::from(result);
-            Ok(Change { data, ledger: Some(LedgerEntry { delta: change, result, reason }), credits })
+            Ok(Change {
+                data,
+                ledger: Some(LedgerEntry { delta: change, result, reason: reason.clone() }),
+                credits,
+            })
         });
         self.write(Write { user, data_type, site, op, mutation }).await
     }
@@ -261,12 +265,12 @@ impl Domain {
         let data = json!({ "coins": coins });
         validate_record(DataType::Balance, &data)?;
         let site = SiteId::parse(IMPORT_SITE)?;
-        let mutation: Mutation = Box::new(move |current: Current<'_>| {
+        let mutation: Mutation = Arc::new(move |current: Current<'_>| {
             if current.record.version != 0 {
                 return Err(Rejection::VersionConflict(current.record.clone()));
             }
             let ledger = Some(LedgerEntry { delta: coins, result: coins, reason: Some("import".into()) });
-            Ok(Change { data, ledger, credits: None })
+            Ok(Change { data: data.clone(), ledger, credits: None })
         });
         self.write(Write { user, data_type: DataType::Balance, site, op: None, mutation }).await
     }

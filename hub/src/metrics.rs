@@ -379,20 +379,9 @@ impl Metrics {
         );
         registry.register_with_unit(
             "store_commit",
-            "Time of a batch's COMMIT: writing the WAL and its fsync",
+            "Time of a batch's COMMIT, until it is durable",
             Unit::Seconds,
             store.commit_seconds.clone(),
-        );
-        registry.register_with_unit(
-            "store_checkpoint",
-            "Time of a checkpoint between batches: copying the WAL into the database file and its fsync",
-            Unit::Seconds,
-            store.checkpoint_seconds.clone(),
-        );
-        registry.register(
-            "store_op_log_ids",
-            "Op ids in the op log, indexed in memory; at [store] op_ids_in_memory new ones go to the table by user",
-            store.op_log_ids.clone(),
         );
         Metrics {
             registry: root,
@@ -420,6 +409,11 @@ impl Metrics {
     /// What the store records into: batch sizes and commit times.
     pub fn store(&self) -> &StoreMetrics {
         &self.store
+    }
+
+    /// Adds what only `store`'s backend reports.
+    pub fn register_store(&mut self, store: &dyn crate::store::Store) {
+        store.register_metrics(self.registry.sub_registry_with_prefix("hub"));
     }
 
     /// The index of a configured site, for [`Seen::site`].

@@ -134,8 +134,9 @@ impl App {
         Self::build(config, store, metrics, logs)
     }
 
-    fn build(config: Config, store: Arc<dyn Store>, metrics: Metrics, logs: Logs) -> anyhow::Result<App> {
+    fn build(config: Config, store: Arc<dyn Store>, mut metrics: Metrics, logs: Logs) -> anyhow::Result<App> {
         config.validate()?;
+        metrics.register_store(&*store);
         let metrics_token = config.metrics.token()?;
         let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
         if let Some(tls) = &tls {

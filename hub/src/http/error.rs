@@ -79,7 +79,16 @@ impl From<StoreError> for ApiError {
                     "the hub failed; nothing was changed",
                 )
             }
-            StoreError::Database(_) | StoreError::Closed | StoreError::InUse(_) | StoreError::DataDir(_) => {
+            StoreError::Unavailable(_) | StoreError::Conflict(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the hub's storage is unavailable; retry later",
+                )
+                .retry_after(1)
+            }
+            StoreError::Database(_) | StoreError::Closed | StoreError::Open(_) => {
                 tracing::error!(error = %e, "store unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -7,6 +7,7 @@
 //! writes ordered before it.
 
 mod op_index;
+pub mod rules;
 pub mod sqlite;
 pub mod stamps;
 
@@ -14,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use protocol::{DataType, OpId, Refusal, SiteId, UserId};
 use serde_json::Value;
 
@@ -168,8 +169,10 @@ impl Rejection {
 }
 
 /// The domain's decision, run by the store against the current record inside its
-/// transaction, so that no other write can come between reading and writing.
-pub type Mutation = Box<dyn FnOnce(Current<'_>) -> Result<Change, Rejection> + Send>;
+/// transaction, so that no other write can come between reading and writing. A store may run
+/// it more than once for one write, when a transaction is rolled back and tried again: only
+/// the last run's decision is kept.
+pub type Mutation = Arc<dyn Fn(Current<'_>) -> Result<Change, Rejection> + Send + Sync>;
 
 /// A write to one record.
 pub struct Write {
@@ -213,18 +216,14 @@ pub enum WriteOutcome {
     Rejected(Rejection),
 }
 
-/// What a store reports about its commits, for `/metrics`. Clones record into the same
-/// histograms.
+/// What every store reports about its commits, for `/metrics`. Clones record into the same
+/// histograms. A backend registers what only it has through [`Store::register_metrics`].
 #[derive(Debug, Clone)]
 pub struct StoreMetrics {
     /// Writes committed together: how much group commit gathers.
     pub batch_writes: Histogram,
-    /// Seconds a COMMIT takes, its fsync included.
+    /// Seconds a COMMIT takes, until it is durable.
     pub commit_seconds: Histogram,
-    /// Seconds a checkpoint takes: copying the WAL into the database file and its fsync.
-    pub checkpoint_seconds: Histogram,
-    /// Op ids in the op log (and its index in memory) now.
-    pub op_log_ids: Gauge,
 }
 
 impl Default for StoreMetrics {
@@ -232,30 +231,42 @@ impl Default for StoreMetrics {
         StoreMetrics {
             batch_writes: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            checkpoint_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            op_log_ids: Gauge::default(),
         }
     }
 }
 
-/// Failures of the storage itself. None of them means a write was applied.
+/// Failures of the storage itself. None of them means a write was applied, except where
+/// [`StoreError::Unavailable`] says the outcome is unknown.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database cannot serve now: unreachable, restarting, or out of time. Passing: the
+    /// request may be retried. A write cut off this way may or may not have been applied; a
+    /// retry with its op id answers which.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// Another transaction came first: a serialization failure, a deadlock, or another hub
+    /// instance remembering the same op id. Running the write again decides it.
+    #[error("another write came first: {0}")]
+    Conflict(String),
+    /// The database refused the work for a reason a retry does not remove.
     #[error("database error: {0}")]
     Database(String),
     #[error("stored data is malformed: {0}")]
     Malformed(String),
     #[error("the store is closed")]
     Closed,
-    /// Another process holds the data dir: one hub per database, and no `hub import` while
-    /// a hub serves it.
-    #[error("another hub process is using {0}; stop it first")]
-    InUse(String),
-    /// The data dir holds what the store will not open: a symbolic link or something else
-    /// than a regular file in a file's place, or a database a restore was interrupted keeping
-    /// aside.
+    /// The store will not open; the message says what and how to fix it.
     #[error("{0}")]
-    DataDir(String),
+    Open(String),
+}
+
+impl StoreError {
+    /// Whether the same request may succeed when tried again: by the store itself for a
+    /// [`StoreError::Conflict`], by the client after a `503` for an
+    /// [`StoreError::Unavailable`].
+    pub fn retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
+    }
 }
 
 /// A durable home for records. The domain sees only this trait.
@@ -278,10 +289,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes every accepted write, then refuses new ones.
     async fn close(&self);
-}
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
-    }
+    /// Adds what only this backend reports to `/metrics`, under the hub's prefix.
+    fn register_metrics(&self, registry: &mut Registry);
 }

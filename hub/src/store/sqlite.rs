@@ -15,16 +15,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use protocol::{DataType, UserId};
+use protocol::{DataType, OpId, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::{mpsc, oneshot};
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
 use super::op_index::OpIndex;
+use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::stamps::StampCache;
-use super::{
-    Credits, Current, OpKey, Record, Rejection, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
-};
+use super::{Credits, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
 use crate::time::Clock;
 
 /// The database file inside the data dir.
@@ -41,10 +44,6 @@ const CACHED_USERS: usize = 200_000;
 const MAX_IDLE_READERS: usize = 16;
 /// How often remembered op ids older than the retention are deleted.
 const PRUNE_EVERY_MS: u64 = 10 * 60 * 1000;
-/// How far ahead of the hub's clock an op id may be dated and still count as dated: a client
-/// stamps its ids with the hub's time, so more than this is a broken clock or a made-up id,
-/// kept by the rule of undated ids (never expired).
-const DATED_AHEAD_MS: i64 = 24 * 3600 * 1000;
 /// Writes since the last checkpoint after which the writer checkpoints as soon as no write
 /// is waiting.
 const CHECKPOINT_WHEN_IDLE: usize = 64;
@@ -148,6 +147,24 @@ pub struct SqliteOptions {
     pub clock: Arc<dyn Clock>,
 }
 
+/// What only the SQLite store reports to `/metrics`. Clones record into the same ones.
+#[derive(Debug, Clone)]
+struct SqliteMetrics {
+    /// Seconds a checkpoint takes: copying the WAL into the database file and its fsync.
+    checkpoint_seconds: Histogram,
+    /// Op ids in the op log (and its index in memory) now.
+    op_log_ids: Gauge,
+}
+
+impl Default for SqliteMetrics {
+    fn default() -> Self {
+        SqliteMetrics {
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            op_log_ids: Gauge::default(),
+        }
+    }
+}
+
 /// SQLite behind the [`Store`] trait.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -163,6 +180,7 @@ struct Inner {
     stamps: Arc<StampCache>,
     /// The data dir's lock, released when the store closes.
     lock: Mutex<Option<std::fs::File>>,
+    metrics: SqliteMetrics,
 }
 
 struct Job {
@@ -186,7 +204,7 @@ impl SqliteStore {
         let dir = &trusted_data_dir(dir)?;
         let lock = lock_data_dir(dir)?;
         if let Some(kept) = backup::interrupted_restore(dir)? {
-            return Err(StoreError::DataDir(format!(
+            return Err(StoreError::Open(format!(
                 "{} is also {}: a restore was interrupted while it kept this database aside; run the restore again to finish it",
                 dir.join(DB_FILE).display(),
                 kept.display()
@@ -218,12 +236,14 @@ impl SqliteStore {
             horizon_ms.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {horizon_ms:?}")))?;
 
         let ops = OpIds::load(&conn, options.op_log_capacity)?;
-        ops.report(&options.metrics);
+        let own_metrics = SqliteMetrics::default();
+        ops.report(&own_metrics);
 
         let (tx, rx) = mpsc::channel(QUEUE);
         let max_batch = options.max_batch.max(1);
         let stamps = Arc::new(StampCache::new(CACHED_USERS));
         let writer_stamps = stamps.clone();
+        let writer_metrics = own_metrics.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
@@ -239,6 +259,7 @@ impl SqliteStore {
                     ops_unknown: false,
                     stamps: writer_stamps,
                     metrics: options.metrics,
+                    own_metrics: writer_metrics,
                 }
                 .run(rx)
             })
@@ -252,6 +273,7 @@ impl SqliteStore {
                 readers: Mutex::new(Vec::new()),
                 stamps,
                 lock: Mutex::new(Some(lock)),
+                metrics: own_metrics,
             }),
         })
     }
@@ -289,7 +311,7 @@ impl SqliteStore {
 fn trusted_data_dir(dir: &Path) -> Result<PathBuf, StoreError> {
     crate::config::create_data_dir(dir)
         .and_then(|()| std::fs::canonicalize(dir))
-        .map_err(|e| StoreError::DataDir(format!("cannot create {}: {e}", dir.display())))
+        .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", dir.display())))
 }
 
 /// Locks the data dir `dir` (which must exist) for this process until the file returned is
@@ -299,8 +321,10 @@ fn trusted_data_dir(dir: &Path) -> Result<PathBuf, StoreError> {
 fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
     let lock_path = dir.join(LOCK_FILE);
     let lock = open_in_data_dir(&lock_path, OpenOptions::new().create(true).truncate(false).write(true))
-        .map_err(|e| StoreError::DataDir(format!("cannot open {}: {e}", lock_path.display())))?;
-    lock.try_lock().map_err(|_| StoreError::InUse(dir.display().to_string()))?;
+        .map_err(|e| StoreError::Open(format!("cannot open {}: {e}", lock_path.display())))?;
+    lock.try_lock().map_err(|_| {
+        StoreError::Open(format!("another hub process is using {}; stop it first", dir.display()))
+    })?;
     Ok(lock)
 }
 
@@ -367,7 +391,7 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     open_in_data_dir(path, &mut options)
-        .map_err(|e| StoreError::DataDir(format!("cannot create {}: {e}", path.display())))?;
+        .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", path.display())))?;
     Ok(())
 }
 
@@ -438,6 +462,21 @@ impl Store for SqliteStore {
         }
         drop(self.inner.lock.lock().expect("data dir lock").take());
     }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        let metrics = &self.inner.metrics;
+        registry.register_with_unit(
+            "store_checkpoint",
+            "Time of a checkpoint between batches: copying the WAL into the database file and its fsync",
+            Unit::Seconds,
+            metrics.checkpoint_seconds.clone(),
+        );
+        registry.register(
+            "store_op_log_ids",
+            "Op ids in the op log, indexed in memory; at [store] op_ids_in_memory new ones go to the table by user",
+            metrics.op_log_ids.clone(),
+        );
+    }
 }
 
 fn read_record(
@@ -488,36 +527,6 @@ fn read_for_write(conn: &Connection, user: &str, t: DataType) -> Result<(Record,
     Ok((record, credits))
 }
 
-/// The time before which the store remembers no op id (`meta.op_horizon_ms`). It follows the
-/// wall clock less the retention, but moves no faster than time passes while the hub runs —
-/// a clock set forward does not make the store forget early — and never moves back.
-#[derive(Debug)]
-struct Horizon {
-    ms: i64,
-    retention_ms: i64,
-    /// The monotonic clock when `ms` last moved, or when the writer started.
-    moved_at: u64,
-}
-
-impl Horizon {
-    fn new(ms: i64, retention_ms: i64, monotonic: u64) -> Horizon {
-        Horizon { ms, retention_ms, moved_at: monotonic }
-    }
-
-    /// How far the horizon may move at `now` on the wall clock and `monotonic`.
-    fn next(&self, now: i64, monotonic: u64) -> i64 {
-        let passed = i64::try_from(monotonic.saturating_sub(self.moved_at)).unwrap_or(i64::MAX);
-        now.saturating_sub(self.retention_ms).min(self.ms.saturating_add(passed)).max(self.ms)
-    }
-
-    fn move_to(&mut self, ms: i64, monotonic: u64) {
-        if ms > self.ms {
-            self.ms = ms;
-            self.moved_at = monotonic;
-        }
-    }
-}
-
 /// The one connection that writes, on its own thread.
 struct Writer {
     conn: Connection,
@@ -537,6 +546,7 @@ struct Writer {
     /// Told every applied write's new stamp after its commit, before the replies go out.
     stamps: Arc<StampCache>,
     metrics: StoreMetrics,
+    own_metrics: SqliteMetrics,
 }
 
 impl Writer {
@@ -582,7 +592,7 @@ impl Writer {
         if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
         }
-        self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+        self.own_metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
         self.since_checkpoint = 0;
     }
 
@@ -613,7 +623,7 @@ impl Writer {
             for write in writes {
                 let mark = ops.index.mark();
                 let sp = tx.savepoint()?;
-                match apply(&sp, ops, write, now, horizon) {
+                match rules::apply(&mut SqliteTx { conn: &sp, ops }, &write, now, horizon) {
                     Ok(outcome) => {
                         sp.commit()?;
                         results.push(Ok(outcome));
@@ -648,7 +658,7 @@ impl Writer {
         match outcome {
             Ok((results, table_after_prune)) => {
                 self.ops.index.commit();
-                self.ops.report(&self.metrics);
+                self.ops.report(&self.own_metrics);
                 if let Some(in_table) = table_after_prune {
                     self.ops.in_table = in_table;
                     self.horizon.move_to(horizon, monotonic);
@@ -698,19 +708,13 @@ impl OpIds {
     }
 
     /// Shows how full the op log is on `/metrics`.
-    fn report(&self, metrics: &StoreMetrics) {
+    fn report(&self, metrics: &SqliteMetrics) {
         metrics.op_log_ids.set(i64::try_from(self.index.len()).unwrap_or(i64::MAX));
     }
 
     /// Looks `op_id` up: in the op log through the index, then, if need be, in `ops`.
-    fn find(
-        &self,
-        conn: &Connection,
-        hash: u64,
-        user: &str,
-        op_id: &str,
-    ) -> Result<Option<SeenOp>, StoreError> {
-        let mut candidates = self.index.candidates(hash).peekable();
+    fn find(&self, conn: &Connection, user: &str, op_id: &str) -> Result<Option<SeenOp>, StoreError> {
+        let mut candidates = self.index.candidates(self.index.hash(user, op_id)).peekable();
         if candidates.peek().is_some() {
             let mut by_row = conn.prepare_cached(
                 "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM op_log WHERE id = ?1",
@@ -718,41 +722,39 @@ impl OpIds {
             for row in candidates {
                 let found = by_row
                     .query_row(params![row], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, SeenOp::from_row(r, 2)?))
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, StoredOp::from_row(r, 2)?))
                     })
                     .optional()?;
                 if let Some((row_user, row_op, seen)) = found
                     && row_user == user
                     && row_op == op_id
                 {
-                    return Ok(Some(seen));
+                    return seen.parse().map(Some);
                 }
             }
         }
         if !self.in_table {
             return Ok(None);
         }
-        let seen = conn
-            .prepare_cached(
-                "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
-            )?
-            .query_row(params![user, op_id], |r| SeenOp::from_row(r, 0))
-            .optional()?;
-        Ok(seen)
+        conn.prepare_cached(
+            "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = ?1 AND op_id = ?2",
+        )?
+        .query_row(params![user, op_id], |r| StoredOp::from_row(r, 0))
+        .optional()?
+        .map(StoredOp::parse)
+        .transpose()
     }
 
     /// Keeps an op's answer — the record it left, or the refusal it got with the record that
     /// caused it — so that every later copy of the op gets the same answer.
-    #[allow(clippy::too_many_arguments)]
     fn remember(
         &mut self,
         conn: &Connection,
-        hash: u64,
         user: &str,
         op: &OpKey,
         record: &Record,
         refusal: Option<&str>,
-        now: i64,
+        from_ms: i64,
     ) -> Result<(), StoreError> {
         let in_log = self.index.len() < self.capacity;
         let sql = if in_log {
@@ -769,11 +771,11 @@ impl OpIds {
             record.data.to_string(),
             i64::try_from(record.version).unwrap_or(i64::MAX),
             record.updated_ms,
-            now,
+            from_ms,
             refusal,
         ])?;
         if in_log {
-            self.index.add(hash, conn.last_insert_rowid());
+            self.index.add(self.index.hash(user, op.op_id.as_str()), conn.last_insert_rowid());
         } else {
             self.in_table = true;
         }
@@ -811,8 +813,8 @@ fn any_in_table(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row("SELECT EXISTS (SELECT 1 FROM ops)", [], |r| r.get(0))
 }
 
-/// What an op id got the first time it was seen.
-struct SeenOp {
+/// An op id's row as stored: its record's data still as text.
+struct StoredOp {
     fingerprint: String,
     data: String,
     version: i64,
@@ -820,10 +822,10 @@ struct SeenOp {
     refusal: Option<String>,
 }
 
-impl SeenOp {
+impl StoredOp {
     /// Reads the five columns from `first` on: fingerprint, data, version, updated_ms, refusal.
-    fn from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<SeenOp> {
-        Ok(SeenOp {
+    fn from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<StoredOp> {
+        Ok(StoredOp {
             fingerprint: row.get(first)?,
             data: row.get(first + 1)?,
             version: row.get(first + 2)?,
@@ -831,104 +833,106 @@ impl SeenOp {
             refusal: row.get(first + 4)?,
         })
     }
+
+    fn parse(self) -> Result<SeenOp, StoreError> {
+        Ok(SeenOp {
+            fingerprint: self.fingerprint,
+            record: Record {
+                data: parse_data(&self.data)?,
+                version: version_of(self.version),
+                updated_ms: self.updated_ms,
+            },
+            refusal: self.refusal,
+        })
+    }
 }
 
-/// One write inside the batch's transaction. `horizon`: an op unknown to the store and dated
-/// before it may have been applied and forgotten, so it is refused and not applied.
-fn apply(
-    conn: &Connection,
-    ops: &mut OpIds,
-    write: Write,
-    now: i64,
-    horizon: i64,
-) -> Result<WriteOutcome, StoreError> {
-    let user = write.user.as_str();
-    let op_hash = write.op.as_ref().map(|op| ops.index.hash(user, op.op_id.as_str())).unwrap_or_default();
-    if let Some(op) = &write.op
-        && let Some(seen) = ops.find(conn, op_hash, user, op.op_id.as_str())?
-    {
-        if seen.fingerprint != op.fingerprint {
-            return Ok(WriteOutcome::OpIdReused);
-        }
-        let record = Record {
-            data: parse_data(&seen.data)?,
-            version: version_of(seen.version),
-            updated_ms: seen.updated_ms,
-        };
-        return match seen.refusal.as_deref() {
-            None => Ok(WriteOutcome::Replayed(record)),
-            Some(code) => Rejection::kept(code, record)
-                .map(WriteOutcome::Rejected)
-                .ok_or_else(|| StoreError::Malformed(format!("unknown refusal {code:?} in ops"))),
-        };
+/// The writer's transaction, as the rules see it.
+struct SqliteTx<'a> {
+    conn: &'a Connection,
+    ops: &'a mut OpIds,
+}
+
+impl Tx for SqliteTx<'_> {
+    fn find_op(&mut self, user: &UserId, op_id: &OpId) -> Result<Option<SeenOp>, StoreError> {
+        self.ops.find(self.conn, user.as_str(), op_id.as_str())
     }
-    // The date an unknown op counts from: its id's, when it carries a believable one (a
-    // remembered op lasts until the horizon passes both its id's date and its arrival).
-    let dated = write
-        .op
-        .as_ref()
-        .and_then(|op| op.op_id.dated_ms())
-        .filter(|d| *d <= now.saturating_add(DATED_AHEAD_MS));
-    if dated.is_some_and(|d| d < horizon) {
-        return Ok(WriteOutcome::Rejected(Rejection::OpExpired));
+
+    fn remember_op(
+        &mut self,
+        user: &UserId,
+        op: &OpKey,
+        record: &Record,
+        refusal: Option<&str>,
+        from_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.ops.remember(self.conn, user.as_str(), op, record, refusal, from_ms)
     }
-    let remembered_from = dated.map_or(now, |d| d.max(now));
-    let (current, credits) = read_for_write(conn, user, write.data_type)?;
-    let change = match (write.mutation)(Current { record: &current, credits: &credits, now_ms: now }) {
-        Ok(change) => change,
-        Err(refusal) => {
-            if let (Some(op), Some(code)) = (&write.op, refusal.code()) {
-                ops.remember(conn, op_hash, user, op, &current, Some(code), remembered_from)?;
-            }
-            return Ok(WriteOutcome::Rejected(refusal));
-        }
-    };
-    let record = if change.data == current.data && change.ledger.is_none() {
-        current
-    } else {
-        let record = Record {
-            data: change.data,
-            version: current.version + 1,
-            updated_ms: Some(current.updated_ms.map_or(now, |prev| now.max(prev + 1))),
-        };
-        let text = record.data.to_string();
-        let version = i64::try_from(record.version).unwrap_or(i64::MAX);
-        let at = record.updated_ms.unwrap_or(now);
-        let credits = change
-            .credits
-            .map(|c| serde_json::to_string(&c))
+
+    /// Every write goes through the one writer, so reading is locking here.
+    fn read_record(&mut self, user: &UserId, data_type: DataType) -> Result<(Record, Credits), StoreError> {
+        read_for_write(self.conn, user.as_str(), data_type)
+    }
+
+    fn put_record(
+        &mut self,
+        user: &UserId,
+        data_type: DataType,
+        record: &Record,
+        credits: Option<&Credits>,
+    ) -> Result<(), StoreError> {
+        let credits = credits
+            .map(serde_json::to_string)
             .transpose()
             .map_err(|e| StoreError::Malformed(e.to_string()))?;
-        conn.prepare_cached(
-            "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (user_id, data_type)
-             DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5, credits = COALESCE(?6, credits)",
-        )?
-        .execute(params![user, write.data_type.as_str(), text, version, at, credits])?;
-        if let Some(entry) = change.ledger {
-            conn.prepare_cached(
+        self.conn
+            .prepare_cached(
+                "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (user_id, data_type)
+                 DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5, credits = COALESCE(?6, credits)",
+            )?
+            .execute(params![
+                user.as_str(),
+                data_type.as_str(),
+                record.data.to_string(),
+                i64::try_from(record.version).unwrap_or(i64::MAX),
+                record.updated_ms,
+                credits
+            ])?;
+        Ok(())
+    }
+
+    fn append_ledger(&mut self, row: LedgerRow<'_>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
                 "INSERT INTO ledger (user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
-                user,
-                write.data_type.as_str(),
-                write.site.as_str(),
-                write.op.as_ref().map(|o| o.op_id.as_str()),
-                entry.delta,
-                entry.result,
-                version,
-                entry.reason,
-                at,
+                row.user.as_str(),
+                row.data_type.as_str(),
+                row.site.as_str(),
+                row.op_id.map(OpId::as_str),
+                row.entry.delta,
+                row.entry.result,
+                i64::try_from(row.version).unwrap_or(i64::MAX),
+                row.entry.reason,
+                row.at_ms,
             ])?;
-        }
-        record
-    };
-    if let Some(op) = &write.op {
-        ops.remember(conn, op_hash, user, op, &record, None, remembered_from)?;
+        Ok(())
     }
-    Ok(WriteOutcome::Applied(record))
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -937,7 +941,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::{Change, LedgerEntry};
+    use crate::store::{Change, Current, LedgerEntry, Rejection};
 
     fn delta(op_id: &str, amount: i64, reason: &str) -> Write {
         let reason = reason.to_owned();
@@ -946,9 +950,9 @@ mod tests {
             data_type: DataType::Balance,
             site: SiteId::parse("roflfaucet").unwrap(),
             op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: amount.to_string() }),
-            mutation: Box::new(move |current: Current<'_>| {
+            mutation: Arc::new(move |current: Current<'_>| {
                 let coins = current.record.data["coins"].as_i64().unwrap_or(0) + amount;
-                let ledger = LedgerEntry { delta: amount, result: coins, reason: Some(reason) };
+                let ledger = LedgerEntry { delta: amount, result: coins, reason: Some(reason.clone()) };
                 Ok(Change { data: json!({ "coins": coins }), ledger: Some(ledger), credits: None })
             }),
         }
@@ -1031,6 +1035,7 @@ mod tests {
             ops_unknown: false,
             stamps: Arc::new(StampCache::new(100)),
             metrics: StoreMetrics::default(),
+            own_metrics: SqliteMetrics::default(),
         }
     }
 
@@ -1113,15 +1118,5 @@ mod tests {
         // An op dated a month ago is still within what the store remembers.
         let month_old = uuid7(T - 29 * DAY, 2);
         assert!(matches!(outcome(&mut writer, delta(&month_old, 1, "")), WriteOutcome::Applied(_)));
-    }
-
-    #[test]
-    fn the_horizon_never_moves_back_and_moves_no_faster_than_time_passes() {
-        let mut horizon = Horizon::new(T - RETENTION, RETENTION, 0);
-        assert_eq!(horizon.next(T - DAY, 0), T - RETENTION, "a clock set back");
-        assert_eq!(horizon.next(T + 90 * DAY, 1000), T - RETENTION + 1000, "a clock set forward");
-        horizon.move_to(T - RETENTION + 1000, 1000);
-        assert_eq!(horizon.next(T + 1000 + DAY, 1000 + DAY as u64), T - RETENTION + 1000 + DAY);
-        assert_eq!(horizon.next(T + 2000, 5000), T + 2000 - RETENTION, "time passing as the clock says");
     }
 }

@@ -410,7 +410,7 @@ pub(super) fn interrupted_restore(data_dir: &Path) -> Result<Option<PathBuf>, St
     {
         use std::os::unix::fs::MetadataExt;
         let unreadable =
-            |e: std::io::Error| StoreError::DataDir(format!("cannot read {}: {e}", data_dir.display()));
+            |e: std::io::Error| StoreError::Open(format!("cannot read {}: {e}", data_dir.display()));
         let Ok(db) = data_dir.join(DB_FILE).symlink_metadata() else {
             return Ok(None);
         };
