@@ -165,25 +165,95 @@ pub struct AccessLogConfig {
     pub path: Option<PathBuf>,
 }
 
-/// How the store writes to disk.
+/// Where the records are kept: which backend, and how it writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// `"sqlite"` (the default): one file in the data dir, served by one hub process.
+    /// `"postgres"`: a PostgreSQL database that several hub instances share.
+    pub backend: Backend,
     /// Gather the writes that arrive together into one transaction and one fsync (the
     /// default). `false` commits and fsyncs each write on its own: every write is just as
     /// durable, but the disk's fsync rate caps the hub's write rate. It exists to measure
     /// what group commit buys (`cargo xtask bench`).
     pub group_commit: bool,
-    /// Op ids the op log holds at most. The hub finds them through an index in memory, about
-    /// 20 bytes each (18 MiB when the default is full), and a new one costs an append to the
-    /// log. While the log is full, new op ids go to a table by user, where each costs about
-    /// one more page written, until old ones expire (`limits.op_retention_days`).
+    /// SQLite: op ids the op log holds at most. The hub finds them through an index in
+    /// memory, about 20 bytes each (18 MiB when the default is full), and a new one costs an
+    /// append to the log. While the log is full, new op ids go to a table by user, where each
+    /// costs about one more page written, until old ones expire (`limits.op_retention_days`).
     pub op_ids_in_memory: usize,
+    /// PostgreSQL: the database's URL, `postgres://user:password@host:port/database`. Prefer
+    /// `url_env`, which keeps the password out of the settings file. Never logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PostgreSQL: the name of an environment variable holding the URL (read at start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
+    /// PostgreSQL: connections this instance opens at most, the writer's included. Every
+    /// instance opens its own: the database's `max_connections` must hold all of them.
+    pub pool: usize,
+    /// PostgreSQL: how long one statement may take before the database cancels it, in
+    /// milliseconds; the request then fails with `503` and may be retried.
+    pub statement_timeout_ms: u64,
+}
+
+/// The stores the hub can keep its records in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { group_commit: true, op_ids_in_memory: 900_000 }
+        StoreConfig {
+            backend: Backend::Sqlite,
+            group_commit: true,
+            op_ids_in_memory: 900_000,
+            url: None,
+            url_env: None,
+            pool: 16,
+            statement_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Refuses settings that do not name one database, or that belong to another backend.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self.backend {
+            Backend::Sqlite => {
+                if self.url.is_some() || self.url_env.is_some() {
+                    bail!(
+                        "store.url and store.url_env are for backend = \"postgres\"; SQLite lives in the data dir"
+                    );
+                }
+            }
+            Backend::Postgres => {
+                if self.url.is_some() == self.url_env.is_some() {
+                    bail!("backend = \"postgres\" needs exactly one of store.url and store.url_env");
+                }
+                if self.pool < 2 {
+                    bail!("store.pool must be at least 2: one connection writes, the others read");
+                }
+                if self.statement_timeout_ms == 0 {
+                    bail!("store.statement_timeout_ms must be at least 1");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The PostgreSQL URL, from the settings or from the environment variable they name.
+    pub fn postgres_url(&self) -> anyhow::Result<String> {
+        match (&self.url, &self.url_env) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("store.url_env names {var}, which is not set (or not UTF-8)")),
+            (None, None) => bail!("backend = \"postgres\" needs store.url or store.url_env"),
+        }
     }
 }
 
@@ -469,6 +539,13 @@ impl Default for Config {
     }
 }
 
+impl Limits {
+    /// How long an op id is remembered.
+    pub fn op_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.op_retention_days) * 86_400)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -645,6 +722,7 @@ impl Config {
     /// Checks the settings that decide how records are kept and changed: all that `hub
     /// import` reads, which needs no site, key or certificate.
     pub fn validate_records(&self) -> anyhow::Result<()> {
+        self.store.validate()?;
         if self.limits.op_retention_days < 7 {
             bail!("limits.op_retention_days must be at least 7");
         }

@@ -69,7 +69,12 @@ pub enum Outcome {
 /// records are kept are checked, and nothing else is read.
 pub fn open(config: &Config) -> anyhow::Result<Domain> {
     config.validate_records()?;
-    let store = crate::store::open(config, StoreMetrics::default())?;
+    let store = crate::store::open(
+        &config.store,
+        &config.data_dir,
+        config.limits.op_retention(),
+        StoreMetrics::default(),
+    )?;
     Ok(Domain::new(store, protocol::Limits { max_delta: config.limits.max_delta }))
 }
 

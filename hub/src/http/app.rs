@@ -123,7 +123,12 @@ impl App {
         crate::check::check(&config).into_result()?;
         let logs = Logs::open(&config.access_log)?;
         let metrics = Metrics::new(config.sites.iter().map(|s| s.id.as_str()), now_ms());
-        let store = crate::store::open(&config, metrics.store().clone())?;
+        let store = crate::store::open(
+            &config.store,
+            &config.data_dir,
+            config.limits.op_retention(),
+            metrics.store().clone(),
+        )?;
         Self::build(config, store, metrics, logs)
     }
 

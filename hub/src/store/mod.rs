@@ -7,10 +7,12 @@
 //! writes ordered before it.
 
 mod op_index;
+pub mod postgres;
 pub mod rules;
 pub mod sqlite;
 pub mod stamps;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,19 +22,43 @@ use prometheus_client::registry::Registry;
 use protocol::{DataType, OpId, Refusal, SiteId, UserId};
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Backend, StoreConfig};
 
-/// Opens the store `config` names, in its data dir — SQLite, the one backend so far — with
-/// its settings; it records its commits in `metrics`.
-pub fn open(config: &Config, metrics: StoreMetrics) -> anyhow::Result<Arc<dyn Store>> {
-    let options = sqlite::SqliteOptions {
-        op_retention: Duration::from_secs(u64::from(config.limits.op_retention_days) * 86_400),
-        max_batch: if config.store.group_commit { sqlite::MAX_BATCH } else { 1 },
-        op_log_capacity: config.store.op_ids_in_memory,
-        metrics,
-        clock: Arc::new(crate::time::SystemClock::default()),
-    };
-    Ok(Arc::new(sqlite::SqliteStore::open(&config.data_dir, options)?))
+/// Opens the store `config` names, with its settings; SQLite's database lives in
+/// `data_dir`. An op id is remembered for `op_retention`. The store records its commits in
+/// `metrics`.
+pub fn open(
+    config: &StoreConfig,
+    data_dir: &Path,
+    op_retention: Duration,
+    metrics: StoreMetrics,
+) -> anyhow::Result<Arc<dyn Store>> {
+    config.validate()?;
+    let clock = Arc::new(crate::time::SystemClock::default());
+    Ok(match config.backend {
+        Backend::Sqlite => {
+            let options = sqlite::SqliteOptions {
+                op_retention,
+                max_batch: if config.group_commit { sqlite::MAX_BATCH } else { 1 },
+                op_log_capacity: config.op_ids_in_memory,
+                metrics,
+                clock,
+            };
+            Arc::new(sqlite::SqliteStore::open(data_dir, options)?)
+        }
+        Backend::Postgres => {
+            let options = postgres::PostgresOptions {
+                url: config.postgres_url()?,
+                pool: config.pool,
+                statement_timeout: Duration::from_millis(config.statement_timeout_ms),
+                op_retention,
+                max_batch: if config.group_commit { postgres::MAX_BATCH } else { 1 },
+                metrics,
+                clock,
+            };
+            Arc::new(postgres::PostgresStore::open(options)?)
+        }
+    })
 }
 
 /// One `(user, data_type)` record.

@@ -1,0 +1,830 @@
+//! The shared store: one PostgreSQL database that several hub instances serve at once.
+//!
+//! The database is the authority for every rule that spans instances. An op id is unique per
+//! user in `ops`, so two instances applying the same op race on one row and the loser's
+//! transaction is rolled back and run again, finding the winner's answer. A record is read
+//! `FOR UPDATE`, so writes to it from any instance apply one after the other, each to what
+//! the last one committed; its version and stamp come from that row, not from an instance's
+//! clock.
+//!
+//! Each instance has one writer: a connection on a thread of its own that gathers the writes
+//! waiting into one transaction and one durable commit (group commit), taking records in one
+//! order across instances so that two batches never wait on each other in a circle. A write
+//! that fails for its own reason is taken out and the batch run again without it; nothing is
+//! answered before the commit. Reads go through a pool of other connections, straight to the
+//! database: no instance keeps stamps in memory, so none answers from behind another's write.
+//!
+//! Every table holding users' data is keyed by user id first, and every query on it names one
+//! user, except forgetting expired op ids (`DELETE FROM ops WHERE created_ms < …`, a sweep
+//! every few minutes). `meta` holds the database's own settings.
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use postgres::{Client, NoTls, Statement};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use protocol::{DataType, OpId, UserId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+
+use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
+use super::{Credits, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
+use crate::time::Clock;
+
+/// Writes gathered into one transaction at most, with group commit on.
+pub const MAX_BATCH: usize = 256;
+/// Writes waiting for the writer at most; senders beyond it wait (backpressure).
+const QUEUE: usize = 8192;
+/// Runs of one batch that lost to another transaction (a deadlock, or an op id another
+/// instance remembered first) before its writes are answered `503`.
+const TRIES: usize = 8;
+/// How often remembered op ids older than the retention are forgotten.
+const PRUNE_EVERY_MS: u64 = 10 * 60 * 1000;
+/// After the writer failed to reach the database, how long it answers `503` before trying
+/// again, so that a database that is away is not called for every write.
+const RECONNECT_AFTER: Duration = Duration::from_millis(250);
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The advisory lock (a 64-bit key of the hub's own) that every write batch holds shared and
+/// moving the op-id horizon holds alone: a batch sees one horizon from its start to its
+/// commit, and no op id it may still look for is forgotten under it.
+const HORIZON_LOCK: i64 = 0x6875_625f_686f_7231;
+/// The advisory lock held while the schema is migrated, so that instances starting together
+/// migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x6875_625f_6d69_6772;
+
+/// The schema, one migration per step; never edit a published step, add one.
+const STEPS: &[&str] = &["CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE records (
+        user_id TEXT NOT NULL,
+        data_type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        credits TEXT,
+        PRIMARY KEY (user_id, data_type)
+    );
+    CREATE TABLE ops (
+        user_id TEXT NOT NULL,
+        op_id TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        data TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        updated_ms BIGINT,
+        created_ms BIGINT NOT NULL,
+        refusal TEXT,
+        PRIMARY KEY (user_id, op_id)
+    );
+    CREATE INDEX ops_by_age ON ops (created_ms);
+    CREATE TABLE ledger (
+        user_id TEXT NOT NULL,
+        id BIGINT GENERATED ALWAYS AS IDENTITY,
+        data_type TEXT NOT NULL,
+        site_id TEXT NOT NULL,
+        op_id TEXT,
+        delta BIGINT NOT NULL,
+        result BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        reason TEXT,
+        at_ms BIGINT NOT NULL,
+        PRIMARY KEY (user_id, id)
+    );"];
+
+/// The schema version this hub brings a database to: a database beyond it was migrated by a
+/// newer hub, and this one refuses it.
+pub const SCHEMA_VERSION: i32 = STEPS.len() as i32;
+
+/// How the PostgreSQL store connects and writes.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// `postgres://…`; never logged.
+    pub url: String,
+    /// Connections this instance opens at most: one writer, the rest for reads.
+    pub pool: usize,
+    /// How long one statement may run before the database cancels it.
+    pub statement_timeout: Duration,
+    /// How long an op id is remembered.
+    pub op_retention: Duration,
+    /// Writes committed together at most: 1 gives one transaction per write.
+    pub max_batch: usize,
+    pub metrics: StoreMetrics,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("pool", &self.pool)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What only the PostgreSQL store reports to `/metrics`.
+#[derive(Debug, Clone, Default)]
+struct PostgresMetrics {
+    /// Batches run again after losing to another transaction.
+    batch_retries: Counter,
+    /// Times the writer opened a connection after losing one.
+    reconnects: Counter,
+}
+
+/// PostgreSQL behind the [`Store`] trait.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    epoch: String,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Pool,
+    metrics: PostgresMetrics,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("epoch", &self.inner.epoch).finish()
+    }
+}
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
+}
+
+impl PostgresStore {
+    /// Connects, brings the schema up to date (waiting for another instance doing the same)
+    /// and starts the writer. Fails when the database cannot be reached: a hub does not start
+    /// without knowing its database's epoch.
+    pub fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        let config = connection_config(&options.url, options.statement_timeout)?;
+        let readers = Pool::builder(Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        ))
+        .max_size(options.pool.saturating_sub(1).max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(options.statement_timeout))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| StoreError::Open(format!("cannot make the PostgreSQL connection pool: {e}")))?;
+
+        let metrics = PostgresMetrics::default();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (opened, open_result) = std::sync::mpsc::channel();
+        let writer_metrics = metrics.clone();
+        // The blocking client runs a runtime of its own, which must not be started from inside
+        // the hub's: everything it does happens on this thread.
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || match Writer::start(config, options, writer_metrics) {
+                Ok((writer, epoch)) => {
+                    let _ = opened.send(Ok(epoch));
+                    writer.run(rx);
+                }
+                Err(e) => {
+                    let _ = opened.send(Err(e));
+                }
+            })
+            .map_err(|e| StoreError::Open(format!("cannot start the writer: {e}")))?;
+        let epoch =
+            open_result.recv().map_err(|_| StoreError::Open("the writer stopped while opening".into()))??;
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                epoch,
+                writer: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(thread)),
+                readers,
+                metrics,
+            }),
+        })
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
+        self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
+    }
+
+    async fn reader(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.readers.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::from(e),
+            other => StoreError::Unavailable(other.to_string()),
+        })
+    }
+}
+
+/// The connection settings of `url`, with what every connection of the hub sets: a
+/// statement timeout, commits that wait until they are durable whatever the server's default,
+/// and the hub's name in `pg_stat_activity`.
+fn connection_config(url: &str, statement_timeout: Duration) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| StoreError::Open(format!("the store's URL is not a PostgreSQL URL: {e}")))?;
+    config
+        .options(format!(
+            "-c statement_timeout={} -c synchronous_commit=on",
+            statement_timeout.as_millis().max(1)
+        ))
+        .application_name("unified-sync hub")
+        .connect_timeout(CONNECT_TIMEOUT);
+    Ok(config)
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let Some(db) = e.as_db_error() else {
+            // No answer from the database: the connection broke, or never opened.
+            return StoreError::Unavailable(e.to_string());
+        };
+        let message = format!("{}: {}", db.code().code(), db.message());
+        let code = db.code();
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::UNIQUE_VIOLATION
+        {
+            StoreError::Conflict(message)
+        } else if *code == SqlState::QUERY_CANCELED
+            || ["08", "53", "57"].iter().any(|class| code.code().starts_with(class))
+        {
+            // Cut off, out of resources, or shutting down: passing, from the hub's side.
+            StoreError::Unavailable(message)
+        } else {
+            StoreError::Database(message)
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn epoch(&self) -> &str {
+        &self.inner.epoch
+    }
+
+    async fn stamps(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Stamp>, StoreError> {
+        let client = self.reader().await?;
+        let stmt = client
+            .prepare_cached("SELECT data_type, version, updated_ms FROM records WHERE user_id = $1")
+            .await?;
+        let mut stored = DataType::ALL.map(|_| Stamp { version: 0, updated_ms: None });
+        for row in client.query(&stmt, &[&user.as_str()]).await? {
+            let data_type = data_type_of(row.get(0))?;
+            stored[data_type.index()] =
+                Stamp { version: version_of(row.get(1)), updated_ms: Some(row.get(2)) };
+        }
+        Ok(types.iter().map(|t| stored[t.index()]).collect())
+    }
+
+    async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError> {
+        let client = self.reader().await?;
+        let stmt = client
+            .prepare_cached("SELECT data_type, data, version, updated_ms FROM records WHERE user_id = $1")
+            .await?;
+        let mut stored: [Option<Record>; DataType::ALL.len()] = Default::default();
+        for row in client.query(&stmt, &[&user.as_str()]).await? {
+            let data_type = data_type_of(row.get(0))?;
+            if types.contains(&data_type) {
+                stored[data_type.index()] = Some(Record {
+                    data: parse_data(row.get(1))?,
+                    version: version_of(row.get(2)),
+                    updated_ms: Some(row.get(3)),
+                });
+            }
+        }
+        Ok(types.iter().map(|t| stored[t.index()].clone().unwrap_or_else(|| Record::empty(*t))).collect())
+    }
+
+    async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?.send(Job { write, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.sender()?.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        self.reader().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        drop(self.inner.writer.lock().expect("writer handle").take());
+        let thread = self.inner.writer_thread.lock().expect("writer thread").take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.inner.readers.close();
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        let metrics = &self.inner.metrics;
+        registry.register(
+            "store_batch_retries",
+            "Write batches run again after losing to another transaction: a deadlock, or an op id another hub instance remembered first",
+            metrics.batch_retries.clone(),
+        );
+        registry.register(
+            "store_reconnects",
+            "Times the writer opened a new connection to the database after losing one",
+            metrics.reconnects.clone(),
+        );
+    }
+}
+
+fn data_type_of(s: &str) -> Result<DataType, StoreError> {
+    DataType::parse(s).map_err(|_| StoreError::Malformed(format!("unknown data_type {s:?} in records")))
+}
+
+fn parse_data(text: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Malformed(format!("record data is not JSON: {e}")))
+}
+
+fn version_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn stored_version(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A new database's id: pages that held another drop their cache when they see it.
+fn new_epoch() -> String {
+    crate::config::random_secret()[..16].to_owned()
+}
+
+/// Brings the schema of the database `client` is connected to up to date, one instance at
+/// a time, and gives a new database its epoch and op-id horizon. Returns the epoch.
+fn migrate(client: &mut Client, horizon_ms: i64) -> Result<String, StoreError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+    let migrated = (|| -> Result<String, StoreError> {
+        client.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                applied_ms BIGINT NOT NULL
+            )",
+        )?;
+        let at: i32 =
+            client.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?.get(0);
+        if at > SCHEMA_VERSION {
+            return Err(StoreError::Open(format!(
+                "the database's schema is at version {at}, newer than this hub's {SCHEMA_VERSION}: \
+                 a newer hub migrated it; run that version"
+            )));
+        }
+        for (version, step) in (1..).zip(STEPS).skip(usize::try_from(at).unwrap_or(0)) {
+            let mut tx = client.transaction()?;
+            tx.batch_execute(step)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                &[&version, &crate::time::now_ms()],
+            )?;
+            tx.commit()?;
+            tracing::info!(version, "PostgreSQL schema migrated");
+        }
+        client.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch', $1), ('op_horizon_ms', $2) ON CONFLICT (key) DO NOTHING",
+            &[&new_epoch(), &horizon_ms.to_string()],
+        )?;
+        Ok(client.query_one("SELECT value FROM meta WHERE key = 'epoch'", &[])?.get(0))
+    })();
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
+    migrated
+}
+
+/// Gives the database of `url` a new epoch, as a restore from a dump needs: pages that cached
+/// records of the database as it was drop their cache. Returns the new epoch.
+pub fn renew_epoch(url: &str) -> Result<String, StoreError> {
+    let config = connection_config(url, Duration::from_secs(30))?;
+    let epoch = new_epoch();
+    let url_epoch = epoch.clone();
+    std::thread::spawn(move || -> Result<(), StoreError> {
+        let mut client = postgres::Config::from(config).connect(NoTls)?;
+        let updated = client.execute("UPDATE meta SET value = $1 WHERE key = 'epoch'", &[&url_epoch])?;
+        if updated == 0 {
+            return Err(StoreError::Open(
+                "the database holds no hub epoch: it is not a hub's database".into(),
+            ));
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| StoreError::Open("the epoch could not be set".into()))??;
+    Ok(epoch)
+}
+
+/// A connection of the writer, with its statements prepared.
+struct Connection {
+    client: Client,
+    find_op: Statement,
+    remember_op: Statement,
+    read_record: Statement,
+    insert_record: Statement,
+    update_record: Statement,
+    append_ledger: Statement,
+}
+
+impl Connection {
+    fn open(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
+        let mut client = postgres::Config::from(config.clone()).connect(NoTls)?;
+        Ok(Connection {
+            find_op: client.prepare(
+                "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = $1 AND op_id = $2",
+            )?,
+            // Unique per user: an op id another transaction is remembering waits for it, and
+            // inserts nothing once it commits.
+            remember_op: client.prepare(
+                "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, op_id) DO NOTHING",
+            )?,
+            read_record: client.prepare(
+                "SELECT data, version, updated_ms, credits FROM records
+                 WHERE user_id = $1 AND data_type = $2 FOR UPDATE",
+            )?,
+            // A record's first version: a row another transaction is inserting waits for it,
+            // and is not overwritten once it commits.
+            insert_record: client.prepare(
+                "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, data_type) DO NOTHING",
+            )?,
+            update_record: client.prepare(
+                "UPDATE records SET data = $3, version = $4, updated_ms = $5, credits = COALESCE($6, credits)
+                 WHERE user_id = $1 AND data_type = $2 AND version = $4::BIGINT - 1",
+            )?,
+            append_ledger: client.prepare(
+                "INSERT INTO ledger (user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )?,
+            client,
+        })
+    }
+}
+
+/// The writer's transaction, as the rules see it.
+struct PgTx<'a> {
+    conn: &'a mut Connection,
+}
+
+impl Tx for PgTx<'_> {
+    fn find_op(&mut self, user: &UserId, op_id: &OpId) -> Result<Option<SeenOp>, StoreError> {
+        let Some(row) = self.conn.client.query_opt(&self.conn.find_op, &[&user.as_str(), &op_id.as_str()])?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(SeenOp {
+            fingerprint: row.get(0),
+            record: Record {
+                data: parse_data(row.get(1))?,
+                version: version_of(row.get(2)),
+                updated_ms: row.get(3),
+            },
+            refusal: row.get(4),
+        }))
+    }
+
+    fn remember_op(
+        &mut self,
+        user: &UserId,
+        op: &OpKey,
+        record: &Record,
+        refusal: Option<&str>,
+        from_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inserted = self.conn.client.execute(
+            &self.conn.remember_op,
+            &[
+                &user.as_str(),
+                &op.op_id.as_str(),
+                &op.fingerprint,
+                &record.data.to_string(),
+                &stored_version(record.version),
+                &record.updated_ms,
+                &from_ms,
+                &refusal,
+            ],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "op id {} of {user} was remembered by another write",
+                op.op_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn read_record(&mut self, user: &UserId, data_type: DataType) -> Result<(Record, Credits), StoreError> {
+        let row =
+            self.conn.client.query_opt(&self.conn.read_record, &[&user.as_str(), &data_type.as_str()])?;
+        let Some(row) = row else {
+            return Ok((Record::empty(data_type), Credits::default()));
+        };
+        let record = Record {
+            data: parse_data(row.get(0))?,
+            version: version_of(row.get(1)),
+            updated_ms: Some(row.get(2)),
+        };
+        let credits = match row.get::<_, Option<&str>>(3) {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| StoreError::Malformed(format!("credits of {user}'s {data_type}: {e}")))?,
+            None => Credits::default(),
+        };
+        Ok((record, credits))
+    }
+
+    fn put_record(
+        &mut self,
+        user: &UserId,
+        data_type: DataType,
+        record: &Record,
+        credits: Option<&Credits>,
+    ) -> Result<(), StoreError> {
+        let credits = credits
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Malformed(e.to_string()))?;
+        let statement = if record.version == 1 { &self.conn.insert_record } else { &self.conn.update_record };
+        let written = self.conn.client.execute(
+            statement,
+            &[
+                &user.as_str(),
+                &data_type.as_str(),
+                &record.data.to_string(),
+                &stored_version(record.version),
+                &record.updated_ms,
+                &credits,
+            ],
+        )?;
+        if written == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{user}'s {data_type} was written by another transaction"
+            )));
+        }
+        Ok(())
+    }
+
+    fn append_ledger(&mut self, row: LedgerRow<'_>) -> Result<(), StoreError> {
+        self.conn.client.execute(
+            &self.conn.append_ledger,
+            &[
+                &row.user.as_str(),
+                &row.data_type.as_str(),
+                &row.site.as_str(),
+                &row.op_id.map(OpId::as_str),
+                &row.entry.delta,
+                &row.entry.result,
+                &stored_version(row.version),
+                &row.entry.reason,
+                &row.at_ms,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// The one connection of this instance that writes, on its own thread.
+struct Writer {
+    config: tokio_postgres::Config,
+    conn: Option<Connection>,
+    /// When the writer last failed to reach the database.
+    unreachable_since: Option<Instant>,
+    /// This instance's view of the time before which no op id is remembered; the database's
+    /// (`meta.op_horizon_ms`) is the one batches go by.
+    horizon: Horizon,
+    clock: Arc<dyn Clock>,
+    last_prune: Option<u64>,
+    max_batch: usize,
+    metrics: StoreMetrics,
+    own_metrics: PostgresMetrics,
+}
+
+/// How one run of a batch failed.
+struct Failed {
+    /// The write it failed on (its index in the batch), when a write failed.
+    at: Option<usize>,
+    error: StoreError,
+    /// Whether the commit itself failed: the batch may or may not have been applied.
+    in_commit: bool,
+}
+
+impl Writer {
+    fn start(
+        config: tokio_postgres::Config,
+        options: PostgresOptions,
+        own_metrics: PostgresMetrics,
+    ) -> Result<(Writer, String), StoreError> {
+        let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
+        let mut client = postgres::Config::from(config.clone()).connect(NoTls)?;
+        let epoch = migrate(&mut client, options.clock.now_ms().saturating_sub(retention_ms))?;
+        let horizon_ms = read_horizon(&mut client)?;
+        drop(client);
+        let conn = Connection::open(&config)?;
+        let writer = Writer {
+            config,
+            conn: Some(conn),
+            unreachable_since: None,
+            horizon: Horizon::new(horizon_ms, retention_ms, options.clock.monotonic_ms()),
+            clock: options.clock,
+            last_prune: None,
+            max_batch: options.max_batch.max(1),
+            metrics: options.metrics,
+            own_metrics,
+        };
+        Ok((writer, epoch))
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (writes, replies): (Vec<Write>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.write, j.reply)).unzip();
+            let results = self.commit_batch(&writes);
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+            self.prune_if_due();
+        }
+    }
+
+    /// Opens the writer's connection again if it was lost.
+    fn connect(&mut self) -> Result<(), StoreError> {
+        if self.conn.is_none() {
+            if self.unreachable_since.is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
+                return Err(StoreError::Unavailable("the database cannot be reached".into()));
+            }
+            match Connection::open(&self.config) {
+                Ok(conn) => {
+                    self.own_metrics.reconnects.inc();
+                    self.unreachable_since = None;
+                    tracing::info!("the store's writer is connected to the database again");
+                    self.conn = Some(conn);
+                }
+                Err(e) => {
+                    self.unreachable_since = Some(Instant::now());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every write in one transaction, in the order of their records, and answers each.
+    /// A write failing for its own reason is answered with its error and the others run again
+    /// without it; a batch that lost to another transaction runs again whole.
+    fn commit_batch(&mut self, writes: &[Write]) -> Vec<Result<WriteOutcome, StoreError>> {
+        let mut results: Vec<Option<Result<WriteOutcome, StoreError>>> =
+            writes.iter().map(|_| None).collect();
+        // One order of records for every instance's batches; a record's writes keep theirs.
+        let mut pending: Vec<usize> = (0..writes.len()).collect();
+        pending.sort_by(|&a, &b| {
+            (writes[a].user.as_str(), writes[a].data_type.as_str())
+                .cmp(&(writes[b].user.as_str(), writes[b].data_type.as_str()))
+        });
+        let mut tries = 0;
+        while !pending.is_empty() {
+            tries += 1;
+            let outcome = match self.connect() {
+                Ok(()) => {
+                    let conn = self.conn.as_mut().expect("connected");
+                    run_batch(conn, writes, &pending, self.clock.now_ms(), &self.metrics)
+                }
+                Err(error) => Err(Failed { at: None, error, in_commit: false }),
+            };
+            match outcome {
+                Ok(outcomes) => {
+                    for (i, outcome) in pending.iter().zip(outcomes) {
+                        results[*i] = Some(Ok(outcome));
+                    }
+                    break;
+                }
+                Err(failed) => {
+                    if matches!(failed.error, StoreError::Unavailable(_)) {
+                        self.conn = None;
+                    } else if let Some(conn) = &mut self.conn {
+                        let _ = conn.client.batch_execute("ROLLBACK");
+                    }
+                    let at = failed.at.filter(|_| !failed.error.retryable());
+                    if let Some(at) = at {
+                        tracing::warn!(error = %failed.error, "a write failed; the rest of its batch runs again");
+                        results[pending[at]] = Some(Err(failed.error));
+                        pending.remove(at);
+                        continue;
+                    }
+                    if matches!(failed.error, StoreError::Conflict(_)) && tries < TRIES && !failed.in_commit {
+                        self.own_metrics.batch_retries.inc();
+                        continue;
+                    }
+                    let message = match failed.error {
+                        StoreError::Unavailable(message) => message,
+                        other => other.to_string(),
+                    };
+                    if failed.in_commit {
+                        tracing::error!(error = %message, "a batch's commit failed; its {} writes may or may not be applied", pending.len());
+                    } else {
+                        tracing::warn!(error = %message, "a batch failed; {} writes refused", pending.len());
+                    }
+                    for i in pending.drain(..) {
+                        results[i] = Some(Err(StoreError::Unavailable(message.clone())));
+                    }
+                }
+            }
+        }
+        results.into_iter().map(|r| r.expect("every write answered")).collect()
+    }
+
+    /// Forgets op ids older than the retention, every few minutes: moves the horizon while no
+    /// batch runs (the exclusive side of [`HORIZON_LOCK`]), then deletes what is behind it.
+    fn prune_if_due(&mut self) {
+        let monotonic = self.clock.monotonic_ms();
+        if self.last_prune.is_some_and(|at| monotonic.saturating_sub(at) < PRUNE_EVERY_MS) {
+            return;
+        }
+        let now = self.clock.now_ms();
+        if self.connect().is_err() {
+            return;
+        }
+        let client = &mut self.conn.as_mut().expect("connected").client;
+        let horizon = &mut self.horizon;
+        let moved = (|| -> Result<i64, StoreError> {
+            let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HORIZON_LOCK])?;
+            let stored: String =
+                tx.query_one("SELECT value FROM meta WHERE key = 'op_horizon_ms'", &[])?.get(0);
+            let stored: i64 =
+                stored.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {stored:?}")))?;
+            // Another instance may have moved it: this one goes on from there.
+            horizon.move_to(stored, monotonic);
+            let next = horizon.next(now, monotonic);
+            tx.execute("UPDATE meta SET value = $1 WHERE key = 'op_horizon_ms'", &[&next.to_string()])?;
+            tx.commit()?;
+            horizon.move_to(next, monotonic);
+            client.execute("DELETE FROM ops WHERE created_ms < $1", &[&next])?;
+            Ok(next)
+        })();
+        match moved {
+            Ok(_) => self.last_prune = Some(monotonic),
+            Err(e) => {
+                tracing::warn!(error = %e, "forgetting expired op ids failed; the next batch tries again")
+            }
+        }
+    }
+}
+
+/// The horizon as the database keeps it.
+fn read_horizon(client: &mut Client) -> Result<i64, StoreError> {
+    let stored: String = client.query_one("SELECT value FROM meta WHERE key = 'op_horizon_ms'", &[])?.get(0);
+    stored.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {stored:?}")))
+}
+
+/// One run of the writes `pending` (indexes into `writes`) in one transaction, committed.
+fn run_batch(
+    conn: &mut Connection,
+    writes: &[Write],
+    pending: &[usize],
+    now: i64,
+    metrics: &StoreMetrics,
+) -> Result<Vec<WriteOutcome>, Failed> {
+    let failed = |at: Option<usize>| move |error: StoreError| Failed { at, error, in_commit: false };
+    // One round trip: the transaction, the horizon's shared lock, then the horizon as it
+    // stands once the lock is held (a statement of its own, so it sees a move just committed).
+    let messages = conn
+        .client
+        .simple_query(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock_shared({HORIZON_LOCK}); \
+             SELECT value FROM meta WHERE key = 'op_horizon_ms'"
+        ))
+        .map_err(|e| failed(None)(e.into()))?;
+    let horizon = messages
+        .iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        })
+        .next_back()
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or_else(|| failed(None)(StoreError::Malformed("meta holds no op_horizon_ms".into())))?;
+    let mut outcomes = Vec::with_capacity(pending.len());
+    for (at, &i) in pending.iter().enumerate() {
+        let outcome = rules::apply(&mut PgTx { conn }, &writes[i], now, horizon).map_err(failed(Some(at)))?;
+        outcomes.push(outcome);
+    }
+    let commit = Instant::now();
+    conn.client.batch_execute("COMMIT").map_err(|e| Failed { at: None, error: e.into(), in_commit: true })?;
+    metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
+    metrics.batch_writes.observe(pending.len() as f64);
+    Ok(outcomes)
+}
