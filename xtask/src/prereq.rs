@@ -25,6 +25,7 @@ pub const FOR_TESTS: &[Need] = &[
     CHROMIUM,
     PHP,
     NGINX,
+    POSTGRES,
     CURL,
     PHP_FPM,
     APACHE_MOD_PHP,
@@ -151,6 +152,24 @@ const NGINX: Need = Need {
     name: "nginx",
     present: || succeeds("nginx", &["-v"]) || succeeds("/usr/sbin/nginx", &["-v"]),
     install: Install::Apt(&["nginx"]),
+};
+
+/// A throwaway PostgreSQL cluster for the PostgreSQL store's tests and its crash suite
+/// (`hub/tests/support/postgres.rs`), and pgbench for the PostgreSQL row of `cargo xtask
+/// bench`. Debian puts the server programs in /usr/lib/postgresql/<major>/bin, off the PATH;
+/// psql, from postgresql-client, is on it.
+const POSTGRES: Need = Need {
+    name: "PostgreSQL (initdb, pg_ctl, pgbench and psql)",
+    present: || {
+        let has_server = |major: std::fs::DirEntry| {
+            ["initdb", "pg_ctl", "pgbench"]
+                .iter()
+                .all(|program| major.path().join("bin").join(program).is_file())
+        };
+        std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().any(has_server)
+            && succeeds("psql", &["--version"])
+    },
+    install: Install::Apt(&["postgresql"]),
 };
 
 /// Unpacks the plain-script zip in the site-owner guide, which `tests/browser/docs.test.mjs`

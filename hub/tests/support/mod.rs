@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod authority;
+pub mod postgres;
 
 use std::path::PathBuf;
 use std::process::Stdio;
