@@ -20,6 +20,7 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 
 use crate::auth::{self, Keys};
+use crate::config::Backend;
 use crate::config::{AccessLogConfig, Config};
 use crate::store::sqlite::{DB_FILE, LOCK_FILE, SCHEMA_VERSION, open_in_data_dir};
 use crate::time::{now_ms, rfc3339_ms};
@@ -114,8 +115,20 @@ pub fn check(config: &Config) -> Report {
     }
     items.push(item("TLS", tls(config)));
     items.push(item(format!("data dir {}", config.data_dir.display()), data_dir(&config.data_dir)));
-    if let Some(found) = database(&config.data_dir) {
-        items.push(item(format!("database {}", config.data_dir.join(DB_FILE).display()), found));
+    match config.store.backend {
+        Backend::Sqlite => {
+            if let Some(found) = database(&config.data_dir) {
+                items.push(item(format!("database {}", config.data_dir.join(DB_FILE).display()), found));
+            }
+        }
+        Backend::Postgres => {
+            let found = config
+                .store
+                .postgres_url()
+                .map_err(|e| e.to_string())
+                .and_then(|url| crate::store::postgres::schema_status(&url));
+            items.push(item("database (PostgreSQL)", found));
+        }
     }
     items.push(item("access log", access_log(&config.access_log)));
     items.push(item("metrics", metrics(config)));

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hub::App;
 use hub::auth::Keys;
-use hub::config::Config;
+use hub::config::{Backend, Config};
 use hub::metrics::Reload;
 use hub::service;
 use protocol::{Scope, Scopes};
@@ -134,8 +134,18 @@ enum Command {
         config: ConfigArgs,
         /// The backup file (made by `hub backup`); `-` reads it from standard input, so that
         /// the hub's user can restore a backup only root may read.
-        #[arg(long, value_name = "FILE")]
-        from: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "epoch_only")]
+        from: Option<PathBuf>,
+        /// PostgreSQL: only give the database a new epoch, after `pg_restore` put a dump in
+        /// place, so that every page drops what it cached of the database as it was.
+        #[arg(long, conflicts_with = "from")]
+        epoch_only: bool,
+    },
+    /// Bring the store's schema up to date and exit, as `hub serve` does at start: to migrate
+    /// a PostgreSQL database once before new instances roll out.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -209,14 +219,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup { config, to, force } => {
-            let summary = hub::store::sqlite::backup::backup(&config.load()?.data_dir, &to, force)?;
+            let config = config.load()?;
+            if config.store.backend == Backend::Postgres {
+                anyhow::bail!(
+                    "a PostgreSQL store is backed up with pg_dump, and restored with pg_restore and \
+                     `hub restore --epoch-only` (docs/deployment.md, \"Several instances on PostgreSQL\")"
+                );
+            }
+            let summary = hub::store::sqlite::backup::backup(&config.data_dir, &to, force)?;
             println!("wrote {summary}");
             Ok(())
         }
-        Command::Restore { config, from } => {
-            println!("{}", hub::store::sqlite::backup::restore(&config.load()?.data_dir, &from)?);
+        Command::Restore { config, from, epoch_only } => {
+            let config = config.load()?;
+            match (config.store.backend, from) {
+                (Backend::Postgres, None) if epoch_only => {
+                    let epoch = hub::store::postgres::renew_epoch(&config.store.postgres_url()?)?;
+                    println!("the database's epoch is now {epoch}: pages drop what they cached of it");
+                }
+                (Backend::Sqlite, Some(from)) => {
+                    println!("{}", hub::store::sqlite::backup::restore(&config.data_dir, &from)?);
+                }
+                (Backend::Sqlite, None) => anyhow::bail!(
+                    "--epoch-only is for a PostgreSQL store; a SQLite backup is restored with --from, which gives it a new epoch"
+                ),
+                (Backend::Postgres, _) => anyhow::bail!(
+                    "a PostgreSQL store is restored with pg_restore, then `hub restore --epoch-only` \
+                     (docs/deployment.md, \"Several instances on PostgreSQL\")"
+                ),
+            }
             Ok(())
         }
+        Command::Migrate { config } => migrate(&config.load()?),
     }
 }
 
@@ -330,12 +364,32 @@ async fn serve(
     Ok(())
 }
 
+/// `hub migrate`: opens the store, which brings its schema up to date, and closes it.
+#[tokio::main]
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    config.validate_records()?;
+    let store = hub::store::open(
+        &config.store,
+        &config.data_dir,
+        config.limits.op_retention(),
+        hub::store::StoreMetrics::default(),
+    )?;
+    store.close().await;
+    let schema = match config.store.backend {
+        Backend::Sqlite => hub::store::sqlite::SCHEMA_VERSION.to_string(),
+        Backend::Postgres => hub::store::postgres::SCHEMA_VERSION.to_string(),
+    };
+    println!("the store's schema is at version {schema}, this hub's");
+    Ok(())
+}
+
 #[tokio::main]
 async fn import(config: Config, from: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
     use hub::import::{self, Outcome};
     let scan = import::scan(from)?;
     // A dry run on a hub that has no database yet creates none: every balance would be new.
-    let fresh = !config.data_dir.join(hub::store::sqlite::DB_FILE).exists();
+    let fresh = config.store.backend == Backend::Sqlite
+        && !config.data_dir.join(hub::store::sqlite::DB_FILE).exists();
     let outcomes = if dry_run && fresh {
         vec![Outcome::Imported; scan.balances.len()]
     } else {

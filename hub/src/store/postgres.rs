@@ -409,7 +409,12 @@ pub fn renew_epoch(url: &str) -> Result<String, StoreError> {
     let url_epoch = epoch.clone();
     std::thread::spawn(move || -> Result<(), StoreError> {
         let mut client = postgres::Config::from(config).connect(NoTls)?;
-        let updated = client.execute("UPDATE meta SET value = $1 WHERE key = 'epoch'", &[&url_epoch])?;
+        let hub_tables = client.query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?.get::<_, bool>(0);
+        let updated = if hub_tables {
+            client.execute("UPDATE meta SET value = $1 WHERE key = 'epoch'", &[&url_epoch])?
+        } else {
+            0
+        };
         if updated == 0 {
             return Err(StoreError::Open(
                 "the database holds no hub epoch: it is not a hub's database".into(),
@@ -420,6 +425,38 @@ pub fn renew_epoch(url: &str) -> Result<String, StoreError> {
     .join()
     .map_err(|_| StoreError::Open("the epoch could not be set".into()))??;
     Ok(epoch)
+}
+
+/// What `hub check` says of the database at `url`: reachable, and of a schema this hub
+/// knows. Reads only.
+pub fn schema_status(url: &str) -> Result<String, String> {
+    let config = connection_config(url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || -> Result<String, String> {
+        let mut client = postgres::Config::from(config)
+            .connect(NoTls)
+            .map_err(|e| format!("cannot connect: {}", StoreError::from(e)))?;
+        let row = client
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+            .map_err(|e| StoreError::from(e).to_string())?;
+        if !row.get::<_, bool>(0) {
+            return Ok(format!("reachable, empty: the hub creates its schema (version {SCHEMA_VERSION}) at start"));
+        }
+        let at: i32 = client
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .map_err(|e| StoreError::from(e).to_string())?
+            .get(0);
+        match at.cmp(&SCHEMA_VERSION) {
+            std::cmp::Ordering::Greater => Err(format!(
+                "its schema version is {at}, newer than this hub's ({SCHEMA_VERSION}): a newer hub migrated it; run that release"
+            )),
+            std::cmp::Ordering::Equal => Ok(format!("reachable, schema version {at}, this hub's")),
+            std::cmp::Ordering::Less => Ok(format!(
+                "reachable, schema version {at}; the hub brings it to {SCHEMA_VERSION} at start (`hub migrate` does it alone; back it up first with pg_dump)"
+            )),
+        }
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the check stopped".into()))
 }
 
 /// A connection of the writer, with its statements prepared.
