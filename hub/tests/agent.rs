@@ -7,7 +7,8 @@
 //! nothing twice; at first sight the hub's balance is canonical; a hub on a new database gets
 //! every file again; the hub accepts the agent's tokens however the site's key is configured;
 //! a hub whose certificate a private authority signed is reached with `--ca-file`, and
-//! refused, saying so, without it.
+//! refused, saying so, without it; and all of it works the same against a hub whose store is
+//! PostgreSQL.
 
 mod support;
 
@@ -185,6 +186,38 @@ fn ledger(database: &Path, user: &str) -> Vec<(i64, i64)> {
 
 fn state(files: &Files) -> Value {
     serde_json::from_slice(&std::fs::read(files.state_file()).unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn the_agent_works_unchanged_against_a_hub_on_postgresql() {
+    let url = support::postgres::Cluster::shared().database();
+    let hub = TestHub::start_with(|config| {
+        generous_limits(config);
+        config.store.backend = hub::config::Backend::Postgres;
+        config.store.url = Some(url.clone());
+    })
+    .await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let files = Files::new();
+    files.write(USER, 150);
+    let page = hub.site(OTHER, USER);
+
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    until_hub_has(&page, 150, &agent).await;
+    files.replace(USER, 175);
+    until_hub_has(&page, 175, &agent).await;
+    agent.stop().await;
+    // Another site spends meanwhile; the restarted agent adds the file's next change to it.
+    page.delta("balance", -25, "spent-elsewhere").await.assert_ok();
+    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    files.write(USER, 185);
+    until_hub_has(&page, 160, &agent).await;
+    agent.stop().await;
+    let ledger = support::postgres::Cluster::shared().psql(
+        &url,
+        &format!("SELECT delta || ':' || result FROM ledger WHERE user_id = '{USER}' ORDER BY id"),
+    );
+    assert_eq!(ledger, "150:150\n25:175\n-25:150\n10:160");
 }
 
 #[tokio::test]
