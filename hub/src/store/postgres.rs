@@ -53,7 +53,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The advisory lock (a 64-bit key of the hub's own) that every write batch holds shared and
 /// moving the op-id horizon holds alone: a batch sees one horizon from its start to its
 /// commit, and no op id it may still look for is forgotten under it.
-const HORIZON_LOCK: i64 = 0x6875_625f_686f_7231;
+pub const HORIZON_LOCK: i64 = 0x6875_625f_686f_7231;
 /// The advisory lock held while the schema is migrated, so that instances starting together
 /// migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x6875_625f_6d69_6772;
