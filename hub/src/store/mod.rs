@@ -263,7 +263,7 @@ impl Default for StoreMetrics {
 
 /// Failures of the storage itself. None of them means a write was applied, except where
 /// [`StoreError::Unavailable`] says the outcome is unknown.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot serve now: unreachable, restarting, or out of time. Passing: the
     /// request may be retried. A write cut off this way may or may not have been applied; a

@@ -18,6 +18,7 @@
 //! user, except forgetting expired op ids (`DELETE FROM ops WHERE created_ms < …`, a sweep
 //! every few minutes). `meta` holds the database's own settings.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -33,7 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
-use super::{Credits, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
+use super::{
+    Credits, LedgerEntry, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
+};
 use crate::time::Clock;
 
 /// Writes gathered into one transaction at most, with group commit on.
@@ -459,73 +462,280 @@ pub fn schema_status(url: &str) -> Result<String, String> {
     .unwrap_or_else(|_| Err("the check stopped".into()))
 }
 
-/// A connection of the writer, with its statements prepared.
+/// A connection of the writer, with its statements prepared. Each takes the whole batch at
+/// once, in arrays: a batch costs the same few round trips whatever its size.
 struct Connection {
     client: Client,
-    find_op: Statement,
-    remember_op: Statement,
-    read_record: Statement,
-    insert_record: Statement,
-    update_record: Statement,
+    lock_records: Statement,
+    find_ops: Statement,
+    insert_records: Statement,
+    update_records: Statement,
     append_ledger: Statement,
+    remember_ops: Statement,
 }
 
 impl Connection {
     fn open(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
         let mut client = postgres::Config::from(config.clone()).connect(NoTls)?;
         Ok(Connection {
-            find_op: client.prepare(
-                "SELECT fingerprint, data, version, updated_ms, refusal FROM ops WHERE user_id = $1 AND op_id = $2",
+            // Locked in one order, the same in every instance's batches: two batches never
+            // wait on each other in a circle.
+            lock_records: client.prepare(
+                "SELECT user_id, data_type, data, version, updated_ms, credits FROM records
+                 WHERE (user_id, data_type) IN (SELECT * FROM unnest($1::TEXT[], $2::TEXT[]))
+                 ORDER BY user_id, data_type FOR UPDATE",
             )?,
-            // Unique per user: an op id another transaction is remembering waits for it, and
-            // inserts nothing once it commits.
-            remember_op: client.prepare(
-                "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, op_id) DO NOTHING",
-            )?,
-            read_record: client.prepare(
-                "SELECT data, version, updated_ms, credits FROM records
-                 WHERE user_id = $1 AND data_type = $2 FOR UPDATE",
+            find_ops: client.prepare(
+                "SELECT user_id, op_id, fingerprint, data, version, updated_ms, refusal FROM ops
+                 WHERE (user_id, op_id) IN (SELECT * FROM unnest($1::TEXT[], $2::TEXT[]))",
             )?,
             // A record's first version: a row another transaction is inserting waits for it,
-            // and is not overwritten once it commits.
-            insert_record: client.prepare(
+            // and is not overwritten once it commits (the batch then runs again).
+            insert_records: client.prepare(
                 "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, data_type) DO NOTHING",
+                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[])
+                 ON CONFLICT (user_id, data_type) DO NOTHING",
             )?,
-            update_record: client.prepare(
-                "UPDATE records SET data = $3, version = $4, updated_ms = $5, credits = COALESCE($6, credits)
-                 WHERE user_id = $1 AND data_type = $2 AND version = $4::BIGINT - 1",
+            update_records: client.prepare(
+                "UPDATE records AS r SET data = k.data, version = k.version, updated_ms = k.updated_ms,
+                     credits = k.credits
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[])
+                     AS k (user_id, data_type, data, version, updated_ms, credits, was)
+                 WHERE r.user_id = k.user_id AND r.data_type = k.data_type AND r.version = k.was",
             )?,
+            // In the order the rules appended them: a user's rows number its versions.
             append_ledger: client.prepare(
                 "INSERT INTO ledger (user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 SELECT user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
+                             $7::BIGINT[], $8::TEXT[], $9::BIGINT[])
+                     WITH ORDINALITY AS k (user_id, data_type, site_id, op_id, delta, result, version, reason, at_ms, n)
+                 ORDER BY n",
+            )?,
+            // Unique per user: an op id another transaction is remembering waits for it, and
+            // is not remembered again once it commits (the batch then runs again, and finds it).
+            remember_ops: client.prepare(
+                "INSERT INTO ops (user_id, op_id, fingerprint, data, version, updated_ms, created_ms, refusal)
+                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[],
+                                      $6::BIGINT[], $7::BIGINT[], $8::TEXT[])
+                 ON CONFLICT (user_id, op_id) DO NOTHING",
             )?,
             client,
         })
     }
 }
 
-/// The writer's transaction, as the rules see it.
-struct PgTx<'a> {
-    conn: &'a mut Connection,
+/// A record as the batch holds it.
+struct Held {
+    record: Record,
+    credits: Option<Credits>,
+    /// The version the database holds, locked by the batch; 0 when it holds no row.
+    stored: u64,
+    /// Whether the batch changed it.
+    written: bool,
 }
 
-impl Tx for PgTx<'_> {
+/// An op id the batch remembers.
+struct NewOp {
+    user: String,
+    op_id: String,
+    seen: SeenOp,
+    from_ms: i64,
+}
+
+/// A ledger row the batch appends.
+struct NewLedgerRow {
+    user: String,
+    data_type: DataType,
+    site: String,
+    op_id: Option<String>,
+    entry: LedgerEntry,
+    version: u64,
+    at_ms: i64,
+}
+
+/// A batch's transaction, as the rules see it: the batch's records (locked) and op ids read
+/// in two statements at its start, its writes kept here and sent at its end
+/// ([`BatchTx::flush`]), one statement per table.
+#[derive(Default)]
+struct BatchTx {
+    records: HashMap<(String, DataType), Held>,
+    /// Records whose stored row does not parse: a write to one fails, alone.
+    damaged: HashSet<(String, DataType)>,
+    ops: HashMap<(String, String), SeenOp>,
+    new_ops: Vec<NewOp>,
+    ledger: Vec<NewLedgerRow>,
+}
+
+impl BatchTx {
+    /// Locks and reads the records of `writes`, then reads their op ids: after the locks, so
+    /// that an op another instance applied to one of these records before is seen here.
+    fn load(conn: &mut Connection, writes: &[&Write]) -> Result<BatchTx, StoreError> {
+        let mut keys: Vec<(&str, &str)> =
+            writes.iter().map(|w| (w.user.as_str(), w.data_type.as_str())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (users, types): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+        let mut batch = BatchTx::default();
+        for row in conn.client.query(&conn.lock_records, &[&users, &types])? {
+            let user: String = row.get(0);
+            let data_type = data_type_of(row.get(1))?;
+            let credits = row
+                .get::<_, Option<&str>>(5)
+                .map(|text| {
+                    serde_json::from_str(text)
+                        .map_err(|e| StoreError::Malformed(format!("credits of {user}'s {data_type}: {e}")))
+                })
+                .transpose();
+            let held = credits.and_then(|credits| {
+                let record = Record {
+                    data: parse_data(row.get(2))?,
+                    version: version_of(row.get(3)),
+                    updated_ms: Some(row.get(4)),
+                };
+                Ok(Held { stored: record.version, record, credits, written: false })
+            });
+            match held {
+                Ok(held) => {
+                    batch.records.insert((user, data_type), held);
+                }
+                // Only the writes to this record fail, when the rules read it.
+                Err(e) => {
+                    tracing::error!(error = %e, "a stored record is damaged");
+                    batch.damaged.insert((user, data_type));
+                }
+            }
+        }
+        let (users, op_ids): (Vec<&str>, Vec<&str>) = writes
+            .iter()
+            .filter_map(|w| w.op.as_ref().map(|op| (w.user.as_str(), op.op_id.as_str())))
+            .unzip();
+        if !op_ids.is_empty() {
+            for row in conn.client.query(&conn.find_ops, &[&users, &op_ids])? {
+                let seen = SeenOp {
+                    fingerprint: row.get(2),
+                    record: Record {
+                        data: parse_data(row.get(3))?,
+                        version: version_of(row.get(4)),
+                        updated_ms: row.get(5),
+                    },
+                    refusal: row.get(6),
+                };
+                batch.ops.insert((row.get(0), row.get(1)), seen);
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Sends what the batch wrote. A row another transaction wrote first (a record's first
+    /// version, an op id) fails the batch with [`StoreError::Conflict`], to be run again.
+    fn flush(self, conn: &mut Connection) -> Result<(), StoreError> {
+        let mut written: Vec<(&(String, DataType), &Held)> =
+            self.records.iter().filter(|(_, h)| h.written).collect();
+        written
+            .sort_unstable_by(|a, b| (a.0.0.as_str(), a.0.1.as_str()).cmp(&(b.0.0.as_str(), b.0.1.as_str())));
+        let (new, old): (Vec<_>, Vec<_>) = written.into_iter().partition(|(_, h)| h.stored == 0);
+        let conflict =
+            || StoreError::Conflict("a record of the batch was written by another transaction".into());
+        if !new.is_empty() {
+            let c = RecordColumns::of(&new)?;
+            let params: [&(dyn postgres::types::ToSql + Sync); 6] =
+                [&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits];
+            if conn.client.execute(&conn.insert_records, &params)? != new.len() as u64 {
+                return Err(conflict());
+            }
+        }
+        if !old.is_empty() {
+            let c = RecordColumns::of(&old)?;
+            let params: [&(dyn postgres::types::ToSql + Sync); 7] =
+                [&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was];
+            if conn.client.execute(&conn.update_records, &params)? != old.len() as u64 {
+                return Err(conflict());
+            }
+        }
+        if !self.ledger.is_empty() {
+            let rows = &self.ledger;
+            let users: Vec<&str> = rows.iter().map(|r| r.user.as_str()).collect();
+            let types: Vec<&str> = rows.iter().map(|r| r.data_type.as_str()).collect();
+            let sites: Vec<&str> = rows.iter().map(|r| r.site.as_str()).collect();
+            let op_ids: Vec<Option<&str>> = rows.iter().map(|r| r.op_id.as_deref()).collect();
+            let deltas: Vec<i64> = rows.iter().map(|r| r.entry.delta).collect();
+            let results: Vec<i64> = rows.iter().map(|r| r.entry.result).collect();
+            let versions: Vec<i64> = rows.iter().map(|r| stored_version(r.version)).collect();
+            let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.entry.reason.as_deref()).collect();
+            let at: Vec<i64> = rows.iter().map(|r| r.at_ms).collect();
+            conn.client.execute(
+                &conn.append_ledger,
+                &[&users, &types, &sites, &op_ids, &deltas, &results, &versions, &reasons, &at],
+            )?;
+        }
+        if !self.new_ops.is_empty() {
+            let mut ops: Vec<&NewOp> = self.new_ops.iter().collect();
+            ops.sort_unstable_by(|a, b| (&a.user, &a.op_id).cmp(&(&b.user, &b.op_id)));
+            let users: Vec<&str> = ops.iter().map(|o| o.user.as_str()).collect();
+            let op_ids: Vec<&str> = ops.iter().map(|o| o.op_id.as_str()).collect();
+            let fingerprints: Vec<&str> = ops.iter().map(|o| o.seen.fingerprint.as_str()).collect();
+            let data: Vec<String> = ops.iter().map(|o| o.seen.record.data.to_string()).collect();
+            let versions: Vec<i64> = ops.iter().map(|o| stored_version(o.seen.record.version)).collect();
+            let updated: Vec<Option<i64>> = ops.iter().map(|o| o.seen.record.updated_ms).collect();
+            let created: Vec<i64> = ops.iter().map(|o| o.from_ms).collect();
+            let refusals: Vec<Option<&str>> = ops.iter().map(|o| o.seen.refusal.as_deref()).collect();
+            let remembered = conn.client.execute(
+                &conn.remember_ops,
+                &[&users, &op_ids, &fingerprints, &data, &versions, &updated, &created, &refusals],
+            )?;
+            if remembered != ops.len() as u64 {
+                return Err(StoreError::Conflict(
+                    "an op id of the batch was remembered by another write".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The columns of records written by a batch, as arrays for one statement.
+#[derive(Default)]
+struct RecordColumns<'a> {
+    users: Vec<&'a str>,
+    types: Vec<&'static str>,
+    data: Vec<String>,
+    versions: Vec<i64>,
+    updated: Vec<Option<i64>>,
+    credits: Vec<Option<String>>,
+    was: Vec<i64>,
+}
+
+impl<'a> RecordColumns<'a> {
+    fn of(rows: &[(&'a (String, DataType), &Held)]) -> Result<RecordColumns<'a>, StoreError> {
+        let mut columns = RecordColumns::default();
+        for ((user, data_type), held) in rows {
+            columns.push(user, *data_type, held)?;
+        }
+        Ok(columns)
+    }
+
+    fn push(&mut self, user: &'a str, data_type: DataType, held: &Held) -> Result<(), StoreError> {
+        self.users.push(user);
+        self.types.push(data_type.as_str());
+        self.data.push(held.record.data.to_string());
+        self.versions.push(stored_version(held.record.version));
+        self.updated.push(held.record.updated_ms);
+        self.credits.push(
+            held.credits
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Malformed(e.to_string()))?,
+        );
+        self.was.push(stored_version(held.stored));
+        Ok(())
+    }
+}
+
+impl Tx for BatchTx {
     fn find_op(&mut self, user: &UserId, op_id: &OpId) -> Result<Option<SeenOp>, StoreError> {
-        let Some(row) = self.conn.client.query_opt(&self.conn.find_op, &[&user.as_str(), &op_id.as_str()])?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(SeenOp {
-            fingerprint: row.get(0),
-            record: Record {
-                data: parse_data(row.get(1))?,
-                version: version_of(row.get(2)),
-                updated_ms: row.get(3),
-            },
-            refusal: row.get(4),
-        }))
+        Ok(self.ops.get(&(user.as_str().to_owned(), op_id.as_str().to_owned())).cloned())
     }
 
     fn remember_op(
@@ -536,45 +746,25 @@ impl Tx for PgTx<'_> {
         refusal: Option<&str>,
         from_ms: i64,
     ) -> Result<(), StoreError> {
-        let inserted = self.conn.client.execute(
-            &self.conn.remember_op,
-            &[
-                &user.as_str(),
-                &op.op_id.as_str(),
-                &op.fingerprint,
-                &record.data.to_string(),
-                &stored_version(record.version),
-                &record.updated_ms,
-                &from_ms,
-                &refusal,
-            ],
-        )?;
-        if inserted == 0 {
-            return Err(StoreError::Conflict(format!(
-                "op id {} of {user} was remembered by another write",
-                op.op_id
-            )));
-        }
+        let seen = SeenOp {
+            fingerprint: op.fingerprint.clone(),
+            record: record.clone(),
+            refusal: refusal.map(str::to_owned),
+        };
+        let key = (user.as_str().to_owned(), op.op_id.as_str().to_owned());
+        self.ops.insert(key.clone(), seen.clone());
+        self.new_ops.push(NewOp { user: key.0, op_id: key.1, seen, from_ms });
         Ok(())
     }
 
     fn read_record(&mut self, user: &UserId, data_type: DataType) -> Result<(Record, Credits), StoreError> {
-        let row =
-            self.conn.client.query_opt(&self.conn.read_record, &[&user.as_str(), &data_type.as_str()])?;
-        let Some(row) = row else {
-            return Ok((Record::empty(data_type), Credits::default()));
-        };
-        let record = Record {
-            data: parse_data(row.get(0))?,
-            version: version_of(row.get(1)),
-            updated_ms: Some(row.get(2)),
-        };
-        let credits = match row.get::<_, Option<&str>>(3) {
-            Some(text) => serde_json::from_str(text)
-                .map_err(|e| StoreError::Malformed(format!("credits of {user}'s {data_type}: {e}")))?,
-            None => Credits::default(),
-        };
-        Ok((record, credits))
+        match self.records.get(&(user.as_str().to_owned(), data_type)) {
+            Some(held) => Ok((held.record.clone(), held.credits.clone().unwrap_or_default())),
+            None if self.damaged.contains(&(user.as_str().to_owned(), data_type)) => {
+                Err(StoreError::Malformed(format!("the stored {data_type} of {user} is damaged")))
+            }
+            None => Ok((Record::empty(data_type), Credits::default())),
+        }
     }
 
     fn put_record(
@@ -584,45 +774,30 @@ impl Tx for PgTx<'_> {
         record: &Record,
         credits: Option<&Credits>,
     ) -> Result<(), StoreError> {
-        let credits = credits
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Malformed(e.to_string()))?;
-        let statement = if record.version == 1 { &self.conn.insert_record } else { &self.conn.update_record };
-        let written = self.conn.client.execute(
-            statement,
-            &[
-                &user.as_str(),
-                &data_type.as_str(),
-                &record.data.to_string(),
-                &stored_version(record.version),
-                &record.updated_ms,
-                &credits,
-            ],
-        )?;
-        if written == 0 {
-            return Err(StoreError::Conflict(format!(
-                "{user}'s {data_type} was written by another transaction"
-            )));
+        let held = self.records.entry((user.as_str().to_owned(), data_type)).or_insert_with(|| Held {
+            record: Record::empty(data_type),
+            credits: None,
+            stored: 0,
+            written: false,
+        });
+        held.record = record.clone();
+        if let Some(credits) = credits {
+            held.credits = Some(credits.clone());
         }
+        held.written = true;
         Ok(())
     }
 
     fn append_ledger(&mut self, row: LedgerRow<'_>) -> Result<(), StoreError> {
-        self.conn.client.execute(
-            &self.conn.append_ledger,
-            &[
-                &row.user.as_str(),
-                &row.data_type.as_str(),
-                &row.site.as_str(),
-                &row.op_id.map(OpId::as_str),
-                &row.entry.delta,
-                &row.entry.result,
-                &stored_version(row.version),
-                &row.entry.reason,
-                &row.at_ms,
-            ],
-        )?;
+        self.ledger.push(NewLedgerRow {
+            user: row.user.as_str().to_owned(),
+            data_type: row.data_type,
+            site: row.site.as_str().to_owned(),
+            op_id: row.op_id.map(|id| id.as_str().to_owned()),
+            entry: row.entry.clone(),
+            version: row.version,
+            at_ms: row.at_ms,
+        });
         Ok(())
     }
 }
@@ -765,17 +940,24 @@ impl Writer {
                         self.own_metrics.batch_retries.inc();
                         continue;
                     }
-                    let message = match failed.error {
-                        StoreError::Unavailable(message) => message,
-                        other => other.to_string(),
-                    };
-                    if failed.in_commit {
-                        tracing::error!(error = %message, "a batch's commit failed; its {} writes may or may not be applied", pending.len());
-                    } else {
-                        tracing::warn!(error = %message, "a batch failed; {} writes refused", pending.len());
+                    if !failed.in_commit && !failed.error.retryable() && pending.len() > 1 {
+                        // A failure the batch cannot pin on one write: each runs alone, so
+                        // that only the one it belongs to fails.
+                        tracing::warn!(error = %failed.error, "a batch failed; its {} writes run one by one", pending.len());
+                        for i in pending.drain(..) {
+                            results[i] = Some(self.commit_batch(std::slice::from_ref(&writes[i])).remove(0));
+                        }
+                        break;
                     }
+                    let error = if failed.in_commit {
+                        tracing::error!(error = %failed.error, "a batch's commit failed; its {} writes may or may not be applied", pending.len());
+                        StoreError::Unavailable(format!("the commit's outcome is unknown: {}", failed.error))
+                    } else {
+                        tracing::warn!(error = %failed.error, "a batch failed; {} writes refused", pending.len());
+                        failed.error
+                    };
                     for i in pending.drain(..) {
-                        results[i] = Some(Err(StoreError::Unavailable(message.clone())));
+                        results[i] = Some(Err(error.clone()));
                     }
                 }
             }
@@ -854,11 +1036,14 @@ fn run_batch(
         .next_back()
         .and_then(|v| v.parse::<i64>().ok())
         .ok_or_else(|| failed(None)(StoreError::Malformed("meta holds no op_horizon_ms".into())))?;
+    let batch: Vec<&Write> = pending.iter().map(|&i| &writes[i]).collect();
+    let mut tx = BatchTx::load(conn, &batch).map_err(failed(None))?;
     let mut outcomes = Vec::with_capacity(pending.len());
-    for (at, &i) in pending.iter().enumerate() {
-        let outcome = rules::apply(&mut PgTx { conn }, &writes[i], now, horizon).map_err(failed(Some(at)))?;
+    for (at, write) in batch.iter().enumerate() {
+        let outcome = rules::apply(&mut tx, write, now, horizon).map_err(failed(Some(at)))?;
         outcomes.push(outcome);
     }
+    tx.flush(conn).map_err(failed(None))?;
     let commit = Instant::now();
     conn.client.batch_execute("COMMIT").map_err(|e| Failed { at: None, error: e.into(), in_commit: true })?;
     metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
