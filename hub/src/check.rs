@@ -122,11 +122,9 @@ pub fn check(config: &Config) -> Report {
             }
         }
         Backend::Postgres => {
-            let found = config
-                .store
-                .postgres_url()
+            let found = crate::store::postgres::Database::of(&config.store)
                 .map_err(|e| e.to_string())
-                .and_then(|url| crate::store::postgres::schema_status(&url));
+                .and_then(crate::store::postgres::schema_status);
             items.push(item("database (PostgreSQL)", found));
         }
     }

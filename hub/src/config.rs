@@ -189,6 +189,10 @@ pub struct StoreConfig {
     /// PostgreSQL: the name of an environment variable holding the URL (read at start).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url_env: Option<String>,
+    /// PostgreSQL: certificate authorities (PEM) to trust for the database's certificate,
+    /// beside the system's: for a server whose certificate a private authority signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// PostgreSQL: connections this instance opens at most, the writer's included. Every
     /// instance opens its own: the database's `max_connections` must hold all of them.
     pub pool: usize,
@@ -214,6 +218,7 @@ impl Default for StoreConfig {
             op_ids_in_memory: 900_000,
             url: None,
             url_env: None,
+            ca_file: None,
             pool: 16,
             statement_timeout_ms: 5_000,
         }

@@ -234,7 +234,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = config.load()?;
             match (config.store.backend, from) {
                 (Backend::Postgres, None) if epoch_only => {
-                    let epoch = hub::store::postgres::renew_epoch(&config.store.postgres_url()?)?;
+                    let epoch = hub::store::postgres::renew_epoch(hub::store::postgres::Database::of(
+                        &config.store,
+                    )?)?;
                     println!("the database's epoch is now {epoch}: pages drop what they cached of it");
                 }
                 (Backend::Sqlite, Some(from)) => {
