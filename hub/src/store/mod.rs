@@ -49,6 +49,7 @@ pub fn open(
         Backend::Postgres => {
             let options = postgres::PostgresOptions {
                 url: config.postgres_url()?,
+                ca_file: config.ca_file.clone(),
                 pool: config.pool,
                 statement_timeout: Duration::from_millis(config.statement_timeout_ms),
                 op_retention,

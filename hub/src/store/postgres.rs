@@ -19,6 +19,7 @@
 //! every few minutes). `meta` holds the database's own settings.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,17 +27,22 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use protocol::{DataType, OpId, UserId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::{
     Credits, LedgerEntry, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
 };
+use crate::config::StoreConfig;
 use crate::time::Clock;
 
 /// Writes gathered into one transaction at most, with group commit on.
@@ -62,7 +68,8 @@ pub const HORIZON_LOCK: i64 = 0x6875_625f_686f_7231;
 const MIGRATION_LOCK: i64 = 0x6875_625f_6d69_6772;
 
 /// The schema, one migration per step; never edit a published step, add one.
-const STEPS: &[&str] = &["CREATE TABLE meta (
+const STEPS: &[&str] = &[
+    "CREATE TABLE meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );
@@ -110,6 +117,8 @@ pub const SCHEMA_VERSION: i32 = STEPS.len() as i32;
 pub struct PostgresOptions {
     /// `postgres://…`; never logged.
     pub url: String,
+    /// Authorities (PEM) to trust for the database's certificate, beside the system's.
+    pub ca_file: Option<PathBuf>,
     /// Connections this instance opens at most: one writer, the rest for reads.
     pub pool: usize,
     /// How long one statement may run before the database cancels it.
@@ -171,10 +180,10 @@ impl PostgresStore {
     /// and starts the writer. Fails when the database cannot be reached: a hub does not start
     /// without knowing its database's epoch.
     pub fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
-        let config = connection_config(&options.url, options.statement_timeout)?;
+        let database = Database::new(&options.url, options.statement_timeout, options.ca_file.as_deref())?;
         let readers = Pool::builder(Manager::from_config(
-            config.clone(),
-            NoTls,
+            database.config.clone(),
+            database.tls.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         ))
         .max_size(options.pool.saturating_sub(1).max(1))
@@ -192,7 +201,7 @@ impl PostgresStore {
         // the hub's: everything it does happens on this thread.
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || match Writer::start(config, options, writer_metrics) {
+            .spawn(move || match Writer::start(database, options, writer_metrics) {
                 Ok((writer, epoch)) => {
                     let _ = opened.send(Ok(epoch));
                     writer.run(rx);
@@ -227,27 +236,82 @@ impl PostgresStore {
     }
 }
 
-/// The connection settings of `url`, with what every connection of the hub sets: a
-/// statement timeout, commits that wait until they are durable whatever the server's default,
-/// and the hub's name in `pg_stat_activity`.
-fn connection_config(url: &str, statement_timeout: Duration) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| StoreError::Open(format!("the store's URL is not a PostgreSQL URL: {e}")))?;
-    config
-        .options(format!(
-            "-c statement_timeout={} -c synchronous_commit=on",
-            statement_timeout.as_millis().max(1)
+/// The database and how the hub reaches it: `url`'s settings, with what every connection of
+/// the hub sets (a statement timeout, commits that wait until they are durable whatever the
+/// server's default, the hub's name in `pg_stat_activity`), and TLS as the URL's `sslmode`
+/// asks (`prefer`, the default, uses it when the server offers it; `require` insists). Over
+/// TLS the server's certificate and name are always verified, against the system's
+/// authorities and those of `ca_file` (PEM).
+#[derive(Clone)]
+pub struct Database {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl Database {
+    pub fn new(
+        url: &str,
+        statement_timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Database, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Open(format!("the store's URL is not a PostgreSQL URL: {e}")))?;
+        config
+            .options(format!(
+                "-c statement_timeout={} -c synchronous_commit=on",
+                statement_timeout.as_millis().max(1)
+            ))
+            .application_name("unified-sync hub")
+            .connect_timeout(CONNECT_TIMEOUT);
+        let mut roots = RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        if let Some(path) = ca_file {
+            let unusable = |why: String| StoreError::Open(format!("store.ca_file {}: {why}", path.display()));
+            let pem = std::fs::read(path).map_err(|e| unusable(format!("cannot be read: {e}")))?;
+            let authorities = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unusable(format!("is not PEM: {e}")))?;
+            if authorities.is_empty() {
+                return Err(unusable("holds no CERTIFICATE block".into()));
+            }
+            for authority in authorities {
+                roots.add(authority).map_err(|e| unusable(format!("holds an unusable certificate: {e}")))?;
+            }
+        }
+        let tls = ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
         ))
-        .application_name("unified-sync hub")
-        .connect_timeout(CONNECT_TIMEOUT);
-    Ok(config)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Open(format!("cannot set up TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Database { config, tls: MakeRustlsConnect::new(tls) })
+    }
+
+    /// The database `[store]` names, and how to reach it.
+    pub fn of(config: &StoreConfig) -> anyhow::Result<Database> {
+        let timeout = Duration::from_millis(config.statement_timeout_ms);
+        Ok(Database::new(&config.postgres_url()?, timeout, config.ca_file.as_deref())?)
+    }
+
+    /// A blocking connection, for a thread that is not the hub's runtime's.
+    fn connect(&self) -> Result<Client, StoreError> {
+        Ok(postgres::Config::from(self.config.clone()).connect(self.tls.clone())?)
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         let Some(db) = e.as_db_error() else {
-            // No answer from the database: the connection broke, or never opened.
-            return StoreError::Unavailable(e.to_string());
+            // No answer from the database: the connection broke, or never opened (and why:
+            // a refused connection, an untrusted certificate).
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            return StoreError::Unavailable(message);
         };
         let message = format!("{}: {}", db.code().code(), db.message());
         let code = db.code();
@@ -406,12 +470,11 @@ fn migrate(client: &mut Client, horizon_ms: i64) -> Result<String, StoreError> {
 
 /// Gives the database of `url` a new epoch, as a restore from a dump needs: pages that cached
 /// records of the database as it was drop their cache. Returns the new epoch.
-pub fn renew_epoch(url: &str) -> Result<String, StoreError> {
-    let config = connection_config(url, Duration::from_secs(30))?;
+pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
     let epoch = new_epoch();
     let url_epoch = epoch.clone();
     std::thread::spawn(move || -> Result<(), StoreError> {
-        let mut client = postgres::Config::from(config).connect(NoTls)?;
+        let mut client = database.connect()?;
         let hub_tables = client.query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?.get::<_, bool>(0);
         let updated = if hub_tables {
             client.execute("UPDATE meta SET value = $1 WHERE key = 'epoch'", &[&url_epoch])?
@@ -432,12 +495,9 @@ pub fn renew_epoch(url: &str) -> Result<String, StoreError> {
 
 /// What `hub check` says of the database at `url`: reachable, and of a schema this hub
 /// knows. Reads only.
-pub fn schema_status(url: &str) -> Result<String, String> {
-    let config = connection_config(url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+pub fn schema_status(database: Database) -> Result<String, String> {
     std::thread::spawn(move || -> Result<String, String> {
-        let mut client = postgres::Config::from(config)
-            .connect(NoTls)
-            .map_err(|e| format!("cannot connect: {}", StoreError::from(e)))?;
+        let mut client = database.connect().map_err(|e| format!("cannot connect: {e}"))?;
         let row = client
             .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
             .map_err(|e| StoreError::from(e).to_string())?;
@@ -475,8 +535,8 @@ struct Connection {
 }
 
 impl Connection {
-    fn open(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
-        let mut client = postgres::Config::from(config.clone()).connect(NoTls)?;
+    fn open(database: &Database) -> Result<Connection, StoreError> {
+        let mut client = database.connect()?;
         Ok(Connection {
             // Locked in one order, the same in every instance's batches: two batches never
             // wait on each other in a circle.
@@ -804,7 +864,7 @@ impl Tx for BatchTx {
 
 /// The one connection of this instance that writes, on its own thread.
 struct Writer {
-    config: tokio_postgres::Config,
+    database: Database,
     conn: Option<Connection>,
     /// When the writer last failed to reach the database.
     unreachable_since: Option<Instant>,
@@ -829,18 +889,18 @@ struct Failed {
 
 impl Writer {
     fn start(
-        config: tokio_postgres::Config,
+        database: Database,
         options: PostgresOptions,
         own_metrics: PostgresMetrics,
     ) -> Result<(Writer, String), StoreError> {
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
-        let mut client = postgres::Config::from(config.clone()).connect(NoTls)?;
+        let mut client = database.connect()?;
         let epoch = migrate(&mut client, options.clock.now_ms().saturating_sub(retention_ms))?;
         let horizon_ms = read_horizon(&mut client)?;
         drop(client);
-        let conn = Connection::open(&config)?;
+        let conn = Connection::open(&database)?;
         let writer = Writer {
-            config,
+            database,
             conn: Some(conn),
             unreachable_since: None,
             horizon: Horizon::new(horizon_ms, retention_ms, options.clock.monotonic_ms()),
@@ -878,7 +938,7 @@ impl Writer {
             if self.unreachable_since.is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
                 return Err(StoreError::Unavailable("the database cannot be reached".into()));
             }
-            match Connection::open(&self.config) {
+            match Connection::open(&self.database) {
                 Ok(conn) => {
                     self.own_metrics.reconnects.inc();
                     self.unreachable_since = None;
