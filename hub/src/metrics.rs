@@ -416,6 +416,11 @@ impl Metrics {
         store.register_metrics(self.registry.sub_registry_with_prefix("hub"));
     }
 
+    /// Adds what `limits` count of a rate limit shared with other instances, if any.
+    pub fn register_rate_limits(&mut self, limits: &crate::limit::RateLimits) {
+        limits.register_metrics(self.registry.sub_registry_with_prefix("hub"));
+    }
+
     /// The index of a configured site, for [`Seen::site`].
     pub fn site_index(&self, site: &str) -> Option<usize> {
         self.counts.site_index.get(site).copied()

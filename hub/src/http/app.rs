@@ -150,7 +150,9 @@ impl App {
         let sites = Sites::from_config(&config)?;
         let limits = &config.limits;
         let rate_limits =
-            RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute);
+            RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute)
+                .sharing(store.shared_rate_limit());
+        metrics.register_rate_limits(&rate_limits);
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
         metrics.body_bytes_limit(limits.max_body_bytes_in_flight);
         let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());
@@ -297,7 +299,7 @@ impl App {
     /// limits (one request); whether it may do what it asks is the domain's to say.
     /// `claimed_site` is the `site_id` the request names, if any: with auth off (development)
     /// the caller is `user` of that site.
-    pub(super) fn admit(
+    pub(super) async fn admit(
         &self,
         headers: &HeaderMap,
         ip: IpAddr,
@@ -305,9 +307,9 @@ impl App {
         claimed_site: Option<&str>,
         saw: &mut Seen,
     ) -> Result<Caller, ApiError> {
-        match self.admit_token(headers, ip, saw)? {
+        match self.admit_token(headers, ip, saw).await? {
             Some(caller) => Ok(caller),
-            None => self.admit_named(user, claimed_site, 1),
+            None => self.admit_named(user, claimed_site, 1).await,
         }
     }
 
@@ -319,7 +321,7 @@ impl App {
     /// `None` when auth is off (development): the caller is whoever the request names (see
     /// [`App::admit_named`]). `saw` learns the token's site as soon as it is verified, so that
     /// later refusals are counted under it.
-    pub(super) fn admit_token(
+    pub(super) async fn admit_token(
         &self,
         headers: &HeaderMap,
         ip: IpAddr,
@@ -336,7 +338,7 @@ impl App {
             Err(AuthError::Expired { site, user }) => {
                 saw.site = self.metrics().site_index(site.as_str());
                 saw.who = Some((site.clone(), user.clone()));
-                self.check_user(user.as_str(), 1)?;
+                self.check_user(user.as_str(), 1).await?;
                 return Err(AuthError::Expired { site, user }.into());
             }
             Err(e) => {
@@ -347,7 +349,7 @@ impl App {
         saw.site = self.metrics().site_index(v.site.as_str());
         // The caller's names cost two copies a request: taken for the logs that read them, the
         // access log's every line and the refusals' lines.
-        if let Err(limited) = self.check_user(v.user.as_str(), 1) {
+        if let Err(limited) = self.check_user(v.user.as_str(), 1).await {
             saw.who = Some((v.site, v.user));
             return Err(limited);
         }
@@ -373,22 +375,22 @@ impl App {
 
     /// With auth off (development), the caller a request names: `user` of `claimed_site`
     /// (`dev` when it names none), allowed everything, its `ops` counted against that user.
-    pub(super) fn admit_named(
+    pub(super) async fn admit_named(
         &self,
         user: &UserId,
         claimed_site: Option<&str>,
         ops: usize,
     ) -> Result<Caller, ApiError> {
-        self.check_user(user.as_str(), ops)?;
+        self.check_user(user.as_str(), ops).await?;
         let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
         Ok(Caller { site, user: user.clone(), admin: true, scopes: Scopes::ALL, ceilings: Ceilings::NONE })
     }
 
     /// Counts the ops of a batch beyond its first against its caller's limit: its admission
     /// counted one request, before its body told how many ops it holds.
-    pub(super) fn check_batch(&self, caller: &Caller, ops: usize) -> Result<(), ApiError> {
+    pub(super) async fn check_batch(&self, caller: &Caller, ops: usize) -> Result<(), ApiError> {
         let ops = u32::try_from(ops).unwrap_or(u32::MAX);
-        self.rate_limits().check_user_rest(caller.user.as_str(), ops).map_err(|wait| {
+        self.rate_limits().check_user_rest(caller.user.as_str(), ops).await.map_err(|wait| {
             self.metrics().rate_limited(LimitScope::User);
             wait.into()
         })
@@ -416,9 +418,9 @@ impl App {
     }
 
     /// Charges a verified user's rate limit: one request per op.
-    fn check_user(&self, user: &str, ops: usize) -> Result<(), ApiError> {
+    async fn check_user(&self, user: &str, ops: usize) -> Result<(), ApiError> {
         let ops = u32::try_from(ops).unwrap_or(u32::MAX);
-        self.rate_limits().check_user_ops(user, ops).map_err(|wait| {
+        self.rate_limits().check_user_ops(user, ops).await.map_err(|wait| {
             self.metrics().rate_limited(LimitScope::User);
             wait.into()
         })

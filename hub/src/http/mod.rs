@@ -183,7 +183,7 @@ async fn sync_get(
             QueryAction::Get => Action::Get,
         };
         saw.types = TypeSet::of(&query.types);
-        let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), &mut saw)?;
+        let caller = app.admit(&headers, client.ip(), &query.user, query.site.as_deref(), &mut saw).await?;
         if app.logs().keeps_access() {
             saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
         }
@@ -240,7 +240,7 @@ async fn sync_post(State(app): State<App>, client: ClientAddr, headers: HeaderMa
     let mut unread = Some(body);
     let timeout = app.config().limits.body_timeout();
     let response = timed(&app, async {
-        let caller = app.admit_token(&headers, client.ip(), &mut saw)?;
+        let caller = app.admit_token(&headers, client.ip(), &mut saw).await?;
         // With auth off, nothing is counted before the body names its user: a refusal until
         // then counts against the address.
         let anonymous = |e| if caller.is_some() { e } else { app.refuse_unauthenticated(client.ip(), e) };
@@ -271,10 +271,10 @@ async fn sync_post(State(app): State<App>, client: ClientAddr, headers: HeaderMa
         saw.types = TypeSet::of(&types);
         let caller = match caller {
             Some(caller) => {
-                app.check_batch(&caller, ops)?;
+                app.check_batch(&caller, ops).await?;
                 caller
             }
-            None => app.admit_named(&user, Some(request.site_id()), ops)?,
+            None => app.admit_named(&user, Some(request.site_id()), ops).await?,
         };
         if app.logs().keeps_access() {
             saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));

@@ -319,4 +319,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds what only this backend reports to `/metrics`, under the hub's prefix.
     fn register_metrics(&self, registry: &mut Registry);
+
+    /// The users' rate limit that every hub instance on this store shares, for a backend that
+    /// several instances serve at once; `None` (the default) when each instance counts its
+    /// users alone.
+    fn shared_rate_limit(&self) -> Option<Arc<dyn crate::limit::SharedQuota>> {
+        None
+    }
 }

@@ -18,6 +18,8 @@
 //! user, except forgetting expired op ids (`DELETE FROM ops WHERE created_ms < …`, a sweep
 //! every few minutes). `meta` holds the database's own settings.
 
+mod rate;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -106,7 +108,14 @@ const STEPS: &[&str] = &[
         reason TEXT,
         at_ms BIGINT NOT NULL,
         PRIMARY KEY (user_id, id)
-    );"];
+    );",
+    // The users' rate limit the instances share (rate.rs). UNLOGGED: a crash that empties it
+    // gives each user a full minute's quota again, which is not worth a write-ahead log.
+    "CREATE UNLOGGED TABLE rate_limits (
+        user_id TEXT PRIMARY KEY,
+        tat_us BIGINT NOT NULL
+    );",
+];
 
 /// The schema version this hub brings a database to: a database beyond it was migrated by a
 /// newer hub, and this one refuses it.
@@ -405,6 +414,10 @@ impl Store for PostgresStore {
             "Times the writer opened a new connection to the database after losing one",
             metrics.reconnects.clone(),
         );
+    }
+
+    fn shared_rate_limit(&self) -> Option<Arc<dyn crate::limit::SharedQuota>> {
+        Some(Arc::new(rate::UserQuotas(self.clone())))
     }
 }
 
