@@ -15,7 +15,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
@@ -24,7 +23,7 @@ use governor::{Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
-use crate::store::StoreError;
+use crate::store::{SharedQuota, StoreError, Taken};
 
 /// Cells a request of `n` ops takes: one per op, but no more than a whole minute's quota, so
 /// that a batch larger than the limit can still pass once the user's bucket is full.
@@ -51,35 +50,6 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// How often the shared quota forgets the users who have fully recovered.
 const FORGET_EVERY: Duration = Duration::from_secs(600);
-
-/// A per-user quota that every hub instance on one store takes its cells from: one GCRA
-/// state per user (its theoretical arrival time), kept where every instance reaches it and
-/// changed by one instance at a time.
-#[async_trait]
-pub trait SharedQuota: Send + Sync + 'static {
-    /// Takes at least `need` and at most `want` cells of `user`'s quota of `per_minute`
-    /// requests a minute, as many as it holds up to `want`; or none, with how long until it
-    /// holds `need`. `need` is at most `per_minute` and at most `want`.
-    async fn take(
-        &self,
-        user: &str,
-        need: u32,
-        want: u32,
-        per_minute: NonZeroU32,
-    ) -> Result<Taken, StoreError>;
-
-    /// Forgets every user whose quota has fully recovered: they start again from a full one.
-    async fn forget_recovered(&self) -> Result<(), StoreError>;
-}
-
-/// What a [`SharedQuota`] gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    /// This many cells, at least the number needed.
-    Cells(u32),
-    /// None: the cells needed are there after this long.
-    Refused(Duration),
-}
 
 type Keyed<K, C> = RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
@@ -569,7 +539,7 @@ mod tests {
         asked: AtomicUsize,
     }
 
-    #[async_trait]
+    #[async_trait::async_trait]
     impl SharedQuota for FakeQuota {
         async fn take(
             &self,

@@ -411,14 +411,10 @@ impl Metrics {
         &self.store
     }
 
-    /// Adds what only `store`'s backend reports.
-    pub fn register_store(&mut self, store: &dyn crate::store::Store) {
-        store.register_metrics(self.registry.sub_registry_with_prefix("hub"));
-    }
-
-    /// Adds what `limits` count of a rate limit shared with other instances, if any.
-    pub fn register_rate_limits(&mut self, limits: &crate::limit::RateLimits) {
-        limits.register_metrics(self.registry.sub_registry_with_prefix("hub"));
+    /// Where a part that reports only in some deployments (a store's backend, a rate limit
+    /// shared with other instances) adds its metrics, under the hub's prefix.
+    pub fn hub_registry(&mut self) -> &mut prometheus_client::registry::Registry {
+        self.registry.sub_registry_with_prefix("hub")
     }
 
     /// The index of a configured site, for [`Seen::site`].

@@ -141,7 +141,7 @@ impl App {
 
     fn build(config: Config, store: Arc<dyn Store>, mut metrics: Metrics, logs: Logs) -> anyhow::Result<App> {
         config.validate()?;
-        metrics.register_store(&*store);
+        store.register_metrics(metrics.hub_registry());
         let metrics_token = config.metrics.token()?;
         let tls = config.tls_files().map(|(cert, key)| Tls::load(cert, key)).transpose()?;
         if let Some(tls) = &tls {
@@ -152,7 +152,7 @@ impl App {
         let rate_limits =
             RateLimits::new(limits.requests_per_minute, limits.unauthenticated_requests_per_minute)
                 .sharing(store.shared_rate_limit());
-        metrics.register_rate_limits(&rate_limits);
+        rate_limits.register_metrics(metrics.hub_registry());
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
         metrics.body_bytes_limit(limits.max_body_bytes_in_flight);
         let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());

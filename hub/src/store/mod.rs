@@ -12,6 +12,7 @@ pub mod rules;
 pub mod sqlite;
 pub mod stamps;
 
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -296,6 +297,35 @@ impl StoreError {
     }
 }
 
+/// A per-user quota that every hub instance on one store takes its cells from: one GCRA
+/// state per user (its theoretical arrival time), kept where every instance reaches it and
+/// changed by one instance at a time.
+#[async_trait]
+pub trait SharedQuota: Send + Sync + 'static {
+    /// Takes at least `need` and at most `want` cells of `user`'s quota of `per_minute`
+    /// requests a minute, as many as it holds up to `want`; or none, with how long until it
+    /// holds `need`. `need` is at most `per_minute` and at most `want`.
+    async fn take(
+        &self,
+        user: &str,
+        need: u32,
+        want: u32,
+        per_minute: NonZeroU32,
+    ) -> Result<Taken, StoreError>;
+
+    /// Forgets every user whose quota has fully recovered: they start again from a full one.
+    async fn forget_recovered(&self) -> Result<(), StoreError>;
+}
+
+/// What a [`SharedQuota`] gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// This many cells, at least the number needed.
+    Cells(u32),
+    /// None: the cells needed are there after this long.
+    Refused(Duration),
+}
+
 /// A durable home for records. The domain sees only this trait.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -323,7 +353,7 @@ pub trait Store: Send + Sync + 'static {
     /// The users' rate limit that every hub instance on this store shares, for a backend that
     /// several instances serve at once; `None` (the default) when each instance counts its
     /// users alone.
-    fn shared_rate_limit(&self) -> Option<Arc<dyn crate::limit::SharedQuota>> {
+    fn shared_rate_limit(&self) -> Option<Arc<dyn SharedQuota>> {
         None
     }
 }

@@ -15,8 +15,9 @@
 //! database: no instance keeps stamps in memory, so none answers from behind another's write.
 //!
 //! Every table holding users' data is keyed by user id first, and every query on it names one
-//! user, except forgetting expired op ids (`DELETE FROM ops WHERE created_ms < …`, a sweep
-//! every few minutes). `meta` holds the database's own settings.
+//! user, except two sweeps every few minutes: forgetting expired op ids (`DELETE FROM ops
+//! WHERE created_ms < …`) and the rate-limit state of users whose quota has recovered
+//! (`rate.rs`). `meta` holds the database's own settings.
 
 mod rate;
 
@@ -416,7 +417,7 @@ impl Store for PostgresStore {
         );
     }
 
-    fn shared_rate_limit(&self) -> Option<Arc<dyn crate::limit::SharedQuota>> {
+    fn shared_rate_limit(&self) -> Option<Arc<dyn super::SharedQuota>> {
         Some(Arc::new(rate::UserQuotas(self.clone())))
     }
 }

@@ -2,7 +2,7 @@
 //! user in `rate_limits`, its theoretical arrival time in microseconds of the database's
 //! clock, so that the instances' clocks need not agree. An instance takes a lease of a few
 //! cells in one statement, which holds the user's row for the moment it changes it; what an
-//! instance does with its cells is [`crate::limit`]'s.
+//! instance does with its cells is the rate limiter's.
 //!
 //! Every statement names one user, except forgetting the users who have fully recovered, a
 //! sweep every ten minutes by each instance (`DELETE FROM rate_limits WHERE tat_us < now`).
@@ -13,8 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::PostgresStore;
-use crate::limit::{SharedQuota, Taken};
 use crate::store::StoreError;
+use crate::store::{SharedQuota, Taken};
 
 /// Takes up to `$3` (`want`) cells of user `$1`'s quota, and at least `$2` (`need`), each cell
 /// coming back after `$4` microseconds, a full quota being `$5` microseconds of cells; answers
