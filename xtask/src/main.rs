@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build everything, start the hub on 127.0.0.1:8787 and serve the two demo sites.
+    /// Build everything, start the hub on 127.0.0.1:8787 and serve the two demo sites (with
+    /// --postgres, two hub instances on PostgreSQL behind nginx on that port).
     Demo(demo::Args),
     /// Install missing prerequisites, then run every check and test; stop at the first failure.
     Test,

@@ -36,6 +36,13 @@ pub const FOR_TESTS: &[Need] = &[
 /// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
 
+/// What `cargo xtask demo --postgres` needs beside: a throwaway cluster, and nginx in front of
+/// the two hub instances.
+pub const FOR_DEMO_POSTGRES: &[Need] = &[POSTGRES, NGINX];
+
+/// What `cargo xtask demo --check` needs beside: curl, to ask the demo what a person would.
+pub const FOR_DEMO_CHECK: &[Need] = &[CURL];
+
 /// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
 /// build. Only a release needs the musl toolchain; the tests never build for it.
 pub const FOR_DIST: &[Need] =
