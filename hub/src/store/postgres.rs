@@ -268,7 +268,7 @@ impl Database {
             .map_err(|e| StoreError::Open(format!("the store's URL is not a PostgreSQL URL: {e}")))?;
         config
             .options(format!(
-                "-c statement_timeout={} -c synchronous_commit=on",
+                "-c statement_timeout={} -c synchronous_commit=on -c client_min_messages=warning",
                 statement_timeout.as_millis().max(1)
             ))
             .application_name("unified-sync hub")
