@@ -240,6 +240,12 @@ impl StoreConfig {
                 if self.url.is_some() == self.url_env.is_some() {
                     bail!("backend = \"postgres\" needs exactly one of store.url and store.url_env");
                 }
+                if let Some(var) = self.url_env.as_deref().filter(|var| var.starts_with("HUB_")) {
+                    bail!(
+                        "store.url_env names {var}, but variables starting with HUB_ are read as the hub's own \
+                         settings; name another (UNIFIED_SYNC_DATABASE_URL, say), or set HUB_STORE__URL instead"
+                    );
+                }
                 if self.pool < 2 {
                     bail!("store.pool must be at least 2: one connection writes, the others read");
                 }
@@ -877,6 +883,31 @@ mod tests {
             Limits { max_body_bytes_in_flight: protocol::wire::MAX_BODY_BYTES - 1, ..config.limits.clone() },
         ] {
             assert!(Config { limits, ..config.clone() }.validate().is_err());
+        }
+    }
+
+    #[test]
+    fn a_postgres_store_names_one_database_in_a_variable_the_hub_does_not_read_as_a_setting() {
+        let postgres = |url: Option<&str>, url_env: Option<&str>| StoreConfig {
+            backend: Backend::Postgres,
+            url: url.map(str::to_owned),
+            url_env: url_env.map(str::to_owned),
+            ..StoreConfig::default()
+        };
+        assert!(postgres(Some("postgres://hub@db/hub"), None).validate().is_ok());
+        assert!(postgres(None, Some("UNIFIED_SYNC_DATABASE_URL")).validate().is_ok());
+        for (config, says) in [
+            (postgres(None, None), "exactly one of store.url and store.url_env"),
+            (postgres(Some("postgres://hub@db/hub"), Some("DB_URL")), "exactly one"),
+            (postgres(None, Some("HUB_DATABASE_URL")), "HUB_STORE__URL"),
+            (StoreConfig { pool: 1, ..postgres(None, Some("DB_URL")) }, "store.pool must be at least 2"),
+            (
+                StoreConfig { url: Some("postgres://hub@db/hub".into()), ..StoreConfig::default() },
+                "for backend = \"postgres\"",
+            ),
+        ] {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
         }
     }
 }
