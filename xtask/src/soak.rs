@@ -1,8 +1,10 @@
 //! `cargo xtask soak`: the long versions of the reliability suites that `cargo xtask test`
 //! runs short — the hub killed with SIGKILL 50 times under clients that retry and duplicate
-//! (`hub/tests/durability.rs`), 2,000 held and 500 slowloris connections for five minutes
-//! (`hub/tests/load.rs`), and 50,000 seeds of the client simulation
-//! (`sync-core/tests/simulation.rs`). Each is the same test with one environment variable
+//! (`hub/tests/durability.rs`), the same clients on two instances sharing one PostgreSQL
+//! database while an instance is killed 50 times and the database crashes 20 times
+//! (`hub/tests/durability_postgres.rs`), 2,000 held and 500 slowloris connections for five
+//! minutes (`hub/tests/load.rs`), and 50,000 seeds of the client simulation
+//! (`sync-core/tests/simulation.rs`). Each is the same test with its environment variables
 //! raised, built in release so that a run covers more in its time, and run with
 //! `--nocapture` so that what it measured (and the simulation's first seed, to repeat it)
 //! is printed. Then the release: `cargo xtask dist` builds it, its Debian package is unpacked
@@ -31,27 +33,39 @@ pub struct Args {
     release_only: bool,
 }
 
-/// Each long run: the variable that lengthens it, its value, and cargo's arguments.
-const RUNS: [(&str, &str, &[&str]); 3] = [
-    (
-        "HUB_CRASH_KILLS",
-        "50",
-        &["test", "--release", "-p", "hub", "--test", "durability", "--", "--nocapture"],
-    ),
-    ("HUB_LOAD_SECS", "300", &["test", "--release", "-p", "hub", "--test", "load", "--", "--nocapture"]),
-    (
-        "SYNC_SIM_SEEDS",
-        "50000",
-        &["test", "--release", "-p", "sync-core", "--test", "simulation", "--", "--nocapture"],
-    ),
+/// A long run: the variables that lengthen it, with their values, and cargo's arguments.
+struct Run {
+    variables: &'static [(&'static str, &'static str)],
+    cargo: &'static [&'static str],
+}
+
+const RUNS: [Run; 4] = [
+    Run {
+        variables: &[("HUB_CRASH_KILLS", "50")],
+        cargo: &["test", "--release", "-p", "hub", "--test", "durability", "--", "--nocapture"],
+    },
+    Run {
+        variables: &[("HUB_CRASH_KILLS", "50"), ("HUB_CRASH_DB_CRASHES", "20")],
+        cargo: &["test", "--release", "-p", "hub", "--test", "durability_postgres", "--", "--nocapture"],
+    },
+    Run {
+        variables: &[("HUB_LOAD_SECS", "300")],
+        cargo: &["test", "--release", "-p", "hub", "--test", "load", "--", "--nocapture"],
+    },
+    Run {
+        variables: &[("SYNC_SIM_SEEDS", "50000")],
+        cargo: &["test", "--release", "-p", "sync-core", "--test", "simulation", "--", "--nocapture"],
+    },
 ];
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.release_only {
-        for (variable, value, args) in RUNS {
+        for Run { variables, cargo: args } in RUNS {
             let mut cargo = command("cargo", args);
-            cargo.env(variable, value);
-            step_with(cargo, &format!("{variable}={value} cargo"), args)?;
+            cargo.envs(variables.iter().copied());
+            let shown: Vec<String> =
+                variables.iter().map(|(name, value)| format!("{name}={value}")).collect();
+            step_with(cargo, &format!("{} cargo", shown.join(" ")), args)?;
         }
         println!("==> the long reliability suites passed");
     }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod authority;
+pub mod crash;
 pub mod postgres;
 
 use std::path::PathBuf;
