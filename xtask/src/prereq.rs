@@ -48,6 +48,9 @@ pub const FOR_DEMO_CHECK: &[Need] = &[CURL];
 pub const FOR_DIST: &[Need] =
     &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP, FILE, DPKG_DEB, SYSTEMD_ANALYZE];
 
+/// What `cargo xtask soak`'s long suites need: the PostgreSQL crash suite's throwaway cluster.
+pub const FOR_SOAK: &[Need] = &[POSTGRES];
+
 /// What `cargo xtask soak` needs beyond a release to smoke it.
 pub const FOR_RELEASE_SMOKE: &[Need] = &[STRACE];
 

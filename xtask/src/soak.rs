@@ -60,6 +60,7 @@ const RUNS: [Run; 4] = [
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.release_only {
+        crate::prereq::ensure(crate::prereq::FOR_SOAK)?;
         for Run { variables, cargo: args } in RUNS {
             let mut cargo = command("cargo", args);
             cargo.envs(variables.iter().copied());
