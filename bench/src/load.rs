@@ -2,7 +2,8 @@
 //! next request when the previous answer has been read (closed loop, for peak throughput)
 //! or on a fixed schedule (open loop, for latency at a given rate). Latency is counted
 //! from when a request was due, not when it was sent, so a stalled server cannot hide its
-//! stall by delaying the requests that would have measured it.
+//! stall by delaying the requests that would have measured it. The connections may be spread
+//! over several instances of one hub, in turn.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -59,12 +60,15 @@ struct ConnResult {
     body_bytes: u64,
 }
 
-/// Runs `plan` against `addr`.
-pub async fn run(addr: SocketAddr, requests: Arc<Requests>, plan: Plan) -> anyhow::Result<Outcome> {
+/// Runs `plan` against `addrs`: connection `n` goes to `addrs[n % addrs.len()]`, and
+/// reconnects there.
+pub async fn run(addrs: &[SocketAddr], requests: Arc<Requests>, plan: Plan) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(!addrs.is_empty(), "no address to load");
     let mut senders = Vec::with_capacity(plan.connections);
-    for _ in 0..plan.connections {
+    for conn in 0..plan.connections {
+        let addr = addrs[conn % addrs.len()];
         let sender = connect_from(addr, plan.source).await;
-        senders.push(sender.with_context(|| format!("cannot connect to {addr}"))?);
+        senders.push((addr, sender.with_context(|| format!("cannot connect to {addr}"))?));
     }
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + plan.warmup;
@@ -73,7 +77,7 @@ pub async fn run(addr: SocketAddr, requests: Arc<Requests>, plan: Plan) -> anyho
     let tasks: Vec<_> = senders
         .into_iter()
         .enumerate()
-        .map(|(conn, sender)| {
+        .map(|(conn, (addr, sender))| {
             let requests = requests.clone();
             let offset =
                 interval.map_or(Duration::ZERO, |i| i.mul_f64(conn as f64 / plan.connections as f64));

@@ -44,6 +44,10 @@ enum Command {
     Load {
         #[command(flatten)]
         target: Target,
+        /// Another instance of the same hub (the same database and sites), repeated for each:
+        /// the connections go to `--addr` and these in turn, with no proxy between.
+        #[arg(long)]
+        also: Vec<SocketAddr>,
         #[arg(long, value_enum)]
         scenario: Scenario,
         #[arg(long, default_value_t = 64)]
@@ -142,7 +146,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Bare { listen } => bare::serve(listen).await,
             Command::Prepare(target) => prepare(&target).await,
-            Command::Load { target, scenario, connections, warmup_secs, secs, rate, source } => {
+            Command::Load { target, also, scenario, connections, warmup_secs, secs, rate, source } => {
                 let plan = load::Plan {
                     connections,
                     warmup: Duration::from_secs_f64(warmup_secs),
@@ -150,7 +154,8 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     source,
                 };
-                let outcome = load::run(target.addr, target.requests(scenario)?, plan).await?;
+                let addrs: Vec<SocketAddr> = std::iter::once(target.addr).chain(also).collect();
+                let outcome = load::run(&addrs, target.requests(scenario)?, plan).await?;
                 println!("{}", serde_json::to_string(&outcome)?);
                 Ok(())
             }

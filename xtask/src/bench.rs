@@ -7,8 +7,11 @@
 //! idle keep-alive connections, the package's gzipped size, the requests of a simulated
 //! day of one user (`bench user-day`), and another address's latency and the hub's memory
 //! while many addresses hold every connection and upload the default limits allow (`bench
-//! flood`; alone with `--flood`). Writes the table to `BENCHMARKS.md` with the machine it
-//! ran on.
+//! flood`; alone with `--flood`). Then the hub on PostgreSQL: a throwaway cluster
+//! (`crate::postgres`) of the run, pgbench's single-row UPDATE on it (one client, then as many
+//! as the load's connections), and one hub instance and then two on one database, each load's
+//! CPU split between the hub, the database and the rest of the machine. Writes the tables to
+//! `BENCHMARKS.md` with the machine it ran on.
 //!
 //! Every request is authenticated and rate-limited as in production: the benchmark users
 //! get a high limit through the config file, like any operator would set it.
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::postgres::Cluster;
 use crate::process::{command, root, step, target_dir};
 
 /// Connections of every throughput scenario.
@@ -234,6 +238,267 @@ impl Flood {
     }
 }
 
+/// The database of the hub on PostgreSQL.
+const HUB_DATABASE: &str = "unified_sync";
+/// The database of pgbench, beside the hub's on the same cluster.
+const PGBENCH_DATABASE: &str = "pgbench";
+/// pgbench's script: one account's balance changed, a random one of `pgbench -i`'s, in a
+/// transaction of its own.
+const PGBENCH_UPDATE: &str = "\\set aid random(1, 100000 * :scale)\n\\set delta random(-5000, 5000)\nUPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n";
+
+/// The hub on PostgreSQL, beside pgbench on the same throwaway cluster, in the same run.
+struct OnPostgres {
+    /// The server's major version.
+    major: String,
+    /// The settings that decide what a commit costs, as the server reported them.
+    settings: String,
+    /// The single-row UPDATE with one client, then with [`CONNECTIONS`].
+    pgbench: [PgbenchRun; 2],
+    /// One instance, then two on one database.
+    hub: Vec<OnInstances>,
+}
+
+/// One run of pgbench's single-row UPDATE.
+struct PgbenchRun {
+    clients: usize,
+    transactions_per_sec: f64,
+    latency_ms: f64,
+    cpu: Cpu,
+}
+
+/// One load of hub instances on PostgreSQL.
+struct OnInstances {
+    row: Row,
+    cpu: Cpu,
+    /// What the instances' writers committed during the load, for writes.
+    commits: Option<Commits>,
+}
+
+/// Cores busy on average during a run.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    /// The hub instances' processes.
+    hub: f64,
+    /// The cluster's server processes (the postmaster and its children).
+    postgres: f64,
+    /// The whole machine: the load generator, and anything else running, included.
+    machine: f64,
+}
+
+/// CPU time used so far, in clock ticks, and when it was read.
+struct CpuTimes {
+    at: Instant,
+    hub: u64,
+    postgres: u64,
+    machine: u64,
+}
+
+impl CpuTimes {
+    /// The hub processes `hubs`, the server processes of the cluster whose postmaster is
+    /// `postmaster`, and the machine's, from /proc.
+    fn now(hubs: &[u32], postmaster: u32) -> anyhow::Result<CpuTimes> {
+        let at = Instant::now();
+        // The postmaster's own time and its ended children's, which it has waited for (a
+        // session's backend lives only as long as its connection), then the living children's.
+        let mut postgres = process_ticks(postmaster)
+            .map(|ticks| ticks.own + ticks.children)
+            .with_context(|| format!("no postmaster {postmaster}"))?;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+                continue;
+            };
+            // A process that ended meanwhile is skipped.
+            if let Some(ticks) = process_ticks(pid)
+                && ticks.parent == postmaster
+            {
+                postgres += ticks.own;
+            }
+        }
+        let mut hub = 0;
+        for &pid in hubs {
+            hub += process_ticks(pid).with_context(|| format!("no hub process {pid}"))?.own;
+        }
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .context("/proc/stat has no cpu line")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // user nice system idle iowait irq softirq steal; guest time is counted in user.
+        let machine =
+            fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+        Ok(CpuTimes { at, hub, postgres, machine })
+    }
+
+    /// The cores busy on average from `before` to this, at `ticks` clock ticks a second.
+    fn since(&self, before: &CpuTimes, ticks: f64) -> Cpu {
+        let secs = (self.at - before.at).as_secs_f64().max(1e-9);
+        let cores = |now: u64, then: u64| now.saturating_sub(then) as f64 / ticks / secs;
+        Cpu {
+            hub: cores(self.hub, before.hub),
+            postgres: cores(self.postgres, before.postgres),
+            machine: cores(self.machine, before.machine),
+        }
+    }
+}
+
+/// A process's parent and CPU time (user and system, in clock ticks).
+struct ProcessTicks {
+    parent: u32,
+    /// Its own, threads included.
+    own: u64,
+    /// Its children's that ended and that it waited for.
+    children: u64,
+}
+
+/// What /proc says of process `pid`; `None` if it is gone.
+fn process_ticks(pid: u32) -> Option<ProcessTicks> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the name in parentheses: state, ppid, … utime, stime, cutime and cstime (the 14th
+    // to 17th fields).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n)?.parse::<u64>().ok();
+    Some(ProcessTicks {
+        parent: u32::try_from(field(1)?).ok()?,
+        own: field(11)? + field(12)?,
+        children: field(13)? + field(14)?,
+    })
+}
+
+/// What hub instances' writers committed, from their `/metrics`.
+#[derive(Debug, Clone, Copy)]
+struct Commits {
+    writes: f64,
+    commits: f64,
+    /// Time spent in COMMITs, until durable.
+    commit_secs: f64,
+}
+
+impl Commits {
+    fn since(&self, before: &Commits) -> Commits {
+        Commits {
+            writes: self.writes - before.writes,
+            commits: self.commits - before.commits,
+            commit_secs: self.commit_secs - before.commit_secs,
+        }
+    }
+
+    fn writes_per_commit(&self) -> f64 {
+        self.writes / self.commits.max(1.0)
+    }
+
+    fn mean_commit(&self) -> Duration {
+        Duration::from_secs_f64(self.commit_secs / self.commits.max(1.0))
+    }
+}
+
+impl OnPostgres {
+    /// The section of the report; `bare` is the bare server's requests per second.
+    fn render(&self, bare: f64, secs: f64) -> anyhow::Result<String> {
+        let mut out = String::new();
+        let cores = cores()?;
+        let [serial, concurrent] = &self.pgbench;
+        writeln!(out, "## PostgreSQL\n")?;
+        writeln!(
+            out,
+            "The hub on PostgreSQL {} (`[store] backend = \"postgres\"`: each instance has one writer, \
+             which gathers the writes waiting into one transaction, and the default pool of 16 \
+             connections), on a cluster the run creates (`initdb`) and starts on this machine, its data \
+             dir on the same disk as the SQLite data dirs above, with PostgreSQL's defaults: {}. The hub \
+             is driven as above ({CONNECTIONS} connections, {secs:.0} s measured after a warm-up), and \
+             its figures are fractions of the same bare server's. Before the loads, the database is \
+             filled (`bench prepare`, then a few seconds of deltas left out of the figures) and \
+             analyzed (`ANALYZE`), as autovacuum does of itself a minute or two after tables fill. Two \
+             instances share one database; the load generator's connections go to each in turn, with \
+             no proxy between them. CPU is the cores busy on average over each whole load, warm-up \
+             included, of the machine's {cores}: the hub instances, the cluster's server processes, and \
+             the whole machine (the load generator and anything else running included).\n",
+            self.major, self.settings
+        )?;
+        writeln!(
+            out,
+            "| scenario | requests/s | of bare | p50 | p99 | p99.9 | writes per commit | mean COMMIT | CPU: hub, PostgreSQL, machine |"
+        )?;
+        writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+        for measured in &self.hub {
+            let o = &measured.row.outcome;
+            let (per_commit, commit) = measured.commits.map_or_else(
+                || ("—".to_owned(), "—".to_owned()),
+                |c| (format!("{:.1}", c.writes_per_commit()), micros(c.mean_commit().as_micros() as u64)),
+            );
+            let cpu = measured.cpu;
+            writeln!(
+                out,
+                "| {} | {:.0} | {:.0} % | {} | {} | {} | {per_commit} | {commit} | {:.2}, {:.2}, {:.2} |",
+                measured.row.what,
+                o.requests_per_sec,
+                100.0 * o.requests_per_sec / bare,
+                micros(o.p50_us),
+                micros(o.p99_us),
+                micros(o.p999_us),
+                cpu.hub,
+                cpu.postgres,
+                cpu.machine
+            )?;
+        }
+        writeln!(
+            out,
+            "\nBeside it, on the same cluster in the same run, `pgbench` in a database of its own \
+             (`pgbench -i`: 100,000 accounts) runs a single-row UPDATE (`UPDATE pgbench_accounts SET \
+             abalance = abalance + :delta WHERE aid = :aid`, a random aid), each in a transaction of \
+             its own, for {secs:.0} s after a warm-up. With 1 client every transaction waits for a \
+             durable commit of its own: the ceiling of a writer that commits its writes one at a time. \
+             With {CONNECTIONS} clients (`-c {CONNECTIONS} -j 2`) the database shares each flush of its \
+             log among the sessions waiting: its own group commit, across sessions.\n"
+        )?;
+        writeln!(
+            out,
+            "| pgbench, single-row UPDATE | transactions/s | mean latency | CPU: PostgreSQL, machine |"
+        )?;
+        writeln!(out, "| --- | ---: | ---: | ---: |")?;
+        for run in &self.pgbench {
+            writeln!(
+                out,
+                "| {} client{} | {:.0} | {:.2} ms | {:.2}, {:.2} |",
+                run.clients,
+                if run.clients == 1 { "" } else { "s" },
+                run.transactions_per_sec,
+                run.latency_ms,
+                run.cpu.postgres,
+                run.cpu.machine
+            )?;
+        }
+        writeln!(
+            out,
+            "\n| durable deltas on PostgreSQL | requests/s | ÷ pgbench, 1 client | ÷ pgbench, {CONNECTIONS} clients |"
+        )?;
+        writeln!(out, "| --- | ---: | ---: | ---: |")?;
+        for measured in self.hub.iter().filter(|m| m.commits.is_some()) {
+            let rps = measured.row.outcome.requests_per_sec;
+            writeln!(
+                out,
+                "| {} | {rps:.0} | {:.1}× | {:.2}× |",
+                measured.row.what,
+                rps / serial.transactions_per_sec,
+                rps / concurrent.transactions_per_sec
+            )?;
+        }
+        writeln!(
+            out,
+            "\nA durable delta asks more of the database than pgbench's UPDATE: its record locked, its op \
+             id looked for and remembered, the record and a ledger row written, in about seven round \
+             trips per batch of the writer whatever the batch's size. Above 1× against one client, the \
+             writer's batches beat a writer that commits each write alone; against {CONNECTIONS} clients, \
+             the bar is the database's own gathering of commits across sessions. docs/performance.md \
+             tells what limits the hub's deltas here."
+        )?;
+        Ok(out)
+    }
+}
+
 /// One measured line of the report.
 struct Row {
     what: String,
@@ -243,6 +508,9 @@ struct Row {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if !args.flood {
+        crate::prereq::ensure(crate::prereq::FOR_BENCH)?;
+    }
     let (warmup, secs) =
         if args.quick { (1.0, args.secs.unwrap_or(3.0)) } else { (3.0, args.secs.unwrap_or(15.0)) };
     step("cargo", &["build", "--release", "-p", "hub", "-p", "bench"])?;
@@ -261,7 +529,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fsync = fsync_latency(&work)?;
 
     let bare = tools.start_bare()?;
-    let grouped = tools.start_hub("group", true, Caps::Raised)?;
+    let grouped = tools.start_hub("group", Store::Sqlite { group_commit: true }, Caps::Raised)?;
     tools.prepare(grouped.addr, &grouped.config)?;
 
     let mut rows = Vec::new();
@@ -300,13 +568,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let day = tools.user_day(grouped.addr, &grouped.config)?;
     grouped.stop()?;
 
-    let single = tools.start_hub("single", false, Caps::Raised)?;
+    let single = tools.start_hub("single", Store::Sqlite { group_commit: false }, Caps::Raised)?;
     let fsync_each = tools.load(single.addr, &single.config, "delta", None)?;
     rows.push(Row { what: "durable delta, one fsync per request".into(), outcome: fsync_each, expect: 200 });
     single.stop()?;
 
+    let on_postgres = tools.on_postgres()?;
+
     // Memory on a fresh process, so that its peak is the idle connections' and not the load's.
-    let idle_hub = tools.start_hub("group", true, Caps::Raised)?;
+    let idle_hub = tools.start_hub("group", Store::Sqlite { group_commit: true }, Caps::Raised)?;
     let op_log_ids = tools.op_log_ids(idle_hub.addr)?;
     let hub_memory = tools.idle(idle_hub.addr, &idle_hub.config, idle_hub.pid())?;
     let bare_memory = tools.idle(bare.addr, &idle_hub.config, bare.pid())?;
@@ -314,7 +584,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     idle_hub.stop()?;
     let flood = tools.flood()?;
 
-    for row in &rows {
+    for row in rows.iter().chain(on_postgres.hub.iter().map(|measured| &measured.row)) {
         all_answered(&row.what, &row.outcome, row.expect)?;
     }
 
@@ -328,6 +598,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         package_bytes,
         day,
         flood,
+        on_postgres,
         fsync,
         secs,
         quick: args.quick,
@@ -412,10 +683,10 @@ impl Tools {
 
     /// Starts `hub serve` with its own config, data dir and log `name` (the config and data
     /// kept across starts, the log in `target/bench-run/name.log` written anew).
-    fn start_hub(&self, name: &str, group_commit: bool, caps: Caps) -> anyhow::Result<Server> {
+    fn start_hub(&self, name: &str, store: Store<'_>, caps: Caps) -> anyhow::Result<Server> {
         let config = self.work.join(format!("{name}.toml"));
         if !config.exists() {
-            std::fs::write(&config, hub_config(&self.work.join(name), group_commit, caps))?;
+            std::fs::write(&config, hub_config(&self.work.join(name), store, caps))?;
         }
         let addr = free_addr()?;
         // The hub's log: a flood's refusals would fill the terminal.
@@ -455,13 +726,14 @@ impl Tools {
         scenario: &str,
         rate: Option<f64>,
     ) -> anyhow::Result<Outcome> {
-        self.load_from(addr, config, scenario, rate, None)
+        self.load_from(&[addr], config, scenario, rate, None)
     }
 
-    /// [`Tools::load`] from the local address `source`, a client of its own to the hub.
+    /// [`Tools::load`] over the instances `addrs` of one hub (the connections going to each
+    /// in turn), from the local address `source`, a client of its own to the hub.
     fn load_from(
         &self,
-        addr: SocketAddr,
+        addrs: &[SocketAddr],
         config: &Path,
         scenario: &str,
         rate: Option<f64>,
@@ -469,10 +741,11 @@ impl Tools {
     ) -> anyhow::Result<Outcome> {
         let (connections, warmup, secs) =
             (CONNECTIONS.to_string(), self.warmup.to_string(), self.secs.to_string());
+        let (first, others) = addrs.split_first().context("no hub to load")?;
         let mut args = vec![
             "load",
             "--addr",
-            &addr.to_string(),
+            &first.to_string(),
             "--config",
             path(config)?,
             "--scenario",
@@ -492,6 +765,9 @@ impl Tools {
         }
         if let Some(source) = source {
             args.extend(["--source".to_owned(), source.to_owned()]);
+        }
+        for other in others {
+            args.extend(["--also".to_owned(), other.to_string()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let printed = self.run_bench(&args)?;
@@ -543,9 +819,9 @@ impl Tools {
     /// connection limits, alone and then while `bench flood` holds them full from
     /// [`FLOOD_ADDRESSES`] addresses; the hub's memory and what its `/metrics` showed held.
     fn flood(&self) -> anyhow::Result<Flood> {
-        let hub = self.start_hub("flood", true, Caps::Default)?;
+        let hub = self.start_hub("flood", Store::Sqlite { group_commit: true }, Caps::Default)?;
         let checks = |hub: &Server| {
-            self.load_from(hub.addr, &hub.config, "timestamp", Some(FLOOD_RATE), Some(MEASURED_SOURCE))
+            self.load_from(&[hub.addr], &hub.config, "timestamp", Some(FLOOD_RATE), Some(MEASURED_SOURCE))
         };
         let unloaded = checks(&hub)?;
         all_answered("timestamp checks of a hub alone", &unloaded, 200)?;
@@ -582,6 +858,129 @@ impl Tools {
         Ok(Flood { in_place, unloaded, flooded, before, during, held })
     }
 
+    /// The hub on a throwaway PostgreSQL cluster, one instance and then two on one database,
+    /// beside pgbench's single-row UPDATE on the same cluster first.
+    fn on_postgres(&self) -> anyhow::Result<OnPostgres> {
+        let cluster = Cluster::start(&self.work, "bench")?;
+        let settings = cluster.psql(
+            "postgres",
+            "SELECT string_agg(name || ' ' || current_setting(name), ', ' ORDER BY name) FROM pg_settings \
+             WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method', 'full_page_writes', \
+             'commit_delay', 'shared_buffers')",
+        )?;
+        let postmaster = cluster.postmaster_pid()?;
+        let ticks: f64 = crate::process::output("getconf", &["CLK_TCK"])?.trim().parse()?;
+        let pgbench = self.pgbench(&cluster, postmaster, ticks)?;
+
+        let url = cluster.create_database(HUB_DATABASE)?;
+        let a = self.start_hub("postgres-a", Store::Postgres(&url), Caps::Raised)?;
+        self.prepare(a.addr, &a.config)?;
+        // A database in service: op ids remembered, and its tables analyzed, as autovacuum
+        // does of itself a minute or two after they fill. The writer keeps the plans of its
+        // prepared statements until the statistics change, and plans made while the tables
+        // were nearly empty read them whole on every batch (docs/performance.md).
+        let (addr, config, secs) = (a.addr.to_string(), path(&a.config)?, self.warmup.to_string());
+        self.run_bench(&[
+            "load",
+            "--addr",
+            &addr,
+            "--config",
+            config,
+            "--scenario",
+            "delta",
+            "--warmup-secs",
+            "0",
+            "--secs",
+            &secs,
+        ])?;
+        println!("==> psql -c ANALYZE {HUB_DATABASE}");
+        cluster.psql(HUB_DATABASE, "ANALYZE")?;
+        let on = |hubs: &[&Server], scenario: &str, what: &str| {
+            self.on_instances(hubs, postmaster, ticks, scenario, what)
+        };
+        let mut hub = vec![
+            on(&[&a], "timestamp", "timestamp check, one instance")?,
+            on(&[&a], "delta", "durable delta, one instance")?,
+        ];
+        let b = self.start_hub("postgres-b", Store::Postgres(&url), Caps::Raised)?;
+        hub.push(on(&[&a, &b], "delta", "durable delta, two instances")?);
+        hub.push(on(&[&a, &b], "timestamp", "timestamp check, two instances")?);
+        a.stop()?;
+        b.stop()?;
+        let major = cluster.major().to_owned();
+        cluster.stop();
+        Ok(OnPostgres { major, settings, pgbench, hub })
+    }
+
+    /// pgbench's single-row UPDATE on `cluster`, in a database of its own: a warm-up, then one
+    /// client, then [`CONNECTIONS`].
+    fn pgbench(&self, cluster: &Cluster, postmaster: u32, ticks: f64) -> anyhow::Result<[PgbenchRun; 2]> {
+        cluster.create_database(PGBENCH_DATABASE)?;
+        cluster.pgbench(PGBENCH_DATABASE, &["-i", "-q"])?;
+        let script = cluster.dir().join("update.sql");
+        std::fs::write(&script, PGBENCH_UPDATE)?;
+        let script = path(&script)?;
+        let run = |clients: usize, secs: f64| -> anyhow::Result<PgbenchRun> {
+            let (c, j) = (clients.to_string(), clients.min(2).to_string());
+            // pgbench counts whole seconds.
+            let secs = (secs.ceil() as u64).max(1).to_string();
+            let before = CpuTimes::now(&[], postmaster)?;
+            let printed =
+                cluster.pgbench(PGBENCH_DATABASE, &["-n", "-f", script, "-c", &c, "-j", &j, "-T", &secs])?;
+            let cpu = CpuTimes::now(&[], postmaster)?.since(&before, ticks);
+            Ok(PgbenchRun {
+                clients,
+                transactions_per_sec: pgbench_figure(&printed, "tps = ")?,
+                latency_ms: pgbench_figure(&printed, "latency average = ")?,
+                cpu,
+            })
+        };
+        run(CONNECTIONS, self.warmup)?;
+        let measured = [run(1, self.secs)?, run(CONNECTIONS, self.secs)?];
+        for run in &measured {
+            println!(
+                "    pgbench, {:>2} client(s) {:>9.0} tps      mean {:>6.2} ms",
+                run.clients, run.transactions_per_sec, run.latency_ms
+            );
+        }
+        Ok(measured)
+    }
+
+    /// `scenario` driven over the instances `hubs` (on the cluster whose postmaster is
+    /// `postmaster`), with the CPU it took and, for writes, what the writers committed.
+    fn on_instances(
+        &self,
+        hubs: &[&Server],
+        postmaster: u32,
+        ticks: f64,
+        scenario: &str,
+        what: &str,
+    ) -> anyhow::Result<OnInstances> {
+        let addrs: Vec<SocketAddr> = hubs.iter().map(|hub| hub.addr).collect();
+        let pids: Vec<u32> = hubs.iter().map(|hub| hub.pid()).collect();
+        let writes = scenario == "delta";
+        let committed_before = if writes { Some(self.commits(&addrs)?) } else { None };
+        let before = CpuTimes::now(&pids, postmaster)?;
+        let outcome = self.load_from(&addrs, &hubs[0].config, scenario, None, None)?;
+        let cpu = CpuTimes::now(&pids, postmaster)?.since(&before, ticks);
+        let commits = match committed_before {
+            Some(before) => Some(self.commits(&addrs)?.since(&before)),
+            None => None,
+        };
+        Ok(OnInstances { row: Row { what: what.into(), outcome, expect: 200 }, cpu, commits })
+    }
+
+    /// What the writers of the hub instances at `addrs` have committed since they started.
+    fn commits(&self, addrs: &[SocketAddr]) -> anyhow::Result<Commits> {
+        let mut sum = Commits { writes: 0.0, commits: 0.0, commit_secs: 0.0 };
+        for &addr in addrs {
+            sum.writes += self.metric(addr, "hub_store_commit_batch_writes_sum")?;
+            sum.commits += self.metric(addr, "hub_store_commit_batch_writes_count")?;
+            sum.commit_secs += self.metric(addr, "hub_store_commit_seconds_sum")?;
+        }
+        Ok(sum)
+    }
+
     /// The simulated day of one user against the hub at `addr` (its report goes to stderr).
     fn user_day(&self, addr: SocketAddr, config: &Path) -> anyhow::Result<Day> {
         let printed =
@@ -597,6 +996,14 @@ impl Tools {
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
+}
+
+/// The number after `prefix` on the first line of pgbench's report that starts with it.
+fn pgbench_figure(printed: &str, prefix: &str) -> anyhow::Result<f64> {
+    printed
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("pgbench printed no `{prefix}…`:\n{printed}"))
 }
 
 fn path(p: &Path) -> anyhow::Result<&str> {
@@ -617,11 +1024,22 @@ enum Caps {
     Default,
 }
 
+/// Where the benchmark's hub keeps its records.
+#[derive(Debug, Clone, Copy)]
+enum Store<'a> {
+    /// SQLite in the hub's data dir; without group commit, each write is committed and
+    /// fsynced alone.
+    Sqlite { group_commit: bool },
+    /// The PostgreSQL database at this URL, with group commit (each instance's writer
+    /// gathers the writes waiting into one transaction).
+    Postgres(&'a str),
+}
+
 /// The hub's config for the benchmark: the `bench` site, the two sites of the simulated day,
-/// a rate limit no benchmark user reaches, and the connection limits `caps`. The sites'
-/// backends may sign every scope, day-long tokens, and credits no run reaches the ceilings
-/// of: the load's deltas are credits of the `bench` site's backend.
-fn hub_config(data_dir: &Path, group_commit: bool, caps: Caps) -> String {
+/// a rate limit no benchmark user reaches, the connection limits `caps`, and the store. The
+/// sites' backends may sign every scope, day-long tokens, and credits no run reaches the
+/// ceilings of: the load's deltas are credits of the `bench` site's backend.
+fn hub_config(data_dir: &Path, store: Store<'_>, caps: Caps) -> String {
     let scopes: Vec<String> = protocol::Scopes::ALL.iter().map(|s| format!("\"{s}\"")).collect();
     let sites: String = ["bench", "roflfaucet", "clickforcharity"]
         .iter()
@@ -642,8 +1060,12 @@ fn hub_config(data_dir: &Path, group_commit: bool, caps: Caps) -> String {
         }
         Caps::Default => String::new(),
     };
+    let store = match store {
+        Store::Sqlite { group_commit } => format!("group_commit = {group_commit}"),
+        Store::Postgres(url) => format!("backend = \"postgres\"\nurl = \"{url}\""),
+    };
     format!(
-        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\n{connections}\n[store]\ngroup_commit = {group_commit}\n\n{sites}",
+        "hub_id = \"bench-hub\"\ndata_dir = \"{}\"\n\n[limits]\nrequests_per_minute = 100000000\n{connections}\n[store]\n{store}\n\n{sites}",
         data_dir.display(),
     )
 }
@@ -657,6 +1079,7 @@ struct Report {
     package_bytes: crate::build_pkg::Sizes,
     day: Day,
     flood: Flood,
+    on_postgres: OnPostgres,
     /// How long one write and fsync of a page takes on the disk of the data dir.
     fsync: Duration,
     secs: f64,
@@ -755,7 +1178,8 @@ impl Report {
             self.fsync.as_micros(),
             1.0 / self.fsync.as_secs_f64().max(1e-9)
         )?;
-        writeln!(out, "\n{}", self.flood.render_latency()?)?;
+        writeln!(out, "\n{}", self.on_postgres.render(bare, self.secs)?)?;
+        writeln!(out, "{}", self.flood.render_latency()?)?;
         writeln!(out, "## Memory\n")?;
         writeln!(out, "| process, {IDLE_CONNECTIONS} idle keep-alive connections | peak RSS |")?;
         writeln!(out, "| --- | ---: |")?;

@@ -9,6 +9,7 @@ mod deb;
 mod demo;
 mod dist;
 mod fuzz;
+mod postgres;
 mod prereq;
 mod process;
 mod soak;

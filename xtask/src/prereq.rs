@@ -43,6 +43,11 @@ pub const FOR_DEMO_POSTGRES: &[Need] = &[POSTGRES, NGINX];
 /// What `cargo xtask demo --check` needs beside: curl, to ask the demo what a person would.
 pub const FOR_DEMO_CHECK: &[Need] = &[CURL];
 
+/// What `cargo xtask bench` needs: the package's build, whose size it reports, and a
+/// throwaway PostgreSQL cluster with pgbench, for the hub on PostgreSQL beside the database's
+/// own single-row UPDATE rate (`--flood` needs neither).
+pub const FOR_BENCH: &[Need] = &[WASM, WASM_BINDGEN, NODE, POSTGRES];
+
 /// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
 /// build. Only a release needs the musl toolchain; the tests never build for it.
 pub const FOR_DIST: &[Need] =

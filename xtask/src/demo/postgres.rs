@@ -1,32 +1,25 @@
 //! `cargo xtask demo --postgres`: the hub as docs/deployment.md's "Several instances on
-//! PostgreSQL" runs it. A throwaway PostgreSQL cluster (Debian's programs, as the `postgres`
-//! user when xtask runs as root) holds one database; two `hub serve` instances share it, each
-//! on a port of its own, with the development sites and their keys from the demo's data dir;
-//! nginx listens on the hub's port and sends requests to each instance in turn, with the
-//! proxy settings of `deploy/nginx/unified-sync-hub.conf`. Touches no system configuration
-//! and no cluster or nginx it did not start.
+//! PostgreSQL" runs it. A throwaway PostgreSQL cluster (`crate::postgres`) holds one
+//! database; two `hub serve` instances share it, each on a port of its own, with the
+//! development sites and their keys from the demo's data dir; nginx listens on the hub's port
+//! and sends requests to each instance in turn, with the proxy settings of
+//! `deploy/nginx/unified-sync-hub.conf`. Touches no system configuration and no cluster or
+//! nginx it did not start.
 //!
-//! Everything but the keys lives in one temporary directory: the cluster's data dir, socket
-//! and log, nginx's prefix, configuration, pid and logs, and the instances' settings. A
-//! watcher removes it: a `sh` in a process group of its own (a Ctrl-C at the terminal does not
-//! reach it) that reads a pipe only xtask holds open, and when the pipe closes — the demo
-//! stops or fails, or xtask is killed — stops the cluster and removes the directory.
+//! Everything but the keys lives in the cluster's temporary directory, removed with it however
+//! xtask ends: the cluster's data dir, socket and log, nginx's prefix, configuration, pid and
+//! logs, and the instances' settings.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
 
 use anyhow::{Context, bail};
 use tokio::process::Child;
 
 use super::{start, stop};
-use crate::process::{output, shown};
-
-/// Where Debian's `postgresql` package puts each major version's server programs.
-const DEBIAN_PROGRAMS: &str = "/usr/lib/postgresql";
+use crate::postgres::Cluster;
+use crate::process::shown;
 
 /// The database the instances share.
 const DATABASE: &str = "unified_sync";
@@ -45,11 +38,9 @@ pub struct Balanced {
     listen: SocketAddr,
     /// The database's URL, as the instances reach it.
     database_url: String,
-    /// The server programs' major version.
-    major: String,
     /// Dropped after the processes above (fields drop in order): the cluster stops once
     /// nothing uses it.
-    scratch: Scratch,
+    cluster: Cluster,
 }
 
 /// One `hub serve` on the shared database.
@@ -65,20 +56,11 @@ impl Balanced {
     /// time, so that both instances read the same), and starts both instances and nginx. On
     /// a failure, whatever started is stopped and the temporary directory removed.
     pub async fn start(listen: SocketAddr, data_dir: &str) -> anyhow::Result<Balanced> {
-        let (major, bin) = server_programs()?;
-        // initdb and pg_ctl refuse to run as root.
-        let as_postgres = output("id", &["-u"])?.trim() == "0";
-        let scratch = Scratch::create(&bin, as_postgres)?;
-        let [database_port, port_a, port_b] = free_ports()?;
-        start_cluster(&scratch.dir, &bin, &major, as_postgres, database_port)?;
-        let createdb = bin.join("createdb");
-        let port = database_port.to_string();
-        let createdb_args = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres", DATABASE];
-        println!("==> {}", shown("createdb", &createdb_args));
-        output(path_str(&createdb)?, &createdb_args)?;
-        let database_url = format!("postgres://postgres@127.0.0.1:{database_port}/{DATABASE}");
+        let cluster = Cluster::start(&std::env::temp_dir(), "demo")?;
+        let [port_a, port_b] = free_ports()?;
+        let database_url = cluster.create_database(DATABASE)?;
 
-        let settings = scratch.dir.join("hub.toml");
+        let settings = cluster.dir().join("hub.toml");
         std::fs::write(&settings, hub_settings(&database_url))
             .with_context(|| format!("cannot write {}", settings.display()))?;
         let settings = path_str(&settings)?;
@@ -94,8 +76,8 @@ impl Balanced {
             Ok(Instance { name, addr, child: start("hub", &args)? })
         };
         let instances = [instance("hub instance A", port_a)?, instance("hub instance B", port_b)?];
-        let nginx = start_nginx(&scratch.dir, listen, &[port_a, port_b])?;
-        Ok(Balanced { nginx, instances, listen, database_url, major, scratch })
+        let nginx = start_nginx(cluster.dir(), listen, &[port_a, port_b])?;
+        Ok(Balanced { nginx, instances, listen, database_url, cluster })
     }
 
     /// What must accept connections before the demo goes on: the instances, then nginx.
@@ -107,7 +89,7 @@ impl Balanced {
     /// Prints what runs where, once everything accepts connections.
     pub fn describe(&self, data_dir: &str) {
         let [a, b] = &self.instances;
-        let (listen, dir) = (self.listen, self.scratch.dir.display());
+        let (listen, dir) = (self.listen, self.cluster.dir().display());
         println!(
             r#"
 The hub is two instances behind nginx, on one PostgreSQL database:
@@ -123,7 +105,7 @@ Through nginx, /metrics and the dashboard's data want the metrics token: ask an 
 "#,
             a = a.addr,
             b = b.addr,
-            major = self.major,
+            major = self.cluster.major(),
             url = self.database_url,
         );
     }
@@ -153,143 +135,12 @@ Through nginx, /metrics and the dashboard's data want the metrics token: ask an 
                 failed.push(format!("{} exited with {status}", instance.name));
             }
         }
-        println!("==> pg_ctl stop -m fast, rm -rf {}", self.scratch.dir.display());
-        drop(self.scratch);
+        self.cluster.stop();
         if !failed.is_empty() {
             bail!("{}", failed.join("; "));
         }
         Ok(())
     }
-}
-
-/// The demo's temporary directory, and the watcher that stops its cluster and removes it
-/// when this is dropped or xtask exits (see the module's doc).
-struct Scratch {
-    dir: PathBuf,
-    watcher: std::process::Child,
-}
-
-impl Scratch {
-    /// Creates the directory and starts its watcher first, so that a demo failing or killed
-    /// while its cluster starts leaves nothing either. `bin`: the server programs.
-    fn create(bin: &Path, as_postgres: bool) -> anyhow::Result<Scratch> {
-        let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-        let dir =
-            std::env::temp_dir().join(format!("unified-sync-demo-{}-{since_epoch}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        // $0 is the directory, "$@" pg_ctl; a cluster that never started has no pid file.
-        let script = r#"cat >/dev/null
-data="$0/postgres/data"
-if [ -f "$data/postmaster.pid" ]; then "$@" -D "$data" -m fast stop >/dev/null; fi
-rm -rf "$0""#;
-        let pg_ctl = server(bin, as_postgres, "pg_ctl", Path::new("/"));
-        let watcher = Command::new("sh")
-            .args(["-c", script])
-            .arg(&dir)
-            .arg(pg_ctl.get_program())
-            .args(pg_ctl.get_args())
-            .process_group(0)
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn();
-        match watcher {
-            Ok(watcher) => Ok(Scratch { dir, watcher }),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e).context("cannot start sh, which removes the demo's temporary directory")
-            }
-        }
-    }
-}
-
-impl Drop for Scratch {
-    /// Closes the watcher's pipe and waits while it stops the cluster and removes the
-    /// directory.
-    fn drop(&mut self) {
-        drop(self.watcher.stdin.take());
-        let _ = self.watcher.wait();
-    }
-}
-
-/// The newest major version of Debian's server programs: the version and its `bin`.
-fn server_programs() -> anyhow::Result<(String, PathBuf)> {
-    let majors = std::fs::read_dir(DEBIAN_PROGRAMS).into_iter().flatten().flatten();
-    majors
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|major| Path::new(DEBIAN_PROGRAMS).join(major.to_string()).join("bin/initdb").is_file())
-        .max()
-        .map(|major| (major.to_string(), Path::new(DEBIAN_PROGRAMS).join(major.to_string()).join("bin")))
-        .with_context(|| format!("no {DEBIAN_PROGRAMS}/<major>/bin/initdb: install Debian's postgresql"))
-}
-
-/// `program` of the server programs in `bin`, run in `dir`, as the `postgres` user if
-/// `as_postgres`.
-fn server(bin: &Path, as_postgres: bool, program: &str, dir: &Path) -> Command {
-    let mut command = if as_postgres {
-        let mut runuser = Command::new("runuser");
-        runuser.args(["-u", "postgres", "--"]).arg(bin.join(program));
-        runuser
-    } else {
-        Command::new(bin.join(program))
-    };
-    command.current_dir(dir).stdin(Stdio::null());
-    command
-}
-
-/// Creates a cluster in `scratch/postgres` (data dir `data`, its socket beside it, the
-/// server's log in `log`) that listens on 127.0.0.1:`port` only and trusts every local
-/// connection, and starts it.
-fn start_cluster(
-    scratch: &Path,
-    bin: &Path,
-    major: &str,
-    as_postgres: bool,
-    port: u16,
-) -> anyhow::Result<()> {
-    let dir = scratch.join("postgres");
-    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    if as_postgres {
-        quietly(Command::new("chown").arg("postgres").arg(&dir))?;
-    }
-    let data = dir.join("data");
-    let user = if as_postgres { ", as the postgres user" } else { "" };
-    println!("==> initdb -D {} (PostgreSQL {major}{user})", data.display());
-    quietly(server(bin, as_postgres, "initdb", &dir).arg("-D").arg(&data).args([
-        "-A",
-        "trust",
-        "-U",
-        "postgres",
-        "-E",
-        "UTF8",
-        "--no-locale",
-    ]))?;
-    let settings = format!(
-        "\n# cargo xtask demo --postgres (xtask/src/demo/postgres.rs)\n\
-         listen_addresses = '127.0.0.1'\n\
-         port = {port}\n\
-         unix_socket_directories = '{}'\n",
-        dir.display()
-    );
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(data.join("postgresql.conf"))
-        .and_then(|mut conf| conf.write_all(settings.as_bytes()))
-        .context("cannot write the cluster's postgresql.conf")?;
-    let log = dir.join("log");
-    println!("==> pg_ctl start -D {} -l {} (on 127.0.0.1:{port})", data.display(), log.display());
-    let started = quietly(
-        server(bin, as_postgres, "pg_ctl", &dir)
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "60", "start"]),
-    );
-    started.map_err(|e| {
-        let logged = std::fs::read_to_string(&log).unwrap_or_default();
-        e.context(format!("PostgreSQL did not start; its log:\n{logged}"))
-    })
 }
 
 /// The instances' settings: the database, and nginx as their proxy (the development sites
@@ -391,27 +242,12 @@ fn demo_site(listen: SocketAddr, instances: &[SocketAddr]) -> anyhow::Result<Str
     Ok(site)
 }
 
-/// Three distinct ports of 127.0.0.1 that were free a moment ago.
-fn free_ports() -> anyhow::Result<[u16; 3]> {
+/// Two distinct ports of 127.0.0.1 that were free a moment ago.
+fn free_ports() -> anyhow::Result<[u16; 2]> {
     let bind = || std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port");
-    let listeners = [bind()?, bind()?, bind()?];
+    let listeners = [bind()?, bind()?];
     let port = |listener: &std::net::TcpListener| listener.local_addr().map(|addr| addr.port());
-    Ok([port(&listeners[0])?, port(&listeners[1])?, port(&listeners[2])?])
-}
-
-/// Runs `command`, printing nothing unless it fails, when the error carries what it printed.
-fn quietly(command: &mut Command) -> anyhow::Result<()> {
-    let line = format!("{command:?}");
-    let out = command.output().with_context(|| format!("cannot start {line}"))?;
-    if !out.status.success() {
-        bail!(
-            "{line} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    Ok([port(&listeners[0])?, port(&listeners[1])?])
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
