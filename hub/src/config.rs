@@ -165,8 +165,9 @@ pub struct AccessLogConfig {
     pub path: Option<PathBuf>,
 }
 
-/// Where the records are kept: which backend, and how it writes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where the records are kept: which backend, and how it writes. Its `Debug` shows no
+/// database URL, which may hold a password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `"sqlite"` (the default): one file in the data dir, served by one hub process.
@@ -222,6 +223,21 @@ impl Default for StoreConfig {
             pool: 16,
             statement_timeout_ms: 5_000,
         }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("backend", &self.backend)
+            .field("group_commit", &self.group_commit)
+            .field("op_ids_in_memory", &self.op_ids_in_memory)
+            .field("url", &self.url.as_ref().map(|_| "(hidden)"))
+            .field("url_env", &self.url_env)
+            .field("ca_file", &self.ca_file)
+            .field("pool", &self.pool)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
     }
 }
 

@@ -79,7 +79,7 @@ impl From<StoreError> for ApiError {
                     "the hub failed; nothing was changed",
                 )
             }
-            StoreError::Unavailable(_) | StoreError::Conflict(_) => {
+            StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Conflict(_) => {
                 tracing::warn!(error = %e, "store unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -272,6 +272,10 @@ pub enum StoreError {
     /// retry with its op id answers which.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// A record the write needs is held by another transaction for longer than the store
+    /// waits. Passing: the request may be retried; the store fails only the writes to it.
+    #[error("a record is busy: {0}")]
+    Busy(String),
     /// Another transaction came first: a serialization failure, a deadlock, or another hub
     /// instance remembering the same op id. Running the write again decides it.
     #[error("another write came first: {0}")]
@@ -291,9 +295,9 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the same request may succeed when tried again: by the store itself for a
     /// [`StoreError::Conflict`], by the client after a `503` for an
-    /// [`StoreError::Unavailable`].
+    /// [`StoreError::Unavailable`] or a [`StoreError::Busy`].
     pub fn retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Conflict(_))
     }
 }
 

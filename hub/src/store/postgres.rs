@@ -19,34 +19,33 @@
 //! WHERE created_ms < …`) and the rate-limit state of users whose quota has recovered
 //! (`rate.rs`). `meta` holds the database's own settings.
 
+mod client;
 mod rate;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use postgres::{Client, Statement};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use protocol::{DataType, OpId, UserId};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::error::SqlState;
-use tokio_postgres_rustls::MakeRustlsConnect;
-use tokio_rustls::rustls::pki_types::CertificateDer;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_postgres::Statement;
+use tokio_postgres::types::ToSql;
 
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::{
     Credits, LedgerEntry, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
 };
-use crate::config::StoreConfig;
 use crate::time::Clock;
+
+use client::Client;
+pub use client::Database;
 
 /// Writes gathered into one transaction at most, with group commit on.
 pub const MAX_BATCH: usize = 256;
@@ -60,8 +59,14 @@ const PRUNE_EVERY_MS: u64 = 10 * 60 * 1000;
 /// After the writer failed to reach the database, how long it answers `503` before trying
 /// again, so that a database that is away is not called for every write.
 const RECONNECT_AFTER: Duration = Duration::from_millis(250);
-/// How long opening a connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After moving the op-id horizon failed, or found another instance doing it, how long until
+/// this instance tries again.
+const PRUNE_RETRY_MS: u64 = 30 * 1000;
+/// Expired op ids deleted at most between two batches, so that forgetting many never holds
+/// the writer long.
+const SWEEP_CHUNK: i64 = 2000;
+/// How long a migration may wait for another instance's, and take: far beyond a statement.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// The advisory lock (a 64-bit key of the hub's own) that every write batch holds shared and
 /// moving the op-id horizon holds alone: a batch sees one horizon from its start to its
 /// commit, and no op id it may still look for is forgotten under it.
@@ -171,6 +176,8 @@ struct Inner {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Pool,
+    /// How long a read waits for the database's answer.
+    answer_deadline: Duration,
     metrics: PostgresMetrics,
 }
 
@@ -199,15 +206,16 @@ impl PostgresStore {
         .max_size(options.pool.saturating_sub(1).max(1))
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(options.statement_timeout))
-        .create_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(database.answer_deadline()))
         .build()
         .map_err(|e| StoreError::Open(format!("cannot make the PostgreSQL connection pool: {e}")))?;
 
         let metrics = PostgresMetrics::default();
+        let answer_deadline = database.answer_deadline();
         let (tx, rx) = mpsc::channel(QUEUE);
         let (opened, open_result) = std::sync::mpsc::channel();
         let writer_metrics = metrics.clone();
-        // The blocking client runs a runtime of its own, which must not be started from inside
+        // The writer's client runs a runtime of its own, which must not be started from inside
         // the hub's: everything it does happens on this thread.
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -229,8 +237,20 @@ impl PostgresStore {
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
                 readers,
+                answer_deadline,
                 metrics,
             }),
+        })
+    }
+
+    /// Runs `read` on the pool, waiting at most as long as the database is given to answer.
+    async fn within<T>(&self, read: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let deadline = self.inner.answer_deadline;
+        tokio::time::timeout(deadline, read).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "the database did not answer within {:.1} s",
+                deadline.as_secs_f64()
+            )))
         })
     }
 
@@ -246,101 +266,6 @@ impl PostgresStore {
     }
 }
 
-/// The database and how the hub reaches it: `url`'s settings, with what every connection of
-/// the hub sets (a statement timeout, commits that wait until they are durable whatever the
-/// server's default, the hub's name in `pg_stat_activity`), and TLS as the URL's `sslmode`
-/// asks (`prefer`, the default, uses it when the server offers it; `require` insists). Over
-/// TLS the server's certificate and name are always verified, against the system's
-/// authorities and those of `ca_file` (PEM).
-#[derive(Clone)]
-pub struct Database {
-    config: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-}
-
-impl Database {
-    pub fn new(
-        url: &str,
-        statement_timeout: Duration,
-        ca_file: Option<&Path>,
-    ) -> Result<Database, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::Open(format!("the store's URL is not a PostgreSQL URL: {e}")))?;
-        config
-            .options(format!(
-                "-c statement_timeout={} -c synchronous_commit=on -c client_min_messages=warning",
-                statement_timeout.as_millis().max(1)
-            ))
-            .application_name("unified-sync hub")
-            .connect_timeout(CONNECT_TIMEOUT);
-        let mut roots = RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        if let Some(path) = ca_file {
-            let unusable = |why: String| StoreError::Open(format!("store.ca_file {}: {why}", path.display()));
-            let pem = std::fs::read(path).map_err(|e| unusable(format!("cannot be read: {e}")))?;
-            let authorities = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| unusable(format!("is not PEM: {e}")))?;
-            if authorities.is_empty() {
-                return Err(unusable("holds no CERTIFICATE block".into()));
-            }
-            for authority in authorities {
-                roots.add(authority).map_err(|e| unusable(format!("holds an unusable certificate: {e}")))?;
-            }
-        }
-        let tls = ClientConfig::builder_with_provider(Arc::new(
-            tokio_rustls::rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Open(format!("cannot set up TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        Ok(Database { config, tls: MakeRustlsConnect::new(tls) })
-    }
-
-    /// The database `[store]` names, and how to reach it.
-    pub fn of(config: &StoreConfig) -> anyhow::Result<Database> {
-        let timeout = Duration::from_millis(config.statement_timeout_ms);
-        Ok(Database::new(&config.postgres_url()?, timeout, config.ca_file.as_deref())?)
-    }
-
-    /// A blocking connection, for a thread that is not the hub's runtime's.
-    fn connect(&self) -> Result<Client, StoreError> {
-        Ok(postgres::Config::from(self.config.clone()).connect(self.tls.clone())?)
-    }
-}
-
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        let Some(db) = e.as_db_error() else {
-            // No answer from the database: the connection broke, or never opened (and why:
-            // a refused connection, an untrusted certificate).
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            return StoreError::Unavailable(message);
-        };
-        let message = format!("{}: {}", db.code().code(), db.message());
-        let code = db.code();
-        if *code == SqlState::T_R_SERIALIZATION_FAILURE
-            || *code == SqlState::T_R_DEADLOCK_DETECTED
-            || *code == SqlState::UNIQUE_VIOLATION
-        {
-            StoreError::Conflict(message)
-        } else if *code == SqlState::QUERY_CANCELED
-            || ["08", "53", "57"].iter().any(|class| code.code().starts_with(class))
-        {
-            // Cut off, out of resources, or shutting down: passing, from the hub's side.
-            StoreError::Unavailable(message)
-        } else {
-            StoreError::Database(message)
-        }
-    }
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     fn epoch(&self) -> &str {
@@ -348,36 +273,42 @@ impl Store for PostgresStore {
     }
 
     async fn stamps(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Stamp>, StoreError> {
-        let client = self.reader().await?;
-        let stmt = client
-            .prepare_cached("SELECT data_type, version, updated_ms FROM records WHERE user_id = $1")
-            .await?;
-        let mut stored = DataType::ALL.map(|_| Stamp { version: 0, updated_ms: None });
-        for row in client.query(&stmt, &[&user.as_str()]).await? {
-            let data_type = data_type_of(row.get(0))?;
-            stored[data_type.index()] =
-                Stamp { version: version_of(row.get(1)), updated_ms: Some(row.get(2)) };
-        }
-        Ok(types.iter().map(|t| stored[t.index()]).collect())
+        self.within(async {
+            let client = self.reader().await?;
+            let stmt = client
+                .prepare_cached("SELECT data_type, version, updated_ms FROM records WHERE user_id = $1")
+                .await?;
+            let mut stored = DataType::ALL.map(|_| Stamp { version: 0, updated_ms: None });
+            for row in client.query(&stmt, &[&user.as_str()]).await? {
+                let data_type = data_type_of(row.get(0))?;
+                stored[data_type.index()] =
+                    Stamp { version: version_of(row.get(1)), updated_ms: Some(row.get(2)) };
+            }
+            Ok(types.iter().map(|t| stored[t.index()]).collect())
+        })
+        .await
     }
 
     async fn records(&self, user: &UserId, types: &[DataType]) -> Result<Vec<Record>, StoreError> {
-        let client = self.reader().await?;
-        let stmt = client
-            .prepare_cached("SELECT data_type, data, version, updated_ms FROM records WHERE user_id = $1")
-            .await?;
-        let mut stored: [Option<Record>; DataType::ALL.len()] = Default::default();
-        for row in client.query(&stmt, &[&user.as_str()]).await? {
-            let data_type = data_type_of(row.get(0))?;
-            if types.contains(&data_type) {
-                stored[data_type.index()] = Some(Record {
-                    data: parse_data(row.get(1))?,
-                    version: version_of(row.get(2)),
-                    updated_ms: Some(row.get(3)),
-                });
+        self.within(async {
+            let client = self.reader().await?;
+            let stmt = client
+                .prepare_cached("SELECT data_type, data, version, updated_ms FROM records WHERE user_id = $1")
+                .await?;
+            let mut stored: [Option<Record>; DataType::ALL.len()] = Default::default();
+            for row in client.query(&stmt, &[&user.as_str()]).await? {
+                let data_type = data_type_of(row.get(0))?;
+                if types.contains(&data_type) {
+                    stored[data_type.index()] = Some(Record {
+                        data: parse_data(row.get(1))?,
+                        version: version_of(row.get(2)),
+                        updated_ms: Some(row.get(3)),
+                    });
+                }
             }
-        }
-        Ok(types.iter().map(|t| stored[t.index()].clone().unwrap_or_else(|| Record::empty(*t))).collect())
+            Ok(types.iter().map(|t| stored[t.index()].clone().unwrap_or_else(|| Record::empty(*t))).collect())
+        })
+        .await
     }
 
     async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError> {
@@ -390,8 +321,7 @@ impl Store for PostgresStore {
         if self.sender()?.is_closed() {
             return Err(StoreError::Closed);
         }
-        self.reader().await?.simple_query("SELECT 1").await?;
-        Ok(())
+        self.within(async { Ok(self.reader().await?.simple_query("SELECT 1").await.map(|_| ())?) }).await
     }
 
     async fn close(&self) {
@@ -444,8 +374,10 @@ fn new_epoch() -> String {
 }
 
 /// Brings the schema of the database `client` is connected to up to date, one instance at
-/// a time, and gives a new database its epoch and op-id horizon. Returns the epoch.
-fn migrate(client: &mut Client, horizon_ms: i64) -> Result<String, StoreError> {
+/// a time, and gives a new database its epoch and op-id horizon. Returns the epoch. Neither
+/// waiting for another instance's migration nor a step is bound by the statement timeout.
+fn migrate(client: &Client, horizon_ms: i64) -> Result<String, StoreError> {
+    client.batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
     let migrated = (|| -> Result<String, StoreError> {
         client.batch_execute(
@@ -454,8 +386,10 @@ fn migrate(client: &mut Client, horizon_ms: i64) -> Result<String, StoreError> {
                 applied_ms BIGINT NOT NULL
             )",
         )?;
-        let at: i32 =
-            client.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?.get(0);
+        let at: i32 = client
+            .query_one("SELECT COALESCE(MAX(version), 0)::INTEGER FROM schema_migrations", &[])?
+            .try_get(0)
+            .map_err(|e| StoreError::Open(format!("schema_migrations is not the hub's: {e}")))?;
         if at > SCHEMA_VERSION {
             return Err(StoreError::Open(format!(
                 "the database's schema is at version {at}, newer than this hub's {SCHEMA_VERSION}: \
@@ -463,13 +397,18 @@ fn migrate(client: &mut Client, horizon_ms: i64) -> Result<String, StoreError> {
             )));
         }
         for (version, step) in (1..).zip(STEPS).skip(usize::try_from(at).unwrap_or(0)) {
-            let mut tx = client.transaction()?;
-            tx.batch_execute(step)?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                &[&version, &crate::time::now_ms()],
-            )?;
-            tx.commit()?;
+            client.batch_execute("BEGIN")?;
+            let stepped = client.batch_execute(step).and_then(|()| {
+                client.execute(
+                    "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                    &[&version, &crate::time::now_ms()],
+                )
+            });
+            if let Err(e) = stepped {
+                let _ = client.batch_execute("ROLLBACK");
+                return Err(e);
+            }
+            client.batch_execute("COMMIT")?;
             tracing::info!(version, "PostgreSQL schema migrated");
         }
         client.execute(
@@ -488,7 +427,7 @@ pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
     let epoch = new_epoch();
     let url_epoch = epoch.clone();
     std::thread::spawn(move || -> Result<(), StoreError> {
-        let mut client = database.connect()?;
+        let client = Client::connect(&database, database.answer_deadline())?;
         let hub_tables = client.query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?.get::<_, bool>(0);
         let updated = if hub_tables {
             client.execute("UPDATE meta SET value = $1 WHERE key = 'epoch'", &[&url_epoch])?
@@ -511,17 +450,19 @@ pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
 /// knows. Reads only.
 pub fn schema_status(database: Database) -> Result<String, String> {
     std::thread::spawn(move || -> Result<String, String> {
-        let mut client = database.connect().map_err(|e| format!("cannot connect: {e}"))?;
+        let client =
+            Client::connect(&database, database.answer_deadline()).map_err(|e| format!("cannot connect: {e}"))?;
         let row = client
             .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
-            .map_err(|e| StoreError::from(e).to_string())?;
+            .map_err(|e| e.to_string())?;
         if !row.get::<_, bool>(0) {
             return Ok(format!("reachable, empty: the hub creates its schema (version {SCHEMA_VERSION}) at start"));
         }
         let at: i32 = client
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
-            .map_err(|e| StoreError::from(e).to_string())?
-            .get(0);
+            .query_one("SELECT COALESCE(MAX(version), 0)::INTEGER FROM schema_migrations", &[])
+            .map_err(|e| e.to_string())?
+            .try_get(0)
+            .map_err(|e| format!("schema_migrations is not the hub's: {e}"))?;
         match at.cmp(&SCHEMA_VERSION) {
             std::cmp::Ordering::Greater => Err(format!(
                 "its schema version is {at}, newer than this hub's ({SCHEMA_VERSION}): a newer hub migrated it; run that release"
@@ -550,7 +491,7 @@ struct Connection {
 
 impl Connection {
     fn open(database: &Database) -> Result<Connection, StoreError> {
-        let mut client = database.connect()?;
+        let client = Client::connect(database, database.answer_deadline())?;
         Ok(Connection {
             // Locked in one order, the same in every instance's batches: two batches never
             // wait on each other in a circle.
@@ -713,7 +654,7 @@ impl BatchTx {
             || StoreError::Conflict("a record of the batch was written by another transaction".into());
         if !new.is_empty() {
             let c = RecordColumns::of(&new)?;
-            let params: [&(dyn postgres::types::ToSql + Sync); 6] =
+            let params: [&(dyn ToSql + Sync); 6] =
                 [&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits];
             if conn.client.execute(&conn.insert_records, &params)? != new.len() as u64 {
                 return Err(conflict());
@@ -721,7 +662,7 @@ impl BatchTx {
         }
         if !old.is_empty() {
             let c = RecordColumns::of(&old)?;
-            let params: [&(dyn postgres::types::ToSql + Sync); 7] =
+            let params: [&(dyn ToSql + Sync); 7] =
                 [&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was];
             if conn.client.execute(&conn.update_records, &params)? != old.len() as u64 {
                 return Err(conflict());
@@ -886,7 +827,10 @@ struct Writer {
     /// (`meta.op_horizon_ms`) is the one batches go by.
     horizon: Horizon,
     clock: Arc<dyn Clock>,
-    last_prune: Option<u64>,
+    /// When (on the monotonic clock) the horizon is to move next; `None`: at the first batch.
+    next_prune: Option<u64>,
+    /// Whether op ids behind the horizon are left to delete, a chunk after each batch.
+    sweeping: bool,
     max_batch: usize,
     metrics: StoreMetrics,
     own_metrics: PostgresMetrics,
@@ -899,6 +843,8 @@ struct Failed {
     error: StoreError,
     /// Whether the commit itself failed: the batch may or may not have been applied.
     in_commit: bool,
+    /// Whether it failed at its first statement, before any of its writes was sent.
+    at_begin: bool,
 }
 
 impl Writer {
@@ -908,9 +854,9 @@ impl Writer {
         own_metrics: PostgresMetrics,
     ) -> Result<(Writer, String), StoreError> {
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
-        let mut client = database.connect()?;
-        let epoch = migrate(&mut client, options.clock.now_ms().saturating_sub(retention_ms))?;
-        let horizon_ms = read_horizon(&mut client)?;
+        let client = Client::connect(&database, MIGRATION_DEADLINE)?;
+        let epoch = migrate(&client, options.clock.now_ms().saturating_sub(retention_ms))?;
+        let horizon_ms = read_horizon(&client)?;
         drop(client);
         let conn = Connection::open(&database)?;
         let writer = Writer {
@@ -919,7 +865,8 @@ impl Writer {
             unreachable_since: None,
             horizon: Horizon::new(horizon_ms, retention_ms, options.clock.monotonic_ms()),
             clock: options.clock,
-            last_prune: None,
+            next_prune: None,
+            sweeping: false,
             max_batch: options.max_batch.max(1),
             metrics: options.metrics,
             own_metrics,
@@ -943,11 +890,18 @@ impl Writer {
                 let _ = reply.send(result);
             }
             self.prune_if_due();
+            // While no write waits, forgetting goes on a chunk at a time.
+            while self.sweeping && rx.is_empty() {
+                self.prune_if_due();
+            }
         }
     }
 
     /// Opens the writer's connection again if it was lost.
     fn connect(&mut self) -> Result<(), StoreError> {
+        if self.conn.as_ref().is_some_and(|conn| conn.client.is_closed()) {
+            self.conn = None;
+        }
         if self.conn.is_none() {
             if self.unreachable_since.is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
                 return Err(StoreError::Unavailable("the database cannot be reached".into()));
@@ -981,6 +935,7 @@ impl Writer {
                 .cmp(&(writes[b].user.as_str(), writes[b].data_type.as_str()))
         });
         let mut tries = 0;
+        let mut reconnected = false;
         while !pending.is_empty() {
             tries += 1;
             let outcome = match self.connect() {
@@ -988,7 +943,7 @@ impl Writer {
                     let conn = self.conn.as_mut().expect("connected");
                     run_batch(conn, writes, &pending, self.clock.now_ms(), &self.metrics)
                 }
-                Err(error) => Err(Failed { at: None, error, in_commit: false }),
+                Err(error) => Err(Failed { at: None, error, in_commit: false, at_begin: false }),
             };
             match outcome {
                 Ok(outcomes) => {
@@ -1003,6 +958,12 @@ impl Writer {
                     } else if let Some(conn) = &mut self.conn {
                         let _ = conn.client.batch_execute("ROLLBACK");
                     }
+                    if failed.at_begin && matches!(failed.error, StoreError::Unavailable(_)) && !reconnected {
+                        // The connection was lost while idle (the server restarted, a proxy
+                        // closed it): nothing of the batch was sent, so it runs on a new one.
+                        reconnected = true;
+                        continue;
+                    }
                     let at = failed.at.filter(|_| !failed.error.retryable());
                     if let Some(at) = at {
                         tracing::warn!(error = %failed.error, "a write failed; the rest of its batch runs again");
@@ -1014,9 +975,11 @@ impl Writer {
                         self.own_metrics.batch_retries.inc();
                         continue;
                     }
-                    if !failed.in_commit && !failed.error.retryable() && pending.len() > 1 {
-                        // A failure the batch cannot pin on one write: each runs alone, so
-                        // that only the one it belongs to fails.
+                    let unpinned = !failed.error.retryable() || matches!(failed.error, StoreError::Busy(_));
+                    if !failed.in_commit && unpinned && pending.len() > 1 {
+                        // A failure the batch cannot pin on one write (a record another
+                        // transaction holds among them): each runs alone, so that only the
+                        // ones it belongs to fail.
                         tracing::warn!(error = %failed.error, "a batch failed; its {} writes run one by one", pending.len());
                         for i in pending.drain(..) {
                             results[i] = Some(self.commit_batch(std::slice::from_ref(&writes[i])).remove(0));
@@ -1039,46 +1002,79 @@ impl Writer {
         results.into_iter().map(|r| r.expect("every write answered")).collect()
     }
 
-    /// Forgets op ids older than the retention, every few minutes: moves the horizon while no
-    /// batch runs (the exclusive side of [`HORIZON_LOCK`]), then deletes what is behind it.
+    /// Forgets op ids older than the retention: every few minutes, moves the horizon while no
+    /// batch runs (the exclusive side of [`HORIZON_LOCK`], only if it is free at once: a move
+    /// never waits, for batches would queue behind it), then deletes what is behind it, one
+    /// chunk between two batches.
     fn prune_if_due(&mut self) {
-        let monotonic = self.clock.monotonic_ms();
-        if self.last_prune.is_some_and(|at| monotonic.saturating_sub(at) < PRUNE_EVERY_MS) {
-            return;
-        }
-        let now = self.clock.now_ms();
         if self.connect().is_err() {
             return;
         }
-        let client = &mut self.conn.as_mut().expect("connected").client;
+        if self.sweeping {
+            let client = &self.conn.as_ref().expect("connected").client;
+            let swept = client.execute(
+                "DELETE FROM ops WHERE (user_id, op_id) IN
+                     (SELECT user_id, op_id FROM ops WHERE created_ms < $1 LIMIT $2)",
+                &[&self.horizon.ms, &SWEEP_CHUNK],
+            );
+            match swept {
+                Ok(deleted) => self.sweeping = deleted == SWEEP_CHUNK as u64,
+                Err(e) => self.pruning_failed(&e),
+            }
+            return;
+        }
+        let monotonic = self.clock.monotonic_ms();
+        if self.next_prune.is_some_and(|at| monotonic < at) {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let client = &self.conn.as_ref().expect("connected").client;
         let horizon = &mut self.horizon;
-        let moved = (|| -> Result<i64, StoreError> {
-            let mut tx = client.transaction()?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HORIZON_LOCK])?;
-            let stored: String =
-                tx.query_one("SELECT value FROM meta WHERE key = 'op_horizon_ms'", &[])?.get(0);
-            let stored: i64 =
-                stored.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {stored:?}")))?;
+        let moved = (|| -> Result<bool, StoreError> {
+            client.batch_execute("BEGIN")?;
+            let locked: bool =
+                client.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&HORIZON_LOCK])?.get(0);
+            if !locked {
+                client.batch_execute("ROLLBACK")?;
+                return Ok(false);
+            }
+            let stored = read_horizon(client)?;
             // Another instance may have moved it: this one goes on from there.
             horizon.move_to(stored, monotonic);
             let next = horizon.next(now, monotonic);
-            tx.execute("UPDATE meta SET value = $1 WHERE key = 'op_horizon_ms'", &[&next.to_string()])?;
-            tx.commit()?;
+            client.execute("UPDATE meta SET value = $1 WHERE key = 'op_horizon_ms'", &[&next.to_string()])?;
+            client.batch_execute("COMMIT")?;
             horizon.move_to(next, monotonic);
-            client.execute("DELETE FROM ops WHERE created_ms < $1", &[&next])?;
-            Ok(next)
+            Ok(true)
         })();
         match moved {
-            Ok(_) => self.last_prune = Some(monotonic),
-            Err(e) => {
-                tracing::warn!(error = %e, "forgetting expired op ids failed; the next batch tries again")
+            Ok(true) => {
+                self.next_prune = Some(monotonic + PRUNE_EVERY_MS);
+                self.sweeping = true;
+            }
+            Ok(false) => self.next_prune = Some(monotonic + PRUNE_RETRY_MS),
+            Err(e) => self.pruning_failed(&e),
+        }
+    }
+
+    /// Leaves forgetting op ids to a later try, and the connection too if it failed.
+    fn pruning_failed(&mut self, error: &StoreError) {
+        tracing::warn!(error = %error, "forgetting expired op ids failed; trying again in 30 s");
+        self.sweeping = false;
+        self.next_prune = Some(self.clock.monotonic_ms() + PRUNE_RETRY_MS);
+        match error {
+            StoreError::Unavailable(_) => self.conn = None,
+            _ => {
+                if let Some(conn) = &self.conn {
+                    let _ = conn.client.batch_execute("ROLLBACK");
+                }
             }
         }
     }
 }
 
 /// The horizon as the database keeps it.
-fn read_horizon(client: &mut Client) -> Result<i64, StoreError> {
+fn read_horizon(client: &Client) -> Result<i64, StoreError> {
     let stored: String = client.query_one("SELECT value FROM meta WHERE key = 'op_horizon_ms'", &[])?.get(0);
     stored.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {stored:?}")))
 }
@@ -1091,7 +1087,8 @@ fn run_batch(
     now: i64,
     metrics: &StoreMetrics,
 ) -> Result<Vec<WriteOutcome>, Failed> {
-    let failed = |at: Option<usize>| move |error: StoreError| Failed { at, error, in_commit: false };
+    let failed =
+        |at: Option<usize>| move |error: StoreError| Failed { at, error, in_commit: false, at_begin: false };
     // One round trip: the transaction, the horizon's shared lock, then the horizon as it
     // stands once the lock is held (a statement of its own, so it sees a move just committed).
     let messages = conn
@@ -1100,11 +1097,11 @@ fn run_batch(
             "BEGIN; SELECT pg_advisory_xact_lock_shared({HORIZON_LOCK}); \
              SELECT value FROM meta WHERE key = 'op_horizon_ms'"
         ))
-        .map_err(|e| failed(None)(e.into()))?;
+        .map_err(|error| Failed { at: None, error, in_commit: false, at_begin: true })?;
     let horizon = messages
         .iter()
         .filter_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
             _ => None,
         })
         .next_back()
@@ -1119,7 +1116,12 @@ fn run_batch(
     }
     tx.flush(conn).map_err(failed(None))?;
     let commit = Instant::now();
-    conn.client.batch_execute("COMMIT").map_err(|e| Failed { at: None, error: e.into(), in_commit: true })?;
+    conn.client.batch_execute("COMMIT").map_err(|error| Failed {
+        at: None,
+        error,
+        in_commit: true,
+        at_begin: false,
+    })?;
     metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
     metrics.batch_writes.observe(pending.len() as f64);
     Ok(outcomes)

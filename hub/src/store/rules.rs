@@ -10,13 +10,14 @@
 //! serialization failure, or two hub instances racing on one op id, rolls its transaction
 //! back), which is why a [`Mutation`](super::Mutation) is a `Fn`.
 
-use protocol::{DataType, OpId, SiteId, UserId};
+use protocol::{DataType, OpId, Refusal, SiteId, UserId};
 
 use super::{Credits, Current, LedgerEntry, OpKey, Record, Rejection, StoreError, Write, WriteOutcome};
 
-/// How far ahead of the hub's clock an op id may be dated and still count as dated: a client
-/// stamps its ids with the hub's time, so more than this is a broken clock or a made-up id,
-/// kept by the rule of undated ids (never expired).
+/// How far ahead of the hub's clock an op id may be dated: a client stamps its ids with the
+/// hub's time, so more is a broken clock or a made-up id. Such an op is refused rather than
+/// remembered from its arrival: once forgotten, its date would not tell a late copy from a
+/// new op, and it would be applied again.
 const DATED_AHEAD_MS: i64 = 24 * 3600 * 1000;
 
 /// What an op id got the first time it was seen.
@@ -101,13 +102,15 @@ pub fn apply(
                 .ok_or_else(|| StoreError::Malformed(format!("unknown refusal {code:?} kept with an op id"))),
         };
     }
-    // The date an unknown op counts from: its id's, when it carries a believable one (a
-    // remembered op lasts until the horizon passes both its id's date and its arrival).
-    let dated = write
-        .op
-        .as_ref()
-        .and_then(|op| op.op_id.dated_ms())
-        .filter(|d| *d <= now_ms.saturating_add(DATED_AHEAD_MS));
+    // The date an unknown op counts from: its id's, when it carries one (a remembered op
+    // lasts until the horizon passes both its id's date and its arrival).
+    let dated = write.op.as_ref().and_then(|op| op.op_id.dated_ms());
+    if dated.is_some_and(|d| d > now_ms.saturating_add(DATED_AHEAD_MS)) {
+        return Ok(WriteOutcome::Rejected(Rejection::Refused(Refusal::invalid(
+            "invalid_op_id",
+            "op_id is a UUIDv7 dated more than a day ahead of the hub's clock; make op ids with the hub's time",
+        ))));
+    }
     if dated.is_some_and(|d| d < horizon_ms) {
         return Ok(WriteOutcome::Rejected(Rejection::OpExpired));
     }

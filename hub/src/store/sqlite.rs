@@ -928,7 +928,7 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-                StoreError::Unavailable(e.to_string())
+                StoreError::Busy(e.to_string())
             }
             _ => StoreError::Database(e.to_string()),
         }

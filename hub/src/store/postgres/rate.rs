@@ -58,34 +58,45 @@ impl SharedQuota for UserQuotas {
         want: u32,
         per_minute: NonZeroU32,
     ) -> Result<Taken, StoreError> {
-        let interval_us = (60_000_000 / i64::from(per_minute.get())).max(1);
-        let window_us = interval_us * i64::from(per_minute.get());
-        let client = self.0.reader().await?;
-        let lease = client.prepare_cached(LEASE).await?;
-        for _ in 0..TRIES {
-            let row = client
-                .query_opt(&lease, &[&user, &i64::from(need), &i64::from(want), &interval_us, &window_us])
-                .await?;
-            if let Some(row) = row {
-                let (cells, wait_us): (i64, i64) = (row.get(0), row.get(1));
-                return Ok(match u32::try_from(cells) {
-                    Ok(cells) if cells > 0 => Taken::Cells(cells),
-                    _ => Taken::Refused(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))),
-                });
-            }
-        }
-        Err(StoreError::Conflict(format!("{user}'s first rate-limit lease kept losing to another's")))
+        self.0
+            .within(async {
+                let interval_us = (60_000_000 / i64::from(per_minute.get())).max(1);
+                let window_us = interval_us * i64::from(per_minute.get());
+                let client = self.0.reader().await?;
+                let lease = client.prepare_cached(LEASE).await?;
+                for _ in 0..TRIES {
+                    let row = client
+                        .query_opt(
+                            &lease,
+                            &[&user, &i64::from(need), &i64::from(want), &interval_us, &window_us],
+                        )
+                        .await?;
+                    if let Some(row) = row {
+                        let (cells, wait_us): (i64, i64) = (row.get(0), row.get(1));
+                        return Ok(match u32::try_from(cells) {
+                            Ok(cells) if cells > 0 => Taken::Cells(cells),
+                            _ => Taken::Refused(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))),
+                        });
+                    }
+                }
+                Err(StoreError::Conflict(format!("{user}'s first rate-limit lease kept losing to another's")))
+            })
+            .await
     }
 
     async fn forget_recovered(&self) -> Result<(), StoreError> {
         self.0
-            .reader()
-            .await?
-            .execute(
-                "DELETE FROM rate_limits WHERE tat_us < (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT",
-                &[],
-            )
-            .await?;
-        Ok(())
+            .within(async {
+                self.0
+                    .reader()
+                    .await?
+                    .execute(
+                        "DELETE FROM rate_limits WHERE tat_us < (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT",
+                        &[],
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 }
