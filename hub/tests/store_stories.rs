@@ -70,6 +70,7 @@ stories!(
     a_balance_never_goes_below_zero,
     the_version_moves_only_when_the_data_changes,
     stamps_move_forward_even_when_the_clock_goes_back,
+    the_hub_answers_with_its_stores_stamps,
     the_ledger_equals_the_balance,
     an_op_dated_before_the_horizon_is_refused_and_never_applied,
     stamps_and_records_read_back_what_was_written,
@@ -563,6 +564,26 @@ async fn stamps_move_forward_even_when_the_clock_goes_back(backend: Backend) {
             Stamp { version: 1, updated_ms: Some(T - 3_600_000) }
         ]
     );
+}
+
+/// The hub over a store the test opened (`App::with_store`): what pages read as
+/// `last_updated` is the store's stamp, which goes forward even when the store's clock goes
+/// back.
+async fn the_hub_answers_with_its_stores_stamps(backend: Backend) {
+    let clock = TestClock::at(T);
+    let opened = backend.open(&clock);
+    let hub =
+        TestHub::over(opened.store.clone(), |c: &mut Config| c.limits.requests_per_minute = 1_000_000).await;
+    let site = hub.site("wrc", USER);
+    let first = site.delta("balance", 5, "stamped-1").await;
+    assert_eq!(first.assert_ok()["last_updated"], "2026-12-06T00:00:00.000Z");
+    clock.set_wall(T - 5_000);
+    let second = site.delta("balance", 5, "stamped-2").await;
+    assert_eq!(second.assert_ok()["last_updated"], "2026-12-06T00:00:00.001Z");
+    let checked = site.timestamp("balance").await;
+    assert_eq!(checked.assert_ok()["last_updated"], "2026-12-06T00:00:00.001Z");
+    assert_eq!(checked.assert_ok()["epoch"], opened.store.epoch());
+    assert_ledger_adds_up_to(&opened.rows.ledger(USER, "balance"), 10);
 }
 
 async fn the_ledger_equals_the_balance(backend: Backend) {

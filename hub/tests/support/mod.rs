@@ -85,7 +85,24 @@ impl TestHub {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
         tweak(&mut config);
-        let app = App::open(config).unwrap();
+        Self::serve(App::open(config).unwrap(), dir).await
+    }
+
+    /// Starts the test hub over `store`, a store the test opened itself (with a clock it
+    /// sets, say), whatever its backend.
+    pub async fn over(
+        store: std::sync::Arc<dyn hub::store::Store>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let metrics =
+            hub::metrics::Metrics::new(config.sites.iter().map(|s| s.id.as_str()), hub::time::now_ms());
+        Self::serve(App::with_store(config, store, metrics).unwrap(), dir).await
+    }
+
+    async fn serve(app: App, dir: TempDir) -> TestHub {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let scheme = if app.tls().is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{}", listener.local_addr().unwrap());
