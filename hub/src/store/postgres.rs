@@ -587,16 +587,14 @@ struct BatchTx {
 }
 
 impl BatchTx {
-    /// Locks and reads the records of `writes`, then reads their op ids: after the locks, so
-    /// that an op another instance applied to one of these records before is seen here.
-    fn load(conn: &mut Connection, writes: &[&Write]) -> Result<BatchTx, StoreError> {
-        let mut keys: Vec<(&str, &str)> =
-            writes.iter().map(|w| (w.user.as_str(), w.data_type.as_str())).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let (users, types): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    /// The batch's records, as `lock_records` found (and locked) them, and its op ids, as
+    /// `find_ops` found them.
+    fn from_rows(
+        locked: Vec<tokio_postgres::Row>,
+        found: Vec<tokio_postgres::Row>,
+    ) -> Result<BatchTx, StoreError> {
         let mut batch = BatchTx::default();
-        for row in conn.client.query(&conn.lock_records, &[&users, &types])? {
+        for row in locked {
             let user: String = row.get(0);
             let data_type = data_type_of(row.get(1))?;
             let credits = row
@@ -625,89 +623,133 @@ impl BatchTx {
                 }
             }
         }
-        let (users, op_ids): (Vec<&str>, Vec<&str>) = writes
-            .iter()
-            .filter_map(|w| w.op.as_ref().map(|op| (w.user.as_str(), op.op_id.as_str())))
-            .unzip();
-        if !op_ids.is_empty() {
-            for row in conn.client.query(&conn.find_ops, &[&users, &op_ids])? {
-                let seen = SeenOp {
-                    fingerprint: row.get(2),
-                    record: Record {
-                        data: parse_data(row.get(3))?,
-                        version: version_of(row.get(4)),
-                        updated_ms: row.get(5),
-                    },
-                    refusal: row.get(6),
-                };
-                batch.ops.insert((row.get(0), row.get(1)), seen);
-            }
+        for row in found {
+            let seen = SeenOp {
+                fingerprint: row.get(2),
+                record: Record {
+                    data: parse_data(row.get(3))?,
+                    version: version_of(row.get(4)),
+                    updated_ms: row.get(5),
+                },
+                refusal: row.get(6),
+            };
+            batch.ops.insert((row.get(0), row.get(1)), seen);
         }
         Ok(batch)
     }
 
-    /// Sends what the batch wrote. A row another transaction wrote first (a record's first
-    /// version, an op id) fails the batch with [`StoreError::Conflict`], to be run again.
-    fn flush(self, conn: &mut Connection) -> Result<(), StoreError> {
+    /// Sends what the batch wrote, one statement per table, pipelined. A row another
+    /// transaction wrote first (a record's first version, an op id) fails the batch with
+    /// [`StoreError::Conflict`], to be run again.
+    fn flush(self, conn: &Connection) -> Result<(), StoreError> {
         let mut written: Vec<(&(String, DataType), &Held)> =
             self.records.iter().filter(|(_, h)| h.written).collect();
         written
             .sort_unstable_by(|a, b| (a.0.0.as_str(), a.0.1.as_str()).cmp(&(b.0.0.as_str(), b.0.1.as_str())));
         let (new, old): (Vec<_>, Vec<_>) = written.into_iter().partition(|(_, h)| h.stored == 0);
-        let conflict =
-            || StoreError::Conflict("a record of the batch was written by another transaction".into());
-        if !new.is_empty() {
-            let c = RecordColumns::of(&new)?;
-            let params: [&(dyn ToSql + Sync); 6] =
-                [&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits];
-            if conn.client.execute(&conn.insert_records, &params)? != new.len() as u64 {
-                return Err(conflict());
-            }
+        let new_rows = RecordColumns::of(&new)?;
+        let old_rows = RecordColumns::of(&old)?;
+        let ledger = &self.ledger;
+        let l_users: Vec<&str> = ledger.iter().map(|r| r.user.as_str()).collect();
+        let l_types: Vec<&str> = ledger.iter().map(|r| r.data_type.as_str()).collect();
+        let l_sites: Vec<&str> = ledger.iter().map(|r| r.site.as_str()).collect();
+        let l_ops: Vec<Option<&str>> = ledger.iter().map(|r| r.op_id.as_deref()).collect();
+        let l_deltas: Vec<i64> = ledger.iter().map(|r| r.entry.delta).collect();
+        let l_results: Vec<i64> = ledger.iter().map(|r| r.entry.result).collect();
+        let l_versions: Vec<i64> = ledger.iter().map(|r| stored_version(r.version)).collect();
+        let l_reasons: Vec<Option<&str>> = ledger.iter().map(|r| r.entry.reason.as_deref()).collect();
+        let l_at: Vec<i64> = ledger.iter().map(|r| r.at_ms).collect();
+        let mut ops: Vec<&NewOp> = self.new_ops.iter().collect();
+        ops.sort_unstable_by(|a, b| (&a.user, &a.op_id).cmp(&(&b.user, &b.op_id)));
+        let o_users: Vec<&str> = ops.iter().map(|o| o.user.as_str()).collect();
+        let o_ids: Vec<&str> = ops.iter().map(|o| o.op_id.as_str()).collect();
+        let o_prints: Vec<&str> = ops.iter().map(|o| o.seen.fingerprint.as_str()).collect();
+        let o_data: Vec<String> = ops.iter().map(|o| o.seen.record.data.to_string()).collect();
+        let o_versions: Vec<i64> = ops.iter().map(|o| stored_version(o.seen.record.version)).collect();
+        let o_updated: Vec<Option<i64>> = ops.iter().map(|o| o.seen.record.updated_ms).collect();
+        let o_created: Vec<i64> = ops.iter().map(|o| o.from_ms).collect();
+        let o_refusals: Vec<Option<&str>> = ops.iter().map(|o| o.seen.refusal.as_deref()).collect();
+
+        let (new_count, old_count, ops_count) = (new.len(), old.len(), ops.len());
+        let (inserted, updated, appended, remembered) = conn.client.pipeline(|client| async move {
+            // A statement left out changes no row.
+            tokio::join!(
+                async {
+                    if new_count == 0 {
+                        return Ok(0);
+                    }
+                    let c = &new_rows;
+                    client
+                        .execute(
+                            &conn.insert_records,
+                            &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits],
+                        )
+                        .await
+                },
+                async {
+                    if old_count == 0 {
+                        return Ok(0);
+                    }
+                    let c = &old_rows;
+                    client
+                        .execute(
+                            &conn.update_records,
+                            &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was],
+                        )
+                        .await
+                },
+                async {
+                    if ledger.is_empty() {
+                        return Ok(0);
+                    }
+                    client
+                        .execute(
+                            &conn.append_ledger,
+                            &[
+                                &l_users,
+                                &l_types,
+                                &l_sites,
+                                &l_ops,
+                                &l_deltas,
+                                &l_results,
+                                &l_versions,
+                                &l_reasons,
+                                &l_at,
+                            ],
+                        )
+                        .await
+                },
+                async {
+                    if ops_count == 0 {
+                        return Ok(0);
+                    }
+                    client
+                        .execute(
+                            &conn.remember_ops,
+                            &[
+                                &o_users,
+                                &o_ids,
+                                &o_prints,
+                                &o_data,
+                                &o_versions,
+                                &o_updated,
+                                &o_created,
+                                &o_refusals,
+                            ],
+                        )
+                        .await
+                },
+            )
+        })?;
+        let conflict = |what: &str| {
+            StoreError::Conflict(format!("{what} of the batch was written by another transaction"))
+        };
+        if inserted? != new_count as u64 || updated? != old_count as u64 {
+            return Err(conflict("a record"));
         }
-        if !old.is_empty() {
-            let c = RecordColumns::of(&old)?;
-            let params: [&(dyn ToSql + Sync); 7] =
-                [&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was];
-            if conn.client.execute(&conn.update_records, &params)? != old.len() as u64 {
-                return Err(conflict());
-            }
-        }
-        if !self.ledger.is_empty() {
-            let rows = &self.ledger;
-            let users: Vec<&str> = rows.iter().map(|r| r.user.as_str()).collect();
-            let types: Vec<&str> = rows.iter().map(|r| r.data_type.as_str()).collect();
-            let sites: Vec<&str> = rows.iter().map(|r| r.site.as_str()).collect();
-            let op_ids: Vec<Option<&str>> = rows.iter().map(|r| r.op_id.as_deref()).collect();
-            let deltas: Vec<i64> = rows.iter().map(|r| r.entry.delta).collect();
-            let results: Vec<i64> = rows.iter().map(|r| r.entry.result).collect();
-            let versions: Vec<i64> = rows.iter().map(|r| stored_version(r.version)).collect();
-            let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.entry.reason.as_deref()).collect();
-            let at: Vec<i64> = rows.iter().map(|r| r.at_ms).collect();
-            conn.client.execute(
-                &conn.append_ledger,
-                &[&users, &types, &sites, &op_ids, &deltas, &results, &versions, &reasons, &at],
-            )?;
-        }
-        if !self.new_ops.is_empty() {
-            let mut ops: Vec<&NewOp> = self.new_ops.iter().collect();
-            ops.sort_unstable_by(|a, b| (&a.user, &a.op_id).cmp(&(&b.user, &b.op_id)));
-            let users: Vec<&str> = ops.iter().map(|o| o.user.as_str()).collect();
-            let op_ids: Vec<&str> = ops.iter().map(|o| o.op_id.as_str()).collect();
-            let fingerprints: Vec<&str> = ops.iter().map(|o| o.seen.fingerprint.as_str()).collect();
-            let data: Vec<String> = ops.iter().map(|o| o.seen.record.data.to_string()).collect();
-            let versions: Vec<i64> = ops.iter().map(|o| stored_version(o.seen.record.version)).collect();
-            let updated: Vec<Option<i64>> = ops.iter().map(|o| o.seen.record.updated_ms).collect();
-            let created: Vec<i64> = ops.iter().map(|o| o.from_ms).collect();
-            let refusals: Vec<Option<&str>> = ops.iter().map(|o| o.seen.refusal.as_deref()).collect();
-            let remembered = conn.client.execute(
-                &conn.remember_ops,
-                &[&users, &op_ids, &fingerprints, &data, &versions, &updated, &created, &refusals],
-            )?;
-            if remembered != ops.len() as u64 {
-                return Err(StoreError::Conflict(
-                    "an op id of the batch was remembered by another write".into(),
-                ));
-            }
+        appended?;
+        if remembered? != ops_count as u64 {
+            return Err(conflict("an op id"));
         }
         Ok(())
     }
@@ -1093,15 +1135,42 @@ fn run_batch(
 ) -> Result<Vec<WriteOutcome>, Failed> {
     let failed =
         |at: Option<usize>| move |error: StoreError| Failed { at, error, in_commit: false, at_begin: false };
-    // One round trip: the transaction, the horizon's shared lock, then the horizon as it
-    // stands once the lock is held (a statement of its own, so it sees a move just committed).
-    let messages = conn
+    let batch: Vec<&Write> = pending.iter().map(|&i| &writes[i]).collect();
+    let mut keys: Vec<(&str, &str)> = batch.iter().map(|w| (w.user.as_str(), w.data_type.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (users, types): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    let (op_users, op_ids): (Vec<&str>, Vec<&str>) =
+        batch.iter().filter_map(|w| w.op.as_ref().map(|op| (w.user.as_str(), op.op_id.as_str()))).unzip();
+    // One round trip, run in this order: the transaction and the horizon's shared lock; the
+    // horizon as it stands once the lock is held (a statement of its own, so it sees a move
+    // just committed); the batch's records, locked; then their op ids, read once the locks are
+    // held, so that an op another instance applied to one of them before is seen.
+    let conn_ref: &Connection = conn;
+    let begin = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock_shared({HORIZON_LOCK}); \
+         SELECT value FROM meta WHERE key = 'op_horizon_ms'"
+    );
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&users, &types];
+    let ops_params: [&(dyn ToSql + Sync); 2] = [&op_users, &op_ids];
+    let any_op = !op_ids.is_empty();
+    let (begun, locked, found) = conn_ref
         .client
-        .simple_query(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock_shared({HORIZON_LOCK}); \
-             SELECT value FROM meta WHERE key = 'op_horizon_ms'"
-        ))
+        .pipeline(|client| async move {
+            tokio::join!(
+                client.simple_query(&begin),
+                client.query(&conn_ref.lock_records, &lock_params),
+                async {
+                    if !any_op {
+                        return Ok(Vec::new());
+                    }
+                    client.query(&conn_ref.find_ops, &ops_params).await
+                },
+            )
+        })
         .map_err(|error| Failed { at: None, error, in_commit: false, at_begin: true })?;
+    let messages =
+        begun.map_err(|e| Failed { at: None, error: e.into(), in_commit: false, at_begin: true })?;
     let horizon = messages
         .iter()
         .filter_map(|m| match m {
@@ -1111,14 +1180,15 @@ fn run_batch(
         .next_back()
         .and_then(|v| v.parse::<i64>().ok())
         .ok_or_else(|| failed(None)(StoreError::Malformed("meta holds no op_horizon_ms".into())))?;
-    let batch: Vec<&Write> = pending.iter().map(|&i| &writes[i]).collect();
-    let mut tx = BatchTx::load(conn, &batch).map_err(failed(None))?;
+    let locked = locked.map_err(|e| failed(None)(e.into()))?;
+    let found = found.map_err(|e| failed(None)(e.into()))?;
+    let mut tx = BatchTx::from_rows(locked, found).map_err(failed(None))?;
     let mut outcomes = Vec::with_capacity(pending.len());
     for (at, write) in batch.iter().enumerate() {
         let outcome = rules::apply(&mut tx, write, now, horizon).map_err(failed(Some(at)))?;
         outcomes.push(outcome);
     }
-    tx.flush(conn).map_err(failed(None))?;
+    tx.flush(conn_ref).map_err(failed(None))?;
     let commit = Instant::now();
     conn.client.batch_execute("COMMIT").map_err(|error| Failed {
         at: None,

@@ -11,7 +11,7 @@ use tokio_postgres::ToStatement;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, SimpleQueryMessage, Statement};
+use tokio_postgres::{Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -163,14 +163,6 @@ impl Client {
         bounded(&self.runtime, self.deadline, self.client.execute(statement, params))
     }
 
-    pub(super) fn query<T: ?Sized + ToStatement>(
-        &self,
-        statement: &T,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, StoreError> {
-        bounded(&self.runtime, self.deadline, self.client.query(statement, params))
-    }
-
     pub(super) fn query_one<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
@@ -183,12 +175,29 @@ impl Client {
         bounded(&self.runtime, self.deadline, self.client.batch_execute(sql))
     }
 
-    pub(super) fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, StoreError> {
-        bounded(&self.runtime, self.deadline, self.client.simple_query(sql))
-    }
-
     pub(super) fn prepare(&self, sql: &str) -> Result<Statement, StoreError> {
         bounded(&self.runtime, self.deadline, self.client.prepare(sql))
+    }
+
+    /// Runs `requests`, which may send several statements at once over the connection
+    /// (`tokio::join!`): they are pipelined, one round trip for all, and run in the order
+    /// they were sent. Each request's own result is the caller's to look at.
+    pub(super) fn pipeline<'a, T, Fut>(
+        &'a self,
+        requests: impl FnOnce(&'a tokio_postgres::Client) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = T>,
+    {
+        let deadline = self.deadline;
+        self.runtime.block_on(async { tokio::time::timeout(deadline, requests(&self.client)).await }).map_err(
+            |_| {
+                StoreError::Unavailable(format!(
+                    "the database did not answer within {:.1} s",
+                    deadline.as_secs_f64()
+                ))
+            },
+        )
     }
 
     /// Whether the connection is known to be gone.
