@@ -626,17 +626,9 @@ fn the_hub_accepts_the_agents_tokens_however_the_sites_key_is_configured() {
 /// A hub serving HTTPS with a certificate of a private authority, the authority's certificate
 /// in `ca.pem` beside its files.
 async fn hub_of_a_private_authority(dir: &Path) -> TestHub {
-    let mut params = rcgen::CertificateParams::default();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "a private authority");
-    let authority = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &authority)
-        .unwrap();
-    std::fs::write(dir.join("ca.pem"), authority.pem()).unwrap();
-    https_hub(dir, &cert.pem(), &key.serialize_pem()).await
+    let issued = support::certs::loopback_signed_by("a private authority");
+    std::fs::write(dir.join("ca.pem"), &issued.authority).unwrap();
+    https_hub(dir, &issued.cert, &issued.key).await
 }
 
 /// A hub serving HTTPS with `cert` and `key` (PEM), written in `dir` as `cert.pem` and `key.pem`.

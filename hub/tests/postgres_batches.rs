@@ -4,31 +4,15 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hub::config::{Backend, StoreConfig};
 use hub::store::postgres::HORIZON_LOCK;
-use hub::store::{Change, Current, LedgerEntry, OpKey, StoreError, StoreMetrics, Write, WriteOutcome};
+use hub::store::{StoreError, StoreMetrics, WriteOutcome};
 use prometheus_client::registry::Registry;
-use protocol::{DataType, OpId, SiteId, UserId};
 use serde_json::json;
 use support::postgres::Cluster;
-
-/// A credit of `amount` coins to `user`'s balance, with its op id.
-fn credit(user: &str, amount: i64, op_id: &str) -> Write {
-    Write {
-        user: UserId::parse(user).unwrap(),
-        data_type: DataType::Balance,
-        site: SiteId::parse("roflfaucet").unwrap(),
-        op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: amount.to_string() }),
-        mutation: Arc::new(move |current: Current<'_>| {
-            let coins = current.record.data["coins"].as_i64().unwrap_or(0) + amount;
-            let ledger = LedgerEntry { delta: amount, result: coins, reason: None };
-            Ok(Change { data: json!({ "coins": coins }), ledger: Some(ledger), credits: None })
-        }),
-    }
-}
+use support::store::add;
 
 /// How many batches committed more than `writes` writes, read from the store's histogram as
 /// `/metrics` shows it.
@@ -56,7 +40,7 @@ async fn a_write_failing_for_its_own_reason_fails_alone_and_the_rest_of_its_batc
         hub::store::open(&config, dir.path(), Duration::from_secs(30 * 86_400), metrics.clone()).unwrap();
 
     // A user whose stored credit count is damaged: any write to that record fails, by itself.
-    assert!(matches!(store.write(credit("broken", 10, "b-1")).await, Ok(WriteOutcome::Applied(_))));
+    assert!(matches!(store.write(add("broken", "b-1", 10)).await, Ok(WriteOutcome::Applied(_))));
     cluster.psql(&url, "UPDATE records SET credits = 'not json' WHERE user_id = 'broken'");
 
     // The test holds the writer: it takes alone the lock every batch takes shared.
@@ -66,7 +50,7 @@ async fn a_write_failing_for_its_own_reason_fails_alone_and_the_rest_of_its_batc
     client.execute("SELECT pg_advisory_xact_lock($1)", &[&HORIZON_LOCK]).await.unwrap();
     let first = tokio::spawn({
         let store = store.clone();
-        async move { store.write(credit("first", 1, "f-1")).await }
+        async move { store.write(add("first", "f-1", 1)).await }
     });
     loop {
         let waiting: i64 = client
@@ -83,7 +67,7 @@ async fn a_write_failing_for_its_own_reason_fails_alone_and_the_rest_of_its_batc
     // Twenty writes queue behind it, the damaged user's among them; then the writer goes on.
     let users: Vec<String> =
         (0..20).map(|i| if i == 7 { "broken".into() } else { format!("user-{i}") }).collect();
-    let writes = futures_util::future::join_all(users.iter().map(|user| store.write(credit(user, 5, "c-1"))));
+    let writes = futures_util::future::join_all(users.iter().map(|user| store.write(add(user, "c-1", 5))));
     let (answers, ()) = tokio::join!(writes, async { client.batch_execute("COMMIT").await.unwrap() });
 
     assert!(matches!(first.await.unwrap(), Ok(WriteOutcome::Applied(_))));

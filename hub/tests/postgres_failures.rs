@@ -23,90 +23,28 @@ mod support;
 use std::io::{Read, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hub::config::{Backend, StoreConfig};
 use hub::store::postgres::{PostgresOptions, PostgresStore};
-use hub::store::{
-    Change, Current, LedgerEntry, Mutation, OpKey, Rejection, Store, StoreError, StoreMetrics, Write,
-    WriteOutcome,
-};
-use hub::time::Clock;
-use protocol::{DataType, OpId, SiteId, UserId};
-use serde_json::json;
+use hub::store::{Rejection, Store, StoreError, WriteOutcome};
+use protocol::{DataType, UserId};
 use support::postgres::Cluster;
+use support::store::{DAY, RETENTION, T, TestClock, add, applied, postgres_options, uuid7};
 
 const USER: &str = "8-evans";
-/// 2026-12-06T00:00:00Z: where the test clocks start.
-const T: i64 = 1_796_515_200_000;
-const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// The store's private migration lock (`MIGRATION_LOCK` in postgres.rs).
 const MIGRATION_LOCK: i64 = 0x6875_625f_6d69_6772;
 
-/// A clock the test sets.
-#[derive(Debug, Default)]
-struct TestClock {
-    wall: AtomicI64,
-    passed: AtomicU64,
-}
-
-impl TestClock {
-    fn at(wall: i64) -> Arc<TestClock> {
-        let clock = TestClock::default();
-        clock.wall.store(wall, Ordering::SeqCst);
-        Arc::new(clock)
-    }
-}
-
-impl Clock for TestClock {
-    fn now_ms(&self) -> i64 {
-        self.wall.load(Ordering::SeqCst)
-    }
-
-    fn monotonic_ms(&self) -> u64 {
-        self.passed.load(Ordering::SeqCst)
-    }
-}
-
+/// The test's options (`support::store`'s) with `statement_timeout`, on a clock of their own.
 fn options(url: &str, statement_timeout: Duration) -> PostgresOptions {
-    PostgresOptions {
-        url: url.to_owned(),
-        ca_file: None,
-        pool: 4,
-        statement_timeout,
-        op_retention: RETENTION,
-        max_batch: hub::store::postgres::MAX_BATCH,
-        metrics: StoreMetrics::default(),
-        clock: TestClock::at(T),
-    }
+    clocked_options(url, statement_timeout, &TestClock::at(T))
 }
 
-/// Op `op_id` adding `amount` coins to `USER`'s balance, with a ledger row.
-fn add(op_id: &str, amount: i64) -> Write {
-    let mutation: Mutation = Arc::new(move |current: Current<'_>| {
-        let result = current.record.data["coins"].as_i64().unwrap_or(0) + amount;
-        if result < 0 {
-            return Err(Rejection::InsufficientFunds(current.record.clone()));
-        }
-        Ok(Change {
-            data: json!({ "coins": result }),
-            ledger: Some(LedgerEntry { delta: amount, result, reason: None }),
-            credits: None,
-        })
-    });
-    Write {
-        user: UserId::parse(USER).unwrap(),
-        data_type: DataType::Balance,
-        site: SiteId::parse("wrc").unwrap(),
-        op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: format!("add {amount}") }),
-        mutation,
-    }
-}
-
-#[track_caller]
-fn assert_applied(outcome: &Result<WriteOutcome, StoreError>) {
-    assert!(matches!(outcome, Ok(WriteOutcome::Applied(_))), "expected the write applied, got {outcome:?}");
+/// The test's options with `statement_timeout`, on `clock`, a clock the test moves.
+fn clocked_options(url: &str, statement_timeout: Duration, clock: &Arc<TestClock>) -> PostgresOptions {
+    PostgresOptions { statement_timeout, ..postgres_options(url, clock) }
 }
 
 /// Opens the store off the runtime's threads: opening blocks until the writer has migrated.
@@ -137,7 +75,7 @@ async fn a_prune_that_outlasts_the_statement_timeout_neither_stalls_every_write_
     );
 
     for i in 0..12 {
-        assert_applied(&store.write(add(&format!("prune-{i}"), 1)).await);
+        applied(store.write(add(USER, &format!("prune-{i}"), 1)).await);
     }
     // Forgetting goes on between writes, a chunk at a time, and while none waits.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -146,7 +84,7 @@ async fn a_prune_that_outlasts_the_statement_timeout_neither_stalls_every_write_
         if left == 0 || Instant::now() > deadline {
             break left;
         }
-        assert_applied(&store.write(add(&format!("prune-more-{left}"), 1)).await);
+        applied(store.write(add(USER, &format!("prune-more-{left}"), 1)).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     store.close().await;
@@ -240,11 +178,11 @@ async fn a_write_to_a_database_that_stops_answering_fails_unavailable_within_bou
     let url = cluster.database();
     let relay = Relay::to(cluster.port);
     let store = open(options(&via(&url, cluster, relay.port), Duration::from_secs(1))).await.unwrap();
-    assert_applied(&store.write(add("before", 5)).await);
+    applied(store.write(add(USER, "before", 5)).await);
 
     relay.freeze();
     let bound = Duration::from_secs(20);
-    let outcome = tokio::time::timeout(bound, store.write(add("while-frozen", 5))).await;
+    let outcome = tokio::time::timeout(bound, store.write(add(USER, "while-frozen", 5))).await;
     match outcome {
         Ok(Err(StoreError::Unavailable(_))) => {}
         Ok(other) => panic!("expected the write to fail as unavailable, got {other:?}"),
@@ -406,11 +344,6 @@ fn the_store_configs_debug_never_shows_the_password() {
 // ---------------------------------------------------------------------------------------
 // One slow transaction, every instance's writes.
 
-/// A clock of its own for one instance, whose monotonic time the test moves.
-fn clocked_options(url: &str, statement_timeout: Duration, clock: &Arc<TestClock>) -> PostgresOptions {
-    PostgresOptions { clock: clock.clone(), ..options(url, statement_timeout) }
-}
-
 /// Runs `sql` in the database at `url` through psql in the background, and returns once
 /// `granted` (a query) prints `t`.
 fn hold(cluster: &Cluster, url: &str, sql: &str, granted: &str) -> std::process::Child {
@@ -440,8 +373,8 @@ async fn a_prune_waiting_behind_one_slow_batch_does_not_stall_the_other_instance
     let b = Arc::new(open(clocked_options(&url, timeout, &clock_b)).await.unwrap());
     let c = open(clocked_options(&url, timeout, &clock_c)).await.unwrap();
     // Each instance's first prune, after its first batch, done before anything is slow.
-    assert_applied(&b.write(add("b-first", 1)).await);
-    assert_applied(&c.write(add("c-first", 1)).await);
+    applied(b.write(add(USER, "b-first", 1)).await);
+    applied(c.write(add(USER, "c-first", 1)).await);
 
     // The slow batch: a transaction holding the shared side of the horizon's lock.
     let horizon = hub::store::postgres::HORIZON_LOCK;
@@ -453,12 +386,12 @@ async fn a_prune_waiting_behind_one_slow_batch_does_not_stall_the_other_instance
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     );
     // Instance B's next prune is due; B goes on writing.
-    clock_b.passed.fetch_add(11 * 60 * 1000, Ordering::SeqCst);
+    clock_b.pass_monotonic(11 * 60 * 1000);
     let b_writes = {
         let b = b.clone();
         tokio::spawn(async move {
             for i in 0.. {
-                let _ = b.write(add(&format!("b-{i}"), 1)).await;
+                let _ = b.write(add(USER, &format!("b-{i}"), 1)).await;
                 if i > 4 {
                     break;
                 }
@@ -470,7 +403,7 @@ async fn a_prune_waiting_behind_one_slow_batch_does_not_stall_the_other_instance
     // Instance C's writes, one after the other, are applied: none waits behind instance B's
     // prune (itself waiting behind the slow batch) until its statement or lock times out.
     for i in 0..4 {
-        assert_applied(&c.write(add(&format!("c-{i}"), 1)).await);
+        applied(c.write(add(USER, &format!("c-{i}"), 1)).await);
     }
     let _ = b_writes.await;
     let _ = slow.kill();
@@ -485,9 +418,9 @@ async fn a_write_is_not_failed_because_another_users_record_in_its_batch_is_lock
     let cluster = Cluster::shared();
     let url = cluster.database();
     let store = Arc::new(open(options(&url, Duration::from_secs(3))).await.unwrap());
-    let to = |user: &str, op: &str| Write { user: UserId::parse(user).unwrap(), ..add(op, 1) };
+    let to = |user: &str, op: &str| add(user, op, 1);
     for user in ["w-user", "x-user", "y-user"] {
-        assert_applied(&store.write(to(user, &format!("{user}-first"))).await);
+        applied(store.write(to(user, &format!("{user}-first"))).await);
     }
     let locked = |user: &str| {
         format!(
@@ -535,9 +468,9 @@ async fn the_first_write_after_the_server_closed_the_idle_writer_connection_is_a
     let name = url.rsplit('/').next().unwrap().to_owned();
     cluster.psql(&url, &format!("ALTER DATABASE {name} SET idle_session_timeout = '300ms'"));
     let store = open(options(&url, Duration::from_secs(5))).await.unwrap();
-    assert_applied(&store.write(add("before-idle", 1)).await);
+    applied(store.write(add(USER, "before-idle", 1)).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let outcome = store.write(add("after-idle", 1)).await;
+    let outcome = store.write(add(USER, "after-idle", 1)).await;
     store.close().await;
     assert!(
         matches!(outcome, Ok(WriteOutcome::Applied(_))),
@@ -557,12 +490,12 @@ async fn records_an_instance_left_locked_when_cut_off_mid_batch_are_writable_aga
     let relay = Relay::to(cluster.port);
     let a = Arc::new(open(options(&via(&url, cluster, relay.port), Duration::from_secs(1))).await.unwrap());
     let c = open(options(&url, Duration::from_secs(1))).await.unwrap();
-    assert_applied(&a.write(add("a-first", 1)).await);
+    applied(a.write(add(USER, "a-first", 1)).await);
 
     // Instance A sends a batch, and is cut off just before its COMMIT.
     relay.freeze_at_next_commit();
     let stuck = a.clone();
-    tokio::spawn(async move { stuck.write(add("a-cut-off", 1)).await });
+    tokio::spawn(async move { stuck.write(add(USER, "a-cut-off", 1)).await });
     let since = Instant::now();
     while cluster.psql(
         &url,
@@ -579,7 +512,7 @@ async fn records_an_instance_left_locked_when_cut_off_mid_batch_are_writable_aga
     let since = Instant::now();
     let mut last = None;
     while since.elapsed() < bound {
-        let outcome = c.write(add(&format!("c-{}", since.elapsed().as_millis()), 1)).await;
+        let outcome = c.write(add(USER, &format!("c-{}", since.elapsed().as_millis()), 1)).await;
         if matches!(outcome, Ok(WriteOutcome::Applied(_))) {
             return;
         }
@@ -599,7 +532,7 @@ async fn a_lock_timeout_is_a_passing_failure() {
     let cluster = Cluster::shared();
     let url = cluster.database();
     let store = open(options(&url, Duration::from_secs(1))).await.unwrap();
-    assert_applied(&store.write(add("first", 1)).await);
+    applied(store.write(add(USER, "first", 1)).await);
     let mut held = hold(
         cluster,
         &url,
@@ -611,7 +544,7 @@ async fn a_lock_timeout_is_a_passing_failure() {
              WHERE a.query LIKE '%{USER}%FOR UPDATE%' AND a.state = 'active' AND l.locktype = 'transactionid'"
         ),
     );
-    let outcome = store.write(add("while-locked", 1)).await;
+    let outcome = store.write(add(USER, "while-locked", 1)).await;
     let _ = held.wait();
     store.close().await;
     match outcome {
@@ -622,12 +555,6 @@ async fn a_lock_timeout_is_a_passing_failure() {
 
 // ---------------------------------------------------------------------------------------
 // Exactly once.
-
-/// A UUIDv7 op id dated `ms`, told apart by `n`.
-fn uuid7(ms: i64, n: u16) -> String {
-    let hex = format!("{ms:012x}");
-    format!("{}-{}-7000-8000-{n:012x}", &hex[..8], &hex[8..])
-}
 
 /// An op id dated more than a day ahead of the hub's clock (a client whose clock runs two
 /// days fast) is refused: remembered only from its arrival, it would be forgotten after the
@@ -640,23 +567,21 @@ async fn an_op_dated_ahead_of_the_clock_is_not_applied_again_after_it_is_forgott
     let url = cluster.database();
     let clock = TestClock::at(T);
     let store = open(clocked_options(&url, Duration::from_secs(5), &clock)).await.unwrap();
-    const DAY_MS: i64 = 86_400_000;
-    let ahead = uuid7(T + 2 * DAY_MS, 1);
-    match store.write(add(&ahead, 10)).await {
+    let ahead = uuid7(T + 2 * DAY, 1);
+    match store.write(add(USER, &ahead, 10)).await {
         Ok(WriteOutcome::Rejected(Rejection::Refused(refusal))) => assert_eq!(refusal.code, "invalid_op_id"),
         other => panic!("an op dated two days ahead was answered {other:?}"),
     }
-    let soon = uuid7(T + DAY_MS / 2, 4);
-    assert_applied(&store.write(add(&soon, 10)).await);
+    let soon = uuid7(T + DAY / 2, 4);
+    applied(store.write(add(USER, &soon, 10)).await);
 
     // A month and a day pass; a write, and the prune after it, forget what is older.
-    let month_and_a_day = i64::try_from(RETENTION.as_millis()).unwrap() + DAY_MS;
-    clock.wall.fetch_add(month_and_a_day, Ordering::SeqCst);
-    clock.passed.fetch_add(u64::try_from(month_and_a_day).unwrap(), Ordering::SeqCst);
-    assert_applied(&store.write(add(&uuid7(T + month_and_a_day, 2), 1)).await);
-    assert_applied(&store.write(add(&uuid7(T + month_and_a_day, 3), 1)).await);
+    let month_and_a_day = i64::try_from(RETENTION.as_millis()).unwrap() + DAY;
+    clock.pass(month_and_a_day);
+    applied(store.write(add(USER, &uuid7(T + month_and_a_day, 2), 1)).await);
+    applied(store.write(add(USER, &uuid7(T + month_and_a_day, 3), 1)).await);
 
-    let again = store.write(add(&soon, 10)).await;
+    let again = store.write(add(USER, &soon, 10)).await;
     let coins = cluster.psql(&url, &format!("SELECT data FROM records WHERE user_id = '{USER}'"));
     store.close().await;
     assert!(

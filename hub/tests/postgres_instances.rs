@@ -14,28 +14,24 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hub::config::{Backend, StoreConfig};
-use hub::domain::{Caller, Ceilings, Domain, DomainError, Written};
-use hub::store::postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
-use hub::store::{
-    Change, Current, LedgerEntry, Mutation, OpKey, Record, Rejection, Stamp, Store, StoreError, StoreMetrics,
-    Write, WriteOutcome,
-};
-use hub::time::Clock;
-use protocol::{DataType, DeltaRequest, OpId, Scopes, SiteId, UserId};
+use hub::domain::{Caller, Ceilings, Domain, Written};
+use hub::store::postgres::{PostgresStore, SCHEMA_VERSION};
+use hub::store::{Stamp, Store, StoreError, StoreMetrics, WriteOutcome};
+use protocol::{DataType, Scopes, SiteId};
 use serde_json::{Value, json};
 use support::postgres::Cluster;
+use support::store::{
+    DAY, LedgerRow, RETENTION, T, TestClock, add, applied, open_postgres, over_ceiling, postgres_ledger,
+    postgres_options, user,
+};
 use support::{Reply, TestHub};
 use tokio::task::JoinSet;
 
 const USER: &str = "8-evans";
-const DAY: i64 = 86_400_000;
-/// 2026-12-06T00:00:00Z: where the test clocks start.
-const T: i64 = 1_796_515_200_000;
-const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
 /// A hub on the PostgreSQL database at `url`, with a rate limit that never gets in the way.
 async fn hub_on(url: &str) -> TestHub {
@@ -55,142 +51,20 @@ async fn two_hubs() -> (TestHub, TestHub, String) {
     (a, b, url)
 }
 
-/// An instance of the store on the database at `url`, reading the time from `clock`.
-fn store_on(url: &str, clock: &Arc<TestClock>) -> Arc<PostgresStore> {
-    Arc::new(PostgresStore::open(options(url, clock)).unwrap())
-}
-
-fn options(url: &str, clock: &Arc<TestClock>) -> PostgresOptions {
-    PostgresOptions {
-        url: url.to_owned(),
-        ca_file: None,
-        pool: 4,
-        statement_timeout: Duration::from_secs(30),
-        op_retention: RETENTION,
-        max_batch: hub::store::postgres::MAX_BATCH,
-        metrics: StoreMetrics::default(),
-        clock: clock.clone(),
-    }
-}
-
-/// One audit ledger row.
-#[derive(Debug, Clone, PartialEq)]
-struct LedgerRow {
-    op_id: String,
-    delta: i64,
-    result: i64,
-    version: u64,
-}
-
 /// `USER`'s balance ledger in the database at `url` of `cluster`, oldest first.
 fn ledger(cluster: &Cluster, url: &str) -> Vec<LedgerRow> {
-    let printed = cluster.psql(
-        url,
-        &format!(
-            "SELECT coalesce(op_id, ''), delta, result, version FROM ledger
-             WHERE user_id = '{USER}' AND data_type = 'balance' ORDER BY id"
-        ),
-    );
-    printed
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split('|').collect();
-            LedgerRow {
-                op_id: fields[0].to_owned(),
-                delta: fields[1].parse().unwrap(),
-                result: fields[2].parse().unwrap(),
-                version: fields[3].parse().unwrap(),
-            }
-        })
-        .collect()
+    postgres_ledger(cluster, url, USER, "balance")
 }
 
 /// Asserts that `ledger` is a running sum that never goes below zero and ends at `coins`, one
-/// row per version with none skipped, each op once.
+/// row per version with none skipped (`support::store`'s), and holds each op once.
 #[track_caller]
 fn assert_ledger_adds_up_to(ledger: &[LedgerRow], coins: i64) {
-    let mut running = 0;
-    for (i, row) in ledger.iter().enumerate() {
-        running += row.delta;
-        assert_eq!(row.result, running, "ledger row {i} does not follow from the rows before it: {ledger:?}");
-        assert!(row.result >= 0, "ledger row {i} went below zero: {ledger:?}");
-        assert_eq!(row.version, u64::try_from(i).unwrap() + 1, "ledger row {i} skips a version: {ledger:?}");
-    }
-    assert_eq!(running, coins, "the ledger sums to {running} but the balance is {coins}: {ledger:?}");
-    let mut ops: Vec<&str> = ledger.iter().map(|row| row.op_id.as_str()).collect();
+    support::store::assert_ledger_adds_up_to(ledger, coins);
+    let mut ops: Vec<Option<&str>> = ledger.iter().map(|row| row.op_id.as_deref()).collect();
     ops.sort_unstable();
     ops.dedup();
     assert_eq!(ops.len(), ledger.len(), "an op has two ledger rows: {ledger:?}");
-}
-
-/// A clock the test sets: the wall clock, and the time that passed, apart.
-#[derive(Debug, Default)]
-struct TestClock {
-    wall: AtomicI64,
-    passed: AtomicU64,
-}
-
-impl TestClock {
-    fn at(wall: i64) -> Arc<TestClock> {
-        let clock = TestClock::default();
-        clock.wall.store(wall, Ordering::SeqCst);
-        Arc::new(clock)
-    }
-
-    /// Time passes: both clocks move.
-    fn pass(&self, ms: i64) {
-        self.wall.fetch_add(ms, Ordering::SeqCst);
-        self.passed.fetch_add(u64::try_from(ms).unwrap(), Ordering::SeqCst);
-    }
-
-    /// Someone sets the wall clock; no time passes.
-    fn set_wall(&self, ms: i64) {
-        self.wall.store(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for TestClock {
-    fn now_ms(&self) -> i64 {
-        self.wall.load(Ordering::SeqCst)
-    }
-
-    fn monotonic_ms(&self) -> u64 {
-        self.passed.load(Ordering::SeqCst)
-    }
-}
-
-fn user() -> UserId {
-    UserId::parse(USER).unwrap()
-}
-
-/// Op `op_id` adding `amount` coins to `USER`'s balance, refused below zero, with a ledger row.
-fn add(op_id: &str, amount: i64) -> Write {
-    let mutation: Mutation = Arc::new(move |current: Current<'_>| {
-        let result = current.record.data["coins"].as_i64().unwrap_or(0) + amount;
-        if result < 0 {
-            return Err(Rejection::InsufficientFunds(current.record.clone()));
-        }
-        Ok(Change {
-            data: json!({ "coins": result }),
-            ledger: Some(LedgerEntry { delta: amount, result, reason: None }),
-            credits: None,
-        })
-    });
-    Write {
-        user: user(),
-        data_type: DataType::Balance,
-        site: SiteId::parse("wrc").unwrap(),
-        op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: format!("add {amount}") }),
-        mutation,
-    }
-}
-
-#[track_caller]
-fn applied(outcome: Result<WriteOutcome, StoreError>) -> Record {
-    match outcome {
-        Ok(WriteOutcome::Applied(record)) => record,
-        other => panic!("expected the write applied, got {other:?}"),
-    }
 }
 
 /// The `version`, `data` and `last_updated` of an accepted write: what a replay repeats.
@@ -301,16 +175,16 @@ async fn skewed_clocks_move_neither_versions_nor_stamps_back() {
     let url = Cluster::shared().database();
     // Instance b's clock is seven seconds behind a's.
     let (clock_a, clock_b) = (TestClock::at(T), TestClock::at(T - 7_000));
-    let (a, b) = (store_on(&url, &clock_a), store_on(&url, &clock_b));
+    let (a, b) = (open_postgres(&url, &clock_a), open_postgres(&url, &clock_b));
 
     // Turn about, a millisecond apart: b's writes, dated before a's last, come after it.
     for i in 0..20 {
         let store = if i % 2 == 0 { &a } else { &b };
-        let record = applied(store.write(add(&format!("turn-{i}"), 1)).await);
+        let record = applied(store.write(add(USER, &format!("turn-{i}"), 1)).await);
         let expected = Stamp { version: u64::try_from(i).unwrap() + 1, updated_ms: Some(T + i) };
         assert_eq!(Stamp { version: record.version, updated_ms: record.updated_ms }, expected, "turn {i}");
         for reader in [&a, &b] {
-            assert_eq!(reader.stamps(&user(), &[DataType::Balance]).await.unwrap(), [expected]);
+            assert_eq!(reader.stamps(&user(USER), &[DataType::Balance]).await.unwrap(), [expected]);
         }
         clock_a.pass(1);
         clock_b.pass(1);
@@ -323,7 +197,7 @@ async fn skewed_clocks_move_neither_versions_nor_stamps_back() {
         if i == 50 {
             clock_b.set_wall(T - 3_600_000);
         }
-        writes.spawn(async move { applied(store.write(add(&format!("at-once-{i}"), 1)).await) });
+        writes.spawn(async move { applied(store.write(add(USER, &format!("at-once-{i}"), 1)).await) });
     }
     let mut records = writes.join_all().await;
     records.sort_by_key(|r| r.version);
@@ -341,7 +215,7 @@ async fn skewed_clocks_move_neither_versions_nor_stamps_back() {
     }
     let newest = Stamp { version: 120, updated_ms: last };
     for reader in [&a, &b] {
-        assert_eq!(reader.stamps(&user(), &[DataType::Balance]).await.unwrap(), [newest]);
+        assert_eq!(reader.stamps(&user(USER), &[DataType::Balance]).await.unwrap(), [newest]);
     }
     assert_ledger_adds_up_to(&ledger(Cluster::shared(), &url), 120);
 }
@@ -397,31 +271,18 @@ async fn the_daily_credit_ceiling_holds_exactly_across_instances() {
     // Noon, the instances' clocks three seconds apart: one UTC day for both.
     let (clock_a, clock_b) = (TestClock::at(T + DAY / 2), TestClock::at(T + DAY / 2 - 3_000));
     let instances = [
-        Domain::new(store_on(&url, &clock_a), protocol::Limits::default()),
-        Domain::new(store_on(&url, &clock_b), protocol::Limits::default()),
+        Domain::new(open_postgres(&url, &clock_a), protocol::Limits::default()),
+        Domain::new(open_postgres(&url, &clock_b), protocol::Limits::default()),
     ];
     let caller = Caller {
         site: SiteId::parse("wrc").unwrap(),
-        user: user(),
+        user: user(USER),
         admin: false,
         scopes: Scopes::ALL,
         ceilings: Ceilings { per_op: 50, per_user_per_day: 100 },
     };
     let delta = |instance: usize, op_id: &str, coins: i64| {
-        let (domain, caller) = (instances[instance % 2].clone(), caller.clone());
-        let request = DeltaRequest {
-            user_id: USER.into(),
-            site_id: "wrc".into(),
-            data_type: "balance".into(),
-            delta: json!({ "coins": coins }).as_object().unwrap().clone(),
-            op_id: op_id.into(),
-            reason: None,
-            grant: None,
-        };
-        async move { domain.delta(&caller, request, None).await }
-    };
-    let over_ceiling = |result: &Result<Written, DomainError>| {
-        matches!(result, Err(DomainError::Rejected(Rejection::CreditLimit(..))))
+        support::store::delta(&instances[instance % 2], &caller, op_id, coins)
     };
 
     // One after the other, turn about: each instance counts what the other credited.
@@ -458,7 +319,7 @@ async fn the_daily_credit_ceiling_holds_exactly_across_instances() {
         }
     }
 
-    let balance = instances[1].store().records(&user(), &[DataType::Balance]).await.unwrap().remove(0);
+    let balance = instances[1].store().records(&user(USER), &[DataType::Balance]).await.unwrap().remove(0);
     assert_eq!(balance.data, json!({ "coins": 200 }));
     let ledger = ledger(Cluster::shared(), &url);
     assert_ledger_adds_up_to(&ledger, 200);
@@ -477,7 +338,7 @@ async fn instances_starting_together_on_an_empty_database_migrate_it_once() {
                 .map(|_| {
                     s.spawn(|| {
                         start.wait();
-                        PostgresStore::open(options(&url, &clock))
+                        PostgresStore::open(postgres_options(&url, &clock))
                     })
                 })
                 .collect();
@@ -496,8 +357,8 @@ async fn instances_starting_together_on_an_empty_database_migrate_it_once() {
         assert_eq!((a.epoch(), b.epoch()), (epoch.as_str(), epoch.as_str()), "round {round}");
 
         // Both serve the one schema: an op applied by one is replayed by the other.
-        let first = applied(a.write(add("op-1", 5)).await);
-        match b.write(add("op-1", 5)).await {
+        let first = applied(a.write(add(USER, "op-1", 5)).await);
+        match b.write(add(USER, "op-1", 5)).await {
             Ok(WriteOutcome::Replayed(record)) => assert_eq!(record, first),
             other => panic!("round {round}: {other:?}"),
         }
@@ -514,7 +375,7 @@ async fn a_database_schema_newer_than_the_hub_is_refused_and_left_as_it_is() {
     let config = StoreConfig { backend: Backend::Postgres, url: Some(url.clone()), ..StoreConfig::default() };
     let open = || hub::store::open(&config, dir.path(), RETENTION, StoreMetrics::default());
     let store = open().unwrap();
-    applied(store.write(add("op-1", 5)).await);
+    applied(store.write(add(USER, "op-1", 5)).await);
     store.close().await;
 
     let newer = SCHEMA_VERSION + 1;
@@ -583,8 +444,8 @@ async fn a_stopped_database_makes_the_hub_answer_503_until_it_is_back_without_a_
     site.delta("balance", 1, "after").await.assert_ok();
     let ledger = ledger(&cluster, &url);
     assert_ledger_adds_up_to(&ledger, 16);
-    let ops: Vec<&str> = ledger.iter().map(|row| row.op_id.as_str()).collect();
-    assert_eq!(ops, ["before", "during", "after"]);
+    let ops: Vec<Option<&str>> = ledger.iter().map(|row| row.op_id.as_deref()).collect();
+    assert_eq!(ops, [Some("before"), Some("during"), Some("after")]);
     hub.stop().await;
 }
 

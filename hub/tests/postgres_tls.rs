@@ -7,23 +7,15 @@ mod support;
 
 use hub::App;
 use hub::config::Backend;
-use support::TestHub;
 use support::postgres::Cluster;
+use support::{TestHub, certs};
 
 /// Turns TLS on in `cluster` with a certificate for 127.0.0.1 from a private authority, whose
 /// certificate (PEM) it returns.
 fn serve_tls(cluster: &Cluster) -> String {
-    let mut params = rcgen::CertificateParams::default();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "the database's authority");
-    let authority = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &authority)
-        .unwrap();
+    let issued = certs::loopback_signed_by("the database's authority");
     let data = cluster.dir().join("data");
-    for (name, pem) in [("server.crt", cert.pem()), ("server.key", key.serialize_pem())] {
+    for (name, pem) in [("server.crt", &issued.cert), ("server.key", &issued.key)] {
         let path = data.join(name);
         std::fs::write(&path, pem).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -34,7 +26,7 @@ fn serve_tls(cluster: &Cluster) -> String {
     let admin = cluster.database();
     cluster.psql(&admin, "ALTER SYSTEM SET ssl = on");
     cluster.psql(&admin, "SELECT pg_reload_conf()");
-    authority.pem()
+    issued.authority
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,32 +13,26 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
 use hub::config::Config;
-use hub::domain::{Caller, Ceilings, Domain, DomainError};
-use hub::store::postgres::{PostgresOptions, PostgresStore};
+use hub::domain::{Caller, Ceilings, Domain};
 use hub::store::sqlite::{SqliteOptions, SqliteStore};
 use hub::store::{
-    Change, Current, LedgerEntry, Mutation, OpKey, Record, Rejection, Stamp, Store, StoreError, StoreMetrics,
-    Write, WriteOutcome,
+    Change, Current, Mutation, Record, Rejection, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
 };
-use hub::time::Clock;
-use protocol::{DataType, DeltaRequest, OpId, Scopes, SiteId, UserId};
+use protocol::{DataType, Scopes, SiteId};
 use serde_json::{Value, json};
 use support::postgres::Cluster;
+use support::store::{
+    DAY, LedgerRow, RETENTION, T, TestClock, add, applied, assert_ledger_adds_up_to, open_postgres,
+    over_ceiling, postgres_ledger, user, uuid7,
+};
 use support::{Reply, SiteClient, TestHub};
 use tempfile::TempDir;
 use tokio::task::JoinSet;
 
 const USER: &str = "8-evans";
 const OTHER: &str = "9-grant";
-const DAY: i64 = 86_400_000;
-/// How long the stores opened here remember an op id: the hub's default.
-const RETENTION_DAYS: i64 = 30;
-/// 2026-12-06T00:00:00Z: where the test clocks start.
-const T: i64 = 1_796_515_200_000;
 
 /// Makes one test of each story per backend.
 macro_rules! stories {
@@ -102,12 +96,11 @@ struct Served {
 impl Backend {
     /// An empty store of this backend reading the time from `clock`.
     fn open(self, clock: &Arc<TestClock>) -> Opened {
-        let op_retention = Duration::from_secs(u64::try_from(RETENTION_DAYS).unwrap() * 86_400);
         match self {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let options = SqliteOptions {
-                    op_retention,
+                    op_retention: RETENTION,
                     max_batch: hub::store::sqlite::MAX_BATCH,
                     op_log_capacity: 10_000,
                     metrics: StoreMetrics::default(),
@@ -119,18 +112,7 @@ impl Backend {
             }
             Backend::Postgres => {
                 let url = Cluster::shared().database();
-                let options = PostgresOptions {
-                    url: url.clone(),
-                    ca_file: None,
-                    pool: 4,
-                    statement_timeout: Duration::from_secs(30),
-                    op_retention,
-                    max_batch: hub::store::postgres::MAX_BATCH,
-                    metrics: StoreMetrics::default(),
-                    clock: clock.clone(),
-                };
-                let store = PostgresStore::open(options).unwrap();
-                Opened { store: Arc::new(store), rows: Rows::Postgres(url), _dir: None }
+                Opened { store: open_postgres(&url, clock), rows: Rows::Postgres(url), _dir: None }
             }
         }
     }
@@ -164,15 +146,6 @@ enum Rows {
     Postgres(String),
 }
 
-/// One audit ledger row.
-#[derive(Debug, Clone, PartialEq)]
-struct LedgerRow {
-    op_id: Option<String>,
-    delta: i64,
-    result: i64,
-    version: u64,
-}
-
 impl Rows {
     /// The ledger of `user`'s `data_type`, oldest first.
     fn ledger(&self, user: &str, data_type: &str) -> Vec<LedgerRow> {
@@ -198,43 +171,9 @@ impl Rows {
                 .map(Result::unwrap)
                 .collect()
             }
-            Rows::Postgres(url) => {
-                let printed = Cluster::shared().psql(
-                    url,
-                    &format!(
-                        "SELECT coalesce(op_id, ''), delta, result, version FROM ledger
-                         WHERE user_id = '{user}' AND data_type = '{data_type}' ORDER BY id"
-                    ),
-                );
-                printed
-                    .lines()
-                    .map(|line| {
-                        let fields: Vec<&str> = line.split('|').collect();
-                        LedgerRow {
-                            op_id: Some(fields[0].to_owned()).filter(|op| !op.is_empty()),
-                            delta: fields[1].parse().unwrap(),
-                            result: fields[2].parse().unwrap(),
-                            version: fields[3].parse().unwrap(),
-                        }
-                    })
-                    .collect()
-            }
+            Rows::Postgres(url) => postgres_ledger(Cluster::shared(), url, user, data_type),
         }
     }
-}
-
-/// Asserts that `ledger` is a running sum that never goes below zero and ends at `amount`,
-/// one row per version: every change of the amount left exactly one row.
-#[track_caller]
-fn assert_ledger_adds_up_to(ledger: &[LedgerRow], amount: i64) {
-    let mut running = 0;
-    for (i, row) in ledger.iter().enumerate() {
-        running += row.delta;
-        assert_eq!(row.result, running, "ledger row {i} does not follow from the rows before it: {ledger:?}");
-        assert!(row.result >= 0, "ledger row {i} went below zero: {ledger:?}");
-        assert_eq!(row.version, u64::try_from(i).unwrap() + 1, "ledger row {i} skips a version: {ledger:?}");
-    }
-    assert_eq!(running, amount, "the ledger sums to {running} but the amount is {amount}: {ledger:?}");
 }
 
 /// The op ids of `ledger`'s rows, each as often as it appears.
@@ -244,87 +183,11 @@ fn op_ids(ledger: &[LedgerRow]) -> Vec<String> {
     ops
 }
 
-/// A clock the test sets: the wall clock, and the time that passed, apart.
-#[derive(Debug, Default)]
-struct TestClock {
-    wall: AtomicI64,
-    passed: AtomicU64,
-}
-
-impl TestClock {
-    fn at(wall: i64) -> Arc<TestClock> {
-        let clock = TestClock::default();
-        clock.wall.store(wall, Ordering::SeqCst);
-        Arc::new(clock)
-    }
-
-    /// Time passes: both clocks move.
-    fn pass(&self, ms: i64) {
-        self.wall.fetch_add(ms, Ordering::SeqCst);
-        self.passed.fetch_add(u64::try_from(ms).unwrap(), Ordering::SeqCst);
-    }
-
-    /// Someone sets the wall clock; no time passes.
-    fn set_wall(&self, ms: i64) {
-        self.wall.store(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for TestClock {
-    fn now_ms(&self) -> i64 {
-        self.wall.load(Ordering::SeqCst)
-    }
-
-    fn monotonic_ms(&self) -> u64 {
-        self.passed.load(Ordering::SeqCst)
-    }
-}
-
-/// A UUIDv7 op id dated `ms`, told apart by `n`.
-fn uuid7(ms: i64, n: u16) -> String {
-    let hex = format!("{ms:012x}");
-    format!("{}-{}-7000-8000-{n:012x}", &hex[..8], &hex[8..])
-}
-
-fn user(id: &str) -> UserId {
-    UserId::parse(id).unwrap()
-}
-
-/// Op `op_id` adding `amount` coins to `user`'s balance, refused below zero, with a ledger row.
-fn add(user_id: &str, op_id: &str, amount: i64) -> Write {
-    let mutation: Mutation = Arc::new(move |current: Current<'_>| {
-        let result = current.record.data["coins"].as_i64().unwrap_or(0) + amount;
-        if result < 0 {
-            return Err(Rejection::InsufficientFunds(current.record.clone()));
-        }
-        Ok(Change {
-            data: json!({ "coins": result }),
-            ledger: Some(LedgerEntry { delta: amount, result, reason: None }),
-            credits: None,
-        })
-    });
-    Write {
-        user: user(user_id),
-        data_type: DataType::Balance,
-        site: SiteId::parse("wrc").unwrap(),
-        op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: format!("add {amount}") }),
-        mutation,
-    }
-}
-
 /// A write, without an op id, setting `user`'s `data_type` to `data`.
 fn set(user_id: &str, data_type: DataType, data: Value) -> Write {
     let mutation: Mutation =
         Arc::new(move |_: Current<'_>| Ok(Change { data: data.clone(), ledger: None, credits: None }));
     Write { user: user(user_id), data_type, site: SiteId::parse("wrc").unwrap(), op: None, mutation }
-}
-
-#[track_caller]
-fn applied(outcome: Result<WriteOutcome, StoreError>) -> Record {
-    match outcome {
-        Ok(WriteOutcome::Applied(record)) => record,
-        other => panic!("expected the write applied, got {other:?}"),
-    }
 }
 
 #[track_caller]
@@ -624,7 +487,7 @@ async fn an_op_dated_before_the_horizon_is_refused_and_never_applied(backend: Ba
     let late = uuid7(T - 29 * DAY, 1);
     let first = applied(store.write(add(USER, &late, 5)).await);
     // Made 31 days ago: it may have been applied and forgotten, so never applied now.
-    let too_old = uuid7(T - (RETENTION_DAYS + 1) * DAY, 2);
+    let too_old = uuid7(T - i64::try_from(RETENTION.as_millis()).unwrap() - DAY, 2);
     assert_expired(store.write(add(USER, &too_old, 7)).await);
     assert_expired(store.write(add(USER, &too_old, 7)).await);
     // An id that carries no date is never expired.
@@ -732,22 +595,8 @@ async fn the_daily_credit_ceiling_counts_credits_exactly(backend: Backend) {
         ceilings,
     };
     let faucet = Caller { site: SiteId::parse("roflfaucet").unwrap(), ..wrc.clone() };
-    let delta = |caller: &Caller, op_id: &str, coins: i64| {
-        let (domain, caller) = (domain.clone(), caller.clone());
-        let request = DeltaRequest {
-            user_id: USER.into(),
-            site_id: caller.site.as_str().into(),
-            data_type: "balance".into(),
-            delta: json!({ "coins": coins }).as_object().unwrap().clone(),
-            op_id: op_id.into(),
-            reason: None,
-            grant: None,
-        };
-        async move { domain.delta(&caller, request, None).await }
-    };
-    let over_ceiling = |result: &Result<_, DomainError>| {
-        matches!(result, Err(DomainError::Rejected(Rejection::CreditLimit(..))))
-    };
+    let delta =
+        |caller: &Caller, op_id: &str, coins: i64| support::store::delta(&domain, caller, op_id, coins);
 
     // Thirty credits of 7 at once: fourteen fit in 100.
     let mut credits = JoinSet::new();

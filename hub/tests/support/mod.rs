@@ -6,8 +6,10 @@
 #![allow(dead_code)]
 
 pub mod authority;
+pub mod certs;
 pub mod crash;
 pub mod postgres;
+pub mod store;
 
 use std::path::PathBuf;
 use std::process::Stdio;
