@@ -194,7 +194,7 @@ pub struct StoreConfig {
     /// beside the system's: for a server whose certificate a private authority signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// PostgreSQL: connections this instance opens at most, the writer's included. Every
+    /// PostgreSQL: connections this instance opens at most, its two writers' included. Every
     /// instance opens its own: the database's `max_connections` must hold all of them.
     pub pool: usize,
     /// PostgreSQL: how long one statement may take before the database cancels it, in
@@ -262,8 +262,8 @@ impl StoreConfig {
                          settings; name another (UNIFIED_SYNC_DATABASE_URL, say), or set HUB_STORE__URL instead"
                     );
                 }
-                if self.pool < 2 {
-                    bail!("store.pool must be at least 2: one connection writes, the others read");
+                if self.pool < 3 {
+                    bail!("store.pool must be at least 3: two connections write, the others read");
                 }
                 if self.statement_timeout_ms == 0 {
                     bail!("store.statement_timeout_ms must be at least 1");
@@ -916,7 +916,7 @@ mod tests {
             (postgres(None, None), "exactly one of store.url and store.url_env"),
             (postgres(Some("postgres://hub@db/hub"), Some("DB_URL")), "exactly one"),
             (postgres(None, Some("HUB_DATABASE_URL")), "HUB_STORE__URL"),
-            (StoreConfig { pool: 1, ..postgres(None, Some("DB_URL")) }, "store.pool must be at least 2"),
+            (StoreConfig { pool: 2, ..postgres(None, Some("DB_URL")) }, "store.pool must be at least 3"),
             (
                 StoreConfig { url: Some("postgres://hub@db/hub".into()), ..StoreConfig::default() },
                 "for backend = \"postgres\"",

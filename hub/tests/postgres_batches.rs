@@ -1,4 +1,4 @@
-//! Group commit on PostgreSQL: the writes that wait while the writer is busy go into one
+//! Group commit on PostgreSQL: the writes that wait while the writers are busy go into one
 //! transaction, and a write that fails for a reason of its own fails alone — the others of
 //! its batch are committed and answered, each once.
 
@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use hub::config::{Backend, StoreConfig};
-use hub::store::postgres::HORIZON_LOCK;
+use hub::store::postgres::{HORIZON_LOCK, WRITERS};
 use hub::store::{StoreError, StoreMetrics, WriteOutcome};
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -48,20 +48,24 @@ async fn a_write_failing_for_its_own_reason_fails_alone_and_the_rest_of_its_batc
     tokio::spawn(connection);
     client.batch_execute("BEGIN").await.unwrap();
     client.execute("SELECT pg_advisory_xact_lock($1)", &[&HORIZON_LOCK]).await.unwrap();
-    let first = tokio::spawn({
+    // Every writer of the instance takes a write, one after the other, and waits on the lock.
+    let mut firsts = Vec::new();
+    for n in 0..WRITERS {
         let store = store.clone();
-        async move { store.write(add("first", "f-1", 1)).await }
-    });
-    loop {
-        let waiting: i64 = client
-            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
+        firsts.push(tokio::spawn(async move { store.write(add(&format!("first-{n}"), "f-1", 1)).await }));
+        let since = std::time::Instant::now();
+        loop {
+            let waiting: i64 = client
+                .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == n as i64 + 1 {
+                break;
+            }
+            assert!(since.elapsed() < Duration::from_secs(30), "writer {n} never waited on the lock");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     // Twenty writes queue behind it, the damaged user's among them; then the writer goes on.
@@ -70,7 +74,9 @@ async fn a_write_failing_for_its_own_reason_fails_alone_and_the_rest_of_its_batc
     let writes = futures_util::future::join_all(users.iter().map(|user| store.write(add(user, "c-1", 5))));
     let (answers, ()) = tokio::join!(writes, async { client.batch_execute("COMMIT").await.unwrap() });
 
-    assert!(matches!(first.await.unwrap(), Ok(WriteOutcome::Applied(_))));
+    for first in firsts {
+        assert!(matches!(first.await.unwrap(), Ok(WriteOutcome::Applied(_))));
+    }
     for (user, answer) in users.iter().zip(&answers) {
         match (user.as_str(), answer) {
             ("broken", Err(StoreError::Malformed(_))) => {}
@@ -86,7 +92,8 @@ async fn a_write_failing_for_its_own_reason_fails_alone_and_the_rest_of_its_batc
         .iter()
         .filter(|u| *u != "broken")
         .map(|u| format!("{u}|1|5"))
-        .chain(["broken|1|10".to_owned(), "first|1|1".to_owned()])
+        .chain(["broken|1|10".to_owned()])
+        .chain((0..WRITERS).map(|n| format!("first-{n}|1|1")))
         .collect();
     expected.sort();
     let mut rows: Vec<&str> = ledger.lines().collect();

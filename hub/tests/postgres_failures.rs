@@ -79,12 +79,14 @@ async fn a_prune_that_outlasts_the_statement_timeout_neither_stalls_every_write_
     }
     // Forgetting goes on between writes, a chunk at a time, and while none waits.
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut more = 0;
     let left = loop {
         let left: u64 = cluster.psql(&url, "SELECT count(*) FROM ops WHERE created_ms = 0").parse().unwrap();
         if left == 0 || Instant::now() > deadline {
             break left;
         }
-        applied(store.write(add(USER, &format!("prune-more-{left}"), 1)).await);
+        more += 1;
+        applied(store.write(add(USER, &format!("prune-more-{more}"), 1)).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     store.close().await;

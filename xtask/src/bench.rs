@@ -489,8 +489,8 @@ impl OnPostgres {
         writeln!(
             out,
             "\nA durable delta asks more of the database than pgbench's UPDATE: its record locked, its op \
-             id looked for and remembered, the record and a ledger row written, in about seven round \
-             trips per batch of the writer whatever the batch's size. Above 1× against one client, the \
+             id looked for and remembered, the record and a ledger row written, in three round trips \
+             per batch of the writer whatever the batch's size (its start, its writes, its COMMIT). Above 1× against one client, the \
              writer's batches beat a writer that commits each write alone; against {CONNECTIONS} clients, \
              the bar is the database's own gathering of commits across sessions. docs/performance.md \
              tells what limits the hub's deltas here."

@@ -49,8 +49,12 @@ pub use client::Database;
 
 /// Writes gathered into one transaction at most, with group commit on.
 pub const MAX_BATCH: usize = 256;
-/// Writes waiting for the writer at most; senders beyond it wait (backpressure).
+/// Writes waiting for the writers at most; senders beyond it wait (backpressure).
 const QUEUE: usize = 8192;
+/// Writers of one instance, each with a connection of its own: while one batch waits for its
+/// COMMIT to be durable, another runs. They take records in the same order as every
+/// instance's, and are kept apart by the database as instances are.
+pub const WRITERS: usize = 2;
 /// Runs of one batch that lost to another transaction (a deadlock, or an op id another
 /// instance remembered first) before its writes are answered `503`.
 const TRIES: usize = 8;
@@ -59,8 +63,11 @@ const PRUNE_EVERY_MS: u64 = 10 * 60 * 1000;
 /// After the writer failed to reach the database, how long it answers `503` before trying
 /// again, so that a database that is away is not called for every write.
 const RECONNECT_AFTER: Duration = Duration::from_millis(250);
-/// After moving the op-id horizon failed, or found another instance doing it, how long until
-/// this instance tries again.
+/// How long moving the op-id horizon waits for the batches in flight, which hold its lock
+/// shared; new batches wait behind it meanwhile.
+const HORIZON_WAIT: Duration = Duration::from_millis(50);
+/// After moving the op-id horizon failed, or waited for a batch longer than
+/// [`HORIZON_WAIT`], how long until this instance tries again.
 const PRUNE_RETRY_MS: u64 = 30 * 1000;
 /// Expired op ids deleted at most between two batches, so that forgetting many never holds
 /// the writer long.
@@ -134,7 +141,7 @@ pub struct PostgresOptions {
     pub url: String,
     /// Authorities (PEM) to trust for the database's certificate, beside the system's.
     pub ca_file: Option<PathBuf>,
-    /// Connections this instance opens at most: one writer, the rest for reads.
+    /// Connections this instance opens at most: its [`WRITERS`], the rest for reads.
     pub pool: usize,
     /// How long one statement may run before the database cancels it.
     pub statement_timeout: Duration,
@@ -174,7 +181,7 @@ pub struct PostgresStore {
 struct Inner {
     epoch: String,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
-    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    writer_threads: Mutex<Vec<JoinHandle<()>>>,
     readers: Pool,
     /// How long a read waits for the database's answer.
     answer_deadline: Duration,
@@ -203,7 +210,7 @@ impl PostgresStore {
             database.tls.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         ))
-        .max_size(options.pool.saturating_sub(1).max(1))
+        .max_size(options.pool.saturating_sub(WRITERS).max(1))
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(options.statement_timeout))
         .create_timeout(Some(database.answer_deadline()))
@@ -213,29 +220,54 @@ impl PostgresStore {
         let metrics = PostgresMetrics::default();
         let answer_deadline = database.answer_deadline();
         let (tx, rx) = mpsc::channel(QUEUE);
-        let (opened, open_result) = std::sync::mpsc::channel();
-        let writer_metrics = metrics.clone();
-        // The writer's client runs a runtime of its own, which must not be started from inside
-        // the hub's: everything it does happens on this thread.
-        let thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || match Writer::start(database, options, writer_metrics) {
-                Ok((writer, epoch)) => {
-                    let _ = opened.send(Ok(epoch));
-                    writer.run(rx);
+        let rx = Arc::new(Mutex::new(rx));
+        // Each writer's client runs a runtime of its own, which must not be started from inside
+        // the hub's: everything a writer does happens on its thread. The first migrates the
+        // database; the others start once it has.
+        let mut threads = Vec::with_capacity(WRITERS);
+        let mut epoch = None;
+        let mut pruning = None;
+        let unreachable_since = Arc::new(Mutex::new(None));
+        for n in 0..WRITERS {
+            let (opened, open_result) = std::sync::mpsc::channel();
+            let (database, options, metrics, rx) =
+                (database.clone(), options.clone(), metrics.clone(), rx.clone());
+            let (shared, unreachable_since) = (pruning.clone(), unreachable_since.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("store-writer-{n}"))
+                .spawn(move || match Writer::start(database, options, metrics, shared, unreachable_since) {
+                    Ok((writer, epoch)) => {
+                        let _ = opened.send(Ok((epoch, writer.pruning.clone())));
+                        writer.run(&rx);
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                    }
+                })
+                .map_err(|e| StoreError::Open(format!("cannot start a writer: {e}")))?;
+            threads.push(thread);
+            let opened =
+                open_result.recv().map_err(|_| StoreError::Open("a writer stopped while opening".into()))?;
+            match opened {
+                Ok((found, shared)) => {
+                    epoch = epoch.or(found);
+                    pruning = Some(shared);
                 }
                 Err(e) => {
-                    let _ = opened.send(Err(e));
+                    drop(tx);
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
+                    return Err(e);
                 }
-            })
-            .map_err(|e| StoreError::Open(format!("cannot start the writer: {e}")))?;
-        let epoch =
-            open_result.recv().map_err(|_| StoreError::Open("the writer stopped while opening".into()))??;
+            }
+        }
+        let epoch = epoch.ok_or_else(|| StoreError::Open("no writer read the epoch".into()))?;
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 epoch,
                 writer: Mutex::new(Some(tx)),
-                writer_thread: Mutex::new(Some(thread)),
+                writer_threads: Mutex::new(threads),
                 readers,
                 answer_deadline,
                 metrics,
@@ -326,10 +358,13 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         drop(self.inner.writer.lock().expect("writer handle").take());
-        let thread = self.inner.writer_thread.lock().expect("writer thread").take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let threads = std::mem::take(&mut *self.inner.writer_threads.lock().expect("writer threads"));
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         self.inner.readers.close();
     }
 
@@ -863,20 +898,16 @@ impl Tx for BatchTx {
     }
 }
 
-/// The one connection of this instance that writes, on its own thread.
+/// One of the instance's [`WRITERS`]: a connection that writes, on a thread of its own.
 struct Writer {
     database: Database,
     conn: Option<Connection>,
-    /// When the writer last failed to reach the database.
-    unreachable_since: Option<Instant>,
-    /// This instance's view of the time before which no op id is remembered; the database's
-    /// (`meta.op_horizon_ms`) is the one batches go by.
-    horizon: Horizon,
+    /// When a writer of the instance last failed to reach the database; cleared when one
+    /// reaches it again, so that every writer tries again at once.
+    unreachable_since: Arc<Mutex<Option<Instant>>>,
+    /// Forgetting expired op ids, shared by the instance's writers.
+    pruning: Arc<Mutex<Pruning>>,
     clock: Arc<dyn Clock>,
-    /// When (on the monotonic clock) the horizon is to move next; `None`: at the first batch.
-    next_prune: Option<u64>,
-    /// Whether op ids behind the horizon are left to delete, a chunk after each batch.
-    sweeping: bool,
     max_batch: usize,
     metrics: StoreMetrics,
     own_metrics: PostgresMetrics,
@@ -894,25 +925,43 @@ struct Failed {
 }
 
 impl Writer {
+    /// Connects a writer. The instance's first (no `pruning` yet) brings the schema up to
+    /// date before, and returns the database's epoch; each writer shares the instance's
+    /// forgetting of op ids with the next.
     fn start(
         database: Database,
         options: PostgresOptions,
         own_metrics: PostgresMetrics,
-    ) -> Result<(Writer, String), StoreError> {
+        pruning: Option<Arc<Mutex<Pruning>>>,
+        unreachable_since: Arc<Mutex<Option<Instant>>>,
+    ) -> Result<(Writer, Option<String>), StoreError> {
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
-        let client = Client::connect(&database, MIGRATION_DEADLINE)?;
-        let epoch = migrate(&client, options.clock.now_ms().saturating_sub(retention_ms))?;
-        let horizon_ms = read_horizon(&client)?;
-        drop(client);
+        let epoch = match pruning {
+            None => {
+                let client = Client::connect(&database, MIGRATION_DEADLINE)?;
+                Some(migrate(&client, options.clock.now_ms().saturating_sub(retention_ms))?)
+            }
+            Some(_) => None,
+        };
         let conn = Connection::open(&database)?;
+        let pruning = match pruning {
+            Some(pruning) => pruning,
+            None => Arc::new(Mutex::new(Pruning {
+                horizon: Horizon::new(
+                    read_horizon(&conn.client)?,
+                    retention_ms,
+                    options.clock.monotonic_ms(),
+                ),
+                next: None,
+                sweeping: false,
+            })),
+        };
         let writer = Writer {
             database,
             conn: Some(conn),
-            unreachable_since: None,
-            horizon: Horizon::new(horizon_ms, retention_ms, options.clock.monotonic_ms()),
+            unreachable_since,
+            pruning,
             clock: options.clock,
-            next_prune: None,
-            sweeping: false,
             max_batch: options.max_batch.max(1),
             metrics: options.metrics,
             own_metrics,
@@ -920,15 +969,22 @@ impl Writer {
         Ok((writer, epoch))
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
+    /// Takes the writes waiting, as many as a batch holds, while no other writer of this
+    /// instance is taking them; commits them; and again, until the store closes.
+    fn run(mut self, rx: &Mutex<mpsc::Receiver<Job>>) {
+        loop {
+            let jobs = {
+                let mut rx = rx.lock().expect("the writers' queue");
+                let Some(first) = rx.blocking_recv() else { break };
+                let mut jobs = vec![first];
+                while jobs.len() < self.max_batch {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
                 }
-            }
+                jobs
+            };
             let (writes, replies): (Vec<Write>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.write, j.reply)).unzip();
             let results = self.commit_batch(&writes);
@@ -937,7 +993,8 @@ impl Writer {
             }
             self.prune_if_due();
             // While no write waits, forgetting goes on a chunk at a time.
-            while self.sweeping && rx.is_empty() {
+            // (A queue another writer holds is one it waits on: empty.)
+            while self.sweeping() && rx.try_lock().map_or(true, |rx| rx.is_empty()) {
                 self.prune_if_due();
             }
         }
@@ -949,18 +1006,20 @@ impl Writer {
             self.conn = None;
         }
         if self.conn.is_none() {
-            if self.unreachable_since.is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
+            let failed_at = *self.unreachable_since.lock().expect("the writers' view of the database");
+            if failed_at.is_some_and(|at| at.elapsed() < RECONNECT_AFTER) {
                 return Err(StoreError::Unavailable("the database cannot be reached".into()));
             }
             match Connection::open(&self.database) {
                 Ok(conn) => {
                     self.own_metrics.reconnects.inc();
-                    self.unreachable_since = None;
+                    *self.unreachable_since.lock().expect("the writers' view of the database") = None;
                     tracing::info!("the store's writer is connected to the database again");
                     self.conn = Some(conn);
                 }
                 Err(e) => {
-                    self.unreachable_since = Some(Instant::now());
+                    *self.unreachable_since.lock().expect("the writers' view of the database") =
+                        Some(Instant::now());
                     return Err(e);
                 }
             }
@@ -1049,40 +1108,46 @@ impl Writer {
     }
 
     /// Forgets op ids older than the retention: every few minutes, moves the horizon while no
-    /// batch runs (the exclusive side of [`HORIZON_LOCK`], only if it is free at once: a move
-    /// never waits, for batches would queue behind it), then deletes what is behind it, one
-    /// chunk between two batches.
+    /// batch runs (the exclusive side of [`HORIZON_LOCK`], waiting at most [`HORIZON_WAIT`] for
+    /// the batches in flight, as batches queue behind it), then deletes what is behind it, one
+    /// chunk between two batches. One writer of the instance at a time does it (two would
+    /// delete the same rows, each waiting on the other's), whichever finds it free.
     fn prune_if_due(&mut self) {
+        let pruning = self.pruning.clone();
+        let Ok(mut pruning) = pruning.try_lock() else { return };
         if self.connect().is_err() {
             return;
         }
-        if self.sweeping {
-            let client = &self.conn.as_ref().expect("connected").client;
+        let client = &self.conn.as_ref().expect("connected").client;
+        if pruning.sweeping {
             let swept = client.execute(
                 "DELETE FROM ops WHERE (user_id, op_id) IN
                      (SELECT user_id, op_id FROM ops WHERE created_ms < $1 LIMIT $2)",
-                &[&self.horizon.ms, &SWEEP_CHUNK],
+                &[&pruning.horizon.ms, &SWEEP_CHUNK],
             );
             match swept {
-                Ok(deleted) => self.sweeping = deleted == SWEEP_CHUNK as u64,
-                Err(e) => self.pruning_failed(&e),
+                Ok(deleted) => pruning.sweeping = deleted == SWEEP_CHUNK as u64,
+                Err(e) => self.pruning_failed(&mut pruning, &e),
             }
             return;
         }
         let monotonic = self.clock.monotonic_ms();
-        if self.next_prune.is_some_and(|at| monotonic < at) {
+        if pruning.next.is_some_and(|at| monotonic < at) {
             return;
         }
         let now = self.clock.now_ms();
-        let client = &self.conn.as_ref().expect("connected").client;
-        let horizon = &mut self.horizon;
+        let horizon = &mut pruning.horizon;
         let moved = (|| -> Result<bool, StoreError> {
-            client.batch_execute("BEGIN")?;
-            let locked: bool =
-                client.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&HORIZON_LOCK])?.get(0);
-            if !locked {
-                client.batch_execute("ROLLBACK")?;
-                return Ok(false);
+            // Batches in flight end within milliseconds; one that does not (stuck on a record,
+            // or its instance cut off) is not waited for, as batches would queue behind.
+            client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = {}", HORIZON_WAIT.as_millis()))?;
+            match client.execute("SELECT pg_advisory_xact_lock($1)", &[&HORIZON_LOCK]) {
+                Ok(_) => {}
+                Err(StoreError::Busy(_)) => {
+                    client.batch_execute("ROLLBACK")?;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
             }
             let stored = read_horizon(client)?;
             // Another instance may have moved it: this one goes on from there.
@@ -1095,19 +1160,19 @@ impl Writer {
         })();
         match moved {
             Ok(true) => {
-                self.next_prune = Some(monotonic + PRUNE_EVERY_MS);
-                self.sweeping = true;
+                pruning.next = Some(monotonic + PRUNE_EVERY_MS);
+                pruning.sweeping = true;
             }
-            Ok(false) => self.next_prune = Some(monotonic + PRUNE_RETRY_MS),
-            Err(e) => self.pruning_failed(&e),
+            Ok(false) => pruning.next = Some(monotonic + PRUNE_RETRY_MS),
+            Err(e) => self.pruning_failed(&mut pruning, &e),
         }
     }
 
     /// Leaves forgetting op ids to a later try, and the connection too if it failed.
-    fn pruning_failed(&mut self, error: &StoreError) {
+    fn pruning_failed(&mut self, pruning: &mut Pruning, error: &StoreError) {
         tracing::warn!(error = %error, "forgetting expired op ids failed; trying again in 30 s");
-        self.sweeping = false;
-        self.next_prune = Some(self.clock.monotonic_ms() + PRUNE_RETRY_MS);
+        pruning.sweeping = false;
+        pruning.next = Some(self.clock.monotonic_ms() + PRUNE_RETRY_MS);
         match error {
             StoreError::Unavailable(_) => self.conn = None,
             _ => {
@@ -1117,6 +1182,23 @@ impl Writer {
             }
         }
     }
+
+    /// Whether op ids behind the horizon are left to delete.
+    fn sweeping(&self) -> bool {
+        self.pruning.try_lock().is_ok_and(|pruning| pruning.sweeping)
+    }
+}
+
+/// Forgetting expired op ids, one per instance, shared by its writers.
+#[derive(Debug)]
+struct Pruning {
+    /// This instance's view of the time before which no op id is remembered; the database's
+    /// (`meta.op_horizon_ms`) is the one batches go by.
+    horizon: Horizon,
+    /// When (on the monotonic clock) the horizon is to move next; `None`: at the first batch.
+    next: Option<u64>,
+    /// Whether op ids behind the horizon are left to delete, a chunk after each batch.
+    sweeping: bool,
 }
 
 /// The horizon as the database keeps it.
