@@ -8,6 +8,7 @@
 
 mod op_index;
 pub mod postgres;
+mod queue;
 pub mod rules;
 pub mod sqlite;
 pub mod stamps;

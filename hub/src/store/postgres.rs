@@ -34,10 +34,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use protocol::{DataType, OpId, UserId};
-use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 
+use super::queue::{Queue, Writes, next_batch, queue};
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::{
     Credits, LedgerEntry, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
@@ -49,8 +49,6 @@ pub use client::Database;
 
 /// Writes gathered into one transaction at most, with group commit on.
 pub const MAX_BATCH: usize = 256;
-/// Writes waiting for the writers at most; senders beyond it wait (backpressure).
-const QUEUE: usize = 8192;
 /// Writers of one instance, each with a connection of its own: while one batch waits for its
 /// COMMIT to be durable, another runs. They take records in the same order as every
 /// instance's, and are kept apart by the database as instances are.
@@ -180,7 +178,7 @@ pub struct PostgresStore {
 
 struct Inner {
     epoch: String,
-    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writes: Queue,
     writer_threads: Mutex<Vec<JoinHandle<()>>>,
     readers: Pool,
     /// How long a read waits for the database's answer.
@@ -192,11 +190,6 @@ impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore").field("epoch", &self.inner.epoch).finish()
     }
-}
-
-struct Job {
-    write: Write,
-    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
 }
 
 impl PostgresStore {
@@ -219,7 +212,7 @@ impl PostgresStore {
 
         let metrics = PostgresMetrics::default();
         let answer_deadline = database.answer_deadline();
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (queue, rx) = queue();
         let rx = Arc::new(Mutex::new(rx));
         // Each writer's client runs a runtime of its own, which must not be started from inside
         // the hub's: everything a writer does happens on its thread. The first migrates the
@@ -254,7 +247,7 @@ impl PostgresStore {
                     pruning = Some(shared);
                 }
                 Err(e) => {
-                    drop(tx);
+                    queue.close();
                     for thread in threads {
                         let _ = thread.join();
                     }
@@ -266,7 +259,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 epoch,
-                writer: Mutex::new(Some(tx)),
+                writes: queue,
                 writer_threads: Mutex::new(threads),
                 readers,
                 answer_deadline,
@@ -284,10 +277,6 @@ impl PostgresStore {
                 deadline.as_secs_f64()
             )))
         })
-    }
-
-    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
-        self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
     }
 
     async fn reader(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -344,20 +333,16 @@ impl Store for PostgresStore {
     }
 
     async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.sender()?.send(Job { write, reply }).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.inner.writes.write(write).await
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        if self.sender()?.is_closed() {
-            return Err(StoreError::Closed);
-        }
+        self.inner.writes.check()?;
         self.within(async { Ok(self.reader().await?.simple_query("SELECT 1").await.map(|_| ())?) }).await
     }
 
     async fn close(&self) {
-        drop(self.inner.writer.lock().expect("writer handle").take());
+        self.inner.writes.close();
         let threads = std::mem::take(&mut *self.inner.writer_threads.lock().expect("writer threads"));
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
@@ -971,22 +956,10 @@ impl Writer {
 
     /// Takes the writes waiting, as many as a batch holds, while no other writer of this
     /// instance is taking them; commits them; and again, until the store closes.
-    fn run(mut self, rx: &Mutex<mpsc::Receiver<Job>>) {
+    fn run(mut self, rx: &Mutex<Writes>) {
         loop {
-            let jobs = {
-                let mut rx = rx.lock().expect("the writers' queue");
-                let Some(first) = rx.blocking_recv() else { break };
-                let mut jobs = vec![first];
-                while jobs.len() < self.max_batch {
-                    match rx.try_recv() {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
-                    }
-                }
-                jobs
-            };
-            let (writes, replies): (Vec<Write>, Vec<_>) =
-                jobs.into_iter().map(|j| (j.write, j.reply)).unzip();
+            let batch = next_batch(&mut rx.lock().expect("the writers' queue"), self.max_batch);
+            let Some((writes, replies)) = batch else { break };
             let results = self.commit_batch(&writes);
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);

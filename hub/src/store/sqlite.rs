@@ -18,13 +18,13 @@ use async_trait::async_trait;
 use protocol::{DataType, OpId, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
-use tokio::sync::{mpsc, oneshot};
 
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::op_index::OpIndex;
+use super::queue::{Queue, Writes, next_batch, queue};
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::stamps::StampCache;
 use super::{Credits, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
@@ -36,8 +36,6 @@ pub const DB_FILE: &str = "hub.sqlite3";
 pub const LOCK_FILE: &str = "hub.lock";
 /// Writes gathered into one transaction at most, with group commit on.
 pub const MAX_BATCH: usize = 512;
-/// Writes waiting for the writer at most; senders beyond it wait (backpressure).
-const QUEUE: usize = 8192;
 /// Users whose stamps are kept in memory (about 200 bytes each).
 const CACHED_USERS: usize = 200_000;
 /// Idle read connections kept open.
@@ -174,18 +172,13 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     epoch: String,
-    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writes: Queue,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     stamps: Arc<StampCache>,
     /// The data dir's lock, released when the store closes.
     lock: Mutex<Option<std::fs::File>>,
     metrics: SqliteMetrics,
-}
-
-struct Job {
-    write: Write,
-    reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -239,7 +232,7 @@ impl SqliteStore {
         let own_metrics = SqliteMetrics::default();
         ops.report(&own_metrics);
 
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (queue, rx) = queue();
         let max_batch = options.max_batch.max(1);
         let stamps = Arc::new(StampCache::new(CACHED_USERS));
         let writer_stamps = stamps.clone();
@@ -268,7 +261,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 epoch,
-                writer: Mutex::new(Some(tx)),
+                writes: queue,
                 writer_thread: Mutex::new(Some(thread)),
                 readers: Mutex::new(Vec::new()),
                 stamps,
@@ -297,10 +290,6 @@ impl SqliteStore {
             readers.push(conn);
         }
         result
-    }
-
-    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
-        self.inner.writer.lock().expect("writer handle").clone().ok_or(StoreError::Closed)
     }
 }
 
@@ -440,22 +429,18 @@ impl Store for SqliteStore {
     }
 
     async fn write(&self, write: Write) -> Result<WriteOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.sender()?.send(Job { write, reply }).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.inner.writes.write(write).await
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        if self.sender()?.is_closed() {
-            return Err(StoreError::Closed);
-        }
+        self.inner.writes.check()?;
         self.read(|conn| Ok(conn.query_row("SELECT count(*) FROM meta", [], |r| r.get::<_, i64>(0))?))
             .await?;
         Ok(())
     }
 
     async fn close(&self) {
-        drop(self.inner.writer.lock().expect("writer handle").take());
+        self.inner.writes.close();
         let thread = self.inner.writer_thread.lock().expect("writer thread").take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -550,17 +535,8 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            let (writes, replies): (Vec<Write>, Vec<_>) =
-                jobs.into_iter().map(|j| (j.write, j.reply)).unzip();
+    fn run(mut self, mut rx: Writes) {
+        while let Some((writes, replies)) = next_batch(&mut rx, self.max_batch) {
             let count = writes.len();
             let changed: Vec<(UserId, DataType)> =
                 writes.iter().map(|w| (w.user.clone(), w.data_type)).collect();
