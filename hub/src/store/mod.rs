@@ -6,6 +6,7 @@
 //! writes into one transaction (group commit) as long as each write sees the effects of the
 //! writes ordered before it.
 
+mod changes;
 mod op_index;
 pub mod postgres;
 mod queue;
@@ -25,6 +26,9 @@ use protocol::{DataType, OpId, Refusal, SiteId, UserId};
 use serde_json::Value;
 
 use crate::config::{Backend, StoreConfig};
+
+pub(crate) use changes::Publisher;
+pub use changes::{ChangeEvent, Changes, INLINE_DATA_BYTES, Position};
 
 /// Opens the store `config` names, with its settings; SQLite's database lives in
 /// `data_dir`. An op id is remembered for `op_retention`. The store records its commits in
@@ -360,5 +364,24 @@ pub trait Store: Send + Sync + 'static {
     /// users alone.
     fn shared_rate_limit(&self) -> Option<Arc<dyn SharedQuota>> {
         None
+    }
+
+    /// The committed changes, in position order, for the one reader that takes them (the
+    /// hub's event streams); `None` after the first call, and from a store that publishes
+    /// none. A store publishes nothing until they are taken.
+    fn take_changes(&self) -> Option<Changes> {
+        None
+    }
+
+    /// `user`'s changes after `after` up to `upto`, both positions of this store, in position
+    /// order, read from where the store keeps them; `None` when it does not keep them from that
+    /// far back (a store that keeps none: always).
+    async fn changes_between(
+        &self,
+        _user: &UserId,
+        _after: Position,
+        _upto: Position,
+    ) -> Result<Option<Vec<ChangeEvent>>, StoreError> {
+        Ok(None)
     }
 }

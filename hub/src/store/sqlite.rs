@@ -27,7 +27,10 @@ use super::op_index::OpIndex;
 use super::queue::{Queue, Writes, next_batch, queue};
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::stamps::StampCache;
-use super::{Credits, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome};
+use super::{
+    ChangeEvent, Changes, Credits, OpKey, Position, Publisher, Record, Stamp, Store, StoreError,
+    StoreMetrics, Write, WriteOutcome,
+};
 use crate::time::Clock;
 
 /// The database file inside the data dir.
@@ -179,6 +182,10 @@ struct Inner {
     /// The data dir's lock, released when the store closes.
     lock: Mutex<Option<std::fs::File>>,
     metrics: SqliteMetrics,
+    /// Where the writer publishes its committed changes.
+    changes: Arc<Publisher>,
+    /// This run's era of change positions.
+    era: u64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -217,6 +224,15 @@ impl SqliteStore {
             .map_err(|e| StoreError::Malformed(format!("migration failed: {e}")))?;
         conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", params![new_epoch()])?;
         let epoch: String = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
+        // Each run of the hub over this database is an era of its changes' positions.
+        let era: i64 = conn.query_row(
+            "INSERT INTO meta (key, value) VALUES ('runs', '1')
+             ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+             RETURNING CAST(value AS INTEGER)",
+            [],
+            |r| r.get(0),
+        )?;
+        let era = u64::try_from(era).map_err(|_| StoreError::Malformed(format!("runs {era}")))?;
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         // A new database remembers nothing from before its creation minus the retention.
         conn.execute(
@@ -237,6 +253,8 @@ impl SqliteStore {
         let stamps = Arc::new(StampCache::new(CACHED_USERS));
         let writer_stamps = stamps.clone();
         let writer_metrics = own_metrics.clone();
+        let changes = Arc::new(Publisher::default());
+        let writer_changes = changes.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
@@ -253,6 +271,9 @@ impl SqliteStore {
                     stamps: writer_stamps,
                     metrics: options.metrics,
                     own_metrics: writer_metrics,
+                    changes: writer_changes,
+                    made: Vec::new(),
+                    position: Position { era, seq: 0 },
                 }
                 .run(rx)
             })
@@ -267,6 +288,8 @@ impl SqliteStore {
                 stamps,
                 lock: Mutex::new(Some(lock)),
                 metrics: own_metrics,
+                changes,
+                era,
             }),
         })
     }
@@ -448,6 +471,10 @@ impl Store for SqliteStore {
         drop(self.inner.lock.lock().expect("data dir lock").take());
     }
 
+    fn take_changes(&self) -> Option<Changes> {
+        self.inner.changes.take(Position { era: self.inner.era, seq: 0 })
+    }
+
     fn register_metrics(&self, registry: &mut Registry) {
         let metrics = &self.inner.metrics;
         registry.register_with_unit(
@@ -532,6 +559,12 @@ struct Writer {
     stamps: Arc<StampCache>,
     metrics: StoreMetrics,
     own_metrics: SqliteMetrics,
+    /// Where committed changes go, once the hub's event streams take them.
+    changes: Arc<Publisher>,
+    /// The changes the batch in progress made, published once it commits.
+    made: Vec<ChangeEvent>,
+    /// The last change's position.
+    position: Position,
 }
 
 impl Writer {
@@ -548,6 +581,7 @@ impl Writer {
                 }
             }
             tracing::trace!(batch = count, "store batch committed");
+            self.changes.publish(std::mem::take(&mut self.made));
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
@@ -592,14 +626,20 @@ impl Writer {
         let prune = self.last_prune.is_none_or(|at| monotonic.saturating_sub(at) >= PRUNE_EVERY_MS);
         let horizon = if prune { self.horizon.next(now, monotonic) } else { self.horizon.ms };
         let ops = &mut self.ops;
+        let made = &mut self.made;
+        let wanted = self.changes.wanted();
+        let mut position = self.position;
         type Outcome = (Vec<Result<WriteOutcome, StoreError>>, Option<bool>);
         let outcome = (|| -> Result<Outcome, StoreError> {
             let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(count);
             for write in writes {
                 let mark = ops.index.mark();
+                let (made_before, position_before) = (made.len(), position);
                 let sp = tx.savepoint()?;
-                match rules::apply(&mut SqliteTx { conn: &sp, ops }, &write, now, horizon) {
+                let mut sqlite_tx =
+                    SqliteTx { conn: &sp, ops, made: wanted.then_some(&mut *made), position: &mut position };
+                match rules::apply(&mut sqlite_tx, &write, now, horizon) {
                     Ok(outcome) => {
                         sp.commit()?;
                         results.push(Ok(outcome));
@@ -607,6 +647,8 @@ impl Writer {
                     Err(e) => {
                         drop(sp);
                         ops.index.forget_since(mark);
+                        made.truncate(made_before);
+                        position = position_before;
                         // Some failures (a full disk, an I/O error) make SQLite roll back the
                         // whole transaction; every later write would then commit on its own.
                         if tx.is_autocommit() {
@@ -633,6 +675,7 @@ impl Writer {
         })();
         match outcome {
             Ok((results, table_after_prune)) => {
+                self.position = position;
                 self.ops.index.commit();
                 self.ops.report(&self.own_metrics);
                 if let Some(in_table) = table_after_prune {
@@ -643,6 +686,7 @@ impl Writer {
                 results
             }
             Err(e) => {
+                self.made.clear();
                 // What the rollback undid is the database's to say: the index is read back from
                 // the op log before the next write runs.
                 self.ops.index.discard();
@@ -827,6 +871,10 @@ impl StoredOp {
 struct SqliteTx<'a> {
     conn: &'a Connection,
     ops: &'a mut OpIds,
+    /// Where each record written is told as a change, when the hub streams them.
+    made: Option<&'a mut Vec<ChangeEvent>>,
+    /// The last change's position, moved on by each record written.
+    position: &'a mut Position,
 }
 
 impl Tx for SqliteTx<'_> {
@@ -861,6 +909,7 @@ impl Tx for SqliteTx<'_> {
             .map(serde_json::to_string)
             .transpose()
             .map_err(|e| StoreError::Malformed(e.to_string()))?;
+        let data = record.data.to_string();
         self.conn
             .prepare_cached(
                 "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
@@ -871,11 +920,22 @@ impl Tx for SqliteTx<'_> {
             .execute(params![
                 user.as_str(),
                 data_type.as_str(),
-                record.data.to_string(),
+                data,
                 i64::try_from(record.version).unwrap_or(i64::MAX),
                 record.updated_ms,
                 credits
             ])?;
+        if let Some(made) = self.made.as_deref_mut() {
+            self.position.seq += 1;
+            made.push(ChangeEvent {
+                position: *self.position,
+                user: user.clone(),
+                data_type,
+                version: record.version,
+                updated_ms: record.updated_ms.unwrap_or_default(),
+                data: ChangeEvent::inline(data),
+            });
+        }
         Ok(())
     }
 
@@ -1012,6 +1072,9 @@ mod tests {
             stamps: Arc::new(StampCache::new(100)),
             metrics: StoreMetrics::default(),
             own_metrics: SqliteMetrics::default(),
+            changes: Arc::new(Publisher::default()),
+            made: Vec::new(),
+            position: Position::default(),
         }
     }
 
