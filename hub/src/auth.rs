@@ -82,6 +82,8 @@ pub struct Verified {
     pub scopes: Scopes,
     /// The token's site's credit ceilings.
     pub ceilings: Ceilings,
+    /// The token's `exp`, in seconds since the Unix epoch.
+    pub expires: u64,
 }
 
 /// Why a token was refused. Every variant becomes a 401: it is about the token itself. The
@@ -334,7 +336,14 @@ impl Keys {
         let user =
             UserId::parse(&claims.sub).map_err(|_| AuthError::Invalid("sub is not a user id".into()))?;
         let site_id = SiteId::parse(&site_id).map_err(|_| AuthError::UnknownIssuer)?;
-        let verified = Verified { site: site_id, user, admin: claims.adm, scopes, ceilings: policy.ceilings };
+        let verified = Verified {
+            site: site_id,
+            user,
+            admin: claims.adm,
+            scopes,
+            ceilings: policy.ceilings,
+            expires: claims.exp,
+        };
         Ok((verified, claims.exp))
     }
 

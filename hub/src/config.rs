@@ -45,6 +45,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub metrics: MetricsConfig,
     pub access_log: AccessLogConfig,
+    pub events: EventsConfig,
     pub sites: Vec<Site>,
 }
 
@@ -123,6 +124,45 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig { allow_loopback: true, token: None, token_env: None }
+    }
+}
+
+/// The realtime event streams (`GET /api/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Off, `/api/events` answers 404 and pages check for changes as they did before.
+    pub enabled: bool,
+    /// Streams one user may hold on one hub instance: a stream per site the user has open.
+    pub max_streams_per_user: usize,
+    /// Streams one client address (an IPv4 address or an IPv6 /64) may hold on one instance.
+    pub max_streams_per_address: usize,
+    /// Seconds between two heartbeats of an idle stream: shorter than any proxy's read
+    /// timeout (nginx: 60 s) and than the connections' idle timeout.
+    pub heartbeat_secs: u64,
+    /// How long a client waits before reconnecting a stream that ended, in milliseconds.
+    pub retry_ms: u64,
+    /// Changes kept in memory, across every user, for streams that reconnect: one older than
+    /// them gets `resync` (one timestamp check) instead of what it missed.
+    pub resume_window: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            enabled: true,
+            max_streams_per_user: 8,
+            max_streams_per_address: 64,
+            heartbeat_secs: 15,
+            retry_ms: 3000,
+            resume_window: 65_536,
+        }
+    }
+}
+
+impl EventsConfig {
+    pub fn heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_secs)
     }
 }
 
@@ -561,6 +601,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             access_log: AccessLogConfig::default(),
+            events: EventsConfig::default(),
             sites: Vec::new(),
         }
     }
@@ -725,6 +766,23 @@ impl Config {
             bail!(
                 "limits.max_connections_per_address, limits.idle_timeout_secs and \
                  limits.http2_max_concurrent_streams must be at least 1"
+            );
+        }
+        let events = &self.events;
+        if events.max_streams_per_user == 0
+            || events.max_streams_per_address == 0
+            || events.resume_window == 0
+        {
+            bail!(
+                "events.max_streams_per_user, events.max_streams_per_address and events.resume_window must be at least 1"
+            );
+        }
+        if !(1..self.limits.request_timeout_secs + self.limits.idle_timeout_secs)
+            .contains(&events.heartbeat_secs)
+        {
+            bail!(
+                "events.heartbeat_secs must be at least 1 and shorter than limits.request_timeout_secs and \
+                 limits.idle_timeout_secs together: a stream that sent nothing for that long counts as stuck"
             );
         }
         for site in &self.sites {

@@ -28,6 +28,8 @@ pub struct Caller {
     pub scopes: Scopes,
     /// The token's site's credit ceilings: every credit its key signs counts against them.
     pub ceilings: Ceilings,
+    /// When the token expires, in seconds since the Unix epoch; `None` with auth off.
+    pub expires: Option<u64>,
 }
 
 /// How much a site's key may credit, so that even a stolen key cannot mint without bound.
@@ -125,6 +127,14 @@ impl Domain {
         authorize(caller, user, site)?;
         require(caller, Scope::SyncRead)?;
         Ok(self.store.stamps(user, types).await?)
+    }
+
+    /// Whether the caller may follow `user`'s changes as they happen (`/api/events`): as it
+    /// may read them.
+    pub fn may_follow(&self, caller: &Caller, user: &UserId) -> Result<(), DomainError> {
+        authorize(caller, user, None)?;
+        require(caller, Scope::SyncRead)?;
+        Ok(())
     }
 
     /// The caller's records (`action=get`).

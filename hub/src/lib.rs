@@ -8,6 +8,7 @@ pub mod bounded;
 pub mod check;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod import;
 pub mod limit;

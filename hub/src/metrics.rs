@@ -63,6 +63,8 @@ pub enum Action {
     Delta,
     /// Pushes and deltas sent together.
     Batch,
+    /// An event stream opened (`/api/events`).
+    Events,
     Preflight,
     Health,
     /// `/metrics` and the dashboard.
@@ -73,7 +75,7 @@ pub enum Action {
 }
 
 /// How many kinds of [`Action`] there are.
-const ACTIONS: usize = 9;
+const ACTIONS: usize = 10;
 
 impl Action {
     const ALL: [Action; ACTIONS] = [
@@ -82,6 +84,7 @@ impl Action {
         Action::Push,
         Action::Delta,
         Action::Batch,
+        Action::Events,
         Action::Preflight,
         Action::Health,
         Action::Admin,
@@ -95,6 +98,7 @@ impl Action {
             Action::Push => "push",
             Action::Delta => "delta",
             Action::Batch => "batch",
+            Action::Events => "events",
             Action::Preflight => "preflight",
             Action::Health => "health",
             Action::Admin => "admin",

@@ -203,6 +203,7 @@ pub async fn serve(
         })
     });
     let builder = Arc::new(builder);
+    app.events().start(app.domain().store().as_ref());
 
     tokio::pin!(shutdown);
     loop {
@@ -286,6 +287,8 @@ pub async fn serve(
     drop((listener, stop));
     housekeeping.abort();
     tracing::info!("shutting down: finishing in-flight requests");
+    // Event streams never finish by themselves: they end first, so that their connections can.
+    app.events().stop();
     stopping.send_replace(true);
     if tokio::time::timeout(SHUTDOWN_GRACE, stopping.closed()).await.is_err() {
         tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");

@@ -280,6 +280,7 @@ async fn the_daily_credit_ceiling_holds_exactly_across_instances() {
         admin: false,
         scopes: Scopes::ALL,
         ceilings: Ceilings { per_op: 50, per_user_per_day: 100 },
+        expires: None,
     };
     let delta = |instance: usize, op_id: &str, coins: i64| {
         support::store::delta(&instances[instance % 2], &caller, op_id, coins)

@@ -593,6 +593,7 @@ async fn the_daily_credit_ceiling_counts_credits_exactly(backend: Backend) {
         admin: false,
         scopes: Scopes::ALL,
         ceilings,
+        expires: None,
     };
     let faucet = Caller { site: SiteId::parse("roflfaucet").unwrap(), ..wrc.clone() };
     let delta =

@@ -20,6 +20,7 @@ use super::{ApiError, ClientAddr, bearer};
 use crate::auth::{AuthError, Keys};
 use crate::config::{Config, OriginPattern};
 use crate::domain::{Caller, Ceilings, Domain};
+use crate::events::Broker;
 use crate::limit::RateLimits;
 use crate::metrics::{LimitScope, Metrics, Seen};
 use crate::store::Store;
@@ -48,6 +49,8 @@ struct Inner {
     logs: Logs,
     /// The bytes of request bodies held at once.
     bodies: Budget,
+    /// The realtime event streams.
+    events: Broker,
     /// Origins refused by CORS and logged in the current window: each is logged once per
     /// window, up to [`LOGGED_ORIGINS`]; all are counted.
     refused_origins: Mutex<RefusedOrigins>,
@@ -156,6 +159,8 @@ impl App {
         let domain = Domain::new(store, protocol::Limits { max_delta: limits.max_delta });
         metrics.body_bytes_limit(limits.max_body_bytes_in_flight);
         let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());
+        let events = Broker::new(config.events.clone(), domain.epoch());
+        events.register_metrics(metrics.hub_registry());
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -167,6 +172,7 @@ impl App {
                 tls,
                 logs,
                 bodies,
+                events,
                 refused_origins: Mutex::new(RefusedOrigins::default()),
                 draining: AtomicBool::new(false),
             }),
@@ -205,6 +211,11 @@ impl App {
 
     pub fn domain(&self) -> &Domain {
         &self.inner.domain
+    }
+
+    /// The realtime event streams.
+    pub fn events(&self) -> &Broker {
+        &self.inner.events
     }
 
     /// The sites as they stand now; hold the guard for one request at most.
@@ -370,6 +381,7 @@ impl App {
             admin: v.admin,
             scopes: v.scopes,
             ceilings: v.ceilings,
+            expires: Some(v.expires),
         }))
     }
 
@@ -383,7 +395,14 @@ impl App {
     ) -> Result<Caller, ApiError> {
         self.check_user(user.as_str(), ops).await?;
         let site = SiteId::parse(claimed_site.unwrap_or("dev"))?;
-        Ok(Caller { site, user: user.clone(), admin: true, scopes: Scopes::ALL, ceilings: Ceilings::NONE })
+        Ok(Caller {
+            site,
+            user: user.clone(),
+            admin: true,
+            scopes: Scopes::ALL,
+            ceilings: Ceilings::NONE,
+            expires: None,
+        })
     }
 
     /// Counts the ops of a batch beyond its first against its caller's limit: its admission

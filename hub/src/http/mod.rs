@@ -9,6 +9,7 @@ mod app;
 mod body;
 mod client;
 mod error;
+mod events;
 mod logs;
 mod refusals;
 
@@ -57,6 +58,7 @@ pub fn router(app: App) -> Router {
     let router = Router::new()
         .route("/api/sync.php", sync.clone())
         .route("/api/sync", sync)
+        .route("/api/events", routing::get(events::events).fallback(method_not_allowed))
         .route("/healthz", routing::get(healthz))
         .merge(admin::routes())
         .fallback(not_found)
@@ -145,7 +147,12 @@ fn cors(app: App) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| app.allows_origin(origin)))
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_NONE_MATCH])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_NONE_MATCH,
+            HeaderName::from_static("last-event-id"),
+        ])
         // `Date`: the hub's clock, from which a page dates the op ids it makes (UUIDv7).
         .expose_headers([
             header::ETAG,

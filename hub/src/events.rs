@@ -1,0 +1,498 @@
+//! The realtime event streams: each user's committed changes, told to that user's open
+//! streams as Server-Sent Events. The broker reads the store's changes ([`Store::take_changes`])
+//! in their order, serializes each change once into its frame, keeps the most recent ones for
+//! streams that reconnect (`Last-Event-ID`), and hands each frame to the streams of its user
+//! that asked for its data type. A stream is a queue of frames the HTTP layer sends; a stream
+//! that lets its queue fill is ended (it reconnects and catches up from the kept changes).
+//!
+//! An event's id names the store's epoch and its position there: `<epoch>.<era>.<seq>`. A
+//! stream reconnecting with an id from another epoch, or older than what is kept, gets a
+//! `resync` event instead of its missed changes: its client checks its records' versions once.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use protocol::{DataType, UserId};
+use tokio::sync::mpsc;
+
+use crate::config::EventsConfig;
+use crate::store::{ChangeEvent, Changes, Position, Store};
+use crate::time::rfc3339_ms;
+
+/// Frames waiting to be sent on one stream; a stream further behind is ended.
+const QUEUE: usize = 64;
+
+/// The frame a stream ends with when its token expires: its client gets a fresh one.
+pub const REAUTH: &[u8] = b"event: reauth\ndata: {}\n\n";
+
+/// The comment sent on idle streams, so that proxies and the hub's own idle timeout see
+/// them alive.
+const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+
+/// Why a stream was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The user holds `max_streams_per_user` streams already.
+    PerUser,
+    /// The client's address holds `max_streams_per_address` streams already.
+    PerAddress,
+    /// The hub is stopping.
+    Stopping,
+}
+
+/// The data types a stream asked for, as bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Types(u8);
+
+impl Types {
+    pub fn of(types: &[DataType]) -> Types {
+        Types(types.iter().fold(0, |bits, t| bits | Types::bit(*t)))
+    }
+
+    fn bit(t: DataType) -> u8 {
+        1 << DataType::ALL.iter().position(|x| *x == t).unwrap_or(0)
+    }
+
+    fn has(self, t: DataType) -> bool {
+        self.0 & Types::bit(t) != 0
+    }
+}
+
+/// One change as streams send it.
+struct Sent {
+    position: Position,
+    user: UserId,
+    data_type: DataType,
+    frame: Bytes,
+}
+
+/// A stream waiting for its user's changes.
+struct Subscriber {
+    id: u64,
+    types: Types,
+    /// Changes at or before it were sent already (a stream resumed on an instance whose
+    /// reader is still behind the one it came from).
+    after: Position,
+    frames: mpsc::Sender<Bytes>,
+}
+
+struct State {
+    /// The most recent changes, oldest first, at most `resume_window`.
+    kept: VecDeque<Sent>,
+    /// Every change after it is in `kept` or yet to come.
+    start: Position,
+    /// The last change handed to streams.
+    latest: Position,
+    streams: HashMap<UserId, Vec<Subscriber>>,
+    per_address: HashMap<IpAddr, usize>,
+    /// The broker reads the store's changes: until then, and once the hub stops, no stream opens.
+    running: bool,
+}
+
+/// What `/metrics` shows of the streams.
+#[derive(Debug, Clone, Default)]
+struct EventMetrics {
+    open: Gauge,
+    refused: Family<ReasonLabel, Counter>,
+    ended: Family<ReasonLabel, Counter>,
+    sent: Counter,
+    resyncs: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The hub's event streams. Clones share them.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EventsConfig,
+    epoch: String,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    metrics: EventMetrics,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("epoch", &self.inner.epoch).finish_non_exhaustive()
+    }
+}
+
+/// A stream opened: the frames to send first, then those its queue receives. Dropping it
+/// closes the stream.
+pub struct Subscription {
+    pub first: Vec<Bytes>,
+    pub frames: mpsc::Receiver<Bytes>,
+    /// Where the kept changes do not reach back to the stream's `Last-Event-ID`: the store is
+    /// asked for `user`'s changes after the first position up to the second.
+    pub older: Option<(Position, Position)>,
+    guard: Guard,
+}
+
+/// Takes a stream out of the broker when dropped.
+struct Guard {
+    broker: Broker,
+    user: UserId,
+    id: u64,
+    address: IpAddr,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let inner = &self.broker.inner;
+        let mut state = inner.state.lock().expect("the event broker");
+        if let Some(subs) = state.streams.get_mut(&self.user)
+            && let Some(at) = subs.iter().position(|s| s.id == self.id)
+        {
+            subs.swap_remove(at);
+            if subs.is_empty() {
+                state.streams.remove(&self.user);
+            }
+        }
+        if let Some(count) = state.per_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                state.per_address.remove(&self.address);
+            }
+        }
+        inner.metrics.open.dec();
+    }
+}
+
+impl Subscription {
+    /// Counts the stream as ended for `reason` (its token expired, the hub stopped).
+    pub fn ended(&self, reason: &'static str) {
+        self.guard.broker.inner.metrics.ended.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+impl Broker {
+    pub fn new(config: EventsConfig, epoch: &str) -> Broker {
+        Broker {
+            inner: Arc::new(Inner {
+                config,
+                epoch: epoch.to_owned(),
+                state: Mutex::new(State {
+                    kept: VecDeque::new(),
+                    start: Position::default(),
+                    latest: Position::default(),
+                    streams: HashMap::new(),
+                    per_address: HashMap::new(),
+                    running: false,
+                }),
+                next_id: AtomicU64::new(0),
+                metrics: EventMetrics::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &EventsConfig {
+        &self.inner.config
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let m = &self.inner.metrics;
+        registry.register("event_streams", "Event streams open", m.open.clone());
+        registry.register(
+            "event_streams_refused",
+            "Event streams refused: the user's or the address's streams were at their limit",
+            m.refused.clone(),
+        );
+        registry.register(
+            "event_streams_ended",
+            "Event streams the hub ended: slow (its client read too little), expired (its token), shutdown",
+            m.ended.clone(),
+        );
+        registry.register("events_sent", "Changes handed to event streams", m.sent.clone());
+        registry.register(
+            "event_resyncs",
+            "Reconnected streams told to check their records, their missed changes being too old or of another epoch",
+            m.resyncs.clone(),
+        );
+    }
+
+    /// Reads `store`'s changes and hands them to streams until the hub stops; with a store
+    /// that publishes none, or events off, streams never open.
+    pub fn start(&self, store: &dyn Store) {
+        if !self.inner.config.enabled {
+            return;
+        }
+        let Some(Changes { start, mut batches }) = store.take_changes() else { return };
+        {
+            let mut state = self.inner.state.lock().expect("the event broker");
+            state.start = start;
+            state.latest = start;
+            state.running = true;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = batches.recv().await {
+                broker.dispatch(batch);
+            }
+        });
+        let broker = self.clone();
+        let every = self.inner.config.heartbeat();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                if !broker.heartbeat() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Ends every stream: the hub is stopping. Their clients reconnect, to another instance
+    /// if there is one.
+    pub fn stop(&self) {
+        let mut state = self.inner.state.lock().expect("the event broker");
+        state.running = false;
+        let ended: usize = state.streams.values().map(Vec::len).sum();
+        state.streams.clear();
+        self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "shutdown" }).inc_by(ended as u64);
+    }
+
+    /// The id of an event at `position`.
+    fn id(&self, position: Position) -> String {
+        let mut id = String::with_capacity(self.inner.epoch.len() + 24);
+        id.push_str(&self.inner.epoch);
+        id.push('.');
+        id.push_str(&position.era.to_string());
+        id.push('.');
+        id.push_str(&position.seq.to_string());
+        id
+    }
+
+    /// The position an event id names, when it is of this store's epoch.
+    fn position(&self, id: &str) -> Option<Position> {
+        let mut parts = id.rsplitn(3, '.');
+        let seq = parts.next()?.parse().ok()?;
+        let era = parts.next()?.parse().ok()?;
+        (parts.next()? == self.inner.epoch).then_some(Position { era, seq })
+    }
+
+    /// Serializes each change once and hands it to its user's streams.
+    fn dispatch(&self, batch: Vec<ChangeEvent>) {
+        let frames: Vec<Sent> = batch.into_iter().map(|change| self.frame(change)).collect();
+        let mut state = self.inner.state.lock().expect("the event broker");
+        let mut sent = 0;
+        for change in frames {
+            if change.position <= state.latest {
+                continue;
+            }
+            state.latest = change.position;
+            if let Some(subs) = state.streams.get_mut(&change.user) {
+                subs.retain(|sub| {
+                    if !sub.types.has(change.data_type) || change.position <= sub.after {
+                        return true;
+                    }
+                    match sub.frames.try_send(change.frame.clone()) {
+                        Ok(()) => {
+                            sent += 1;
+                            true
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "slow" }).inc();
+                            false
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    }
+                });
+            }
+            if state.kept.len() == self.inner.config.resume_window
+                && let Some(oldest) = state.kept.pop_front()
+            {
+                state.start = oldest.position;
+            }
+            state.kept.push_back(change);
+        }
+        self.inner.metrics.sent.inc_by(sent);
+    }
+
+    fn frame(&self, change: ChangeEvent) -> Sent {
+        let id = self.id(change.position);
+        let mut frame = String::with_capacity(id.len() + 120 + change.data.as_ref().map_or(0, String::len));
+        frame.push_str("id: ");
+        frame.push_str(&id);
+        frame.push_str("\ndata: {\"data_type\":\"");
+        frame.push_str(change.data_type.as_str());
+        frame.push_str("\",\"version\":");
+        frame.push_str(&change.version.to_string());
+        frame.push_str(",\"last_updated\":\"");
+        frame.push_str(&rfc3339_ms(change.updated_ms));
+        frame.push('"');
+        if let Some(data) = &change.data {
+            frame.push_str(",\"data\":");
+            frame.push_str(data);
+        }
+        frame.push_str("}\n\n");
+        Sent {
+            position: change.position,
+            user: change.user,
+            data_type: change.data_type,
+            frame: frame.into(),
+        }
+    }
+
+    /// A heartbeat to every stream; `false` once the hub stops.
+    fn heartbeat(&self) -> bool {
+        let mut state = self.inner.state.lock().expect("the event broker");
+        if !state.running {
+            return false;
+        }
+        let heartbeat = Bytes::from_static(HEARTBEAT);
+        state.streams.retain(|_, subs| {
+            subs.retain(|sub| match sub.frames.try_send(heartbeat.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "slow" }).inc();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+            !subs.is_empty()
+        });
+        true
+    }
+
+    /// Opens a stream of `user`'s changes of `types` for a client at `address`, resuming after
+    /// `last_event_id` when it names a change still kept.
+    pub fn subscribe(
+        &self,
+        user: &UserId,
+        types: &[DataType],
+        last_event_id: Option<&str>,
+        address: IpAddr,
+    ) -> Result<Subscription, Refused> {
+        let config = &self.inner.config;
+        let mut state = self.inner.state.lock().expect("the event broker");
+        if !state.running {
+            return Err(Refused::Stopping);
+        }
+        if state.streams.get(user).map_or(0, Vec::len) >= config.max_streams_per_user {
+            self.inner.metrics.refused.get_or_create(&ReasonLabel { reason: "per_user" }).inc();
+            return Err(Refused::PerUser);
+        }
+        let address = address_key(address);
+        if state.per_address.get(&address).copied().unwrap_or(0) >= config.max_streams_per_address {
+            self.inner.metrics.refused.get_or_create(&ReasonLabel { reason: "per_address" }).inc();
+            return Err(Refused::PerAddress);
+        }
+        let types = Types::of(types);
+        let latest = state.latest;
+        let mut first = vec![Bytes::from(format!("retry: {}\n\n", config.retry_ms))];
+        let resume = last_event_id.map(|id| self.position(id.trim()));
+        let (after, older) = match resume {
+            None => (latest, None),
+            Some(None) => {
+                first.push(self.resync(latest));
+                (latest, None)
+            }
+            Some(Some(after)) => {
+                let from = after.max(state.start);
+                first.extend(
+                    state
+                        .kept
+                        .iter()
+                        .filter(|c| c.position > from && c.user == *user && types.has(c.data_type))
+                        .map(|c| c.frame.clone()),
+                );
+                (after.max(latest), (after < state.start).then_some((after, state.start)))
+            }
+        };
+        if older.is_none() {
+            first.push(self.ready(after, resume.is_some()));
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, frames) = mpsc::channel(QUEUE);
+        state.streams.entry(user.clone()).or_default().push(Subscriber { id, types, after, frames: sender });
+        *state.per_address.entry(address).or_default() += 1;
+        self.inner.metrics.open.inc();
+        drop(state);
+        Ok(Subscription {
+            first,
+            frames,
+            older,
+            guard: Guard { broker: self.clone(), user: user.clone(), id, address },
+        })
+    }
+
+    /// Completes a subscription whose `Last-Event-ID` is older than the kept changes, with
+    /// those the store still has (or a resync): the frames to send before the kept ones.
+    pub async fn catch_up(&self, store: &dyn Store, subscription: &mut Subscription, types: &[DataType]) {
+        let Some((after, upto)) = subscription.older.take() else { return };
+        let types = Types::of(types);
+        let user = subscription.guard.user.clone();
+        let ready_at = {
+            let state = self.inner.state.lock().expect("the event broker");
+            state
+                .streams
+                .get(&user)
+                .and_then(|subs| subs.iter().find(|s| s.id == subscription.guard.id))
+                .map(|s| s.after)
+        }
+        .unwrap_or(upto);
+        let mut older = match store.changes_between(&user, after, upto).await {
+            Ok(Some(changes)) => changes
+                .into_iter()
+                .filter(|c| c.user == user && types.has(c.data_type))
+                .map(|c| self.frame(c).frame)
+                .collect(),
+            Ok(None) => vec![self.resync(ready_at)],
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a stream's missed changes; it is told to resync");
+                vec![self.resync(ready_at)]
+            }
+        };
+        let retry = subscription.first.remove(0);
+        older.insert(0, retry);
+        older.append(&mut subscription.first);
+        older.push(self.ready(ready_at, true));
+        subscription.first = older;
+    }
+
+    fn resync(&self, at: Position) -> Bytes {
+        self.inner.metrics.resyncs.inc();
+        let mut frame = String::from("event: resync\nid: ");
+        frame.push_str(&self.id(at));
+        frame.push_str("\ndata: {\"epoch\":\"");
+        frame.push_str(&self.inner.epoch);
+        frame.push_str("\"}\n\n");
+        frame.into()
+    }
+
+    fn ready(&self, at: Position, resumed: bool) -> Bytes {
+        let mut frame = String::from("event: ready\nid: ");
+        frame.push_str(&self.id(at));
+        frame.push_str("\ndata: {\"epoch\":\"");
+        frame.push_str(&self.inner.epoch);
+        frame.push_str(if resumed { "\",\"resumed\":true}\n\n" } else { "\",\"resumed\":false}\n\n" });
+        frame.into()
+    }
+}
+
+/// What the per-address limit counts by: an IPv4 address, or an IPv6 /64 (one host's).
+fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+    }
+}
