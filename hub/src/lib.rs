@@ -1,7 +1,7 @@
 //! The unified-sync hub: one canonical copy of each user's balance, points, profile, roles
 //! and settings, served over HTTP to every site. Layers, outermost first:
-//! `server` (connections, TLS) → `http` (routes, CORS, limits, errors) → `domain` (every rule)
-//! → `store` (durable records behind a trait).
+//! `server` (connections, TLS) → `http` (routes, CORS, limits, errors) → `events` (realtime
+//! streams) → `domain` (every rule) → `store` (durable records behind a trait).
 
 pub mod auth;
 pub mod bounded;
