@@ -1,9 +1,10 @@
 //! `cargo xtask build-pkg`: the npm package `unified-balance` in `pkg/`. Builds the client
 //! for wasm32 with the size profile, generates the ES module glue with the pinned
-//! wasm-bindgen, shrinks the wasm with `wasm-opt -Oz` where binaryen is installed, bundles and
-//! minifies the glue with the package's pinned esbuild, bundles the plain-script build (one
-//! global, `UnifiedBalance`, for a classic `<script src>`) from `pkg/global-entry.mjs`, and
-//! prints the sizes. Writes only the generated files `.gitignore` keeps out of git.
+//! wasm-bindgen, shrinks the wasm with `wasm-opt -Oz` and shortens the names it shares with
+//! the glue where binaryen is installed, bundles and minifies the glue with the package's
+//! pinned esbuild, bundles the plain-script build (one global, `UnifiedBalance`, for a
+//! classic `<script src>`) from `pkg/global-entry.mjs`, and prints the sizes. Writes only the
+//! generated files `.gitignore` keeps out of git.
 
 use std::io::Write;
 use std::path::Path;
@@ -64,11 +65,7 @@ pub fn run() -> anyhow::Result<Sizes> {
     step("wasm-bindgen", &["--target", "web", "--out-dir", pkg_arg, "--out-name", OUT_NAME, wasm_arg])?;
     let built = pkg.join(format!("{OUT_NAME}_bg.wasm"));
     if succeeds("wasm-opt", &["--version"]) {
-        let built_arg = built.to_str().context("the package path is not UTF-8")?;
-        let mut args = vec!["-Oz"];
-        args.extend_from_slice(WASM_FEATURES);
-        args.extend_from_slice(&[built_arg, "-o", built_arg]);
-        step("wasm-opt", &args)?;
+        shrink(&built, &pkg)?;
     } else {
         println!("wasm-opt (Debian package binaryen) is not installed: the wasm is not shrunk further");
     }
@@ -97,6 +94,107 @@ pub fn run() -> anyhow::Result<Sizes> {
         );
     }
     Ok(measured)
+}
+
+/// Shrinks the wasm with `wasm-opt -Oz` and gives its imports and exports names of a letter
+/// or two, and its imports' module the name `a`; renames them alike in the glue and the
+/// types. wasm-bindgen names an import after its function and a hash
+/// (`__wbg_readDelta_5ee0fae881e2cc41`), and the wasm and the glue each spell every name out:
+/// about 2 KB of the package, gzipped.
+fn shrink(wasm: &Path, pkg: &Path) -> anyhow::Result<()> {
+    let wasm_arg = wasm.to_str().context("the package path is not UTF-8")?;
+    let mut args = vec!["-Oz", "--minify-imports-and-exports-and-modules"];
+    args.extend_from_slice(WASM_FEATURES);
+    args.extend_from_slice(&[wasm_arg, "-o", wasm_arg]);
+    println!("==> {}", crate::process::shown("wasm-opt", &args));
+    let printed = crate::process::output("wasm-opt", &args)?;
+    let renames = renames(&printed)?;
+    let glue = pkg.join(format!("{OUT_NAME}.js"));
+    let module = format!("\"./{OUT_NAME}_bg.js\": import0,");
+    rewrite(&glue, |text| {
+        anyhow::ensure!(
+            text.matches(&module).count() == 1 && !text.contains("import1"),
+            "the glue does not import from the one module {module}"
+        );
+        rename_in_glue(&text.replacen(&module, "\"a\": import0,", 1), &renames)
+    })?;
+    for types in [format!("{OUT_NAME}.d.ts"), format!("{OUT_NAME}_bg.wasm.d.ts")] {
+        rewrite(&pkg.join(types), |text| rename_in_types(text, &renames))?;
+    }
+    Ok(())
+}
+
+/// The names wasm-opt gave, as it prints them (`old => new`, one a line).
+fn renames(printed: &str) -> anyhow::Result<Vec<(&str, &str)>> {
+    let renames: Vec<(&str, &str)> = printed
+        .lines()
+        .filter_map(|line| line.split_once(" => "))
+        .map(|(old, new)| (old.trim(), new.trim()))
+        .collect();
+    anyhow::ensure!(!renames.is_empty(), "wasm-opt printed no renamed import or export");
+    Ok(renames)
+}
+
+fn rewrite(path: &Path, change: impl FnOnce(&str) -> anyhow::Result<String>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let changed = change(&text)
+        .with_context(|| format!("cannot rename the wasm's imports and exports in {}", path.display()))?;
+    std::fs::write(path, changed).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The glue with each import's key (`name: function…`) and each use of an export
+/// (`wasm.name`) renamed; a function of the glue's own may share an export's name
+/// (`__wasm_bindgen_func_elem_…`) and keeps it. Fails on an export read another way (a
+/// property or a string), which a new shape of wasm-bindgen's glue would need looked at.
+fn rename_in_glue(glue: &str, renames: &[(&str, &str)]) -> anyhow::Result<String> {
+    rename_identifiers(glue, renames, |before, after| {
+        if before.ends_with("wasm.") || after.starts_with(':') {
+            Some(true)
+        } else if before.ends_with(['.', '"', '\'', '`', '[']) {
+            None
+        } else {
+            Some(false)
+        }
+    })
+}
+
+/// The types with each export (`export const name:`, `readonly name:` of `InitOutput`)
+/// renamed.
+fn rename_in_types(types: &str, renames: &[(&str, &str)]) -> anyhow::Result<String> {
+    rename_identifiers(types, renames, |before, after| {
+        ((before.ends_with("export const ") || before.ends_with("readonly ")) && after.starts_with(':'))
+            .then_some(true)
+    })
+}
+
+/// Renames the whole identifiers of `text` that `renames` names where `rename` says so
+/// (given the text before and after one): `Some(true)` renames it, `Some(false)` keeps it,
+/// `None` fails.
+fn rename_identifiers(
+    text: &str,
+    renames: &[(&str, &str)],
+    rename: impl Fn(&str, &str) -> Option<bool>,
+) -> anyhow::Result<String> {
+    let is_part = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(is_part) {
+        let end = rest[start..].find(|c: char| !is_part(c)).map_or(rest.len(), |n| start + n);
+        let word = &rest[start..end];
+        out.push_str(&rest[..start]);
+        let before = &text[..text.len() - rest.len() + start];
+        match renames.iter().find(|(old, _)| *old == word) {
+            Some((old, new)) => match rename(before, &rest[end..]) {
+                Some(true) => out.push_str(new),
+                Some(false) => out.push_str(old),
+                None => anyhow::bail!("`{old}` is used where it was not expected"),
+            },
+            None => out.push_str(word),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Fails when either build of the package (gzipped, as [`run`] returns them) is over its
@@ -161,6 +259,37 @@ mod tests {
         assert!(check_size(Sizes { module: MAX_BYTES, script: MAX_BYTES }).is_ok());
         let error = check_size(Sizes { module: MAX_BYTES + 1, script: MAX_BYTES }).unwrap_err().to_string();
         assert!(error.contains("module build is 40001 bytes gzipped, over its budget of 40000"), "{error}");
+    }
+
+    #[test]
+    fn the_glue_and_the_types_use_the_names_wasm_opt_gave() {
+        let renames =
+            renames("__wbg_now_aa4c => A\nmemory => V\n__wasm_bindgen_func_elem_160 => ja\n").unwrap();
+        let glue = "__wbg_now_aa4c: function() { return Date.now(); },\n\
+                    const ret = makeMutClosure(arg0, __wasm_bindgen_func_elem_160);\n\
+                    function __wasm_bindgen_func_elem_160(a) { wasm.__wasm_bindgen_func_elem_160(a); }\n\
+                    new DataView(wasm.memory.buffer); // memory_grown";
+        assert_eq!(
+            rename_in_glue(glue, &renames).unwrap(),
+            "A: function() { return Date.now(); },\n\
+             const ret = makeMutClosure(arg0, __wasm_bindgen_func_elem_160);\n\
+             function __wasm_bindgen_func_elem_160(a) { wasm.ja(a); }\n\
+             new DataView(wasm.V.buffer); // memory_grown"
+        );
+        let types = "export const memory: WebAssembly.Memory;\n    readonly memory: WebAssembly.Memory;";
+        assert_eq!(
+            rename_in_types(types, &renames).unwrap(),
+            "export const V: WebAssembly.Memory;\n    readonly V: WebAssembly.Memory;"
+        );
+    }
+
+    #[test]
+    fn an_export_the_glue_reads_another_way_fails_the_build() {
+        let renames = renames("memory => V\n").unwrap();
+        let error = rename_in_glue("new DataView(instance.exports.memory.buffer)", &renames).unwrap_err();
+        assert!(error.to_string().contains("`memory` is used where it was not expected"), "{error}");
+        assert!(rename_in_glue("wasm[\"memory\"]", &renames).is_err());
+        assert!(rename_in_types("memory: number", &renames).is_err());
     }
 
     #[test]
