@@ -124,13 +124,29 @@ fn shrink(wasm: &Path, pkg: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The names wasm-opt gave, as it prints them (`old => new`, one a line).
-fn renames(printed: &str) -> anyhow::Result<Vec<(&str, &str)>> {
-    let renames: Vec<(&str, &str)> = printed
-        .lines()
-        .filter_map(|line| line.split_once(" => "))
-        .map(|(old, new)| (old.trim(), new.trim()))
-        .collect();
+/// The names wasm-opt gave, as it prints them: `old => new` one a line (binaryen up to 116 or
+/// so), or JSON (`{"imports": [[module, old, new], …], "exports": [[old, new], …]}`).
+fn renames(printed: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let renames: Vec<(String, String)> = if printed.trim_start().starts_with('{') {
+        let json: serde_json::Value =
+            serde_json::from_str(printed).context("wasm-opt printed JSON that does not parse")?;
+        let pair = |names: &[serde_json::Value]| match names {
+            [.., old, new] => Some((old.as_str()?.to_owned(), new.as_str()?.to_owned())),
+            _ => None,
+        };
+        ["imports", "exports"]
+            .iter()
+            .filter_map(|side| json[side].as_array())
+            .flatten()
+            .filter_map(|names| pair(names.as_array()?))
+            .collect()
+    } else {
+        printed
+            .lines()
+            .filter_map(|line| line.split_once(" => "))
+            .map(|(old, new)| (old.trim().to_owned(), new.trim().to_owned()))
+            .collect()
+    };
     anyhow::ensure!(!renames.is_empty(), "wasm-opt printed no renamed import or export");
     Ok(renames)
 }
@@ -146,7 +162,7 @@ fn rewrite(path: &Path, change: impl FnOnce(&str) -> anyhow::Result<String>) -> 
 /// (`wasm.name`) renamed; a function of the glue's own may share an export's name
 /// (`__wasm_bindgen_func_elem_…`) and keeps it. Fails on an export read another way (a
 /// property or a string), which a new shape of wasm-bindgen's glue would need looked at.
-fn rename_in_glue(glue: &str, renames: &[(&str, &str)]) -> anyhow::Result<String> {
+fn rename_in_glue(glue: &str, renames: &[(String, String)]) -> anyhow::Result<String> {
     rename_identifiers(glue, renames, |before, after| {
         if before.ends_with("wasm.") || after.starts_with(':') {
             Some(true)
@@ -160,7 +176,7 @@ fn rename_in_glue(glue: &str, renames: &[(&str, &str)]) -> anyhow::Result<String
 
 /// The types with each export (`export const name:`, `readonly name:` of `InitOutput`)
 /// renamed.
-fn rename_in_types(types: &str, renames: &[(&str, &str)]) -> anyhow::Result<String> {
+fn rename_in_types(types: &str, renames: &[(String, String)]) -> anyhow::Result<String> {
     rename_identifiers(types, renames, |before, after| {
         ((before.ends_with("export const ") || before.ends_with("readonly ")) && after.starts_with(':'))
             .then_some(true)
@@ -172,7 +188,7 @@ fn rename_in_types(types: &str, renames: &[(&str, &str)]) -> anyhow::Result<Stri
 /// `None` fails.
 fn rename_identifiers(
     text: &str,
-    renames: &[(&str, &str)],
+    renames: &[(String, String)],
     rename: impl Fn(&str, &str) -> Option<bool>,
 ) -> anyhow::Result<String> {
     let is_part = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
@@ -281,6 +297,21 @@ mod tests {
             rename_in_types(types, &renames).unwrap(),
             "export const V: WebAssembly.Memory;\n    readonly V: WebAssembly.Memory;"
         );
+    }
+
+    #[test]
+    fn newer_binaryen_prints_its_names_as_json() {
+        let printed = r#"{
+ "imports": [
+  ["./unified_balance_bg.js", "__wbg_now_aa4c", "A"]
+ ],
+"exports": [
+  ["memory", "V"]
+ ]
+}"#;
+        let expected =
+            [("__wbg_now_aa4c", "A"), ("memory", "V")].map(|(old, new)| (old.to_owned(), new.to_owned()));
+        assert_eq!(renames(printed).unwrap(), expected);
     }
 
     #[test]
