@@ -30,6 +30,10 @@ use crate::time::rfc3339_ms;
 /// Frames waiting to be sent on one stream; a stream further behind is ended.
 const QUEUE: usize = 64;
 
+/// Bytes of frames kept for streams that reconnect, at most, whatever `resume_window` says:
+/// changes with large data are kept fewer.
+const KEPT_BYTES: usize = 16 << 20;
+
 /// The frame a stream ends with when its token expires: its client gets a fresh one.
 pub const REAUTH: &[u8] = b"event: reauth\ndata: {}\n\n";
 
@@ -85,8 +89,10 @@ struct Subscriber {
 }
 
 struct State {
-    /// The most recent changes, oldest first, at most `resume_window`.
+    /// The most recent changes, oldest first, at most `resume_window` and [`KEPT_BYTES`].
     kept: VecDeque<Sent>,
+    /// The bytes of `kept`'s frames.
+    kept_bytes: usize,
     /// Every change after it is in `kept` or yet to come.
     start: Position,
     /// The last change handed to streams.
@@ -188,6 +194,7 @@ impl Broker {
                 epoch: epoch.to_owned(),
                 state: Mutex::new(State {
                     kept: VecDeque::new(),
+                    kept_bytes: 0,
                     start: Position::default(),
                     latest: Position::default(),
                     streams: HashMap::new(),
@@ -232,12 +239,7 @@ impl Broker {
             return;
         }
         let Some(Changes { start, mut batches }) = store.take_changes() else { return };
-        {
-            let mut state = self.inner.state.lock().expect("the event broker");
-            state.start = start;
-            state.latest = start;
-            state.running = true;
-        }
+        self.open_at(start);
         let broker = self.clone();
         tokio::spawn(async move {
             while let Some(batch) = batches.recv().await {
@@ -255,6 +257,14 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// Lets streams open, with every change after `start` to come.
+    fn open_at(&self, start: Position) {
+        let mut state = self.inner.state.lock().expect("the event broker");
+        state.start = start;
+        state.latest = start;
+        state.running = true;
     }
 
     /// Ends every stream: the hub is stopping. Their clients reconnect, to another instance
@@ -314,12 +324,13 @@ impl Broker {
                     }
                 });
             }
-            if state.kept.len() == self.inner.config.resume_window
-                && let Some(oldest) = state.kept.pop_front()
-            {
+            state.kept_bytes += change.frame.len();
+            state.kept.push_back(change);
+            while state.kept.len() > self.inner.config.resume_window || state.kept_bytes > KEPT_BYTES {
+                let Some(oldest) = state.kept.pop_front() else { break };
+                state.kept_bytes -= oldest.frame.len();
                 state.start = oldest.position;
             }
-            state.kept.push_back(change);
         }
         self.inner.metrics.sent.inc_by(sent);
     }
@@ -405,11 +416,12 @@ impl Broker {
             }
             Some(Some(after)) => {
                 let from = after.max(state.start);
+                let missed = state.kept.partition_point(|c| c.position <= from);
                 first.extend(
                     state
                         .kept
-                        .iter()
-                        .filter(|c| c.position > from && c.user == *user && types.has(c.data_type))
+                        .range(missed..)
+                        .filter(|c| c.user == *user && types.has(c.data_type))
                         .map(|c| c.frame.clone()),
                 );
                 (after.max(latest), (after < state.start).then_some((after, state.start)))
@@ -494,5 +506,133 @@ fn address_key(address: IpAddr) -> IpAddr {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
             IpAddr::V6(bits.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const EPOCH: &str = "E";
+    const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn broker(config: EventsConfig) -> Broker {
+        let broker = Broker::new(config, EPOCH);
+        broker.open_at(Position { era: 1, seq: 0 });
+        broker
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    fn change(seq: u64, who: &str, data_type: DataType) -> ChangeEvent {
+        ChangeEvent {
+            position: Position { era: 1, seq },
+            user: user(who),
+            data_type,
+            version: seq,
+            updated_ms: 1_796_515_200_000,
+            data: Some(r#"{"coins":1}"#.into()),
+        }
+    }
+
+    fn text(frames: &[Bytes]) -> Vec<String> {
+        frames.iter().map(|f| String::from_utf8(f.to_vec()).unwrap()).collect()
+    }
+
+    fn received(subscription: &mut Subscription) -> Vec<String> {
+        let mut frames = Vec::new();
+        while let Ok(frame) = subscription.frames.try_recv() {
+            frames.push(frame);
+        }
+        text(&frames)
+    }
+
+    #[test]
+    fn a_change_reaches_its_users_streams_of_its_type_only() {
+        let broker = broker(EventsConfig::default());
+        let mut balance = broker.subscribe(&user("a"), &[DataType::Balance], None, HERE).unwrap();
+        let mut all = broker.subscribe(&user("a"), &DataType::ALL, None, HERE).unwrap();
+        let mut other = broker.subscribe(&user("b"), &DataType::ALL, None, HERE).unwrap();
+        broker.dispatch(vec![change(1, "a", DataType::Balance), change(2, "a", DataType::Profile)]);
+        let balance = received(&mut balance);
+        assert_eq!(balance.len(), 1, "{balance:?}");
+        assert!(
+            balance[0].starts_with("id: E.1.1\ndata: {\"data_type\":\"balance\",\"version\":1,"),
+            "{balance:?}"
+        );
+        assert!(balance[0].ends_with("\"data\":{\"coins\":1}}\n\n"), "{balance:?}");
+        assert_eq!(received(&mut all).len(), 2);
+        assert!(received(&mut other).is_empty(), "another user's change reached b");
+    }
+
+    #[test]
+    fn a_resume_gets_what_it_missed_and_a_change_seen_twice_is_sent_once() {
+        let broker = broker(EventsConfig::default());
+        broker.dispatch(vec![change(1, "a", DataType::Balance), change(2, "b", DataType::Balance)]);
+        broker.dispatch(vec![change(2, "b", DataType::Balance), change(3, "a", DataType::Points)]);
+        let mut resumed = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE).unwrap();
+        let first = text(&resumed.first);
+        assert_eq!(first.len(), 3, "{first:?}");
+        assert!(first[0].starts_with("retry: "));
+        assert!(first[1].starts_with("id: E.1.3\n"), "{first:?}");
+        assert!(first[2].starts_with("event: ready\nid: E.1.3\n"), "{first:?}");
+        assert!(first[2].contains(r#""resumed":true"#));
+        broker.dispatch(vec![change(3, "a", DataType::Points)]);
+        assert!(received(&mut resumed).is_empty(), "a change dispatched twice was sent twice");
+    }
+
+    #[test]
+    fn a_resume_from_before_the_kept_changes_or_another_epoch_is_told_to_resync() {
+        let broker = broker(EventsConfig { resume_window: 2, ..EventsConfig::default() });
+        broker.dispatch((1..=5).map(|seq| change(seq, "a", DataType::Balance)).collect());
+        let kept = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.3"), HERE).unwrap();
+        assert!(kept.older.is_none());
+        assert_eq!(text(&kept.first).len(), 4, "{:?}", text(&kept.first));
+        let old = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE).unwrap();
+        assert_eq!(old.older, Some((Position { era: 1, seq: 1 }, Position { era: 1, seq: 3 })));
+        for id in ["F.1.4", "garbage", "E.x.1", ""] {
+            let other = broker.subscribe(&user("a"), &DataType::ALL, Some(id), HERE).unwrap();
+            let first = text(&other.first);
+            assert!(first[1].starts_with("event: resync\nid: E.1.5\n"), "{id:?}: {first:?}");
+            assert!(first[2].starts_with("event: ready\n"), "{id:?}: {first:?}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_reads_nothing_is_ended_and_its_slot_freed() {
+        let broker = broker(EventsConfig { max_streams_per_user: 1, ..EventsConfig::default() });
+        let mut slow = broker.subscribe(&user("a"), &DataType::ALL, None, HERE).unwrap();
+        assert_eq!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE).err(), Some(Refused::PerUser));
+        broker.dispatch((1..=QUEUE as u64 + 1).map(|seq| change(seq, "a", DataType::Balance)).collect());
+        assert_eq!(received(&mut slow).len(), QUEUE);
+        assert!(slow.frames.is_closed(), "the slow stream was not ended");
+        drop(slow);
+        assert!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE).is_ok());
+    }
+
+    #[test]
+    fn streams_are_capped_per_address_and_an_ipv6_host_counts_as_its_64() {
+        let broker = broker(EventsConfig { max_streams_per_address: 2, ..EventsConfig::default() });
+        let host = |last: u16| IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, last));
+        let _one = broker.subscribe(&user("a"), &DataType::ALL, None, host(1)).unwrap();
+        let _two = broker.subscribe(&user("b"), &DataType::ALL, None, host(2)).unwrap();
+        assert_eq!(
+            broker.subscribe(&user("c"), &DataType::ALL, None, host(3)).err(),
+            Some(Refused::PerAddress)
+        );
+        assert!(broker.subscribe(&user("c"), &DataType::ALL, None, HERE).is_ok());
+    }
+
+    #[test]
+    fn stopping_ends_every_stream_and_opens_none() {
+        let broker = broker(EventsConfig::default());
+        let mut open = broker.subscribe(&user("a"), &DataType::ALL, None, HERE).unwrap();
+        broker.stop();
+        assert!(open.frames.try_recv().is_err() && open.frames.is_closed());
+        assert_eq!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE).err(), Some(Refused::Stopping));
     }
 }
