@@ -12,16 +12,17 @@ pub fn concat(parts: &[&str]) -> String {
 }
 
 /// The decimal digits of `n`.
-pub fn decimal(mut n: u64) -> String {
-    let mut digits = Vec::new();
-    loop {
-        digits.push(b'0' + (n % 10) as u8);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+pub fn decimal(n: u64) -> String {
+    let mut out = String::new();
+    let mut unit = 1;
+    while n / unit >= 10 {
+        unit *= 10;
     }
-    digits.iter().rev().map(|&d| char::from(d)).collect()
+    while unit > 0 {
+        out.push(char::from(b'0' + (n / unit % 10) as u8));
+        unit /= 10;
+    }
+    out
 }
 
 #[cfg(test)]
