@@ -8,6 +8,7 @@
 pub mod authority;
 pub mod certs;
 pub mod crash;
+pub mod events;
 pub mod postgres;
 pub mod store;
 
