@@ -353,7 +353,7 @@ async fn instances_starting_together_on_an_empty_database_migrate_it_once() {
             .psql(&url, "SELECT version, count(*) FROM schema_migrations GROUP BY version ORDER BY version");
         assert_eq!(migrated, steps.join("\n"), "round {round}");
         let meta = cluster.psql(&url, "SELECT key, count(*) FROM meta GROUP BY key ORDER BY key");
-        assert_eq!(meta, "epoch|1\nop_horizon_ms|1", "round {round}");
+        assert_eq!(meta, "change_log_kept_from|1\nepoch|1\nop_horizon_ms|1", "round {round}");
         let epoch = cluster.psql(&url, "SELECT value FROM meta WHERE key = 'epoch'");
         assert_eq!((a.epoch(), b.epoch()), (epoch.as_str(), epoch.as_str()), "round {round}");
 

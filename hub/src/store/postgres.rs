@@ -7,18 +7,23 @@
 //! the last one committed; its version and stamp come from that row, not from an instance's
 //! clock.
 //!
-//! Each instance has one writer: a connection on a thread of its own that gathers the writes
-//! waiting into one transaction and one durable commit (group commit), taking records in one
-//! order across instances so that two batches never wait on each other in a circle. A write
-//! that fails for its own reason is taken out and the batch run again without it; nothing is
-//! answered before the commit. Reads go through a pool of other connections, straight to the
+//! Each instance has [`WRITERS`] writers, each a connection on a thread of its own that
+//! gathers the writes waiting into one transaction and one durable commit (group commit),
+//! taking records in one order across instances so that two batches never wait on each other
+//! in a circle. A write that fails for its own reason is taken out and the batch run again
+//! without it; nothing is answered before the commit. Reads go through a pool of other connections, straight to the
 //! database: no instance keeps stamps in memory, so none answers from behind another's write.
+//!
+//! Each batch also writes its changes into the change log, from which every instance's event
+//! streams learn of them (`change_log.rs`).
 //!
 //! Every table holding users' data is keyed by user id first, and every query on it names one
 //! user, except two sweeps every few minutes: forgetting expired op ids (`DELETE FROM ops
 //! WHERE created_ms < …`) and the rate-limit state of users whose quota has recovered
-//! (`rate.rs`). `meta` holds the database's own settings.
+//! (`rate.rs`); and the change log, read and pruned by position across users. `meta` holds
+//! the database's own settings.
 
+mod change_log;
 mod client;
 mod rate;
 
@@ -40,10 +45,13 @@ use tokio_postgres::types::ToSql;
 use super::queue::{Queue, Writes, next_batch, queue};
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::{
-    Credits, LedgerEntry, OpKey, Record, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
+    ChangeEvent, Changes, Credits, LedgerEntry, OpKey, Position, Record, Stamp, Store, StoreError,
+    StoreMetrics, Write, WriteOutcome,
 };
 use crate::time::Clock;
 
+use change_log::{ChangeLog, Retention, Signal};
+pub use change_log::{KEEP_FOR, KEEP_ROWS, LOG_READER_NAME, READ_EVERY};
 use client::Client;
 pub use client::Database;
 
@@ -67,8 +75,8 @@ const HORIZON_WAIT: Duration = Duration::from_millis(50);
 /// After moving the op-id horizon failed, or waited for a batch longer than
 /// [`HORIZON_WAIT`], how long until this instance tries again.
 const PRUNE_RETRY_MS: u64 = 30 * 1000;
-/// Expired op ids deleted at most between two batches, so that forgetting many never holds
-/// the writer long.
+/// Expired op ids, or old changes, deleted at most between two batches, so that forgetting
+/// many never holds the writer long.
 const SWEEP_CHUNK: i64 = 2000;
 /// How long a migration may wait for another instance's, and take: far beyond a statement.
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(15 * 60);
@@ -126,6 +134,22 @@ const STEPS: &[&str] = &[
         user_id TEXT PRIMARY KEY,
         tat_us BIGINT NOT NULL
     );",
+    // Each committed change of a record, for every instance's event streams (change_log.rs):
+    // the id of the transaction that wrote it and a position drawn at its insert. Read by
+    // (xid, position) across users, and by user for a resume; kept from the transaction id in
+    // meta.change_log_kept_from on.
+    "CREATE TABLE change_log (
+        xid BIGINT NOT NULL,
+        position BIGINT GENERATED ALWAYS AS IDENTITY,
+        user_id TEXT NOT NULL,
+        data_type TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        data TEXT,
+        PRIMARY KEY (xid, position)
+    );
+    CREATE INDEX change_log_by_user ON change_log (user_id, xid, position);
+    INSERT INTO meta (key, value) VALUES ('change_log_kept_from', '0');",
 ];
 
 /// The schema version this hub brings a database to: a database beyond it was migrated by a
@@ -180,6 +204,8 @@ struct Inner {
     epoch: String,
     writes: Queue,
     writer_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The change log's reader, which publishes every instance's committed changes.
+    change_log: ChangeLog,
     readers: Pool,
     /// How long a read waits for the database's answer.
     answer_deadline: Duration,
@@ -221,20 +247,24 @@ impl PostgresStore {
         let mut epoch = None;
         let mut pruning = None;
         let unreachable_since = Arc::new(Mutex::new(None));
+        let signal = Arc::new(Signal::default());
         for n in 0..WRITERS {
             let (opened, open_result) = std::sync::mpsc::channel();
             let (database, options, metrics, rx) =
                 (database.clone(), options.clone(), metrics.clone(), rx.clone());
             let (shared, unreachable_since) = (pruning.clone(), unreachable_since.clone());
+            let signal = signal.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("store-writer-{n}"))
-                .spawn(move || match Writer::start(database, options, metrics, shared, unreachable_since) {
-                    Ok((writer, epoch)) => {
-                        let _ = opened.send(Ok((epoch, writer.pruning.clone())));
-                        writer.run(&rx);
-                    }
-                    Err(e) => {
-                        let _ = opened.send(Err(e));
+                .spawn(move || {
+                    match Writer::start(database, options, metrics, shared, unreachable_since, signal) {
+                        Ok((writer, epoch)) => {
+                            let _ = opened.send(Ok((epoch, writer.pruning.clone())));
+                            writer.run(&rx);
+                        }
+                        Err(e) => {
+                            let _ = opened.send(Err(e));
+                        }
                     }
                 })
                 .map_err(|e| StoreError::Open(format!("cannot start a writer: {e}")))?;
@@ -255,12 +285,27 @@ impl PostgresStore {
                 }
             }
         }
-        let epoch = epoch.ok_or_else(|| StoreError::Open("no writer read the epoch".into()))?;
+        // The change log's reader starts once the writers have brought the schema up to date.
+        let opened = match epoch {
+            Some(epoch) => ChangeLog::start(database, signal).map(|change_log| (epoch, change_log)),
+            None => Err(StoreError::Open("no writer read the epoch".into())),
+        };
+        let (epoch, change_log) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                queue.close();
+                for thread in threads {
+                    let _ = thread.join();
+                }
+                return Err(e);
+            }
+        };
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 epoch,
                 writes: queue,
                 writer_threads: Mutex::new(threads),
+                change_log,
                 readers,
                 answer_deadline,
                 metrics,
@@ -350,7 +395,21 @@ impl Store for PostgresStore {
             }
         })
         .await;
+        self.inner.change_log.close().await;
         self.inner.readers.close();
+    }
+
+    fn take_changes(&self) -> Option<Changes> {
+        self.inner.change_log.take()
+    }
+
+    async fn changes_between(
+        &self,
+        user: &UserId,
+        after: Position,
+        upto: Position,
+    ) -> Result<Option<Vec<ChangeEvent>>, StoreError> {
+        self.within(async { change_log::between(&self.reader().await?, user, after, upto).await }).await
     }
 
     fn register_metrics(&self, registry: &mut Registry) {
@@ -442,7 +501,9 @@ fn migrate(client: &Client, horizon_ms: i64) -> Result<String, StoreError> {
 }
 
 /// Gives the database of `url` a new epoch, as a restore from a dump needs: pages that cached
-/// records of the database as it was drop their cache. Returns the new epoch.
+/// records of the database as it was drop their cache. The change log is emptied: its changes
+/// are of the epoch before, and its transaction ids of the cluster the dump was taken from.
+/// Returns the new epoch.
 pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
     let epoch = new_epoch();
     let url_epoch = epoch.clone();
@@ -458,6 +519,14 @@ pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
             return Err(StoreError::Open(
                 "the database holds no hub epoch: it is not a hub's database".into(),
             ));
+        }
+        let change_log =
+            client.query_one("SELECT to_regclass('change_log') IS NOT NULL", &[])?.get::<_, bool>(0);
+        if change_log {
+            client.batch_execute(
+                "BEGIN; TRUNCATE change_log; \
+                 UPDATE meta SET value = '0' WHERE key = 'change_log_kept_from'; COMMIT",
+            )?;
         }
         Ok(())
     })
@@ -507,6 +576,7 @@ struct Connection {
     update_records: Statement,
     append_ledger: Statement,
     remember_ops: Statement,
+    append_changes: Statement,
 }
 
 impl Connection {
@@ -559,6 +629,14 @@ impl Connection {
                                       $6::BIGINT[], $7::BIGINT[], $8::TEXT[])
                  ON CONFLICT (user_id, op_id) DO NOTHING",
             )?,
+            // In the order the rules made them: a record's versions take increasing positions.
+            append_changes: client.prepare(
+                "INSERT INTO change_log (xid, user_id, data_type, version, updated_ms, data)
+                 SELECT pg_current_xact_id()::TEXT::BIGINT, user_id, data_type, version, updated_ms, data
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[])
+                     WITH ORDINALITY AS k (user_id, data_type, version, updated_ms, data, n)
+                 ORDER BY n",
+            )?,
             client,
         })
     }
@@ -580,6 +658,16 @@ struct NewOp {
     op_id: String,
     seen: SeenOp,
     from_ms: i64,
+}
+
+/// A change the batch makes to a record, for the change log.
+struct NewChange {
+    user: String,
+    data_type: DataType,
+    version: u64,
+    updated_ms: i64,
+    /// The record's data, when short enough to send with the change.
+    data: Option<String>,
 }
 
 /// A ledger row the batch appends.
@@ -604,6 +692,8 @@ struct BatchTx {
     ops: HashMap<(String, String), SeenOp>,
     new_ops: Vec<NewOp>,
     ledger: Vec<NewLedgerRow>,
+    /// Every version the batch writes, in the order it writes them.
+    changes: Vec<NewChange>,
 }
 
 impl BatchTx {
@@ -658,10 +748,10 @@ impl BatchTx {
         Ok(batch)
     }
 
-    /// Sends what the batch wrote, one statement per table, pipelined. A row another
-    /// transaction wrote first (a record's first version, an op id) fails the batch with
-    /// [`StoreError::Conflict`], to be run again.
-    fn flush(self, conn: &Connection) -> Result<(), StoreError> {
+    /// Sends what the batch wrote, one statement per table, pipelined; returns whether it
+    /// changed a record. A row another transaction wrote first (a record's first version, an op
+    /// id) fails the batch with [`StoreError::Conflict`], to be run again.
+    fn flush(self, conn: &Connection) -> Result<bool, StoreError> {
         let mut written: Vec<(&(String, DataType), &Held)> =
             self.records.iter().filter(|(_, h)| h.written).collect();
         written
@@ -689,78 +779,96 @@ impl BatchTx {
         let o_updated: Vec<Option<i64>> = ops.iter().map(|o| o.seen.record.updated_ms).collect();
         let o_created: Vec<i64> = ops.iter().map(|o| o.from_ms).collect();
         let o_refusals: Vec<Option<&str>> = ops.iter().map(|o| o.seen.refusal.as_deref()).collect();
+        let changes = &self.changes;
+        let c_users: Vec<&str> = changes.iter().map(|c| c.user.as_str()).collect();
+        let c_types: Vec<&str> = changes.iter().map(|c| c.data_type.as_str()).collect();
+        let c_versions: Vec<i64> = changes.iter().map(|c| stored_version(c.version)).collect();
+        let c_updated: Vec<i64> = changes.iter().map(|c| c.updated_ms).collect();
+        let c_data: Vec<Option<&str>> = changes.iter().map(|c| c.data.as_deref()).collect();
 
         let (new_count, old_count, ops_count) = (new.len(), old.len(), ops.len());
-        let (inserted, updated, appended, remembered) = conn.client.pipeline(|client| async move {
-            // A statement left out changes no row.
-            tokio::join!(
-                async {
-                    if new_count == 0 {
-                        return Ok(0);
-                    }
-                    let c = &new_rows;
-                    client
-                        .execute(
-                            &conn.insert_records,
-                            &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits],
-                        )
-                        .await
-                },
-                async {
-                    if old_count == 0 {
-                        return Ok(0);
-                    }
-                    let c = &old_rows;
-                    client
-                        .execute(
-                            &conn.update_records,
-                            &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was],
-                        )
-                        .await
-                },
-                async {
-                    if ledger.is_empty() {
-                        return Ok(0);
-                    }
-                    client
-                        .execute(
-                            &conn.append_ledger,
-                            &[
-                                &l_users,
-                                &l_types,
-                                &l_sites,
-                                &l_ops,
-                                &l_deltas,
-                                &l_results,
-                                &l_versions,
-                                &l_reasons,
-                                &l_at,
-                            ],
-                        )
-                        .await
-                },
-                async {
-                    if ops_count == 0 {
-                        return Ok(0);
-                    }
-                    client
-                        .execute(
-                            &conn.remember_ops,
-                            &[
-                                &o_users,
-                                &o_ids,
-                                &o_prints,
-                                &o_data,
-                                &o_versions,
-                                &o_updated,
-                                &o_created,
-                                &o_refusals,
-                            ],
-                        )
-                        .await
-                },
-            )
-        })?;
+        let (inserted, updated, appended, remembered, logged) =
+            conn.client.pipeline(|client| async move {
+                // A statement left out changes no row.
+                tokio::join!(
+                    async {
+                        if new_count == 0 {
+                            return Ok(0);
+                        }
+                        let c = &new_rows;
+                        client
+                            .execute(
+                                &conn.insert_records,
+                                &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits],
+                            )
+                            .await
+                    },
+                    async {
+                        if old_count == 0 {
+                            return Ok(0);
+                        }
+                        let c = &old_rows;
+                        client
+                            .execute(
+                                &conn.update_records,
+                                &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was],
+                            )
+                            .await
+                    },
+                    async {
+                        if ledger.is_empty() {
+                            return Ok(0);
+                        }
+                        client
+                            .execute(
+                                &conn.append_ledger,
+                                &[
+                                    &l_users,
+                                    &l_types,
+                                    &l_sites,
+                                    &l_ops,
+                                    &l_deltas,
+                                    &l_results,
+                                    &l_versions,
+                                    &l_reasons,
+                                    &l_at,
+                                ],
+                            )
+                            .await
+                    },
+                    async {
+                        if ops_count == 0 {
+                            return Ok(0);
+                        }
+                        client
+                            .execute(
+                                &conn.remember_ops,
+                                &[
+                                    &o_users,
+                                    &o_ids,
+                                    &o_prints,
+                                    &o_data,
+                                    &o_versions,
+                                    &o_updated,
+                                    &o_created,
+                                    &o_refusals,
+                                ],
+                            )
+                            .await
+                    },
+                    async {
+                        if changes.is_empty() {
+                            return Ok(0);
+                        }
+                        client
+                            .execute(
+                                &conn.append_changes,
+                                &[&c_users, &c_types, &c_versions, &c_updated, &c_data],
+                            )
+                            .await
+                    },
+                )
+            })?;
         let conflict = |what: &str| {
             StoreError::Conflict(format!("{what} of the batch was written by another transaction"))
         };
@@ -771,7 +879,7 @@ impl BatchTx {
         if remembered? != ops_count as u64 {
             return Err(conflict("an op id"));
         }
-        Ok(())
+        Ok(logged? > 0)
     }
 }
 
@@ -866,6 +974,13 @@ impl Tx for BatchTx {
             held.credits = Some(credits.clone());
         }
         held.written = true;
+        self.changes.push(NewChange {
+            user: user.as_str().to_owned(),
+            data_type,
+            version: record.version,
+            updated_ms: record.updated_ms.unwrap_or_default(),
+            data: ChangeEvent::inline(record.data.to_string()),
+        });
         Ok(())
     }
 
@@ -896,6 +1011,10 @@ struct Writer {
     max_batch: usize,
     metrics: StoreMetrics,
     own_metrics: PostgresMetrics,
+    /// Wakes the instance's change log reader after a batch that changed records.
+    change_log: Arc<Signal>,
+    /// Whether the batches since the last wake changed a record.
+    changed: bool,
 }
 
 /// How one run of a batch failed.
@@ -919,6 +1038,7 @@ impl Writer {
         own_metrics: PostgresMetrics,
         pruning: Option<Arc<Mutex<Pruning>>>,
         unreachable_since: Arc<Mutex<Option<Instant>>>,
+        change_log: Arc<Signal>,
     ) -> Result<(Writer, Option<String>), StoreError> {
         let retention_ms = i64::try_from(options.op_retention.as_millis()).unwrap_or(i64::MAX);
         let epoch = match pruning {
@@ -939,6 +1059,7 @@ impl Writer {
                 ),
                 next: None,
                 sweeping: false,
+                changes: Retention::default(),
             })),
         };
         let writer = Writer {
@@ -950,6 +1071,8 @@ impl Writer {
             max_batch: options.max_batch.max(1),
             metrics: options.metrics,
             own_metrics,
+            change_log,
+            changed: false,
         };
         Ok((writer, epoch))
     }
@@ -963,6 +1086,9 @@ impl Writer {
             let results = self.commit_batch(&writes);
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
+            }
+            if std::mem::take(&mut self.changed) {
+                self.change_log.committed();
             }
             self.prune_if_due();
             // While no write waits, forgetting goes on a chunk at a time.
@@ -1024,10 +1150,11 @@ impl Writer {
                 Err(error) => Err(Failed { at: None, error, in_commit: false, at_begin: false }),
             };
             match outcome {
-                Ok(outcomes) => {
+                Ok((outcomes, changed)) => {
                     for (i, outcome) in pending.iter().zip(outcomes) {
                         results[*i] = Some(Ok(outcome));
                     }
+                    self.changed |= changed;
                     break;
                 }
                 Err(failed) => {
@@ -1083,15 +1210,23 @@ impl Writer {
     /// Forgets op ids older than the retention: every few minutes, moves the horizon while no
     /// batch runs (the exclusive side of [`HORIZON_LOCK`], waiting at most [`HORIZON_WAIT`] for
     /// the batches in flight, as batches queue behind it), then deletes what is behind it, one
-    /// chunk between two batches. One writer of the instance at a time does it (two would
-    /// delete the same rows, each waiting on the other's), whichever finds it free.
+    /// chunk between two batches; and changes older than the change log keeps, likewise. One
+    /// writer of the instance at a time does it (two would delete the same rows, each waiting
+    /// on the other's), whichever finds it free.
     fn prune_if_due(&mut self) {
         let pruning = self.pruning.clone();
         let Ok(mut pruning) = pruning.try_lock() else { return };
         if self.connect().is_err() {
             return;
         }
-        let client = &self.conn.as_ref().expect("connected").client;
+        self.forget_ops(&mut pruning);
+        self.forget_changes(&mut pruning);
+    }
+
+    /// One step of forgetting expired op ids: a chunk deleted, or the horizon moved when due.
+    fn forget_ops(&mut self, pruning: &mut Pruning) {
+        let Some(conn) = &self.conn else { return };
+        let client = &conn.client;
         if pruning.sweeping {
             let swept = client.execute(
                 "DELETE FROM ops WHERE (user_id, op_id) IN
@@ -1100,7 +1235,7 @@ impl Writer {
             );
             match swept {
                 Ok(deleted) => pruning.sweeping = deleted == SWEEP_CHUNK as u64,
-                Err(e) => self.pruning_failed(&mut pruning, &e),
+                Err(e) => self.pruning_failed(pruning, &e),
             }
             return;
         }
@@ -1137,7 +1272,17 @@ impl Writer {
                 pruning.sweeping = true;
             }
             Ok(false) => pruning.next = Some(monotonic + PRUNE_RETRY_MS),
-            Err(e) => self.pruning_failed(&mut pruning, &e),
+            Err(e) => self.pruning_failed(pruning, &e),
+        }
+    }
+
+    /// One step of keeping the change log short ([`Retention`]).
+    fn forget_changes(&mut self, pruning: &mut Pruning) {
+        let Some(conn) = &self.conn else { return };
+        if let Err(e) = pruning.changes.step(&conn.client, self.clock.monotonic_ms()) {
+            tracing::warn!(error = %e, "forgetting old changes failed; trying again later");
+            pruning.changes.failed();
+            self.step_failed(&e);
         }
     }
 
@@ -1146,6 +1291,12 @@ impl Writer {
         tracing::warn!(error = %error, "forgetting expired op ids failed; trying again in 30 s");
         pruning.sweeping = false;
         pruning.next = Some(self.clock.monotonic_ms() + PRUNE_RETRY_MS);
+        self.step_failed(error);
+    }
+
+    /// After a step of forgetting failed: the connection is left if it is lost, or its
+    /// transaction rolled back.
+    fn step_failed(&mut self, error: &StoreError) {
         match error {
             StoreError::Unavailable(_) => self.conn = None,
             _ => {
@@ -1156,13 +1307,13 @@ impl Writer {
         }
     }
 
-    /// Whether op ids behind the horizon are left to delete.
+    /// Whether op ids behind the horizon, or old changes, are left to delete.
     fn sweeping(&self) -> bool {
-        self.pruning.try_lock().is_ok_and(|pruning| pruning.sweeping)
+        self.pruning.try_lock().is_ok_and(|pruning| pruning.sweeping || pruning.changes.sweeping())
     }
 }
 
-/// Forgetting expired op ids, one per instance, shared by its writers.
+/// Forgetting expired op ids and old changes, one per instance, shared by its writers.
 #[derive(Debug)]
 struct Pruning {
     /// This instance's view of the time before which no op id is remembered; the database's
@@ -1172,6 +1323,8 @@ struct Pruning {
     next: Option<u64>,
     /// Whether op ids behind the horizon are left to delete, a chunk after each batch.
     sweeping: bool,
+    /// Keeping the change log short.
+    changes: Retention,
 }
 
 /// The horizon as the database keeps it.
@@ -1180,14 +1333,15 @@ fn read_horizon(client: &Client) -> Result<i64, StoreError> {
     stored.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {stored:?}")))
 }
 
-/// One run of the writes `pending` (indexes into `writes`) in one transaction, committed.
+/// One run of the writes `pending` (indexes into `writes`) in one transaction, committed; with
+/// whether it changed a record.
 fn run_batch(
     conn: &mut Connection,
     writes: &[Write],
     pending: &[usize],
     now: i64,
     metrics: &StoreMetrics,
-) -> Result<Vec<WriteOutcome>, Failed> {
+) -> Result<(Vec<WriteOutcome>, bool), Failed> {
     let failed =
         |at: Option<usize>| move |error: StoreError| Failed { at, error, in_commit: false, at_begin: false };
     let batch: Vec<&Write> = pending.iter().map(|&i| &writes[i]).collect();
@@ -1243,7 +1397,7 @@ fn run_batch(
         let outcome = rules::apply(&mut tx, write, now, horizon).map_err(failed(Some(at)))?;
         outcomes.push(outcome);
     }
-    tx.flush(conn_ref).map_err(failed(None))?;
+    let changed = tx.flush(conn_ref).map_err(failed(None))?;
     let commit = Instant::now();
     conn.client.batch_execute("COMMIT").map_err(|error| Failed {
         at: None,
@@ -1253,5 +1407,5 @@ fn run_batch(
     })?;
     metrics.commit_seconds.observe(commit.elapsed().as_secs_f64());
     metrics.batch_writes.observe(pending.len() as f64);
-    Ok(outcomes)
+    Ok((outcomes, changed))
 }
