@@ -12,6 +12,11 @@
 //!
 //! The same engine drives the wasm `SyncManager` and native Rust users alike; native callers
 //! can leave the call order to [`Engine::drive`] and answer through a [`Host`].
+//!
+//! With [`Config::live`], the engine also keeps the hub's event stream while the page is
+//! visible: it asks for the site's stream lock ([`Event::StreamLock`]), then to open or close
+//! the stream ([`Event::Stream`]), and takes what the stream brings, or what the tab holding
+//! it shared, through [`Engine::handle_stream`].
 
 mod cache;
 mod drive;
@@ -30,6 +35,14 @@ pub use protocol::DataType;
 
 /// Identifies one request the engine asked to send.
 pub type RequestId = u64;
+
+/// How long a hidden tab keeps the event stream open: a glance at another tab costs no
+/// reconnect, a longer absence spares the hub a connection. The stream resumes on return.
+pub const STREAM_GRACE_MS: u64 = 10_000;
+
+/// How long a tab return waits for the resumed stream's `ready` before it checks the hub
+/// as it would without a stream.
+pub const STREAM_READY_WAIT_MS: u64 = 5_000;
 
 /// Why the engine should check the hub for changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +82,43 @@ pub struct Request {
 pub enum Method {
     Get,
     Post,
+}
+
+/// The hub's event stream (`GET /api/events?` and the query) for the shell to open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRequest {
+    pub query: String,
+    /// Sent as `Authorization: Bearer …` when present.
+    pub token: Option<String>,
+    /// Sent as `Last-Event-ID`: the stream resumes after the last event seen.
+    pub last_event_id: Option<String>,
+}
+
+/// One event of the stream: its `event:` name, `id:` and `data:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    /// Empty for a change; `ready`, `resync` or `reauth` otherwise.
+    pub name: String,
+    pub id: Option<String>,
+    /// `data:` parsed; `Json::Null` when absent or not JSON.
+    pub data: Json,
+}
+
+/// What happened to the event stream, or what the tab holding it shared.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamInput {
+    /// This tab holds the site's stream lock now ([`Event::StreamLock`]).
+    Locked,
+    /// An event of this tab's stream.
+    Event(StreamEvent),
+    /// An event the tab holding the site's stream shared.
+    Shared(StreamEvent),
+    /// Whether the tab holding the site's stream has it live, as that tab shared.
+    SharedLive(bool),
+    /// This tab's stream ended or never opened: the status (0 when no answer came or the
+    /// connection broke, 200 when the body ended), and a refusal's body and `Retry-After` in
+    /// seconds.
+    Ended { status: u16, body: Json, retry_after: Option<u64> },
 }
 
 /// What came back for a request.
@@ -249,6 +299,16 @@ pub enum Event {
     Persist,
     /// Fresh data to share with the site's other tabs.
     Share(Shared),
+    /// Take (true) or let go of (false) the site's stream lock: the one tab of a site holding
+    /// it keeps the event stream and shares its events, and whether it is live, with the
+    /// site's other tabs. Answer with [`StreamInput::Locked`] once it is held.
+    StreamLock(bool),
+    /// Open the event stream with this request, replacing any open one; `None`: close it.
+    /// Nothing of a stream replaced or closed is handed back.
+    Stream(Option<StreamRequest>),
+    /// Changes reach this page live (a stream is open here, or the tab holding the site's
+    /// stream shares one), or no longer.
+    Live(bool),
     /// A debug line in the seed's format, when debugging is on.
     Log(String),
 }

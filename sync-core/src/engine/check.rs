@@ -242,6 +242,7 @@ impl Engine {
         }
         let elapsed = now.saturating_sub(check.started_ms);
         if fresh {
+            self.live.checked(now);
             let hundredths = elapsed % 1000 / 10;
             let pad = if hundredths < 10 { "0" } else { "" };
             self.log(&["Sync complete in ", &decimal(elapsed / 1000), ".", pad, &decimal(hundredths), "s"]);
@@ -255,9 +256,9 @@ impl Engine {
     }
 
     /// When the inactivity check is due: a while after the last check ended, while the tab is
-    /// visible and the browser online.
+    /// visible, the browser online and no event stream live.
     pub(super) fn inactivity_due(&self) -> Option<u64> {
-        if !self.visible || self.link == Link::Offline {
+        if !self.visible || self.link == Link::Offline || self.live() {
             return None;
         }
         self.checks.last_end().map(|end| end + self.config.inactivity_ms)
@@ -280,17 +281,12 @@ impl Engine {
             Err(Retry::WithFreshToken) => return self.checks.move_to_pending(),
             Err(Retry::No) => return self.finish_check(now, false),
         };
-        let Some(epoch) = wire::epoch(&body).map(str::to_owned) else {
+        if wire::epoch(&body).is_none() {
             self.log(&["timestamp answer without epoch → ERROR"]);
             self.finish_check(now, false);
             return;
-        };
-        if self.epoch.as_ref().is_some_and(|e| *e != epoch) {
-            self.log(&["hub epoch changed (", &epoch, ") → cache dropped"]);
-            self.records.clear();
-            self.events.push(Event::Persist);
         }
-        self.epoch = Some(epoch);
+        self.adopt_epoch(wire::epoch(&body));
         let mut fetch = Vec::new();
         for i in 0..self.config.data_types.len() {
             let data_type = self.config.data_types[i];
@@ -352,6 +348,8 @@ impl Engine {
                     return self.checks.move_to_pending();
                 }
                 Err(_) if self.checks.is(check_id) => return self.finish_check(now, false),
+                // A change an event announced (a fetch of no check).
+                Err(_) if check_id == 0 => return self.live.missed(),
                 Err(_) => return,
             }
         }

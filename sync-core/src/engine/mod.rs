@@ -6,13 +6,15 @@
 //! model): `token` (the page's token: asked for, held, refreshed once, given up on),
 //! `check` (a timestamp check and the fetches it starts, the spinner, the hub's hold, the
 //! inactivity check), `write` (the outbox, the writes on their way — one, or a batch — or the
-//! credit waiting for a fresh grant, the backoff) and `requests` (what is on its way to the
+//! credit waiting for a fresh grant, the backoff), `live` (the event stream: wanted, locked,
+//! open, backing off, or not offered by the hub) and `requests` (what is on its way to the
 //! hub, until when).
 //! Each module also holds the engine's reactions to the answers it owns. This one routes the
 //! inputs to them, keeps the cache and tells the page what it shows. Does no I/O and reads
 //! no clock: `now` comes with every input.
 
 mod check;
+mod live;
 mod requests;
 mod token;
 mod write;
@@ -21,12 +23,15 @@ use protocol::compact::concat;
 use protocol::{DataType, Limits, Refusal, wire};
 
 use self::check::Checks;
+use self::live::Live;
 use self::requests::{Purpose, Requests};
 use self::token::{Failure, Token};
 use self::write::Writes;
 use crate::cache::{CachedRecord, PerType, Persisted};
 use crate::outbox::Op;
-use crate::{Event, Grant, Json, Reason, Reply, Request, RequestId, Shared, Source, Status, Trigger};
+use crate::{
+    Event, Grant, Json, Reason, Reply, Request, RequestId, Shared, Source, Status, StreamInput, Trigger,
+};
 
 /// How a client behaves; [`Config::new`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +65,10 @@ pub struct Config {
     /// Emit [`Event::Log`] lines. The browser shell leaves it on and decides at each line
     /// whether to print it, so that `localStorage.sync_debug` works on a live page.
     pub debug: bool,
+    /// The caller keeps the hub's event stream as the engine asks ([`Event::StreamLock`],
+    /// [`Event::Stream`], [`Engine::handle_stream`]): changes then arrive as they happen, and
+    /// tab returns need no check while it is open. Off by default.
+    pub live: bool,
 }
 
 impl Config {
@@ -78,6 +87,7 @@ impl Config {
             retry_max_ms: 60_000,
             seed: 0,
             debug: false,
+            live: false,
         }
     }
 }
@@ -110,6 +120,7 @@ pub struct Engine {
     checks: Checks,
     writes: Writes,
     requests: Requests,
+    live: Live,
     /// Events wait here in order; the queue is short, so a `Vec` is all it needs.
     events: Vec<Event>,
     link: Link,
@@ -146,6 +157,7 @@ impl Engine {
             checks: Checks::default(),
             writes: Writes::new(persisted.outbox, now),
             requests: Requests::default(),
+            live: Live::default(),
             events: Vec::new(),
             link: Link::Up,
             visible: true,
@@ -157,6 +169,7 @@ impl Engine {
             next_ticket: 1,
         };
         engine.announce(Source::Cache);
+        engine.want_stream();
         engine.pump(now);
         engine
     }
@@ -164,10 +177,14 @@ impl Engine {
     // ---- inputs ----
 
     /// Starts a check (or joins the one running) and returns a ticket that a
-    /// [`Event::CheckDone`] will name.
+    /// [`Event::CheckDone`] will name. A tab return needs no check while the event stream is
+    /// open or shared, and waits for its `ready` when it can resume.
     pub fn handle_trigger(&mut self, now: u64, trigger: Trigger) -> u64 {
         match trigger {
-            Trigger::TabVisible | Trigger::PageShow => self.visible = true,
+            Trigger::TabVisible | Trigger::PageShow => {
+                self.visible = true;
+                self.want_stream();
+            }
             Trigger::Online => {
                 self.link = Link::Up;
                 self.writes.retry_now(now);
@@ -191,15 +208,21 @@ impl Engine {
             Trigger::EnsureFresh => "Before an operation",
             Trigger::Force => "Forced sync",
         };
-        self.start_check(now, reason, Some(ticket));
+        if trigger == Trigger::TabVisible && self.stream_covers(now) {
+            self.events.push(Event::CheckDone { ticket, fresh: true });
+        } else {
+            self.start_check(now, reason, Some(ticket));
+        }
         self.tick(now);
         self.pump(now);
         ticket
     }
 
-    /// The tab was hidden: no inactivity checks until it is visible again.
-    pub fn handle_hidden(&mut self, _now: u64) {
+    /// The tab was hidden: no inactivity checks until it is visible again, and the event
+    /// stream closes after [`crate::STREAM_GRACE_MS`].
+    pub fn handle_hidden(&mut self, now: u64) {
         self.visible = false;
+        self.live.hidden(now);
     }
 
     /// The browser went offline: checks end at once with cached data, writes wait.
@@ -250,8 +273,18 @@ impl Engine {
         match flight.purpose {
             Purpose::Stamps(check_id) => self.on_stamps(now, check_id, reply, sent_with),
             Purpose::Fetch(data_type, check_id) => self.on_fetch(now, data_type, check_id, reply, sent_with),
-            Purpose::Write(op_ids) => self.on_write(now, id, &op_ids, reply, sent_with),
+            Purpose::Write(op_ids) => {
+                self.on_write(now, id, &op_ids, reply, sent_with);
+                self.apply_deferred();
+            }
         }
+        self.pump(now);
+    }
+
+    /// What the event stream brought, or what the tab holding the site's stream shared (with
+    /// [`Config::live`]).
+    pub fn handle_stream(&mut self, now: u64, input: StreamInput) {
+        self.on_stream(now, input);
         self.pump(now);
     }
 
@@ -310,9 +343,12 @@ impl Engine {
     /// The page is going away: send every pending write now, with `keepalive` (but a credit
     /// whose grant is known to have expired), in order: in batches when there are several, as
     /// many as fit the browser's budget for `keepalive` bodies. They stay in the outbox; the
-    /// next page resends what was not confirmed, and the hub applies each once.
+    /// next page resends what was not confirmed, and the hub applies each once. The event
+    /// stream closes and its lock goes (a page restored from the back/forward cache takes them
+    /// again).
     pub fn handle_unload(&mut self, now: u64) {
         self.send_on_unload(now);
+        self.leave_stream();
     }
 
     /// Adds `amount` to balance or points: shown at once, stored in the outbox before it is
@@ -363,9 +399,11 @@ impl Engine {
     /// When to call [`Engine::handle_timeout`] next, if anything waits on time.
     pub fn poll_timeout(&self) -> Option<u64> {
         let write = (self.writes_may_go() && !self.token.asked()).then(|| self.writes.next_ms());
-        let next = [self.checks.next_timeout(), self.requests.next_deadline(), write, self.inactivity_due()]
-            .iter()
-            .fold(u64::MAX, |next, at| next.min(at.unwrap_or(u64::MAX)));
+        let stream = self.live.next_timeout(self.stream_may_open() && !self.token.asked());
+        let next =
+            [self.checks.next_timeout(), self.requests.next_deadline(), write, self.inactivity_due(), stream]
+                .iter()
+                .fold(u64::MAX, |next, at| next.min(at.unwrap_or(u64::MAX)));
         (next != u64::MAX).then_some(next)
     }
 
@@ -373,6 +411,12 @@ impl Engine {
 
     pub fn status(&self) -> Status {
         self.status
+    }
+
+    /// Whether changes reach the page live: an event stream is open here, or the tab holding
+    /// the site's stream shares one.
+    pub fn live(&self) -> bool {
+        self.live.live()
     }
 
     /// Why the status is `Offline` or `Error`; `None` while idle or syncing.
@@ -433,6 +477,7 @@ impl Engine {
         if self.checks.rerun_due(now) {
             self.start_check(now, "After Retry-After", None);
         }
+        self.stream_tick(now);
     }
 
     /// Sends what can be sent: the pending check, then the next write; asks for a token
@@ -452,7 +497,8 @@ impl Engine {
         }
         let check_pending = self.checks.pending();
         let write_due = self.writes_may_go() && now >= self.writes.next_ms();
-        if (check_pending || write_due) && !self.token.ready(&mut self.events) {
+        let stream_due = self.stream_due(now);
+        if (check_pending || write_due || stream_due) && !self.token.ready(&mut self.events) {
             self.update_status();
             return;
         }
@@ -462,6 +508,9 @@ impl Engine {
         if write_due {
             self.send_next_write(now);
         }
+        if stream_due {
+            self.open_stream(now);
+        }
         self.update_status();
     }
 
@@ -470,6 +519,20 @@ impl Engine {
     fn send(&mut self, now: u64, purpose: Purpose, mut request: Request) -> RequestId {
         request.token = self.token.current().map(str::to_owned);
         self.requests.send(purpose, now + self.config.request_timeout_ms, request)
+    }
+
+    /// The epoch an answer or the event stream names: a new one drops the cache. Whether it
+    /// did.
+    fn adopt_epoch(&mut self, epoch: Option<&str>) -> bool {
+        let Some(epoch) = epoch else { return false };
+        let dropped = self.epoch.as_deref().is_some_and(|e| e != epoch);
+        if dropped {
+            self.log(&["hub epoch changed (", epoch, ") → cache dropped"]);
+            self.records.clear();
+            self.events.push(Event::Persist);
+        }
+        self.epoch = Some(epoch.to_owned());
+        dropped
     }
 
     /// Keeps `record` if it is newer than what the cache holds. Returns whether it did.
@@ -515,6 +578,7 @@ impl Engine {
     /// Tells the page where sync stands and why, when that changed. A storage that refuses
     /// comes first: whatever else holds, the page's writes would not survive it.
     fn update_status(&mut self) {
+        self.update_live();
         let (status, reason) = if self.storage_failed {
             (Status::Error, Some(Reason::StorageFailed))
         } else if self.link == Link::Offline {

@@ -148,6 +148,14 @@ impl Token {
         self.move_to_failed(refusal.into());
     }
 
+    /// The hub said the token held expires now (the stream's `reauth`): the next request asks
+    /// for a fresh one.
+    pub(super) fn expired(&mut self) {
+        if let State::Held { .. } = self.state {
+            self.move_to_missing_fresh();
+        }
+    }
+
     /// An explicit trigger, or an answer that got past auth: a failure is forgotten, and a
     /// fresh token will be asked for.
     pub(super) fn clear_failure(&mut self) {
@@ -192,6 +200,12 @@ impl Token {
 
     fn move_to_failed(&mut self, failure: Failure) {
         self.state = State::Failed(failure);
+    }
+
+    /// The token held is dropped for a fresh one, the old one not refused.
+    fn move_to_missing_fresh(&mut self) {
+        debug_assert!(matches!(self.state, State::Held { .. }), "no token held to drop");
+        self.state = State::Missing { refreshing: false };
     }
 
     fn move_to_missing(&mut self) {

@@ -85,6 +85,12 @@ impl Writes {
         self.outbox.push(op);
     }
 
+    /// A write is on its way while writes of `data_type` are pending: the hub's record of that
+    /// type may have changed by the write before its answer comes.
+    pub(super) fn on_its_way(&self, data_type: DataType) -> bool {
+        matches!(self.state, State::InFlight(_)) && self.pending(data_type).next().is_some()
+    }
+
     /// A write waits to be sent and none is on its way or waiting for its grant.
     fn ready(&self) -> bool {
         matches!(self.state, State::Idle) && !self.outbox.is_empty()
@@ -517,7 +523,13 @@ enum Outcome {
 
 /// Exponential backoff with equal jitter (between half and all of the doubled step): the
 /// delay before retry `attempt` (1-based), at least `retry_after_ms` when the hub asked for it.
-fn backoff_ms(attempt: u32, base_ms: u64, max_ms: u64, retry_after_ms: u64, rng: &mut fastrand::Rng) -> u64 {
+pub(super) fn backoff_ms(
+    attempt: u32,
+    base_ms: u64,
+    max_ms: u64,
+    retry_after_ms: u64,
+    rng: &mut fastrand::Rng,
+) -> u64 {
     let exponential = base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(max_ms);
     let jittered = exponential / 2 + rng.u64(0..=exponential / 2);
     jittered.max(retry_after_ms)

@@ -8,7 +8,10 @@
 //! the real shapes. It can be switched down (no answer), busy (429 with Retry-After),
 //! unavailable (503), behind something that answers for it (a proxy's 4xx, a bare 200), or
 //! set to fail a batch half way; its clock can be skewed from the world's; and it counts how
-//! many times each op id was applied. Does no I/O and reads no clock.
+//! many times each op id was applied. It keeps every committed change, numbered, for event
+//! streams: what a stream opened now starts with (`ready`, after the changes a `Last-Event-ID`
+//! missed, or `resync` when it names changes no longer kept or another epoch), and the
+//! changes after a position, each with its data when small. Does no I/O and reads no clock.
 //!
 //! It cannot check signatures: a grant is valid when this hub minted it (standing in for the
 //! site's backend signing it with the site's key), and is then checked as the real hub checks
@@ -27,7 +30,7 @@ use protocol::{
     validate_record,
 };
 use serde_json::{Value, json};
-use sync_core::{Json, Method, Reply, Request};
+use sync_core::{Json, Method, Reply, Request, StreamEvent};
 
 /// One record as the hub stores it.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +134,19 @@ pub struct GrantClaims {
     pub expires_ms: u64,
 }
 
+/// One committed change, as event streams send it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// Its position: 1 for the first change, +1 for each.
+    pub seq: u64,
+    pub user: String,
+    pub data_type: DataType,
+    pub record: HubRecord,
+}
+
+/// Why an event stream did not open: the status (0: no answer), the body, `Retry-After`.
+pub type StreamRefusal = (u16, Json, Option<u64>);
+
 /// How long the grants a site's backend mints live, unless a test says otherwise: the
 /// longest the real hub accepts.
 pub const GRANT_TTL_MS: u64 = 10 * 60 * 1000;
@@ -177,6 +193,17 @@ pub struct FakeHub {
     /// Answers a batch as a hub from before batches does: `400 unknown_action`.
     refuses_batches: bool,
     seen: Vec<Seen>,
+    /// Every committed change, oldest first.
+    changes: Vec<Change>,
+    /// Changes numbered below this are no longer kept: a stream resuming before it gets
+    /// `resync`.
+    kept_from: u64,
+    /// `GET /api/events` exists (a hub without events answers 404).
+    events: bool,
+    /// A change event carries its data when that is at most this many bytes of JSON.
+    inline_limit: usize,
+    /// Event streams opened.
+    streams_opened: u64,
 }
 
 impl FakeHub {
@@ -202,6 +229,11 @@ impl FakeHub {
             fail_batch_at: None,
             refuses_batches: false,
             seen: Vec::new(),
+            changes: Vec::new(),
+            kept_from: 1,
+            events: true,
+            inline_limit: 2048,
+            streams_opened: 0,
         }
     }
 
@@ -314,6 +346,22 @@ impl FakeHub {
         self.refuses_batches = refuses;
     }
 
+    /// Whether this hub has `/api/events` (else it answers 404, as a hub without events).
+    pub fn set_events(&mut self, on: bool) {
+        self.events = on;
+    }
+
+    /// Change events carry their data when it is at most `bytes` of JSON (the real hub's
+    /// limit is 2048); others are fetched.
+    pub fn set_inline_limit(&mut self, bytes: usize) {
+        self.inline_limit = bytes;
+    }
+
+    /// The changes kept so far are forgotten: a stream resuming from before now gets `resync`.
+    pub fn forget_changes(&mut self) {
+        self.kept_from = self.changes.len() as u64 + 1;
+    }
+
     /// The hub's clock when the world's says `now`.
     pub fn clock(&self, now: u64) -> u64 {
         now.saturating_add_signed(self.skew_ms)
@@ -340,11 +388,12 @@ impl FakeHub {
         self.anonymous_limited = retry_after;
     }
 
-    /// A new database: every record and op id is gone, and the epoch changes.
+    /// A new database: every record, op id and kept change is gone, and the epoch changes.
     pub fn replace_database(&mut self, epoch: &str) {
         self.epoch = epoch.into();
         self.records.clear();
         self.ops.clear();
+        self.forget_changes();
     }
 
     /// Writes a record directly, as another writer (the agent, an admin) would: +1 version.
@@ -355,8 +404,110 @@ impl FakeHub {
             version: current.version + 1,
             updated_ms: Some(current.updated_ms.map_or(now, |prev| now.max(prev + 1))),
         };
-        self.records.entry(user.into()).or_default().insert(data_type, record.clone());
+        self.commit(user, data_type, record.clone());
         record
+    }
+
+    /// Stores a new version of a record and keeps the change for event streams.
+    fn commit(&mut self, user: &str, data_type: DataType, record: HubRecord) {
+        self.records.entry(user.into()).or_default().insert(data_type, record.clone());
+        let seq = self.changes.len() as u64 + 1;
+        self.changes.push(Change { seq, user: user.into(), data_type, record });
+    }
+
+    // ---- event streams ----
+
+    /// Opens `user`'s event stream for a page with `token`, resuming after `last_event_id`:
+    /// the events it starts with and its position, or why it did not open.
+    pub fn open_stream(
+        &mut self,
+        token: Option<&str>,
+        user: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<(Vec<StreamEvent>, u64), StreamRefusal> {
+        let refused = |reply: Reply| match reply {
+            Reply::Answer { status, body, retry_after, .. } => (status, body, retry_after),
+            Reply::NetworkError => (0, Json::Null, None),
+        };
+        let mode = self.script.pop_front().unwrap_or(self.mode);
+        match mode {
+            Mode::Down => return Err((0, Json::Null, None)),
+            Mode::Busy { retry_after } => {
+                let reply = error_with(429, "too_many_streams", "too many streams", None, Some(retry_after));
+                return Err(refused(reply));
+            }
+            Mode::Unavailable => return Err(refused(error(503, "store_unavailable", "retry"))),
+            Mode::Foreign { status } => {
+                return Err((status, Json::object().with("message", "blocked"), None));
+            }
+            Mode::Up => {}
+        }
+        if !self.events {
+            return Err(refused(error(404, "not_found", "no such endpoint")));
+        }
+        match self.caller(token) {
+            Err(reply) => return Err(refused(reply)),
+            Ok(Some((_, who))) if who != user => {
+                return Err(refused(error(403, "forbidden", "another user")));
+            }
+            Ok(_) => {}
+        }
+        self.streams_opened += 1;
+        let position = self.changes.len() as u64;
+        let resume = last_event_id.and_then(|id| {
+            let (epoch, seq) = id.rsplit_once('.')?;
+            let seq: u64 = seq.parse().ok()?;
+            (epoch == self.epoch && seq + 1 >= self.kept_from && seq <= position).then_some(seq)
+        });
+        let mut events = match resume {
+            Some(seq) => self.changes_after(user, seq),
+            None if last_event_id.is_some() => {
+                vec![self.stream_event("resync", position, Json::object().with("epoch", self.epoch.as_str()))]
+            }
+            None => Vec::new(),
+        };
+        let ready = Json::object().with("epoch", self.epoch.as_str()).with("resumed", resume.is_some());
+        events.push(self.stream_event("ready", position, ready));
+        Ok((events, position))
+    }
+
+    /// `user`'s change events after position `after`.
+    pub fn changes_after(&self, user: &str, after: u64) -> Vec<StreamEvent> {
+        let start = usize::try_from(after).unwrap_or(usize::MAX).min(self.changes.len());
+        self.changes[start..]
+            .iter()
+            .filter(|change| change.user == user)
+            .map(|change| {
+                let record = &change.record;
+                let mut data = Json::object()
+                    .with("data_type", change.data_type.as_str())
+                    .with("version", record.version)
+                    .with("last_updated", record.last_updated());
+                if record.data.to_string().len() <= self.inline_limit {
+                    data.set("data", Json::from(&record.data));
+                }
+                self.stream_event("", change.seq, data)
+            })
+            .collect()
+    }
+
+    /// The position of the last change.
+    pub fn position(&self) -> u64 {
+        self.changes.len() as u64
+    }
+
+    /// Whether a stream opened with `token` may go on (its token has not expired).
+    pub fn token_valid(&self, token: Option<&str>) -> bool {
+        !self.tokens_required || token.is_some_and(|t| self.tokens.contains_key(t))
+    }
+
+    /// How many event streams opened.
+    pub fn streams_opened(&self) -> u64 {
+        self.streams_opened
+    }
+
+    fn stream_event(&self, name: &str, seq: u64, data: Json) -> StreamEvent {
+        StreamEvent { name: name.into(), id: Some(format!("{}.{seq}", self.epoch)), data }
     }
 
     // ---- what tests read ----
@@ -854,7 +1005,7 @@ impl FakeHub {
                 version: current.version + 1,
                 updated_ms: Some(current.updated_ms.map_or(now, |prev| now.max(prev + 1))),
             };
-            self.records.entry(user.into()).or_default().insert(data_type, record.clone());
+            self.commit(user, data_type, record.clone());
             record
         };
         if let Some(op_id) = op_id {

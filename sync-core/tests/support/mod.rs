@@ -29,6 +29,14 @@
 //! as in a browser, where a tab learns of another's writes only when it next stores or loads;
 //! [`Sim::set_storage_refuses`] makes a site's storage refuse (full), which the tabs learn
 //! through [`Engine::handle_persisted`].
+//!
+//! A tab with [`Config::live`] plays the shell's part for the event stream too: its site has
+//! one stream lock (a Web Lock: granted to one page at a time, in the order asked, let go of
+//! when the page goes), a stream it opens travels to the hub as a packet, and what the hub sends
+//! on it comes back in order; the tab holding a stream forwards each event, and whether it is
+//! live, to the site's other tabs, and answers a tab that starts waiting for the lock when it
+//! is live. The hub ends the streams when it goes down or its database is replaced, and a
+//! stream whose token expired with `reauth`; a lost packet breaks its stream.
 
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
@@ -45,11 +53,11 @@ use protocol::Refusal;
 use serde_json::Value;
 use sync_core::{
     Answer, CachedRecord, Config, DataType, Engine, Event, Grant, Host, Json, Method, Op, OpKind, Persisted,
-    Reason, Reply, Request, Shared, Status, Trigger,
+    Reason, Reply, Request, Shared, Status, StreamEvent, StreamInput, StreamRequest, Trigger,
 };
 
 pub use hub::{FakeHub, HubRecord};
-pub use net::{Network, Packet, Page};
+pub use net::{Network, Packet, Page, StreamPacket};
 
 /// The user every tab signs in as.
 pub const USER: &str = "8-evans";
@@ -97,8 +105,8 @@ pub struct Logged {
     pub event: Event,
 }
 
-/// Positions in a tab's logs, to ask what happened after it.
-#[derive(Debug, Clone, Copy)]
+/// Positions in a tab's logs, to ask what happened after it (the default: from the start).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Mark {
     events: usize,
     requests: usize,
@@ -127,11 +135,42 @@ struct TabState {
     /// was replaced by an older one.
     versions: BTreeMap<DataType, u64>,
     version_regressions: Vec<String>,
+    /// The shell's number of its current stream: anything of an older one is dropped.
+    stream: u64,
+    /// The shell's word: this page's stream is live (its `ready` came, no end since).
+    stream_live: bool,
+    /// Every stream this tab opened, all page loads, with when.
+    streams: Vec<(u64, StreamRequest)>,
 }
 
 enum Local {
     StoredOps(Vec<Op>),
     Shared(Shared),
+    Stream(StreamInput),
+    /// What the page asked of the shell: the stream lock, a stream opened or closed.
+    Lock(bool),
+    Open(Option<StreamRequest>),
+}
+
+/// A site's stream lock: the page holding it, and those waiting, in the order they asked.
+#[derive(Debug, Default)]
+struct SiteLock {
+    holder: Option<Page>,
+    waiting: VecDeque<Page>,
+}
+
+/// An event stream open at the hub.
+#[derive(Debug)]
+struct Subscription {
+    page: Page,
+    stream: u64,
+    user: String,
+    token: Option<String>,
+    epoch: String,
+    /// The last change sent on it.
+    position: u64,
+    /// When its last packet arrives: the next may not overtake it.
+    last_at: u64,
 }
 
 struct World {
@@ -157,6 +196,8 @@ struct World {
     storage_events: bool,
     /// Sites whose storage refuses every store (full, or switched off).
     storage_refuses: BTreeSet<String>,
+    locks: BTreeMap<String, SiteLock>,
+    subscriptions: Vec<Subscription>,
 }
 
 /// The world: clock, hub, network and tabs. Cheap to clone (a handle).
@@ -199,6 +240,8 @@ impl Sim {
             debug: true,
             storage_events: true,
             storage_refuses: BTreeSet::new(),
+            locks: BTreeMap::new(),
+            subscriptions: Vec::new(),
         };
         Sim { world: Rc::new(RefCell::new(world)) }
     }
@@ -241,9 +284,17 @@ impl Sim {
             stale_wakeups: 0,
             versions: BTreeMap::new(),
             version_regressions: Vec::new(),
+            stream: 0,
+            stream_live: false,
+            streams: Vec::new(),
         });
         world.after_input(id);
         Tab { world: self.world.clone(), id }
+    }
+
+    /// Opens a tab of `site` that keeps the hub's event stream ([`Config::live`]).
+    pub fn open_live(&self, site: &str) -> Tab {
+        self.open_with(site, |config| config.live = true)
     }
 
     /// Whether a tab hears at once when another tab of its site stores (on by default).
@@ -475,9 +526,47 @@ impl Tab {
         self.reload_aborting();
     }
 
-    /// The tab is closed: its engine is gone, its requests on the way still arrive.
+    /// The tab is closed: its engine is gone, its requests on the way still arrive; its
+    /// stream and stream lock go.
     pub fn close(&self) {
-        self.with(|world, id| world.tabs[id].open = false);
+        self.with(|world, id| {
+            world.page_gone(id);
+            world.tabs[id].open = false;
+            world.settle();
+        });
+    }
+
+    /// The tab becomes visible again; the check it may start is not waited for.
+    pub fn show(&self) -> u64 {
+        self.trigger(Trigger::TabVisible)
+    }
+
+    /// Hands the engine `input` as the shell would, from this tab's stream or another tab.
+    pub fn stream_input(&self, input: StreamInput) {
+        self.input(|engine, now| engine.handle_stream(now, input));
+    }
+
+    /// Whether changes reach the page live, as the engine says.
+    pub fn live(&self) -> bool {
+        self.with(|w, id| w.tabs[id].engine.live())
+    }
+
+    /// Every event stream this tab opened, all page loads.
+    pub fn streams(&self) -> Vec<StreamRequest> {
+        self.with(|w, id| w.tabs[id].streams.iter().map(|(_, r)| r.clone()).collect())
+    }
+
+    /// When this tab opened each of its streams.
+    pub fn stream_times(&self) -> Vec<u64> {
+        self.with(|w, id| w.tabs[id].streams.iter().map(|(at, _)| *at).collect())
+    }
+
+    /// Whether this page holds its site's stream lock.
+    pub fn holds_stream_lock(&self) -> bool {
+        self.with(|w, id| {
+            let page = w.page(id);
+            w.locks.get(&w.tabs[id].site).is_some_and(|lock| lock.holder == Some(page))
+        })
     }
 
     /// What the page answers to the next `NeedToken`s, before valid tokens again.
@@ -816,6 +905,7 @@ impl World {
 
     fn reload(&mut self, id: usize, abort: bool) {
         assert!(self.tabs[id].open, "{} is closed", self.tabs[id].name);
+        self.page_gone(id);
         if abort {
             let page = self.page(id);
             self.net.abort_requests_of(page);
@@ -827,7 +917,204 @@ impl World {
         tab.generation += 1;
         tab.timer = None;
         tab.versions.clear();
+        tab.stream_live = false;
         self.after_input(id);
+    }
+
+    /// The page of tab `id` goes (reload, close): its stream ends, its lock is let go of.
+    fn page_gone(&mut self, id: usize) {
+        let page = self.page(id);
+        self.subscriptions.retain(|sub| sub.page != page);
+        self.tabs[id].stream += 1;
+        self.unlock(page);
+    }
+
+    /// `page` lets go of its site's stream lock, or of its request; the next page waiting
+    /// gets it.
+    fn unlock(&mut self, page: Page) {
+        let site = self.tabs[page.tab].site.clone();
+        let lock = self.locks.entry(site).or_default();
+        lock.waiting.retain(|p| *p != page);
+        if lock.holder == Some(page) {
+            lock.holder = None;
+            self.set_stream_live(page.tab, false);
+            self.grant_lock(&self.tabs[page.tab].site.clone());
+        }
+    }
+
+    /// The first page waiting for `site`'s free stream lock gets it, and says it is not live.
+    fn grant_lock(&mut self, site: &str) {
+        let lock = self.locks.entry(site.to_owned()).or_default();
+        if lock.holder.is_some() {
+            return;
+        }
+        let Some(page) = lock.waiting.pop_front() else { return };
+        lock.holder = Some(page);
+        self.local.push_back((page, Local::Stream(StreamInput::Locked)));
+        // As the shell does: a holder before it may have gone without saying it was not live.
+        for other in self.same_site(page.tab) {
+            let other = self.page(other);
+            self.local.push_back((other, Local::Stream(StreamInput::SharedLive(false))));
+        }
+    }
+
+    /// The shell of tab `id` says whether its stream is live, to the site's other tabs, when
+    /// that changed.
+    fn set_stream_live(&mut self, id: usize, live: bool) {
+        if self.tabs[id].stream_live == live {
+            return;
+        }
+        self.tabs[id].stream_live = live;
+        for other in self.same_site(id) {
+            let page = self.page(other);
+            self.local.push_back((page, Local::Stream(StreamInput::SharedLive(live))));
+        }
+    }
+
+    /// What a page asked of its shell: the stream lock, a stream opened or closed.
+    fn shell_effect(&mut self, page: Page, effect: Local) {
+        let site = self.tabs[page.tab].site.clone();
+        match effect {
+            Local::Lock(true) => {
+                // Asking whether the stream is live: the holder answers when it is.
+                let holder = self.locks.get(&site).and_then(|lock| lock.holder);
+                if holder.is_some_and(|h| h != page && self.tabs[h.tab].stream_live) {
+                    self.local.push_back((page, Local::Stream(StreamInput::SharedLive(true))));
+                }
+                let lock = self.locks.entry(site.clone()).or_default();
+                if lock.holder != Some(page) && !lock.waiting.contains(&page) {
+                    lock.waiting.push_back(page);
+                }
+                self.grant_lock(&site);
+            }
+            Local::Lock(false) => self.unlock(page),
+            Local::Open(request) => {
+                let tab = &mut self.tabs[page.tab];
+                tab.stream += 1;
+                let stream = tab.stream;
+                self.subscriptions.retain(|sub| sub.page != page);
+                self.set_stream_live(page.tab, false);
+                if let Some(request) = request {
+                    let now = self.now;
+                    self.tabs[page.tab].streams.push((now, request.clone()));
+                    let packet = StreamPacket::Open { from: page, stream, request };
+                    if self.net.send_stream(self.now, packet, 0, true, &mut self.rng).is_none() {
+                        self.end_stream(page, stream, 0, 0);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stream `stream` of `page` ends with `status`, arriving after `after`.
+    fn end_stream(&mut self, page: Page, stream: u64, status: u16, after: u64) {
+        let input = StreamInput::Ended { status, body: Json::Null, retry_after: None };
+        let packet = StreamPacket::Input { to: page, stream, input };
+        self.net.send_stream(self.now, packet, after, false, &mut self.rng);
+    }
+
+    /// The hub sends what each open stream is owed: the changes after its position, `reauth`
+    /// and its end when its token expired, its end when the hub went down or its database
+    /// was replaced. A lost packet breaks its stream.
+    fn pump_streams(&mut self) {
+        let now = self.now;
+        let mut i = 0;
+        while i < self.subscriptions.len() {
+            let sub = &self.subscriptions[i];
+            let (page, stream) = (sub.page, sub.stream);
+            let down = self.hub.mode() == hub::Mode::Down || sub.epoch != self.hub.epoch();
+            if down || !self.hub.token_valid(sub.token.as_deref()) {
+                let last_at = sub.last_at;
+                let status = if down { 0 } else { 200 };
+                let mut after = last_at;
+                if !down {
+                    let reauth = StreamEvent { name: "reauth".into(), id: None, data: Json::object() };
+                    let input = StreamInput::Event(reauth);
+                    let packet = StreamPacket::Input { to: page, stream, input };
+                    after = self.net.send_stream(now, packet, after, false, &mut self.rng).unwrap_or(after);
+                }
+                self.end_stream(page, stream, status, after);
+                self.subscriptions.remove(i);
+                continue;
+            }
+            let events = self.hub.changes_after(&sub.user, sub.position);
+            let position = self.hub.position();
+            if self.send_events(i, events) {
+                self.subscriptions[i].position = position;
+                i += 1;
+            } else {
+                self.subscriptions.remove(i);
+            }
+        }
+    }
+
+    /// Sends `events` on subscription `i`, in order; false when one was lost and the stream
+    /// broke (its end sent).
+    fn send_events(&mut self, i: usize, events: Vec<StreamEvent>) -> bool {
+        let (page, stream) = (self.subscriptions[i].page, self.subscriptions[i].stream);
+        for event in events {
+            let packet = StreamPacket::Input { to: page, stream, input: StreamInput::Event(event) };
+            let after = self.subscriptions[i].last_at;
+            match self.net.send_stream(self.now, packet, after, true, &mut self.rng) {
+                Some(at) => self.subscriptions[i].last_at = at,
+                None => {
+                    self.end_stream(page, stream, 0, after);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// A stream packet arrives: an opening at the hub, or what the hub sent at the page.
+    fn deliver_stream(&mut self, packet: StreamPacket) {
+        let now = self.now;
+        match packet {
+            StreamPacket::Open { from, stream, request } => {
+                let user = hub::query_params(&request.query).remove("user_id").unwrap_or_default();
+                let opened =
+                    self.hub.open_stream(request.token.as_deref(), &user, request.last_event_id.as_deref());
+                match opened {
+                    Ok((events, position)) => {
+                        let epoch = self.hub.epoch().to_owned();
+                        let token = request.token;
+                        let sub =
+                            Subscription { page: from, stream, user, token, epoch, position, last_at: now };
+                        self.subscriptions.push(sub);
+                        let i = self.subscriptions.len() - 1;
+                        if !self.send_events(i, events) {
+                            self.subscriptions.remove(i);
+                        }
+                    }
+                    Err((status, body, retry_after)) => {
+                        let input = StreamInput::Ended { status, body, retry_after };
+                        let packet = StreamPacket::Input { to: from, stream, input };
+                        self.net.send_stream(now, packet, 0, false, &mut self.rng);
+                    }
+                }
+            }
+            StreamPacket::Input { to, stream, input } => {
+                if !self.is_current(to) || self.tabs[to.tab].stream != stream {
+                    return;
+                }
+                match &input {
+                    StreamInput::Ended { .. } => self.set_stream_live(to.tab, false),
+                    StreamInput::Event(event) => {
+                        if event.name == "ready" {
+                            self.set_stream_live(to.tab, true);
+                        }
+                        for other in self.same_site(to.tab) {
+                            let page = self.page(other);
+                            self.local.push_back((page, Local::Stream(StreamInput::Shared(event.clone()))));
+                        }
+                    }
+                    _ => {}
+                }
+                self.tabs[to.tab].engine.handle_stream(now, input);
+                self.after_input(to.tab);
+            }
+        }
     }
 
     /// After an input to tab `id`: its outputs, then what it told the site's other tabs.
@@ -904,10 +1191,15 @@ impl World {
         (0..self.tabs.len()).filter(|&o| o != id && self.tabs[o].open && self.tabs[o].site == *site).collect()
     }
 
-    /// Delivers the messages between tabs, and what their reactions send on.
+    /// Delivers the messages between tabs, and what their reactions send on; carries out
+    /// what pages asked of their shells.
     fn settle(&mut self) {
         while let Some((page, message)) = self.local.pop_front() {
             if !self.is_current(page) {
+                continue;
+            }
+            if let Local::Lock(_) | Local::Open(_) = message {
+                self.shell_effect(page, message);
                 continue;
             }
             let now = self.now;
@@ -915,6 +1207,8 @@ impl World {
             match message {
                 Local::StoredOps(ops) => engine.handle_stored_ops(now, &ops),
                 Local::Shared(shared) => engine.handle_shared(now, shared),
+                Local::Stream(input) => engine.handle_stream(now, input),
+                Local::Lock(_) | Local::Open(_) => {}
             }
             self.flush(page.tab);
         }
@@ -947,9 +1241,19 @@ impl World {
         timers.chain(self.net.next_at()).min()
     }
 
-    /// Handles one thing due at the current time: a packet, else a timer.
+    /// Handles one thing due at the current time: a packet, else a timer; then the hub sends
+    /// on its streams.
     fn step(&mut self) {
+        self.step_once();
+        self.pump_streams();
+    }
+
+    fn step_once(&mut self) {
         let now = self.now;
+        if let Some(packet) = self.net.pop_stream_due(now) {
+            self.deliver_stream(packet);
+            return;
+        }
         if let Some(packet) = self.net.pop_due(now) {
             self.deliver(packet);
             return;
@@ -969,6 +1273,7 @@ impl World {
     }
 
     fn run_until(&mut self, until: u64) {
+        self.pump_streams();
         let mut steps = 0;
         while let Some(at) = self.next_due().filter(|&at| at <= until) {
             self.now = self.now.max(at);
@@ -980,6 +1285,7 @@ impl World {
     }
 
     fn drive(&mut self) {
+        self.pump_streams();
         let limit = self.now + DRIVE_LIMIT_MS;
         let mut steps = 0;
         loop {
@@ -1053,10 +1359,15 @@ impl Host for TabHost<'_> {
 
     fn event(&mut self, event: &Event) -> Result<(), Infallible> {
         self.events.push(Logged { at: self.now, generation: self.page.generation, event: event.clone() });
-        if let Event::Share(shared) = event {
-            for &other in &self.others {
-                self.local.push_back((other, Local::Shared(shared.clone())));
+        match event {
+            Event::Share(shared) => {
+                for &other in &self.others {
+                    self.local.push_back((other, Local::Shared(shared.clone())));
+                }
             }
+            Event::StreamLock(on) => self.local.push_back((self.page, Local::Lock(*on))),
+            Event::Stream(request) => self.local.push_back((self.page, Local::Open(request.clone()))),
+            _ => {}
         }
         Ok(())
     }

@@ -3,8 +3,12 @@
 //! dropped, duplicated or delayed (which reorders it). It counts each of these, so that a
 //! simulation can tell which faults it really exercised. A test can also hold packets that
 //! match a predicate and release them later, to script one exact interleaving.
+//!
+//! An event stream is one connection: its packets arrive in the order sent (each may be
+//! delayed, and overtake other traffic, but never its stream's earlier packets) or, when one
+//! is lost, the stream breaks there. A duplicated event arrives twice in a row.
 
-use sync_core::{Reply, Request};
+use sync_core::{Reply, Request, StreamInput, StreamRequest};
 
 /// Which engine a packet belongs to: a tab, and which page load of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,15 @@ impl Packet {
     }
 }
 
+/// Traffic of an event stream.
+#[derive(Debug, Clone)]
+pub enum StreamPacket {
+    /// A page opens its stream number `stream` (the shell's, for this page).
+    Open { from: Page, stream: u64, request: StreamRequest },
+    /// What the hub sends on stream `stream` of the page, or its end.
+    Input { to: Page, stream: u64, input: StreamInput },
+}
+
 /// What can go wrong with a packet, each a probability per packet.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Faults {
@@ -64,6 +77,7 @@ pub struct Network {
     pub latency_ms: u64,
     pub faults: Faults,
     in_transit: Vec<(u64, u64, Packet)>,
+    streams: Vec<(u64, u64, StreamPacket)>,
     held: Vec<Packet>,
     hold: Option<Hold>,
     seq: u64,
@@ -92,6 +106,7 @@ impl Network {
             latency_ms,
             faults: Faults::default(),
             in_transit: Vec::new(),
+            streams: Vec::new(),
             held: Vec::new(),
             hold: None,
             seq: 0,
@@ -178,17 +193,66 @@ impl Network {
         self.schedule(at, packet);
     }
 
+    /// Sends a packet of an event stream, not arriving before `after` (its stream's last
+    /// packet). Its arrival time, or `None` when it is lost (with `faulty`).
+    pub fn send_stream(
+        &mut self,
+        now: u64,
+        packet: StreamPacket,
+        after: u64,
+        faulty: bool,
+        rng: &mut fastrand::Rng,
+    ) -> Option<u64> {
+        let faults = if faulty { self.faults } else { Faults::default() };
+        if faults.drop > 0.0 && rng.f64() < faults.drop {
+            self.dropped += 1;
+            return None;
+        }
+        let extra =
+            if faults.delay > 0.0 && rng.f64() < faults.delay { rng.u64(0..=faults.max_delay_ms) } else { 0 };
+        let at = (now + self.latency_ms + extra).max(after);
+        if let StreamPacket::Input { input: StreamInput::Event(_), .. } = &packet
+            && faults.duplicate > 0.0
+            && rng.f64() < faults.duplicate
+        {
+            self.duplicated += 1;
+            self.seq += 1;
+            self.streams.push((at, self.seq, packet.clone()));
+        }
+        self.seq += 1;
+        self.streams.push((at, self.seq, packet));
+        Some(at)
+    }
+
+    /// The stream packet due first at or before `now`, oldest sent first among equals.
+    pub fn pop_stream_due(&mut self, now: u64) -> Option<StreamPacket> {
+        let index = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, (at, _, _))| *at <= now)
+            .min_by_key(|(_, (at, seq, _))| (*at, *seq))
+            .map(|(i, _)| i)?;
+        let (_, seq, packet) = self.streams.swap_remove(index);
+        if seq < self.delivered_seq {
+            self.reordered += 1;
+        }
+        self.delivered_seq = self.delivered_seq.max(seq);
+        Some(packet)
+    }
+
     fn schedule(&mut self, at: u64, packet: Packet) {
         self.seq += 1;
         self.in_transit.push((at, self.seq, packet));
     }
 
     pub fn is_idle(&self) -> bool {
-        self.in_transit.is_empty()
+        self.in_transit.is_empty() && self.streams.is_empty()
     }
 
     pub fn next_at(&self) -> Option<u64> {
-        self.in_transit.iter().map(|(at, _, _)| *at).min()
+        let streams = self.streams.iter().map(|(at, _, _)| *at);
+        self.in_transit.iter().map(|(at, _, _)| *at).chain(streams).min()
     }
 
     /// The packet due first at or before `now`, oldest sent first among equals.
