@@ -5,17 +5,20 @@
 //! not skipped; changes written while B's connection to the log is cut arrive once it is back;
 //! a change no instance notified arrives with the periodic read; a resume reads exactly a
 //! user's changes in a range, and nothing from before what the log keeps; a refused, failing,
-//! unchanged or rolled-back write publishes nothing.
+//! unchanged or rolled-back write publishes nothing. Over HTTP, with two hubs on one database:
+//! a stream open on one instance gets a change written through the other, and a
+//! `Last-Event-ID` one instance sent resumes on the other with what was missed.
 //!
-//! Instances are `PostgresStore`s on one database of the shared test cluster (the test that
-//! holds a transaction open has a cluster of its own: an open transaction holds back every
-//! database's changes).
+//! Instances are `PostgresStore`s, or `TestHub`s (the real hub over HTTP), on one database of
+//! the shared test cluster (the test that holds a transaction open has a cluster of its own: an
+//! open transaction holds back every database's changes).
 
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hub::config::Backend;
 use hub::store::postgres::{KEEP_FOR, KEEP_ROWS, LOG_READER_NAME, PostgresStore, READ_EVERY};
 use hub::store::{
     Change, ChangeEvent, Changes, Current, Mutation, OpKey, Position, Rejection, Store, StoreError, Write,
@@ -23,6 +26,8 @@ use hub::store::{
 };
 use protocol::{DataType, OpId, SiteId};
 use serde_json::{Value, json};
+use support::TestHub;
+use support::events::{EventStream, accepted, assert_change, changes, resume, stream_client, stream_request};
 use support::postgres::Cluster;
 use support::store::{T, TestClock, add, applied, open_postgres, user};
 
@@ -433,4 +438,69 @@ async fn the_same_ops_sent_to_two_instances_at_once_publish_each_change_once() {
     assert_none_arrives(&mut changes, Duration::from_millis(300)).await;
     a.close().await;
     b.close().await;
+}
+
+const SITE: &str = "roflfaucet";
+const USER: &str = "8-evans";
+
+/// A hub on the PostgreSQL database at `url`, with a rate limit that never gets in the way.
+async fn hub_on(url: &str) -> TestHub {
+    TestHub::start_with(|c| {
+        c.limits.requests_per_minute = 1_000_000;
+        c.store.backend = Backend::Postgres;
+        c.store.url = Some(url.to_owned());
+    })
+    .await
+}
+
+/// [`USER`]'s stream on `hub`, opened by a page of [`SITE`], read up to its `ready` event.
+async fn listen(hub: &TestHub) -> EventStream {
+    let token = hub.token(SITE, USER);
+    let mut stream =
+        accepted(stream_request(&stream_client(), &hub.url, USER, "", Some(&token)), "a stream").await;
+    stream.ready().await;
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_open_on_one_instance_gets_a_change_written_through_another() {
+    let url = Cluster::shared().database();
+    let (a, b) = (hub_on(&url).await, hub_on(&url).await);
+    let mut on_b = listen(&b).await;
+
+    let written = Instant::now();
+    let answer = a.site(SITE, USER).delta("balance", 10, "op-1").await.assert_ok().clone();
+    let event = on_b.change("the change written through A").await;
+    assert!(written.elapsed() < NOTIFIED_WITHIN, "notified, not read by the periodic read");
+    assert_change(&event, "balance", &answer);
+    let answer = b.site(SITE, USER).push("profile", json!({ "bio": "both" })).await.assert_ok().clone();
+    assert_change(&on_b.change("the change written through B").await, "profile", &answer);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_last_event_id_from_one_instance_resumes_on_another_with_what_was_missed() {
+    let url = Cluster::shared().database();
+    let a = hub_on(&url).await;
+    let faucet = a.site(SITE, USER);
+    let mut on_a = listen(&a).await;
+    let first = faucet.delta("balance", 10, "op-1").await.assert_ok().clone();
+    let seen = on_a.event("the first change").await;
+    assert_change(&seen.json(), "balance", &first);
+    drop(on_a);
+
+    let missed = [
+        ("balance", faucet.delta("balance", -3, "op-2").await.assert_ok().clone()),
+        ("settings", faucet.push("settings", json!({ "theme": "dark" })).await.assert_ok().clone()),
+    ];
+    // B starts after the missed changes: it has them from the change log, not in memory.
+    let b = hub_on(&url).await;
+    let (mut on_b, between, ready) = resume(&b.url, &b.token(SITE, USER), USER, seen.id()).await;
+    assert_eq!(changes(&between), [("balance".to_owned(), 2), ("settings".to_owned(), 1)], "{between:?}");
+    for (frame, (data_type, answer)) in between.iter().zip(&missed) {
+        assert_change(&frame.json(), data_type, answer);
+    }
+    assert_eq!(ready.json()["resumed"], true, "no resync: {ready:?}");
+
+    let after = faucet.delta("balance", 1, "op-3").await.assert_ok().clone();
+    assert_change(&on_b.change("the change after the resume").await, "balance", &after);
 }
