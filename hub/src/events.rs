@@ -82,9 +82,6 @@ struct Sent {
 struct Subscriber {
     id: u64,
     types: Types,
-    /// Changes at or before it were sent already (a stream resumed on an instance whose
-    /// reader is still behind the one it came from).
-    after: Position,
     frames: mpsc::Sender<Bytes>,
 }
 
@@ -143,10 +140,19 @@ impl std::fmt::Debug for Broker {
 pub struct Subscription {
     pub first: Vec<Bytes>,
     pub frames: mpsc::Receiver<Bytes>,
-    /// Where the kept changes do not reach back to the stream's `Last-Event-ID`: the store is
-    /// asked for `user`'s changes after the first position up to the second.
-    pub older: Option<(Position, Position)>,
+    /// Set when the kept changes do not reach back to the stream's `Last-Event-ID`:
+    /// [`Broker::catch_up`] asks the store for the rest.
+    older: Option<Older>,
     guard: Guard,
+}
+
+/// The changes a resumed stream missed before the kept ones: its user's after `after` up to
+/// `upto`. The stream was opened when `latest` was the last change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Older {
+    after: Position,
+    upto: Position,
+    latest: Position,
 }
 
 /// Takes a stream out of the broker when dropped.
@@ -308,7 +314,7 @@ impl Broker {
             state.latest = change.position;
             if let Some(subs) = state.streams.get_mut(&change.user) {
                 subs.retain(|sub| {
-                    if !sub.types.has(change.data_type) || change.position <= sub.after {
+                    if !sub.types.has(change.data_type) {
                         return true;
                     }
                     match sub.frames.try_send(change.frame.clone()) {
@@ -407,16 +413,15 @@ impl Broker {
         let types = Types::of(types);
         let latest = state.latest;
         let mut first = vec![Bytes::from(format!("retry: {}\n\n", config.retry_ms))];
-        let resume = last_event_id.map(|id| self.position(id.trim()));
-        let (after, older) = match resume {
-            None => (latest, None),
-            Some(None) => {
-                first.push(self.resync(latest));
-                (latest, None)
-            }
+        // An id ahead of every change this hub has handed out is of another run of its store
+        // (a data dir copied back) or made up: nothing tells what its client missed.
+        let resume = last_event_id.map(|id| self.position(id.trim()).filter(|after| *after <= latest));
+        let mut older = None;
+        match resume {
+            None => {}
+            Some(None) => first.push(self.resync(latest)),
             Some(Some(after)) => {
-                let from = after.max(state.start);
-                let missed = state.kept.partition_point(|c| c.position <= from);
+                let missed = state.kept.partition_point(|c| c.position <= after.max(state.start));
                 first.extend(
                     state
                         .kept
@@ -424,15 +429,17 @@ impl Broker {
                         .filter(|c| c.user == *user && types.has(c.data_type))
                         .map(|c| c.frame.clone()),
                 );
-                (after.max(latest), (after < state.start).then_some((after, state.start)))
+                if after < state.start {
+                    older = Some(Older { after, upto: state.start, latest });
+                }
             }
-        };
+        }
         if older.is_none() {
-            first.push(self.ready(after, resume.is_some()));
+            first.push(self.ready(latest, resume.is_some()));
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, frames) = mpsc::channel(QUEUE);
-        state.streams.entry(user.clone()).or_default().push(Subscriber { id, types, after, frames: sender });
+        state.streams.entry(user.clone()).or_default().push(Subscriber { id, types, frames: sender });
         *state.per_address.entry(address).or_default() += 1;
         self.inner.metrics.open.inc();
         drop(state);
@@ -444,38 +451,33 @@ impl Broker {
         })
     }
 
-    /// Completes a subscription whose `Last-Event-ID` is older than the kept changes, with
-    /// those the store still has (or a resync): the frames to send before the kept ones.
+    /// Completes a subscription whose `Last-Event-ID` is older than the kept changes with
+    /// those the store still has, sent before the kept ones; or, when the store keeps none
+    /// from so far back, with a `resync` instead of every missed change.
     pub async fn catch_up(&self, store: &dyn Store, subscription: &mut Subscription, types: &[DataType]) {
-        let Some((after, upto)) = subscription.older.take() else { return };
+        let Some(Older { after, upto, latest }) = subscription.older.take() else { return };
         let types = Types::of(types);
-        let user = subscription.guard.user.clone();
-        let ready_at = {
-            let state = self.inner.state.lock().expect("the event broker");
-            state
-                .streams
-                .get(&user)
-                .and_then(|subs| subs.iter().find(|s| s.id == subscription.guard.id))
-                .map(|s| s.after)
-        }
-        .unwrap_or(upto);
-        let mut older = match store.changes_between(&user, after, upto).await {
-            Ok(Some(changes)) => changes
-                .into_iter()
-                .filter(|c| c.user == user && types.has(c.data_type))
-                .map(|c| self.frame(c).frame)
-                .collect(),
-            Ok(None) => vec![self.resync(ready_at)],
+        let user = &subscription.guard.user;
+        let retry = subscription.first.remove(0);
+        let mut first = vec![retry];
+        match store.changes_between(user, after, upto).await {
+            Ok(Some(changes)) => {
+                first.extend(
+                    changes
+                        .into_iter()
+                        .filter(|c| c.user == *user && types.has(c.data_type))
+                        .map(|c| self.frame(c).frame),
+                );
+                first.append(&mut subscription.first);
+            }
+            Ok(None) => first.push(self.resync(latest)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read a stream's missed changes; it is told to resync");
-                vec![self.resync(ready_at)]
+                first.push(self.resync(latest));
             }
-        };
-        let retry = subscription.first.remove(0);
-        older.insert(0, retry);
-        older.append(&mut subscription.first);
-        older.push(self.ready(ready_at, true));
-        subscription.first = older;
+        }
+        first.push(self.ready(latest, true));
+        subscription.first = first;
     }
 
     fn resync(&self, at: Position) -> Bytes {
@@ -593,8 +595,12 @@ mod tests {
         assert!(kept.older.is_none());
         assert_eq!(text(&kept.first).len(), 4, "{:?}", text(&kept.first));
         let old = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE).unwrap();
-        assert_eq!(old.older, Some((Position { era: 1, seq: 1 }, Position { era: 1, seq: 3 })));
-        for id in ["F.1.4", "garbage", "E.x.1", ""] {
+        let (era, latest) = (1, Position { era: 1, seq: 5 });
+        assert_eq!(
+            old.older,
+            Some(Older { after: Position { era, seq: 1 }, upto: Position { era, seq: 3 }, latest })
+        );
+        for id in ["F.1.4", "garbage", "E.x.1", "", "E.1.6", "E.2.1"] {
             let other = broker.subscribe(&user("a"), &DataType::ALL, Some(id), HERE).unwrap();
             let first = text(&other.first);
             assert!(first[1].starts_with("event: resync\nid: E.1.5\n"), "{id:?}: {first:?}");

@@ -581,10 +581,11 @@ impl Writer {
                 }
             }
             tracing::trace!(batch = count, "store batch committed");
-            self.changes.publish(std::mem::take(&mut self.made));
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
+            // After the writers' answers: no stream hears of a change before its writer does.
+            self.changes.publish(std::mem::take(&mut self.made));
             self.since_checkpoint += count;
             if self.since_checkpoint >= CHECKPOINT_AT_MOST
                 || (self.since_checkpoint >= CHECKPOINT_WHEN_IDLE && rx.is_empty())
