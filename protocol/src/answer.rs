@@ -1,7 +1,7 @@
 //! Answers the hub sends, in the shapes the seed design documented plus the fields that
 //! make sync exact (`version`, `epoch`).
 
-use std::collections::BTreeMap;
+use alloc::{collections::BTreeMap, string::String, vec::Vec};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -76,7 +76,7 @@ pub struct PushAnswer {
     /// The record after the merge, so the pushing client needs no extra `get`.
     pub data: Value,
     /// True when this answers a repeated `op_id` and nothing was applied again.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub replayed: bool,
 }
 
@@ -88,7 +88,7 @@ pub struct DeltaAnswer {
     pub version: u64,
     pub data: Value,
     pub last_updated: Option<String>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub replayed: bool,
 }
 

@@ -2,6 +2,8 @@
 //! are specialized for every separator length) would cost the client's package more than all
 //! that it formats. These do the little it needs, and nothing else.
 
+use alloc::string::String;
+
 /// `parts` one after another.
 pub fn concat(parts: &[&str]) -> String {
     let mut out = String::new();

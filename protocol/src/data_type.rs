@@ -1,6 +1,8 @@
 //! The five kinds of record a user has.
 
-use std::fmt;
+use alloc::{format, string::String, vec::Vec};
+
+use core::fmt;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,8 @@
 //! Why a request is refused: a stable snake_case code for programs, a message for people.
 
-use std::fmt;
+use alloc::string::String;
+
+use core::fmt;
 
 /// Which family of HTTP status a refusal maps to. The protocol names the family; the hub
 /// picks the status line.
@@ -40,4 +42,4 @@ impl fmt::Display for Refusal {
     }
 }
 
-impl std::error::Error for Refusal {}
+impl core::error::Error for Refusal {}

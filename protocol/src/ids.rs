@@ -1,6 +1,8 @@
 //! Identifiers that travel in requests, each checked once on the way in.
 
-use std::fmt;
+use alloc::{borrow::ToOwned, string::String};
+
+use core::fmt;
 
 use crate::Refusal;
 

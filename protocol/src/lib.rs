@@ -2,7 +2,12 @@
 //! client. Does no I/O, reads no clock and knows nothing of HTTP beyond the status class a
 //! refusal belongs to and the query strings and entity tags of its requests; builds for
 //! native targets and for wasm32. The hub reads and writes the serde types; the client writes
-//! and reads through [`wire`], which needs no JSON library.
+//! and reads through [`wire`], which needs no JSON library. Needs no `std` (only `alloc`), so
+//! that the browser build can leave out std's panic and formatting machinery.
+
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
 
 mod answer;
 pub mod compact;

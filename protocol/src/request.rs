@@ -1,6 +1,12 @@
 //! Requests as they arrive: a POST body (`push`, `delta`) or a GET query (`timestamp`,
 //! `get`). Fields stay strings here so each can be refused with its own code.
 
+use alloc::{
+    format,
+    string::{String, ToString},
+    vec::Vec,
+};
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -217,7 +223,7 @@ impl<'de> Deserialize<'de> for UniqueObject {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = UniqueObject;
 
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
                 f.write_str("a JSON object")
             }
 
@@ -249,12 +255,12 @@ impl<'de> Deserialize<'de> for UniqueKeys {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = UniqueKeys;
 
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
                 f.write_str("a JSON object")
             }
 
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
-                let mut seen = std::collections::BTreeSet::new();
+                let mut seen = alloc::collections::BTreeSet::new();
                 while let Some(key) = map.next_key::<String>()? {
                     map.next_value::<serde::de::IgnoredAny>()?;
                     if seen.contains(&key) {

@@ -3,7 +3,9 @@
 //! starts from. Says nothing about who may sign which scope: that is the hub's
 //! configuration.
 
-use std::fmt;
+use alloc::{borrow::ToOwned, string::String};
+
+use core::fmt;
 
 /// One permission a token can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

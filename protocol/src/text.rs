@@ -2,6 +2,8 @@
 //! refuses control characters, drops invisible direction overrides and trims; clients
 //! render the result with `textContent`.
 
+use alloc::{borrow::ToOwned, format, string::String};
+
 use crate::Refusal;
 
 /// Whether a field may hold line breaks.

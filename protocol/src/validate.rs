@@ -2,6 +2,8 @@
 //! stored. A valid push becomes a normalized JSON merge patch; a valid delta becomes a
 //! signed integer.
 
+use alloc::{borrow::ToOwned, format, string::String, vec::Vec};
+
 use serde_json::{Map, Value};
 
 use crate::data_type::truncate;
@@ -191,8 +193,8 @@ fn integer(field: &str, value: &Value) -> Result<i64, Refusal> {
         Some(i) if i.unsigned_abs() <= MAX_AMOUNT.unsigned_abs() => Ok(i),
         Some(_) => Err(too_large(field)),
         None if n.is_u64() => Err(too_large(field)),
-        // Integers beyond u64 arrive as whole floats.
-        None if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() > MAX_AMOUNT as f64) => {
+        // Integers beyond u64 arrive as floats, all of them whole beyond 2^53.
+        None if n.as_f64().is_some_and(|f| f.is_finite() && f.abs() > MAX_AMOUNT as f64) => {
             Err(too_large(field))
         }
         None => Err(Refusal::invalid("not_an_integer", format!("{field} must be an integer, not {n}"))),

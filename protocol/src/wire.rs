@@ -10,6 +10,8 @@
 //! `"success": false` with a `code` and a message ([`refusal`]). A proxy's error page, a
 //! firewall's JSON or an empty 200 read as neither, and a client treats them as no answer.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 use crate::DataType;
 use crate::compact::{concat, decimal};
 
