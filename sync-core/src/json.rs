@@ -81,7 +81,10 @@ impl Json {
     /// An integer within ±2^53; `None` for fractions and anything else.
     pub fn as_i64(&self) -> Option<i64> {
         match self {
-            Json::Number(n) if n.fract() == 0.0 && n.abs() <= protocol::MAX_AMOUNT as f64 => Some(*n as i64),
+            // Whole when it survives the round trip through i64 (`f64::fract` is std's).
+            Json::Number(n) if n.abs() <= protocol::MAX_AMOUNT as f64 && *n == (*n as i64) as f64 => {
+                Some(*n as i64)
+            }
             _ => None,
         }
     }
