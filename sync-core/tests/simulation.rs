@@ -9,8 +9,14 @@
 //! after a few minutes and refuses older unknown ones (`op_expired`), the devices' clocks are a
 //! month off the hub's, and tabs of one site learn of each other's writes only through the
 //! storage they share (as in a browser), not at once; the network drops, duplicates, delays
-//! and reorders packets. At the end the hub is up, the network heals, every tab gets a forced
-//! check, and the world runs until quiescent. Then:
+//! and reorders packets. In half the worlds the tabs keep the hub's event stream: one tab per
+//! site holds it and shares its events, streams break where a packet is lost, their events
+//! come twice or late (overtaking other traffic, never their own stream's), the hub ends them
+//! when it goes down or tokens expire, forgets the changes kept for resuming (`resync`), and
+//! in some worlds sends changes without their data (fetched). Before the end of such a world,
+//! every tab comes back to view, one more change is written on the hub, and every tab that
+//! says it is live must cache it without any check. At the end the hub is up, the network
+//! heals, every tab gets a forced check, and the world runs until quiescent. Then:
 //!
 //! - no op id any engine made was applied more than once;
 //! - every op not refused was applied exactly once, only balance refusals and `op_expired`
@@ -82,6 +88,10 @@ struct Exercised {
     /// Worlds whose tabs of one site, learning of each other's writes only through storage,
     /// both wrote.
     shared_storage: u64,
+    /// Event streams that resumed after a `Last-Event-ID`.
+    resumed_streams: u64,
+    /// Changes that reached a tab through an event stream.
+    streamed_changes: u64,
 }
 
 impl Exercised {
@@ -97,6 +107,8 @@ impl Exercised {
         self.stopped_batches += other.stopped_batches;
         self.expired += other.expired;
         self.shared_storage += other.shared_storage;
+        self.resumed_streams += other.resumed_streams;
+        self.streamed_changes += other.streamed_changes;
     }
 }
 
@@ -181,6 +193,8 @@ fn random_worlds_apply_every_delta_once_and_converge() {
             stopped_batches,
             expired,
             shared_storage,
+            resumed_streams,
+            streamed_changes,
         } = exercised;
         for (kind, count) in [
             ("dropped packets", dropped),
@@ -194,6 +208,8 @@ fn random_worlds_apply_every_delta_once_and_converge() {
             ("batches stopped half way", stopped_batches),
             ("ops refused as expired", expired),
             ("tabs sharing storage", shared_storage),
+            ("event streams resuming", resumed_streams),
+            ("changes through event streams", streamed_changes),
         ] {
             assert!(count > 0, "{} seeds never exercised {kind}; to run them again: {again}", seeds.len());
         }
@@ -210,7 +226,11 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     let initial = rng.i64(0..=200);
     sim.hub_write(DataType::Balance, json!({ "coins": initial }));
     let sites = if rng.bool() { &SITES[..1] } else { &SITES[..] };
-    let tabs: Vec<Tab> = (0..rng.usize(2..=3)).map(|i| sim.open(sites[i % sites.len()])).collect();
+    let live = rng.bool();
+    let inline_limit = *rng.choice(&[2048, 2048, 0]).unwrap();
+    sim.hub().set_inline_limit(inline_limit);
+    let tabs: Vec<Tab> =
+        (0..rng.usize(2..=3)).map(|i| sim.open_with(sites[i % sites.len()], |c| c.live = live)).collect();
     let faults = Faults {
         drop: *rng.choice(&[0.0, 0.0, 0.02, 0.1]).unwrap(),
         duplicate: *rng.choice(&[0.0, 0.05, 0.2]).unwrap(),
@@ -231,7 +251,8 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     sim.set_storage_events(storage_events);
     tell(format!(
         "{initial} coins; tabs {:?}; {faults:?}; grants live {grant_ttl_ms} ms; op ids kept {retention_ms:?} \
-         ms; the hub's clock {skew_ms:+} ms off the devices'; storage events {storage_events}",
+         ms; the hub's clock {skew_ms:+} ms off the devices'; storage events {storage_events}; event streams \
+         {live}, changes inline up to {inline_limit} bytes",
         tabs.iter().map(Tab::name).collect::<Vec<_>>()
     ));
     // Tickets the pages wait for, with the page load that asked.
@@ -350,6 +371,10 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
                 sim.hub().fail_next_batch_at(at);
                 format!("the hub's next batch fails at op {at}")
             }
+            98 => {
+                sim.hub().forget_changes();
+                "the hub forgets the changes kept for resuming streams".to_owned()
+            }
             _ => {
                 sim.hub().expire_tokens();
                 "tokens expire".to_owned()
@@ -365,6 +390,35 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
         sim.run_for(pause);
     }
 
+    if live {
+        tell("the hub comes up, the network heals, every tab comes back to view; one more change".into());
+        sim.hub().up();
+        sim.net().heal();
+        for tab in tabs.iter().filter(|t| t.is_open()) {
+            ask(tab, Trigger::TabVisible);
+        }
+        sim.drive();
+        sim.hub_write(DataType::Profile, json!({ "bio": "the last word" }));
+        let marks: Vec<_> = tabs.iter().map(Tab::mark).collect();
+        sim.drive();
+        // Pages' own writes may land after it: the hub's record as it ends.
+        let last = sim.hub().record(support::USER, DataType::Profile);
+        for (tab, mark) in tabs.iter().zip(marks) {
+            if !(tab.is_open() && tab.live()) {
+                continue;
+            }
+            let version = tab.record(DataType::Profile).map(|r| r.version);
+            assert_eq!(
+                version,
+                Some(last.version),
+                "{} is live and missed a change\n{}",
+                tab.name(),
+                tab.debug_log()
+            );
+            let checked = tab.requests_since(mark).iter().any(|(_, r)| support::action_of(r) == "timestamp");
+            assert!(!checked, "{} needed a check to see a change while live", tab.name());
+        }
+    }
     tell("the hub comes up, the network heals, every tab is online and forces checks".into());
     sim.hub().up();
     sim.net().heal();
@@ -411,6 +465,9 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     let expired = tabs.iter().flat_map(Tab::refused).filter(|(_, code)| code == "op_expired").count() as u64;
     let writers = |site: &str| tabs.iter().filter(|t| t.site() == site && !t.ops().is_empty()).count();
     let shared_storage = u64::from(!storage_events && sites.iter().any(|site| writers(site) > 1));
+    let streams = tabs.iter().flat_map(Tab::streams);
+    let resumed_streams = streams.filter(|s| s.last_event_id.is_some()).count() as u64;
+    let streamed_changes = tabs.iter().map(Tab::streamed_changes).sum();
     Exercised {
         dropped,
         duplicated,
@@ -423,6 +480,8 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
         stopped_batches,
         expired,
         shared_storage,
+        resumed_streams,
+        streamed_changes,
     }
 }
 

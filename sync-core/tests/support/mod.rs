@@ -141,6 +141,8 @@ struct TabState {
     stream_live: bool,
     /// Every stream this tab opened, all page loads, with when.
     streams: Vec<(u64, StreamRequest)>,
+    /// Change events its engines took.
+    streamed_changes: u64,
 }
 
 enum Local {
@@ -287,6 +289,7 @@ impl Sim {
             stream: 0,
             stream_live: false,
             streams: Vec::new(),
+            streamed_changes: 0,
         });
         world.after_input(id);
         Tab { world: self.world.clone(), id }
@@ -554,6 +557,11 @@ impl Tab {
     /// Every event stream this tab opened, all page loads.
     pub fn streams(&self) -> Vec<StreamRequest> {
         self.with(|w, id| w.tabs[id].streams.iter().map(|(_, r)| r.clone()).collect())
+    }
+
+    /// How many change events this tab's engines took, from its streams or shared.
+    pub fn streamed_changes(&self) -> u64 {
+        self.with(|w, id| w.tabs[id].streamed_changes)
     }
 
     /// When this tab opened each of its streams.
@@ -1110,6 +1118,9 @@ impl World {
                         }
                     }
                     _ => {}
+                }
+                if matches!(&input, StreamInput::Event(event) if event.name.is_empty()) {
+                    self.tabs[to.tab].streamed_changes += 1;
                 }
                 self.tabs[to.tab].engine.handle_stream(now, input);
                 self.after_input(to.tab);
