@@ -101,6 +101,8 @@ export interface SyncManager {
   on(event: "status", listener: (status: SyncStatus) => void): void;
   on(event: "refused", listener: (write: RefusedWrite) => void): void;
   on(event: "error", listener: (error: SyncErrorEvent) => void): void;
+  /** Whether changes reach the page live (the hub's event stream), each time it changes. */
+  on(event: "live", listener: (live: boolean) => void): void;
   off(event: string, listener: Function): void;
 }
 "#;
@@ -188,6 +190,13 @@ impl SyncManager {
         self.shell.status().into()
     }
 
+    /// True while changes reach the page live: the hub's event stream is open in this tab, or
+    /// the tab holding the site's stream shares one.
+    #[wasm_bindgen(getter)]
+    pub fn live(&self) -> bool {
+        self.shell.live()
+    }
+
     /// Why the status is "offline" or "error" (a `SyncStatusReason`); null otherwise.
     #[wasm_bindgen(getter, js_name = statusReason)]
     pub fn status_reason(&self) -> JsValue {
@@ -216,6 +225,9 @@ export class SyncManager {
   get(dataType: DataType): any;
   readonly status: SyncStatus;
   readonly statusReason: SyncStatusReason | null;
+  /** True while changes reach the page live: the hub's event stream is open in this tab, or
+   *  the site's tab holding it shares one. */
+  readonly live: boolean;
   destroy(): void;
 }
 "#;

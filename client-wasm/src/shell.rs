@@ -9,6 +9,13 @@
 //! package several kilobytes more than these lines. The JavaScript makes no decision either:
 //! it only carries inputs in and outputs out.
 //!
+//! The event stream: the tab holding the site's stream lock (a Web Lock named after the
+//! site's channel, `…:stream`) reads `GET /api/events` with `fetch` (its token in the
+//! `Authorization` header only), splits the server-sent events, hands each to the engine and
+//! shares it, and whether its stream is live, over the site's channel; the other tabs hand
+//! what they hear to their engines. A tab that starts waiting for the lock asks whether the
+//! stream is live; the tab with a live stream answers.
+//!
 //! Storage, shared by the tabs of one origin: the cache under one key (what the last tab to
 //! store saw; versions make an older copy harmless), and each pending write under a key of
 //! its own, written when it is new (or carries a fresh grant) and removed once it is finished.
@@ -25,7 +32,7 @@ use protocol::Refusal;
 use protocol::compact::concat;
 use sync_core::{
     Config, DataType, Engine, Event, Grant, Json, Method, Op, Persisted, Reply, Request, Shared, Source,
-    Trigger,
+    StreamEvent, StreamInput, Trigger,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
@@ -139,9 +146,22 @@ const REPLY: u32 = 8;
 const ANSWER: u32 = 9;
 /// The timer armed with `arm` fired.
 const TIMER: u32 = 10;
+/// This tab holds the site's stream lock.
+const LOCKED: u32 = 11;
+/// An event of this tab's stream (`STREAM_EVENT`) or one the tab holding the stream shared
+/// (`STREAM_SHARED`): its data parsed (`value`), its name (`extra`) and its id (`etag`).
+const STREAM_EVENT: u32 = 12;
+const STREAM_SHARED: u32 = 13;
+/// The tab holding the site's stream says whether it is live (`status`: 1 or 0).
+const SHARED_LIVE: u32 = 14;
+/// This tab's stream ended or never opened: `status` (0 when no answer came or the connection
+/// broke, 200 when the body ended), a refusal's body (`value`) and `Retry-After` (`extra`), as
+/// for [`REPLY`].
+const STREAM_END: u32 = 15;
 
 pub(crate) struct Shell {
     engine: RefCell<Engine>,
+    /// The sync endpoint; the event stream is `/api/events` beside it.
     endpoint: String,
     /// The cache's key; each pending write is stored under it and `:op:` and its op id.
     storage_key: String,
@@ -162,6 +182,7 @@ impl Shell {
         let storage_key = concat(&["unified-sync:", &endpoint, ":", &options.user_id]);
         let channel = concat(&[storage_key.as_str(), ":", &options.site_id]);
         let mut config = Config::new(options.site_id, options.user_id, options.data_types);
+        config.live = true;
         config.needs_token = options.get_token.is_some();
         config.asks_for_grants = options.get_grant.is_some();
         // Every line is made; `Event::Log` decides whether to print it.
@@ -207,6 +228,9 @@ impl Shell {
                 destroyed: Cell::new(false),
             }
         });
+        if shell.host.hidden() {
+            shell.engine.borrow_mut().handle_hidden(now());
+        }
         shell.drive();
         Ok(shell)
     }
@@ -247,14 +271,27 @@ impl Shell {
                 let reply = if status == 0 {
                     Reply::NetworkError
                 } else {
-                    let text = value.as_string().unwrap_or_default();
-                    let body = if text.is_empty() { Json::Null } else { parse(&text) };
-                    let retry_after =
-                        extra.as_f64().filter(|s| *s >= 0.0 && s.fract() == 0.0).map(|s| s as u64);
+                    let (body, retry_after) = answer(&value, &extra);
                     let date = (date >= 0.0).then_some(date as u64);
                     Reply::Answer { status: status as u16, body, retry_after, date, etag: etag.as_string() }
                 };
                 engine.handle_reply(now, id as u64, reply);
+            }
+            LOCKED => engine.handle_stream(now, StreamInput::Locked),
+            STREAM_EVENT | STREAM_SHARED => {
+                let name = extra.as_string().unwrap_or_default();
+                let event = StreamEvent { name, id: etag.as_string(), data: from_js(&value) };
+                let input = if input == STREAM_EVENT {
+                    StreamInput::Event(event)
+                } else {
+                    StreamInput::Shared(event)
+                };
+                engine.handle_stream(now, input);
+            }
+            SHARED_LIVE => engine.handle_stream(now, StreamInput::SharedLive(status == 1)),
+            STREAM_END => {
+                let (body, retry_after) = answer(&value, &extra);
+                engine.handle_stream(now, StreamInput::Ended { status: status as u16, body, retry_after });
             }
             ANSWER => {
                 let answer = value.as_string().filter(|text| !text.is_empty());
@@ -337,6 +374,15 @@ impl Shell {
             }
             Event::Persist => self.persist(),
             Event::Share(shared) => self.host.post(&to_js(&shared.to_json())),
+            Event::StreamLock(on) => self.host.lock(on),
+            Event::Stream(request) => match request {
+                Some(r) => {
+                    let url = concat(&[self.endpoint.as_str(), "?", &r.query]);
+                    self.host.stream(Some(&url), r.token.as_deref(), r.last_event_id.as_deref());
+                }
+                None => self.host.stream(None, None, None),
+            },
+            Event::Live(live) => self.host.emit("live", &live.into(), &JsValue::UNDEFINED),
             Event::Log(line) => {
                 if self.debug || load("sync_debug").as_deref() == Some("true") {
                     console_log(&line);
@@ -448,6 +494,11 @@ impl Shell {
         Ok(self.engine.borrow().view(data_type).map_or(JsValue::UNDEFINED, |v| to_js(&v)))
     }
 
+    /// Whether changes reach the page live.
+    pub(crate) fn live(&self) -> bool {
+        self.engine.borrow().live()
+    }
+
     /// Why the status is `offline` or `error`.
     pub(crate) fn status_reason(&self) -> Option<&'static str> {
         self.engine.borrow().status_reason().map(sync_core::Reason::code)
@@ -477,6 +528,14 @@ pub(crate) fn data_type_of(name: &str) -> Result<DataType, SyncError> {
             "the data type must be balance, points, profile, roles or settings",
         )
     })
+}
+
+/// An answer's body (`text`, parsed; null when empty) and `Retry-After` (`retry_after`, whole
+/// seconds or none).
+fn answer(text: &JsValue, retry_after: &JsValue) -> (Json, Option<u64>) {
+    let text = text.as_string().unwrap_or_default();
+    let body = if text.is_empty() { Json::Null } else { parse(&text) };
+    (body, retry_after.as_f64().filter(|s| *s >= 0.0 && s.fract() == 0.0).map(|s| s as u64))
 }
 
 /// The key a pending write is stored under, beside the cache's `storage_key`.
@@ -528,11 +587,73 @@ export function connect(channelName, spinner, input) {
   let channel = null;
   if (typeof BroadcastChannel === "function") {
     channel = new BroadcastChannel(channelName);
-    channel.onmessage = (e) => input(7, 0, 0, e.data);
+    channel.onmessage = ({ data: m }) =>
+      m.f ? input(13, 0, 0, m.f[2], m.f[0], NaN, m.f[1]) : "l" in m ? input(14, 0, m.l) : m.ask ? live && post({ l: 1 }) : input(7, 0, 0, m);
   }
+  const post = (message) => channel && channel.postMessage(message);
   let listeners = [];
   const waiting = new Map();
   let closed = false, timer, element;
+  // The stream: the lock's release (or, while asked for, what gives the request up), the
+  // stream's abort, its generation (anything of an older stream is dropped), whether it is live.
+  let release, abort, gen = 0, live = 0;
+  const setLive = (on) => live !== on && post({ l: (live = on) });
+  const lock = (on) => {
+    if (release) release();
+    release = null;
+    if (!on) return;
+    post({ ask: 1 });
+    let gone;
+    release = () => (gone = 1);
+    const held = () => {
+      if (gone) return;
+      const p = new Promise((r) => (release = r));
+      // A holder before this one may have gone without saying its stream ended.
+      post({ l: (live = 0) });
+      input(11);
+      return p;
+    };
+    if (navigator.locks) navigator.locks.request(channelName + ":stream", held);
+    else Promise.resolve().then(held);
+  };
+  const stream = (url, token, lastId) => {
+    const g = ++gen;
+    if (abort) abort.abort();
+    setLive(0);
+    if (!url) return;
+    const headers = {};
+    if (token) headers.Authorization = "Bearer " + token;
+    if (lastId) headers["Last-Event-ID"] = lastId;
+    const end = (status, body, retry) => g === gen && (setLive(0), input(15, 0, status, body, retry));
+    fetch(url.replace(/sync(\.php)?\?/, "events?"), { headers, signal: (abort = new AbortController()).signal })
+      .then(async (r) => {
+        if (r.status !== 200) return end(r.status, await r.text(), +(r.headers.get("Retry-After") ?? NaN));
+        const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+        for (let text = "", i, read; !(read = await reader.read()).done; ) {
+          text += read.value.replace(/\r/g, "");
+          while ((i = text.indexOf("\n\n")) >= 0 && g === gen) {
+            let name = "", id = null, data = null;
+            text
+              .slice(0, i)
+              .replace(/^(event|id|data)(?:: ?(.*))?$/gm, (_, field, v = "") =>
+                field === "data" ? (data = data === null ? v : data + "\n" + v) : field === "id" ? (id = v) : (name = v),
+              );
+            text = text.slice(i + 2);
+            if (data === null) continue;
+            try {
+              data = JSON.parse(data);
+            } catch (e) {
+              data = null;
+            }
+            if (name === "ready") setLive(1);
+            post({ f: [name, id, data] });
+            input(12, 0, 0, data, name, NaN, id);
+          }
+        }
+        end(200, "");
+      })
+      .catch(() => end(0, ""));
+  };
   const call = (f, a, b) => {
     try {
       f(a, b);
@@ -569,7 +690,10 @@ export function connect(channelName, spinner, input) {
       clearTimeout(timer);
       if (ms >= 0) timer = setTimeout(() => input(10), Math.min(ms, 2147483647));
     },
-    post: (message) => channel && channel.postMessage(message),
+    post,
+    lock,
+    stream,
+    hidden: () => d.hidden,
     on(name, f, data, meta) {
       listeners.push([name, f]);
       if (data !== undefined) call(f, data, meta);
@@ -606,6 +730,8 @@ export function connect(channelName, spinner, input) {
     },
     close() {
       closed = true;
+      stream();
+      lock();
       for (const kind in on) target(kind).removeEventListener(kind, on[kind]);
       if (channel) channel.close();
       clearTimeout(timer);
@@ -736,6 +862,21 @@ extern "C" {
     /// Shares a message with the site's other tabs.
     #[wasm_bindgen(method)]
     fn post(this: &Host, message: &JsValue);
+
+    /// Asks for the site's stream lock (answers [`LOCKED`] once held), or lets go of it or of
+    /// the request.
+    #[wasm_bindgen(method)]
+    fn lock(this: &Host, on: bool);
+
+    /// Opens the event stream (replacing the one open), or closes it (`None`): `url` is the
+    /// sync endpoint and the stream's query, read as `/api/events` beside it. Its events come
+    /// back as [`STREAM_EVENT`] and are shared, its end as [`STREAM_END`].
+    #[wasm_bindgen(method)]
+    fn stream(this: &Host, url: Option<&str>, token: Option<&str>, last_event_id: Option<&str>);
+
+    /// Whether the page is hidden.
+    #[wasm_bindgen(method)]
+    fn hidden(this: &Host) -> bool;
 
     /// Registers a listener; calls it at once with `data` and `meta` unless `data` is
     /// `undefined`.
