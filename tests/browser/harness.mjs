@@ -567,15 +567,27 @@ function hubRequest(request) {
 }
 
 export class SitePage {
-  constructor(site, user, options, path = "/") {
+  constructor(site, user, { events = "none", ...options }, path = "/") {
     this.site = site;
     this.userId = user;
     this.options = options;
     this.path = path;
-    /** Every request this tab sent to the hub (CORS preflights excluded), in order. */
+    /**
+     * What `/api/events` is for this tab: `"hub"`, the hub's event stream; `"404"`, a 404 from
+     * the network (`page.route`), as a hub without events answers; `"none"` (the default), a
+     * 404 the page's own `fetch` answers, with nothing on the network, so that a test counts
+     * the hub requests and CORS preflights of a page without streams (routing any request
+     * turns Chromium's preflight cache off).
+     */
+    this.events = events;
+    /** Every request this tab sent to the hub (CORS preflights and event streams excluded), in order. */
     this.hubRequests = [];
-    /** The CORS preflights (OPTIONS) the browser sent to the hub for this tab. */
+    /** Every event stream this tab opened: `{lastEventId, authorization, url}`, in order. */
+    this.streams = [];
+    /** The CORS preflights (OPTIONS) the browser sent to the hub for this tab (not for streams). */
     this.preflights = [];
+    /** The CORS preflights the browser sent for this tab's event streams. */
+    this.streamPreflights = [];
     /** Hub requests sent and not yet answered or failed. */
     this.inFlight = 0;
     /** Every console line of this tab. */
@@ -595,8 +607,40 @@ export class SitePage {
     this.page = await context.newPage();
     if (beforeLoad) await beforeLoad(this.page);
     const hubApi = `${this.site.harness.hub.url}/api/`;
-    const isHub = (request) => request.url().startsWith(hubApi) && request.method() !== "OPTIONS";
+    const events = `${hubApi}events`;
+    const isStream = (request) => request.url().startsWith(events) && request.method() === "GET";
+    const isHub = (request) =>
+      request.url().startsWith(hubApi) && request.method() !== "OPTIONS" && !isStream(request);
+    const notFound = JSON.stringify({ success: false, code: "not_found", error: "no such endpoint" });
+    if (this.events === "404") {
+      await this.page.route(`${events}*`, (route) =>
+        route.fulfill({
+          status: 404,
+          headers: { "access-control-allow-origin": this.site.origin, "content-type": "application/json" },
+          body: notFound,
+        }),
+      );
+    } else if (this.events === "none") {
+      await this.page.addInitScript(
+        ([events, body]) => {
+          const fetch = window.fetch;
+          window.fetch = (url, init) =>
+            String(url).startsWith(events)
+              ? Promise.resolve(new Response(body, { status: 404, headers: { "content-type": "application/json" } }))
+              : fetch(url, init);
+        },
+        [events, notFound],
+      );
+    }
     this.page.on("request", (request) => {
+      if (isStream(request)) {
+        const headers = request.headers();
+        this.streams.push({
+          url: request.url(),
+          lastEventId: headers["last-event-id"] ?? null,
+          authorization: headers.authorization ?? null,
+        });
+      }
       if (!isHub(request)) return;
       this.hubRequests.push(hubRequest(request));
       this.inFlight += 1;
@@ -609,7 +653,9 @@ export class SitePage {
     // Playwright does not report CORS preflights; the DevTools protocol does.
     const cdp = await context.newCDPSession(this.page);
     cdp.on("Network.requestWillBeSent", ({ request }) => {
-      if (request.method === "OPTIONS" && request.url.startsWith(hubApi)) this.preflights.push(request.url);
+      if (request.method !== "OPTIONS") return;
+      if (request.url.startsWith(events)) this.streamPreflights.push(request.url);
+      else if (request.url.startsWith(hubApi)) this.preflights.push(request.url);
     });
     await cdp.send("Network.enable");
     this.page.on("console", (message) => this.console.push(message.text()));
@@ -707,6 +753,23 @@ export class SitePage {
     });
     if (wait) await this.idle();
     return statuses;
+  }
+
+  /**
+   * The document turns `state` (`"hidden"` or `"visible"`) with its `visibilitychange`, as the
+   * browser does when the user leaves the tab or comes back (`tabReturns` does both at once).
+   */
+  async setVisibility(state) {
+    await this.evaluate((state) => {
+      Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+      Object.defineProperty(document, "hidden", { configurable: true, get: () => state === "hidden" });
+      document.dispatchEvent(new Event("visibilitychange"));
+    }, state);
+  }
+
+  /** `sync.live`: whether changes reach the page live. */
+  live() {
+    return this.evaluate(() => window.sync.live);
   }
 
   /** Waits until no check is running and every hub request has its answer. */

@@ -23,6 +23,8 @@ const seen = {
   tokenCalls: 0,
   /** What the package asked `getGrant` for. */
   grantAsks: [],
+  /** The "live" events: whether changes reach the page live. */
+  live: [],
 };
 window.seen = seen;
 
@@ -78,6 +80,7 @@ sync.on("profile", (data, meta) => {
 sync.on("status", (status) => seen.status.push(status));
 sync.on("refused", (write) => seen.refused.push(write));
 sync.on("error", (error) => seen.errors.push(error));
+sync.on("live", (live) => seen.live.push(live));
 
 window.loggedIn = params.get("login") === "0" ? Promise.resolve(null) : sync.login();
 window.started = true;
