@@ -58,7 +58,7 @@ const RECONNECT_MOST: Duration = Duration::from_secs(5);
 /// the changes it missed; one from before gets a resync.
 pub const KEEP_FOR: Duration = Duration::from_secs(10 * 60);
 /// Changes the log keeps at most (give or take those of [`MARK_EVERY_MS`]), so that a busy
-/// deployment's log stays small: about 150 MB.
+/// deployment's log stays small: about 200 MB.
 pub const KEEP_ROWS: i64 = 1_000_000;
 /// How often (on the monotonic clock) an instance's writers mark where the log stands.
 const MARK_EVERY_MS: u64 = 10_000;
