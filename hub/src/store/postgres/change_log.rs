@@ -15,7 +15,10 @@
 //! id has ended, so none of their rows can appear later — in order of (transaction id,
 //! position), which is each change's [`Position`], the same on every instance; then its
 //! cursor moves to that boundary. A transaction left open anywhere in the cluster, once it
-//! has written, holds every later change back until it ends.
+//! has written, holds every later change back until it ends. Two batches can take their ids
+//! in one order and a record's lock in the other: that record's later version is then
+//! published before its earlier one, and a page keeps the newer version it has (each change
+//! carries its version).
 //!
 //! The writers keep the log to [`KEEP_FOR`] or [`KEEP_ROWS`] ([`Retention`]); [`between`]
 //! answers `None` for a resume from before what it keeps. Nothing here writes a change.
