@@ -639,7 +639,11 @@ export function connect(channelName, spinner, input) {
                 field === "data" ? (data = data === null ? v : data + "\n" + v) : field === "id" ? (id = v) : (name = v),
               );
             text = text.slice(i + 2);
-            if (data === null) continue;
+            // A heartbeat (or the retry hint): the stream is alive.
+            if (data === null) {
+              input(12);
+              continue;
+            }
             try {
               data = JSON.parse(data);
             } catch (e) {

@@ -44,6 +44,11 @@ pub const STREAM_GRACE_MS: u64 = 10_000;
 /// as it would without a stream.
 pub const STREAM_READY_WAIT_MS: u64 = 5_000;
 
+/// A stream that brings nothing, not even the hub's heartbeat (every 15 s by default), for
+/// this long is taken for broken (a frozen hub, a dead connection): the hub counts as
+/// unreachable and the stream is opened again. [`Config::stream_silence_ms`] defaults to it.
+pub const STREAM_SILENCE_MS: u64 = 45_000;
+
 /// Why the engine should check the hub for changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {

@@ -10,8 +10,8 @@ use serde_json::json;
 use support::hub::Mode;
 use support::{Sim, Tab, action_of};
 use sync_core::{
-    DataType, Event, Json, Method, STREAM_GRACE_MS, STREAM_READY_WAIT_MS, Source, Status, StreamEvent,
-    StreamInput,
+    DataType, Event, Json, Method, Reason, STREAM_GRACE_MS, STREAM_READY_WAIT_MS, STREAM_SILENCE_MS, Source,
+    Status, StreamEvent, StreamInput, Trigger,
 };
 
 const SITE_A: &str = "roflfaucet";
@@ -262,6 +262,32 @@ fn a_dropped_stream_reconnects_with_backoff_and_resumes() {
     assert!(gaps[1] > gaps[0] && gaps[2] > gaps[1], "each try waits longer: {gaps:?}");
     assert!(gaps[0] <= 1_100, "the first try again comes soon: {gaps:?}");
     assert_eq!(a.status(), Status::Idle, "a broken stream shows no error");
+}
+
+#[test]
+fn a_silent_stream_counts_as_broken_and_the_hub_as_unreachable() {
+    let sim = Sim::new();
+    // The hub's heartbeats (which the fake hub does not send) would keep a quiet stream: this
+    // one is silent from the start.
+    let a = sim.open_with(SITE_A, |config| config.live = true);
+    a.trigger(Trigger::Login);
+    sim.run_for(1_000);
+    assert!(a.live());
+    // The hub is frozen: nothing comes on the stream, not even its heartbeat.
+    sim.freeze_streams(true);
+    sim.hub().down();
+    sim.run_for(STREAM_SILENCE_MS - 1_000);
+    assert!(a.live(), "a quiet stream is not broken yet");
+    sim.run_for(2_000);
+    assert!(!a.live());
+    assert_eq!((a.status(), a.status_reason()), (Status::Offline, Some(Reason::Unreachable)));
+    let tried = a.streams().len();
+    sim.freeze_streams(false);
+    sim.hub().up();
+    sim.run_for(10_000);
+    assert!(a.streams().len() > tried, "it opens the stream again");
+    assert!(a.live());
+    assert_eq!(a.status(), Status::Idle, "the stream's ready ends the outage");
 }
 
 #[test]

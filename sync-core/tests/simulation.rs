@@ -229,8 +229,15 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     let live = rng.bool();
     let inline_limit = *rng.choice(&[2048, 2048, 0]).unwrap();
     sim.hub().set_inline_limit(inline_limit);
-    let tabs: Vec<Tab> =
-        (0..rng.usize(2..=3)).map(|i| sim.open_with(sites[i % sites.len()], |c| c.live = live)).collect();
+    let tabs: Vec<Tab> = (0..rng.usize(2..=3))
+        .map(|i| {
+            sim.open_with(sites[i % sites.len()], |config| {
+                if live {
+                    support::live(config);
+                }
+            })
+        })
+        .collect();
     let faults = Faults {
         drop: *rng.choice(&[0.0, 0.0, 0.02, 0.1]).unwrap(),
         duplicate: *rng.choice(&[0.0, 0.05, 0.2]).unwrap(),

@@ -3,7 +3,9 @@
 //! site holding the site's stream lock, which shares its events (and whether it is live) with
 //! the others; opened with the token and the last event id seen, here or shared, so that it
 //! resumes; reopened after a backoff with jitter (at least the hub's `Retry-After`), at once
-//! after `reauth` with a fresh token; given up for the page's life when the hub has none (a
+//! after `reauth` with a fresh token, and when silent for
+//! [`Config::stream_silence_ms`](super::Config::stream_silence_ms) (the hub then counts as
+//! unreachable); given up for the page's life when the hub has none (a
 //! 404, or another final refusal), leaving the checks as they were.
 //!
 //! What the events do: a change newer than the cache is stored as a fetch's answer would be
@@ -42,6 +44,8 @@ pub(super) struct Live {
     attempts: u32,
     /// When the tab was hidden, while it is.
     hidden_ms: Option<u64>,
+    /// When this tab's stream last brought anything (or was asked for).
+    heard_ms: u64,
     /// The tab holding the site's stream says it is live (heard while waiting for the lock).
     shared: bool,
     /// Whether the page was last told it is live.
@@ -105,11 +109,12 @@ impl Live {
         self.hidden_ms.get_or_insert(now);
     }
 
-    /// When the stream is to open (if it `may_open`), close for the grace, or stop being
-    /// waited for.
-    pub(super) fn next_timeout(&self, may_open: bool) -> Option<u64> {
+    /// When the stream is to open (if it `may_open`), count as broken after `silence_ms`,
+    /// close for the grace, or stop being waited for.
+    pub(super) fn next_timeout(&self, may_open: bool, silence_ms: u64) -> Option<u64> {
         let open = match self.state {
             State::Closed { at_ms } if may_open => Some(at_ms),
+            State::Opening { .. } | State::Open { .. } => Some(self.heard_ms.saturating_add(silence_ms)),
             _ => None,
         };
         let grace = self.hidden_ms.filter(|_| self.wanted()).map(|at| at + STREAM_GRACE_MS);
@@ -167,6 +172,7 @@ impl Engine {
         let last_event_id = self.live.last_id.clone();
         let query = protocol::compact::concat(&["user_id=", &self.config.user_id]);
         self.events.push(Event::Stream(Some(StreamRequest { query, token: token.clone(), last_event_id })));
+        self.live.heard_ms = now;
         self.live.move_to(State::Opening { since_ms: now, token });
     }
 
@@ -177,6 +183,14 @@ impl Engine {
         }
         if self.live.owed_until_ms.is_some_and(|at| now >= at) {
             self.check_for_stream(now);
+        }
+        if self.live.streaming() && now >= self.live.heard_ms.saturating_add(self.config.stream_silence_ms) {
+            self.log(&["stream silent → hub unreachable"]);
+            if self.link == Link::Up {
+                self.link = Link::Unreachable;
+            }
+            self.events.push(Event::Stream(None));
+            self.on_stream_end(now, 0, &Json::Null, None);
         }
     }
 
@@ -223,7 +237,10 @@ impl Engine {
             }
             // Held after it was let go of: let go of it again.
             StreamInput::Locked => self.events.push(Event::StreamLock(false)),
-            StreamInput::Event(event) if self.live.streaming() => self.on_stream_event(now, event, true),
+            StreamInput::Event(event) if self.live.streaming() => {
+                self.live.heard_ms = now;
+                self.on_stream_event(now, event, true);
+            }
             StreamInput::Shared(event) => self.on_stream_event(now, event, false),
             StreamInput::SharedLive(live) if waiting => {
                 self.live.shared = live;
@@ -267,6 +284,9 @@ impl Engine {
         self.live.move_to(State::Open { token });
         self.live.attempts = 0;
         self.token.accepted();
+        if self.link == Link::Unreachable {
+            self.link = Link::Up;
+        }
         let dropped = self.adopt_epoch(wire::epoch(data));
         let resumed = data.get("resumed").and_then(Json::as_bool) == Some(true);
         if name == "resync" || dropped || self.live.missed || !(resumed || self.live.checked_ms >= since) {

@@ -69,6 +69,8 @@ pub struct Config {
     /// [`Event::Stream`], [`Engine::handle_stream`]): changes then arrive as they happen, and
     /// tab returns need no check while it is open. Off by default.
     pub live: bool,
+    /// A stream silent this long (not even a heartbeat) is taken for broken.
+    pub stream_silence_ms: u64,
 }
 
 impl Config {
@@ -88,6 +90,7 @@ impl Config {
             seed: 0,
             debug: false,
             live: false,
+            stream_silence_ms: crate::STREAM_SILENCE_MS,
         }
     }
 }
@@ -399,7 +402,8 @@ impl Engine {
     /// When to call [`Engine::handle_timeout`] next, if anything waits on time.
     pub fn poll_timeout(&self) -> Option<u64> {
         let write = (self.writes_may_go() && !self.token.asked()).then(|| self.writes.next_ms());
-        let stream = self.live.next_timeout(self.stream_may_open() && !self.token.asked());
+        let may_open = self.stream_may_open() && !self.token.asked();
+        let stream = self.live.next_timeout(may_open, self.config.stream_silence_ms);
         let next =
             [self.checks.next_timeout(), self.requests.next_deadline(), write, self.inactivity_due(), stream]
                 .iter()

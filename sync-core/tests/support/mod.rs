@@ -59,6 +59,13 @@ use sync_core::{
 pub use hub::{FakeHub, HubRecord};
 pub use net::{Network, Packet, Page, StreamPacket};
 
+/// A configuration keeping the hub's event stream, however long it is quiet (the fake hub
+/// sends no heartbeats).
+pub fn live(config: &mut Config) {
+    config.live = true;
+    config.stream_silence_ms = u64::MAX;
+}
+
 /// The user every tab signs in as.
 pub const USER: &str = "8-evans";
 /// The fake clock starts at 2025-11-09T18:45:30.123Z.
@@ -200,6 +207,7 @@ struct World {
     storage_refuses: BTreeSet<String>,
     locks: BTreeMap<String, SiteLock>,
     subscriptions: Vec<Subscription>,
+    streams_frozen: bool,
 }
 
 /// The world: clock, hub, network and tabs. Cheap to clone (a handle).
@@ -244,6 +252,7 @@ impl Sim {
             storage_refuses: BTreeSet::new(),
             locks: BTreeMap::new(),
             subscriptions: Vec::new(),
+            streams_frozen: false,
         };
         Sim { world: Rc::new(RefCell::new(world)) }
     }
@@ -295,9 +304,17 @@ impl Sim {
         Tab { world: self.world.clone(), id }
     }
 
-    /// Opens a tab of `site` that keeps the hub's event stream ([`Config::live`]).
+    /// Opens a tab of `site` that keeps the hub's event stream ([`Config::live`]). The fake hub
+    /// sends no heartbeats: the tab keeps a quiet stream however long (see
+    /// [`Sim::freeze_streams`] for one that goes silent).
     pub fn open_live(&self, site: &str) -> Tab {
-        self.open_with(site, |config| config.live = true)
+        self.open_with(site, live)
+    }
+
+    /// While frozen, the hub sends nothing on its streams, nor ends them (a hub stopped with
+    /// SIGSTOP, a connection gone without a word).
+    pub fn freeze_streams(&self, frozen: bool) {
+        self.world.borrow_mut().streams_frozen = frozen;
     }
 
     /// Whether a tab hears at once when another tab of its site stores (on by default).
@@ -1026,6 +1043,9 @@ impl World {
     /// and its end when its token expired, its end when the hub went down or its database
     /// was replaced. A lost packet breaks its stream.
     fn pump_streams(&mut self) {
+        if self.streams_frozen {
+            return;
+        }
         let now = self.now;
         let mut i = 0;
         while i < self.subscriptions.len() {
