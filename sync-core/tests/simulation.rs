@@ -398,32 +398,28 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     }
 
     if live {
-        tell("the hub comes up, the network heals, every tab comes back to view; one more change".into());
+        tell(
+            "the hub comes up, the network heals, every tab is back online and in view; one more change"
+                .into(),
+        );
         sim.hub().up();
         sim.net().heal();
         for tab in tabs.iter().filter(|t| t.is_open()) {
+            ask(tab, Trigger::Online);
             ask(tab, Trigger::TabVisible);
         }
-        sim.drive();
-        sim.hub_write(DataType::Profile, json!({ "bio": "the last word" }));
-        let marks: Vec<_> = tabs.iter().map(Tab::mark).collect();
-        sim.drive();
-        // Pages' own writes may land after it: the hub's record as it ends.
-        let last = sim.hub().record(support::USER, DataType::Profile);
-        for (tab, mark) in tabs.iter().zip(marks) {
-            if !(tab.is_open() && tab.live()) {
-                continue;
-            }
-            let version = tab.record(DataType::Profile).map(|r| r.version);
-            assert_eq!(
-                version,
-                Some(last.version),
-                "{} is live and missed a change\n{}",
+        // Streams open again within their backoff (at most a minute).
+        sim.run_for(5 * MINUTE_MS);
+        let written = sim.hub_write(DataType::Profile, json!({ "bio": "the last word" }));
+        sim.run_for(MINUTE_MS);
+        for tab in tabs.iter().filter(|t| t.is_open() && t.live()) {
+            let version = tab.record(DataType::Profile).map_or(0, |r| r.version);
+            assert!(
+                version >= written.version && tab.streamed().contains(&(DataType::Profile, written.version)),
+                "{} is live and the change did not reach it on a stream\n{}",
                 tab.name(),
                 tab.debug_log()
             );
-            let checked = tab.requests_since(mark).iter().any(|(_, r)| support::action_of(r) == "timestamp");
-            assert!(!checked, "{} needed a check to see a change while live", tab.name());
         }
     }
     tell("the hub comes up, the network heals, every tab is online and forces checks".into());
@@ -474,7 +470,7 @@ fn run(seed: u64, debug: bool, story: &RefCell<Vec<String>>) -> Exercised {
     let shared_storage = u64::from(!storage_events && sites.iter().any(|site| writers(site) > 1));
     let streams = tabs.iter().flat_map(Tab::streams);
     let resumed_streams = streams.filter(|s| s.last_event_id.is_some()).count() as u64;
-    let streamed_changes = tabs.iter().map(Tab::streamed_changes).sum();
+    let streamed_changes = tabs.iter().map(|t| t.streamed().len() as u64).sum();
     Exercised {
         dropped,
         duplicated,

@@ -66,6 +66,13 @@ pub fn live(config: &mut Config) {
     config.stream_silence_ms = u64::MAX;
 }
 
+/// The type and version of the change an event of a stream announces.
+fn change_of(input: &StreamInput) -> Option<(DataType, u64)> {
+    let (StreamInput::Event(event) | StreamInput::Shared(event)) = input else { return None };
+    let data_type = DataType::from_name(event.data.get("data_type")?.as_str()?)?;
+    Some((data_type, event.data.get("version")?.as_u64()?))
+}
+
 /// The user every tab signs in as.
 pub const USER: &str = "8-evans";
 /// The fake clock starts at 2025-11-09T18:45:30.123Z.
@@ -148,8 +155,8 @@ struct TabState {
     stream_live: bool,
     /// Every stream this tab opened, all page loads, with when.
     streams: Vec<(u64, StreamRequest)>,
-    /// Change events its engines took.
-    streamed_changes: u64,
+    /// The changes (type and version) its engines took from event streams, its own or shared.
+    streamed: Vec<(DataType, u64)>,
 }
 
 enum Local {
@@ -298,7 +305,7 @@ impl Sim {
             stream: 0,
             stream_live: false,
             streams: Vec::new(),
-            streamed_changes: 0,
+            streamed: Vec::new(),
         });
         world.after_input(id);
         Tab { world: self.world.clone(), id }
@@ -576,9 +583,10 @@ impl Tab {
         self.with(|w, id| w.tabs[id].streams.iter().map(|(_, r)| r.clone()).collect())
     }
 
-    /// How many change events this tab's engines took, from its streams or shared.
-    pub fn streamed_changes(&self) -> u64 {
-        self.with(|w, id| w.tabs[id].streamed_changes)
+    /// The changes (type and version) this tab's engines took from event streams, its own or
+    /// shared, in order.
+    pub fn streamed(&self) -> Vec<(DataType, u64)> {
+        self.with(|w, id| w.tabs[id].streamed.clone())
     }
 
     /// When this tab opened each of its streams.
@@ -1139,9 +1147,7 @@ impl World {
                     }
                     _ => {}
                 }
-                if matches!(&input, StreamInput::Event(event) if event.name.is_empty()) {
-                    self.tabs[to.tab].streamed_changes += 1;
-                }
+                self.tabs[to.tab].streamed.extend(change_of(&input));
                 self.tabs[to.tab].engine.handle_stream(now, input);
                 self.after_input(to.tab);
             }
@@ -1238,7 +1244,10 @@ impl World {
             match message {
                 Local::StoredOps(ops) => engine.handle_stored_ops(now, &ops),
                 Local::Shared(shared) => engine.handle_shared(now, shared),
-                Local::Stream(input) => engine.handle_stream(now, input),
+                Local::Stream(input) => {
+                    self.tabs[page.tab].streamed.extend(change_of(&input));
+                    self.tabs[page.tab].engine.handle_stream(now, input);
+                }
                 Local::Lock(_) | Local::Open(_) => {}
             }
             self.flush(page.tab);
