@@ -140,6 +140,8 @@ export class Demo {
     this.log = [];
     this.browser = null;
     this.context = null;
+    /** Each user's browser profile, by user id. */
+    this.contexts = new Map();
     this.pages = [];
     this.tag = randomBytes(3).toString("hex");
     this.users = 0;
@@ -286,10 +288,23 @@ export class Demo {
     return exit;
   }
 
-  /** Opens Chromium, with one profile for both sites (one person's browser). */
+  /** Opens Chromium, with one profile for the operator's pages (the dashboard). */
   async launchBrowser() {
     this.browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: CHROMIUM_ARGS });
     this.context = await this.browser.newContext({ viewport: { width: 1200, height: 900 } });
+  }
+
+  /**
+   * `user`'s browser profile, one for both sites (one person's browser). Each user has a
+   * browser of their own: a visible page keeps the hub's event stream open, and over HTTP/1.1
+   * a browser holds at most six connections to one host (the demo's two sites on 127.0.0.1
+   * are one site to it, and share them), which the users of earlier tests must not use up.
+   */
+  async contextFor(user) {
+    if (!this.contexts.has(user)) {
+      this.contexts.set(user, await this.browser.newContext({ viewport: { width: 1200, height: 900 } }));
+    }
+    return this.contexts.get(user);
   }
 
   /** Opens `site` (faucet|charity) signed in as `user` in a new tab, once it shows data. */
@@ -401,7 +416,7 @@ export class Tab {
     this.console = [];
     this.errors = [];
     this.dialogs = [];
-    /** Hub requests sent and not yet answered or failed. */
+    /** Hub requests sent and not yet answered or failed (the event stream aside). */
     this.inFlight = 0;
     this.hubRequests = [];
   }
@@ -411,9 +426,11 @@ export class Tab {
   }
 
   async open() {
-    this.page = await this.demo.context.newPage();
+    this.page = await (await this.demo.contextFor(this.user)).newPage();
     const hubApi = `${this.demo.hubUrl}/api/`;
-    const isHub = (request) => request.url().startsWith(hubApi) && request.method() !== "OPTIONS";
+    // The event stream a visible page keeps open is never "in flight" to wait for.
+    const isHub = (request) =>
+      request.url().startsWith(hubApi) && request.method() !== "OPTIONS" && !request.url().startsWith(`${hubApi}events`);
     this.page.on("request", (request) => {
       if (!isHub(request)) return;
       this.inFlight += 1;

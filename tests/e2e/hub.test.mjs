@@ -161,13 +161,18 @@ test("6. a slow hub shows the spinner, a fast one never flashes it", async () =>
   const faucet = await demo.open("faucet", user);
   await faucet.settled();
 
+  // A live page checks only when asked (Force Sync); a tab return needs no check.
+  const check = async () => {
+    await faucet.page.click("#force-sync");
+    await faucet.idle();
+  };
   await watchSpinner(faucet);
-  for (let i = 0; i < 5; i++) await faucet.tabReturns();
+  for (let i = 0; i < 5; i++) await check();
   assert.equal(await faucet.page.evaluate(() => window.spinnerShown), 0, "fast checks never show it");
 
   await demo.freezeHub();
   try {
-    await faucet.tabReturns({ wait: false });
+    await faucet.page.click("#force-sync");
     await until(() => faucet.page.evaluate(() => window.spinnerShown > 0), "the spinner while the hub is slow");
     assert.equal(await faucet.page.getAttribute(".sync-spinner", "role"), "status");
   } finally {
@@ -186,14 +191,15 @@ test("7. localStorage.sync_debug = \"true\" logs the documented [SYNC] lines", a
   const charity = await demo.open("charity", user);
   await faucet.settled();
   await faucet.page.evaluate(() => localStorage.setItem("sync_debug", "true"));
-  await faucet.reload();
-  await faucet.settled();
-
+  // The user leaves the faucet, earns on the charity site, and opens the faucet again: its
+  // login checks and fetches what changed.
+  await faucet.page.goto("about:blank");
   await charity.earn();
   await charity.settled();
-  const from = faucet.console.length;
-  await faucet.tabReturns();
-  const lines = faucet.console.slice(from);
+  let from = faucet.console.length;
+  await faucet.goto();
+  await faucet.settled();
+  let lines = faucet.console.slice(from);
   assert.ok(lines.some((l) => /^\[SYNC\] .+ - checking timestamps$/.test(l)), `a check line in ${JSON.stringify(lines)}`);
   assert.ok(
     lines.some((l) => /^\[SYNC\] balance: server=v\d+, local=(v\d+|none) → FETCH$/.test(l)),
@@ -204,8 +210,20 @@ test("7. localStorage.sync_debug = \"true\" logs the documented [SYNC] lines", a
     `a line for the profile in ${JSON.stringify(lines)}`,
   );
 
+  // Live, the next change comes as an event.
+  from = faucet.console.length;
+  await charity.earn();
+  await charity.settled();
+  await faucet.shows(await charity.coins());
+  lines = faucet.console.slice(from);
+  assert.ok(
+    lines.some((l) => /^\[SYNC\] balance: event v\d+ → APPLY$/.test(l)),
+    `an event line for the balance in ${JSON.stringify(lines)}`,
+  );
+
   const again = faucet.console.length;
-  await faucet.tabReturns();
+  await faucet.page.click("#force-sync");
+  await faucet.idle();
   const unchanged = faucet.console.slice(again);
   assert.ok(
     unchanged.some((l) => /^\[SYNC\] balance: server=v(\d+), local=v\1 → SKIP$/.test(l)),

@@ -28,6 +28,9 @@ test("1. coins earned on the charity site show on the faucet when the user retur
   await charity.shows(before + 3);
   await charity.settled();
   assert.equal(await demo.hubCoins(user), before + 3, "the hub has every click, once");
+  // The faucet, open beside it, is live: the clicks are there before the user comes back.
+  await faucet.shows(before + 3);
+  assert.ok(await faucet.page.isVisible("#live"), "the faucet says it is live");
 
   await faucet.tabReturns();
   assert.equal(await faucet.coins(), before + 3, "the faucet shows them after the tab return");
@@ -88,6 +91,9 @@ test("3. rapid switching between two charity tabs and a faucet tab: every tab en
 
 test("Force Sync, beside the sync status, brings what another site's backend changed", async () => {
   const user = demo.user("force-sync");
+  // A network that cuts the event stream: only a check brings the change (a live page shows
+  // it at once).
+  await (await demo.contextFor(user)).route(`${demo.hubUrl}/api/events*`, (route) => route.abort());
   const faucet = await demo.open("faucet", user);
   const charity = await demo.open("charity", user);
   await faucet.settled();

@@ -110,6 +110,7 @@ function signIn(user) {
   });
   window.sync = sync; // for the console and for tests
   sync.on("status", renderStatus);
+  sync.on("live", (live) => ($("live").hidden = !live));
   sync.on("balance", renderBalance);
   sync.on("profile", (data) => renderProfile(data));
   sync.on("roles", (data) => renderRoles(data));
