@@ -4,6 +4,7 @@
 //! report.
 
 mod bare;
+mod events;
 mod flood;
 mod load;
 mod scenario;
@@ -93,6 +94,26 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         trickle_secs: f64,
     },
+    /// Hold one event stream open per user, from as many addresses as the hub's per-address
+    /// stream limit asks; prints one line once they are all open, then answers `count` and
+    /// `latency` read on standard input, until it ends.
+    Streams {
+        #[command(flatten)]
+        target: Target,
+        /// The instance the latency's writes go to (another of the same hub); without it,
+        /// the streams' own.
+        #[arg(long)]
+        writes_at: Option<SocketAddr>,
+        /// The first client address; the others follow it (127.0.1.2, 127.0.1.3, …).
+        #[arg(long, default_value = "127.0.1.1")]
+        first_source: Ipv4Addr,
+        /// The latency's writes, spread over the users.
+        #[arg(long, default_value_t = 3_000)]
+        writes: usize,
+        /// The latency's writes per second, in all.
+        #[arg(long, default_value_t = 1_000.0)]
+        rate: f64,
+    },
     /// Print the value of one sample of the server's `/metrics` (an unlabelled one).
     Metric {
         /// The server, `host:port`.
@@ -172,6 +193,30 @@ fn main() -> anyhow::Result<()> {
                     trickle: Duration::from_secs_f64(trickle_secs),
                 };
                 flood::run(target.addr, target.requests(Scenario::Push)?, plan).await
+            }
+            Command::Streams { target, writes_at, first_source, writes, rate } => {
+                let per_address =
+                    hub::config::Config::load(Some(&target.config))?.events.max_streams_per_address;
+                let writes_at = writes_at.unwrap_or(target.addr);
+                let requests = Arc::new(Requests::new(
+                    Scenario::Delta,
+                    &writes_at.to_string(),
+                    &target.config,
+                    target.users,
+                )?);
+                let addresses = u32::try_from(target.users.div_ceil(per_address))?;
+                let plan = events::Plan {
+                    streams_at: target.addr,
+                    writes_at,
+                    streams: target.users,
+                    sources: (0..addresses)
+                        .map(|n| Ipv4Addr::from(u32::from(first_source) + n).into())
+                        .collect(),
+                    per_address,
+                    writes,
+                    rate,
+                };
+                events::run(requests, plan).await
             }
             Command::Metric { addr, name } => {
                 println!("{}", metric(addr, &name).await?);

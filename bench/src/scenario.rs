@@ -64,7 +64,11 @@ impl Requests {
     /// The `n`th request of connection `conn`: users are visited in turn, each connection
     /// starting at its own offset.
     pub fn build(&self, conn: usize, n: u64) -> Request<Full<Bytes>> {
-        let user = (conn.wrapping_mul(7919) + n as usize) % self.tokens.len();
+        self.build_for((conn.wrapping_mul(7919) + n as usize) % self.tokens.len(), conn, n)
+    }
+
+    /// The `n`th request of connection `conn`, for `user`.
+    pub fn build_for(&self, user: usize, conn: usize, n: u64) -> Request<Full<Bytes>> {
         let id = user_id(user);
         let builder = Request::builder()
             .header(HOST, self.host.clone())

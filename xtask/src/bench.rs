@@ -5,13 +5,16 @@
 //! generator (`bench load`), and reports every hub result as a fraction of the bare
 //! server's, next to the targets of SPEC §6. Also measures the hub's memory with 10,000
 //! idle keep-alive connections, the package's gzipped size, the requests of a simulated
-//! day of one user (`bench user-day`), and another address's latency and the hub's memory
+//! day of one user (`bench user-day`), another address's latency and the hub's memory
 //! while many addresses hold every connection and upload the default limits allow (`bench
-//! flood`; alone with `--flood`). Then the hub on PostgreSQL: a throwaway cluster
-//! (`crate::postgres`) of the run, pgbench's single-row UPDATE on it (one client, then as many
-//! as the load's connections), and one hub instance and then two on one database, each load's
-//! CPU split between the hub, the database and the rest of the machine. Writes the tables to
-//! `BENCHMARKS.md` with the machine it ran on.
+//! flood`; alone with `--flood`), and 10,000 idle event streams held open (`bench streams`;
+//! alone with `--events`): their events' latency, the hub's memory per stream beside its
+//! memory per idle keep-alive connection, and durable deltas with and without them. Then
+//! the hub on PostgreSQL: a throwaway cluster (`crate::postgres`) of the run, pgbench's
+//! single-row UPDATE on it (one client, then as many as the load's connections), and one hub
+//! instance and then two on one database, each load's CPU split between the hub, the
+//! database and the rest of the machine. Writes the tables to `BENCHMARKS.md` with the
+//! machine it ran on.
 //!
 //! Every request is authenticated and rate-limited as in production: the benchmark users
 //! get a high limit through the config file, like any operator would set it.
@@ -42,6 +45,12 @@ const FLOOD_ADDRESSES: usize = 38;
 const FLOOD_RATE: f64 = 2_000.0;
 /// The address of the client measured beside the flood.
 const MEASURED_SOURCE: &str = "127.0.0.3";
+/// Idle event streams held open while the hub's memory, its event latency and its durable
+/// deltas are measured: one per user, each on a connection of its own.
+const STREAMS: usize = 10_000;
+/// The writes whose events are timed, at [`EVENT_WRITE_RATE`] a second.
+const EVENT_WRITES: usize = 3_000;
+const EVENT_WRITE_RATE: f64 = 1_000.0;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,6 +64,10 @@ pub struct Args {
     /// hub's memory with its limits full; prints the figures and does not write BENCHMARKS.md.
     #[arg(long)]
     flood: bool,
+    /// Only the event streams on SQLite: event latency, memory and durable deltas with
+    /// 10,000 idle streams; prints the figures and does not write BENCHMARKS.md.
+    #[arg(long)]
+    events: bool,
 }
 
 /// What `bench load` prints.
@@ -74,7 +87,238 @@ struct Outcome {
 #[derive(Debug, Deserialize)]
 struct Memory {
     connections: usize,
+    vm_rss_kib: u64,
     vm_hwm_kib: u64,
+}
+
+/// What `bench streams` prints once its streams are open.
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct StreamsInPlace {
+    addresses: usize,
+    secs: f64,
+}
+
+/// What `bench streams` answers to `count`.
+#[derive(Debug, Deserialize)]
+struct StreamCounts {
+    open: usize,
+    events: u64,
+}
+
+/// What `bench streams` answers to `latency`: from each write's answer to its event.
+#[derive(Debug, Deserialize)]
+struct EventLatency {
+    writes: u64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    sent_p50_us: u64,
+    sent_p99_us: u64,
+    before_answer: u64,
+    missing: u64,
+    failed: u64,
+}
+
+/// The `bench streams` process, ended when dropped.
+struct Streams {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    in_place: StreamsInPlace,
+}
+
+impl Streams {
+    /// Sends `command` and reads its answer's line.
+    fn ask<T: serde::de::DeserializeOwned>(&mut self, command: &str) -> anyhow::Result<T> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        serde_json::from_str(&line).with_context(|| format!("bench streams answered {command} with {line:?}"))
+    }
+
+    /// The streams' counts, failing unless every one of them is still open.
+    fn all_open(&mut self) -> anyhow::Result<StreamCounts> {
+        let counts: StreamCounts = self.ask("count")?;
+        if counts.open != STREAMS {
+            bail!("only {} of {STREAMS} event streams are still open", counts.open);
+        }
+        Ok(counts)
+    }
+
+    /// The event latency of [`EVENT_WRITES`] writes, failing unless each had its event.
+    fn latency(&mut self) -> anyhow::Result<EventLatency> {
+        let latency: EventLatency = self.ask("latency")?;
+        if latency.missing > 0 || latency.failed > 0 {
+            bail!(
+                "of {EVENT_WRITES} writes, {} were refused and {} had no event on their user's stream",
+                latency.failed,
+                latency.missing
+            );
+        }
+        println!(
+            "    event latency       p50 {:>6} µs  p99 {:>6} µs  max {:>6} µs  ({} writes, {} read before the answer; from the write sent p50 {} µs, p99 {} µs)",
+            latency.p50_us,
+            latency.p99_us,
+            latency.max_us,
+            latency.writes,
+            latency.before_answer,
+            latency.sent_p50_us,
+            latency.sent_p99_us
+        );
+        Ok(latency)
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Event streams on SQLite: their latency, their memory beside idle keep-alive connections',
+/// and durable deltas with and without them.
+struct Events {
+    in_place: StreamsInPlace,
+    latency: EventLatency,
+    /// The hub's memory before the streams opened, and with them open.
+    streams_memory: [ProcMemory; 2],
+    /// The other hub's before the keep-alive connections opened, and with them open.
+    keep_alive_memory: [ProcMemory; 2],
+    /// Durable deltas on a hub without streams, then on the hub holding them.
+    deltas: [Outcome; 2],
+    /// The change events the streams read during the deltas' load.
+    delivered: u64,
+}
+
+impl Events {
+    /// The section of the report; `across` is the latency from one instance on PostgreSQL to
+    /// another.
+    fn render(&self, across: &EventLatency) -> anyhow::Result<String> {
+        let mut out = String::new();
+        writeln!(
+            out,
+            "## Event streams
+"
+        )?;
+        writeln!(
+            out,
+            "{STREAMS} idle event streams (`GET /api/events`) are held open by `bench streams` \
+             (`bench/src/events.rs`): one per user, each a TCP connection of its own with an HTTP/1.1 \
+             request written by hand, from {} loopback addresses holding the default \
+             `max_streams_per_address` (64) each; the hub's `max_connections` and \
+             `max_connections_per_address` are raised to {} for them, the other `[events]` settings \
+             are the defaults (a heartbeat every 15 s). While they are open, {EVENT_WRITES} durable \
+             deltas at {EVENT_WRITE_RATE:.0} a second over 16 connections, each to a user whose stream \
+             is open, are timed from the write's answer (its last byte read by the writer) to its \
+             event (the read that brought its frame to the stream's client); an event read before its \
+             write's answer counts as 0; the last column times the same events from the write's \
+             request sent. The streams opened in {:.1} s. On PostgreSQL, two instances \
+             share the database of the section above: the streams are held on one and the writes go \
+             to the other, whose change reaches the first through the change log (NOTIFY after the \
+             commit, then a read by position).\n",
+            self.in_place.addresses,
+            STREAMS * 2,
+            self.in_place.secs,
+        )?;
+        writeln!(
+            out,
+            "| write answered → event read | writes | p50 | p99 | max | read before the answer | from the write sent: p50, p99 |"
+        )?;
+        writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+        let mut latency_row = |what: &str, l: &EventLatency| {
+            writeln!(
+                out,
+                "| {what} | {} | {} | {} | {} | {} | {}, {} |",
+                l.writes,
+                micros(l.p50_us),
+                micros(l.p99_us),
+                micros(l.max_us),
+                l.before_answer,
+                micros(l.sent_p50_us),
+                micros(l.sent_p99_us)
+            )
+        };
+        latency_row("SQLite, one instance", &self.latency)?;
+        latency_row("PostgreSQL, written through one instance, streamed by another", across)?;
+        let per = |[before, with]: &[ProcMemory; 2]| {
+            with.vm_rss_kib.saturating_sub(before.vm_rss_kib) as f64 * 1024.0 / STREAMS as f64 / 1000.0
+        };
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        writeln!(
+            out,
+            "\nThe hub's memory (RSS, `/proc/<pid>/status`) just before the {STREAMS} streams opened and \
+             with them open, and likewise on another hub, prepared alike, for {STREAMS} idle HTTP/1.1 \
+             keep-alive connections that asked one timestamp check each (`bench idle`). A stream's \
+             figure includes its connection; KB are 1,000 bytes.\n"
+        )?;
+        writeln!(out, "| hub RSS | before | with {STREAMS} | per connection |")?;
+        writeln!(out, "| --- | ---: | ---: | ---: |")?;
+        for (what, memory) in [
+            ("idle event streams", &self.streams_memory),
+            ("idle keep-alive connections", &self.keep_alive_memory),
+        ] {
+            writeln!(
+                out,
+                "| {what} | {:.1} MiB | {:.1} MiB | {:.1} KB |",
+                mib(memory[0].vm_rss_kib),
+                mib(memory[1].vm_rss_kib),
+                per(memory)
+            )?;
+        }
+        let [without, with] = &self.deltas;
+        writeln!(
+            out,
+            "\nDurable deltas as in the first table ({CONNECTIONS} connections, group commit), on a hub \
+             without streams and then on the hub holding the {STREAMS} streams, each on a data dir of \
+             its own, prepared alike; with the streams open every delta is an event on its user's \
+             stream ({} read by the streams' client during the load).\n",
+            self.delivered
+        )?;
+        writeln!(out, "| durable delta | requests/s | of without | p50 | p99 | p99.9 |")?;
+        writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
+        for (what, o) in [("without streams", without), (&*format!("with {STREAMS} streams open"), with)] {
+            writeln!(
+                out,
+                "| {what} | {:.0} | {:.0} % | {} | {} | {} |",
+                o.requests_per_sec,
+                100.0 * o.requests_per_sec / without.requests_per_sec,
+                micros(o.p50_us),
+                micros(o.p99_us),
+                micros(o.p999_us)
+            )?;
+        }
+        let ratio = 100.0 * with.requests_per_sec / without.requests_per_sec;
+        let stream_bytes = per(&self.streams_memory);
+        writeln!(out, "\n| target (issue 20) | measured | met |")?;
+        writeln!(out, "| --- | --- | --- |")?;
+        let mut target = |what: &str, measured: String, met: bool| {
+            writeln!(out, "| {what} | {measured} | {} |", if met { "yes" } else { "**no**" })
+        };
+        target(
+            "event p99 ≤ 20 ms within one instance",
+            micros(self.latency.p99_us),
+            self.latency.p99_us <= 20_000,
+        )?;
+        target(
+            "event p99 ≤ 100 ms across instances",
+            format!("{} (PostgreSQL)", micros(across.p99_us)),
+            across.p99_us <= 100_000,
+        )?;
+        target(
+            "an idle stream ≤ 20 KB of hub memory",
+            format!("{stream_bytes:.1} KB"),
+            stream_bytes <= 20.0,
+        )?;
+        target(
+            "durable deltas with 10,000 streams ≥ 80 % of without",
+            format!("{ratio:.0} %"),
+            ratio >= 80.0,
+        )?;
+        Ok(out)
+    }
 }
 
 /// What `bench user-day` prints: the simulated day of one user, against the seed's figures.
@@ -256,6 +500,8 @@ struct OnPostgres {
     pgbench: [PgbenchRun; 2],
     /// One instance, then two on one database.
     hub: Vec<OnInstances>,
+    /// Events written through one instance and streamed by the other, with [`STREAMS`] open.
+    events: EventLatency,
 }
 
 /// One run of pgbench's single-row UPDATE.
@@ -508,7 +754,9 @@ struct Row {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if !args.flood {
+    if args.events {
+        crate::prereq::ensure(crate::prereq::FOR_BENCH_EVENTS)?;
+    } else if !args.flood {
         crate::prereq::ensure(crate::prereq::FOR_BENCH)?;
     }
     let (warmup, secs) =
@@ -524,6 +772,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let flood = tools.flood()?;
         println!("\n{}", flood.render_latency()?);
         println!("{}", flood.render_memory()?);
+        return Ok(());
+    }
+    if args.events {
+        let events = tools.events()?;
+        let across = tools.events_across_instances()?;
+        println!("\n{}", events.render(&across)?);
         return Ok(());
     }
     let fsync = fsync_latency(&work)?;
@@ -583,6 +837,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bare.stop()?;
     idle_hub.stop()?;
     let flood = tools.flood()?;
+    let events = tools.events()?;
 
     for row in rows.iter().chain(on_postgres.hub.iter().map(|measured| &measured.row)) {
         all_answered(&row.what, &row.outcome, row.expect)?;
@@ -598,6 +853,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         package_bytes,
         day,
         flood,
+        events,
         on_postgres,
         fsync,
         secs,
@@ -858,6 +1114,93 @@ impl Tools {
         Ok(Flood { in_place, unloaded, flooded, before, during, held })
     }
 
+    /// Event streams on SQLite ([`Events`]): durable deltas and the memory of idle keep-alive
+    /// connections on one hub, then the streams' memory, their events' latency and durable
+    /// deltas on another, each on a fresh data dir, prepared alike.
+    fn events(&self) -> anyhow::Result<Events> {
+        enough_files(STREAMS)?;
+        let alone = self.start_hub("events-alone", Store::Sqlite { group_commit: true }, Caps::Raised)?;
+        self.prepare(alone.addr, &alone.config)?;
+        let before = memory_of(alone.pid())?;
+        let idle = self.idle(alone.addr, &alone.config, alone.pid())?;
+        let keep_alive_memory =
+            [before, ProcMemory { vm_rss_kib: idle.vm_rss_kib, vm_hwm_kib: idle.vm_hwm_kib }];
+        let without = self.load(alone.addr, &alone.config, "delta", None)?;
+        alone.stop()?;
+
+        let hub = self.start_hub("events", Store::Sqlite { group_commit: true }, Caps::Raised)?;
+        self.prepare(hub.addr, &hub.config)?;
+        let before = memory_of(hub.pid())?;
+        let mut streams = self.hold_streams(&hub, None)?;
+        let streams_memory = [before, memory_of(hub.pid())?];
+        let latency = streams.latency()?;
+        let counted = streams.all_open()?.events;
+        let with = self.load(hub.addr, &hub.config, "delta", None)?;
+        let delivered = streams.all_open()?.events - counted;
+        let in_place = streams.in_place;
+        drop(streams);
+        hub.stop()?;
+        Ok(Events {
+            in_place,
+            latency,
+            streams_memory,
+            keep_alive_memory,
+            deltas: [without, with],
+            delivered,
+        })
+    }
+
+    /// Opens [`STREAMS`] idle event streams on `hub` with `bench streams`, their latency's
+    /// writes going to `writes_at` (another instance of the same hub) or to `hub`.
+    fn hold_streams(&self, hub: &Server, writes_at: Option<&Server>) -> anyhow::Result<Streams> {
+        let (addr, users) = (hub.addr.to_string(), STREAMS.to_string());
+        let (writes, rate) = (EVENT_WRITES.to_string(), EVENT_WRITE_RATE.to_string());
+        let writer = writes_at.map(|w| w.addr.to_string());
+        let mut args = vec![
+            "streams",
+            "--addr",
+            &addr,
+            "--config",
+            path(&hub.config)?,
+            "--users",
+            &users,
+            "--writes",
+            &writes,
+            "--rate",
+            &rate,
+        ];
+        if let Some(writer) = &writer {
+            args.extend(["--writes-at", writer]);
+        }
+        println!("==> bench {}", args.join(" "));
+        let mut child = self
+            .bench()
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start bench streams")?;
+        let stdin = child.stdin.take().context("bench streams has no stdin")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("bench streams has no stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line)?;
+        let in_place: StreamsInPlace = match serde_json::from_str(&line) {
+            Ok(in_place) => in_place,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("bench streams did not open its streams (it printed {line:?})");
+            }
+        };
+        println!(
+            "    {STREAMS} event streams open from {} addresses in {:.1} s",
+            in_place.addresses, in_place.secs
+        );
+        // The streams' last frames sent and their buffers settled before the hub's memory is read.
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(Streams { child, stdin, stdout, in_place })
+    }
+
     /// The hub on a throwaway PostgreSQL cluster, one instance and then two on one database,
     /// beside pgbench's single-row UPDATE on the same cluster first.
     fn on_postgres(&self) -> anyhow::Result<OnPostgres> {
@@ -905,11 +1248,35 @@ impl Tools {
         let b = self.start_hub("postgres-b", Store::Postgres(&url), Caps::Raised)?;
         hub.push(on(&[&a, &b], "delta", "durable delta, two instances")?);
         hub.push(on(&[&a, &b], "timestamp", "timestamp check, two instances")?);
+        let events = self.event_latency_across(&a, &b)?;
         a.stop()?;
         b.stop()?;
         let major = cluster.major().to_owned();
         cluster.stop();
-        Ok(OnPostgres { major, settings, pgbench, hub })
+        Ok(OnPostgres { major, settings, pgbench, hub, events })
+    }
+
+    /// The events' latency across two hub instances on a throwaway PostgreSQL cluster, alone.
+    fn events_across_instances(&self) -> anyhow::Result<EventLatency> {
+        let cluster = Cluster::start(&self.work, "bench")?;
+        let url = cluster.create_database(HUB_DATABASE)?;
+        let a = self.start_hub("postgres-a", Store::Postgres(&url), Caps::Raised)?;
+        self.prepare(a.addr, &a.config)?;
+        let b = self.start_hub("postgres-b", Store::Postgres(&url), Caps::Raised)?;
+        let latency = self.event_latency_across(&a, &b)?;
+        a.stop()?;
+        b.stop()?;
+        cluster.stop();
+        Ok(latency)
+    }
+
+    /// [`STREAMS`] streams held on `b`, and the latency of events written through `a`.
+    fn event_latency_across(&self, a: &Server, b: &Server) -> anyhow::Result<EventLatency> {
+        enough_files(STREAMS)?;
+        let mut streams = self.hold_streams(b, Some(a))?;
+        let latency = streams.latency()?;
+        streams.all_open()?;
+        Ok(latency)
     }
 
     /// pgbench's single-row UPDATE on `cluster`, in a database of its own: a warm-up, then one
@@ -1079,6 +1446,7 @@ struct Report {
     package_bytes: crate::build_pkg::Sizes,
     day: Day,
     flood: Flood,
+    events: Events,
     on_postgres: OnPostgres,
     /// How long one write and fsync of a page takes on the disk of the data dir.
     fsync: Duration,
@@ -1180,6 +1548,7 @@ impl Report {
         )?;
         writeln!(out, "\n{}", self.on_postgres.render(bare, self.secs)?)?;
         writeln!(out, "{}", self.flood.render_latency()?)?;
+        writeln!(out, "{}", self.events.render(&self.on_postgres.events)?)?;
         writeln!(out, "## Memory\n")?;
         writeln!(out, "| process, {IDLE_CONNECTIONS} idle keep-alive connections | peak RSS |")?;
         writeln!(out, "| --- | ---: |")?;
@@ -1214,7 +1583,7 @@ impl Report {
         writeln!(out, "\n## Reproduce\n")?;
         writeln!(
             out,
-            "```\ncargo xtask bench          # writes this file\ncargo xtask bench --quick  # a short run; prints the table only\n```\n"
+            "```\ncargo xtask bench          # writes this file\ncargo xtask bench --quick  # a short run; prints the table only\ncargo xtask bench --events # the event streams alone; prints their tables only\n```\n"
         )?;
         writeln!(
             out,
@@ -1227,6 +1596,24 @@ impl Report {
         )?;
         Ok(out)
     }
+}
+
+/// Fails unless this process, and so the hub and the load generator it starts, may open
+/// `connections` files and a thousand more (the data dir's, the listener, the load's).
+fn enough_files(connections: usize) -> anyhow::Result<()> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let soft: usize = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files")?.split_whitespace().next()?.parse().ok())
+        .context("/proc/self/limits names no limit of open files")?;
+    let needed = connections + 1_000;
+    if soft < needed {
+        bail!(
+            "the event streams need {needed} open files in the hub and in the load generator, and this \
+             process may open {soft}: raise the limit (`ulimit -n {needed}`) and run again"
+        );
+    }
+    Ok(())
 }
 
 /// The mean time of appending a 4 KiB page to a file in `dir` and fsyncing it: what one

@@ -45,8 +45,12 @@ pub const FOR_DEMO_CHECK: &[Need] = &[CURL];
 
 /// What `cargo xtask bench` needs: the package's build, whose size it reports, and a
 /// throwaway PostgreSQL cluster with pgbench, for the hub on PostgreSQL beside the database's
-/// own single-row UPDATE rate (`--flood` needs neither).
+/// own single-row UPDATE rate (`--flood` needs neither, `--events` only PostgreSQL).
 pub const FOR_BENCH: &[Need] = &[WASM, WASM_BINDGEN, NODE, POSTGRES];
+
+/// What `cargo xtask bench --events` needs: a throwaway cluster, for the events across two
+/// instances on PostgreSQL.
+pub const FOR_BENCH_EVENTS: &[Need] = &[POSTGRES];
 
 /// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
 /// build. Only a release needs the musl toolchain; the tests never build for it.
