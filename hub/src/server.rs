@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -47,45 +47,61 @@ const H2_STREAM_WINDOW: u32 = crate::http::MAX_BODY as u32;
 /// the bodies in flight that `limits.max_body_bytes_in_flight` counts.
 const H2_CONNECTION_WINDOW: u32 = 2 * H2_STREAM_WINDOW;
 
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Http1,
+    Http2,
+}
+
 /// Waits, at most `timeout`, until the client's first bytes tell which protocol it speaks.
 /// hyper's header timeout starts only once the protocol is known, so without this a client
 /// that connects and stays silent (or stops inside the HTTP/2 preface) would hold one of
 /// the `max_connections` forever.
-async fn speaks_in_time(stream: &TcpStream, timeout: Duration) -> bool {
+async fn speaks_in_time(stream: &TcpStream, timeout: Duration) -> Option<Version> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 && (n == buf.len() || buf[..n] != H2_PREFACE[..n]) => return true,
+            Ok(Ok(n)) if n > 0 && buf[..n] != H2_PREFACE[..n] => return Some(Version::Http1),
+            Ok(Ok(n)) if n == buf.len() => return Some(Version::Http2),
             Ok(Ok(n)) if n > 0 && tokio::time::Instant::now() < deadline => {
                 // Part of the preface: the rest has not arrived yet.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            _ => return false,
+            _ => return None,
         }
     }
+}
+
+/// How a connection is served once its version is known (from its first bytes, or from ALPN
+/// over TLS): with hyper's builder for that version alone. hyper-util's `auto` builder, which
+/// finds the version itself, reads a connection's first 24 bytes on its own and hands them to
+/// hyper as a first read of their own; the read that follows finds the 8 KiB read buffer 24
+/// bytes short and doubles it to 16 KiB, which an HTTP/1.1 connection then keeps for its life.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 /// How connections are served over TLS: the handshake, then the HTTP version ALPN chose
 /// (HTTP/1.1 when the client offered no ALPN).
 struct TlsServing {
     acceptor: TlsAcceptor,
-    http1: auto::Builder<TokioExecutor>,
-    http2: auto::Builder<TokioExecutor>,
 }
 
 impl TlsServing {
-    /// The TLS stream, if the handshake finishes within `timeout`, and how to serve it.
+    /// The TLS stream, if the handshake finishes within `timeout`, and its HTTP version.
     async fn handshake(
         &self,
         stream: TcpStream,
         timeout: Duration,
         peer: SocketAddr,
-    ) -> Option<(TlsStream<TcpStream>, &auto::Builder<TokioExecutor>)> {
+    ) -> Option<(TlsStream<TcpStream>, Version)> {
         match tokio::time::timeout(timeout, self.acceptor.accept(stream)).await {
             Ok(Ok(stream)) => {
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-                Some((stream, if h2 { &self.http2 } else { &self.http1 }))
+                Some((stream, if h2 { Version::Http2 } else { Version::Http1 }))
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, %peer, "TLS handshake failed");
@@ -119,20 +135,26 @@ async fn first_request_within<T>(
     Some(connection.await)
 }
 
+/// What closes a connection besides its client: its idle time and the hub's stop.
+struct Idle<'a> {
+    activity: &'a Activity,
+    timeout: Duration,
+    stop: watch::Receiver<bool>,
+    metrics: &'a Metrics,
+}
+
 /// Serves `connection` until it ends. It is closed gracefully — requests in progress
-/// finish, then it closes — once it has had no request in progress for `idle_timeout`, or
-/// when the hub stops (`stop` changes). A peer that keeps it open after that (an HTTP/2 peer
-/// that never answers the ping of the server's GOAWAY) loses it after another
-/// `idle_timeout` without a request. hyper-util's `GracefulShutdown` watches a connection
+/// finish, then it closes — once it has had no request in progress for `idle.timeout`, or
+/// when the hub stops (`idle.stop` changes). A peer that keeps it open after that (an HTTP/2
+/// peer that never answers the ping of the server's GOAWAY) loses it after another
+/// `idle.timeout` without a request. hyper-util's `GracefulShutdown` watches a connection
 /// for the stop only, and takes it whole, so the idle close could not reach it. Every
 /// connection's task holds this future: it is kept small.
 async fn serve_until_idle<C: GracefulConnection>(
     mut connection: Pin<&mut C>,
-    activity: &Activity,
-    idle_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-    metrics: &Metrics,
+    idle: Idle<'_>,
 ) -> Result<(), C::Error> {
+    let Idle { activity, timeout: idle_timeout, mut stop, metrics } = idle;
     let mut closing = false;
     loop {
         tokio::select! {
@@ -179,14 +201,15 @@ pub async fn serve(
             }
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut protocols =
+        Protocols { http1: http1::Builder::new(), http2: http2::Builder::new(TokioExecutor::new()) };
+    protocols
+        .http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout())
         .max_buf_size(READ_BUFFER_BYTES);
-    builder
-        .http2()
+    protocols
+        .http2
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
@@ -195,14 +218,8 @@ pub async fn serve(
         .keep_alive_interval(limits.header_read_timeout())
         .keep_alive_timeout(limits.header_read_timeout());
     // Over TLS the protocol is known once the handshake is done: ALPN chose it.
-    let tls = app.tls().map(|tls| {
-        Arc::new(TlsServing {
-            acceptor: tls.acceptor(),
-            http1: builder.clone().http1_only(),
-            http2: builder.clone().http2_only(),
-        })
-    });
-    let builder = Arc::new(builder);
+    let tls = app.tls().map(|tls| Arc::new(TlsServing { acceptor: tls.acceptor() }));
+    let protocols = Arc::new(protocols);
     app.events().start(app.domain().store().as_ref());
 
     tokio::pin!(shutdown);
@@ -252,27 +269,51 @@ pub async fn serve(
                 }
             }
         });
-        let (builder, tls, stop) = (builder.clone(), tls.clone(), stop.clone());
+        let (protocols, tls, stop) = (protocols.clone(), tls.clone(), stop.clone());
         let (header_read_timeout, idle_timeout) = (limits.header_read_timeout(), limits.idle_timeout());
         let app = app.clone();
         tokio::spawn(async move {
             let metrics = app.metrics();
             metrics.connection_opened();
             let ended = match tls {
-                None if speaks_in_time(&stream, header_read_timeout).await => {
-                    let connection =
-                        pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
-                    Some(serve_until_idle(connection, &activity, idle_timeout, stop, metrics).await)
-                }
-                None => None,
-                // Boxed: a TLS connection's state is several times a plain one's, and each
-                // connection's task would otherwise be as large as the larger of the two.
+                None => match speaks_in_time(&stream, header_read_timeout).await {
+                    Some(Version::Http1) => {
+                        let idle = Idle { activity: &activity, timeout: idle_timeout, stop, metrics };
+                        let connection =
+                            pin!(protocols.http1.serve_connection(TokioIo::new(stream), service));
+                        Some(serve_until_idle(connection, idle).await)
+                    }
+                    // Boxed, as TLS is below: an HTTP/2 connection's state is several times an
+                    // HTTP/1.1 one's, and each connection's task would otherwise be as large as
+                    // the largest.
+                    Some(Version::Http2) => Some(
+                        Box::pin(async {
+                            let idle = Idle { activity: &activity, timeout: idle_timeout, stop, metrics };
+                            let connection =
+                                pin!(protocols.http2.serve_connection(TokioIo::new(stream), service));
+                            serve_until_idle(connection, idle).await
+                        })
+                        .await,
+                    ),
+                    None => None,
+                },
                 Some(tls) => {
                     Box::pin(async move {
-                        let (stream, http) = tls.handshake(stream, header_read_timeout, peer).await?;
-                        let connection = pin!(http.serve_connection(TokioIo::new(stream), service));
-                        let serving = serve_until_idle(connection, &activity, idle_timeout, stop, metrics);
-                        first_request_within(header_read_timeout, &activity, serving).await
+                        let (stream, version) = tls.handshake(stream, header_read_timeout, peer).await?;
+                        let idle = Idle { activity: &activity, timeout: idle_timeout, stop, metrics };
+                        let io = TokioIo::new(stream);
+                        match version {
+                            Version::Http1 => {
+                                let connection = pin!(protocols.http1.serve_connection(io, service));
+                                let serving = serve_until_idle(connection, idle);
+                                first_request_within(header_read_timeout, &activity, serving).await
+                            }
+                            Version::Http2 => {
+                                let connection = pin!(protocols.http2.serve_connection(io, service));
+                                let serving = serve_until_idle(connection, idle);
+                                first_request_within(header_read_timeout, &activity, serving).await
+                            }
+                        }
                     })
                     .await
                 }
