@@ -49,9 +49,9 @@ pub const READ_EVERY: Duration = Duration::from_secs(5);
 /// still open, whose end may come with no notification (it may not be a hub's batch).
 const READ_SOON: Duration = Duration::from_millis(15);
 /// The least time between two rounds of the reader: the commits of a burst are told and read
-/// in one notification and one read, and a busy instance reads and notifies at most 100 times
-/// a second.
-const ROUND_GAP: Duration = Duration::from_millis(10);
+/// in one notification and one read, and a busy instance reads and notifies at most 200 times
+/// a second, each change waiting half of it on average.
+const ROUND_GAP: Duration = Duration::from_millis(5);
 /// Changes read by one statement at most; the reader reads again at once when it read as many.
 const PAGE: i64 = 1000;
 /// How long the reader waits before connecting again after it lost its connection, doubled
