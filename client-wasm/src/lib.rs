@@ -3,10 +3,16 @@
 //! timers, `localStorage`, `BroadcastChannel` and the spinner element to a
 //! [`sync_core::Engine`], and turns the engine's events into callbacks and promises.
 
+#![cfg_attr(all(target_arch = "wasm32", not(test)), no_std)]
+
+extern crate alloc;
+
+use alloc::string::String;
+
 mod options;
 mod shell;
 
-use std::rc::Rc;
+use alloc::rc::Rc;
 
 use sync_core::Trigger;
 use wasm_bindgen::prelude::*;
@@ -246,3 +252,11 @@ impl Drop for SyncManager {
 #[global_allocator]
 static ALLOCATOR: lol_alloc::LockedAllocator<lol_alloc::FreeListAllocator> =
     lol_alloc::LockedAllocator::new(lol_alloc::FreeListAllocator::new());
+
+/// Without std, a panic in the browser build goes straight to a trap, as std's handler ended
+/// with `panic = "abort"` after formatting a message no one could read.
+#[cfg(all(target_arch = "wasm32", not(test)))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    core::arch::wasm32::unreachable()
+}

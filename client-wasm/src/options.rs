@@ -3,6 +3,8 @@
 //! `shell.rs`), which says it in fewer bytes of the package than Rust reading the object one
 //! field at a time; the ids and data type names are checked here, by `protocol`'s rules.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 use js_sys::{Array, Function};
 use protocol::compact::concat;
 use sync_core::DataType;

@@ -24,8 +24,10 @@
 //! lock can reach a tab before the other's last write has). Before storing, a tab reads the
 //! writes stored under the other keys and adopts those it does not know.
 
-use std::cell::{Cell, RefCell};
-use std::rc::{Rc, Weak};
+use alloc::{string::String, vec::Vec};
+
+use core::cell::{Cell, RefCell};
+use alloc::rc::{Rc, Weak};
 
 use js_sys::{Function, Promise};
 use protocol::Refusal;
@@ -535,7 +537,7 @@ pub(crate) fn data_type_of(name: &str) -> Result<DataType, SyncError> {
 fn answer(text: &JsValue, retry_after: &JsValue) -> (Json, Option<u64>) {
     let text = text.as_string().unwrap_or_default();
     let body = if text.is_empty() { Json::Null } else { parse(&text) };
-    (body, retry_after.as_f64().filter(|s| *s >= 0.0 && s.fract() == 0.0).map(|s| s as u64))
+    (body, retry_after.as_f64().filter(|s| *s >= 0.0 && *s % 1.0 == 0.0).map(|s| s as u64))
 }
 
 /// The key a pending write is stored under, beside the cache's `storage_key`.

@@ -1,6 +1,8 @@
 //! The client's copy of the user's records, and what is persisted between page loads,
 //! with its storage format.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 use protocol::DataType;
 use protocol::wire::{self, RecordRef};
 

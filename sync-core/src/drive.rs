@@ -10,6 +10,8 @@
 //! The browser shell keeps its own loop: it must let go of the engine before it calls page
 //! code (listeners, `getToken`) that may call back into it.
 
+use alloc::{string::String, vec::Vec};
+
 use crate::{DataType, Engine, Event, Op, Persisted, Reply, Request};
 
 /// An answer the host gives now, or later through the engine's `handle_*` input.

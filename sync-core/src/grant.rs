@@ -3,6 +3,8 @@
 //! never mints one; it reads the op id the grant names, keeps the grant with that op and
 //! sends it along.
 
+use alloc::string::String;
+
 /// A grant for one credit: a compact JWS whose payload names the op (`op_id`), the user, the
 /// data type and the exact amounts.
 #[derive(Debug, Clone, PartialEq, Eq)]

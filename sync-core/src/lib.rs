@@ -18,6 +18,12 @@
 //! the stream ([`Event::Stream`]), and takes what the stream brings, or what the tab holding
 //! it shared, through [`Engine::handle_stream`].
 
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+use alloc::{borrow::ToOwned, string::String};
+
 mod cache;
 mod drive;
 mod engine;

@@ -1,6 +1,8 @@
 //! Local writes waiting for the hub: kept in order, each with an op id made before its
 //! first send, so a resend after a lost answer is recognized by the hub and not applied twice.
 
+use alloc::{borrow::ToOwned, string::String};
+
 use protocol::DataType;
 use protocol::wire::WriteRequest;
 

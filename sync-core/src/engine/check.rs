@@ -5,6 +5,8 @@
 //! and the inactivity check of a visible tab. Sends through the engine and stores through its
 //! cache; reads no clock.
 
+use alloc::{borrow::ToOwned, vec::Vec};
+
 use protocol::DataType;
 use protocol::compact::{concat, decimal};
 use protocol::wire;
@@ -209,7 +211,7 @@ impl Checks {
     /// Ends the running check at `now`, if one runs, and hands it back.
     fn move_to_idle(&mut self, now: u64) -> Option<Check> {
         let idle = State::Idle { last_end_ms: Some(now), after_hold: false };
-        match std::mem::replace(&mut self.state, idle) {
+        match core::mem::replace(&mut self.state, idle) {
             State::Running(check) => Some(check),
             idle => {
                 self.state = idle;

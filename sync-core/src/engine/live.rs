@@ -17,6 +17,8 @@
 //! no check, and one whose stream can resume waits for its `ready` (or its failure, or
 //! [`STREAM_READY_WAIT_MS`]) instead. Sends through the engine; reads no clock.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 use protocol::DataType;
 use protocol::compact::decimal;
 use protocol::wire;
@@ -339,7 +341,7 @@ impl Engine {
 
     /// The write on its way was answered: the records events brought meanwhile are stored.
     pub(super) fn apply_deferred(&mut self) {
-        for (data_type, record) in std::mem::take(&mut self.live.deferred) {
+        for (data_type, record) in core::mem::take(&mut self.live.deferred) {
             self.keep_from_hub(data_type, record);
         }
     }

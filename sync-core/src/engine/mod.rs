@@ -13,6 +13,8 @@
 //! inputs to them, keeps the cache and tells the page what it shows. Does no I/O and reads
 //! no clock: `now` comes with every input.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 mod check;
 mod live;
 mod requests;

@@ -3,6 +3,8 @@
 //! for the shell to send them. Decides nothing: the engine asks what timed out, and routes
 //! each answer by its purpose.
 
+use alloc::{string::String, vec::Vec};
+
 use protocol::DataType;
 
 use crate::{Json, Method, Request, RequestId};

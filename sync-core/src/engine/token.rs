@@ -4,6 +4,8 @@
 //! none — until an explicit trigger starts over with a fresh one. Sends nothing and knows no
 //! request: the engine asks it what to attach and tells it what the hub said.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 use protocol::wire::{RefusalRef, code};
 
 use super::{Engine, Link};

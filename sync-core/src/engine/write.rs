@@ -12,6 +12,8 @@
 //! page, a 200 without the hub's body — leaves it pending and shown, retried with backoff
 //! and jitter. Sends through the engine; reads no clock.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
+
 use protocol::compact::{concat, decimal};
 use protocol::wire::{self, code};
 use protocol::{DataType, Refusal};
