@@ -166,6 +166,10 @@ impl EventsConfig {
     }
 }
 
+/// Longest `events.heartbeat_secs`: `SyncManager` takes a stream that sent nothing for 45 s as
+/// broken, and reconnects.
+const MAX_HEARTBEAT_SECS: u64 = 30;
+
 /// Shortest metrics token accepted.
 const MIN_METRICS_TOKEN: usize = 16;
 
@@ -777,12 +781,12 @@ impl Config {
                 "events.max_streams_per_user, events.max_streams_per_address and events.resume_window must be at least 1"
             );
         }
-        if !(1..self.limits.request_timeout_secs + self.limits.idle_timeout_secs)
-            .contains(&events.heartbeat_secs)
-        {
+        let stuck = self.limits.request_timeout_secs + self.limits.idle_timeout_secs;
+        if !(1..=MAX_HEARTBEAT_SECS.min(stuck - 1)).contains(&events.heartbeat_secs) {
             bail!(
-                "events.heartbeat_secs must be at least 1 and shorter than limits.request_timeout_secs and \
-                 limits.idle_timeout_secs together: a stream that sent nothing for that long counts as stuck"
+                "events.heartbeat_secs must be from 1 to {MAX_HEARTBEAT_SECS} (pages take a stream silent for 45 s \
+                 as broken) and shorter than limits.request_timeout_secs and limits.idle_timeout_secs together \
+                 (the hub takes an answer silent for that long as stuck)"
             );
         }
         for site in &self.sites {
