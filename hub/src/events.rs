@@ -82,6 +82,9 @@ struct Sent {
 struct Subscriber {
     id: u64,
     types: Types,
+    /// When its token expires, in milliseconds since the Unix epoch: no change is handed to
+    /// it after, whether or not its client still reads.
+    expires_ms: Option<i64>,
     frames: mpsc::Sender<Bytes>,
 }
 
@@ -95,6 +98,9 @@ struct State {
     /// The last change handed to streams.
     latest: Position,
     streams: HashMap<UserId, Vec<Subscriber>>,
+    /// Streams open per user and per address, from their opening until their answer is done
+    /// with: a stream ended by the hub holds its connection until its client reads its end.
+    per_user: HashMap<UserId, usize>,
     per_address: HashMap<IpAddr, usize>,
     /// The broker reads the store's changes: until then, and once the hub stops, no stream opens.
     running: bool,
@@ -163,32 +169,48 @@ struct Guard {
     address: IpAddr,
 }
 
+impl Guard {
+    /// Takes the stream out of those its user's changes are handed to.
+    fn unsubscribe(&self, state: &mut State) -> bool {
+        let Some(subs) = state.streams.get_mut(&self.user) else { return false };
+        let Some(at) = subs.iter().position(|s| s.id == self.id) else { return false };
+        subs.swap_remove(at);
+        if subs.is_empty() {
+            state.streams.remove(&self.user);
+        }
+        true
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         let inner = &self.broker.inner;
         let mut state = inner.state.lock().expect("the event broker");
-        if let Some(subs) = state.streams.get_mut(&self.user)
-            && let Some(at) = subs.iter().position(|s| s.id == self.id)
-        {
-            subs.swap_remove(at);
-            if subs.is_empty() {
-                state.streams.remove(&self.user);
-            }
-        }
-        if let Some(count) = state.per_address.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                state.per_address.remove(&self.address);
-            }
-        }
+        self.unsubscribe(&mut state);
+        release(&mut state.per_user, &self.user);
+        release(&mut state.per_address, &self.address);
         inner.metrics.open.dec();
     }
 }
 
+/// One stream less for `key`.
+fn release<K: Eq + std::hash::Hash>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
 impl Subscription {
-    /// Counts the stream as ended for `reason` (its token expired, the hub stopped).
+    /// Ends the stream for `reason` (its token expired): no change is handed to it any more.
     pub fn ended(&self, reason: &'static str) {
-        self.guard.broker.inner.metrics.ended.get_or_create(&ReasonLabel { reason }).inc();
+        let inner = &self.guard.broker.inner;
+        let mut state = inner.state.lock().expect("the event broker");
+        if self.guard.unsubscribe(&mut state) {
+            inner.metrics.ended.get_or_create(&ReasonLabel { reason }).inc();
+        }
     }
 }
 
@@ -204,6 +226,7 @@ impl Broker {
                     start: Position::default(),
                     latest: Position::default(),
                     streams: HashMap::new(),
+                    per_user: HashMap::new(),
                     per_address: HashMap::new(),
                     running: false,
                 }),
@@ -258,7 +281,7 @@ impl Broker {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tick.tick().await;
-                if !broker.heartbeat() {
+                if !broker.heartbeat(crate::time::now_ms()) {
                     break;
                 }
             }
@@ -366,8 +389,9 @@ impl Broker {
         }
     }
 
-    /// A heartbeat to every stream; `false` once the hub stops.
-    fn heartbeat(&self) -> bool {
+    /// A heartbeat to every stream, and the end of those whose token has expired (one whose
+    /// client reads nothing never sees its own end come); `false` once the hub stops.
+    fn heartbeat(&self, now_ms: i64) -> bool {
         let mut state = self.inner.state.lock().expect("the event broker");
         if !state.running {
             return false;
@@ -375,6 +399,10 @@ impl Broker {
         let heartbeat = Bytes::from_static(HEARTBEAT);
         state.streams.retain(|_, subs| {
             subs.retain(|sub| match sub.frames.try_send(heartbeat.clone()) {
+                Ok(()) if sub.expires_ms.is_some_and(|exp| exp <= now_ms) => {
+                    self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "expired" }).inc();
+                    false
+                }
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "slow" }).inc();
@@ -387,21 +415,23 @@ impl Broker {
         true
     }
 
-    /// Opens a stream of `user`'s changes of `types` for a client at `address`, resuming after
-    /// `last_event_id` when it names a change still kept.
+    /// Opens a stream of `user`'s changes of `types` for a client at `address` whose token
+    /// expires at `expires_ms`, resuming after `last_event_id` when it names a change still
+    /// kept.
     pub fn subscribe(
         &self,
         user: &UserId,
         types: &[DataType],
         last_event_id: Option<&str>,
         address: IpAddr,
+        expires_ms: Option<i64>,
     ) -> Result<Subscription, Refused> {
         let config = &self.inner.config;
         let mut state = self.inner.state.lock().expect("the event broker");
         if !state.running {
             return Err(Refused::Stopping);
         }
-        if state.streams.get(user).map_or(0, Vec::len) >= config.max_streams_per_user {
+        if state.per_user.get(user).copied().unwrap_or(0) >= config.max_streams_per_user {
             self.inner.metrics.refused.get_or_create(&ReasonLabel { reason: "per_user" }).inc();
             return Err(Refused::PerUser);
         }
@@ -439,7 +469,13 @@ impl Broker {
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, frames) = mpsc::channel(QUEUE);
-        state.streams.entry(user.clone()).or_default().push(Subscriber { id, types, frames: sender });
+        state.streams.entry(user.clone()).or_default().push(Subscriber {
+            id,
+            types,
+            expires_ms,
+            frames: sender,
+        });
+        *state.per_user.entry(user.clone()).or_default() += 1;
         *state.per_address.entry(address).or_default() += 1;
         self.inner.metrics.open.inc();
         drop(state);
@@ -556,9 +592,9 @@ mod tests {
     #[test]
     fn a_change_reaches_its_users_streams_of_its_type_only() {
         let broker = broker(EventsConfig::default());
-        let mut balance = broker.subscribe(&user("a"), &[DataType::Balance], None, HERE).unwrap();
-        let mut all = broker.subscribe(&user("a"), &DataType::ALL, None, HERE).unwrap();
-        let mut other = broker.subscribe(&user("b"), &DataType::ALL, None, HERE).unwrap();
+        let mut balance = broker.subscribe(&user("a"), &[DataType::Balance], None, HERE, None).unwrap();
+        let mut all = broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).unwrap();
+        let mut other = broker.subscribe(&user("b"), &DataType::ALL, None, HERE, None).unwrap();
         broker.dispatch(vec![change(1, "a", DataType::Balance), change(2, "a", DataType::Profile)]);
         let balance = received(&mut balance);
         assert_eq!(balance.len(), 1, "{balance:?}");
@@ -576,7 +612,7 @@ mod tests {
         let broker = broker(EventsConfig::default());
         broker.dispatch(vec![change(1, "a", DataType::Balance), change(2, "b", DataType::Balance)]);
         broker.dispatch(vec![change(2, "b", DataType::Balance), change(3, "a", DataType::Points)]);
-        let mut resumed = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE).unwrap();
+        let mut resumed = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE, None).unwrap();
         let first = text(&resumed.first);
         assert_eq!(first.len(), 3, "{first:?}");
         assert!(first[0].starts_with("retry: "));
@@ -591,17 +627,17 @@ mod tests {
     fn a_resume_from_before_the_kept_changes_or_another_epoch_is_told_to_resync() {
         let broker = broker(EventsConfig { resume_window: 2, ..EventsConfig::default() });
         broker.dispatch((1..=5).map(|seq| change(seq, "a", DataType::Balance)).collect());
-        let kept = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.3"), HERE).unwrap();
+        let kept = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.3"), HERE, None).unwrap();
         assert!(kept.older.is_none());
         assert_eq!(text(&kept.first).len(), 4, "{:?}", text(&kept.first));
-        let old = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE).unwrap();
+        let old = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.1"), HERE, None).unwrap();
         let (era, latest) = (1, Position { era: 1, seq: 5 });
         assert_eq!(
             old.older,
             Some(Older { after: Position { era, seq: 1 }, upto: Position { era, seq: 3 }, latest })
         );
         for id in ["F.1.4", "garbage", "E.x.1", "", "E.1.6", "E.2.1"] {
-            let other = broker.subscribe(&user("a"), &DataType::ALL, Some(id), HERE).unwrap();
+            let other = broker.subscribe(&user("a"), &DataType::ALL, Some(id), HERE, None).unwrap();
             let first = text(&other.first);
             assert!(first[1].starts_with("event: resync\nid: E.1.5\n"), "{id:?}: {first:?}");
             assert!(first[2].starts_with("event: ready\n"), "{id:?}: {first:?}");
@@ -611,34 +647,40 @@ mod tests {
     #[test]
     fn a_stream_that_reads_nothing_is_ended_and_its_slot_freed() {
         let broker = broker(EventsConfig { max_streams_per_user: 1, ..EventsConfig::default() });
-        let mut slow = broker.subscribe(&user("a"), &DataType::ALL, None, HERE).unwrap();
-        assert_eq!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE).err(), Some(Refused::PerUser));
+        let mut slow = broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).unwrap();
+        assert_eq!(
+            broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).err(),
+            Some(Refused::PerUser)
+        );
         broker.dispatch((1..=QUEUE as u64 + 1).map(|seq| change(seq, "a", DataType::Balance)).collect());
         assert_eq!(received(&mut slow).len(), QUEUE);
         assert!(slow.frames.is_closed(), "the slow stream was not ended");
         drop(slow);
-        assert!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE).is_ok());
+        assert!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).is_ok());
     }
 
     #[test]
     fn streams_are_capped_per_address_and_an_ipv6_host_counts_as_its_64() {
         let broker = broker(EventsConfig { max_streams_per_address: 2, ..EventsConfig::default() });
         let host = |last: u16| IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, last));
-        let _one = broker.subscribe(&user("a"), &DataType::ALL, None, host(1)).unwrap();
-        let _two = broker.subscribe(&user("b"), &DataType::ALL, None, host(2)).unwrap();
+        let _one = broker.subscribe(&user("a"), &DataType::ALL, None, host(1), None).unwrap();
+        let _two = broker.subscribe(&user("b"), &DataType::ALL, None, host(2), None).unwrap();
         assert_eq!(
-            broker.subscribe(&user("c"), &DataType::ALL, None, host(3)).err(),
+            broker.subscribe(&user("c"), &DataType::ALL, None, host(3), None).err(),
             Some(Refused::PerAddress)
         );
-        assert!(broker.subscribe(&user("c"), &DataType::ALL, None, HERE).is_ok());
+        assert!(broker.subscribe(&user("c"), &DataType::ALL, None, HERE, None).is_ok());
     }
 
     #[test]
     fn stopping_ends_every_stream_and_opens_none() {
         let broker = broker(EventsConfig::default());
-        let mut open = broker.subscribe(&user("a"), &DataType::ALL, None, HERE).unwrap();
+        let mut open = broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).unwrap();
         broker.stop();
         assert!(open.frames.try_recv().is_err() && open.frames.is_closed());
-        assert_eq!(broker.subscribe(&user("a"), &DataType::ALL, None, HERE).err(), Some(Refused::Stopping));
+        assert_eq!(
+            broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).err(),
+            Some(Refused::Stopping)
+        );
     }
 }

@@ -51,11 +51,13 @@ pub(super) async fn events(
         app.domain().may_follow(&caller, &user)?;
         let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
         let broker = app.events();
+        let expires_ms =
+            caller.expires.map(|exp| i64::try_from(exp).unwrap_or(i64::MAX).saturating_mul(1000));
         let mut subscription =
-            broker.subscribe(&user, &types, last_event_id, client.ip()).map_err(refused)?;
+            broker.subscribe(&user, &types, last_event_id, client.ip(), expires_ms).map_err(refused)?;
         broker.catch_up(app.domain().store().as_ref(), &mut subscription, &types).await;
-        let expires = caller.expires.map(|exp| {
-            let left = i64::try_from(exp).unwrap_or(i64::MAX).saturating_mul(1000).saturating_sub(now_ms());
+        let expires = expires_ms.map(|exp| {
+            let left = exp.saturating_sub(now_ms());
             Box::pin(tokio::time::sleep(Duration::from_millis(u64::try_from(left).unwrap_or(0))))
         });
         let body = EventBody {
