@@ -58,7 +58,7 @@ pub(super) struct Live {
     owed_until_ms: Option<u64>,
     /// Records events brought while a write of their type was on its way: stored once the hub
     /// answers it, so that the write's own effect is not shown twice meanwhile.
-    deferred: Vec<(DataType, CachedRecord)>,
+    pub(super) deferred: Vec<(DataType, CachedRecord)>,
 }
 
 #[derive(Debug, Default)]

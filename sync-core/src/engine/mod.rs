@@ -535,6 +535,8 @@ impl Engine {
         if dropped {
             self.log(&["hub epoch changed (", epoch, ") → cache dropped"]);
             self.records.clear();
+            // Changes a stream brought while a write was on its way are of the old database.
+            self.live.deferred.clear();
             self.events.push(Event::Persist);
         }
         self.epoch = Some(epoch.to_owned());
