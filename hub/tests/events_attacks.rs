@@ -25,7 +25,10 @@ async fn a_crafted_last_event_id_yields_only_the_callers_own_changes() {
     let first = ready.id().to_owned();
     let epoch = support::events::epoch_of(&first).to_owned();
     for n in 0..5 {
-        hub.site(SITE, VICTIM).push("profile", json!({"display_name": format!("secret {n}")})).await.assert_ok();
+        hub.site(SITE, VICTIM)
+            .push("profile", json!({"display_name": format!("secret {n}")}))
+            .await
+            .assert_ok();
     }
     let own = hub.site(SITE, USER).push("settings", json!({"mine": 1})).await.assert_ok().clone();
     let token = hub.token(SITE, USER);
@@ -74,7 +77,8 @@ async fn a_head_request_holds_no_stream() {
     }
     wait_for_metric(&hub.url, "hub_event_streams", "HEAD streams gone", |v| v == 0.0).await;
     let mut stream =
-        accepted(stream_request(&stream_client(), &hub.url, USER, "", Some(&token)), "a GET after HEADs").await;
+        accepted(stream_request(&stream_client(), &hub.url, USER, "", Some(&token)), "a GET after HEADs")
+            .await;
     stream.ready().await;
 }
 
@@ -94,8 +98,12 @@ async fn a_token_within_its_leeway_gets_reauth_at_once() {
         adm: false,
         scope: None,
     };
-    let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(site_secret(SITE).as_bytes()))
-        .unwrap();
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(site_secret(SITE).as_bytes()),
+    )
+    .unwrap();
     match open(stream_request(&stream_client(), &hub.url, USER, "", Some(&token))).await {
         Err(reply) => reply.assert_refused(401, "token_expired"),
         Ok(mut stream) => {
