@@ -20,7 +20,6 @@ pub const FOR_TESTS: &[Need] = &[
     CLIPPY,
     WASM,
     WASM_BINDGEN,
-    WASM_OPT,
     NODE,
     CHROMIUM,
     PHP,
@@ -33,7 +32,8 @@ pub const FOR_TESTS: &[Need] = &[
     UNZIP,
 ];
 
-/// What `cargo xtask demo` needs to build the package (wasm-opt only makes it smaller).
+/// What `cargo xtask demo` needs to build the package (its binaryen and esbuild come from npm,
+/// pinned in `pkg/package.json`).
 pub const FOR_DEMO: &[Need] = &[WASM, WASM_BINDGEN, NODE];
 
 /// What `cargo xtask demo --postgres` needs beside: a throwaway cluster, and nginx in front of
@@ -55,7 +55,7 @@ pub const FOR_BENCH_EVENTS: &[Need] = &[POSTGRES];
 /// What `cargo xtask dist` needs: the package at its smallest, and the hub's static Linux
 /// build. Only a release needs the musl toolchain; the tests never build for it.
 pub const FOR_DIST: &[Need] =
-    &[WASM, WASM_BINDGEN, WASM_OPT, NODE, MUSL, MUSL_GCC, ZIP, FILE, DPKG_DEB, SYSTEMD_ANALYZE];
+    &[WASM, WASM_BINDGEN, NODE, MUSL, MUSL_GCC, ZIP, FILE, DPKG_DEB, SYSTEMD_ANALYZE];
 
 /// What `cargo xtask soak`'s long suites need: the PostgreSQL crash suite's throwaway cluster.
 pub const FOR_SOAK: &[Need] = &[POSTGRES];
@@ -129,12 +129,6 @@ const WASM_BINDGEN: Need = Need {
     name: "wasm-bindgen-cli 0.2.129",
     present: || output("wasm-bindgen", &["--version"]).is_ok_and(|v| v.contains(WASM_BINDGEN_VERSION)),
     install: Install::Cargo(&["install", "wasm-bindgen-cli", "--version", WASM_BINDGEN_VERSION, "--locked"]),
-};
-
-const WASM_OPT: Need = Need {
-    name: "wasm-opt (binaryen)",
-    present: || succeeds("wasm-opt", &["--version"]),
-    install: Install::Apt(&["binaryen"]),
 };
 
 const NODE: Need = Need {
