@@ -1285,6 +1285,9 @@ impl Tools {
         let url = cluster.create_database(HUB_DATABASE)?;
         let a = self.start_hub("postgres-a", Store::Postgres(&url), Caps::Raised)?;
         self.prepare(a.addr, &a.config)?;
+        // As in `on_postgres`: the tables analyzed once filled, as autovacuum does of itself.
+        println!("==> psql -c ANALYZE {HUB_DATABASE}");
+        cluster.psql(HUB_DATABASE, "ANALYZE")?;
         let b = self.start_hub("postgres-b", Store::Postgres(&url), Caps::Raised)?;
         let latency = self.event_latency_across(&a, &b)?;
         a.stop()?;
