@@ -26,8 +26,8 @@
 
 use alloc::{string::String, vec::Vec};
 
-use core::cell::{Cell, RefCell};
 use alloc::rc::{Rc, Weak};
+use core::cell::{Cell, RefCell};
 
 use js_sys::{Function, Promise};
 use protocol::Refusal;

@@ -3,7 +3,11 @@
 //! so that the browser build carries no JSON library: the wasm shell converts to and from
 //! the page's own JSON objects, and native callers convert from `serde_json`.
 
-use alloc::{borrow::ToOwned, string::{String, ToString}, vec::Vec};
+use alloc::{
+    borrow::ToOwned,
+    string::{String, ToString},
+    vec::Vec,
+};
 
 /// A JSON value. Objects compare equal whatever the order of their keys.
 #[derive(Debug, Clone, Default)]
