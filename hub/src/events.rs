@@ -267,12 +267,20 @@ impl Broker {
         if !self.inner.config.enabled {
             return;
         }
-        let Some(Changes { start, mut batches }) = store.take_changes() else { return };
+        let Some(Changes { start, mut batches, mut lost }) = store.take_changes() else { return };
         self.open_at(start);
         let broker = self.clone();
         tokio::spawn(async move {
-            while let Some(batch) = batches.recv().await {
-                broker.dispatch(batch);
+            loop {
+                tokio::select! {
+                    // A loss is told before the batch after it: handled first.
+                    biased;
+                    Ok(()) = lost.changed() => broker.lost(),
+                    batch = batches.recv() => match batch {
+                        Some(batch) => broker.dispatch(batch),
+                        None => break,
+                    },
+                }
             }
         });
         let broker = self.clone();
@@ -294,6 +302,22 @@ impl Broker {
         state.start = start;
         state.latest = start;
         state.running = true;
+    }
+
+    /// The store lost changes before the next batch: every stream is ended (its client
+    /// reconnects) and the kept changes forgotten, so that no stream resumes from them past
+    /// the loss; resumes from before it go to the store, which tells them to resync.
+    fn lost(&self) {
+        let mut state = self.inner.state.lock().expect("the event broker");
+        tracing::warn!(
+            "changes were lost before reaching this instance's event streams; every stream is told to resync"
+        );
+        state.kept.clear();
+        state.kept_bytes = 0;
+        state.start = Position { era: state.latest.era, seq: state.latest.seq.saturating_add(1) };
+        let ended: usize = state.streams.values().map(Vec::len).sum();
+        state.streams.clear();
+        self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "lost" }).inc_by(ended as u64);
     }
 
     /// Ends every stream: the hub is stopping. Their clients reconnect, to another instance
@@ -670,6 +694,22 @@ mod tests {
             Some(Refused::PerAddress)
         );
         assert!(broker.subscribe(&user("c"), &DataType::ALL, None, HERE, None).is_ok());
+    }
+
+    #[test]
+    fn after_a_loss_every_stream_ends_and_no_resume_is_served_from_the_kept_changes() {
+        let broker = broker(EventsConfig::default());
+        broker.dispatch((1..=3).map(|seq| change(seq, "a", DataType::Balance)).collect());
+        let mut open = broker.subscribe(&user("a"), &DataType::ALL, None, HERE, None).unwrap();
+        broker.lost();
+        assert!(open.frames.try_recv().is_err() && open.frames.is_closed(), "a stream outlived the loss");
+        for id in ["E.1.1", "E.1.3"] {
+            let resumed = broker.subscribe(&user("a"), &DataType::ALL, Some(id), HERE, None).unwrap();
+            assert!(resumed.older.is_some(), "{id}: resumed from the kept changes past a loss");
+        }
+        broker.dispatch(vec![change(9, "a", DataType::Balance)]);
+        let after = broker.subscribe(&user("a"), &DataType::ALL, Some("E.1.9"), HERE, None).unwrap();
+        assert!(after.older.is_none(), "an id from after the loss needs nothing of the store");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use protocol::{DataType, UserId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// A record's data is sent with its change when its JSON is at most this long; a larger one
 /// is fetched by the client.
@@ -39,17 +39,22 @@ impl ChangeEvent {
 }
 
 /// A store's committed changes, as its reader receives them: every change after `start`
-/// arrives on `batches`, in position order, a committed batch at a time.
+/// arrives on `batches`, in position order, a committed batch at a time, unless `lost` moves
+/// on: the store could not publish some changes (its reader was away longer than the store
+/// keeps them), and changes before the next batch may be missing.
 #[derive(Debug)]
 pub struct Changes {
     pub start: Position,
     pub batches: mpsc::UnboundedReceiver<Vec<ChangeEvent>>,
+    /// How many times changes were lost.
+    pub lost: watch::Receiver<u64>,
 }
 
 /// A store's side of [`Changes`]: nothing is kept until a reader takes them.
 #[derive(Debug, Default)]
 pub(crate) struct Publisher {
     sender: Mutex<Option<mpsc::UnboundedSender<Vec<ChangeEvent>>>>,
+    lost: Mutex<Option<watch::Sender<u64>>>,
     taken: std::sync::atomic::AtomicBool,
 }
 
@@ -60,13 +65,23 @@ impl Publisher {
             return None;
         }
         let (sender, batches) = mpsc::unbounded_channel();
+        let (lost_sender, lost) = watch::channel(0);
         *self.sender.lock().expect("the change publisher") = Some(sender);
-        Some(Changes { start, batches })
+        *self.lost.lock().expect("the change publisher") = Some(lost_sender);
+        Some(Changes { start, batches, lost })
     }
 
     /// Whether a reader took the changes: until then, none need to be made.
     pub(crate) fn wanted(&self) -> bool {
         self.taken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tells the reader that changes before the next batch may be missing: told before that
+    /// batch is published.
+    pub(crate) fn lost(&self) {
+        if let Some(lost) = self.lost.lock().expect("the change publisher").as_ref() {
+            lost.send_modify(|times| *times += 1);
+        }
     }
 
     /// Hands a committed batch's changes to the reader, if one took them and still reads.

@@ -403,8 +403,9 @@ impl Reader {
         if kept.is_some_and(|kept| self.cursor.era < unsigned(kept)) {
             tracing::error!(
                 "the change log was pruned past this instance's reader, which was away longer than the log keeps \
-                 changes: changes of that time may not have reached this instance's streams"
+                 changes: this instance's streams are told to resync"
             );
+            self.publisher.lost();
         }
         let mut changes = Vec::with_capacity(rows.len());
         let (mut read, mut last) = (0, None);
