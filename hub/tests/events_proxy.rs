@@ -6,19 +6,15 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hub::config::TrustedProxies;
 use reqwest::Version;
 use serde_json::Value;
+use support::TestHub;
 use support::events::{EventStream, Next, accepted};
-use support::{PATIENCE, TestHub};
-use tempfile::TempDir;
-use tokio::process::{Child, Command};
+use support::nginx::{Nginx, replace_once};
 
-const NGINX_CONF: &str = include_str!("../../deploy/nginx/unified-sync-hub.conf");
 const SITE: &str = "roflfaucet";
 const USER: &str = "8-evans";
 
@@ -26,102 +22,7 @@ const USER: &str = "8-evans";
 /// than any delivery takes, far shorter than nginx's read timeout or a heartbeat (15 s).
 const PROMPT: Duration = Duration::from_secs(5);
 
-/// A running nginx in front of a hub, killed when dropped.
-struct Nginx {
-    dir: TempDir,
-    port: u16,
-    authority_pem: String,
-    _child: Child,
-}
-
-fn nginx_binary() -> PathBuf {
-    ["nginx", "/usr/sbin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|nginx| std::process::Command::new(nginx).arg("-v").output().is_ok_and(|o| o.status.success()))
-        .unwrap_or_else(|| {
-            panic!(
-                "nginx is not installed: `cargo xtask test` installs it (Debian's package nginx), \
-                 or run `apt-get install nginx`"
-            )
-        })
-}
-
-/// Replaces the one occurrence of `from`, so that a change of the guide's file these tests do
-/// not follow fails them.
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(text.matches(from).count(), 1, "deploy/nginx/unified-sync-hub.conf has no single {from:?}");
-    text.replace(from, to)
-}
-
 impl Nginx {
-    /// Starts nginx with the guide's configuration as `adapt` changes it, forwarding to
-    /// `hub`, on a free port of 127.0.0.1.
-    async fn start(hub: &TestHub, adapt: impl FnOnce(String) -> String) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let hub_addr = hub.url.strip_prefix("http://").expect("the hub behind nginx speaks plain HTTP");
-        let pems = support::certs::loopback_signed_by("events proxy test authority");
-        std::fs::write(dir.path().join("fullchain.pem"), &pems.cert).unwrap();
-        std::fs::write(dir.path().join("privkey.pem"), &pems.key).unwrap();
-
-        let site = replace_once(NGINX_CONF, "server 127.0.0.1:8787;", &format!("server {hub_addr};"));
-        let site = replace_once(&site, "listen 443 ssl", &format!("listen 127.0.0.1:{port} ssl"));
-        let v6_port = std::net::TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
-        let site = replace_once(&site, "listen [::]:443 ssl", &format!("listen [::1]:{v6_port} ssl"));
-        let site =
-            site.replace("/etc/letsencrypt/live/hub.example.org/", &format!("{}/", dir.path().display()));
-        let site = adapt(site);
-        std::fs::write(dir.path().join("site.conf"), site).unwrap();
-
-        let d = dir.path().display();
-        let main = format!(
-            "master_process off;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n\
-                 access_log {d}/access.log;\n\
-                 client_body_temp_path {d}/client_body;\n\
-                 proxy_temp_path {d}/proxy;\n\
-                 fastcgi_temp_path {d}/fastcgi;\n\
-                 uwsgi_temp_path {d}/uwsgi;\n\
-                 scgi_temp_path {d}/scgi;\n\
-                 include {d}/site.conf;\n\
-             }}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let mut child = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-g")
-            .arg(format!("daemon off; pid {d}/nginx.pid; error_log stderr;"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let said = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("nginx exited ({status}); it said:\n{}", said());
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen within {PATIENCE:?}; it said:\n{}",
-                said()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Nginx { dir, port, authority_pem: pems.authority, _child: child }
-    }
-
     fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
     }
@@ -134,10 +35,6 @@ impl Nginx {
             .add_root_certificate(reqwest::Certificate::from_pem(self.authority_pem.as_bytes()).unwrap());
         let builder = if version == Version::HTTP_11 { builder.http1_only() } else { builder };
         builder.build().unwrap()
-    }
-
-    fn said(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 }
 

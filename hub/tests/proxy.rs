@@ -13,24 +13,16 @@ mod support;
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hub::auth::Claims;
 use hub::config::TrustedProxies;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
 use reqwest::StatusCode;
-use support::{PATIENCE, Reply, SiteClient, TestHub, site_secret};
-use tempfile::TempDir;
-use tokio::process::{Child, Command};
-
-/// The configuration the deployment guide shows, as a file in the repository.
-const NGINX_CONF: &str = include_str!("../../deploy/nginx/unified-sync-hub.conf");
+use support::nginx::{NGINX_CONF, Nginx};
+use support::{Reply, SiteClient, TestHub, site_secret};
 const DEPLOYMENT_GUIDE: &str = include_str!("../../docs/deployment.md");
 /// Requests without a valid token one address may make per minute, in these tests.
 const ANONYMOUS_PER_MINUTE: u32 = 3;
@@ -38,114 +30,7 @@ const ANONYMOUS_PER_MINUTE: u32 = 3;
 const FLOOD: usize = 12;
 const METRICS_TOKEN: &str = "a-metrics-token-for-the-proxy-tests";
 
-/// A running nginx in front of a hub, killed when dropped, with its files in a directory of
-/// its own.
-struct Nginx {
-    dir: TempDir,
-    port: u16,
-    /// The authority that signed its certificate, which the tests' clients trust alone.
-    authority_pem: String,
-    _child: Child,
-}
-
-/// The nginx binary: on the PATH, or where Debian puts it (not on a user's PATH).
-fn nginx_binary() -> PathBuf {
-    ["nginx", "/usr/sbin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|nginx| std::process::Command::new(nginx).arg("-v").output().is_ok_and(|o| o.status.success()))
-        .unwrap_or_else(|| {
-            panic!(
-                "nginx is not installed: `cargo xtask test` installs it (Debian's package nginx), \
-                 or run `apt-get install nginx`"
-            )
-        })
-}
-
-/// Replaces the one occurrence of `from` in `text`, so that a change of the deployment
-/// guide's file that these tests do not follow fails them.
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(text.matches(from).count(), 1, "deploy/nginx/unified-sync-hub.conf has no single {from:?}");
-    text.replace(from, to)
-}
-
 impl Nginx {
-    /// Starts nginx with the deployment's configuration, forwarding to `hub`, on a free port
-    /// of 127.0.0.1 and `::1`, and waits until it accepts connections.
-    async fn start(hub: &TestHub) -> Nginx {
-        let nginx = nginx_binary();
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let hub_addr = hub.url.strip_prefix("http://").expect("the hub behind nginx speaks plain HTTP");
-
-        let authority = Authority::new();
-        let (cert, key) = authority.issue();
-        std::fs::write(dir.path().join("fullchain.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("privkey.pem"), key).unwrap();
-
-        let site = replace_once(NGINX_CONF, "server 127.0.0.1:8787;", &format!("server {hub_addr};"));
-        let site = replace_once(&site, "listen 443 ssl", &format!("listen 127.0.0.1:{port} ssl"));
-        let site = replace_once(&site, "listen [::]:443 ssl", &format!("listen [::1]:{port} ssl"));
-        let certificates = format!("{}/", dir.path().display());
-        let site = site.replace("/etc/letsencrypt/live/hub.example.org/", &certificates);
-        let directives = site.lines().filter(|line| !line.trim_start().starts_with('#'));
-        assert!(
-            !directives.clone().any(|line| line.contains("/etc/")),
-            "a directive names a system file:\n{site}"
-        );
-        std::fs::write(dir.path().join("site.conf"), site).unwrap();
-
-        // What /etc/nginx/nginx.conf would hold, with every file inside the test's directory.
-        // One process, no workers: killing it stops nginx.
-        let d = dir.path().display();
-        let main = format!(
-            "master_process off;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n\
-                 access_log {d}/access.log;\n\
-                 client_body_temp_path {d}/client_body;\n\
-                 proxy_temp_path {d}/proxy;\n\
-                 fastcgi_temp_path {d}/fastcgi;\n\
-                 uwsgi_temp_path {d}/uwsgi;\n\
-                 scgi_temp_path {d}/scgi;\n\
-                 include {d}/site.conf;\n\
-             }}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
-
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let mut child = Command::new(nginx)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-g")
-            .arg(format!("daemon off; pid {d}/nginx.pid; error_log stderr;"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("nginx exited ({status}); it said:\n{}", read(&dir.path().join("stderr.log")));
-            }
-            let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok();
-            if v4 && tokio::net::TcpStream::connect(("::1", port)).await.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen within {PATIENCE:?}; it said:\n{}",
-                read(&dir.path().join("stderr.log"))
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Nginx { dir, port, authority_pem: authority.pem(), _child: child }
-    }
-
     /// nginx's address, as the clients on `from` reach it.
     fn url(&self, from: IpAddr) -> String {
         match from {
@@ -279,33 +164,6 @@ impl Write for LogWriter {
     }
 }
 
-/// A certificate authority made for one nginx.
-struct Authority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Authority {
-    fn new() -> Authority {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "proxy test authority");
-        Authority { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    /// A certificate and its key (PEM) for nginx's addresses.
-    fn issue(&self) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "::1".to_owned()]).unwrap();
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-}
-
 #[test]
 fn the_deployment_guide_shows_the_tested_nginx_configuration() {
     assert!(
@@ -318,7 +176,7 @@ fn the_deployment_guide_shows_the_tested_nginx_configuration() {
 async fn clients_behind_nginx_have_their_own_buckets_and_are_logged_by_their_address() {
     let logs = logs();
     let hub = hub_behind_nginx(ANONYMOUS_PER_MINUTE).await;
-    let nginx = Nginx::start(&hub).await;
+    let nginx = Nginx::start(&hub, |site| site).await;
 
     // The deployment works: a signed-in page reads and writes through nginx, over HTTP/2.
     let page = nginx.page(&hub, "127.0.0.4", "roflfaucet", "8-evans");
@@ -355,7 +213,7 @@ async fn clients_behind_nginx_have_their_own_buckets_and_are_logged_by_their_add
 #[tokio::test]
 async fn an_expired_token_through_nginx_is_told_token_expired_while_anonymous_requests_flood() {
     let hub = hub_behind_nginx(ANONYMOUS_PER_MINUTE).await;
-    let nginx = Nginx::start(&hub).await;
+    let nginx = Nginx::start(&hub, |site| site).await;
     // Someone behind the page's address uses up its anonymous bucket.
     nginx.from("127.0.0.2").exhaust(&[]).await;
 
@@ -386,7 +244,7 @@ async fn an_expired_token_through_nginx_is_told_token_expired_while_anonymous_re
 #[tokio::test]
 async fn a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
     let hub = hub_behind_nginx(ANONYMOUS_PER_MINUTE).await;
-    let nginx = Nginx::start(&hub).await;
+    let nginx = Nginx::start(&hub, |site| site).await;
 
     // 127.0.0.2 is no trusted proxy: whatever client it names, its own bucket pays.
     let forger = direct(&hub, "127.0.0.2");
@@ -407,7 +265,7 @@ async fn a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
 #[tokio::test]
 async fn a_forged_x_forwarded_for_through_nginx_picks_no_other_clients_bucket() {
     let hub = hub_behind_nginx(ANONYMOUS_PER_MINUTE).await;
-    let nginx = Nginx::start(&hub).await;
+    let nginx = Nginx::start(&hub, |site| site).await;
 
     // A client naming another in X-Forwarded-For: nginx appends its real address, which the
     // hub charges, so the other's bucket stays full…
@@ -426,7 +284,7 @@ async fn a_forged_x_forwarded_for_through_nginx_picks_no_other_clients_bucket() 
 async fn metrics_and_the_dashboard_data_through_nginx_want_the_token_even_with_allow_loopback() {
     let hub = hub_behind_nginx(1000).await;
     assert!(hub.app.config().metrics.allow_loopback);
-    let nginx = Nginx::start(&hub).await;
+    let nginx = Nginx::start(&hub, |site| site).await;
 
     // On the hub's machine, and directly, no token is needed.
     let local = direct(&hub, "127.0.0.1");
@@ -463,7 +321,7 @@ async fn a_hub_without_auth_refuses_what_a_proxy_forwards() {
         config.trusted_proxies = TrustedProxies::try_from(vec!["127.0.0.1".to_owned()]).unwrap();
     })
     .await;
-    let nginx = Nginx::start(&hub).await;
+    let nginx = Nginx::start(&hub, |site| site).await;
     let version_check = "/api/sync.php?action=timestamp&user_id=8-evans&data_type=balance";
 
     // On its own machine, the development hub answers anyone as anyone.
