@@ -18,7 +18,6 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hub::config::Backend;
 use hub::store::postgres::{KEEP_FOR, KEEP_ROWS, LOG_READER_NAME, PostgresStore, READ_EVERY};
 use hub::store::{
     Change, ChangeEvent, Changes, Current, Mutation, OpKey, Position, Rejection, Store, StoreError, Write,
@@ -28,7 +27,7 @@ use protocol::{DataType, OpId, SiteId};
 use serde_json::{Value, json};
 use support::TestHub;
 use support::events::{EventStream, accepted, assert_change, changes, resume, stream_client, stream_request};
-use support::postgres::Cluster;
+use support::postgres::{Cluster, hub_on};
 use support::store::{T, TestClock, add, applied, open_postgres, user};
 
 /// How long a change notified may take to arrive, well below [`READ_EVERY`]: one that arrives
@@ -442,16 +441,6 @@ async fn the_same_ops_sent_to_two_instances_at_once_publish_each_change_once() {
 
 const SITE: &str = "roflfaucet";
 const USER: &str = "8-evans";
-
-/// A hub on the PostgreSQL database at `url`, with a rate limit that never gets in the way.
-async fn hub_on(url: &str) -> TestHub {
-    TestHub::start_with(|c| {
-        c.limits.requests_per_minute = 1_000_000;
-        c.store.backend = Backend::Postgres;
-        c.store.url = Some(url.to_owned());
-    })
-    .await
-}
 
 /// [`USER`]'s stream on `hub`, opened by a page of [`SITE`], read up to its `ready` event.
 async fn listen(hub: &TestHub) -> EventStream {

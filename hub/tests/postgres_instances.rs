@@ -23,7 +23,7 @@ use hub::store::postgres::{PostgresStore, SCHEMA_VERSION};
 use hub::store::{Stamp, Store, StoreError, StoreMetrics, WriteOutcome};
 use protocol::{DataType, Scopes, SiteId};
 use serde_json::{Value, json};
-use support::postgres::Cluster;
+use support::postgres::{Cluster, hub_on};
 use support::store::{
     DAY, LedgerRow, RETENTION, T, TestClock, add, applied, open_postgres, over_ceiling, postgres_ledger,
     postgres_options, user,
@@ -32,16 +32,6 @@ use support::{Reply, TestHub};
 use tokio::task::JoinSet;
 
 const USER: &str = "8-evans";
-
-/// A hub on the PostgreSQL database at `url`, with a rate limit that never gets in the way.
-async fn hub_on(url: &str) -> TestHub {
-    TestHub::start_with(|c| {
-        c.limits.requests_per_minute = 1_000_000;
-        c.store.backend = Backend::Postgres;
-        c.store.url = Some(url.to_owned());
-    })
-    .await
-}
 
 /// Two hub instances on one fresh database of the shared cluster, and its URL.
 async fn two_hubs() -> (TestHub, TestHub, String) {

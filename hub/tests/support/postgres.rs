@@ -256,3 +256,13 @@ fn failure(what: &str, out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A hub on the PostgreSQL database at `url`, with a rate limit that never gets in the way.
+pub async fn hub_on(url: &str) -> super::TestHub {
+    super::TestHub::start_with(|c| {
+        c.limits.requests_per_minute = 1_000_000;
+        c.store.backend = hub::config::Backend::Postgres;
+        c.store.url = Some(url.to_owned());
+    })
+    .await
+}
