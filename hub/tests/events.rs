@@ -11,7 +11,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -714,18 +714,8 @@ async fn only_get_opens_a_stream() {
 async fn a_reader_that_falls_behind_is_dropped_and_resumes_where_it_was() {
     let hub = TestHub::start_with(|c| c.limits.requests_per_minute = 1_000_000).await;
     let token = hub.token(SITE, USER);
-    let addr: SocketAddr = hub.url.strip_prefix("http://").unwrap().parse().unwrap();
     // A page that reads its stream's opening, then nothing: a tab frozen, a network stalled.
-    let auth = format!("Bearer {token}");
-    let mut frozen = RawStream::open(
-        addr,
-        Some(4096),
-        &format!("/api/events?user_id={USER}"),
-        &[("Authorization", &auth)],
-    )
-    .await;
-    assert_eq!(frozen.status, 200, "{}", frozen.head);
-    let ready = frozen.ready().await;
+    let (mut frozen, ready) = RawStream::frozen(&hub, USER, &token).await;
 
     // Settings of nearly 2 KiB, changed 32 at a time, until the hub gives the reader up.
     let faucet = hub.site(SITE, USER);

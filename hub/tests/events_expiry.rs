@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use jsonwebtoken::get_current_timestamp;
@@ -48,17 +47,7 @@ async fn a_slow_stream_still_open_counts_against_its_users_cap() {
     })
     .await;
     let token = hub.token(SITE, USER);
-    let addr: SocketAddr = hub.url.strip_prefix("http://").unwrap().parse().unwrap();
-    let auth = format!("Bearer {token}");
-    let mut frozen = RawStream::open(
-        addr,
-        Some(4096),
-        &format!("/api/events?user_id={USER}"),
-        &[("Authorization", &auth)],
-    )
-    .await;
-    assert_eq!(frozen.status, 200, "{}", frozen.head);
-    frozen.ready().await;
+    let (frozen, _) = RawStream::frozen(&hub, USER, &token).await;
     write_until_a_stream_is_dropped(&hub).await;
     // The frozen stream's connection is open, its frames queued for it, counted as open.
     assert_eq!(metric(&hub.url, "hub_event_streams").await, 1.0, "the frozen stream is still counted open");

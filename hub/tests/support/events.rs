@@ -290,6 +290,23 @@ enum Chunk {
 }
 
 impl RawStream {
+    /// `user`'s stream on `hub` with `token`, over a receive buffer of 4 KiB, read up to its
+    /// `ready`: then left unread, as by a tab frozen or a network stalled.
+    pub async fn frozen(hub: &super::TestHub, user: &str, token: &str) -> (RawStream, Frame) {
+        let addr: SocketAddr = hub.url.strip_prefix("http://").unwrap().parse().unwrap();
+        let auth = format!("Bearer {token}");
+        let mut stream = RawStream::open(
+            addr,
+            Some(4096),
+            &format!("/api/events?user_id={user}"),
+            &[("Authorization", &auth)],
+        )
+        .await;
+        assert_eq!(stream.status, 200, "{}", stream.head);
+        let ready = stream.ready().await;
+        (stream, ready)
+    }
+
     /// Connects to `addr` with a receive buffer of `receive_buffer` bytes (if given), sends a
     /// GET of `path_and_query` with `headers`, and reads the answer's head.
     pub async fn open(
