@@ -49,6 +49,16 @@ pub struct Config {
     pub sites: Vec<Site>,
 }
 
+/// The network the per-address limits count a client by: its IPv4 address (one written as
+/// IPv6, `::ffff:a.b.c.d`, as that IPv4 address), or the /64 of its IPv6 address, the block
+/// one subscriber usually holds.
+pub fn client_network(ip: IpAddr) -> IpNet {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => IpNet::V4(ipnet::Ipv4Net::from(ip)),
+        IpAddr::V6(ip) => IpNet::V6(ipnet::Ipv6Net::new_assert(ip, 64).trunc()),
+    }
+}
+
 /// Addresses (`127.0.0.1`, `::1`) and networks (`10.0.0.0/8`, `fd00::/8`) of reverse proxies,
 /// written as text in the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -250,7 +250,7 @@ impl Broker {
         );
         registry.register(
             "event_streams_ended",
-            "Event streams the hub ended: slow (its client read too little), expired (its token), shutdown",
+            "Event streams the hub ended: slow (its client read too little), expired (its token), shutdown, lost (changes the store could not publish)",
             m.ended.clone(),
         );
         registry.register("events_sent", "Changes handed to event streams", m.sent.clone());
@@ -459,7 +459,7 @@ impl Broker {
             self.inner.metrics.refused.get_or_create(&ReasonLabel { reason: "per_user" }).inc();
             return Err(Refused::PerUser);
         }
-        let address = address_key(address);
+        let address = crate::config::client_network(address).addr();
         if state.per_address.get(&address).copied().unwrap_or(0) >= config.max_streams_per_address {
             self.inner.metrics.refused.get_or_create(&ReasonLabel { reason: "per_address" }).inc();
             return Err(Refused::PerAddress);
@@ -557,17 +557,6 @@ impl Broker {
         frame.push_str(&self.inner.epoch);
         frame.push_str(if resumed { "\",\"resumed\":true}\n\n" } else { "\",\"resumed\":false}\n\n" });
         frame.into()
-    }
-}
-
-/// What the per-address limit counts by: an IPv4 address, or an IPv6 /64 (one host's).
-fn address_key(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V4(_) => address,
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(bits.into())
-        }
     }
 }
 
@@ -694,6 +683,11 @@ mod tests {
             Some(Refused::PerAddress)
         );
         assert!(broker.subscribe(&user("c"), &DataType::ALL, None, HERE, None).is_ok());
+        // IPv4 clients of a dual-stack listener, written as IPv6, count as their own addresses.
+        let mapped = |last: u8| IpAddr::V6(Ipv4Addr::new(192, 0, 2, last).to_ipv6_mapped());
+        for last in 1..=3 {
+            assert!(broker.subscribe(&user("d"), &DataType::ALL, None, mapped(last), None).is_ok(), "{last}");
+        }
     }
 
     #[test]

@@ -233,17 +233,10 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
-    /// Counts one request without a valid token from `ip`. IPv6 addresses count per /64,
-    /// the block one subscriber usually holds.
+    /// Counts one request without a valid token from `ip`, by its network
+    /// ([`client_network`](crate::config::client_network)).
     pub fn check_address(&self, ip: IpAddr) -> Result<(), RetryAfter> {
-        let key = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-            },
-            v4 => v4,
-        };
-        check(&self.addresses, &key, &self.clock)
+        check(&self.addresses, &crate::config::client_network(ip).addr(), &self.clock)
     }
 
     /// Forgets every key whose limit has fully recovered, and returns the memory; with a

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use hyper::body::{Frame, SizeHint};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tokio::time::Instant;
 
 use crate::metrics::ConnectionStates;
@@ -33,10 +33,7 @@ impl PerAddress {
     /// One more connection from `ip`, held until the share is dropped; `None` when its
     /// network holds `cap` connections already.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Share> {
-        let network = match ip.to_canonical() {
-            IpAddr::V4(ip) => IpNet::V4(Ipv4Net::from(ip)),
-            IpAddr::V6(ip) => IpNet::V6(Ipv6Net::new_assert(ip, 64).trunc()),
-        };
+        let network = crate::config::client_network(ip);
         let mut open = self.open.lock().expect("per-address counts");
         let held = open.entry(network).or_insert(0);
         if *held >= self.cap {
