@@ -101,7 +101,8 @@ const BETWEEN: &str = "
     FROM (SELECT value::BIGINT AS kept FROM meta WHERE key = 'change_log_kept_from') k
     LEFT JOIN LATERAL (
         SELECT xid, position, user_id, data_type, version, updated_ms, data FROM change_log
-        WHERE user_id = $1 AND (xid, position) > ($2, $3) AND (xid, position) <= ($4, $5)
+        -- A resume from before what the log keeps reads no row: it is told to resync anyway.
+        WHERE $2 >= k.kept AND user_id = $1 AND (xid, position) > ($2, $3) AND (xid, position) <= ($4, $5)
         ORDER BY xid, position
         LIMIT $6
     ) c ON true
