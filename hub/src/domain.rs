@@ -41,6 +41,14 @@ pub struct Ceilings {
     pub per_user_per_day: i64,
 }
 
+impl Caller {
+    /// The site whose backend this caller is, if it is one: a token with a scope beyond what
+    /// a page's token holds, or an admin token. A page's writes are `None`.
+    pub fn origin(&self) -> Option<SiteId> {
+        (self.admin || !self.scopes.is_subset(Scopes::PAGE)).then(|| self.site.clone())
+    }
+}
+
 impl Ceilings {
     /// No ceiling: for a hub without auth, where anyone may act as anyone anyway.
     pub const NONE: Ceilings = Ceilings { per_op: MAX_AMOUNT, per_user_per_day: MAX_AMOUNT };
@@ -195,7 +203,7 @@ impl Domain {
             });
             Ok(Change { data, ledger, credits })
         });
-        self.write(Write { user, data_type, site, op, mutation }).await
+        self.write(Write { user, data_type, site, origin: caller.origin(), op, mutation }).await
     }
 
     /// `action=delta`: add a signed amount to balance or points atomically, exactly once
@@ -263,7 +271,7 @@ impl Domain {
                 credits,
             })
         });
-        self.write(Write { user, data_type, site, op, mutation }).await
+        self.write(Write { user, data_type, site, origin: caller.origin(), op, mutation }).await
     }
 
     /// `hub import`: gives `user` the balance a site kept before the hub existed, written as
@@ -282,7 +290,8 @@ impl Domain {
             let ledger = Some(LedgerEntry { delta: coins, result: coins, reason: Some("import".into()) });
             Ok(Change { data: data.clone(), ledger, credits: None })
         });
-        self.write(Write { user, data_type: DataType::Balance, site, op: None, mutation }).await
+        // Every site hears of an import, its own site's backend included.
+        self.write(Write { user, data_type: DataType::Balance, site, origin: None, op: None, mutation }).await
     }
 
     /// The balance `user` already has, which [`Domain::import_balance`] would keep; `None`

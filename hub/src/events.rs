@@ -133,6 +133,9 @@ struct Inner {
     state: Mutex<State>,
     next_id: AtomicU64,
     metrics: EventMetrics,
+    /// Counts the batches of changes dispatched: what the change feed's readers and the
+    /// webhooks wait on.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -232,6 +235,7 @@ impl Broker {
                 }),
                 next_id: AtomicU64::new(0),
                 metrics: EventMetrics::default(),
+                committed: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -350,7 +354,15 @@ impl Broker {
     }
 
     /// Serializes each change once and hands it to its user's streams.
+    /// Moves on after each batch of changes this instance learns of (its own, and on
+    /// PostgreSQL every instance's), while the broker runs; it never moves with events off.
+    /// Who reads the change feed waits on it, and reads the feed anyway now and then.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.committed.subscribe()
+    }
+
     fn dispatch(&self, batch: Vec<ChangeEvent>) {
+        self.inner.committed.send_modify(|batches| *batches += 1);
         let frames: Vec<Sent> = batch.into_iter().map(|change| self.frame(change)).collect();
         let mut state = self.inner.state.lock().expect("the event broker");
         let mut sent = 0;

@@ -42,6 +42,7 @@ fn set(user_id: &str, op_id: &str, data_type: DataType, data: Value) -> Write {
         user: user(user_id),
         data_type,
         site: SiteId::parse("wrc").unwrap(),
+        origin: None,
         op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: format!("set {op_id}") }),
         mutation,
     }

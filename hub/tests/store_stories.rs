@@ -187,7 +187,14 @@ fn op_ids(ledger: &[LedgerRow]) -> Vec<String> {
 fn set(user_id: &str, data_type: DataType, data: Value) -> Write {
     let mutation: Mutation =
         Arc::new(move |_: Current<'_>| Ok(Change { data: data.clone(), ledger: None, credits: None }));
-    Write { user: user(user_id), data_type, site: SiteId::parse("wrc").unwrap(), op: None, mutation }
+    Write {
+        user: user(user_id),
+        data_type,
+        site: SiteId::parse("wrc").unwrap(),
+        origin: None,
+        op: None,
+        mutation,
+    }
 }
 
 #[track_caller]

@@ -7,6 +7,7 @@
 //! writes ordered before it.
 
 mod changes;
+mod feed;
 mod op_index;
 pub mod postgres;
 mod queue;
@@ -29,6 +30,7 @@ use crate::config::{Backend, StoreConfig};
 
 pub(crate) use changes::Publisher;
 pub use changes::{ChangeEvent, Changes, INLINE_DATA_BYTES, Position};
+pub use feed::{FeedChange, FeedPosition, Pending, QueueStats, Settle, Settled};
 
 /// Opens the store `config` names, with its settings; SQLite's database lives in
 /// `data_dir`. An op id is remembered for `op_retention`. The store records its commits in
@@ -212,6 +214,11 @@ pub struct Write {
     pub user: UserId,
     pub data_type: DataType,
     pub site: SiteId,
+    /// The site whose backend makes this write (a token of `site` with a scope beyond
+    /// [`Scopes::PAGE`](protocol::Scopes::PAGE), an admin token, its agent, an import);
+    /// `None` for a page's write. Kept with the version it makes: that site's webhook is not
+    /// told of it.
+    pub origin: Option<SiteId>,
     /// With an op id, a second write carrying the same id is not applied again.
     pub op: Option<OpKey>,
     pub mutation: Mutation,
@@ -223,6 +230,7 @@ impl std::fmt::Debug for Write {
             .field("user", &self.user)
             .field("data_type", &self.data_type)
             .field("site", &self.site)
+            .field("origin", &self.origin)
             .field("op", &self.op)
             .finish_non_exhaustive()
     }
@@ -384,4 +392,52 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Vec<ChangeEvent>>, StoreError> {
         Ok(None)
     }
+
+    /// Records' latest changes after `after`, in feed order, of `types` only, `limit` at
+    /// most. A record appears once, at its latest change; only changes whose position can no
+    /// longer be overtaken by a change committing later are read.
+    async fn feed(
+        &self,
+        after: FeedPosition,
+        types: &[DataType],
+        limit: usize,
+    ) -> Result<Vec<FeedChange>, StoreError>;
+
+    /// Where the feed ends now: reading from here gives every change committed from now on.
+    async fn feed_end(&self) -> Result<FeedPosition, StoreError>;
+
+    /// Moves `site`'s share of the feed after its cursor into its webhook queue: each change
+    /// of `types` not made by `site`'s own backend is queued, replacing a waiting older
+    /// version of its record; then the cursor moves past what was read. A site met for the
+    /// first time starts at the feed's end. Reads `limit` changes at most; returns how many
+    /// it read (as many as `limit`: call again).
+    async fn webhook_transfer(
+        &self,
+        site: &SiteId,
+        types: &[DataType],
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
+
+    /// Takes up to `limit` of `site`'s notifications that are due at `now_ms` and not taken,
+    /// for `lease_ms`: no other instance takes them until they are settled or the lease ends.
+    /// The longest-due first.
+    async fn webhook_claim(
+        &self,
+        site: &SiteId,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError>;
+
+    /// Records how taken notifications ended, and releases them.
+    async fn webhook_settle(&self, site: &SiteId, now_ms: i64, settled: &[Settled])
+    -> Result<(), StoreError>;
+
+    /// Forgets the queues and cursors of every site not in `sites` (whose webhook was
+    /// removed from the configuration).
+    async fn webhook_retain(&self, sites: &[SiteId]) -> Result<(), StoreError>;
+
+    /// Every site's queue, for those with one.
+    async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
 }

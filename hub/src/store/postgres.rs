@@ -335,6 +335,56 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn feed(
+        &self,
+        _after: crate::store::FeedPosition,
+        _types: &[DataType],
+        _limit: usize,
+    ) -> Result<Vec<crate::store::FeedChange>, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn feed_end(&self) -> Result<crate::store::FeedPosition, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_transfer(
+        &self,
+        _site: &protocol::SiteId,
+        _types: &[DataType],
+        _now_ms: i64,
+        _limit: usize,
+    ) -> Result<usize, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_claim(
+        &self,
+        _site: &protocol::SiteId,
+        _now_ms: i64,
+        _lease_ms: i64,
+        _limit: usize,
+    ) -> Result<Vec<crate::store::Pending>, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_settle(
+        &self,
+        _site: &protocol::SiteId,
+        _now_ms: i64,
+        _settled: &[crate::store::Settled],
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_retain(&self, _sites: &[protocol::SiteId]) -> Result<(), StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_stats(&self) -> Result<Vec<crate::store::QueueStats>, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
     fn epoch(&self) -> &str {
         &self.inner.epoch
     }
@@ -963,6 +1013,7 @@ impl Tx for BatchTx {
         data_type: DataType,
         record: &Record,
         credits: Option<&Credits>,
+        _origin: Option<&protocol::SiteId>,
     ) -> Result<(), StoreError> {
         let held = self.records.entry((user.as_str().to_owned(), data_type)).or_insert_with(|| Held {
             record: Record::empty(data_type),

@@ -66,13 +66,15 @@ pub trait Tx {
     /// ends; a record never written is [`Record::empty`].
     fn read_record(&mut self, user: &UserId, data_type: DataType) -> Result<(Record, Credits), StoreError>;
 
-    /// Writes the record; `credits` replaces the record's credit count, `None` keeps it.
+    /// Writes the record, at the next position of the feed, made by `origin`'s backend
+    /// (`None`: a page); `credits` replaces the record's credit count, `None` keeps it.
     fn put_record(
         &mut self,
         user: &UserId,
         data_type: DataType,
         record: &Record,
         credits: Option<&Credits>,
+        origin: Option<&SiteId>,
     ) -> Result<(), StoreError>;
 
     /// Appends an audit ledger row.
@@ -134,7 +136,7 @@ pub fn apply(
             // Never back, whatever this instance's clock says against the last writer's.
             updated_ms: Some(current.updated_ms.map_or(now_ms, |prev| now_ms.max(prev + 1))),
         };
-        tx.put_record(user, write.data_type, &record, change.credits.as_ref())?;
+        tx.put_record(user, write.data_type, &record, change.credits.as_ref(), write.origin.as_ref())?;
         if let Some(entry) = &change.ledger {
             tx.append_ledger(LedgerRow {
                 user,

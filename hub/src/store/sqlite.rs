@@ -409,6 +409,56 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn feed(
+        &self,
+        _after: crate::store::FeedPosition,
+        _types: &[DataType],
+        _limit: usize,
+    ) -> Result<Vec<crate::store::FeedChange>, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn feed_end(&self) -> Result<crate::store::FeedPosition, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_transfer(
+        &self,
+        _site: &protocol::SiteId,
+        _types: &[DataType],
+        _now_ms: i64,
+        _limit: usize,
+    ) -> Result<usize, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_claim(
+        &self,
+        _site: &protocol::SiteId,
+        _now_ms: i64,
+        _lease_ms: i64,
+        _limit: usize,
+    ) -> Result<Vec<crate::store::Pending>, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_settle(
+        &self,
+        _site: &protocol::SiteId,
+        _now_ms: i64,
+        _settled: &[crate::store::Settled],
+    ) -> Result<(), StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_retain(&self, _sites: &[protocol::SiteId]) -> Result<(), StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
+    async fn webhook_stats(&self) -> Result<Vec<crate::store::QueueStats>, StoreError> {
+        Err(StoreError::Database("feed: in progress".into()))
+    }
+
     fn epoch(&self) -> &str {
         &self.inner.epoch
     }
@@ -905,6 +955,7 @@ impl Tx for SqliteTx<'_> {
         data_type: DataType,
         record: &Record,
         credits: Option<&Credits>,
+        _origin: Option<&protocol::SiteId>,
     ) -> Result<(), StoreError> {
         let credits = credits
             .map(serde_json::to_string)
@@ -986,6 +1037,7 @@ mod tests {
             user: UserId::parse("alice").unwrap(),
             data_type: DataType::Balance,
             site: SiteId::parse("roflfaucet").unwrap(),
+            origin: None,
             op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: amount.to_string() }),
             mutation: Arc::new(move |current: Current<'_>| {
                 let coins = current.record.data["coins"].as_i64().unwrap_or(0) + amount;

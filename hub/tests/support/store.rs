@@ -95,6 +95,7 @@ pub fn add(user_id: &str, op_id: &str, amount: i64) -> Write {
         user: user(user_id),
         data_type: DataType::Balance,
         site: SiteId::parse("wrc").unwrap(),
+        origin: None,
         op: Some(OpKey { op_id: OpId::parse(op_id).unwrap(), fingerprint: format!("add {amount}") }),
         mutation,
     }
