@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub access_log: AccessLogConfig,
     pub events: EventsConfig,
+    pub webhooks: WebhooksConfig,
     pub sites: Vec<Site>,
 }
 
@@ -173,6 +174,40 @@ impl Default for EventsConfig {
 impl EventsConfig {
     pub fn heartbeat(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.heartbeat_secs)
+    }
+}
+
+/// How the hub sends the sites' webhooks (`[[sites]] webhook_url`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// How long one delivery may take, answer included.
+    pub timeout_secs: u64,
+    /// How long a notification is retried before it is given up: keep it at least a day, so
+    /// that a site's outage over a night loses nothing.
+    pub retry_for_secs: u64,
+    /// The wait before the first retry, in milliseconds; doubled after each failure…
+    pub first_retry_ms: u64,
+    /// …up to this (each wait is then shortened by a random part of up to a half).
+    pub max_retry_ms: u64,
+    /// Deliveries under way at once, per site.
+    pub in_flight: usize,
+    /// More certificate authorities (PEM) to trust for `https://` webhooks, beside the
+    /// system's: a receiver whose certificate a private authority signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            timeout_secs: 10,
+            retry_for_secs: 3 * 24 * 3600,
+            first_retry_ms: 5000,
+            max_retry_ms: 3_600_000,
+            in_flight: 8,
+            ca_file: None,
+        }
     }
 }
 
@@ -442,6 +477,17 @@ pub struct Site {
     /// key, so that even a stolen key cannot mint without bound.
     #[serde(default = "default_max_credits_per_user_per_day")]
     pub max_credits_per_user_per_day: i64,
+    /// Where the hub POSTs a signed notification of each change the site did not make itself
+    /// (`https://`, or `http://` to a loopback address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// The environment variable holding the site's webhook secret (`whsec_` and base64, as
+    /// the Standard Webhooks specification writes it), apart from its token key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_env: Option<String>,
+    /// The data types the site's webhook and change feed carry; every type when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_data_types: Option<Vec<String>>,
 }
 
 /// One of a site's keys, named by a `kid`.
@@ -513,6 +559,9 @@ impl Site {
             tokens_issued_after: None,
             max_credit_per_op: default_max_credit_per_op(),
             max_credits_per_user_per_day: default_max_credits_per_user_per_day(),
+            webhook_url: None,
+            webhook_secret_env: None,
+            webhook_data_types: None,
         }
     }
 
@@ -616,6 +665,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             access_log: AccessLogConfig::default(),
             events: EventsConfig::default(),
+            webhooks: WebhooksConfig::default(),
             sites: Vec::new(),
         }
     }
