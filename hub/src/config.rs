@@ -211,6 +211,35 @@ impl Default for WebhooksConfig {
     }
 }
 
+/// Longest `webhooks.timeout_secs`: a receiver is to acknowledge at once and work after.
+const MAX_WEBHOOK_TIMEOUT_SECS: u64 = 60;
+/// Most `webhooks.in_flight`: deliveries to one site at once.
+const MAX_WEBHOOKS_IN_FLIGHT: usize = 64;
+/// Shortest `webhooks.retry_for_secs`.
+const MIN_WEBHOOK_RETRY_FOR_SECS: u64 = 60;
+
+impl WebhooksConfig {
+    /// Refuses numbers that would stop deliveries or flood a receiver.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=MAX_WEBHOOK_TIMEOUT_SECS).contains(&self.timeout_secs) {
+            bail!("webhooks.timeout_secs must be from 1 to {MAX_WEBHOOK_TIMEOUT_SECS}");
+        }
+        if !(1..=MAX_WEBHOOKS_IN_FLIGHT).contains(&self.in_flight) {
+            bail!("webhooks.in_flight must be from 1 to {MAX_WEBHOOKS_IN_FLIGHT}");
+        }
+        if self.first_retry_ms == 0 || self.first_retry_ms > self.max_retry_ms {
+            bail!("webhooks.first_retry_ms must be at least 1 and at most webhooks.max_retry_ms");
+        }
+        if self.retry_for_secs < MIN_WEBHOOK_RETRY_FOR_SECS {
+            bail!(
+                "webhooks.retry_for_secs must be at least {MIN_WEBHOOK_RETRY_FOR_SECS} (keep it a day or more, \
+                 86400, so that a receiver's night-long outage loses nothing)"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Longest `events.heartbeat_secs`: `SyncManager` takes a stream that sent nothing for 45 s as
 /// broken, and reconnects.
 const MAX_HEARTBEAT_SECS: u64 = 30;
@@ -622,10 +651,81 @@ impl Site {
         Ok(Some(u64::try_from(at.unix_timestamp()).unwrap_or(0)))
     }
 
+    /// The data types the site's webhook and change feed carry: `webhook_data_types`, or every
+    /// type when it is absent.
+    pub fn webhook_types(&self) -> anyhow::Result<Vec<protocol::DataType>> {
+        let Some(names) = &self.webhook_data_types else { return Ok(protocol::DataType::ALL.to_vec()) };
+        let mut types = Vec::new();
+        for name in names {
+            let data_type = protocol::DataType::from_name(name).with_context(|| {
+                format!(
+                    "site {}: unknown data type {name:?} in webhook_data_types; the types are {}",
+                    self.id,
+                    protocol::DataType::ALL.map(protocol::DataType::as_str).join(", ")
+                )
+            })?;
+            if !types.contains(&data_type) {
+                types.push(data_type);
+            }
+        }
+        if types.is_empty() {
+            bail!(
+                "site {}: webhook_data_types is empty; name at least one type, or remove it for every type",
+                self.id
+            );
+        }
+        Ok(types)
+    }
+
+    /// Checks the webhook's settings: where it goes and what it carries. Its secret, read from
+    /// the environment, is `check`'s.
+    fn validate_webhook(&self) -> anyhow::Result<()> {
+        self.webhook_types()?;
+        let Some(url) = &self.webhook_url else {
+            if self.webhook_secret_env.is_some() {
+                bail!(
+                    "site {}: webhook_secret_env is set without webhook_url; set both, or neither",
+                    self.id
+                );
+            }
+            return Ok(());
+        };
+        let parsed = reqwest::Url::parse(url)
+            .with_context(|| format!("site {}: webhook_url {url:?} is not a URL", self.id))?;
+        let host = parsed.host_str().unwrap_or_default();
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match parsed.scheme() {
+            "https" if !host.is_empty() => {}
+            "http" if loopback => {}
+            "http" => bail!(
+                "site {}: webhook_url {url:?} is plain http to another machine, where anyone on the way \
+                 could read the notifications; use https:// (http:// is for a receiver on this machine: \
+                 127.0.0.1, ::1 or localhost)",
+                self.id
+            ),
+            _ => bail!("site {}: webhook_url {url:?} must be an https:// URL", self.id),
+        }
+        if self.webhook_secret_env.is_none() {
+            bail!(
+                "site {}: webhook_url needs webhook_secret_env, the environment variable holding the \
+                 webhook's secret (whsec_ and base64, the Standard Webhooks form; make one with \
+                 `echo whsec_$(openssl rand -base64 32)`)",
+                self.id
+            );
+        }
+        Ok(())
+    }
+
     /// Checks the site's policies (its keys are checked when they are loaded).
     fn validate(&self) -> anyhow::Result<()> {
         self.signable_scopes()?;
         self.tokens_issued_after_secs()?;
+        self.validate_webhook()?;
         if self.max_token_ttl_secs == 0 {
             bail!("site {}: max_token_ttl_secs must be at least 1", self.id);
         }
@@ -849,6 +949,7 @@ impl Config {
                  (the hub takes an answer silent for that long as stuck)"
             );
         }
+        self.webhooks.validate()?;
         for site in &self.sites {
             if site.id == IMPORT_SITE {
                 bail!("site id {:?} is reserved for balances brought in by `hub import`", site.id);
@@ -1021,6 +1122,76 @@ mod tests {
             Limits { max_body_bytes_in_flight: protocol::wire::MAX_BODY_BYTES - 1, ..config.limits.clone() },
         ] {
             assert!(Config { limits, ..config.clone() }.validate().is_err());
+        }
+    }
+
+    fn with_webhook(url: &str, secret_env: Option<&str>) -> Config {
+        let site = Site {
+            secret: Some(random_secret()),
+            webhook_url: Some(url.into()),
+            webhook_secret_env: secret_env.map(str::to_owned),
+            ..Site::new("roflfaucet")
+        };
+        Config { sites: vec![site], ..Config::default() }
+    }
+
+    #[test]
+    fn a_webhook_goes_over_https_or_to_this_machine() {
+        for url in [
+            "https://roflfaucet.com/hub-webhook",
+            "http://127.0.0.1:8080/hook",
+            "http://127.5.6.7/hook",
+            "http://[::1]:9000/hook",
+            "http://localhost/hook",
+        ] {
+            assert!(with_webhook(url, Some("ROFL_WHSEC")).validate().is_ok(), "{url}");
+        }
+        for (url, says) in [
+            ("http://roflfaucet.com/hook", "plain http to another machine"),
+            ("http://10.0.0.1/hook", "plain http to another machine"),
+            ("http://localhost.roflfaucet.com/hook", "plain http to another machine"),
+            ("ftp://roflfaucet.com/hook", "must be an https:// URL"),
+            ("roflfaucet.com/hook", "is not a URL"),
+        ] {
+            let error = with_webhook(url, Some("ROFL_WHSEC")).validate().unwrap_err().to_string();
+            assert!(error.contains(says), "{url}: {error}");
+        }
+        let error = with_webhook("https://roflfaucet.com/hook", None).validate().unwrap_err().to_string();
+        assert!(error.contains("webhook_url needs webhook_secret_env"), "{error}");
+    }
+
+    #[test]
+    fn a_webhooks_types_are_known_ones_and_default_to_all() {
+        let mut site = Site::new("roflfaucet");
+        assert_eq!(site.webhook_types().unwrap(), protocol::DataType::ALL);
+        site.webhook_data_types = Some(vec!["balance".into(), "profile".into(), "balance".into()]);
+        assert_eq!(site.webhook_types().unwrap(), [protocol::DataType::Balance, protocol::DataType::Profile]);
+        site.webhook_data_types = Some(vec!["coins".into()]);
+        let error = site.webhook_types().unwrap_err().to_string();
+        assert!(error.contains("unknown data type \"coins\" in webhook_data_types"), "{error}");
+        site.webhook_data_types = Some(Vec::new());
+        assert!(site.webhook_types().unwrap_err().to_string().contains("is empty"));
+    }
+
+    #[test]
+    fn webhook_delivery_numbers_are_sane() {
+        let config = with_webhook("https://roflfaucet.com/hook", Some("ROFL_WHSEC"));
+        assert!(config.validate().is_ok());
+        let defaults = WebhooksConfig::default();
+        for (webhooks, says) in [
+            (WebhooksConfig { timeout_secs: 0, ..defaults.clone() }, "timeout_secs"),
+            (WebhooksConfig { timeout_secs: 61, ..defaults.clone() }, "timeout_secs"),
+            (WebhooksConfig { in_flight: 0, ..defaults.clone() }, "in_flight"),
+            (WebhooksConfig { in_flight: 65, ..defaults.clone() }, "in_flight"),
+            (WebhooksConfig { first_retry_ms: 0, ..defaults.clone() }, "first_retry_ms"),
+            (
+                WebhooksConfig { first_retry_ms: 10_000, max_retry_ms: 9_999, ..defaults.clone() },
+                "first_retry_ms",
+            ),
+            (WebhooksConfig { retry_for_secs: 59, ..defaults.clone() }, "retry_for_secs"),
+        ] {
+            let error = Config { webhooks, ..config.clone() }.validate().unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
         }
     }
 
