@@ -1,9 +1,11 @@
-//! The hub's sync API as the agent uses it: one user's balance at a time, over HTTP
-//! (reqwest), each request with a token of its own, sent again with backoff until the hub
-//! answers. HTTPS trusts the public authorities (webpki's list), the system's trust store and
-//! the `--ca-file`; a certificate it does not accept is logged as an error and tried again only
-//! every few minutes. Decides nothing about balances: that is [`crate::reconcile`]'s.
+//! The hub's public API as the agent uses it: the sync API, one user's balance at a time, and
+//! the site's change feed (`/api/changes`), over HTTP (reqwest), each request with a token of
+//! its own, sent again with backoff until the hub answers. HTTPS trusts the public
+//! authorities (webpki's list), the system's trust store and the `--ca-file`; a certificate
+//! it does not accept is logged as an error and tried again only every few minutes. Decides
+//! nothing about balances: that is [`crate::reconcile`]'s.
 
+use std::fmt::Display;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,13 +36,68 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// authority trusted — a service manager restarting an agent that exits would soon give up.
 const TLS_RETRY: Duration = Duration::from_secs(300);
 
+/// How long the hub may hold a read of the change feed open while nothing changes: its
+/// longest.
+const FEED_WAIT_SECS: u64 = 25;
+/// The most changes one read of the feed brings.
+const FEED_LIMIT: u32 = 1000;
+
 /// The hub's sync API as the agent uses it: one user's balance at a time.
 pub(crate) struct Hub {
     http: reqwest::Client,
     /// `<hub URL>/api/sync`.
     pub(crate) api: reqwest::Url,
+    /// `<hub URL>/api/changes`.
+    changes: reqwest::Url,
     signer: Signer,
     site: SiteId,
+}
+
+/// The site's change feed, read by a task of its own beside [`Hub`]'s requests.
+pub(crate) struct Feed {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    signer: Signer,
+    /// The `sub` of the feed's tokens: the hub counts the feed's requests against it.
+    reader: UserId,
+}
+
+/// One read of the change feed.
+pub(crate) enum FeedAnswer {
+    Changes(Changes),
+    /// The hub no longer knows the cursor (`cursor_reset`: its database was replaced, or the
+    /// cursor was not one of its): the feed is read again from its start.
+    Reset {
+        code: String,
+        message: String,
+    },
+}
+
+/// The changes after a cursor, and where to read on.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Changes {
+    pub(crate) epoch: String,
+    pub(crate) changes: Vec<Change>,
+    pub(crate) cursor: String,
+}
+
+/// A record changed: the hub's latest version of it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Change {
+    pub(crate) user_id: String,
+    pub(crate) data_type: String,
+    pub(crate) version: u64,
+    /// The record, when small enough to come with the change.
+    #[serde(default)]
+    pub(crate) data: Option<Value>,
+}
+
+impl Change {
+    /// The balance the change names, when its record came with it.
+    pub(crate) fn balance(&self) -> Option<HubBalance> {
+        let data = self.data.as_ref()?;
+        Some(HubBalance { coins: coins_of(data), version: self.version })
+    }
 }
 
 /// The hub's answer to a request, and its epoch when the answer names it (a get's does).
@@ -131,6 +188,7 @@ impl Hub {
             base.set_path(&format!("{}/", base.path()));
         }
         let api = base.join("api/sync")?;
+        let changes = base.join("api/changes")?;
         let mut http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("hub-agent/", env!("CARGO_PKG_VERSION")));
@@ -147,40 +205,18 @@ impl Hub {
             }
         }
         let http = http.build().context("cannot set up HTTPS (the system's trust store, --ca-file)")?;
-        Ok(Hub { http, api, signer, site })
+        Ok(Hub { http, api, changes, signer, site })
+    }
+
+    /// The site's change feed, read with tokens of `signer` for `reader`.
+    pub(crate) fn feed(&self, signer: Signer, reader: UserId) -> Feed {
+        Feed { http: self.http.clone(), url: self.changes.clone(), signer, reader }
     }
 
     /// Sends `request` until the hub answers it, pausing longer after each failure (up to
     /// [`MAX_RETRY`], or what the hub asks for).
     pub(crate) async fn send_until_answered(&self, user: &UserId, request: &Request) -> Answer {
-        let answered = (|| self.send(user, request))
-            .retry(BACKOFF)
-            // The hub's `Retry-After` stands in for the next pause, and either is spread by
-            // ±20 %, so that agents that failed together do not all come back together.
-            .adjust(|retry: &Retry, pause| {
-                let pause = if retry.tls { TLS_RETRY } else { retry.after.or(pause)?.min(MAX_RETRY) };
-                Some(pause.mul_f64(rand::random_range(0.8..1.2)))
-            })
-            .notify(|retry, wait| {
-                if retry.tls {
-                    tracing::error!(
-                        "{user}: no TLS connection to the hub ({}); trying again in {:.0} s",
-                        retry.why,
-                        wait.as_secs_f64()
-                    );
-                } else {
-                    tracing::warn!(
-                        "{user}: no answer from the hub ({}); trying again in {:.1} s",
-                        retry.why,
-                        wait.as_secs_f64()
-                    );
-                }
-            })
-            .await;
-        match answered {
-            Ok(answer) => answer,
-            Err(_) => unreachable!("the backoff has no last attempt"),
-        }
+        until_answered(user, || self.send(user, request)).await
     }
 
     async fn send(&self, user: &UserId, request: &Request) -> Result<Answer, Retry> {
@@ -213,12 +249,7 @@ impl Hub {
             })),
         };
         let response = builder.bearer_auth(token).send().await.map_err(Retry::unanswered)?;
-        let status = response.status();
-        let after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .map(Duration::from_secs);
+        let (status, after) = (response.status(), retry_after(&response));
         let body =
             response.bytes().await.map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
         if status.is_success() {
@@ -249,6 +280,105 @@ impl Hub {
         };
         Ok(Answer { reply, epoch: None })
     }
+}
+
+impl Feed {
+    /// The balance changes after `cursor` (from the feed's start without one), read until the
+    /// hub answers; the hub holds the read open until something changes or
+    /// [`FEED_WAIT_SECS`] pass.
+    pub(crate) async fn read(&self, cursor: Option<&str>) -> FeedAnswer {
+        until_answered("the change feed", || self.try_read(cursor)).await
+    }
+
+    async fn try_read(&self, cursor: Option<&str>) -> Result<FeedAnswer, Retry> {
+        let token = self
+            .signer
+            .mint(&self.reader)
+            .map_err(|e| Retry::because(format!("cannot sign a token: {e:#}")))?;
+        let (wait, limit) = (FEED_WAIT_SECS.to_string(), FEED_LIMIT.to_string());
+        let mut query = vec![("data_type", "balance"), ("wait", wait.as_str()), ("limit", limit.as_str())];
+        query.extend(cursor.map(|cursor| ("cursor", cursor)));
+        let response = self
+            .http
+            .get(self.url.clone())
+            .query(&query)
+            .timeout(Duration::from_secs(FEED_WAIT_SECS) + REQUEST_TIMEOUT)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(Retry::unanswered)?;
+        let (status, after) = (response.status(), retry_after(&response));
+        let body =
+            response.bytes().await.map_err(|e| Retry::because(format!("{:#}", anyhow::Error::from(e))))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body)
+                .map(FeedAnswer::Changes)
+                .map_err(|e| Retry::because(format!("{status} with a body that is not the feed's: {e}")));
+        }
+        let Ok(error) = serde_json::from_slice::<ErrorAnswer>(&body) else {
+            let why = if status == reqwest::StatusCode::NOT_FOUND {
+                format!(
+                    "{status}: this hub has no change feed; upgrade it, or run the agent with --push-only"
+                )
+            } else {
+                format!("{status} with a body that is not the hub's")
+            };
+            return Err(Retry { why, after, tls: false });
+        };
+        match error.code.as_str() {
+            "cursor_reset" | "bad_cursor" => Ok(FeedAnswer::Reset { code: error.code, message: error.error }),
+            // Anything else is a hub that is down, or a configuration to fix (a site whose
+            // scopes do not list changes:read, a key the hub does not know): the feed is read
+            // again until it answers.
+            _ => Err(Retry { why: format!("{status} {}: {}", error.code, error.error), after, tls: false }),
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, pausing longer after each failure (up to [`MAX_RETRY`],
+/// or what the hub asks for), and logs each failure as `who`'s.
+async fn until_answered<T, F, Fut>(who: impl Display, attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Retry>>,
+{
+    let answered = attempt
+        .retry(BACKOFF)
+        // The hub's `Retry-After` stands in for the next pause, and either is spread by
+        // ±20 %, so that agents that failed together do not all come back together.
+        .adjust(|retry: &Retry, pause| {
+            let pause = if retry.tls { TLS_RETRY } else { retry.after.or(pause)?.min(MAX_RETRY) };
+            Some(pause.mul_f64(rand::random_range(0.8..1.2)))
+        })
+        .notify(|retry, wait| {
+            if retry.tls {
+                tracing::error!(
+                    "{who}: no TLS connection to the hub ({}); trying again in {:.0} s",
+                    retry.why,
+                    wait.as_secs_f64()
+                );
+            } else {
+                tracing::warn!(
+                    "{who}: no answer from the hub ({}); trying again in {:.1} s",
+                    retry.why,
+                    wait.as_secs_f64()
+                );
+            }
+        })
+        .await;
+    match answered {
+        Ok(answer) => answer,
+        Err(_) => unreachable!("the backoff has no last attempt"),
+    }
+}
+
+/// The pause an answer's `Retry-After` asks for.
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .map(Duration::from_secs)
 }
 
 /// A successful answer (get, push or delta): the balance, and the epoch if named.

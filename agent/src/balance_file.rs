@@ -1,10 +1,16 @@
 //! A site's per-user balance file, as the seed's PHP sites keep them: `<user_id>.json`
 //! holding `coins` (or `balance`, or both when they agree) and perhaps `last_updated`.
-//! `hub agent` and `hub import` read files alike through [`parse`]. Reads bytes it is given:
-//! opening files and deciding which to read is the caller's.
+//! `hub agent` and `hub import` read files alike through [`parse`]; `hub agent` makes a
+//! file's new content with [`rewrite`]. Reads bytes it is given and returns bytes: opening,
+//! writing and deciding which files to touch is the caller's.
 
 use protocol::{DataType, UserId};
+use serde::Serialize;
+use serde_json::ser::PrettyFormatter;
 use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
 
 /// What a balance file holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +46,57 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Balance, String> {
     }
     protocol::validate_record(DataType::Balance, &json!({ "coins": coins })).map_err(|e| e.message)?;
     Ok(Balance { user, coins, text })
+}
+
+/// The content of a balance file that held `bytes` (a balance [`parse`] accepts) once it
+/// shows `coins`, written at `now`: every other key is kept; `coins` and `balance` are both
+/// set where the file has them, each as a number or as text as the file wrote it;
+/// `last_updated` is set to `now` as the file wrote it — unix seconds when it was a number,
+/// RFC 3339 when it was such a text, and otherwise, or when the file had none, as the seed's
+/// PHP writes it (`date('Y-m-d H:i:s')`, in UTC). A file written on several lines is
+/// written on several lines, indented as PHP's `JSON_PRETTY_PRINT` indents; a final line
+/// break is kept. The keys come out in alphabetical order.
+pub fn rewrite(bytes: &[u8], coins: i64, now: OffsetDateTime) -> Result<Vec<u8>, String> {
+    let mut value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let object = value.as_object_mut().ok_or("not a JSON object")?;
+    if !object.contains_key("coins") && !object.contains_key("balance") {
+        return Err("holds neither coins nor balance".into());
+    }
+    for key in ["coins", "balance"] {
+        if let Some(amount) = object.get_mut(key) {
+            *amount = match amount {
+                Value::String(_) => Value::String(coins.to_string()),
+                _ => Value::from(coins),
+            };
+        }
+    }
+    let now = now.to_offset(time::UtcOffset::UTC);
+    let stamp = match object.get("last_updated") {
+        Some(Value::Number(_)) => Value::from(now.unix_timestamp()),
+        Some(Value::String(text)) if OffsetDateTime::parse(text, &Rfc3339).is_ok() => {
+            let rfc3339 =
+                format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+            Value::String(now.format(rfc3339).map_err(|e| e.to_string())?)
+        }
+        _ => {
+            let php = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+            Value::String(now.format(php).map_err(|e| e.to_string())?)
+        }
+    };
+    object.insert("last_updated".to_owned(), stamp);
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = Vec::with_capacity(bytes.len() + 32);
+    if text.trim_end().contains('\n') {
+        let mut serializer =
+            serde_json::Serializer::with_formatter(&mut out, PrettyFormatter::with_indent(b"    "));
+        value.serialize(&mut serializer).map_err(|e| e.to_string())?;
+    } else {
+        serde_json::to_writer(&mut out, &value).map_err(|e| e.to_string())?;
+    }
+    if text.ends_with('\n') {
+        out.push(b'\n');
+    }
+    Ok(out)
 }
 
 /// A whole number of at least 0, written as a JSON number, or as text of decimal digits with
@@ -92,6 +149,44 @@ mod tests {
         assert_eq!(parse("e.json", br#"{"balance": " 100 "}"#), balance("e", 100, Some(" 100 ")));
         assert_eq!(parse("f.json", br#"{"coins": "\t7\r\n"}"#), balance("f", 7, Some("\t7\r\n")));
         assert_eq!(parse("z.json", br#"{"coins": 0}"#), balance("z", 0, None));
+    }
+
+    fn at(unix: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(unix).unwrap() + time::Duration::milliseconds(250)
+    }
+
+    fn rewritten(before: &str, coins: i64) -> String {
+        String::from_utf8(rewrite(before.as_bytes(), coins, at(1_762_713_930)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_rewrite_sets_the_amounts_and_the_time_and_keeps_every_other_key() {
+        assert_eq!(
+            rewritten(r#"{"coins": 150, "last_updated": "2025-11-09 18:45:30", "streak": [1, 2]}"#, 40),
+            r#"{"coins":40,"last_updated":"2025-11-09 18:45:30","streak":[1,2]}"#
+        );
+        assert_eq!(
+            rewritten(r#"{"balance": "40", "coins": 40, "name": "Evans"}"#, 7),
+            r#"{"balance":"7","coins":7,"last_updated":"2025-11-09 18:45:30","name":"Evans"}"#
+        );
+        assert_eq!(
+            rewritten(r#"{"coins": "100\n", "last_updated": 5}"#, 8),
+            r#"{"coins":"8","last_updated":1762713930}"#
+        );
+        assert_eq!(
+            rewritten(r#"{"coins": 1, "last_updated": "2025-11-09T18:45:30Z"}"#, 2),
+            r#"{"coins":2,"last_updated":"2025-11-09T18:45:30.250Z"}"#
+        );
+        let after = rewritten("{\n    \"coins\": 1\n}\n", 3);
+        assert_eq!(after, "{\n    \"coins\": 3,\n    \"last_updated\": \"2025-11-09 18:45:30\"\n}\n");
+        assert_eq!(parse("u.json", after.as_bytes()).unwrap().coins, 3);
+    }
+
+    #[test]
+    fn a_file_that_is_no_balance_is_not_rewritten() {
+        for body in ["{coins", "[1]", r#"{"name": "x"}"#] {
+            assert!(rewrite(body.as_bytes(), 1, at(0)).is_err(), "{body}");
+        }
     }
 
     #[test]

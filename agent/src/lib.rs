@@ -1,10 +1,10 @@
 //! `hub agent`: runs beside a site that keeps its users' balances in files
-//! (`<user_id>.json` holding `coins` or `balance`, read by [`balance_file`]), and pushes
-//! every change of such a file to the hub, signing its own short-lived tokens with the site's
-//! key ([`Signer`]).
+//! (`<user_id>.json` holding `coins` or `balance`, read by [`balance_file`]), pushes every
+//! change of such a file to the hub, and writes into the files what changed elsewhere,
+//! signing its own short-lived tokens with the site's key ([`Signer`]).
 //!
-//! A client of the hub's public sync API, in a crate of its own: it depends on `protocol`
-//! and not on the hub, so it cannot reach the hub's database or domain. The `hub` binary
+//! A client of the hub's public API (sync and change feed), in a crate of its own: it depends
+//! on `protocol` and not on the hub, so it cannot reach the hub's database or domain. The `hub` binary
 //! runs it as `hub agent`, reading the site's key and the hub's id from the hub's
 //! configuration format ([`Config`]).
 //!
@@ -17,12 +17,24 @@
 //! that a restart neither pushes again nor misses a change made while the agent was down:
 //! at start every file is compared with it.
 //!
+//! The other way (unless `--push-only`): a task reads the site's change feed
+//! (`/api/changes`, balances only) from a cursor kept in the state file, and each change of a
+//! user who has a file, newer than what the file and the hub agreed, is written into the file
+//! once any local change the hub has not seen is reconciled ([`reconcile::file_step`]). A
+//! write replaces the file whole by renaming a temporary file of the agent's own over it, with
+//! the file's permissions and owner, and is recorded in the state file before the rename, so
+//! that a stop at any point neither loses it nor reads it back as a local change; the
+//! watcher's event for it then finds the file in step and pushes nothing. The file is read
+//! again just before the rename: one that changed meanwhile is reconciled first. The same
+//! write shows the hub's balance in the file after a reconciliation that left them apart
+//! (a merge, a refused change, the hub's balance kept at first sight).
+//!
 //! A file it cannot use (a name that is not a user id, content that is not a balance) is
 //! skipped with a warning, and the skipped files are counted and named in the lines that end
 //! its first check and its run, so that users left unsynced do not go unnoticed.
 //!
-//! It will not write balance files, delete anything, follow subfolders, or push anything
-//! but balances; a removed file pushes nothing.
+//! It will not create or delete balance files (a user without a file is left alone), follow
+//! subfolders, or sync anything but balances; a removed file pushes nothing.
 
 mod api;
 pub mod balance_file;
@@ -31,6 +43,8 @@ pub mod reconcile;
 mod token;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,13 +56,16 @@ use protocol::{Scope, Scopes, SiteId, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use self::api::Hub;
+use self::api::{Changes, Feed, FeedAnswer, Hub};
 pub use self::config::Config;
-use self::reconcile::{Agreed, Outcome, Reconcile, Request};
+use self::reconcile::{Agreed, FileStep, HubBalance, Outcome, Reconcile, Reply, Request};
 pub use self::token::Signer;
 
 /// The state file's name in the watched folder, unless `--state` names another.
 pub const STATE_FILE: &str = ".hub-agent-state.json";
+/// How the agent's temporary files for balance files end (`.<user_id>.json.hub-agent.tmp`):
+/// not `.json`, so that a site that lists `*.json` never sees one, and ignored by the watcher.
+pub const TEMP_SUFFIX: &str = ".hub-agent.tmp";
 
 /// How long each file event is held before its file is read: a writer that writes in several
 /// steps, or writes a temporary file and renames it, is then read once.
@@ -60,6 +77,11 @@ const TOKEN_TTL_SECS: u64 = 120;
 /// change. Its site must be allowed to sign them all, `amounts:set` included.
 pub const SCOPES: Scopes =
     Scopes::of(&[Scope::SyncRead, Scope::AmountsSet, Scope::AmountsCredit, Scope::AmountsSpend]);
+/// What the tokens that read the change feed may do, in two-way mode.
+pub const FEED_SCOPES: Scopes = Scopes::of(&[Scope::ChangesRead]);
+/// The `sub` of the feed's tokens: the feed is the site's, not a user's; the hub counts the
+/// feed's requests against this name.
+const FEED_READER: &str = "hub-agent";
 /// Remembered agreements are written at least this often while files keep changing (and
 /// whenever the agent has nothing left to do).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
@@ -80,6 +102,8 @@ pub struct Options {
     pub ca_file: Option<PathBuf>,
     /// The state file; [`STATE_FILE`] in `dir` when `None`.
     pub state: Option<PathBuf>,
+    /// Only push the files' changes: never read the change feed nor write a balance file.
+    pub push_only: bool,
 }
 
 /// Watches and pushes until `shutdown` completes (or a file watcher or the state file
@@ -121,6 +145,14 @@ struct State {
     /// from the first time), and only then reads the file again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sending: Option<Sending>,
+    /// Where the change feed is read on from: past every change already written into the
+    /// files (or found older than their agreements). Opaque, the hub's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
+    /// A balance file being replaced: recorded before the rename, so that the next start
+    /// knows which agreement holds ([`reconcile::interrupted_write`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    writing: Option<Writing>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +161,14 @@ struct Sending {
     user: String,
     from: Option<Agreed>,
     file: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Writing {
+    user: String,
+    from: Option<Agreed>,
+    to: Agreed,
 }
 
 /// What the file watcher reports.
@@ -143,6 +183,24 @@ enum Signal {
 enum Flow {
     Done,
     NewHub,
+}
+
+/// How a write of the hub's balance into a file ended.
+enum Written {
+    Done,
+    /// The file changed while the write was prepared; it was left as it is.
+    FileChanged,
+    /// The write failed (logged); the file was left as it is.
+    Failed,
+}
+
+/// The task that reads the change feed; it ends with the agent.
+struct FeedTask(tokio::task::JoinHandle<()>);
+
+impl Drop for FeedTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Agent {
@@ -163,13 +221,33 @@ struct Agent {
     events: mpsc::UnboundedReceiver<Signal>,
     /// Keeps the watcher running.
     _watcher: Watcher,
+    /// Whether the agent writes into the files what changed elsewhere (not `--push-only`).
+    two_way: bool,
+    /// The change feed's reader until it is started; `None` with `--push-only`.
+    feed: Option<Feed>,
+    /// What the feed's task read, once started.
+    changes: Option<mpsc::Receiver<Changes>>,
+    _feed_task: Option<FeedTask>,
+    /// Whether the agent was found unable to give a written file its owner: said once.
+    owner_warned: bool,
 }
 
 impl Agent {
     fn new(config: &Config, options: Options) -> anyhow::Result<Agent> {
         let site = SiteId::parse(&options.site).map_err(|e| anyhow::anyhow!("--site: {}", e.message))?;
         let signer = Signer::new(config, site.clone(), SCOPES, TOKEN_TTL_SECS)?;
+        let feed_signer = if options.push_only {
+            None
+        } else {
+            let signer = Signer::new(config, site.clone(), FEED_SCOPES, TOKEN_TTL_SECS).context(
+                "the agent reads the hub's change feed to write other sites' changes into the files \
+                 (run it with --push-only to only push)",
+            )?;
+            Some(signer)
+        };
         let hub = Hub::new(&options.hub_url, options.ca_file.as_deref(), signer, site.clone())?;
+        let reader = UserId::parse(FEED_READER).expect("a user id");
+        let feed = feed_signer.map(|signer| hub.feed(signer, reader));
         let dir =
             options.dir.canonicalize().with_context(|| format!("cannot watch {}", options.dir.display()))?;
         if !dir.is_dir() {
@@ -194,8 +272,9 @@ impl Agent {
         }
         let state = load(&state_path)?;
         let (watcher, events) = watch(&dir)?;
+        let way = if feed.is_some() { "and writing into its files what changed elsewhere" } else { "only" };
         tracing::info!(
-            "agent for site {site}: watching {}, pushing to {}, state in {}",
+            "agent for site {site}: watching {}, pushing to {} {way}, state in {}",
             dir.display(),
             hub.api,
             state_path.display()
@@ -212,12 +291,18 @@ impl Agent {
             skipped: BTreeSet::new(),
             events,
             _watcher: watcher,
+            two_way: feed.is_some(),
+            feed,
+            changes: None,
+            _feed_task: None,
+            owner_warned: false,
         })
     }
 
     /// The agent's life: compare every file with the state (and the hub), then follow the
     /// file events.
     async fn watch(&mut self) -> anyhow::Result<()> {
+        self.finish_writing()?;
         let mut pending = self.scan()?;
         let files = pending.len();
         if let Flow::NewHub = self.check_epoch().await? {
@@ -230,13 +315,14 @@ impl Agent {
                 pending = self.scan()?;
             }
         }
+        self.start_feed();
         let mut started = false;
         loop {
             while let Ok(signal) = self.events.try_recv() {
                 self.note(signal, &mut pending)?;
             }
             if let Some(user) = pending.pop_first() {
-                if let Flow::NewHub = self.reconcile_file(&user).await? {
+                if let Flow::NewHub = self.settle(&user, None).await? {
                     pending = self.scan()?;
                 }
                 if self.unsaved && self.saved_at.elapsed() >= SAVE_EVERY {
@@ -258,9 +344,65 @@ impl Agent {
                     ),
                 }
             }
-            let signal = self.events.recv().await.context("the file watcher stopped")?;
-            self.note(signal, &mut pending)?;
+            tokio::select! {
+                signal = self.events.recv() => {
+                    self.note(signal.context("the file watcher stopped")?, &mut pending)?;
+                }
+                changes = next_changes(&mut self.changes) => {
+                    let changes = changes.context("the change feed's reader stopped")?;
+                    if let Flow::NewHub = self.take_changes(changes).await? {
+                        pending = self.scan()?;
+                    }
+                }
+            }
         }
+    }
+
+    /// Starts reading the change feed from the state's cursor (in two-way mode).
+    fn start_feed(&mut self) {
+        let Some(feed) = self.feed.take() else { return };
+        let (tx, rx) = mpsc::channel(1);
+        let cursor = self.state.cursor.clone();
+        self.changes = Some(rx);
+        self._feed_task = Some(FeedTask(tokio::spawn(follow(feed, cursor, tx))));
+    }
+
+    /// Writes into the files the changes the feed brought, then moves the cursor past them.
+    async fn take_changes(&mut self, changes: Changes) -> anyhow::Result<Flow> {
+        if let Flow::NewHub = self.note_epoch(changes.epoch)? {
+            return Ok(Flow::NewHub);
+        }
+        for change in &changes.changes {
+            let Ok(user) = UserId::parse(&change.user_id) else { continue };
+            let known = self.state.users.get(user.as_str()).map(|agreed| agreed.version);
+            if change.data_type != "balance" || known.is_some_and(|version| version >= change.version) {
+                continue;
+            }
+            let newer = match change.balance() {
+                Some(newer) => newer,
+                // Without its record, the change is read from the hub, when the user has a
+                // file it could go into.
+                None if self.dir.join(format!("{user}.json")).is_file() => {
+                    let answer = self.hub.send_until_answered(&user, &Request::Get).await;
+                    if let Some(epoch) = answer.epoch
+                        && let Flow::NewHub = self.note_epoch(epoch)?
+                    {
+                        return Ok(Flow::NewHub);
+                    }
+                    let Reply::Balance(hub) = answer.reply else { continue };
+                    hub
+                }
+                None => continue,
+            };
+            if let Flow::NewHub = self.settle(&user, Some(newer)).await? {
+                return Ok(Flow::NewHub);
+            }
+        }
+        if self.state.cursor.as_ref() != Some(&changes.cursor) {
+            self.state.cursor = Some(changes.cursor);
+            self.unsaved = true;
+        }
+        Ok(Flow::Done)
     }
 
     /// The users of every balance file in the folder.
@@ -270,9 +412,18 @@ impl Agent {
             std::fs::read_dir(&self.dir).with_context(|| format!("cannot read {}", self.dir.display()))?;
         for entry in entries {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
-                users.extend(self.user_of(&entry.path()));
+            if !entry.file_type()?.is_file() {
+                continue;
             }
+            let path = entry.path();
+            if is_temp_name(&entry.file_name().to_string_lossy()) {
+                // A write the agent gave up, or one cut short before its rename.
+                tracing::debug!("removing {}, left by an earlier write", path.display());
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove the agent's own {}", path.display()))?;
+                continue;
+            }
+            users.extend(self.user_of(&path));
         }
         Ok(users)
     }
@@ -295,7 +446,7 @@ impl Agent {
     /// The user whose balance file `path` is, or `None` (with a log line) for any other file.
     fn user_of(&mut self, path: &Path) -> Option<UserId> {
         let name = path.file_name()?.to_string_lossy();
-        if self.own_names.iter().any(|own| *own == name || name.strip_suffix(".tmp") == Some(own)) {
+        if self.is_own(&name) || is_temp_name(&name) {
             return None;
         }
         let Some(stem) = name.strip_suffix(".json") else {
@@ -313,32 +464,186 @@ impl Agent {
         }
     }
 
-    /// Reads the user's file and reconciles its value with the hub.
-    async fn reconcile_file(&mut self, user: &UserId) -> anyhow::Result<Flow> {
+    /// Whether `name` is the agent's own file (its state file, or that file's temporary one).
+    fn is_own(&self, name: &str) -> bool {
+        self.own_names.iter().any(|own| own == name || name.strip_suffix(".tmp") == Some(own))
+    }
+
+    /// The user's file, as bytes and the coins they show; `None` (with a log line) when there
+    /// is none, or it cannot be read as a balance.
+    fn read_balance(&mut self, user: &UserId) -> Option<(Vec<u8>, i64)> {
         let name = format!("{user}.json");
+        if self.is_own(&name) {
+            return None;
+        }
         let bytes = match std::fs::read(self.dir.join(&name)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::debug!("{name} is gone; nothing to push");
+                tracing::debug!("{name} is gone, or was never there; nothing to do");
                 self.skipped.remove(&name);
-                return Ok(Flow::Done);
+                return None;
             }
             Err(e) => {
                 self.skip(&name, &format!("it cannot be read: {e}"));
-                return Ok(Flow::Done);
+                return None;
             }
         };
         match balance_file::parse(&name, &bytes) {
             Ok(balance) => {
                 self.skipped.remove(&name);
-                let from = self.state.users.get(user.as_str()).copied();
-                self.reconcile(user, from, balance.coins).await
+                Some((bytes, balance.coins))
             }
             Err(reason) => {
                 self.skip(&name, &format!("{reason}; it is read again when it changes"));
-                Ok(Flow::Done)
+                None
             }
         }
+    }
+
+    /// Brings the user's file and the hub in step: reconciles the file's change, if any, with
+    /// the hub; then, in two-way mode, writes into the file the hub's balance it does not show
+    /// (`newer`, from the change feed, or what the reconciliation left).
+    async fn settle(&mut self, user: &UserId, newer: Option<HubBalance>) -> anyhow::Result<Flow> {
+        loop {
+            let Some((bytes, file)) = self.read_balance(user) else { return Ok(Flow::Done) };
+            let from = self.state.users.get(user.as_str()).copied();
+            if !self.two_way {
+                return self.reconcile(user, from, file).await;
+            }
+            match reconcile::file_step(from, file, newer) {
+                FileStep::Reconcile => {
+                    if let Flow::NewHub = self.reconcile(user, from, file).await? {
+                        return Ok(Flow::NewHub);
+                    }
+                    // The hub would not give the balance: nothing is known to write.
+                    if self.state.users.get(user.as_str()).is_none_or(|agreed| agreed.file != file) {
+                        return Ok(Flow::Done);
+                    }
+                }
+                FileStep::Write { coins, agreed } => match self.write_file(user, &bytes, from, agreed)? {
+                    Written::FileChanged => {
+                        tracing::debug!(
+                            "{user}: the file changed while the hub's {coins} coins were written"
+                        );
+                    }
+                    Written::Done | Written::Failed => return Ok(Flow::Done),
+                },
+                FileStep::Agree(agreed) => {
+                    self.state.users.insert(user.to_string(), agreed);
+                    self.unsaved = true;
+                    return Ok(Flow::Done);
+                }
+                FileStep::InStep => return Ok(Flow::Done),
+            }
+        }
+    }
+
+    /// Replaces the user's file, which held `bytes`, with one showing `to`'s coins, unless it
+    /// changed meanwhile; then `to` is agreed.
+    fn write_file(
+        &mut self,
+        user: &UserId,
+        bytes: &[u8],
+        from: Option<Agreed>,
+        to: Agreed,
+    ) -> anyhow::Result<Written> {
+        let name = format!("{user}.json");
+        let (path, temp) = (self.dir.join(&name), self.dir.join(temp_name(user)));
+        let content = match balance_file::rewrite(bytes, to.file, time::OffsetDateTime::now_utc()) {
+            Ok(content) => content,
+            Err(reason) => {
+                tracing::error!("{user}: cannot write the hub's balance into {name}: {reason}");
+                return Ok(Written::Failed);
+            }
+        };
+        if let Err(e) = self.make_temp(&path, &temp, &content) {
+            tracing::error!(
+                "{user}: cannot write the hub's {} coins into {name}: {e}; the file is left as it is",
+                to.file
+            );
+            let _ = std::fs::remove_file(&temp);
+            return Ok(Written::Failed);
+        }
+        // From here a stop leaves the temporary file if and only if the file was not
+        // replaced, which the next start reads as the outcome.
+        self.state.writing = Some(Writing { user: user.to_string(), from, to });
+        self.save()?;
+        // As late as can be: a write of the site's own since the file was read must not be
+        // replaced, but reconciled (and the hub's balance then written over it, with its
+        // change included).
+        let unchanged = std::fs::read(&path).is_ok_and(|now| now == bytes);
+        let replaced = if unchanged {
+            std::fs::rename(&temp, &path)
+                .map_err(|e| format!("cannot rename {} over it: {e}", temp.display()))
+        } else {
+            Err(String::new())
+        };
+        if let Err(why) = replaced {
+            // Forgotten before the temporary file goes, for the same reason.
+            self.state.writing = None;
+            self.save()?;
+            std::fs::remove_file(&temp)
+                .with_context(|| format!("cannot remove the agent's own {}", temp.display()))?;
+            if unchanged {
+                tracing::error!("{user}: {why}; {name} is left as it is");
+                return Ok(Written::Failed);
+            }
+            return Ok(Written::FileChanged);
+        }
+        if let Err(e) = std::fs::File::open(&self.dir).and_then(|dir| dir.sync_all()) {
+            tracing::warn!("{user}: {name} was replaced, but the folder could not be flushed to disk: {e}");
+        }
+        self.state.writing = None;
+        self.state.users.insert(user.to_string(), to);
+        self.unsaved = true;
+        tracing::info!("{user}: wrote the hub's {} coins (v{}) into {name}", to.file, to.version);
+        Ok(Written::Done)
+    }
+
+    /// Writes `content` to `temp`, beside `path`, with `path`'s permissions and, where the
+    /// agent may give it, owner, and flushes it to disk.
+    fn make_temp(&mut self, path: &Path, temp: &Path, content: &[u8]) -> std::io::Result<()> {
+        let meta = std::fs::metadata(path)?;
+        match std::fs::remove_file(temp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(temp)?;
+        file.write_all(content)?;
+        file.set_permissions(meta.permissions())?;
+        let made = file.metadata()?;
+        if (made.uid(), made.gid()) != (meta.uid(), meta.gid()) {
+            let owned = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+                .or_else(|_| std::os::unix::fs::fchown(&file, None, Some(meta.gid())));
+            let now = file.metadata()?;
+            if (now.uid(), now.gid()) != (meta.uid(), meta.gid()) && !self.owner_warned {
+                self.owner_warned = true;
+                tracing::warn!(
+                    "the agent may not give the balance files it writes their owner ({} belongs to uid {}, gid \
+                     {}; its new version to uid {}, gid {}{}): run the agent as the files' owner, or give it \
+                     CAP_CHOWN; said once",
+                    path.display(),
+                    meta.uid(),
+                    meta.gid(),
+                    now.uid(),
+                    now.gid(),
+                    owned.err().map_or_else(String::new, |e| format!(": {e}"))
+                );
+            }
+        }
+        file.sync_all()
+    }
+
+    /// At start: settles the write of a balance file under way when the agent stopped.
+    fn finish_writing(&mut self) -> anyhow::Result<()> {
+        let Some(writing) = self.state.writing.take() else { return Ok(()) };
+        let user = UserId::parse(&writing.user).map_err(|e| self.damaged(&e.message))?;
+        let temp_left = self.dir.join(temp_name(&user)).exists();
+        match reconcile::interrupted_write(writing.from, writing.to, temp_left) {
+            Some(agreed) => self.state.users.insert(writing.user, agreed),
+            None => self.state.users.remove(&writing.user),
+        };
+        self.save()
     }
 
     /// Notes that the file `name` is skipped, and warns of it with how many are.
@@ -495,6 +800,49 @@ fn report(user: &UserId, file: i64, agreed: Option<Agreed>, outcome: &Outcome) {
             "{user}: the hub would not give the balance ({code}: {message}); the file's {file} coins are \
              pushed when it changes again"
         ),
+    }
+}
+
+/// The name of the agent's temporary file for `user`'s balance file.
+fn temp_name(user: &UserId) -> String {
+    format!(".{user}.json{TEMP_SUFFIX}")
+}
+
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(TEMP_SUFFIX)
+}
+
+/// The feed's task: reads the change feed from `cursor` for as long as the agent runs, and
+/// hands each read that brought something over (one at a time: it waits while the agent
+/// writes the last one into the files).
+async fn follow(feed: Feed, mut cursor: Option<String>, changes: mpsc::Sender<Changes>) {
+    loop {
+        match feed.read(cursor.as_deref()).await {
+            FeedAnswer::Changes(read) => {
+                if read.changes.is_empty() && cursor.as_ref() == Some(&read.cursor) {
+                    continue;
+                }
+                cursor = Some(read.cursor.clone());
+                if changes.send(read).await.is_err() {
+                    return;
+                }
+            }
+            FeedAnswer::Reset { code, message } => {
+                tracing::warn!(
+                    "the change feed no longer knows the agent's cursor ({code}: {message}); reading it again \
+                     from its start"
+                );
+                cursor = None;
+            }
+        }
+    }
+}
+
+/// What the change feed's task read next; never, with `--push-only`.
+async fn next_changes(changes: &mut Option<mpsc::Receiver<Changes>>) -> Option<Changes> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
     }
 }
 

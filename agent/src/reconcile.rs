@@ -12,6 +12,12 @@
 //! file's value, so a resend, or a restarted agent sending again, is answered from the first
 //! time and never applied twice. A user seen for the first time takes the hub's balance as
 //! canonical, unless the hub has none.
+//!
+//! Both ways ([`file_step`]): once the file's own change has reached the hub, whatever the
+//! hub has that the file does not show — another site's change, a merge, a refused local
+//! change, the hub's balance kept at first sight — is written into the file, and that is
+//! the new agreement. A local change the hub has not seen is always reconciled first, so it
+//! is never overwritten.
 
 use protocol::{SiteId, UserId};
 use serde::{Deserialize, Serialize};
@@ -227,6 +233,48 @@ impl Reconcile {
     }
 }
 
+/// What to do next about a file that shows `file` coins, given what was agreed and,
+/// perhaps, a newer balance the hub reported (its change feed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStep {
+    /// The file changed since the agreement, or the user was never reconciled: bring the hub
+    /// in step first ([`Reconcile`]), then ask again.
+    Reconcile,
+    /// The hub has `coins` that the file does not show: write them into the file, provided it
+    /// still shows what was agreed when the write lands, and agree on `agreed` from then on.
+    Write { coins: i64, agreed: Agreed },
+    /// The file already shows the hub's newer balance: only the agreement moves.
+    Agree(Agreed),
+    /// The file and the hub are in step.
+    InStep,
+}
+
+/// The next step for a file showing `file` coins, where `from` was agreed and `newer` is a
+/// balance the hub reported since (ignored unless its version is past the agreement's).
+pub fn file_step(from: Option<Agreed>, file: i64, newer: Option<HubBalance>) -> FileStep {
+    let Some(from) = from.filter(|agreed| agreed.file == file) else {
+        return FileStep::Reconcile;
+    };
+    let hub = newer
+        .filter(|newer| newer.version > from.version)
+        .unwrap_or(HubBalance { coins: from.hub, version: from.version });
+    let agreed = Agreed { file: hub.coins, version: hub.version, hub: hub.coins };
+    if hub.coins != file {
+        FileStep::Write { coins: hub.coins, agreed }
+    } else if hub.version != from.version {
+        FileStep::Agree(agreed)
+    } else {
+        FileStep::InStep
+    }
+}
+
+/// What was agreed after a write of the file that was under way when the agent stopped,
+/// from `from` to `to`: its temporary file is renamed over the balance file in one step, so
+/// a temporary file still there (`temp_left`) means the balance file was not replaced.
+pub fn interrupted_write(from: Option<Agreed>, to: Agreed, temp_left: bool) -> Option<Agreed> {
+    if temp_left { from } else { Some(to) }
+}
+
 fn refusal(reply: Reply) -> (String, String) {
     match reply {
         Reply::Refused { code, message } => (code, message),
@@ -365,6 +413,56 @@ mod tests {
         let (_, remembered, outcome) = drive(start(None, 70), |_| refused());
         assert_eq!(remembered, None);
         assert!(matches!(outcome, Outcome::Unread { .. }));
+    }
+
+    #[test]
+    fn a_file_changed_since_the_agreement_is_reconciled_before_anything_is_written() {
+        let newer = Some(balance(150, 4));
+        assert_eq!(file_step(agreed(100, 3, 100), 90, newer), FileStep::Reconcile);
+        assert_eq!(file_step(None, 90, newer), FileStep::Reconcile);
+        assert_eq!(file_step(None, 90, None), FileStep::Reconcile);
+    }
+
+    #[test]
+    fn a_newer_hub_balance_is_written_into_an_unchanged_file() {
+        assert_eq!(
+            file_step(agreed(100, 3, 100), 100, Some(balance(150, 4))),
+            FileStep::Write { coins: 150, agreed: agreed(150, 4, 150).unwrap() }
+        );
+    }
+
+    #[test]
+    fn a_hub_balance_the_file_does_not_show_after_a_reconciliation_is_written() {
+        // A merge, a refusal or the hub's balance kept at first sight leave the hub ≠ file.
+        assert_eq!(
+            file_step(agreed(90, 5, 140), 90, None),
+            FileStep::Write { coins: 140, agreed: agreed(140, 5, 140).unwrap() }
+        );
+    }
+
+    #[test]
+    fn an_older_or_same_hub_balance_changes_nothing() {
+        for newer in [None, Some(balance(70, 3)), Some(balance(70, 2))] {
+            assert_eq!(file_step(agreed(100, 3, 100), 100, newer), FileStep::InStep, "{newer:?}");
+        }
+        // Even one whose coins differ: the agreement is newer than it.
+        assert_eq!(file_step(agreed(100, 5, 100), 100, Some(balance(20, 4))), FileStep::InStep);
+    }
+
+    #[test]
+    fn a_newer_version_with_the_files_coins_moves_only_the_agreement() {
+        assert_eq!(
+            file_step(agreed(100, 3, 100), 100, Some(balance(100, 6))),
+            FileStep::Agree(agreed(100, 6, 100).unwrap())
+        );
+    }
+
+    #[test]
+    fn an_interrupted_write_counts_only_if_its_temporary_file_is_gone() {
+        let (from, to) = (agreed(100, 3, 100), agreed(150, 4, 150).unwrap());
+        assert_eq!(interrupted_write(from, to, true), from);
+        assert_eq!(interrupted_write(from, to, false), Some(to));
+        assert_eq!(interrupted_write(None, to, true), None);
     }
 
     #[test]

@@ -72,8 +72,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Watch a site's per-user balance files (`<user_id>.json`) and push every change to the
-    /// hub, with tokens signed by the site's key from the configuration.
+    /// Watch a site's per-user balance files (`<user_id>.json`), push every change to the hub
+    /// and write into them what changed elsewhere, with tokens signed by the site's key from
+    /// the configuration.
     Agent {
         #[command(flatten)]
         config: ConfigArgs,
@@ -94,6 +95,10 @@ enum Command {
         /// and the system's trust store: for a hub whose certificate a private authority signed.
         #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
+        /// Only push the files' changes to the hub: never write a balance file (and need no
+        /// `changes:read` in the site's scopes).
+        #[arg(long)]
+        push_only: bool,
     },
     /// Print a token for a user, signed with a site's key, as the site's backend would.
     Token {
@@ -186,10 +191,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _logs = init_logging();
             serve(config, args.dev, move || args.load())
         }
-        Command::Agent { config, watch, site, hub, state, ca_file } => {
+        Command::Agent { config, watch, site, hub, state, ca_file, push_only } => {
             let config = config.load()?;
             let _logs = init_logging();
-            agent(&config, hub_agent::Options { dir: watch, site, hub_url: hub, state, ca_file })
+            agent(&config, hub_agent::Options { dir: watch, site, hub_url: hub, state, ca_file, push_only })
         }
         Command::Check { config } => check(&config),
         Command::Import { config, from, dry_run } => import(config.load()?, &from, dry_run),
