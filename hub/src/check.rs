@@ -1,5 +1,6 @@
 //! Everything a start needs, checked item by item: the settings, every site's keys (their
-//! secrets present, their PEMs parsed, each private key the pair of its public key), the TLS
+//! secrets present, their PEMs parsed, each private key the pair of its public key), their
+//! webhooks' secrets (present, of the Standard Webhooks form) and authorities file, the TLS
 //! certificate and key (not expired), the data dir and the database's files (writable, of a
 //! schema this hub knows), the access log's file, the metrics token. `hub check` prints every
 //! item; `App::open` runs the same checks and refuses to start on any problem, before it
@@ -112,6 +113,9 @@ pub fn check(config: &Config) -> Report {
     }
     if config.auth {
         items.extend(sites(config));
+    }
+    if let Some(found) = crate::webhooks::describe(config) {
+        items.push(item("webhooks", found));
     }
     items.push(item("TLS", tls(config)));
     items.push(item(format!("data dir {}", config.data_dir.display()), data_dir(&config.data_dir)));

@@ -18,6 +18,7 @@ pub mod service;
 pub mod store;
 pub mod time;
 pub mod tls;
+pub mod webhooks;
 
 pub use http::App;
 pub use server::serve;

@@ -221,6 +221,8 @@ pub async fn serve(
     let tls = app.tls().map(|tls| Arc::new(TlsServing { acceptor: tls.acceptor() }));
     let protocols = Arc::new(protocols);
     app.events().start(app.domain().store().as_ref());
+    // Before the first connection is accepted: every write accepted from now on is notified.
+    let webhooks = app.webhooks().start(app.domain().store().clone(), app.events().committed()).await;
 
     tokio::pin!(shutdown);
     loop {
@@ -335,6 +337,7 @@ pub async fn serve(
         tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
     }
     app.stopping_logs();
+    webhooks.stop().await;
     app.domain().store().close().await;
     tracing::info!("store closed; all accepted writes are durable");
     Ok(())

@@ -225,11 +225,50 @@ function drawCertificate(data) {
   $("certificate-date").textContent = new Date(notAfter).toISOString().replace(/\.\d{3}Z$/, "Z").replace("T", " ");
 }
 
+function duration(secs) {
+  if (secs < 120) return `${secs} s`;
+  if (secs < 7200) return `${Math.round(secs / 60)} min`;
+  if (secs < 172_800) return `${Math.round(secs / 3600)} h`;
+  return `${Math.round(secs / 86_400)} days`;
+}
+
+// One row per site with a webhook: its queue, what it delivered, failed and gave up, and
+// whether its receiver is failing now (and why).
+function drawWebhooks(data) {
+  const webhooks = data.webhooks ?? [];
+  $("webhooks").hidden = webhooks.length === 0;
+  $("webhook-rows").replaceChildren(
+    ...webhooks.map((hook) => {
+      const row = document.createElement("tr");
+      row.dataset.failing = String(hook.failing);
+      const cells = [
+        hook.site,
+        hook.receiver,
+        formatNumber(hook.queued),
+        hook.queued > 0 ? duration(hook.oldest_pending_secs) : "–",
+        formatNumber(hook.delivered),
+        formatNumber(hook.failed),
+        formatNumber(hook.dropped),
+        hook.failing ? `failing: ${hook.last_failure ?? "unknown"}` : "delivering",
+      ];
+      row.replaceChildren(
+        ...cells.map((text) => {
+          const cell = document.createElement("td");
+          cell.textContent = text;
+          return cell;
+        }),
+      );
+      return row;
+    }),
+  );
+}
+
 function draw(data) {
   drawTiles(data);
   drawRequests(data);
   drawHitRatio(data);
   drawLatency(data);
+  drawWebhooks(data);
   drawErrors(data);
 }
 

@@ -8,11 +8,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
+use serde::Serialize;
 
 use super::{App, ClientAddr};
 use super::{json, seen};
-use crate::metrics::{Action, Seen};
+use crate::metrics::{Action, Recent, Seen};
 use crate::time::now_ms;
+use crate::webhooks::WebhookView;
 
 /// The dashboard's files, built into the binary so that the hub serves them wherever it runs.
 const INDEX_HTML: &str = include_str!("../../../www/dashboard/index.html");
@@ -66,10 +68,21 @@ async fn metrics(State(app): State<App>, client: ClientAddr, headers: HeaderMap)
     admin(response)
 }
 
-/// The last hour in ten-second slots, for the dashboard's charts.
+/// What the dashboard shows: the last hour, and the sites' webhooks as they stand.
+#[derive(Serialize)]
+struct Dashboard {
+    #[serde(flatten)]
+    recent: Recent,
+    webhooks: Vec<WebhookView>,
+}
+
+/// The last hour in ten-second slots, for the dashboard's charts, and the webhooks' queues.
 async fn data(State(app): State<App>, client: ClientAddr, headers: HeaderMap) -> Response {
     let response = match app.admit_admin(&headers, client) {
-        Ok(()) => json(StatusCode::OK, &app.metrics().recent(now_ms())),
+        Ok(()) => json(
+            StatusCode::OK,
+            &Dashboard { recent: app.metrics().recent(now_ms()), webhooks: app.webhooks().views() },
+        ),
         Err(e) => e.into_response(),
     };
     admin(response)

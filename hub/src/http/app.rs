@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use protocol::{Refusal, Scopes, SiteId, UserId};
+use protocol::{DataType, Refusal, Scopes, SiteId, UserId};
 use subtle::ConstantTimeEq;
 
 use super::body::{Budget, Held};
@@ -26,6 +26,7 @@ use crate::metrics::{LimitScope, Metrics, Seen};
 use crate::store::Store;
 use crate::time::now_ms;
 use crate::tls::Tls;
+use crate::webhooks::Webhooks;
 
 /// Everything a request handler needs: the domain, the sites, limits and configuration.
 #[derive(Clone, Debug)]
@@ -51,6 +52,8 @@ struct Inner {
     bodies: Budget,
     /// The realtime event streams.
     events: Broker,
+    /// The sites' webhooks; `server` runs their deliveries.
+    webhooks: Webhooks,
     /// Origins refused by CORS and logged in the current window: each is logged once per
     /// window, up to [`LOGGED_ORIGINS`]; all are counted.
     refused_origins: Mutex<RefusedOrigins>,
@@ -81,6 +84,8 @@ pub struct Sites {
     origins: Vec<OriginPattern>,
     /// Each site's own origins: a site's token is refused from any other page.
     site_origins: HashMap<String, Vec<OriginPattern>>,
+    /// The data types each site's change feed carries (`webhook_data_types`).
+    subscribed: HashMap<String, Vec<DataType>>,
 }
 
 impl Sites {
@@ -97,7 +102,12 @@ impl Sites {
             })
             .collect::<anyhow::Result<HashMap<String, Vec<OriginPattern>>>>()?;
         let origins = site_origins.values().flatten().cloned().collect();
-        Ok(Sites { keys, origins, site_origins })
+        let subscribed = config
+            .sites
+            .iter()
+            .map(|s| Ok((s.id.clone(), s.webhook_types()?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Sites { keys, origins, site_origins, subscribed })
     }
 
     /// The sites' keys, or `None` when auth is off.
@@ -108,6 +118,12 @@ impl Sites {
     /// Whether any site has pages on `origin`.
     pub(crate) fn allows_origin(&self, origin: &str) -> bool {
         self.origins.iter().any(|p| p.matches(origin))
+    }
+
+    /// The data types `site`'s change feed carries: every type for a site the configuration
+    /// does not name (with auth off, whatever site a request names).
+    pub(crate) fn subscribed(&self, site: &str) -> &[DataType] {
+        self.subscribed.get(site).map_or(&DataType::ALL, Vec::as_slice)
     }
 
     /// Whether a page on `origin` may use `site`'s tokens.
@@ -161,6 +177,8 @@ impl App {
         let bodies = Budget::new(limits.max_body_bytes_in_flight, metrics.body_bytes_in_flight().clone());
         let events = Broker::new(config.events.clone(), domain.epoch());
         events.register_metrics(metrics.hub_registry());
+        let webhooks = Webhooks::from_config(&config)?;
+        webhooks.register_metrics(metrics.hub_registry());
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -173,6 +191,7 @@ impl App {
                 logs,
                 bodies,
                 events,
+                webhooks,
                 refused_origins: Mutex::new(RefusedOrigins::default()),
                 draining: AtomicBool::new(false),
             }),
@@ -216,6 +235,11 @@ impl App {
     /// The realtime event streams.
     pub fn events(&self) -> &Broker {
         &self.inner.events
+    }
+
+    /// The sites' webhooks, read at start.
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.inner.webhooks
     }
 
     /// The sites as they stand now; hold the guard for one request at most.
