@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use crate::config::IMPORT_SITE;
 use crate::store::{
-    Change, Credits, Current, LedgerEntry, Mutation, OpKey, Record, Rejection, Stamp, Store, StoreError,
-    Write, WriteOutcome,
+    Change, Credits, Current, FeedChange, FeedPosition, LedgerEntry, Mutation, OpKey, Record, Rejection,
+    Stamp, Store, StoreError, Write, WriteOutcome,
 };
 use crate::time::rfc3339_ms;
 
@@ -143,6 +143,31 @@ impl Domain {
         authorize(caller, user, None)?;
         require(caller, Scope::SyncRead)?;
         Ok(())
+    }
+
+    /// Whether the caller may read its site's change feed (`/api/changes`): every user's
+    /// changes, so only a token with `changes:read`, which a page's never has. `site` is the
+    /// `site_id` the request names, if any.
+    pub fn may_read_feed(&self, caller: &Caller, site: Option<&str>) -> Result<(), DomainError> {
+        authorize_site(caller, site)?;
+        require(caller, Scope::ChangesRead)?;
+        Ok(())
+    }
+
+    /// Records' latest changes after `after`, of `types`, `limit` at most, for a caller
+    /// [`Domain::may_read_feed`] let in.
+    pub async fn feed(
+        &self,
+        after: FeedPosition,
+        types: &[DataType],
+        limit: usize,
+    ) -> Result<Vec<FeedChange>, DomainError> {
+        Ok(self.store.feed(after, types, limit).await?)
+    }
+
+    /// Where the change feed ends now: no reader's cursor is past it.
+    pub async fn feed_end(&self) -> Result<FeedPosition, DomainError> {
+        Ok(self.store.feed_end().await?)
     }
 
     /// The caller's records (`action=get`).
@@ -425,6 +450,11 @@ fn authorize(caller: &Caller, user: &UserId, site: Option<&str>) -> Result<(), R
     if &caller.user != user {
         return Err(Refusal::forbidden("wrong_user", "the token does not speak for this user_id"));
     }
+    authorize_site(caller, site)
+}
+
+/// A caller names no site but its token's.
+fn authorize_site(caller: &Caller, site: Option<&str>) -> Result<(), Refusal> {
     if site.is_some_and(|site| site != caller.site.as_str()) {
         return Err(Refusal::forbidden("wrong_site", "site_id must be the site that issued the token"));
     }

@@ -39,7 +39,7 @@ pub const REAUTH: &[u8] = b"event: reauth\ndata: {}\n\n";
 
 /// The comment sent on idle streams, so that proxies and the hub's own idle timeout see
 /// them alive.
-const HEARTBEAT: &[u8] = b": keep-alive\n\n";
+pub const HEARTBEAT: &[u8] = b": keep-alive\n\n";
 
 /// Why a stream was not opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +136,9 @@ struct Inner {
     /// Counts the batches of changes dispatched: what the change feed's readers and the
     /// webhooks wait on.
     committed: tokio::sync::watch::Sender<u64>,
+    /// Set when the hub stops: who waits on `committed` stops waiting, so that its request
+    /// ends and its connection can close.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -236,6 +239,7 @@ impl Broker {
                 next_id: AtomicU64::new(0),
                 metrics: EventMetrics::default(),
                 committed: tokio::sync::watch::Sender::new(0),
+                stopping: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -324,9 +328,10 @@ impl Broker {
         self.inner.metrics.ended.get_or_create(&ReasonLabel { reason: "lost" }).inc_by(ended as u64);
     }
 
-    /// Ends every stream: the hub is stopping. Their clients reconnect, to another instance
-    /// if there is one.
+    /// Ends every stream, and every wait for the change feed: the hub is stopping. Their
+    /// clients reconnect, to another instance if there is one.
     pub fn stop(&self) {
+        self.inner.stopping.send_replace(true);
         let mut state = self.inner.state.lock().expect("the event broker");
         state.running = false;
         let ended: usize = state.streams.values().map(Vec::len).sum();
@@ -353,7 +358,6 @@ impl Broker {
         (parts.next()? == self.inner.epoch).then_some(Position { era, seq })
     }
 
-    /// Serializes each change once and hands it to its user's streams.
     /// Moves on after each batch of changes this instance learns of (its own, and on
     /// PostgreSQL every instance's), while the broker runs; it never moves with events off.
     /// Who reads the change feed waits on it, and reads the feed anyway now and then.
@@ -361,6 +365,13 @@ impl Broker {
         self.inner.committed.subscribe()
     }
 
+    /// Becomes true when the hub stops, events on or off: a reader of the change feed that
+    /// waits for changes then answers.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.stopping.subscribe()
+    }
+
+    /// Serializes each change once and hands it to its user's streams.
     fn dispatch(&self, batch: Vec<ChangeEvent>) {
         self.inner.committed.send_modify(|batches| *batches += 1);
         let frames: Vec<Sent> = batch.into_iter().map(|change| self.frame(change)).collect();

@@ -65,6 +65,8 @@ pub enum Action {
     Batch,
     /// An event stream opened (`/api/events`).
     Events,
+    /// A page of the change feed, or its stream opened (`/api/changes`).
+    Changes,
     Preflight,
     Health,
     /// `/metrics` and the dashboard.
@@ -75,7 +77,7 @@ pub enum Action {
 }
 
 /// How many kinds of [`Action`] there are.
-const ACTIONS: usize = 10;
+const ACTIONS: usize = 11;
 
 impl Action {
     const ALL: [Action; ACTIONS] = [
@@ -85,6 +87,7 @@ impl Action {
         Action::Delta,
         Action::Batch,
         Action::Events,
+        Action::Changes,
         Action::Preflight,
         Action::Health,
         Action::Admin,
@@ -99,6 +102,7 @@ impl Action {
             Action::Delta => "delta",
             Action::Batch => "batch",
             Action::Events => "events",
+            Action::Changes => "changes",
             Action::Preflight => "preflight",
             Action::Health => "health",
             Action::Admin => "admin",

@@ -360,6 +360,7 @@ fn status_named(name: &str) -> u16 {
         "METHOD_NOT_ALLOWED" => 405,
         "REQUEST_TIMEOUT" => 408,
         "CONFLICT" => 409,
+        "GONE" => 410,
         "PAYLOAD_TOO_LARGE" => 413,
         "UNSUPPORTED_MEDIA_TYPE" => 415,
         "UNPROCESSABLE_ENTITY" => 422,

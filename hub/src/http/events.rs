@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Frame;
 use protocol::{DataType, Refusal, UserId, parse_data_types};
+use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use super::{ApiError, App, ClientAddr, seen, timed};
@@ -56,26 +57,54 @@ pub(super) async fn events(
         let mut subscription =
             broker.subscribe(&user, &types, last_event_id, client.ip(), expires_ms).map_err(refused)?;
         broker.catch_up(app.domain().store().as_ref(), &mut subscription, &types).await;
-        let expires = expires_ms.map(|exp| {
-            let left = exp.saturating_sub(now_ms());
-            Box::pin(tokio::time::sleep(Duration::from_millis(u64::try_from(left).unwrap_or(0))))
-        });
-        let body = EventBody {
-            first: std::mem::take(&mut subscription.first).into(),
-            subscription,
-            expires,
-            ended: false,
-        };
-        let mut response = Body::new(body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        // nginx passes each event on at once, whatever its buffering for other answers.
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        Ok(response)
+        let first = std::mem::take(&mut subscription.first);
+        Ok(stream(first, subscription, expires_ms))
     })
     .await;
     seen(response, saw)
+}
+
+/// A Server-Sent Events answer: `first`, then what `source` gives, until the token expires at
+/// `expires_ms` (then `event: reauth`), the source ends or the client goes.
+pub(super) fn stream(first: Vec<Bytes>, source: impl Source, expires_ms: Option<i64>) -> Response {
+    let expires = expires_ms.map(|exp| {
+        let left = exp.saturating_sub(now_ms());
+        Box::pin(tokio::time::sleep(Duration::from_millis(u64::try_from(left).unwrap_or(0))))
+    });
+    let body = EventBody { first: first.into(), source, expires, ended: false };
+    let mut response = Body::new(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // nginx passes each event on at once, whatever its buffering for other answers.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Where a stream's frames come from after its first ones.
+pub(super) trait Source: Send + Unpin + 'static {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>>;
+
+    /// The token expired: nothing more is sent but `event: reauth`.
+    fn expired(&mut self) {}
+}
+
+/// A user's stream, fed by the broker.
+impl Source for Subscription {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.frames.poll_recv(cx)
+    }
+
+    fn expired(&mut self) {
+        self.ended("expired");
+    }
+}
+
+/// Frames a task makes, which stops once the receiver is dropped.
+impl Source for mpsc::Receiver<Bytes> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.poll_recv(cx)
+    }
 }
 
 fn parse(raw: &str) -> Result<(UserId, Vec<DataType>), ApiError> {
@@ -112,16 +141,16 @@ fn refused(why: Refused) -> ApiError {
     }
 }
 
-/// A stream's answer body: its first frames, then its queue, until the token expires, the
-/// broker ends it or the client goes.
-struct EventBody {
+/// A stream's answer body: its first frames, then its source's, until the token expires, the
+/// source ends or the client goes.
+struct EventBody<S> {
     first: VecDeque<Bytes>,
-    subscription: Subscription,
+    source: S,
     expires: Option<Pin<Box<Sleep>>>,
     ended: bool,
 }
 
-impl hyper::body::Body for EventBody {
+impl<S: Source> hyper::body::Body for EventBody<S> {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -143,9 +172,9 @@ impl hyper::body::Body for EventBody {
             && expires.as_mut().poll(cx).is_ready()
         {
             this.ended = true;
-            this.subscription.ended("expired");
+            this.source.expired();
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(REAUTH)))));
         }
-        this.subscription.frames.poll_recv(cx).map(|frame| frame.map(|f| Ok(Frame::data(f))))
+        this.source.poll_frame(cx).map(|frame| frame.map(|f| Ok(Frame::data(f))))
     }
 }

@@ -7,6 +7,7 @@ mod admin;
 mod answer;
 mod app;
 mod body;
+mod changes;
 mod client;
 mod error;
 mod events;
@@ -59,6 +60,7 @@ pub fn router(app: App) -> Router {
         .route("/api/sync.php", sync.clone())
         .route("/api/sync", sync)
         .route("/api/events", routing::get(events::events).fallback(method_not_allowed))
+        .route("/api/changes", routing::get(changes::changes).fallback(method_not_allowed))
         .route("/healthz", routing::get(healthz))
         .merge(admin::routes())
         .fallback(not_found)
@@ -165,7 +167,16 @@ fn cors(app: App) -> CorsLayer {
 
 /// Runs a handler within the request timeout.
 async fn timed(app: &App, work: impl Future<Output = Result<Response, ApiError>>) -> Response {
-    match tokio::time::timeout(app.config().limits.request_timeout(), work).await {
+    timed_beyond(app, Duration::ZERO, work).await
+}
+
+/// Runs a handler within the request timeout and `wait` more: one that waits on purpose.
+async fn timed_beyond(
+    app: &App,
+    wait: Duration,
+    work: impl Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    match tokio::time::timeout(app.config().limits.request_timeout() + wait, work).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => e.into_response(),
         Err(_) => {
