@@ -7,6 +7,7 @@
 //! pool of separate connections and never wait behind the writer.
 
 pub mod backup;
+mod feed;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use protocol::{DataType, OpId, UserId};
+use protocol::{DataType, OpId, SiteId, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 
@@ -28,8 +29,8 @@ use super::queue::{Queue, Writes, next_batch, queue};
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::stamps::StampCache;
 use super::{
-    ChangeEvent, Changes, Credits, OpKey, Position, Publisher, Record, Stamp, Store, StoreError,
-    StoreMetrics, Write, WriteOutcome,
+    ChangeEvent, Changes, Credits, FeedChange, FeedPosition, OpKey, Pending, Position, Publisher, QueueStats,
+    Record, Settled, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
 };
 use crate::time::Clock;
 
@@ -129,6 +130,38 @@ const STEPS: &[M<'static>] = &[
     // sites' daily credit ceilings; NULL until the first credit. Beside the record, so a
     // credit writes no other page.
     M::up("ALTER TABLE records ADD COLUMN credits TEXT;"),
+    // The feed (`sqlite/feed.rs`): each record's position at its latest change, and the
+    // site whose backend made that change (NULL: a page). The records written before take
+    // positions in the order of their last change, so that the feed read from its start
+    // lists each of them. Then each site's webhook: its cursor in the feed, and its queue of
+    // notifications, one per record at most.
+    M::up(
+        "ALTER TABLE records ADD COLUMN feed_seq INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE records ADD COLUMN origin TEXT;
+        UPDATE records SET feed_seq = numbered.n
+            FROM (SELECT user_id, data_type,
+                         row_number() OVER (ORDER BY updated_ms, user_id, data_type) AS n
+                  FROM records) AS numbered
+            WHERE records.user_id = numbered.user_id AND records.data_type = numbered.data_type;
+        CREATE INDEX records_by_feed ON records (feed_seq);
+        CREATE TABLE webhook_cursors (
+            site TEXT PRIMARY KEY,
+            xid INTEGER NOT NULL,
+            seq INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE webhook_queue (
+            site TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            data_type TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            queued_ms INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            due_ms INTEGER NOT NULL,
+            lease_until_ms INTEGER NOT NULL,
+            PRIMARY KEY (site, user_id, data_type)
+        ) WITHOUT ROWID;
+        CREATE INDEX webhook_queue_by_due ON webhook_queue (site, due_ms);",
+    ),
 ];
 
 /// Tuning of the SQLite store.
@@ -245,6 +278,7 @@ impl SqliteStore {
             horizon_ms.parse().map_err(|_| StoreError::Malformed(format!("op_horizon_ms {horizon_ms:?}")))?;
 
         let ops = OpIds::load(&conn, options.op_log_capacity)?;
+        let feed_seq = feed::last_seq(&conn)?;
         let own_metrics = SqliteMetrics::default();
         ops.report(&own_metrics);
 
@@ -274,6 +308,7 @@ impl SqliteStore {
                     changes: writer_changes,
                     made: Vec::new(),
                     position: Position { era, seq: 0 },
+                    feed_seq,
                 }
                 .run(rx)
             })
@@ -301,6 +336,26 @@ impl SqliteStore {
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.read_now(f)
+    }
+
+    /// Runs `f` on a pooled read connection, on a thread for blocking work: for a read of
+    /// many rows (the feed), which would hold a task's thread for milliseconds.
+    async fn read_many<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read_now(f))
+            .await
+            .map_err(|e| StoreError::Database(format!("a read of the store failed: {e}")))?
+    }
+
+    fn read_now<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError>,
     {
         let pooled = self.inner.readers.lock().expect("reader pool").pop();
         let conn = match pooled {
@@ -411,20 +466,21 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 impl Store for SqliteStore {
     async fn feed(
         &self,
-        _after: crate::store::FeedPosition,
-        _types: &[DataType],
-        _limit: usize,
-    ) -> Result<Vec<crate::store::FeedChange>, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+        after: FeedPosition,
+        types: &[DataType],
+        limit: usize,
+    ) -> Result<Vec<FeedChange>, StoreError> {
+        let types = types.to_vec();
+        self.read_many(move |conn| feed::read(conn, after, &types, limit)).await
     }
 
-    async fn feed_end(&self) -> Result<crate::store::FeedPosition, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+    async fn feed_end(&self) -> Result<FeedPosition, StoreError> {
+        self.read(feed::end).await
     }
 
     async fn webhook_transfer(
         &self,
-        _site: &protocol::SiteId,
+        _site: &SiteId,
         _types: &[DataType],
         _now_ms: i64,
         _limit: usize,
@@ -434,28 +490,28 @@ impl Store for SqliteStore {
 
     async fn webhook_claim(
         &self,
-        _site: &protocol::SiteId,
+        _site: &SiteId,
         _now_ms: i64,
         _lease_ms: i64,
         _limit: usize,
-    ) -> Result<Vec<crate::store::Pending>, StoreError> {
+    ) -> Result<Vec<Pending>, StoreError> {
         Err(StoreError::Database("feed: in progress".into()))
     }
 
     async fn webhook_settle(
         &self,
-        _site: &protocol::SiteId,
+        _site: &SiteId,
         _now_ms: i64,
-        _settled: &[crate::store::Settled],
+        _settled: &[Settled],
     ) -> Result<(), StoreError> {
         Err(StoreError::Database("feed: in progress".into()))
     }
 
-    async fn webhook_retain(&self, _sites: &[protocol::SiteId]) -> Result<(), StoreError> {
+    async fn webhook_retain(&self, _sites: &[SiteId]) -> Result<(), StoreError> {
         Err(StoreError::Database("feed: in progress".into()))
     }
 
-    async fn webhook_stats(&self) -> Result<Vec<crate::store::QueueStats>, StoreError> {
+    async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         Err(StoreError::Database("feed: in progress".into()))
     }
 
@@ -615,6 +671,8 @@ struct Writer {
     made: Vec<ChangeEvent>,
     /// The last change's position.
     position: Position,
+    /// The last feed position drawn (`sqlite/feed.rs`).
+    feed_seq: i64,
 }
 
 impl Writer {
@@ -680,6 +738,7 @@ impl Writer {
         let made = &mut self.made;
         let wanted = self.changes.wanted();
         let mut position = self.position;
+        let feed_seq = &mut self.feed_seq;
         type Outcome = (Vec<Result<WriteOutcome, StoreError>>, Option<bool>);
         let outcome = (|| -> Result<Outcome, StoreError> {
             let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -688,8 +747,13 @@ impl Writer {
                 let mark = ops.index.mark();
                 let (made_before, position_before) = (made.len(), position);
                 let sp = tx.savepoint()?;
-                let mut sqlite_tx =
-                    SqliteTx { conn: &sp, ops, made: wanted.then_some(&mut *made), position: &mut position };
+                let mut sqlite_tx = SqliteTx {
+                    conn: &sp,
+                    ops,
+                    made: wanted.then_some(&mut *made),
+                    position: &mut position,
+                    feed_seq: &mut *feed_seq,
+                };
                 match rules::apply(&mut sqlite_tx, &write, now, horizon) {
                     Ok(outcome) => {
                         sp.commit()?;
@@ -926,6 +990,9 @@ struct SqliteTx<'a> {
     made: Option<&'a mut Vec<ChangeEvent>>,
     /// The last change's position, moved on by each record written.
     position: &'a mut Position,
+    /// The last feed position drawn, moved on by each record written, and not moved back
+    /// when the write is rolled back.
+    feed_seq: &'a mut i64,
 }
 
 impl Tx for SqliteTx<'_> {
@@ -955,19 +1022,21 @@ impl Tx for SqliteTx<'_> {
         data_type: DataType,
         record: &Record,
         credits: Option<&Credits>,
-        _origin: Option<&protocol::SiteId>,
+        origin: Option<&SiteId>,
     ) -> Result<(), StoreError> {
         let credits = credits
             .map(serde_json::to_string)
             .transpose()
             .map_err(|e| StoreError::Malformed(e.to_string()))?;
         let data = record.data.to_string();
+        *self.feed_seq += 1;
         self.conn
             .prepare_cached(
-                "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits, feed_seq, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (user_id, data_type)
-                 DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5, credits = COALESCE(?6, credits)",
+                 DO UPDATE SET data = ?3, version = ?4, updated_ms = ?5, credits = COALESCE(?6, credits),
+                     feed_seq = ?7, origin = ?8",
             )?
             .execute(params![
                 user.as_str(),
@@ -975,7 +1044,9 @@ impl Tx for SqliteTx<'_> {
                 data,
                 i64::try_from(record.version).unwrap_or(i64::MAX),
                 record.updated_ms,
-                credits
+                credits,
+                *self.feed_seq,
+                origin.map(SiteId::as_str),
             ])?;
         if let Some(made) = self.made.as_deref_mut() {
             self.position.seq += 1;
@@ -1128,7 +1199,39 @@ mod tests {
             changes: Arc::new(Publisher::default()),
             made: Vec::new(),
             position: Position::default(),
+            feed_seq: 0,
         }
+    }
+
+    #[test]
+    fn records_written_before_the_feed_take_positions_in_the_order_of_their_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        // Version 5: the schema before the feed.
+        migrations().to_version(&mut conn, 5).unwrap();
+        for (user, data_type, updated_ms) in
+            [("bob", "balance", 300), ("ann", "profile", 100), ("ann", "balance", 200)]
+        {
+            conn.execute(
+                "INSERT INTO records (user_id, data_type, data, version, updated_ms) VALUES (?1, ?2, '{}', 1, ?3)",
+                params![user, data_type, updated_ms],
+            )
+            .unwrap();
+        }
+        migrations().to_latest(&mut conn).unwrap();
+
+        let read = feed::read(&conn, FeedPosition::default(), &DataType::ALL, 10).unwrap();
+        let listed: Vec<_> =
+            read.iter().map(|c| (c.position.seq, c.user.as_str(), c.data_type, c.origin.clone())).collect();
+        assert_eq!(
+            listed,
+            [
+                (1, "ann", DataType::Profile, None),
+                (2, "ann", DataType::Balance, None),
+                (3, "bob", DataType::Balance, None)
+            ]
+        );
+        assert_eq!(feed::last_seq(&conn).unwrap(), 3, "the writer goes on after them");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod authority;
 pub mod certs;
 pub mod crash;
 pub mod events;
+pub mod feed;
 pub mod nginx;
 pub mod postgres;
 pub mod store;
