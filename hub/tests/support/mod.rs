@@ -12,6 +12,7 @@ pub mod events;
 pub mod feed;
 pub mod nginx;
 pub mod postgres;
+pub mod receiver;
 pub mod store;
 
 use std::path::PathBuf;
@@ -107,7 +108,9 @@ impl TestHub {
         Self::serve(App::with_store(config, store, metrics).unwrap(), dir).await
     }
 
-    async fn serve(app: App, dir: TempDir) -> TestHub {
+    /// Serves `app`, which the test opened itself (with the variables its configuration names
+    /// set, say); `dir` is kept as long as the hub.
+    pub async fn serve(app: App, dir: TempDir) -> TestHub {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let scheme = if app.tls().is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{}", listener.local_addr().unwrap());
