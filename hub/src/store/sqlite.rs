@@ -219,6 +219,9 @@ struct Inner {
     changes: Arc<Publisher>,
     /// This run's era of change positions.
     era: u64,
+    /// Where the webhook queues are written (`sqlite/feed.rs` says why not by the writer);
+    /// `None` once the store is closed.
+    webhooks: Mutex<Option<Connection>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -279,6 +282,7 @@ impl SqliteStore {
 
         let ops = OpIds::load(&conn, options.op_log_capacity)?;
         let feed_seq = feed::last_seq(&conn)?;
+        let webhooks = feed::open_webhooks(&path)?;
         let own_metrics = SqliteMetrics::default();
         ops.report(&own_metrics);
 
@@ -325,6 +329,7 @@ impl SqliteStore {
                 metrics: own_metrics,
                 changes,
                 era,
+                webhooks: Mutex::new(Some(webhooks)),
             }),
         })
     }
@@ -368,6 +373,23 @@ impl SqliteStore {
             readers.push(conn);
         }
         result
+    }
+
+    /// Runs `f` on the webhook queues' connection, on a thread for blocking work: it may wait
+    /// for the writer's lock.
+    async fn webhooks<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.inner.writes.check()?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.webhooks.lock().expect("the webhook queues' connection");
+            f(conn.as_mut().ok_or(StoreError::Closed)?)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("a webhook queue's update failed: {e}")))?
     }
 }
 
@@ -480,39 +502,43 @@ impl Store for SqliteStore {
 
     async fn webhook_transfer(
         &self,
-        _site: &SiteId,
-        _types: &[DataType],
-        _now_ms: i64,
-        _limit: usize,
+        site: &SiteId,
+        types: &[DataType],
+        now_ms: i64,
+        limit: usize,
     ) -> Result<usize, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+        let (site, types) = (site.clone(), types.to_vec());
+        self.webhooks(move |conn| feed::transfer(conn, &site, &types, now_ms, limit)).await
     }
 
     async fn webhook_claim(
         &self,
-        _site: &SiteId,
-        _now_ms: i64,
-        _lease_ms: i64,
-        _limit: usize,
+        site: &SiteId,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
     ) -> Result<Vec<Pending>, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+        let site = site.clone();
+        self.webhooks(move |conn| feed::claim(conn, &site, now_ms, lease_ms, limit)).await
     }
 
     async fn webhook_settle(
         &self,
-        _site: &SiteId,
-        _now_ms: i64,
-        _settled: &[Settled],
+        site: &SiteId,
+        now_ms: i64,
+        settled: &[Settled],
     ) -> Result<(), StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+        let (site, settled) = (site.clone(), settled.to_vec());
+        self.webhooks(move |conn| feed::settle(conn, &site, now_ms, &settled)).await
     }
 
-    async fn webhook_retain(&self, _sites: &[SiteId]) -> Result<(), StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+    async fn webhook_retain(&self, sites: &[SiteId]) -> Result<(), StoreError> {
+        let sites = sites.to_vec();
+        self.webhooks(move |conn| feed::retain(conn, &sites)).await
     }
 
     async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
+        self.read(feed::stats).await
     }
 
     fn epoch(&self) -> &str {
@@ -574,6 +600,11 @@ impl Store for SqliteStore {
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        let inner = self.inner.clone();
+        let webhooks = tokio::task::spawn_blocking(move || {
+            inner.webhooks.lock().expect("the webhook queues' connection").take()
+        });
+        drop(webhooks.await);
         drop(self.inner.lock.lock().expect("data dir lock").take());
     }
 
