@@ -15,16 +15,20 @@
 //! database: no instance keeps stamps in memory, so none answers from behind another's write.
 //!
 //! Each batch also writes its changes into the change log, from which every instance's event
-//! streams learn of them (`change_log.rs`).
+//! streams learn of them (`change_log.rs`), and stamps each record it writes with its position
+//! in the feed and the site whose backend wrote it, from which the webhook queues are fed
+//! (`feed.rs`).
 //!
 //! Every table holding users' data is keyed by user id first, and every query on it names one
 //! user, except two sweeps every few minutes: forgetting expired op ids (`DELETE FROM ops
 //! WHERE created_ms < …`) and the rate-limit state of users whose quota has recovered
-//! (`rate.rs`); and the change log, read and pruned by position across users. `meta` holds
-//! the database's own settings.
+//! (`rate.rs`); the change log, read and pruned by position across users; and the feed, read
+//! by position across users (`records_by_feed`). The webhook queues are keyed by site first.
+//! `meta` holds the database's own settings.
 
 mod change_log;
 mod client;
+mod feed;
 mod rate;
 
 use std::collections::{HashMap, HashSet};
@@ -38,15 +42,15 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use protocol::{DataType, OpId, UserId};
+use protocol::{DataType, OpId, SiteId, UserId};
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 
 use super::queue::{Queue, Writes, next_batch, queue};
 use super::rules::{self, Horizon, LedgerRow, SeenOp, Tx};
 use super::{
-    ChangeEvent, Changes, Credits, LedgerEntry, OpKey, Position, Record, Stamp, Store, StoreError,
-    StoreMetrics, Write, WriteOutcome,
+    ChangeEvent, Changes, Credits, FeedChange, FeedPosition, LedgerEntry, OpKey, Pending, Position,
+    QueueStats, Record, Settled, Stamp, Store, StoreError, StoreMetrics, Write, WriteOutcome,
 };
 use crate::time::Clock;
 
@@ -88,8 +92,9 @@ pub const HORIZON_LOCK: i64 = 0x6875_625f_686f_7231;
 /// migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x6875_625f_6d69_6772;
 
-/// The schema, one migration per step; never edit a published step, add one.
-const STEPS: &[&str] = &[
+/// The schema, one migration per step; never edit a published step, add one. Public so that
+/// a test can make a database of an earlier version: the steps up to it.
+pub const STEPS: &[&str] = &[
     "CREATE TABLE meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -151,6 +156,52 @@ const STEPS: &[&str] = &[
     );
     CREATE INDEX change_log_by_user ON change_log USING HASH (user_id);
     INSERT INTO meta (key, value) VALUES ('change_log_kept_from', '0');",
+    // The feed (feed.rs): each record at the position of its latest change, the id of the
+    // transaction that wrote it and a number drawn then, with the site whose backend made it.
+    // The records already there take positions in the order they were last changed, before
+    // every later change's (transaction id 0). A hub of the schema before, still serving while
+    // a release rolls out, writes records without a position: the triggers give its writes
+    // one (not an origin), and never fire for this hub's writes, which always set both. Then
+    // the webhooks' cursors in the feed and queues.
+    "CREATE SEQUENCE records_feed_seq;
+    ALTER TABLE records
+        ADD COLUMN feed_xid BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN feed_seq BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN origin TEXT;
+    UPDATE records AS r SET feed_seq = o.n
+    FROM (SELECT user_id, data_type, row_number() OVER (ORDER BY updated_ms, user_id, data_type) AS n
+          FROM records) AS o
+    WHERE r.user_id = o.user_id AND r.data_type = o.data_type;
+    CREATE INDEX records_by_feed ON records (feed_xid, feed_seq);
+    CREATE FUNCTION records_feed_position() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.feed_xid := pg_current_xact_id()::TEXT::BIGINT;
+        NEW.feed_seq := nextval('records_feed_seq');
+        NEW.origin := NULL;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER records_inserted_without_position BEFORE INSERT ON records
+        FOR EACH ROW WHEN (NEW.feed_seq = 0) EXECUTE FUNCTION records_feed_position();
+    CREATE TRIGGER records_updated_without_position BEFORE UPDATE ON records
+        FOR EACH ROW WHEN (NEW.feed_xid = OLD.feed_xid AND NEW.feed_seq = OLD.feed_seq)
+        EXECUTE FUNCTION records_feed_position();
+    CREATE TABLE webhook_cursors (
+        site TEXT PRIMARY KEY,
+        xid BIGINT NOT NULL,
+        seq BIGINT NOT NULL
+    );
+    CREATE TABLE webhook_queue (
+        site TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        data_type TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        queued_ms BIGINT NOT NULL,
+        attempts INTEGER NOT NULL,
+        due_ms BIGINT NOT NULL,
+        lease_until_ms BIGINT NOT NULL,
+        PRIMARY KEY (site, user_id, data_type)
+    );
+    CREATE INDEX webhook_queue_by_due ON webhook_queue (site, due_ms);",
 ];
 
 /// The schema version this hub brings a database to: a database beyond it was migrated by a
@@ -335,56 +386,6 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn feed(
-        &self,
-        _after: crate::store::FeedPosition,
-        _types: &[DataType],
-        _limit: usize,
-    ) -> Result<Vec<crate::store::FeedChange>, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
-    async fn feed_end(&self) -> Result<crate::store::FeedPosition, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
-    async fn webhook_transfer(
-        &self,
-        _site: &protocol::SiteId,
-        _types: &[DataType],
-        _now_ms: i64,
-        _limit: usize,
-    ) -> Result<usize, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
-    async fn webhook_claim(
-        &self,
-        _site: &protocol::SiteId,
-        _now_ms: i64,
-        _lease_ms: i64,
-        _limit: usize,
-    ) -> Result<Vec<crate::store::Pending>, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
-    async fn webhook_settle(
-        &self,
-        _site: &protocol::SiteId,
-        _now_ms: i64,
-        _settled: &[crate::store::Settled],
-    ) -> Result<(), StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
-    async fn webhook_retain(&self, _sites: &[protocol::SiteId]) -> Result<(), StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
-    async fn webhook_stats(&self) -> Result<Vec<crate::store::QueueStats>, StoreError> {
-        Err(StoreError::Database("feed: in progress".into()))
-    }
-
     fn epoch(&self) -> &str {
         &self.inner.epoch
     }
@@ -461,6 +462,57 @@ impl Store for PostgresStore {
         upto: Position,
     ) -> Result<Option<Vec<ChangeEvent>>, StoreError> {
         self.within(async { change_log::between(&self.reader().await?, user, after, upto).await }).await
+    }
+
+    async fn feed(
+        &self,
+        after: FeedPosition,
+        types: &[DataType],
+        limit: usize,
+    ) -> Result<Vec<FeedChange>, StoreError> {
+        self.within(async { feed::read(&self.reader().await?, after, types, limit).await }).await
+    }
+
+    async fn feed_end(&self) -> Result<FeedPosition, StoreError> {
+        self.within(async { feed::end(&self.reader().await?).await }).await
+    }
+
+    async fn webhook_transfer(
+        &self,
+        site: &SiteId,
+        types: &[DataType],
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.within(async { feed::transfer(&mut self.reader().await?, site, types, now_ms, limit).await })
+            .await
+    }
+
+    async fn webhook_claim(
+        &self,
+        site: &SiteId,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError> {
+        self.within(async { feed::claim(&self.reader().await?, site, now_ms, lease_ms, limit).await }).await
+    }
+
+    async fn webhook_settle(
+        &self,
+        site: &SiteId,
+        now_ms: i64,
+        settled: &[Settled],
+    ) -> Result<(), StoreError> {
+        self.within(async { feed::settle(&self.reader().await?, site, now_ms, settled).await }).await
+    }
+
+    async fn webhook_retain(&self, sites: &[SiteId]) -> Result<(), StoreError> {
+        self.within(async { feed::retain(&self.reader().await?, sites).await }).await
+    }
+
+    async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.within(async { feed::stats(&self.reader().await?).await }).await
     }
 
     fn register_metrics(&self, registry: &mut Registry) {
@@ -554,7 +606,9 @@ fn migrate(client: &Client, horizon_ms: i64) -> Result<String, StoreError> {
 /// Gives the database of `url` a new epoch, as a restore from a dump needs: pages that cached
 /// records of the database as it was drop their cache. The change log is emptied: its changes
 /// are of the epoch before, and its transaction ids of the cluster the dump was taken from.
-/// Returns the new epoch.
+/// The feed's positions are numbered afresh, in the same order, at transaction id 0, before
+/// every change this cluster will write (whose ids may be below the other cluster's), and
+/// the webhooks' cursors with them. Returns the new epoch.
 pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
     let epoch = new_epoch();
     let url_epoch = epoch.clone();
@@ -577,6 +631,23 @@ pub fn renew_epoch(database: Database) -> Result<String, StoreError> {
             client.batch_execute(
                 "BEGIN; TRUNCATE change_log; \
                  UPDATE meta SET value = '0' WHERE key = 'change_log_kept_from'; COMMIT",
+            )?;
+        }
+        let feed = client.query_one("SELECT to_regclass('webhook_cursors') IS NOT NULL", &[])?.get::<_, bool>(0);
+        if feed {
+            // A cursor goes where the records it has passed end. A record that keeps its
+            // position is not written (it would look, to the triggers of the schema's feed
+            // step, like an older hub's write).
+            client.batch_execute(
+                "BEGIN;
+                 UPDATE webhook_cursors AS c SET xid = 0,
+                     seq = (SELECT count(*) FROM records AS r WHERE (r.feed_xid, r.feed_seq) <= (c.xid, c.seq));
+                 UPDATE records AS r SET feed_xid = 0, feed_seq = o.n
+                 FROM (SELECT user_id, data_type, row_number() OVER (ORDER BY feed_xid, feed_seq) AS n
+                       FROM records) AS o
+                 WHERE r.user_id = o.user_id AND r.data_type = o.data_type
+                     AND (r.feed_xid, r.feed_seq) <> (0, o.n);
+                 COMMIT",
             )?;
         }
         Ok(())
@@ -650,17 +721,24 @@ impl Connection {
                  WHERE (user_id, op_id) IN (SELECT * FROM unnest($1::TEXT[], $2::TEXT[]))",
             )?,
             // A record's first version: a row another transaction is inserting waits for it,
-            // and is not overwritten once it commits (the batch then runs again).
+            // and is not overwritten once it commits (the batch then runs again). Here and in
+            // `update_records`, each record written takes its next position in the feed
+            // (feed.rs): the batch's transaction id and a number drawn now.
             insert_records: client.prepare(
-                "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits)
-                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[])
+                "INSERT INTO records (user_id, data_type, data, version, updated_ms, credits, origin, feed_xid, feed_seq)
+                 SELECT user_id, data_type, data, version, updated_ms, credits, origin,
+                     pg_current_xact_id()::TEXT::BIGINT, nextval('records_feed_seq')
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[])
+                     AS k (user_id, data_type, data, version, updated_ms, credits, origin)
                  ON CONFLICT (user_id, data_type) DO NOTHING",
             )?,
             update_records: client.prepare(
                 "UPDATE records AS r SET data = k.data, version = k.version, updated_ms = k.updated_ms,
-                     credits = k.credits
-                 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[])
-                     AS k (user_id, data_type, data, version, updated_ms, credits, was)
+                     credits = k.credits, origin = k.origin,
+                     feed_xid = pg_current_xact_id()::TEXT::BIGINT, feed_seq = nextval('records_feed_seq')
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[],
+                             $8::BIGINT[])
+                     AS k (user_id, data_type, data, version, updated_ms, credits, origin, was)
                  WHERE r.user_id = k.user_id AND r.data_type = k.data_type AND r.version = k.was",
             )?,
             // In the order the rules appended them: a user's rows number its versions.
@@ -701,6 +779,8 @@ struct Held {
     stored: u64,
     /// Whether the batch changed it.
     written: bool,
+    /// The site whose backend made the batch's last change of it; `None`: a page.
+    origin: Option<String>,
 }
 
 /// An op id the batch remembers.
@@ -771,7 +851,7 @@ impl BatchTx {
                     version: version_of(row.get(3)),
                     updated_ms: Some(row.get(4)),
                 };
-                Ok(Held { stored: record.version, record, credits, written: false })
+                Ok(Held { stored: record.version, record, credits, written: false, origin: None })
             });
             match held {
                 Ok(held) => {
@@ -850,7 +930,15 @@ impl BatchTx {
                         client
                             .execute(
                                 &conn.insert_records,
-                                &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits],
+                                &[
+                                    &c.users,
+                                    &c.types,
+                                    &c.data,
+                                    &c.versions,
+                                    &c.updated,
+                                    &c.credits,
+                                    &c.origins,
+                                ],
                             )
                             .await
                     },
@@ -862,7 +950,16 @@ impl BatchTx {
                         client
                             .execute(
                                 &conn.update_records,
-                                &[&c.users, &c.types, &c.data, &c.versions, &c.updated, &c.credits, &c.was],
+                                &[
+                                    &c.users,
+                                    &c.types,
+                                    &c.data,
+                                    &c.versions,
+                                    &c.updated,
+                                    &c.credits,
+                                    &c.origins,
+                                    &c.was,
+                                ],
                             )
                             .await
                     },
@@ -943,11 +1040,12 @@ struct RecordColumns<'a> {
     versions: Vec<i64>,
     updated: Vec<Option<i64>>,
     credits: Vec<Option<String>>,
+    origins: Vec<Option<&'a str>>,
     was: Vec<i64>,
 }
 
 impl<'a> RecordColumns<'a> {
-    fn of(rows: &[(&'a (String, DataType), &Held)]) -> Result<RecordColumns<'a>, StoreError> {
+    fn of(rows: &[(&'a (String, DataType), &'a Held)]) -> Result<RecordColumns<'a>, StoreError> {
         let mut columns = RecordColumns::default();
         for ((user, data_type), held) in rows {
             columns.push(user, *data_type, held)?;
@@ -955,7 +1053,7 @@ impl<'a> RecordColumns<'a> {
         Ok(columns)
     }
 
-    fn push(&mut self, user: &'a str, data_type: DataType, held: &Held) -> Result<(), StoreError> {
+    fn push(&mut self, user: &'a str, data_type: DataType, held: &'a Held) -> Result<(), StoreError> {
         self.users.push(user);
         self.types.push(data_type.as_str());
         self.data.push(held.record.data.to_string());
@@ -968,6 +1066,7 @@ impl<'a> RecordColumns<'a> {
                 .transpose()
                 .map_err(|e| StoreError::Malformed(e.to_string()))?,
         );
+        self.origins.push(held.origin.as_deref());
         self.was.push(stored_version(held.stored));
         Ok(())
     }
@@ -1013,15 +1112,17 @@ impl Tx for BatchTx {
         data_type: DataType,
         record: &Record,
         credits: Option<&Credits>,
-        _origin: Option<&protocol::SiteId>,
+        origin: Option<&SiteId>,
     ) -> Result<(), StoreError> {
         let held = self.records.entry((user.as_str().to_owned(), data_type)).or_insert_with(|| Held {
             record: Record::empty(data_type),
             credits: None,
             stored: 0,
             written: false,
+            origin: None,
         });
         held.record = record.clone();
+        held.origin = origin.map(|site| site.as_str().to_owned());
         if let Some(credits) = credits {
             held.credits = Some(credits.clone());
         }
