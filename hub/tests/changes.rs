@@ -348,6 +348,15 @@ async fn an_idle_stream_is_kept_alive_and_ends_with_reauth_when_its_token_expire
 }
 
 #[tokio::test]
+async fn an_open_stream_ends_cleanly_when_the_hub_stops() {
+    let hub = TestHub::start().await;
+    let mut stream = Feed::of(&hub, SITE).stream(None).await;
+    hub.stop().await;
+    let frames = stream.end_within(WAIT, "a stream as the hub stops").await;
+    assert!(frames.iter().all(Frame::is_heartbeat), "{frames:?}");
+}
+
+#[tokio::test]
 async fn a_feed_is_refused_without_a_backends_token_or_with_a_cursor_it_never_gave() {
     let hub = TestHub::start_with(|c| {
         let wrc = c.sites.iter_mut().find(|s| s.id == "wrc").unwrap();
