@@ -7,7 +7,8 @@
 //! the same id, until `retry_for_secs`, then given up and counted; the queue survives a
 //! restart; a receiver that never answers delays neither another site nor the hub's writes;
 //! redirects are not followed; `/metrics` and the dashboard show each site's deliveries; a
-//! webhook in clear to another machine, and a bad secret, stop the start. The documented
+//! webhook in clear to another machine, and a bad secret, stop the start; two instances on one
+//! PostgreSQL database deliver each notification once. The documented
 //! receivers (`docs/examples/webhook-receiver.php` under `php -S`, `webhook-receiver.mjs`
 //! under `node`) accept what the hub sends and refuse a tampered body, a forged signature
 //! and an old timestamp with 401.
@@ -500,6 +501,55 @@ fn a_webhook_in_clear_to_another_machine_or_with_a_bad_secret_stops_the_start() 
                 && l.contains("WEBHOOK_TEST_NEVER_SET, which is not set")),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn two_instances_on_one_postgresql_database_deliver_each_notification_once() {
+    let receiver = Receiver::start(Answer::Ok).await;
+    let hook = Hook::new("instances", FAUCET, &receiver.url, 15);
+    let url = support::postgres::Cluster::shared().database();
+    let on_postgres = |c: &mut Config| {
+        c.limits.requests_per_minute = 1_000_000;
+        c.store.backend = hub::config::Backend::Postgres;
+        c.store.url = Some(url.clone());
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(dir_a.path(), std::slice::from_ref(&hook), on_postgres).await;
+    let b = start(dir_b.path(), std::slice::from_ref(&hook), on_postgres).await;
+
+    // Ten users, each credited three times by the charity's backend, through either instance
+    // at once: both instances move the feed into the one queue and send from it.
+    let mut writes = tokio::task::JoinSet::new();
+    for u in 0..10 {
+        for (i, hub) in [&a, &b, &a].into_iter().enumerate() {
+            let charity = hub.site(CHARITY, &format!("{u}-user"));
+            writes.spawn(async move {
+                charity.delta("balance", 1, &format!("credit-{i}")).await.assert_ok().clone()
+            });
+        }
+    }
+    while let Some(written) = writes.join_next().await {
+        written.unwrap();
+    }
+    for u in 0..10 {
+        receiver.wait_delivered(&format!("{u}-user"), "balance", 3).await;
+    }
+    drained(&a, FAUCET).await;
+    let delivered = receiver.delivered();
+    let mut ids: Vec<&str> = delivered.iter().map(|r| r.id.as_str()).collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "a notification was delivered twice: {delivered:#?}");
+    for u in 0..10 {
+        let versions: Vec<u64> =
+            about(&delivered, &format!("{u}-user"), "balance").iter().map(|r| r.version()).collect();
+        assert!(versions.is_sorted() && versions.last() == Some(&3), "user {u}: {versions:?}");
+    }
+    let sent = metric(&a, "hub_webhooks_delivered_total", FAUCET).await
+        + metric(&b, "hub_webhooks_delivered_total", FAUCET).await;
+    assert_eq!(sent, delivered.len() as f64, "each delivery counted by the instance that made it");
+    assert!(delivered.iter().all(|r| signed_by(&hook.secret, r)));
 }
 
 /// A documented receiver, run as its guide says, writing each verified body to a file.
