@@ -405,6 +405,16 @@ impl Webhooks {
     }
 }
 
+/// The deepest cause of `error`: what failed below the HTTP client (`Connection refused`, a
+/// name that does not resolve, a certificate refused).
+fn innermost(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
 /// The client webhooks are sent with.
 fn client(config: &WebhooksConfig) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
@@ -605,10 +615,7 @@ impl Courier {
             }
             Ok(answer) => format!("answered {}", answer.status()),
             Err(e) if e.is_timeout() => format!("no answer within {} s", self.config.timeout_secs),
-            Err(e) if e.is_connect() => format!(
-                "no connection: {}",
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
-            ),
+            Err(e) if e.is_connect() => format!("no connection: {}", innermost(&e)),
             Err(e) => format!("the request failed: {e}"),
         };
         self.failed(pending, why)

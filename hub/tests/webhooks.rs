@@ -6,7 +6,8 @@
 //! arrive in version order; failed attempts are retried with backoff, each signed afresh under
 //! the same id, until `retry_for_secs`, then given up and counted; the queue survives a
 //! restart; a receiver that never answers delays neither another site nor the hub's writes;
-//! redirects are not followed; `/metrics` and the dashboard show each site's deliveries; a
+//! redirects are not followed; a receiver not listening shows on the dashboard as failing,
+//! with why, until it listens; `/metrics` and the dashboard show each site's deliveries; a
 //! webhook in clear to another machine, and a bad secret, stop the start; two instances on one
 //! PostgreSQL database deliver each notification once. The documented
 //! receivers (`docs/examples/webhook-receiver.php` under `php -S`, `webhook-receiver.mjs`
@@ -459,6 +460,31 @@ async fn a_redirect_is_not_followed_and_counts_as_a_failed_attempt() {
     assert_eq!(dashboard["webhooks"][0]["failing"], true);
     let why = dashboard["webhooks"][0]["last_failure"].as_str().unwrap();
     assert!(why.contains("302") && why.contains("redirects are not followed"), "{why}");
+}
+
+#[tokio::test]
+async fn a_receiver_not_listening_is_shown_failing_with_why_and_delivered_to_once_it_listens() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/webhooks/unified-sync");
+    let hook = Hook::new("not_listening", FAUCET, &url, 16);
+    let data = tempfile::tempdir().unwrap();
+    let hub = start(data.path(), std::slice::from_ref(&hook), quick_retries).await;
+
+    hub.page(FAUCET, USER).push("profile", json!({ "display_name": "Patient" })).await.assert_ok();
+    wait_metric(&hub, "hub_webhooks_failed_total", FAUCET, 1.0, support::receiver::PATIENCE).await;
+    let dashboard: Value =
+        hub.request(Method::GET, "/dashboard/data").send().await.unwrap().json().await.unwrap();
+    assert_eq!(dashboard["webhooks"][0]["failing"], true);
+    let why = dashboard["webhooks"][0]["last_failure"].as_str().unwrap();
+    assert!(why.starts_with("no connection:") && why.contains("refused"), "{why}");
+
+    let receiver = Receiver::start_on(port, Answer::Ok).await;
+    let got = receiver.wait_delivered(USER, "profile", 1).await;
+    assert!(signed_by(&hook.secret, &got));
+    drained(&hub, FAUCET).await;
+    let dashboard: Value =
+        hub.request(Method::GET, "/dashboard/data").send().await.unwrap().json().await.unwrap();
+    assert_eq!(dashboard["webhooks"][0]["failing"], false, "delivering again");
 }
 
 #[test]

@@ -94,7 +94,12 @@ impl Drop for Receiver {
 impl Receiver {
     /// A receiver answering `answer` until told otherwise.
     pub async fn start(answer: Answer) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Receiver::start_on(0, answer).await
+    }
+
+    /// A receiver on `port` of 127.0.0.1 (0: any free one).
+    pub async fn start_on(port: u16, answer: Answer) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let url = format!("http://{}/webhooks/unified-sync", listener.local_addr().unwrap());
         let inner = Arc::new(Inner {
             answer: Mutex::new(answer),
