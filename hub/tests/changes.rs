@@ -455,6 +455,20 @@ async fn a_feed_is_refused_without_a_backends_token_or_with_a_cursor_it_never_ga
 }
 
 #[tokio::test]
+async fn with_auth_off_the_feed_is_the_named_sites() {
+    let hub = TestHub::start_with(|c| c.auth = false).await;
+    hub.site(SITE, "dev-user").delta("balance", 3, "dev-1").await.assert_ok();
+    for (query, own) in [("site_id=roflfaucet", true), ("site_id=clickforcharity", false), ("", false)] {
+        let reply =
+            Reply::from(client().get(format!("{}/api/changes?{query}", hub.url)).send().await.unwrap()).await;
+        let changes = reply.assert_ok()["changes"].as_array().unwrap().clone();
+        assert_eq!(records(&changes), [("dev-user".to_owned(), "balance".to_owned())], "{query}");
+        assert_eq!(changes[0]["own"], own, "{query}");
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn a_cursor_reads_on_after_a_restart_repeating_nothing() {
     let first = TestHub::start().await;
     for user in ["r-1", "r-2"] {
