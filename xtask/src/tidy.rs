@@ -53,7 +53,7 @@ const HUB_LAYERS: &[&[&str]] = &[
     &["server"],
     &["http"],
     &["check"],
-    &["auth", "limit", "metrics", "tls", "import", "events"],
+    &["auth", "limit", "metrics", "tls", "import", "events", "webhooks"],
     &["domain"],
     &["store"],
     &["config", "time", "bounded"],
