@@ -84,17 +84,20 @@ const TRANSFER: &str = "
     SELECT count(*) FROM read";
 /// Up to `$4` of site `$1`'s notifications due at `$2` and not leased, the longest due first,
 /// leased for `$3` ms. A row another claim is taking is skipped, and found leased once taken.
+/// The rows are named by where they lie (`ctid`), which the ones locked keep until this
+/// statement's transaction ends, and taken once (an init plan): the update then reads just
+/// them whatever the planner guesses the limit to be (a plan kept for every limit thought it
+/// large and read the whole queue).
 const CLAIM: &str = "
-    UPDATE webhook_queue AS q SET lease_until_ms = $2 + $3
-    FROM (
-        SELECT user_id, data_type FROM webhook_queue
+    UPDATE webhook_queue SET lease_until_ms = $2 + $3
+    WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM webhook_queue
         WHERE site = $1 AND due_ms <= $2 AND lease_until_ms <= $2
         ORDER BY due_ms, queued_ms
         LIMIT $4
         FOR UPDATE SKIP LOCKED
-    ) AS due
-    WHERE q.site = $1 AND q.user_id = due.user_id AND q.data_type = due.data_type
-    RETURNING q.user_id, q.data_type, q.version, q.attempts, q.queued_ms, q.due_ms";
+    ))
+    RETURNING user_id, data_type, version, attempts, queued_ms, due_ms";
 /// Site `$1`'s notifications sent and done with, each record (`$2`, `$3`) at the version sent
 /// (`$4`): gone from the queue. A row holding a newer version stays, for [`REPLACED`].
 const DONE: &str = "
