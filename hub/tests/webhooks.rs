@@ -6,7 +6,8 @@
 //! arrive in version order; failed attempts are retried with backoff, each signed afresh under
 //! the same id, until `retry_for_secs`, then given up and counted; the queue survives a
 //! restart; a receiver that never answers delays neither another site nor the hub's writes;
-//! redirects are not followed; a receiver not listening shows on the dashboard as failing,
+//! redirects are not followed; an https receiver of a private authority is trusted through
+//! `[webhooks] ca_file` alone; a receiver not listening shows on the dashboard as failing,
 //! with why, until it listens; `/metrics` and the dashboard show each site's deliveries; a
 //! webhook in clear to another machine, and a bad secret, stop the start; two instances on one
 //! PostgreSQL database deliver each notification once. The documented
@@ -485,6 +486,39 @@ async fn a_receiver_not_listening_is_shown_failing_with_why_and_delivered_to_onc
     let dashboard: Value =
         hub.request(Method::GET, "/dashboard/data").send().await.unwrap().json().await.unwrap();
     assert_eq!(dashboard["webhooks"][0]["failing"], false, "delivering again");
+}
+
+#[tokio::test]
+async fn an_https_receiver_of_a_private_authority_is_trusted_through_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = support::certs::loopback_signed_by("receiver authority");
+    let path = |name: &str| dir.path().join(name);
+    for (name, pem) in [("cert.pem", &certs.cert), ("key.pem", &certs.key), ("ca.pem", &certs.authority)] {
+        std::fs::write(path(name), pem).unwrap();
+    }
+    let receiver = Receiver::start_tls(Answer::Ok, &path("cert.pem"), &path("key.pem")).await;
+    let hook = Hook::new("https", FAUCET, &receiver.url, 17);
+
+    // Trusting the system's authorities alone, the hub refuses the receiver's certificate.
+    let data = tempfile::tempdir().unwrap();
+    let hub = start(data.path(), std::slice::from_ref(&hook), quick_retries).await;
+    hub.page(FAUCET, USER).push("profile", json!({ "display_name": "Untrusted" })).await.assert_ok();
+    wait_metric(&hub, "hub_webhooks_failed_total", FAUCET, 1.0, support::receiver::PATIENCE).await;
+    let dashboard: Value =
+        hub.request(Method::GET, "/dashboard/data").send().await.unwrap().json().await.unwrap();
+    let why = dashboard["webhooks"][0]["last_failure"].as_str().unwrap();
+    assert!(why.contains("certificate"), "{why}");
+    assert!(receiver.received().is_empty(), "nothing was sent over a connection the hub does not trust");
+    hub.stop().await;
+
+    let hub = start(data.path(), std::slice::from_ref(&hook), |c| {
+        quick_retries(c);
+        c.webhooks.ca_file = Some(path("ca.pem"));
+    })
+    .await;
+    let got = receiver.wait_delivered(USER, "profile", 1).await;
+    assert!(signed_by(&hook.secret, &got));
+    drained(&hub, FAUCET).await;
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! failing with a status, redirecting, or never answering — and that verifies a notification's
 //! signature with the `hmac` crate, apart from the hub's own code.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::Notify;
@@ -101,14 +103,32 @@ impl Receiver {
     pub async fn start_on(port: u16, answer: Answer) -> Receiver {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let url = format!("http://{}/webhooks/unified-sync", listener.local_addr().unwrap());
-        let inner = Arc::new(Inner {
-            answer: Mutex::new(answer),
-            received: Mutex::new(Vec::new()),
-            arrived: Notify::new(),
-        });
-        let app = Router::new().fallback(receive).with_state(inner.clone());
+        let (inner, app) = Inner::serving(answer);
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
+        });
+        Receiver { url, inner, server }
+    }
+
+    /// A receiver speaking HTTPS on a free port of 127.0.0.1, with the certificate (for
+    /// 127.0.0.1) and key of these PEM files.
+    pub async fn start_tls(answer: Answer, cert: &Path, key: &Path) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/webhooks/unified-sync", listener.local_addr().unwrap());
+        let (inner, app) = Inner::serving(answer);
+        let acceptor = hub::tls::Tls::load(cert, key).unwrap().acceptor();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else { return };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
         });
         Receiver { url, inner, server }
     }
@@ -162,6 +182,19 @@ impl Receiver {
                 r.delivered() && r.user() == user && r.data_type() == data_type && r.version() == version
             })
             .unwrap()
+    }
+}
+
+impl Inner {
+    /// A receiver's state, answering `answer`, and the routes that fill it.
+    fn serving(answer: Answer) -> (Arc<Inner>, Router) {
+        let inner = Arc::new(Inner {
+            answer: Mutex::new(answer),
+            received: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+        });
+        let app = Router::new().fallback(receive).with_state(inner.clone());
+        (inner, app)
     }
 }
 
