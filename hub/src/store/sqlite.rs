@@ -4,7 +4,9 @@
 //! All writes go through one writer thread that gathers whatever writes are waiting into one
 //! transaction and one fsync (group commit), each inside its own savepoint so that one
 //! failing write cannot undo another. Replies go out only after the commit. Reads use a
-//! pool of separate connections and never wait behind the writer.
+//! pool of separate connections and never wait behind the writer. The writer stamps each
+//! record it writes with its place in the feed; the webhook queues fed from the feed are
+//! written beside the writer, on a connection of their own (`sqlite/feed.rs`).
 
 pub mod backup;
 mod feed;
