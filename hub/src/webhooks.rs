@@ -631,8 +631,8 @@ impl Courier {
         health.failing = false;
     }
 
-    /// Counts a failed attempt, and decides: tried again after a backoff, or given up once the
-    /// site has not been told of the record for `retry_for_secs`.
+    /// Counts a failed attempt, and decides: tried again after a backoff, or given up once its
+    /// version has waited `retry_for_secs`.
     fn failed(&self, pending: &Pending, why: String) -> Settle {
         let target = &self.target;
         target.metrics.failed.inc();

@@ -48,8 +48,8 @@ pub struct Pending {
     pub version: u64,
     /// Failed attempts to send it (or an older version of the same record) so far.
     pub attempts: u32,
-    /// When the record was queued for the site, in milliseconds since the Unix epoch: since
-    /// then the site has not been told of its latest change.
+    /// When this version was queued for the site, in milliseconds since the Unix epoch: it
+    /// is retried until `retry_for_secs` after this.
     pub queued_ms: i64,
 }
 

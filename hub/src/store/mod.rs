@@ -408,7 +408,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Moves `site`'s share of the feed after its cursor into its webhook queue: each change
     /// of `types` not made by `site`'s own backend is queued, replacing a waiting older
-    /// version of its record; then the cursor moves past what was read. A site met for the
+    /// version of its record (the newer one counts its wait from now, and keeps the older's
+    /// attempts, due time and lease); then the cursor moves past what was read. A site met for the
     /// first time starts at the feed's end. Reads `limit` changes at most; returns how many
     /// it read (as many as `limit`: call again).
     async fn webhook_transfer(

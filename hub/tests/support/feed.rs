@@ -409,7 +409,7 @@ pub async fn a_transfer_skips_the_sites_own_changes_and_other_types(open: &Open)
 }
 
 /// Versions of one record written while it waits are one notification, of the newest, that
-/// keeps its place: when it was queued, and a lease on it.
+/// keeps its place (a lease on it) and counts its wait from when it was queued.
 pub async fn a_transfer_coalesces_a_records_versions(open: &Open) {
     let store = open();
     let store = &*store;
@@ -427,7 +427,7 @@ pub async fn a_transfer_coalesces_a_records_versions(open: &Open) {
             data_type: DataType::Balance,
             version: 3,
             attempts: 0,
-            queued_ms: T + 10
+            queued_ms: T + 30
         }]
     );
 
@@ -436,7 +436,7 @@ pub async fn a_transfer_coalesces_a_records_versions(open: &Open) {
     assert_eq!(claim(store, &rofl, T + 40).await, vec![], "still leased");
     let again = store.webhook_claim(&rofl, T + 30 + LEASE_MS, LEASE_MS, 100).await.unwrap();
     assert_eq!(pending(&again), owned(&[("ann", DataType::Balance, 4)]), "the lease over");
-    assert_eq!(again[0].queued_ms, T + 10);
+    assert_eq!(again[0].queued_ms, T + 40);
 }
 
 /// A claim takes the notifications due and not leased, the longest due first, `limit` at
@@ -497,7 +497,7 @@ pub async fn a_delivered_notification_leaves_unless_a_newer_version_came(open: &
             data_type: DataType::Balance,
             version: 2,
             attempts: 0,
-            queued_ms: T
+            queued_ms: T + 150
         }]
     );
     let delivered = settled("ann", DataType::Balance, 2, Settle::Delivered);

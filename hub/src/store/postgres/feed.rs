@@ -69,7 +69,8 @@ const TRANSFER: &str = "
             (site, user_id, data_type, version, queued_ms, attempts, due_ms, lease_until_ms)
         SELECT $1, user_id, data_type, version, $6, 0, $6, 0 FROM read
         WHERE origin IS DISTINCT FROM $1
-        ON CONFLICT (site, user_id, data_type) DO UPDATE SET version = EXCLUDED.version
+        ON CONFLICT (site, user_id, data_type)
+        DO UPDATE SET version = EXCLUDED.version, queued_ms = EXCLUDED.queued_ms
             WHERE q.version < EXCLUDED.version
     ), next AS (
         SELECT CASE WHEN r.n < $5 THEN b.xid - 1 ELSE l.feed_xid END AS xid,

@@ -177,13 +177,16 @@ pub(super) fn transfer(
         return Ok(0);
     };
     {
-        // A record already waiting takes the newer version and keeps its place: when it was
-        // queued, its attempts, when it is due, and a lease on it.
+        // A record already waiting takes the newer version, whose wait starts now (it is given
+        // up `retry_for_secs` after this, not after the version it replaces), and keeps its
+        // place: its attempts, when it is due (a failing site is not tried sooner for it), and
+        // a lease on it (an older version being sent is settled before this one goes).
         let mut queue = tx.prepare_cached(
             "INSERT INTO webhook_queue
                  (site, user_id, data_type, version, queued_ms, attempts, due_ms, lease_until_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, 0, ?5, 0)
-             ON CONFLICT (site, user_id, data_type) DO UPDATE SET version = excluded.version
+             ON CONFLICT (site, user_id, data_type)
+             DO UPDATE SET version = excluded.version, queued_ms = excluded.queued_ms
              WHERE excluded.version > webhook_queue.version",
         )?;
         for m in moved.iter().filter(|m| m.origin.as_deref() != Some(site.as_str())) {
