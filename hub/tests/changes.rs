@@ -218,6 +218,40 @@ async fn the_feed_carries_the_sites_subscribed_types_and_those_the_query_names()
 }
 
 #[tokio::test]
+async fn a_reader_of_one_type_moves_past_the_other_types_changes_and_misses_none_of_its_own() {
+    let hub = TestHub::start().await;
+    let writer = hub.site(SITE, "one-type");
+    writer.delta("balance", 5, "one-type-1").await.assert_ok();
+    let feed = Feed::of(&hub, SITE);
+    let first = feed.page("data_type=balance").await;
+    assert_eq!(first["changes"].as_array().unwrap().len(), 1, "{first}");
+    let at_balance = first["cursor"].as_str().unwrap().to_owned();
+
+    for i in 0..5 {
+        hub.site(SITE, &format!("other-{i}"))
+            .push("profile", json!({"display_name": "Other"}))
+            .await
+            .assert_ok();
+    }
+    let quiet = feed.page(&format!("data_type=balance&cursor={at_balance}")).await;
+    assert_eq!(quiet["changes"], json!([]), "{quiet}");
+    let past = quiet["cursor"].as_str().unwrap().to_owned();
+    assert_ne!(past, at_balance, "the cursor stays behind the profiles it stepped over: {quiet}");
+
+    writer.delta("balance", 5, "one-type-2").await.assert_ok();
+    let next = feed.page(&format!("data_type=balance&cursor={past}")).await;
+    let changes = next["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{next}");
+    assert_eq!(
+        (changes[0]["data_type"].as_str(), changes[0]["version"].as_u64()),
+        (Some("balance"), Some(2))
+    );
+    let all = feed.page(&format!("cursor={past}")).await;
+    assert_eq!(all["changes"].as_array().unwrap().len(), 1, "no profile after the moved cursor: {all}");
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn data_comes_inline_up_to_2_kib_and_not_beyond() {
     let hub = TestHub::start().await;
     let small = json!({"note": "x".repeat(1000)});

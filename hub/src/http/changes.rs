@@ -216,6 +216,14 @@ fn subscribed(app: &App, caller: &Caller, asked: Option<Vec<DataType>>) -> Resul
     Ok(asked)
 }
 
+/// What one read of the feed got.
+struct Read {
+    /// `limit` and one more at most.
+    changes: Vec<FeedChange>,
+    /// Where the next read starts.
+    next: FeedPosition,
+}
+
 /// One reader of the feed: a site, the types it reads, how many changes at once.
 struct Reader {
     app: App,
@@ -225,16 +233,26 @@ struct Reader {
 }
 
 impl Reader {
-    /// The changes after `after`, `limit` and one more at most (to tell whether more follow).
-    /// An empty read of a cursor past the feed's end is refused: that cursor is of another
-    /// run of the database.
-    async fn read(&self, after: FeedPosition, check_end: bool) -> Result<Vec<FeedChange>, ApiError> {
+    /// The changes after `after`, `limit` and one more at most (to tell whether more follow),
+    /// and where the next read starts. An empty read of a cursor past the feed's end is
+    /// refused: that cursor is of another run of the database.
+    ///
+    /// A read that gets no more than `limit` read every change of its types up to where the
+    /// feed ended before it began: the next one starts from there, so that a reader of one
+    /// type does not step again over the other types' changes after its last one.
+    async fn read(&self, after: FeedPosition, check_end: bool) -> Result<Read, ApiError> {
         let domain = self.app.domain();
+        let end = domain.feed_end().await?;
         let changes = domain.feed(after, &self.types, self.limit + 1).await?;
-        if changes.is_empty() && check_end && after > domain.feed_end().await? {
+        if changes.is_empty() && check_end && after > end {
             return Err(reset());
         }
-        Ok(changes)
+        let next = if changes.len() > self.limit {
+            changes[self.limit - 1].position
+        } else {
+            changes.last().map_or(after, |c| c.position).max(end)
+        };
+        Ok(Read { changes, next })
     }
 
     /// One page: what follows `after`, or, when nothing does, what comes within `wait` (the
@@ -244,19 +262,20 @@ impl Reader {
         let events = self.app.events();
         // Taken before the first read, so that no change committed after it goes untold.
         let (mut committed, mut stopping) = (events.committed(), events.stopping());
-        let mut changes = self.read(after, true).await?;
-        while changes.is_empty() && Instant::now() < deadline && !*stopping.borrow() {
+        let mut read = self.read(after, true).await?;
+        while read.changes.is_empty() && Instant::now() < deadline && !*stopping.borrow() {
             tokio::select! {
                 _ = committed.changed() => {}
                 _ = stopping.changed() => {}
                 () = tokio::time::sleep_until(deadline.min(Instant::now() + REREAD)) => {}
             }
-            changes = self.read(after, false).await?;
+            read = self.read(read.next, false).await?;
         }
+        let Read { mut changes, next } = read;
         let more = changes.len() > self.limit;
         changes.truncate(self.limit);
         let epoch = self.app.domain().epoch();
-        let cursor = cursor_text(epoch, changes.last().map_or(after, |c| c.position));
+        let cursor = cursor_text(epoch, next);
         let mut body = String::with_capacity(64 + changes.len() * 160);
         body.push_str("{\"success\":true,\"epoch\":\"");
         body.push_str(epoch);
@@ -280,14 +299,12 @@ impl Reader {
     /// The stream: the changes after `after` now, then each as it comes, until the token
     /// expires (`expires`, seconds since the Unix epoch), the hub stops or the client goes.
     async fn stream(self, after: FeedPosition, expires: Option<u64>) -> Result<Response, ApiError> {
-        let mut changes = self.read(after, true).await?;
+        let Read { mut changes, next: after } = self.read(after, true).await?;
         changes.truncate(self.limit);
         let retry = format!("retry: {}\n\n", self.app.config().events.retry_ms);
         let mut first = vec![Bytes::from(retry)];
-        let mut after = after;
         for change in &changes {
             first.push(self.frame(change));
-            after = change.position;
         }
         let (frames, receiver) = mpsc::channel(QUEUE);
         let expires = expires.map(|exp| {
@@ -381,27 +398,28 @@ impl Follower {
         let timeout = self.reader.app.config().limits.request_timeout();
         loop {
             loop {
-                let changes = match tokio::time::timeout(timeout, self.reader.read(self.after, false)).await {
-                    Ok(Ok(changes)) => changes,
-                    failed => {
-                        // The client reconnects with the last id it had, and reads on from there.
-                        if let Ok(Err(e)) = failed {
-                            tracing::warn!(
-                                code = e.code,
-                                "a change feed stream could not read the feed; it ends"
-                            );
+                let Read { changes, next } =
+                    match tokio::time::timeout(timeout, self.reader.read(self.after, false)).await {
+                        Ok(Ok(read)) => read,
+                        failed => {
+                            // The client reconnects with the last id it had, and reads on from there.
+                            if let Ok(Err(e)) = failed {
+                                tracing::warn!(
+                                    code = e.code,
+                                    "a change feed stream could not read the feed; it ends"
+                                );
+                            }
+                            return Stop::Gone;
                         }
-                        return Stop::Gone;
-                    }
-                };
+                    };
                 let full = changes.len() > self.reader.limit;
                 for change in changes.iter().take(self.reader.limit) {
                     let frame = self.reader.frame(change);
                     if let Some(stop) = self.send(frame).await {
                         return stop;
                     }
-                    self.after = change.position;
                 }
+                self.after = next;
                 if !full {
                     break;
                 }
