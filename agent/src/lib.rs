@@ -167,7 +167,7 @@ struct Sending {
 #[serde(deny_unknown_fields)]
 struct Writing {
     user: String,
-    from: Option<Agreed>,
+    from: Agreed,
     to: Agreed,
 }
 
@@ -193,6 +193,10 @@ enum Written {
     /// The write failed (logged); the file was left as it is.
     Failed,
 }
+
+/// How long the agent waits for a balance file that another process holds locked (`flock`,
+/// as PHP's `flock()` takes it) before it leaves the write for the user's next turn.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The task that reads the change feed; it ends with the agent.
 struct FeedTask(tokio::task::JoinHandle<()>);
@@ -520,14 +524,22 @@ impl Agent {
                         return Ok(Flow::Done);
                     }
                 }
-                FileStep::Write { coins, agreed } => match self.write_file(user, &bytes, from, agreed)? {
-                    Written::FileChanged => {
-                        tracing::debug!(
-                            "{user}: the file changed while the hub's {coins} coins were written"
-                        );
+                FileStep::Write { coins, agreed } => {
+                    let from = from.expect("a file is written only where it agreed with the hub");
+                    match self.write_file(user, &bytes, from, agreed).await? {
+                        Written::FileChanged => {
+                            tracing::debug!(
+                                "{user}: the file changed while the hub's {coins} coins were written"
+                            );
+                        }
+                        Written::Done => return Ok(Flow::Done),
+                        Written::Failed => {
+                            self.state.users.insert(user.to_string(), reconcile::unwritten(from, agreed));
+                            self.unsaved = true;
+                            return Ok(Flow::Done);
+                        }
                     }
-                    Written::Done | Written::Failed => return Ok(Flow::Done),
-                },
+                }
                 FileStep::Agree(agreed) => {
                     self.state.users.insert(user.to_string(), agreed);
                     self.unsaved = true;
@@ -540,27 +552,31 @@ impl Agent {
 
     /// Replaces the user's file, which held `bytes`, with one showing `to`'s coins, unless it
     /// changed meanwhile; then `to` is agreed.
-    fn write_file(
+    async fn write_file(
         &mut self,
         user: &UserId,
         bytes: &[u8],
-        from: Option<Agreed>,
+        from: Agreed,
         to: Agreed,
     ) -> anyhow::Result<Written> {
         let name = format!("{user}.json");
         let (path, temp) = (self.dir.join(&name), self.dir.join(temp_name(user)));
+        let cannot = |why: &dyn std::fmt::Display| {
+            tracing::error!(
+                "{user}: cannot write the hub's {} coins into {name}: {why}; it is left as it is until the \
+                 user's next turn",
+                to.file
+            );
+        };
         let content = match balance_file::rewrite(bytes, to.file, time::OffsetDateTime::now_utc()) {
             Ok(content) => content,
             Err(reason) => {
-                tracing::error!("{user}: cannot write the hub's balance into {name}: {reason}");
+                cannot(&reason);
                 return Ok(Written::Failed);
             }
         };
         if let Err(e) = self.make_temp(&path, &temp, &content) {
-            tracing::error!(
-                "{user}: cannot write the hub's {} coins into {name}: {e}; the file is left as it is",
-                to.file
-            );
+            cannot(&e);
             let _ = std::fs::remove_file(&temp);
             return Ok(Written::Failed);
         }
@@ -568,15 +584,17 @@ impl Agent {
         // replaced, which the next start reads as the outcome.
         self.state.writing = Some(Writing { user: user.to_string(), from, to });
         self.save()?;
-        // As late as can be: a write of the site's own since the file was read must not be
-        // replaced, but reconciled (and the hub's balance then written over it, with its
-        // change included).
-        let unchanged = std::fs::read(&path).is_ok_and(|now| now == bytes);
-        let replaced = if unchanged {
-            std::fs::rename(&temp, &path)
-                .map_err(|e| format!("cannot rename {} over it: {e}", temp.display()))
-        } else {
-            Err(String::new())
+        // As late as can be, and under the file's lock: a write of the site's own since the
+        // file was read must not be replaced, but reconciled (and the hub's balance then
+        // written over it, its change included).
+        let replaced = match lock_unchanged(&path, bytes).await {
+            Ok(Some(lock)) => {
+                let renamed = std::fs::rename(&temp, &path);
+                drop(lock);
+                renamed.map_err(|e| Some(format!("cannot rename {} over it: {e}", temp.display())))
+            }
+            Ok(None) => Err(None),
+            Err(e) => Err(Some(e.to_string())),
         };
         if let Err(why) = replaced {
             // Forgotten before the temporary file goes, for the same reason.
@@ -584,11 +602,13 @@ impl Agent {
             self.save()?;
             std::fs::remove_file(&temp)
                 .with_context(|| format!("cannot remove the agent's own {}", temp.display()))?;
-            if unchanged {
-                tracing::error!("{user}: {why}; {name} is left as it is");
-                return Ok(Written::Failed);
-            }
-            return Ok(Written::FileChanged);
+            return Ok(match why {
+                None => Written::FileChanged,
+                Some(why) => {
+                    cannot(&why);
+                    Written::Failed
+                }
+            });
         }
         if let Err(e) = std::fs::File::open(&self.dir).and_then(|dir| dir.sync_all()) {
             tracing::warn!("{user}: {name} was replaced, but the folder could not be flushed to disk: {e}");
@@ -639,10 +659,8 @@ impl Agent {
         let Some(writing) = self.state.writing.take() else { return Ok(()) };
         let user = UserId::parse(&writing.user).map_err(|e| self.damaged(&e.message))?;
         let temp_left = self.dir.join(temp_name(&user)).exists();
-        match reconcile::interrupted_write(writing.from, writing.to, temp_left) {
-            Some(agreed) => self.state.users.insert(writing.user, agreed),
-            None => self.state.users.remove(&writing.user),
-        };
+        let agreed = reconcile::interrupted_write(writing.from, writing.to, temp_left);
+        self.state.users.insert(writing.user, agreed);
         self.save()
     }
 
@@ -801,6 +819,35 @@ fn report(user: &UserId, file: i64, agreed: Option<Agreed>, outcome: &Outcome) {
              pushed when it changes again"
         ),
     }
+}
+
+/// The balance file at `path`, locked (`flock`, waiting up to [`LOCK_PATIENCE`]) if it still
+/// holds `bytes` and is still the file at `path` (not one renamed over it while the lock was
+/// awaited); `None` if it changed.
+async fn lock_unchanged(path: &Path, bytes: &[u8]) -> std::io::Result<Option<std::fs::File>> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!("another process kept it locked for {LOCK_PATIENCE:?}"),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+    let (held, now) = (file.metadata()?, std::fs::metadata(path)?);
+    let mut content = Vec::with_capacity(bytes.len());
+    file.read_to_end(&mut content)?;
+    let unchanged = (held.dev(), held.ino()) == (now.dev(), now.ino()) && content == bytes;
+    Ok(unchanged.then_some(file))
 }
 
 /// The name of the agent's temporary file for `user`'s balance file.

@@ -271,8 +271,16 @@ pub fn file_step(from: Option<Agreed>, file: i64, newer: Option<HubBalance>) -> 
 /// What was agreed after a write of the file that was under way when the agent stopped,
 /// from `from` to `to`: its temporary file is renamed over the balance file in one step, so
 /// a temporary file still there (`temp_left`) means the balance file was not replaced.
-pub fn interrupted_write(from: Option<Agreed>, to: Agreed, temp_left: bool) -> Option<Agreed> {
-    if temp_left { from } else { Some(to) }
+pub fn interrupted_write(from: Agreed, to: Agreed, temp_left: bool) -> Agreed {
+    if temp_left { unwritten(from, to) } else { to }
+}
+
+/// What is agreed when the hub's balance `to` was not written into a file that still shows
+/// what `from` agreed: the hub's side moves and the file's stays, so that a change of the
+/// file is still measured from what it showed, and [`file_step`] writes the hub's balance
+/// again at the user's next turn.
+pub fn unwritten(from: Agreed, to: Agreed) -> Agreed {
+    Agreed { file: from.file, version: to.version, hub: to.hub }
 }
 
 fn refusal(reply: Reply) -> (String, String) {
@@ -294,8 +302,16 @@ fn refusal(reply: Reply) -> (String, String) {
 mod tests {
     use super::*;
 
+    fn site() -> SiteId {
+        SiteId::parse("roflfaucet").unwrap()
+    }
+
+    fn user() -> UserId {
+        UserId::parse("8-evans").unwrap()
+    }
+
     fn start(from: Option<Agreed>, file: i64) -> Reconcile {
-        Reconcile::new(SiteId::parse("roflfaucet").unwrap(), UserId::parse("8-evans").unwrap(), from, file)
+        Reconcile::new(site(), user(), from, file)
     }
 
     fn agreed(file: i64, version: u64, hub: i64) -> Option<Agreed> {
@@ -459,10 +475,22 @@ mod tests {
 
     #[test]
     fn an_interrupted_write_counts_only_if_its_temporary_file_is_gone() {
-        let (from, to) = (agreed(100, 3, 100), agreed(150, 4, 150).unwrap());
-        assert_eq!(interrupted_write(from, to, true), from);
-        assert_eq!(interrupted_write(from, to, false), Some(to));
-        assert_eq!(interrupted_write(None, to, true), None);
+        let (from, to) = (agreed(100, 3, 100).unwrap(), agreed(150, 4, 150).unwrap());
+        assert_eq!(interrupted_write(from, to, false), to);
+        assert_eq!(interrupted_write(from, to, true), unwritten(from, to));
+    }
+
+    #[test]
+    fn a_write_that_did_not_happen_is_tried_again_and_the_files_change_still_counts_from_what_it_showed() {
+        let (from, to) = (agreed(100, 3, 100).unwrap(), agreed(150, 4, 150).unwrap());
+        let left = unwritten(from, to);
+        assert_eq!(file_step(Some(left), 100, None), FileStep::Write { coins: 150, agreed: to });
+        // The site's change of the file meanwhile (+10) is added to the hub's balance.
+        assert_eq!(file_step(Some(left), 110, None), FileStep::Reconcile);
+        let (sent, remembered, _) =
+            drive(Reconcile::new(site(), user(), Some(left), 110), |_| Reply::Balance(balance(160, 5)));
+        assert!(matches!(sent[..], [Request::Push { coins: 160, base_version: 4, .. }]), "{sent:?}");
+        assert_eq!(remembered, agreed(110, 5, 160));
     }
 
     #[test]

@@ -12,8 +12,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -24,135 +23,43 @@ use hub::config::{Site, SiteKey};
 use protocol::{SiteId, UserId};
 use rand_core::OsRng;
 use serde_json::{Value, json};
+use support::agent::{Agent, Files, PATIENCE, config_file};
 use support::{Deployment, SiteClient, TestHub, site_secret, test_config, trusted_site};
-use tempfile::TempDir;
-use tokio::process::{Child, Command};
 
 /// The site whose files the agent pushes.
 const SITE: &str = "roflfaucet";
 /// Another site, changing the same balances through the API.
 const OTHER: &str = "clickforcharity";
 const USER: &str = "8-evans";
-/// How long anything may take before the test fails.
-const PATIENCE: Duration = Duration::from_secs(20);
 
 /// Tests read balances often; the per-user limit must not slow the agent down.
 fn generous_limits(config: &mut hub::config::Config) {
     config.limits.requests_per_minute = 1_000_000;
 }
 
-/// A site's folder of per-user balance files, written the ways a site's backend writes them.
-struct Files {
-    dir: TempDir,
-}
-
-impl Files {
-    fn new() -> Files {
-        Files { dir: tempfile::tempdir().unwrap() }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes `<user>.json` in place, as PHP's `file_put_contents` does.
-    fn write(&self, user: &str, coins: i64) {
-        let body = json!({ "coins": coins, "last_updated": "2025-11-09 18:45:30" });
-        std::fs::write(self.path(&format!("{user}.json")), body.to_string()).unwrap();
-    }
-
-    /// Writes a temporary file and renames it over `<user>.json`.
-    fn replace(&self, user: &str, coins: i64) {
-        let tmp = self.path(&format!(".{user}.json.tmp"));
-        std::fs::write(&tmp, json!({ "balance": coins.to_string() }).to_string()).unwrap();
-        std::fs::rename(tmp, self.path(&format!("{user}.json"))).unwrap();
-    }
-
-    fn state_file(&self) -> PathBuf {
-        self.path(hub_agent::STATE_FILE)
-    }
-}
-
-/// A running `hub agent`; its log is kept in a file of its own.
-struct Agent {
-    child: Child,
-    log_dir: TempDir,
-}
-
+/// The agent of [`SITE`]: its tests start it through these.
 impl Agent {
-    /// Starts the agent for [`SITE`] on `files`, and waits until it has compared every file
-    /// with the hub.
+    /// Starts the agent on `files`, and waits until it has compared every file with the hub.
     async fn start(hub_url: &str, config: &Path, files: &Files) -> Agent {
-        let agent = Agent::spawn(hub_url, config, files);
-        agent.wait_for_log("balance files against the hub").await;
-        agent
+        Agent::start_for(SITE, hub_url, config, files, &[]).await
     }
 
     /// Starts the agent without waiting for anything.
     fn spawn(hub_url: &str, config: &Path, files: &Files) -> Agent {
-        Agent::spawn_with(hub_url, config, files, &[])
+        Agent::spawn_for(SITE, hub_url, config, files, &[])
     }
 
     /// Starts the agent with more arguments, without waiting for anything.
     fn spawn_with(hub_url: &str, config: &Path, files: &Files, more: &[&std::ffi::OsStr]) -> Agent {
-        let log_dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(log_dir.path().join("agent.log")).unwrap();
-        let mut command = support::hub_command();
-        command
-            .arg("agent")
-            .arg("--config")
-            .arg(config)
-            .arg("--watch")
-            .arg(files.dir.path())
-            .arg("--site")
-            .arg(SITE)
-            .arg("--hub")
-            .arg(hub_url)
-            .args(more)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        Agent { child: command.spawn().unwrap(), log_dir }
+        Agent::spawn_for(SITE, hub_url, config, files, more)
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_dir.path().join("agent.log")).unwrap_or_default()
+    /// Starts the agent with `--push-only`, for a story about the files' changes alone: in
+    /// two-way mode the agent would also write the hub's balance into the file meanwhile, which
+    /// the story's next local write would then start from.
+    async fn start_push_only(hub_url: &str, config: &Path, files: &Files) -> Agent {
+        Agent::start_for(SITE, hub_url, config, files, &["--push-only".as_ref()]).await
     }
-
-    async fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        while !self.log().contains(needle) {
-            assert!(Instant::now() < deadline, "the agent never logged {needle:?}; its log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Asserts that the agent still runs.
-    fn assert_running(&mut self) {
-        let status = self.child.try_wait().unwrap();
-        assert!(status.is_none(), "the agent exited ({status:?}); its log:\n{}", self.log());
-    }
-
-    /// Stops the agent with SIGTERM and asserts that it exits cleanly.
-    async fn stop(mut self) -> String {
-        self.assert_running();
-        let pid = self.child.id().unwrap().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let status =
-            tokio::time::timeout(PATIENCE, self.child.wait()).await.expect("the agent stops").unwrap();
-        let log = self.log();
-        assert!(status.success(), "the agent exited with {status} on SIGTERM; its log:\n{log}");
-        assert!(log.contains("agent stopped"), "{log}");
-        log
-    }
-}
-
-/// The hub's configuration as a file, for an agent of a [`TestHub`].
-fn config_file(dir: &TempDir) -> PathBuf {
-    let path = dir.path().join("hub.toml");
-    std::fs::write(&path, toml::to_string(&test_config(&dir.path().join("unused"))).unwrap()).unwrap();
-    path
 }
 
 /// The user's coins as the hub has them.
@@ -177,6 +84,20 @@ async fn until_hub_has(page: &SiteClient, expected: i64, agent: &Agent) -> Durat
     }
 }
 
+/// Polls the user's file until it shows `expected` coins.
+async fn until_file_has(files: &Files, expected: i64, agent: &Agent) {
+    let deadline = Instant::now() + PATIENCE;
+    while files.coins(USER) != Some(expected) {
+        assert!(
+            Instant::now() < deadline,
+            "the file shows {:?} coins, not {expected}, after {PATIENCE:?}; the agent's log:\n{}",
+            files.coins(USER),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The user's ledger as (delta, result) pairs.
 fn ledger(database: &Path, user: &str) -> Vec<(i64, i64)> {
     let conn = rusqlite::Connection::open(database).unwrap();
@@ -185,7 +106,7 @@ fn ledger(database: &Path, user: &str) -> Vec<(i64, i64)> {
 }
 
 fn state(files: &Files) -> Value {
-    serde_json::from_slice(&std::fs::read(files.state_file()).unwrap_or_default()).unwrap_or(Value::Null)
+    files.state()
 }
 
 #[tokio::test]
@@ -207,10 +128,12 @@ async fn the_agent_works_unchanged_against_a_hub_on_postgresql() {
     files.replace(USER, 175);
     until_hub_has(&page, 175, &agent).await;
     agent.stop().await;
-    // Another site spends meanwhile; the restarted agent adds the file's next change to it.
+    // Another site spends meanwhile; the restarted agent writes it into the file, and pushes
+    // the file's next change.
     page.delta("balance", -25, "spent-elsewhere").await.assert_ok();
     let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
-    files.write(USER, 185);
+    until_file_has(&files, 150, &agent).await;
+    files.write(USER, 160);
     until_hub_has(&page, 160, &agent).await;
     agent.stop().await;
     let ledger = support::postgres::Cluster::shared().psql(
@@ -364,7 +287,7 @@ async fn a_balance_another_site_changed_keeps_that_change_and_gets_the_local_one
     let files = Files::new();
     files.write(USER, 100);
     let other = hub.site(OTHER, USER);
-    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    let agent = Agent::start_push_only(&hub.url, &config_file(&config_dir), &files).await;
     until_hub_has(&other, 100, &agent).await;
 
     other.delta("balance", 50, "other-site-bonus").await.assert_ok();
@@ -385,7 +308,7 @@ async fn a_refused_local_change_is_reported_and_later_changes_are_added_to_the_h
     let files = Files::new();
     files.write(USER, 100);
     let other = hub.site(OTHER, USER);
-    let agent = Agent::start(&hub.url, &config_file(&config_dir), &files).await;
+    let agent = Agent::start_push_only(&hub.url, &config_file(&config_dir), &files).await;
     until_hub_has(&other, 100, &agent).await;
 
     other.delta("balance", -80, "spent-elsewhere").await.assert_ok();
@@ -405,7 +328,7 @@ async fn a_restarted_agent_pushes_nothing_again_even_from_an_older_state_file() 
     let files = Files::new();
     files.write(USER, 100);
     let other = hub.site(OTHER, USER);
-    let agent = Agent::start(&hub.url, &config, &files).await;
+    let agent = Agent::start_push_only(&hub.url, &config, &files).await;
     until_hub_has(&other, 100, &agent).await;
     let deadline = Instant::now() + PATIENCE;
     while state(&files)["users"][USER]["version"] != 1 {
@@ -420,13 +343,13 @@ async fn a_restarted_agent_pushes_nothing_again_even_from_an_older_state_file() 
     agent.stop().await;
     let stored = hub.snapshot();
 
-    let log = Agent::start(&hub.url, &config, &files).await.stop().await;
+    let log = Agent::start_push_only(&hub.url, &config, &files).await.stop().await;
     assert_eq!(hub.snapshot(), stored, "a restart wrote to the hub; the agent's log:\n{log}");
 
     // As if the agent had died before writing down what its last push and delta did: it
     // sends them again, and the hub answers them from the first time.
     std::fs::write(files.state_file(), older_state).unwrap();
-    let log = Agent::start(&hub.url, &config, &files).await.stop().await;
+    let log = Agent::start_push_only(&hub.url, &config, &files).await.stop().await;
     assert_eq!(hub.snapshot(), stored, "a change was applied twice; the agent's log:\n{log}");
     assert_eq!(coins(&other).await, Some(140));
 }
@@ -439,7 +362,7 @@ async fn a_write_cut_short_by_a_stop_is_finished_at_the_next_start_and_applied_o
     files.write(USER, 100);
     let mut hub = deployment.start().await;
     let page = deployment.backend(OTHER, USER, Duration::from_secs(10));
-    let agent = Agent::start(&deployment.url(), &config, &files).await;
+    let agent = Agent::start_push_only(&deployment.url(), &config, &files).await;
     until_hub_has(&page, 100, &agent).await;
     page.delta("balance", 50, "other-site-bonus").await.assert_ok();
 
@@ -457,7 +380,7 @@ async fn a_write_cut_short_by_a_stop_is_finished_at_the_next_start_and_applied_o
     // file changed again while it was down.
     std::fs::write(files.state_file(), state_while_sending).unwrap();
     files.write(USER, 85);
-    let agent = Agent::start(&deployment.url(), &config, &files).await;
+    let agent = Agent::start_push_only(&deployment.url(), &config, &files).await;
     assert_eq!(coins(&page).await, Some(135), "the agent's log:\n{}", agent.log());
     let log = agent.stop().await;
     assert!(log.contains("finishing the push under way"), "{log}");
@@ -479,7 +402,9 @@ async fn at_first_sight_a_different_hub_balance_is_kept() {
     assert!(
         agent.log().contains("the file says 300 coins, the hub 500 coins (v1); the hub's balance is kept")
     );
-    files.write(USER, 310);
+    // Written into the file, which the site's next change starts from.
+    assert_eq!(files.coins(USER), Some(500), "the agent's log:\n{}", agent.log());
+    files.write(USER, 510);
     until_hub_has(&other, 510, &agent).await;
     agent.stop().await;
 }
@@ -682,9 +607,12 @@ async fn a_hub_of_a_private_authority_is_reached_with_its_ca_file_and_refused_cl
     until_hub_has(&page, 40, &trusting).await;
     trusting.stop().await;
 
-    // Meanwhile the first agent tried once and is still waiting.
+    // Meanwhile the first agent tried once and is still waiting: its read of carol's balance,
+    // and its read of the change feed.
     untrusting.assert_running();
-    assert_eq!(untrusting.log().matches("no TLS connection to the hub").count(), 1, "{}", untrusting.log());
+    let log = untrusting.log();
+    assert_eq!(log.matches("carol: no TLS connection to the hub").count(), 1, "{log}");
+    assert!(log.matches("the change feed: no TLS connection to the hub").count() <= 1, "{log}");
     untrusting.stop().await;
     let carol = SiteClient { client: page.client.clone(), ..hub.site(OTHER, "carol") };
     assert_eq!(carol.get("balance").await.assert_ok()["version"], 0, "nothing reached the hub without TLS");

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod authority;
 pub mod certs;
 pub mod crash;
