@@ -25,7 +25,8 @@
 //! the file's permissions and owner, and is recorded in the state file before the rename, so
 //! that a stop at any point neither loses it nor reads it back as a local change; the
 //! watcher's event for it then finds the file in step and pushes nothing. The file is read
-//! again just before the rename: one that changed meanwhile is reconciled first. The same
+//! again just before the rename, under its lock (`flock`, which PHP's `flock()` takes too):
+//! one that changed meanwhile is reconciled first. The same
 //! write shows the hub's balance in the file after a reconciliation that left them apart
 //! (a merge, a refused change, the hub's balance kept at first sight).
 //!

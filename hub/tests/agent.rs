@@ -8,7 +8,12 @@
 //! every file again; the hub accepts the agent's tokens however the site's key is configured;
 //! a hub whose certificate a private authority signed is reached with `--ca-file`, and
 //! refused, saying so, without it; and all of it works the same against a hub whose store is
-//! PostgreSQL.
+//! PostgreSQL, the agent writing into the file what another site changed while it was down.
+//!
+//! The stories about a file's changes alone (a merge, a refusal, a restart from an older
+//! state file, a push cut short) run the agent with `--push-only`: both ways, it would write
+//! the hub's balance into the file between their steps, which the next local write would
+//! start from. `agent_two_way.rs` tells the two-way stories.
 
 mod support;
 

@@ -39,7 +39,8 @@ const LOGROTATE: &str = "etc/logrotate.d/unified-sync-hub";
 const EXAMPLE_SECRET_ENV: &str = "ROFLFAUCET_HUB_SECRET";
 
 /// Highest exposure `systemd-analyze security` may give a unit, in its tenths (2.0): the
-/// units hold no capability, see almost nothing of the system and filter their system calls.
+/// units hold no capability (but the agent's `CAP_CHOWN`, for the files it writes), see
+/// almost nothing of the system and filter their system calls.
 const EXPOSURE_TENTHS: &str = "20";
 
 /// The package file's name for `version`.

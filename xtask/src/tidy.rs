@@ -17,7 +17,8 @@ const FORBIDDEN_DEPENDENCIES: &[(&str, &[&str])] = &[
     ("protocol", &["tokio", "hyper", "axum", "rusqlite", "web-sys"]),
     // The engine is sans-IO: no runtime, no browser, no clock source of its own.
     ("sync-core", &["tokio", "hyper", "axum", "rusqlite", "web-sys", "js-sys", "wasm-bindgen"]),
-    // `hub agent` is a client of the public sync API: it cannot name the hub's domain or store.
+    // `hub agent` is a client of the public API (sync and change feed): it cannot name the
+    // hub's domain or store.
     ("hub-agent", &["hub", "rusqlite"]),
     // xtask runs the workspace's programs and compiles none of them, so that `cargo xtask`
     // answers before the server would have built.
