@@ -382,6 +382,42 @@ async fn an_idle_stream_is_kept_alive_and_ends_with_reauth_when_its_token_expire
 }
 
 #[tokio::test]
+async fn a_site_holds_a_bounded_number_of_feed_readers() {
+    let hub = TestHub::start_with(|c| c.events.max_streams_per_user = 2).await;
+    let feed = Feed::of(&hub, SITE);
+    let first = feed.stream(None).await;
+    let _second = feed.stream(None).await;
+    let request = || {
+        stream_client()
+            .get(format!("{}/api/changes", feed.url))
+            .bearer_auth(&feed.token)
+            .header("accept", "text/event-stream")
+    };
+    let Err(refused) = support::events::open(request()).await else { panic!("a third stream was opened") };
+    refused.assert_refused(429, "too_many_streams");
+    assert!(refused.headers.contains_key("retry-after"), "{:?}", refused.headers);
+    feed.get("wait=0").await.assert_refused(429, "too_many_streams");
+    let _other = Feed::of(&hub, OTHER_SITE).stream(None).await;
+
+    // Once a reader goes, its place is free again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match support::events::open(request()).await {
+            Ok(_third) => break,
+            Err(reply) if tokio::time::Instant::now() < deadline => {
+                reply.assert_refused(429, "too_many_streams")
+            }
+            Err(reply) => {
+                panic!("the place of a closed stream was not freed: {} {}", reply.status, reply.body)
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn an_open_stream_ends_cleanly_when_the_hub_stops() {
     let hub = TestHub::start().await;
     let mut stream = Feed::of(&hub, SITE).stream(None).await;

@@ -54,6 +54,8 @@ struct Inner {
     events: Broker,
     /// The sites' webhooks; `server` runs their deliveries.
     webhooks: Webhooks,
+    /// The change feed's readers open now, by site (`http/changes.rs`).
+    feed_readers: Mutex<HashMap<SiteId, usize>>,
     /// Origins refused by CORS and logged in the current window: each is logged once per
     /// window, up to [`LOGGED_ORIGINS`]; all are counted.
     refused_origins: Mutex<RefusedOrigins>,
@@ -192,6 +194,7 @@ impl App {
                 bodies,
                 events,
                 webhooks,
+                feed_readers: Mutex::new(HashMap::new()),
                 refused_origins: Mutex::new(RefusedOrigins::default()),
                 draining: AtomicBool::new(false),
             }),
@@ -235,6 +238,20 @@ impl App {
     /// The realtime event streams.
     pub fn events(&self) -> &Broker {
         &self.inner.events
+    }
+
+    /// Counts one more reader of `site`'s change feed until the guard is dropped; `None` when
+    /// the site holds `[events] max_streams_per_user` already on this instance: each waiting
+    /// reader reads the store after every commit, so a backend (or a stolen key) may not
+    /// open them without bound.
+    pub fn feed_reader(&self, site: &SiteId) -> Option<FeedReader> {
+        let mut readers = self.inner.feed_readers.lock().expect("the feed's readers");
+        let count = readers.entry(site.clone()).or_default();
+        if *count >= self.inner.config.events.max_streams_per_user {
+            return None;
+        }
+        *count += 1;
+        Some(FeedReader { app: self.clone(), site: site.clone() })
     }
 
     /// The sites' webhooks, read at start.
@@ -502,5 +519,23 @@ impl App {
                 "metrics are for the hub's operator: send the metrics token as Authorization: Bearer",
             ),
         })
+    }
+}
+
+/// One reader of a site's change feed, counted until dropped ([`App::feed_reader`]).
+pub struct FeedReader {
+    app: App,
+    site: SiteId,
+}
+
+impl Drop for FeedReader {
+    fn drop(&mut self) {
+        let mut readers = self.app.inner.feed_readers.lock().expect("the feed's readers");
+        if let Some(count) = readers.get_mut(&self.site) {
+            *count -= 1;
+            if *count == 0 {
+                readers.remove(&self.site);
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ use protocol::{DataType, Refusal, SiteId, UserId, parse_data_types};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
+use super::app::FeedReader;
 use super::{ApiError, App, ClientAddr, events, seen, timed_beyond};
 use crate::domain::Caller;
 use crate::events::{HEARTBEAT, REAUTH};
@@ -42,6 +43,9 @@ const MAX_WAIT_SECS: u64 = 25;
 /// broker tells of no change, and on PostgreSQL a change it tells of may not be readable yet
 /// (an older transaction is still open; see [`Store::feed`](crate::store::Store::feed)).
 const REREAD: Duration = Duration::from_secs(1);
+
+/// When a site refused a reader for holding too many may try again, in seconds.
+const FULL_RETRY_AFTER_SECS: u64 = 5;
 
 /// Frames a stream's reader makes before its client reads them: beyond, it waits.
 const QUEUE: usize = 16;
@@ -137,7 +141,16 @@ pub(super) async fn changes(
             Some(cursor) => cursor.position,
             None => FeedPosition::default(),
         };
-        let reader = Reader { app: app.clone(), site: caller.site.clone(), types, limit: asked.limit };
+        let counted = app.feed_reader(&caller.site).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "this site holds as many change feed readers (waiting polls and streams) as the hub allows; close one",
+            )
+            .retry_after(FULL_RETRY_AFTER_SECS)
+        })?;
+        let reader =
+            Reader { app: app.clone(), site: caller.site.clone(), types, limit: asked.limit, _counted: counted };
         if asked.stream {
             reader.stream(after, caller.expires).await
         } else {
@@ -230,6 +243,8 @@ struct Reader {
     site: SiteId,
     types: Vec<DataType>,
     limit: usize,
+    /// Counts the reader among its site's until its answer ends.
+    _counted: FeedReader,
 }
 
 impl Reader {
