@@ -195,6 +195,14 @@ enum Written {
     Failed,
 }
 
+/// How often the agent reads the change feed, at most, once [`FEED_BURST`] reads came one
+/// after the other: the changes that come faster are then read together, so that a busy
+/// hub's feed costs the agent at most about 86 requests a minute, within the per-user rate
+/// limit the hub has by default (100 a minute).
+const FEED_PACE: Duration = Duration::from_millis(700);
+/// Reads of the change feed that may follow each other at once, before [`FEED_PACE`] spaces
+/// them: the changes of a quiet site reach the files without waiting.
+const FEED_BURST: f64 = 10.0;
 /// How long the agent waits for a balance file that another process holds locked (`flock`,
 /// as PHP's `flock()` takes it) before it leaves the write for the user's next turn.
 const LOCK_PATIENCE: Duration = Duration::from_secs(2);
@@ -624,7 +632,13 @@ impl Agent {
     /// Writes `content` to `temp`, beside `path`, with `path`'s permissions and, where the
     /// agent may give it, owner, and flushes it to disk.
     fn make_temp(&mut self, path: &Path, temp: &Path, content: &[u8]) -> std::io::Result<()> {
-        let meta = std::fs::metadata(path)?;
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_file() {
+            // Renaming over a symbolic link would replace the link, not the file it names.
+            return Err(std::io::Error::other(
+                "it is not a regular file (a symbolic link?), which the agent does not replace",
+            ));
+        }
         match std::fs::remove_file(temp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -864,7 +878,17 @@ fn is_temp_name(name: &str) -> bool {
 /// hands each read that brought something over (one at a time: it waits while the agent
 /// writes the last one into the files).
 async fn follow(feed: Feed, mut cursor: Option<String>, changes: mpsc::Sender<Changes>) {
+    // Reads the agent may make now, refilled by one every FEED_PACE up to FEED_BURST.
+    let (mut allowance, mut counted) = (FEED_BURST, tokio::time::Instant::now());
     loop {
+        let now = tokio::time::Instant::now();
+        allowance = (allowance + (now - counted).as_secs_f64() / FEED_PACE.as_secs_f64()).min(FEED_BURST);
+        counted = now;
+        if allowance < 1.0 {
+            tokio::time::sleep(FEED_PACE.mul_f64(1.0 - allowance)).await;
+            (allowance, counted) = (1.0, tokio::time::Instant::now());
+        }
+        allowance -= 1.0;
         match feed.read(cursor.as_deref()).await {
             FeedAnswer::Changes(read) => {
                 if read.changes.is_empty() && cursor.as_ref() == Some(&read.cursor) {
