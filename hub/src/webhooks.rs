@@ -348,15 +348,14 @@ impl Webhooks {
             .collect()
     }
 
-    /// Starts delivering: forgets the queues of sites whose webhook was removed, starts each
-    /// site's cursor at the feed's end if it has none (so that every change accepted from now
-    /// on is notified), then runs one task per site, woken by `committed` (the broker's count
-    /// of dispatched changes) and at least every second.
+    /// Starts delivering: starts each site's cursor at the feed's end if it has none (so that
+    /// every change accepted from now on is notified), then runs one task per site, woken by
+    /// `committed` (the broker's count of dispatched changes) and at least every second.
+    ///
+    /// The queue and cursor of a site whose webhook was removed are kept: another instance
+    /// sharing the store may still deliver them (a rollout of a new configuration), and a
+    /// webhook added again is told of every record changed meanwhile, once each.
     pub async fn start(&self, store: Arc<dyn Store>, committed: watch::Receiver<u64>) -> Dispatcher {
-        let sites: Vec<SiteId> = self.inner.targets.iter().map(|t| t.site.clone()).collect();
-        if let Err(e) = store.webhook_retain(&sites).await {
-            tracing::warn!(error = %e, "the queues of removed webhooks could not be forgotten");
-        }
         let (stopping, stop) = watch::channel(false);
         let mut tasks = Vec::new();
         let Some(client) = self.inner.client.clone() else { return Dispatcher { stopping, tasks } };
@@ -581,6 +580,10 @@ impl Courier {
     /// ended.
     async fn send(&self, pending: &Pending) -> Settle {
         let target = &self.target;
+        // Queued before the site's `webhook_data_types` left its type out.
+        if !target.types.contains(&pending.data_type) {
+            return Settle::Dropped;
+        }
         let record = match self.store.records(&pending.user, &[pending.data_type]).await {
             Ok(mut records) => records.pop(),
             Err(e) => {
@@ -616,7 +619,9 @@ impl Courier {
             Ok(answer) => format!("answered {}", answer.status()),
             Err(e) if e.is_timeout() => format!("no answer within {} s", self.config.timeout_secs),
             Err(e) if e.is_connect() => format!("no connection: {}", innermost(&e)),
-            Err(e) => format!("the request failed: {e}"),
+            // Without the URL: its path or query may hold a secret of the receiver's, and the
+            // reason is shown on the dashboard.
+            Err(e) => format!("the request failed: {}", e.without_url()),
         };
         self.failed(pending, why)
     }
@@ -639,7 +644,8 @@ impl Courier {
         {
             let mut health = target.health.lock().expect("webhook health");
             if !health.failing {
-                tracing::warn!(site = %target.site, url = %target.url, "webhook: {why}; retrying with backoff");
+                let receiver = target.url.origin().ascii_serialization();
+                tracing::warn!(site = %target.site, %receiver, "webhook: {why}; retrying with backoff");
             }
             health.failing = true;
             health.last_failure = Some(why);

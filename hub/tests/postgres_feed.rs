@@ -73,7 +73,6 @@ stories!(
     a_retry_counts_the_attempt_and_moves_when_it_is_due,
     a_dropped_notification_leaves_the_queue,
     the_stats_count_each_sites_queue,
-    retaining_sites_forgets_the_others,
     the_queues_survive_a_restart,
     writes_succeed_while_the_webhooks_run,
 );

@@ -435,10 +435,6 @@ pub trait Store: Send + Sync + 'static {
     async fn webhook_settle(&self, site: &SiteId, now_ms: i64, settled: &[Settled])
     -> Result<(), StoreError>;
 
-    /// Forgets the queues and cursors of every site not in `sites` (whose webhook was
-    /// removed from the configuration).
-    async fn webhook_retain(&self, sites: &[SiteId]) -> Result<(), StoreError>;
-
     /// Every site's queue, for those with one.
     async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
 }

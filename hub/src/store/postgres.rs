@@ -507,10 +507,6 @@ impl Store for PostgresStore {
         self.within(async { feed::settle(&self.reader().await?, site, now_ms, settled).await }).await
     }
 
-    async fn webhook_retain(&self, sites: &[SiteId]) -> Result<(), StoreError> {
-        self.within(async { feed::retain(&self.reader().await?, sites).await }).await
-    }
-
     async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         self.within(async { feed::stats(&self.reader().await?).await }).await
     }

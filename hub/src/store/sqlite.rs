@@ -534,11 +534,6 @@ impl Store for SqliteStore {
         self.webhooks(move |conn| feed::settle(conn, &site, now_ms, &settled)).await
     }
 
-    async fn webhook_retain(&self, sites: &[SiteId]) -> Result<(), StoreError> {
-        let sites = sites.to_vec();
-        self.webhooks(move |conn| feed::retain(conn, &sites)).await
-    }
-
     async fn webhook_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         self.read(feed::stats).await
     }

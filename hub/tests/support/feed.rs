@@ -583,31 +583,6 @@ pub async fn the_stats_count_each_sites_queue(open: &Open) {
     );
 }
 
-/// Retaining some sites forgets the others' queues and cursors: such a site met again starts
-/// at the feed's end.
-pub async fn retaining_sites_forgets_the_others(open: &Open) {
-    let store = open();
-    let store = &*store;
-    let (rofl, wrc) = (site("roflfaucet"), site("wrc"));
-    meet(store, &rofl, &[]).await;
-    meet(store, &wrc, &[]).await;
-    put(store, "ann", DataType::Balance, json!({"coins": 1}), None).await;
-    transfer_all(store, &rofl, ALL, T, 1).await;
-    transfer_all(store, &wrc, ALL, T, 1).await;
-    put(store, "bob", DataType::Balance, json!({"coins": 1}), None).await;
-
-    store.webhook_retain(std::slice::from_ref(&rofl)).await.unwrap();
-    let stats = store.webhook_stats().await.unwrap();
-    assert_eq!(stats, vec![QueueStats { site: rofl.clone(), queued: 1, oldest_queued_ms: Some(T) }]);
-    meet(store, &wrc, &[("bob", DataType::Balance, 1)]).await;
-    assert_eq!(claim(store, &wrc, T).await, vec![], "wrc starts again at the end");
-    transfer_all(store, &rofl, ALL, T + 1, 1).await;
-    let expected = [("ann", DataType::Balance, 1), ("bob", DataType::Balance, 1)];
-    assert_eq!(claim(store, &rofl, T + 1).await, owned(&expected), "roflfaucet's kept");
-    store.webhook_retain(&[]).await.unwrap();
-    assert_eq!(store.webhook_stats().await.unwrap(), vec![]);
-}
-
 /// The queues and cursors survive a restart, leases included.
 pub async fn the_queues_survive_a_restart(open: &Open) {
     let store = open();

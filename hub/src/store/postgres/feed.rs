@@ -117,9 +117,6 @@ const RETRY: &str = "
     UPDATE webhook_queue AS q SET attempts = q.attempts + 1, due_ms = k.at_ms, lease_until_ms = 0
     FROM unnest($2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS k (user_id, data_type, at_ms)
     WHERE q.site = $1 AND q.user_id = k.user_id AND q.data_type = k.data_type";
-/// The queues and cursors of the sites not in `$1`.
-const FORGET_QUEUES: &str = "DELETE FROM webhook_queue WHERE NOT (site = ANY($1::TEXT[]))";
-const FORGET_CURSORS: &str = "DELETE FROM webhook_cursors WHERE NOT (site = ANY($1::TEXT[]))";
 const STATS: &str = "SELECT site, count(*), min(queued_ms) FROM webhook_queue GROUP BY site ORDER BY site";
 
 /// The records of `types` changed after `after`, below the boundary, `limit` at most.
@@ -246,14 +243,6 @@ pub(super) async fn settle(
             client.execute(&retry_stmt, &retry_params).await
         },
     )?;
-    Ok(())
-}
-
-/// Forgets the queues and cursors of every site not in `sites`.
-pub(super) async fn retain(client: &deadpool_postgres::Client, sites: &[SiteId]) -> Result<(), StoreError> {
-    let sites: Vec<&str> = sites.iter().map(SiteId::as_str).collect();
-    let params: [&(dyn ToSql + Sync); 1] = [&sites];
-    tokio::try_join!(client.execute(FORGET_QUEUES, &params), client.execute(FORGET_CURSORS, &params))?;
     Ok(())
 }
 

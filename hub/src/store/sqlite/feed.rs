@@ -158,8 +158,9 @@ pub(super) fn transfer(
     now_ms: i64,
     limit: usize,
 ) -> Result<usize, StoreError> {
+    // Nothing written after the cursor: nothing to do, and the write lock is not taken.
     if let Some(after) = cursor(conn, site)?
-        && to_move(conn, after, types, 1)?.is_empty()
+        && last_seq(conn)? <= after
     {
         return Ok(0);
     }
@@ -172,9 +173,13 @@ pub(super) fn transfer(
         tx.commit()?;
         return Ok(0);
     };
+    let end = last_seq(&tx)?;
     let moved = to_move(&tx, after, types, limit)?;
-    let Some(last) = moved.last().map(|m| m.seq) else {
-        return Ok(0);
+    // A short read read every change of the site's types up to the feed's end: the cursor
+    // moves there, so that the next transfer does not step again over other types' changes.
+    let next = match moved.last() {
+        Some(last) if moved.len() >= limit => last.seq,
+        _ => end,
     };
     {
         // A record already waiting takes the newer version, whose wait starts now (it is given
@@ -193,7 +198,7 @@ pub(super) fn transfer(
             queue.execute(params![site.as_str(), m.user_id, m.data_type, m.version, now_ms])?;
         }
     }
-    tx.execute("UPDATE webhook_cursors SET seq = ?2 WHERE site = ?1", params![site.as_str(), last])?;
+    tx.execute("UPDATE webhook_cursors SET seq = ?2 WHERE site = ?1", params![site.as_str(), next])?;
     tx.commit()?;
     Ok(moved.len())
 }
@@ -289,20 +294,6 @@ pub(super) fn settle(
                 }
             }
         }
-    }
-    tx.commit()?;
-    Ok(())
-}
-
-/// See [`Store::webhook_retain`](crate::store::Store::webhook_retain).
-pub(super) fn retain(conn: &mut Connection, sites: &[SiteId]) -> Result<(), StoreError> {
-    let kept = serde_json::Value::from(sites.iter().map(SiteId::as_str).collect::<Vec<_>>()).to_string();
-    let tx = immediate(conn)?;
-    for table in ["webhook_queue", "webhook_cursors"] {
-        tx.execute(
-            &format!("DELETE FROM {table} WHERE site NOT IN (SELECT value FROM json_each(?1))"),
-            params![kept],
-        )?;
     }
     tx.commit()?;
     Ok(())
