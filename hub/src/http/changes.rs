@@ -7,8 +7,9 @@
 //!
 //! A cursor reads `<epoch>.<xid>.<seq>` (the store's feed position), but readers are told it is
 //! opaque: one of another epoch (a restored database) is refused with `410 cursor_reset`, and so
-//! is one past the feed's end (a data dir copied back), so that the reader starts again from the
-//! feed's start rather than missing what the database holds.
+//! is one past the feed's end (a data dir copied back by hand, until new writes pass it), so
+//! that the reader starts again from the feed's start rather than missing what the database
+//! holds.
 
 use std::future::pending;
 use std::net::IpAddr;
@@ -38,6 +39,9 @@ const MAX_LIMIT: usize = 1000;
 /// Longest `wait` for a change, in seconds: well within the read timeout of a proxy in front
 /// (nginx: 60 s) and the hub's own idle timeout.
 const MAX_WAIT_SECS: u64 = 25;
+
+/// How long before its connection would count as stalled a long poll answers at the latest.
+const WAIT_MARGIN: Duration = Duration::from_secs(2);
 
 /// How often a reader waiting for a change reads the feed again untold: with events off the
 /// broker tells of no change, and on PostgreSQL a change it tells of may not be readable yet
@@ -112,7 +116,7 @@ fn reset() -> ApiError {
     ApiError::new(
         StatusCode::GONE,
         "cursor_reset",
-        "the cursor is of another database (a restore, or a data dir copied back); read the feed again from the start, without a cursor",
+        "the cursor is of another database (a restore), or past the feed's end; read the feed again from the start, without a cursor",
     )
 }
 
@@ -127,7 +131,11 @@ pub(super) async fn changes(
         Ok(asked) => asked,
         Err(e) => return seen(app.refuse_unauthenticated(client.ip(), e).into_response(), saw),
     };
-    let response = timed_beyond(&app, asked.wait, async {
+    // The hub drops a connection whose answer has not moved for its request and idle timeouts
+    // together: a long poll answers, empty if need be, a little before that.
+    let limits = &app.config().limits;
+    let wait = asked.wait.min((limits.request_timeout() + limits.idle_timeout()).saturating_sub(WAIT_MARGIN));
+    let response = timed_beyond(&app, wait, async {
         let caller = admit(&app, &headers, client.ip(), asked.site.as_ref(), &mut saw).await?;
         if app.logs().keeps_access() {
             saw.who.get_or_insert_with(|| (caller.site.clone(), caller.user.clone()));
@@ -154,7 +162,7 @@ pub(super) async fn changes(
         if asked.stream {
             reader.stream(after, caller.expires).await
         } else {
-            reader.page(after, asked.wait).await
+            reader.page(after, wait).await
         }
     })
     .await;
