@@ -6,99 +6,21 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hub::App;
 use hub::config::Config;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::receiver::{Answer, Receiver, secret, signed_by};
-use support::{TestHub, sample};
+use support::TestHub;
+use support::receiver::PATIENCE;
+use support::receiver::{Answer, Receiver, signed_by};
+use support::webhooks::{Hook, drained, metric, quick_retries, start, wait_metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const FAUCET: &str = "roflfaucet";
 const CHARITY: &str = "clickforcharity";
-
-/// How long a test waits for what the hub owes it.
-const PATIENCE: Duration = Duration::from_secs(40);
-
-/// A site's webhook in a test, its secret in a variable named for the test alone.
-struct Hook {
-    site: &'static str,
-    url: String,
-    var: String,
-    secret: String,
-}
-
-impl Hook {
-    fn new(test: &str, site: &'static str, url: &str, seed: u8) -> Hook {
-        let var = format!("REVIEW_WEBHOOK_{}_{}", test.to_uppercase(), site.to_uppercase());
-        Hook { site, url: url.to_owned(), var, secret: secret(seed) }
-    }
-}
-
-/// Opens a hub on `data_dir` with `hooks`, as `tweak` changes its configuration.
-#[allow(clippy::result_large_err)]
-fn open(data_dir: &Path, hooks: &[Hook], tweak: impl FnOnce(&mut Config)) -> anyhow::Result<App> {
-    let mut config = support::test_config(data_dir);
-    for hook in hooks {
-        let site = config.sites.iter_mut().find(|s| s.id == hook.site).unwrap();
-        site.webhook_url = Some(hook.url.clone());
-        site.webhook_secret_env = Some(hook.var.clone());
-    }
-    tweak(&mut config);
-    let mut opened = None;
-    figment::Jail::expect_with(|jail| {
-        for hook in hooks {
-            jail.set_env(&hook.var, &hook.secret);
-        }
-        opened = Some(App::open(config));
-        Ok(())
-    });
-    opened.unwrap()
-}
-
-async fn start(data_dir: &Path, hooks: &[Hook], tweak: impl FnOnce(&mut Config)) -> TestHub {
-    TestHub::serve(open(data_dir, hooks, tweak).unwrap(), tempfile::tempdir().unwrap()).await
-}
-
-fn quick_retries(config: &mut Config) {
-    config.webhooks.first_retry_ms = 200;
-    config.webhooks.max_retry_ms = 1000;
-}
-
-async fn metric(hub: &TestHub, name: &str, site: &str) -> f64 {
-    let text = hub.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
-    sample(&text, &format!("{name}{{site=\"{site}\"}}")).unwrap_or(0.0)
-}
-
-async fn wait_metric(hub: &TestHub, name: &str, site: &str, at_least: f64) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let value = metric(hub, name, site).await;
-        if value >= at_least {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} of {site} stayed at {value}, short of {at_least}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until nothing waits in `site`'s queue.
-async fn drained(hub: &TestHub, site: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let stats = hub.app.domain().store().webhook_stats().await.unwrap();
-        if !stats.iter().any(|s| s.site.as_str() == site && s.queued > 0) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{site}'s queue did not empty: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn dashboard(hub: &TestHub) -> Value {
     hub.request(Method::GET, "/dashboard/data").send().await.unwrap().json().await.unwrap()
@@ -363,7 +285,7 @@ async fn an_answer_after_the_timeout_is_a_failed_attempt_sent_again_under_the_sa
     })
     .await;
     hub.page(FAUCET, "1-late").push("profile", json!({ "display_name": "Late" })).await.assert_ok();
-    wait_metric(&hub, "hub_webhooks_delivered_total", FAUCET, 1.0).await;
+    wait_metric(&hub, "hub_webhooks_delivered_total", FAUCET, 1.0, PATIENCE).await;
     let requests = receiver.wait_for("two attempts", |all| all.len() >= 2).await;
     assert!(metric(&hub, "hub_webhooks_failed_total", FAUCET).await >= 1.0, "the late 200 counted as failed");
     assert_eq!(requests[1].header("webhook-id"), requests[0].header("webhook-id"), "the same id");
@@ -393,7 +315,7 @@ async fn an_acknowledgement_with_an_endless_body_neither_holds_the_site_nor_the_
             .await
             .assert_ok();
     }
-    wait_metric(&hub, "hub_webhooks_delivered_total", FAUCET, 3.0).await;
+    wait_metric(&hub, "hub_webhooks_delivered_total", FAUCET, 3.0, PATIENCE).await;
     drained(&hub, FAUCET).await;
     assert_eq!(metric(&hub, "hub_webhooks_failed_total", FAUCET).await, 0.0);
     tokio::time::timeout(PATIENCE, hub.stop()).await.expect("the hub stops");

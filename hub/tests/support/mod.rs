@@ -15,6 +15,7 @@ pub mod nginx;
 pub mod postgres;
 pub mod receiver;
 pub mod store;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::process::Stdio;
