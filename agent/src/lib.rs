@@ -518,8 +518,21 @@ impl Agent {
     /// (`newer`, from the change feed, or what the reconciliation left).
     async fn settle(&mut self, user: &UserId, newer: Option<HubBalance>) -> anyhow::Result<Flow> {
         loop {
-            let Some((bytes, file)) = self.read_balance(user) else { return Ok(Flow::Done) };
             let from = self.state.users.get(user.as_str()).copied();
+            let Some((bytes, file)) = self.read_balance(user) else {
+                // The file cannot be read now (a site's write half done, or the file deleted
+                // to be written again): the hub's newer balance is remembered as not yet
+                // written, so that the file's next event writes it, or merges a change made
+                // meanwhile, rather than taking the file's old coins as agreed.
+                if let (Some(from), Some(newer)) = (from, newer)
+                    && newer.version > from.version
+                {
+                    let to = Agreed { file: newer.coins, version: newer.version, hub: newer.coins };
+                    self.state.users.insert(user.to_string(), reconcile::unwritten(from, to));
+                    self.unsaved = true;
+                }
+                return Ok(Flow::Done);
+            };
             if !self.two_way {
                 return self.reconcile(user, from, file).await;
             }
