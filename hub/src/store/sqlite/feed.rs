@@ -6,6 +6,13 @@
 //! greater than every position committed before it and every change a reader sees can no
 //! longer be overtaken. A write rolled back leaves a gap, never a position used twice.
 //!
+//! The order is kept by `feed_log`, appended at its end by each write (its `seq` is the
+//! position): reading it after a position, joined to `records` on the record's current
+//! `feed_seq`, gives each record once, at its latest change; a row a later write of its
+//! record superseded joins nothing. The writer sweeps such rows away every [`SWEEP_EVERY`]
+//! writes ([`sweep`]), looking at twice as many rows, so the log holds about a row per
+//! record, and at most about twice as many.
+//!
 //! The webhook queues are written through a connection of their own, not through the
 //! writer: the writer's queue carries the users' writes (and only those, in both stores), and
 //! their bookkeeping is a few short transactions a second at most. Both connections wait for
@@ -29,8 +36,39 @@ use crate::store::{
 };
 
 /// Where the writer's counter of feed positions starts at open: after the last one stored.
+/// The log's last row is never swept: no later write superseded it.
 pub(super) fn last_seq(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT coalesce(max(feed_seq), 0) FROM records", [], |r| r.get(0))
+    conn.query_row("SELECT coalesce(max(seq), 0) FROM feed_log", [], |r| r.get(0))
+}
+
+/// Rows of the log one sweep looks at, at most…
+pub(super) const SWEEP_ROWS: i64 = 4096;
+/// …after this many writes: twice as many rows as were appended, so that the sweeps keep up
+/// with the writes and the log holds at most about twice a row per record.
+pub(super) const SWEEP_EVERY: usize = 2048;
+
+/// Deletes the superseded rows among the [`SWEEP_ROWS`] after `from`, in one transaction of
+/// the writer's; where the next sweep starts (the start again, once it reached the end).
+pub(super) fn sweep(conn: &mut Connection, from: i64) -> rusqlite::Result<i64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (last, seen): (Option<i64>, i64) = tx.query_row(
+        "SELECT max(seq), count(*) FROM (SELECT seq FROM feed_log WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
+        params![from, SWEEP_ROWS],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let Some(last) = last else {
+        return Ok(0);
+    };
+    tx.prepare_cached(
+        "DELETE FROM feed_log
+         WHERE seq > ?1 AND seq <= ?2
+           AND NOT EXISTS (SELECT 1 FROM records AS r
+                           WHERE r.user_id = feed_log.user_id AND r.data_type = feed_log.data_type
+                             AND r.feed_seq = feed_log.seq)",
+    )?
+    .execute(params![from, last])?;
+    tx.commit()?;
+    Ok(if seen < SWEEP_ROWS { 0 } else { last })
 }
 
 /// The `feed_seq` after which `after` is followed by every stored position, all at xid 0;
@@ -71,11 +109,13 @@ pub(super) fn read(
         return Ok(Vec::new());
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT feed_seq, user_id, data_type, version, updated_ms, origin,
-                CASE WHEN octet_length(data) <= ?3 THEN data END
-         FROM records
-         WHERE feed_seq > ?1 AND data_type IN (SELECT value FROM json_each(?2))
-         ORDER BY feed_seq
+        "SELECT f.seq, r.user_id, r.data_type, r.version, r.updated_ms, r.origin,
+                CASE WHEN octet_length(r.data) <= ?3 THEN r.data END
+         FROM feed_log AS f
+         CROSS JOIN records AS r
+             ON r.user_id = f.user_id AND r.data_type = f.data_type AND r.feed_seq = f.seq
+         WHERE f.seq > ?1 AND f.data_type IN (SELECT value FROM json_each(?2))
+         ORDER BY f.seq
          LIMIT ?4",
     )?;
     let mut rows =
@@ -133,9 +173,12 @@ struct Moved {
 /// Up to `limit` changes of `types` after `after`, as a transfer reads them.
 fn to_move(conn: &Connection, after: i64, types: &[DataType], limit: usize) -> rusqlite::Result<Vec<Moved>> {
     conn.prepare_cached(
-        "SELECT feed_seq, user_id, data_type, version, origin FROM records
-         WHERE feed_seq > ?1 AND data_type IN (SELECT value FROM json_each(?2))
-         ORDER BY feed_seq
+        "SELECT f.seq, r.user_id, r.data_type, r.version, r.origin
+         FROM feed_log AS f
+         CROSS JOIN records AS r
+             ON r.user_id = f.user_id AND r.data_type = f.data_type AND r.feed_seq = f.seq
+         WHERE f.seq > ?1 AND f.data_type IN (SELECT value FROM json_each(?2))
+         ORDER BY f.seq
          LIMIT ?3",
     )?
     .query_map(params![after, type_names(types), limit_of(limit)], |r| {
