@@ -109,27 +109,21 @@ fn ledger(database: &Path, user: &str) -> Vec<(i64, i64)> {
     stmt.query_map([user], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
 }
 
-/// deployment.md, two-way mode: the agent writes what changed elsewhere "so the site's PHP
-/// shows and decides on the hub's balance". A PHP `file_put_contents` without a lock
-/// truncates the file before it writes: the feed's change that arrives in that moment must
-/// still reach the file once PHP's write (of the coins it showed, say a login stamping
-/// `last_updated`) is complete. Here another site spends 80 of 100: a file left at 100 lets
-/// the site's PHP spend coins the user no longer has.
-#[tokio::test]
-async fn a_change_from_elsewhere_that_comes_while_the_file_is_half_written_still_reaches_the_file() {
+/// A balance of 100 in the file and the hub; then, while `unreadable` has made the file
+/// unreadable, another site spends 80 and the agent reads that change from the feed; then the
+/// site's PHP writes the file again with the 100 it showed. The file must come to 20, with
+/// nothing pushed back.
+async fn a_change_while_the_file_cannot_be_read_reaches_it(unreadable: impl FnOnce(&Path)) {
     let site = Site::new().await;
     site.files.write(USER, 100);
     let agent = site.start().await;
     until_hub(&site.api(USER), 100, &agent).await;
     let cursor = until_cursor_other_than(&site.files, &Value::Null, &agent).await;
 
-    // PHP's file_put_contents has truncated the file and not yet written it.
-    std::fs::write(site.files.file(USER), b"").unwrap();
-    agent.wait_for_log(&format!("skipping {USER}.json")).await;
+    unreadable(&site.files.file(USER));
     site.api(USER).delta("balance", -80, "spent-elsewhere").await.assert_ok();
     // The agent has read the feed's page with that change (and moved its cursor past it).
     until_cursor_other_than(&site.files, &cursor, &agent).await;
-    // PHP's write completes: the file shows what it showed before.
     site.files.write(USER, 100);
 
     until_file(&site.files, USER, 20, &agent).await;
@@ -138,25 +132,22 @@ async fn a_change_from_elsewhere_that_comes_while_the_file_is_half_written_still
     assert_eq!(ledger(&site.database(), USER), vec![(100, 100), (-80, 20)]);
 }
 
+/// deployment.md, two-way mode: the agent writes what changed elsewhere "so the site's PHP
+/// shows and decides on the hub's balance". A PHP `file_put_contents` without a lock
+/// truncates the file before it writes: the feed's change that arrives in that moment must
+/// still reach the file once PHP's write (of the coins it showed, say a login stamping
+/// `last_updated`) is complete. A file left at 100 would let the site's PHP spend coins the
+/// user no longer has.
+#[tokio::test]
+async fn a_change_from_elsewhere_that_comes_while_the_file_is_half_written_still_reaches_the_file() {
+    a_change_while_the_file_cannot_be_read_reaches_it(|file| std::fs::write(file, b"").unwrap()).await;
+}
+
 /// The same promise for a file that PHP deletes and creates again (`unlink`, then
 /// `file_put_contents`): a change made elsewhere while it was gone must reach it.
 #[tokio::test]
 async fn a_file_deleted_and_created_again_gets_what_changed_elsewhere_while_it_was_gone() {
-    let site = Site::new().await;
-    site.files.write(USER, 100);
-    let agent = site.start().await;
-    until_hub(&site.api(USER), 100, &agent).await;
-    let cursor = until_cursor_other_than(&site.files, &Value::Null, &agent).await;
-
-    std::fs::remove_file(site.files.file(USER)).unwrap();
-    site.api(USER).delta("balance", -80, "spent-elsewhere").await.assert_ok();
-    until_cursor_other_than(&site.files, &cursor, &agent).await;
-    site.files.write(USER, 100);
-
-    until_file(&site.files, USER, 20, &agent).await;
-    until_hub(&site.api(USER), 20, &agent).await;
-    agent.stop().await;
-    assert_eq!(ledger(&site.database(), USER), vec![(100, 100), (-80, 20)]);
+    a_change_while_the_file_cannot_be_read_reaches_it(|file| std::fs::remove_file(file).unwrap()).await;
 }
 
 /// deployment.md: "Once the site creates a user's file, the agent compares it with the hub as
