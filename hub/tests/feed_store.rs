@@ -33,38 +33,8 @@ fn sqlite() -> (TempDir, Box<Open>) {
     (dir, Box::new(open))
 }
 
-/// Makes one test of each story of `support::feed`, on SQLite.
-macro_rules! stories {
-    ($($story:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $story() {
-                let (_dir, open) = sqlite();
-                support::feed::$story(&*open).await
-            }
-        )*
-    };
-}
-
-stories!(
-    the_feed_lists_each_record_once_at_its_latest_change,
-    the_feed_reads_only_the_types_asked,
-    paging_the_feed_while_many_write_loses_and_repeats_nothing,
-    the_feed_keeps_each_changes_origin,
-    a_write_that_changes_nothing_moves_nothing,
-    the_feed_end_is_where_later_changes_are_read_from,
-    positions_survive_a_restart,
-    a_site_met_for_the_first_time_starts_at_the_feeds_end,
-    a_transfer_skips_the_sites_own_changes_and_other_types,
-    a_transfer_coalesces_a_records_versions,
-    a_claim_takes_due_notifications_once_until_settled_or_the_lease_ends,
-    a_delivered_notification_leaves_unless_a_newer_version_came,
-    a_retry_counts_the_attempt_and_moves_when_it_is_due,
-    a_dropped_notification_leaves_the_queue,
-    the_stats_count_each_sites_queue,
-    the_queues_survive_a_restart,
-    writes_succeed_while_the_webhooks_run,
-);
+// Every story of `support::feed`, one test each.
+support::feed::every_story!(sqlite());
 
 /// Another connection holding the database's write lock for a while — as the webhook
 /// queues' connection does for the length of a transfer — delays the users' writes, and

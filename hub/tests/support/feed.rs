@@ -27,6 +27,45 @@ use super::store::{T, add, applied, user};
 /// Opens a story's store; called again after the story closed it, it opens the same database.
 pub type Open = dyn Fn() -> Arc<dyn Store> + Send + Sync;
 
+/// Makes one test of each story of this module, in the test file that names it: `$open` gives
+/// what the test keeps for its length (a data dir, or nothing) and the store's [`Open`].
+// `support` is built into every test binary; the two stores' files use this.
+#[allow(unused_macros)]
+macro_rules! every_story {
+    ($open:expr) => {
+        $crate::support::feed::every_story!(@each $open;
+            the_feed_lists_each_record_once_at_its_latest_change,
+            the_feed_reads_only_the_types_asked,
+            paging_the_feed_while_many_write_loses_and_repeats_nothing,
+            the_feed_keeps_each_changes_origin,
+            a_write_that_changes_nothing_moves_nothing,
+            the_feed_end_is_where_later_changes_are_read_from,
+            positions_survive_a_restart,
+            a_site_met_for_the_first_time_starts_at_the_feeds_end,
+            a_transfer_skips_the_sites_own_changes_and_other_types,
+            a_transfer_coalesces_a_records_versions,
+            a_claim_takes_due_notifications_once_until_settled_or_the_lease_ends,
+            a_delivered_notification_leaves_unless_a_newer_version_came,
+            a_retry_counts_the_attempt_and_moves_when_it_is_due,
+            a_dropped_notification_leaves_the_queue,
+            the_stats_count_each_sites_queue,
+            the_queues_survive_a_restart,
+            writes_succeed_while_the_webhooks_run,
+        );
+    };
+    (@each $open:expr; $($story:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $story() {
+                let (_kept, open) = $open;
+                $crate::support::feed::$story(&*open).await
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use every_story;
+
 /// How long a story waits for a change to show.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Every data type: what a site with a webhook on every type reads.
